@@ -1,0 +1,3 @@
+from roomshard.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""Signed tickets (directory -> client -> shard) and cluster tokens (shard <-> directory).
+
+Both are HS256 JWTs keyed by ``ROOMSHARD_CLUSTER_SECRET``. The secret may be a
+comma-separated list to rotate it: the first entry signs, every entry
+verifies. Each secret is stretched to a 32-byte HMAC key with SHA-256 so that
+short operator-chosen secrets still make full-strength keys.
+
+Nothing here reads the clock: callers pass ``now`` (seconds since the epoch,
+a float), so expiry is testable without sleeping.
+
+Errors::
+
+    TicketError            any ticket or cluster token that must be refused
+      TicketExpired        past its ``exp`` (refused from exp on)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets as _secrets
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+TICKET_AUDIENCE = "roomshard:ticket"
+CLUSTER_AUDIENCE = "roomshard:cluster"
+CLUSTER_TOKEN_TTL_S = 60.0
+# Clock skew tolerated between the directory's and a shard's clocks when
+# checking ``iat`` (a ticket "from the future" is refused past this).
+MAX_CLOCK_SKEW_S = 5.0
+
+
+class TicketError(Exception):
+    """A ticket or cluster token that must be refused (close 4001 / HTTP 401)."""
+
+
+class TicketExpired(TicketError):
+    """The token's ``exp`` has passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    room: str
+    instance: str
+    epoch: int
+    user: str
+    jti: str
+    iat: float
+    exp: float
+
+
+def _key(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_secrets(value: str) -> list[str]:
+    """Split a comma-separated secret list; empty entries are dropped."""
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def new_secret() -> str:
+    return _secrets.token_urlsafe(32)
+
+
+class Signer:
+    """Issues and verifies tickets and cluster tokens with a rotating key list."""
+
+    def __init__(self, cluster_secrets: list[str]) -> None:
+        if not cluster_secrets:
+            raise ValueError("at least one cluster secret is required")
+        self._sign_key = _key(cluster_secrets[0])
+        self._verify_keys = [_key(s) for s in cluster_secrets]
+
+    # -- tickets ---------------------------------------------------------
+    def issue_ticket(
+        self, *, room: str, instance: str, epoch: int, user: str, ttl: float, now: float
+    ) -> Ticket:
+        return Ticket(
+            room=room,
+            instance=instance,
+            epoch=epoch,
+            user=user,
+            jti=_secrets.token_urlsafe(12),
+            iat=round(now, 3),
+            exp=round(now + ttl, 3),
+        )
+
+    def encode_ticket(self, ticket: Ticket) -> str:
+        claims = {
+            "aud": TICKET_AUDIENCE,
+            "room": ticket.room,
+            "ins": ticket.instance,
+            "epoch": ticket.epoch,
+            "sub": ticket.user,
+            "jti": ticket.jti,
+            "iat": ticket.iat,
+            "exp": ticket.exp,
+        }
+        return jwt.encode(claims, self._sign_key, algorithm="HS256")
+
+    def verify_ticket(self, token: str, *, now: float) -> Ticket:
+        """Check signature, audience, shape and expiry; raises :class:`TicketError`."""
+        claims = self._decode(token, TICKET_AUDIENCE)
+        try:
+            ticket = Ticket(
+                room=_str(claims, "room"),
+                instance=_str(claims, "ins"),
+                epoch=_int(claims, "epoch"),
+                user=_str(claims, "sub"),
+                jti=_str(claims, "jti"),
+                iat=_num(claims, "iat"),
+                exp=_num(claims, "exp"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise TicketError(f"malformed ticket: {exc}") from exc
+        if now >= ticket.exp:
+            raise TicketExpired("ticket expired")
+        if ticket.iat > now + MAX_CLOCK_SKEW_S:
+            raise TicketError("ticket issued in the future")
+        return ticket
+
+    # -- cluster tokens --------------------------------------------------
+    def cluster_token(self, subject: str, *, now: float) -> str:
+        claims = {
+            "aud": CLUSTER_AUDIENCE,
+            "sub": subject,
+            "iat": round(now, 3),
+            "exp": round(now + CLUSTER_TOKEN_TTL_S, 3),
+        }
+        return jwt.encode(claims, self._sign_key, algorithm="HS256")
+
+    def verify_cluster_token(self, token: str, *, now: float) -> str:
+        """Return the caller's subject (``"iN"`` or ``"directory"``); raises :class:`TicketError`."""
+        claims = self._decode(token, CLUSTER_AUDIENCE)
+        try:
+            subject = _str(claims, "sub")
+            exp = _num(claims, "exp")
+        except (KeyError, TypeError) as exc:
+            raise TicketError(f"malformed cluster token: {exc}") from exc
+        if now >= exp:
+            raise TicketExpired("cluster token expired")
+        return subject
+
+    def _decode(self, token: str, audience: str) -> dict[str, Any]:
+        last: Exception | None = None
+        for key in self._verify_keys:
+            try:
+                return jwt.decode(
+                    token,
+                    key,
+                    algorithms=["HS256"],
+                    audience=audience,
+                    # Expiry is checked against the caller's ``now``.
+                    options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+                )
+            except jwt.InvalidSignatureError as exc:
+                last = exc
+                continue
+            except jwt.PyJWTError as exc:
+                raise TicketError(str(exc)) from exc
+        raise TicketError("bad signature") from last
+
+
+def _str(claims: dict[str, Any], name: str) -> str:
+    value = claims[name]
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string")
+    return value
+
+
+def _int(claims: dict[str, Any], name: str) -> int:
+    value = claims[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer")
+    return value
+
+
+def _num(claims: dict[str, Any], name: str) -> float:
+    value = claims[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number")
+    return float(value)
