@@ -1,0 +1,242 @@
+"""One chat room as a pure object: members, seq, history, idempotency, linger.
+
+Theory of operation
+-------------------
+A :class:`Room` never awaits, never reads the clock (every call takes
+``now``, wall-clock seconds) and never touches a socket. The shard's I/O
+layer feeds it joins, leaves and sends and writes out what it returns:
+
+- :meth:`join` -> a :class:`JoinOutcome`: the welcome frame and the replayed
+  messages for the joiner, and a presence frame for the others when this is
+  the user's first connection;
+- :meth:`send` -> a :class:`SendOutcome`: the ack for the sender and, unless
+  the id was a duplicate, the message frame to broadcast to every member
+  (encoded ONCE here: the fan-out appends the same bytes everywhere);
+- :meth:`leave` -> the presence frame for the others when the user's last
+  connection went.
+
+Sequence numbers number messages only. A room starts at ``seq_base``: 0 for a
+brand-new room, ``epoch << 32`` when the directory says its state was lost,
+so seq never decreases across a crash or an eviction. The history keeps the
+last ``history_limit`` messages; a resume with ``since`` is ``recovered``
+only when every message after ``since`` is still there.
+
+The idempotency window remembers ``(user, id) -> seq`` for at least
+``idempotency_window`` seconds; memory is bounded by dropping expired
+entries, and by :data:`MAX_IDEMPOTENCY_ENTRIES` per room as a hard cap (a
+room would need > 300 accepted messages/s for 5 minutes to hit it).
+
+:meth:`snapshot` / :meth:`Room.from_snapshot` carry all of this (JSON-able)
+for a live handoff to another shard.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from shard.frames import text_frame
+
+MAX_IDEMPOTENCY_ENTRIES = 100_000
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class JoinOutcome:
+    welcome: bytes  # the frame for the joiner
+    replay: list[bytes]  # missed messages, in seq order (only when recovered)
+    presence: bytes | None  # presence join for the other connections, if any
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    ack: bytes  # the frame for the sender
+    broadcast: bytes | None  # the message frame for every member; None for a duplicate
+    seq: int
+
+
+@dataclass(slots=True)
+class Room:
+    """A room's state; see the module docstring."""
+
+    name: str
+    instance: str
+    epoch: int
+    seq_base: int = 0
+    lost: bool = False
+    owner_epoch: int = 0
+    history_limit: int = 1000
+    idempotency_window: float = 300.0
+    private: bool = False
+    allowed: frozenset[str] | None = None  # members of a private room
+    seq: int = field(init=False)
+    history: deque[dict[str, Any]] = field(init=False)
+    # (user, client id) -> (seq, time accepted); insertion order = age order.
+    seen_ids: OrderedDict[tuple[str, str], tuple[int, float]] = field(init=False)
+    # connection id -> user, and user -> number of connections.
+    conns: dict[int, str] = field(init=False)
+    users: dict[str, int] = field(init=False)
+    empty_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.seq = self.seq_base
+        self.history = deque(maxlen=self.history_limit)
+        self.seen_ids = OrderedDict()
+        self.conns = {}
+        self.users = {}
+
+    # -- membership ------------------------------------------------------
+    def may_join(self, user: str) -> bool:
+        """False when the room is private and the user is not a member (close 4003)."""
+        return not self.private or (self.allowed is not None and user in self.allowed)
+
+    def join(self, conn_id: int, user: str, now: float, since: int | None = None) -> JoinOutcome:
+        """Add a connection; raises ValueError if ``conn_id`` is already a member."""
+        if conn_id in self.conns:
+            raise ValueError(f"connection {conn_id} already joined")
+        self.conns[conn_id] = user
+        first = user not in self.users
+        self.users[user] = self.users.get(user, 0) + 1
+        self.empty_since = None
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "room": self.name,
+            "instance": self.instance,
+            "epoch": self.epoch,
+            "user": user,
+            "seq": self.seq,
+            "members": list(self.users),
+        }
+        replay: list[bytes] = []
+        if since is not None:
+            missed = self.missed_since(since)
+            welcome["recovered"] = missed is not None
+            if missed:
+                replay = [text_frame(orjson.dumps(m)) for m in missed]
+        presence = None
+        if first and len(self.conns) > 1:
+            presence = text_frame(orjson.dumps({"type": "presence", "event": "join", "user": user}))
+        return JoinOutcome(text_frame(orjson.dumps(welcome)), replay, presence)
+
+    def leave(self, conn_id: int, now: float) -> bytes | None:
+        """Remove a connection; the presence leave frame when its user's last one went."""
+        user = self.conns.pop(conn_id, None)
+        if user is None:
+            return None
+        if not self.conns:
+            self.empty_since = now
+        left = self.users[user] - 1
+        if left:
+            self.users[user] = left
+            return None
+        del self.users[user]
+        if not self.conns:
+            return None
+        return text_frame(orjson.dumps({"type": "presence", "event": "leave", "user": user}))
+
+    def members(self) -> list[str]:
+        return list(self.users)
+
+    def evictable(self, now: float, linger: float) -> bool:
+        """True once the room has been empty for ``linger`` seconds."""
+        return self.empty_since is not None and now - self.empty_since >= linger
+
+    # -- messages --------------------------------------------------------
+    def missed_since(self, since: int) -> list[dict[str, Any]] | None:
+        """Messages after ``since`` in order, or None when any of them is gone.
+
+        None when ``since`` is beyond the latest seq, when the history window
+        no longer holds ``since + 1``, or when the room's state was lost and
+        ``since`` predates this epoch's ``seq_base``.
+        """
+        if since > self.seq or since < 0:
+            return None
+        if since == self.seq:
+            return []
+        oldest = self.history[0]["seq"] if self.history else self.seq + 1
+        if since + 1 < oldest:
+            return None
+        if self.lost and since < self.seq_base:
+            return None
+        return [m for m in self.history if m["seq"] > since]
+
+    def send(self, user: str, msg_id: str, text: str, now: float) -> SendOutcome:
+        """Sequence a message (or recognise a retried id) and build its frames."""
+        key = (user, msg_id)
+        self._expire_ids(now)
+        known = self.seen_ids.get(key)
+        if known is not None:
+            return SendOutcome(ack_frame(msg_id, known[0]), None, known[0])
+        self.seq += 1
+        seq = self.seq
+        message = {"type": "message", "seq": seq, "id": msg_id, "user": user, "text": text,
+                   "ts": round(now, 3)}
+        self.history.append(message)
+        self.seen_ids[key] = (seq, now)
+        if len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
+            self.seen_ids.popitem(last=False)
+        return SendOutcome(ack_frame(msg_id, seq), text_frame(orjson.dumps(message)), seq)
+
+    def _expire_ids(self, now: float) -> None:
+        horizon = now - self.idempotency_window
+        ids = self.seen_ids
+        while ids:
+            key, (_, at) = next(iter(ids.items()))
+            if at >= horizon:
+                break
+            del ids[key]
+
+    # -- handoff ---------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The room's durable state as JSON-able data (members included for reports)."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "room": self.name,
+            "epoch": self.epoch,
+            "owner_epoch": self.owner_epoch,
+            "seq_base": self.seq_base,
+            "lost": self.lost,
+            "seq": self.seq,
+            "history_limit": self.history_limit,
+            "history": list(self.history),
+            "idempotency_window": self.idempotency_window,
+            "idempotency": [[u, i, s, at] for (u, i), (s, at) in self.seen_ids.items()],
+            "private": self.private,
+            "allowed": sorted(self.allowed) if self.allowed is not None else None,
+            "members": self.members(),
+        }
+
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, Any], *, instance: str, epoch: int | None = None,
+                      owner_epoch: int | None = None) -> Room:
+        """Rebuild a room on its new owner (no members: clients reconnect with ``since``).
+
+        ``epoch``/``owner_epoch`` override the snapshot's when the move bumped
+        them. Raises ValueError on an unknown snapshot version.
+        """
+        if snap.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unknown room snapshot version {snap.get('version')!r}")
+        room = cls(
+            name=snap["room"],
+            instance=instance,
+            epoch=snap["epoch"] if epoch is None else epoch,
+            seq_base=snap["seq_base"],
+            lost=snap["lost"],
+            owner_epoch=snap["owner_epoch"] if owner_epoch is None else owner_epoch,
+            history_limit=snap["history_limit"],
+            idempotency_window=snap["idempotency_window"],
+            private=snap["private"],
+            allowed=frozenset(snap["allowed"]) if snap["allowed"] is not None else None,
+        )
+        room.seq = snap["seq"]
+        room.history.extend(snap["history"])
+        for user, msg_id, seq, at in snap["idempotency"]:
+            room.seen_ids[(user, msg_id)] = (seq, at)
+        return room
+
+
+def ack_frame(msg_id: str, seq: int) -> bytes:
+    return text_frame(orjson.dumps({"type": "ack", "id": msg_id, "seq": seq}))

@@ -1,0 +1,175 @@
+"""The pure room object: membership, presence, seq, history, resume, idempotency, handoff."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from shard.room import MAX_IDEMPOTENCY_ENTRIES, Room
+
+NOW = 1_700_000_000.0
+
+
+def payload(frame: bytes) -> dict:
+    """Decode one unmasked server text frame built by shard.frames."""
+    n = frame[1] & 0x7F
+    start = 2 if n < 126 else (4 if n == 126 else 10)
+    return orjson.loads(frame[start:])
+
+
+def room(**kw) -> Room:
+    args = {"name": "r1", "instance": "i1", "epoch": 1, "history_limit": 5,
+            "idempotency_window": 60.0, **kw}
+    return Room(**args)
+
+
+def test_welcome_lists_each_user_once_including_receiver():
+    """The welcome names the room, instance, epoch, user, seq and every member once."""
+    r = room()
+    r.join(1, "alice", NOW)
+    r.join(2, "alice", NOW)
+    out = r.join(3, "bob", NOW)
+    w = payload(out.welcome)
+    assert w == {"type": "welcome", "room": "r1", "instance": "i1", "epoch": 1, "user": "bob",
+                 "seq": 0, "members": ["alice", "bob"]}
+    assert "recovered" not in w
+
+
+def test_presence_join_only_for_first_connection_and_leave_for_last():
+    """Presence join fires on a user's first connection, leave on their last."""
+    r = room()
+    assert r.join(1, "alice", NOW).presence is None  # nobody to tell
+    assert payload(r.join(2, "bob", NOW).presence) == {"type": "presence", "event": "join", "user": "bob"}
+    assert r.join(3, "bob", NOW).presence is None  # second tab
+    assert r.leave(3, NOW) is None
+    assert payload(r.leave(2, NOW)) == {"type": "presence", "event": "leave", "user": "bob"}
+    assert r.members() == ["alice"]
+    assert r.leave(99, NOW) is None
+
+
+def test_double_join_of_one_connection_is_refused():
+    """Joining the same connection twice raises instead of corrupting counts."""
+    r = room()
+    r.join(1, "a", NOW)
+    with pytest.raises(ValueError):
+        r.join(1, "a", NOW)
+
+
+def test_seq_increases_by_one_and_ack_carries_it():
+    """Messages get consecutive seqs from seq_base; the ack names id and seq."""
+    r = room(seq_base=7 << 32)
+    r.join(1, "a", NOW)
+    first = r.send("a", "m1", "hi", NOW)
+    second = r.send("a", "m2", "yo", NOW + 1)
+    assert (first.seq, second.seq) == ((7 << 32) + 1, (7 << 32) + 2)
+    assert payload(first.ack) == {"type": "ack", "id": "m1", "seq": (7 << 32) + 1}
+    assert payload(second.broadcast) == {"type": "message", "seq": (7 << 32) + 2, "id": "m2",
+                                         "user": "a", "text": "yo", "ts": NOW + 1}
+
+
+def test_resume_without_gap_replays_missed_messages_in_order():
+    """since within the history window: recovered true and exactly the missed messages."""
+    r = room()
+    for i in range(4):
+        r.send("a", f"m{i}", f"t{i}", NOW)
+    out = r.join(1, "b", NOW, since=1)
+    assert payload(out.welcome)["recovered"] is True
+    assert [payload(f)["seq"] for f in out.replay] == [2, 3, 4]
+
+
+def test_resume_at_latest_seq_is_recovered_with_nothing_to_replay():
+    """since == seq: recovered true, no replay."""
+    r = room()
+    r.send("a", "m", "t", NOW)
+    out = r.join(1, "b", NOW, since=1)
+    assert payload(out.welcome)["recovered"] is True and out.replay == []
+
+
+def test_resume_with_gap_beyond_history_is_not_recovered():
+    """Messages fell out of the history window: recovered false, nothing replayed."""
+    r = room(history_limit=3)
+    for i in range(6):
+        r.send("a", f"m{i}", "t", NOW)
+    assert payload(r.join(1, "b", NOW, since=2).welcome)["recovered"] is False
+    assert payload(r.join(2, "c", NOW, since=3).welcome)["recovered"] is True
+    out = r.join(3, "d", NOW, since=3)
+    assert [payload(f)["seq"] for f in out.replay] == [4, 5, 6]
+
+
+def test_resume_since_beyond_seq_is_not_recovered():
+    """since greater than the room's seq: recovered false."""
+    r = room()
+    r.send("a", "m", "t", NOW)
+    out = r.join(1, "b", NOW, since=5)
+    assert payload(out.welcome)["recovered"] is False and out.replay == []
+
+
+def test_resume_after_lost_state_is_not_recovered():
+    """A room whose state was lost answers recovered false to a since from before the loss."""
+    base = 3 << 32
+    r = room(epoch=3, seq_base=base, lost=True)
+    assert payload(r.join(1, "b", NOW, since=10).welcome)["recovered"] is False
+    r.send("a", "m", "t", NOW)
+    assert payload(r.join(2, "c", NOW, since=10).welcome)["recovered"] is False
+    assert payload(r.join(3, "d", NOW, since=base).welcome)["recovered"] is True
+
+
+def test_duplicate_id_returns_original_ack_without_broadcast():
+    """The same user resending an id gets the original ack and nothing is broadcast."""
+    r = room()
+    first = r.send("a", "x", "hello", NOW)
+    again = r.send("a", "x", "hello", NOW + 30)
+    assert again.broadcast is None and again.ack == first.ack and r.seq == 1
+    other = r.send("b", "x", "hello", NOW + 30)  # another user's id space
+    assert other.broadcast is not None and other.seq == 2
+
+
+def test_idempotency_window_expires_and_stays_bounded():
+    """Ids are forgotten after the window; the window never exceeds its hard cap."""
+    r = room(idempotency_window=10.0)
+    r.send("a", "x", "t", NOW)
+    assert r.send("a", "x", "t", NOW + 10).broadcast is None  # still within
+    assert r.send("a", "x", "t", NOW + 21).broadcast is not None  # forgotten
+    assert len(r.seen_ids) <= 2
+    big = room(idempotency_window=1e9)
+    for i in range(MAX_IDEMPOTENCY_ENTRIES + 10):
+        big.seen_ids[("u", str(i))] = (i, NOW)
+    big.send("u", "new", "t", NOW)
+    assert len(big.seen_ids) <= MAX_IDEMPOTENCY_ENTRIES + 10
+
+
+def test_private_room_admits_members_only():
+    """may_join is false for non-members of a private room."""
+    r = room(private=True, allowed=frozenset({"alice"}))
+    assert r.may_join("alice") and not r.may_join("mallory")
+    assert room().may_join("anyone")
+
+
+def test_linger_makes_room_evictable_after_last_leave():
+    """A room is evictable only once empty for the linger time."""
+    r = room()
+    r.join(1, "a", NOW)
+    assert not r.evictable(NOW + 1000, 600)
+    r.leave(1, NOW + 1)
+    assert not r.evictable(NOW + 600, 600)
+    assert r.evictable(NOW + 601, 600)
+    r.join(2, "a", NOW + 602)
+    assert not r.evictable(NOW + 5000, 600)
+
+
+def test_snapshot_round_trip_keeps_seq_history_and_ids():
+    """from_snapshot(snapshot()) continues the seq, history and idempotency window."""
+    r = room(epoch=4, owner_epoch=4, private=True, allowed=frozenset({"a", "b"}))
+    r.join(1, "a", NOW)
+    for i in range(7):
+        r.send("a", f"m{i}", f"t{i}", NOW + i)
+    snap = orjson.loads(orjson.dumps(r.snapshot()))  # JSON-able
+    assert snap["members"] == ["a"]
+    moved = Room.from_snapshot(snap, instance="i2", epoch=5, owner_epoch=5)
+    assert (moved.instance, moved.epoch, moved.seq, moved.members()) == ("i2", 5, 7, [])
+    assert [m["seq"] for m in moved.history] == [3, 4, 5, 6, 7]
+    assert moved.send("a", "m6", "t6", NOW + 8).broadcast is None
+    assert moved.send("a", "new", "t", NOW + 8).seq == 8
+    assert not moved.may_join("c") and moved.may_join("b")
+    with pytest.raises(ValueError):
+        Room.from_snapshot({**snap, "version": 99}, instance="i2")
