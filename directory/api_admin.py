@@ -1,0 +1,250 @@
+"""Operator routes under ``/v1/admin`` (``Authorization: Bearer <admin token>``).
+
+Live load comes from the owning shard with a short timeout; when the shard
+cannot be asked the load is ``null`` (never a 500). Moves, drains of live
+instances and rebalancing go through ``directory.handoff``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from roomshard.protocol import instance_number, valid_room_id, valid_user_id
+
+from directory import handoff, placement, registry, schemas
+from directory.auth import check_admin
+from directory.context import Directory
+from directory.errors import BadRequest, Conflict, NotFound
+from directory.edge import ApiRoute, decode, json_response
+from directory.views import instance_view, room_view
+
+MAX_MEMBERS = 10_000
+DEFAULT_ROOM_LIST_LIMIT = 1000
+MAX_ROOM_LIST_LIMIT = 100_000
+
+
+def admin(request: Request, ctx: Directory) -> None:
+    check_admin(request.headers.get("authorization"), ctx.admin_token)
+
+
+def instance_param(value: str) -> str:
+    if instance_number(value) is None:
+        raise BadRequest("invalid_instance", "instance id must be i1..i9999")
+    return value
+
+
+def room_param(value: str) -> str:
+    if not valid_room_id(value):
+        raise BadRequest("invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+    return value
+
+
+def _state(ctx: Directory, row: Any, now: float) -> str:
+    return placement.effective_state(row["state"], registry.seen_at(row), now=now,
+                                     down_after=ctx.cfg.down_after)
+
+
+# -- instances ---------------------------------------------------------------
+async def list_instances(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    now = ctx.clock()
+    rows = await ctx.store.list_instances()
+    return json_response({"instances": [instance_view(r, now=now, down_after=ctx.cfg.down_after)
+                                        for r in rows]})
+
+
+async def put_instance(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    instance = instance_param(request.path_params["instance"])
+    body = decode(await request.body(), schemas.InstancePut)
+    now = ctx.clock()
+
+    def decide(row: Any) -> dict[str, Any]:
+        return registry.admin_put_changes(row, body, instance=instance, now=now,
+                                          default_capacity=ctx.cfg.default_capacity)
+
+    row = await ctx.store.upsert_instance(instance, decide)
+    return json_response(instance_view(row, now=now, down_after=ctx.cfg.down_after))
+
+
+async def get_instance(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    instance = instance_param(request.path_params["instance"])
+    row = await ctx.store.get_instance(instance)
+    if row is None:
+        raise NotFound("instance_not_found", f"no instance {instance}")
+    return json_response(instance_view(row, now=ctx.clock(), down_after=ctx.cfg.down_after))
+
+
+async def delete_instance(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    instance = instance_param(request.path_params["instance"])
+    outcome = await ctx.store.delete_instance(instance)
+    if outcome == "missing":
+        raise NotFound("instance_not_found", f"no instance {instance}")
+    if outcome == "has_rooms":
+        raise Conflict("instance_has_rooms", f"{instance} still has rooms assigned; drain it first")
+    return json_response({"id": instance, "deleted": True})
+
+
+async def drain(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    instance = instance_param(request.path_params["instance"])
+    row = await ctx.store.get_instance(instance)
+    if row is None:
+        raise NotFound("instance_not_found", f"no instance {instance}")
+    now = ctx.clock()
+    if _state(ctx, row, now) != placement.DOWN:
+        return json_response(await handoff.drain_instance(ctx, instance=instance,
+                                                          reason=registry.REASON_ADMIN))
+    # A down instance has nothing to hand over: re-place its rooms now (their
+    # next welcome says recovered: false) and park it disabled.
+    await ctx.store.upsert_instance(instance, lambda _row: {
+        "state": placement.DISABLED, "state_reason": registry.REASON_ADMIN})
+    replaced = await ctx.store.replace_all(instance, now=now, down_after=ctx.cfg.down_after)
+    return json_response({"instance": instance, "state": placement.DISABLED, "moves": [],
+                          "replaced": replaced})
+
+
+# -- rooms -------------------------------------------------------------------
+async def _loads(ctx: Directory, rows: list[Any]) -> dict[str, dict[str, Any] | None]:
+    """Live load per room, one shard call per owning instance, concurrently."""
+    owners = {r["instance"] for r in rows if r["instance"] is not None}
+    urls: dict[str, str] = {}
+    for inst in owners:
+        irow = await ctx.store.get_instance(inst)
+        if irow is not None:
+            urls[inst] = irow["internal_url"]
+    names = sorted(urls)
+    results = await asyncio.gather(*(ctx.shards.rooms_load(urls[n]) for n in names))
+    by_instance = dict(zip(names, results))
+    out: dict[str, dict[str, Any] | None] = {}
+    for r in rows:
+        loads = by_instance.get(r["instance"])
+        if loads is None:
+            out[r["room"]] = None
+        else:
+            out[r["room"]] = loads.get(r["room"], {"loaded": False, "connections": 0,
+                                                   "members": 0, "seq": None,
+                                                   "messages_per_s": 0.0})
+    return out
+
+
+async def list_rooms(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    instance = request.query_params.get("instance")
+    if instance is not None:
+        instance_param(instance)
+        if await ctx.store.get_instance(instance) is None:
+            raise NotFound("instance_not_found", f"no instance {instance}")
+    raw_limit = request.query_params.get("limit", str(DEFAULT_ROOM_LIST_LIMIT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_ROOM_LIST_LIMIT:
+        raise BadRequest("invalid_limit", f"limit must be 1..{MAX_ROOM_LIST_LIMIT}")
+    rows = list(await ctx.store.list_rooms(instance, int(raw_limit)))
+    loads = await _loads(ctx, rows)
+    return json_response({"rooms": [room_view(r, loads[r["room"]]) for r in rows]})
+
+
+async def get_room(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    room = room_param(request.path_params["room"])
+    row = await ctx.store.get_room(room)
+    if row is None:
+        raise NotFound("room_not_found", f"no room {room}")
+    load = None
+    if row["instance"] is not None:
+        irow = await ctx.store.get_instance(row["instance"])
+        if irow is not None:
+            load = await ctx.shards.room_load(irow["internal_url"], room)
+    return json_response(room_view(row, load))
+
+
+async def put_access(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    room = room_param(request.path_params["room"])
+    body = decode(await request.body(), schemas.AccessPut)
+    if len(body.members) > MAX_MEMBERS:
+        raise BadRequest("too_many_members", f"at most {MAX_MEMBERS} members")
+    for m in body.members:
+        if not valid_user_id(m):
+            raise BadRequest("invalid_member", f"member {m!r} is not a valid user id")
+    members = list(dict.fromkeys(body.members))  # dedupe, keep order
+    row = await ctx.store.set_access(room, body.private, members, now=ctx.clock())
+    closed = None
+    if body.private and row["instance"] is not None:
+        # Someone may have lost access: the owner closes them with 4003.
+        irow = await ctx.store.get_instance(row["instance"])
+        if irow is not None:
+            closed = await ctx.shards.push_access(irow["internal_url"], room, True, members)
+    return json_response({"room": room, "private": body.private, "members": members,
+                          "instance": row["instance"], "closed": closed})
+
+
+async def move(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    room = room_param(request.path_params["room"])
+    body = decode(await request.body(), schemas.MoveBody)
+    to = instance_param(body.to)
+    row = await ctx.store.get_room(room)
+    if row is None or row["instance"] is None:
+        raise NotFound("room_not_found", f"no placed room {room}")
+    target = await ctx.store.get_instance(to)
+    if target is None:
+        raise NotFound("instance_not_found", f"no instance {to}")
+    if row["instance"] == to:
+        raise Conflict("already_there", f"room {room} is already on {to}")
+    if _state(ctx, target, ctx.clock()) != placement.ACTIVE:
+        raise Conflict("instance_not_active", f"{to} is not active")
+    if row["state"] == "moving":
+        raise Conflict("moving", f"room {room} is already moving")
+    return json_response(await handoff.move_room(ctx, room=room, source=row["instance"], to=to))
+
+
+async def rebalance(request: Request, ctx: Directory) -> Response:
+    admin(request, ctx)
+    body = decode(await request.body(), schemas.RebalanceBody, empty_ok=True)
+    if body.max_moves < 0:
+        raise BadRequest("invalid_max_moves", "max_moves must be >= 0")
+    return json_response(await handoff.rebalance(ctx, dry_run=body.dry_run,
+                                                 max_moves=body.max_moves))
+
+
+_I = "/v1/admin/instances/{instance:path}"
+_R = "/v1/admin/rooms/{room:path}"
+ROUTES = [
+    ApiRoute("GET", "/v1/admin/instances", "list_instances", list_instances,
+             "Registered instances with state and load", "operators", auth="admin",
+             response=schemas.InstanceList, errors=(401,)),
+    ApiRoute("POST", _I + "/drain", "drain_instance", drain,
+             "Live-move every room off the instance, then mark it disabled", "operators",
+             auth="admin", response=schemas.DrainReport, errors=(400, 401, 404, 409, 501)),
+    ApiRoute("PUT", _I, "put_instance", put_instance, "Register or update an instance",
+             "operators", auth="admin", body=schemas.InstancePut, response=schemas.InstanceView,
+             errors=(400, 401)),
+    ApiRoute("GET", _I, "get_instance", get_instance, "One instance", "operators",
+             auth="admin", response=schemas.InstanceView, errors=(400, 401, 404)),
+    ApiRoute("DELETE", _I, "delete_instance", delete_instance,
+             "Remove an instance from the registry (409 while rooms are assigned)", "operators",
+             auth="admin", response=schemas.InstanceDeleted, errors=(400, 401, 404, 409)),
+    ApiRoute("GET", "/v1/admin/rooms", "list_rooms", list_rooms,
+             "Room assignments with live load", "operators", auth="admin",
+             response=schemas.RoomList, errors=(400, 401, 404),
+             query=(("instance", "string", "only rooms on this instance (iN)"),
+                    ("limit", "integer", f"at most this many rooms (default {DEFAULT_ROOM_LIST_LIMIT})"))),
+    ApiRoute("PUT", _R + "/access", "put_room_access", put_access,
+             "Make a room private to its members, or public again", "operators", auth="admin",
+             body=schemas.AccessPut, response=schemas.AccessView, errors=(400, 401)),
+    ApiRoute("POST", _R + "/move", "move_room", move, "Live handoff of a room to another instance",
+             "operators", auth="admin", body=schemas.MoveBody, response=schemas.MoveReport,
+             errors=(400, 401, 404, 409, 501)),
+    ApiRoute("GET", _R, "get_room", get_room, "One room's assignment and live load",
+             "operators", auth="admin", response=schemas.RoomView, errors=(400, 401, 404)),
+    ApiRoute("POST", "/v1/admin/rebalance", "rebalance", rebalance,
+             "Plan (and unless dry_run, perform) the fewest moves that even out load",
+             "operators", auth="admin", body=schemas.RebalanceBody,
+             response=schemas.RebalanceReport, errors=(400, 401, 501)),
+]

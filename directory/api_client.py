@@ -1,0 +1,85 @@
+"""``POST /v1/rooms/{room}/connect``: the measured hot path.
+
+Checks run in the contract's order: credentials (401), input (400), access
+(403), availability (503). For a room that already has a live owner this is
+one indexed query (room joined with its instance) plus a ticket signature.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from roomshard.protocol import valid_room_id, valid_user_id
+
+from directory.context import Directory
+from directory.errors import ApiError, BadRequest, Forbidden
+from directory.edge import ApiRoute, decode, json_response
+from directory.schemas import ConnectBody, ConnectResponse
+from directory.store import Target
+
+
+def ws_base(url: str) -> str:
+    """``http(s)://`` -> ``ws(s)://``; ws URLs unchanged; no trailing slash."""
+    if url.startswith("http://"):
+        url = "ws://" + url[7:]
+    elif url.startswith("https://"):
+        url = "wss://" + url[8:]
+    return url.rstrip("/")
+
+
+def room_url(ctx: Directory, target: Target, ticket: str) -> str:
+    base = target.public_base or ctx.cfg.public_url or target.internal_url
+    return f"{ws_base(base)}/{target.instance}/room/{target.room}?ticket={ticket}"
+
+
+async def connect(request: Request, ctx: Directory) -> Response:
+    try:
+        return await _connect(request, ctx)
+    except ApiError as exc:
+        ctx.metrics.connects.labels(exc.code).inc()
+        raise
+
+
+async def _connect(request: Request, ctx: Directory) -> Response:
+    now = ctx.clock()
+    room = request.path_params["room"]
+    jwt_mode = ctx.client_auth.mode == "jwt"
+    user: str | None = None
+    if jwt_mode:
+        user = ctx.client_auth.jwt_subject(request.headers.get("authorization"), now=now)
+    if not valid_room_id(room):
+        raise BadRequest("invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+    body = decode(await request.body(), ConnectBody, empty_ok=jwt_mode)
+    if not jwt_mode:
+        user = body.user
+        if user is None:
+            raise BadRequest("missing_user", 'body must be {"user": "<id>"}')
+    assert user is not None
+    if not valid_user_id(user):
+        raise BadRequest("invalid_user", "user id must match ^[A-Za-z0-9_.@-]{1,64}$")
+    row = await ctx.store.room_target(room)
+    if row is not None and row["private"] and user not in (row["members"] or ()):
+        raise Forbidden("not_a_member", f"room {room} is private")
+    target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after)
+    if kind != "existing":
+        ctx.metrics.placements.labels(kind).inc()
+    ttl = ctx.cfg.ticket_ttl
+    ticket = ctx.signer.issue_ticket(room=room, instance=target.instance, epoch=target.epoch,
+                                     user=user, ttl=ttl, now=now)
+    ctx.metrics.connects.labels("ok").inc()
+    return json_response({
+        "room": room,
+        "instance": target.instance,
+        "epoch": target.epoch,
+        "url": room_url(ctx, target, ctx.signer.encode_ticket(ticket)),
+        "expires_in": ttl,
+    })
+
+
+ROUTES = [
+    ApiRoute("POST", "/v1/rooms/{room:path}/connect", "connect", connect,
+             "Get a ready room URL with a single-use ticket; places a new room atomically",
+             "clients", auth="client", body=ConnectBody, response=ConnectResponse,
+             errors=(400, 401, 403, 503)),
+]

@@ -1,0 +1,99 @@
+"""Shard -> directory routes (``docs/INTERNALS.md``), cluster-token authenticated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from directory import handoff, placement, registry, schemas
+from directory.api_admin import instance_param, room_param
+from directory.auth import check_acting_for, cluster_subject
+from directory.context import Directory
+from directory.errors import Conflict, NotFound
+from directory.edge import ApiRoute, decode, json_response
+from directory.views import instance_view
+
+
+async def heartbeat(request: Request, ctx: Directory) -> Response:
+    now = ctx.clock()
+    subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
+    instance = instance_param(request.path_params["instance"])
+    check_acting_for(subject, instance)
+    body = decode(await request.body(), schemas.HeartbeatBody)
+
+    def decide(row: Any) -> dict[str, Any]:
+        return registry.heartbeat_changes(row, body, instance=instance, now=now,
+                                          down_after=ctx.cfg.down_after,
+                                          default_capacity=ctx.cfg.default_capacity)
+
+    row = await ctx.store.upsert_instance(instance, decide)
+    return json_response({"instance": instance_view(row, now=now, down_after=ctx.cfg.down_after),
+                          "down_after": ctx.cfg.down_after})
+
+
+async def leave(request: Request, ctx: Directory) -> Response:
+    now = ctx.clock()
+    subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
+    instance = instance_param(request.path_params["instance"])
+    check_acting_for(subject, instance)
+    body = decode(await request.body(), schemas.LeaveBody, empty_ok=True)
+    if await ctx.store.get_instance(instance) is None:
+        raise NotFound("instance_not_found", f"no instance {instance}")
+    # Draining at once: no new placements from this moment on.
+    await ctx.store.upsert_instance(instance, lambda _row: registry.leave_changes())
+    if body.drain and handoff.has_drain():
+        return json_response(await handoff.drain_instance(ctx, instance=instance,
+                                                          reason=registry.REASON_SHUTDOWN))
+    if body.drain:
+        # No live handoff in this build: park it disabled so its rooms are
+        # re-placed on their next connect (with recovered: false).
+        await ctx.store.upsert_instance(instance, lambda _row: {
+            "state": placement.DISABLED, "state_reason": registry.REASON_SHUTDOWN})
+        state = placement.DISABLED
+    else:
+        state = placement.DRAINING
+    return json_response({"instance": instance, "state": state, "moves": [], "replaced": 0})
+
+
+async def open_room(request: Request, ctx: Directory) -> Response:
+    now = ctx.clock()
+    subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
+    room = room_param(request.path_params["room"])
+    body = decode(await request.body(), schemas.OpenBody)
+    instance = instance_param(body.instance)
+    check_acting_for(subject, instance)
+    row = await ctx.store.open_room(room, instance, body.ticket_epoch, now=now)
+    if row is None:
+        current = await ctx.store.get_room(room)
+        if (current is not None and current["instance"] == instance
+                and body.ticket_epoch >= current["owner_epoch"] and current["state"] == "moving"):
+            raise Conflict("moving", f"room {room} is moving")
+        raise Conflict("not_owner", f"{instance} does not own room {room} at that epoch")
+    return json_response({
+        "room": row["room"],
+        "instance": row["instance"],
+        "epoch": row["epoch"],
+        "owner_epoch": row["owner_epoch"],
+        "seq_base": row["seq_base"],
+        "lost": row["seq_base"] != 0,
+        "private": bool(row["private"]),
+        "members": list(row["members"]) if row["members"] is not None else None,
+    })
+
+
+_I = "/v1/internal/instances/{instance:path}"
+ROUTES = [
+    ApiRoute("PUT", _I + "/heartbeat", "heartbeat", heartbeat,
+             "A shard registers itself and reports its load", "internal", auth="cluster",
+             body=schemas.HeartbeatBody, response=schemas.HeartbeatResponse,
+             errors=(400, 401, 403, 409)),
+    ApiRoute("POST", _I + "/leave", "leave", leave,
+             "A shard stops cleanly: no new placements, optionally drain", "internal",
+             auth="cluster", body=schemas.LeaveBody, response=schemas.DrainReport,
+             errors=(400, 401, 403, 404)),
+    ApiRoute("POST", "/v1/internal/rooms/{room:path}/open", "open_room", open_room,
+             "A shard asks before it creates a room in memory", "internal", auth="cluster",
+             body=schemas.OpenBody, response=schemas.OpenResponse, errors=(400, 401, 403, 409)),
+]

@@ -1,0 +1,77 @@
+"""Routes for everyone: health, readiness, metrics, the OpenAPI document, the chat page."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from directory import schemas
+from directory.context import Directory
+from directory.errors import Unavailable
+from directory.edge import ApiRoute, json_response
+
+STATIC_DIR = Path(__file__).with_name("static")
+NOT_INSTALLED_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>roomshard</title></head>
+<body><h1>roomshard directory</h1>
+<p>The chat page is not installed in this build (directory/static/index.html is missing).</p>
+<p>The API is described at <a href="/openapi.json">/openapi.json</a>.</p></body></html>
+"""
+
+
+def package_version() -> str:
+    try:
+        return version("roomshard")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+async def healthz(request: Request, ctx: Directory) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request, ctx: Directory) -> Response:
+    try:
+        await ctx.store.ping()
+    except Exception as exc:
+        raise Unavailable("database_unavailable", "the database is unreachable") from exc
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: Request, ctx: Directory) -> Response:
+    return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi(request: Request, ctx: Directory) -> Response:
+    doc: bytes = request.app.state.openapi
+    return Response(doc, media_type="application/json")
+
+
+async def index(request: Request, ctx: Directory) -> Response:
+    page = STATIC_DIR / "index.html"
+    try:
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return HTMLResponse(NOT_INSTALLED_PAGE)
+
+
+ROUTES = [
+    ApiRoute("GET", "/healthz", "healthz", healthz, "The process is alive", "everyone",
+             response=schemas.Status, errors=()),
+    ApiRoute("GET", "/readyz", "readyz", readyz, "The database is reachable", "everyone",
+             response=schemas.Status, errors=(503,)),
+    ApiRoute("GET", "/metrics", "metrics", metrics, "Prometheus metrics", "everyone",
+             errors=(), content_type="text/plain"),
+    ApiRoute("GET", "/openapi.json", "openapi", openapi, "This document", "everyone",
+             errors=()),
+    ApiRoute("GET", "/", "index", index, "The chat page", "everyone", errors=(),
+             content_type="text/html"),
+]
+
+
+def encode_openapi(doc: dict[str, object]) -> bytes:
+    return orjson.dumps(doc)

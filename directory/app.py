@@ -1,0 +1,87 @@
+"""Assemble the directory's Starlette app: routes, error handlers, lifespan.
+
+The lifespan owns every resource (database engine and its migrations, the
+httpx client to shards, the metrics registry); nothing is global, so several
+apps can live in one test process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from roomshard.config import DirectoryConfig
+from roomshard.tickets import Signer
+
+from directory import api_admin, api_client, api_internal, api_meta, openapi
+from directory.auth import ClientAuth
+from directory.context import Directory
+from directory.db import make_engine, migrate
+from directory.errors import error_response
+from directory.edge import ApiRoute, endpoint
+from directory.metrics import Metrics
+from directory.shards import ShardClient
+from directory.store import Store
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def all_routes() -> list[ApiRoute]:
+    return [*api_client.ROUTES, *api_admin.ROUTES, *api_internal.ROUTES, *api_meta.ROUTES]
+
+
+def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
+               shard_transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """The directory app; raises ``ConfigError`` for settings it cannot use (e.g. a bad PEM)."""
+    signer = Signer(cfg.cluster_secrets)
+    client_auth = ClientAuth(cfg)
+    metrics = Metrics()
+    specs = all_routes()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine = make_engine(cfg.database_url)
+        shards = ShardClient(signer, clock, shard_transport)
+        try:
+            await migrate(engine)
+            app.state.ctx = Directory(cfg=cfg, clock=clock, store=Store(engine), signer=signer,
+                                      shards=shards, metrics=metrics, client_auth=client_auth,
+                                      admin_token=cfg.admin_token.encode())
+            yield
+        finally:
+            await shards.aclose()
+            await engine.dispose()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        metrics.observe("unmatched", exc.status_code, 0.0)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        response = error_response(exc.status_code, code, str(exc.detail) or code)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error_response(500, "internal_error", "internal error")
+
+    routes: list[Route | Mount] = [Route(s.path, endpoint(s), methods=[s.method], name=s.name)
+                                   for s in specs]
+    routes.append(Mount("/static", app=StaticFiles(directory=api_meta.STATIC_DIR, check_dir=False),
+                        name="static"))
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.router.redirect_slashes = False
+    app.state.openapi = api_meta.encode_openapi(
+        openapi.build(specs, version=api_meta.package_version()))
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,99 @@
+"""The HTTP edge: route specs, the endpoint wrapper, body decoding, JSON responses.
+
+Each route is an :class:`ApiRoute`: its handler plus the request/response
+types and statuses that ``directory.openapi`` publishes. :func:`endpoint`
+wraps a handler so that every outcome is the contract's JSON (errors
+included), database outages become 503 ``database_unavailable`` with
+``Retry-After``, unexpected exceptions become a logged 500 JSON body (never a
+traceback to the client), and each request is counted in the app's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+import orjson
+from sqlalchemy import exc as sa_exc
+from starlette.requests import Request
+from starlette.responses import Response
+
+from directory.context import Directory
+from directory.errors import ApiError, BadRequest, Unavailable, error_response
+
+log = logging.getLogger("roomshard.directory")
+
+T = TypeVar("T")
+Handler = Callable[[Request, Directory], Awaitable[Response]]
+
+# Driver errors that mean "the database is not there right now" (the pool's
+# pre-ping heals the engine once it is back). Integrity/programming/data
+# errors are bugs and stay 500s.
+_BUG_ERRORS = (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.DataError)
+_DB_DOWN_ERRORS = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
+                   OSError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    method: str
+    path: str  # Starlette pattern; ``{x:path}`` so that odd ids reach validation (400, not 404)
+    name: str  # operationId and the metrics label
+    handler: Handler
+    summary: str
+    tag: str
+    auth: str = "none"  # none | admin | cluster | client
+    body: type | None = None
+    response: type | None = None
+    errors: tuple[int, ...] = field(default=(400,))
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, json type, description)
+    content_type: str = "application/json"
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def decode(body: bytes, kind: type[T], *, empty_ok: bool = False) -> T:
+    """Decode a JSON body into ``kind``; raises BadRequest with a precise message."""
+    if not body.strip():
+        if not empty_ok:
+            raise BadRequest("invalid_json", "request body must be a JSON object")
+        body = b"{}"
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest("invalid_body", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest("invalid_json", f"malformed JSON: {exc}") from None
+
+
+def endpoint(route: ApiRoute) -> Callable[[Request], Awaitable[Response]]:
+    handler, name = route.handler, route.name
+
+    async def run(request: Request) -> Response:
+        ctx: Directory = request.app.state.ctx
+        started = time.perf_counter()
+        try:
+            response = await handler(request, ctx)
+        except ApiError as exc:
+            response = exc.response()
+        except _BUG_ERRORS:
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = error_response(500, "internal_error", "internal error")
+        except _DB_DOWN_ERRORS as exc:
+            log.warning("database unavailable during %s %s: %s", request.method,
+                        request.url.path, exc.__class__.__name__)
+            response = Unavailable("database_unavailable", "the database is unreachable").response()
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = error_response(500, "internal_error", "internal error")
+        ctx.metrics.observe(name, response.status_code, time.perf_counter() - started)
+        return response
+
+    run.__name__ = name
+    return run

@@ -1,0 +1,92 @@
+"""The directory's error tree and the contract's JSON error body.
+
+Every error a client or operator sees is ``{"error": {"code", "message"}}``
+with the status carried by the exception::
+
+    ApiError(status, code, message, retry_after=None)
+      Unauthorized          401  credentials missing or wrong
+      BadRequest            400  invalid input (ids, JSON, fields, types)
+      Forbidden             403  authenticated but not allowed
+      NotFound              404
+      Conflict              409
+      Unavailable           503  always with Retry-After
+      NotImplementedYet     501  a feature this build does not ship
+
+Database driver errors are translated to ``Unavailable("database_unavailable")``
+at the HTTP boundary (see ``directory.edge``), never shown as a traceback.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, code: str | None = None, message: str = "", *,
+                 status: int | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.message = message or self.code.replace("_", " ")
+        self.retry_after = retry_after
+
+    def response(self) -> Response:
+        return error_response(self.status, self.code, self.message, retry_after=self.retry_after)
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "bad_request"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, code: str | None = None, message: str = "", *,
+                 retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(code, message, retry_after=retry_after)
+
+
+class NotImplementedYet(ApiError):
+    status = 501
+    code = "not_implemented"
+
+
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+def error_response(status: int, code: str, message: str, *,
+                   retry_after: int | None = None) -> Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return Response(error_body(code, message), status_code=status,
+                    media_type="application/json", headers=headers)

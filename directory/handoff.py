@@ -1,0 +1,63 @@
+"""Plug points for live moves, drains and rebalancing.
+
+The directory's routes validate the request (ids, 404s, the contract's 409s)
+and then call these functions, which delegate to ``directory.moves`` and
+``directory.rebalance`` when those modules are installed, and answer 501
+``not_implemented`` otherwise. The modules implement::
+
+    # directory/moves.py
+    async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict
+        # -> the contract's move report; raises directory.errors.ApiError (409 "moving", ...)
+    async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict
+        # live-moves every room off ``instance`` then marks it disabled with
+        # state_reason ``reason`` ("admin" or "shutdown"); -> a DrainReport-shaped dict
+
+    # directory/rebalance.py
+    async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict
+        # -> {"moves": [{"room", "from", "to"}], "before": {...}, "after": {...}}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from directory.context import Directory
+from directory.errors import NotImplementedYet
+
+
+def _plugin(module: str, attr: str) -> Callable[..., Awaitable[dict[str, Any]]] | None:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+    fn = getattr(mod, attr, None)
+    return fn if callable(fn) else None
+
+
+def has_drain() -> bool:
+    return _plugin("directory.moves", "drain_instance") is not None
+
+
+async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict[str, Any]:
+    fn = _plugin("directory.moves", "move_room")
+    if fn is None:
+        raise NotImplementedYet("not_implemented", "live room moves are not available in this build")
+    return await fn(ctx, room=room, source=source, to=to)
+
+
+async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[str, Any]:
+    fn = _plugin("directory.moves", "drain_instance")
+    if fn is None:
+        raise NotImplementedYet("not_implemented", "draining is not available in this build")
+    return await fn(ctx, instance=instance, reason=reason)
+
+
+async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[str, Any]:
+    fn = _plugin("directory.rebalance", "rebalance")
+    if fn is None:
+        raise NotImplementedYet("not_implemented", "rebalancing is not available in this build")
+    return await fn(ctx, dry_run=dry_run, max_moves=max_moves)

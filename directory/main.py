@@ -1,0 +1,122 @@
+"""``roomshard directory``: one directory process on uvicorn.
+
+Binds the socket itself (so ``--port 0`` works and the real port is known),
+migrates the database before serving (a bad or unreachable database stops
+start-up with one line, exit 2), logs ``roomshard directory listening on
+http://HOST:PORT``, writes ``{"url": ...}`` to ``--ready-file`` once serving
+and stops cleanly (exit 0) on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from roomshard.config import ConfigError, DirectoryConfig
+
+log = logging.getLogger("roomshard.directory")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the signal after a graceful stop; we exit 0 instead."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def _fail(message: str) -> None:
+    print(f"roomshard: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _check_database(cfg: DirectoryConfig) -> None:
+    from directory.db import make_engine, migrate
+
+    engine = make_engine(cfg.database_url, pool_size=1)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+def _loop_setup() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return "asyncio"
+    return "uvloop"
+
+
+def run(cfg: DirectoryConfig) -> None:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per start, not ten
+    from directory.app import create_app
+
+    try:
+        app = create_app(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        asyncio.run(_check_database(cfg))
+    except Exception as exc:  # any driver error: one line, no traceback
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        _fail(f"ROOMSHARD_DATABASE_URL: cannot open the database: {detail[:300]}")
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    config = uvicorn.Config(app, loop=_loop_setup(), http="httptools", lifespan="on",
+                            log_level=cfg.log_level, access_log=False, server_header=False,
+                            timeout_graceful_shutdown=5)
+    server = _Server(config)
+
+    async def serve() -> None:
+        async def announce() -> None:
+            while not server.started:
+                if server.should_exit:
+                    return
+                await asyncio.sleep(0.01)
+            log.info("roomshard directory listening on %s", url)
+            if cfg.ready_file:
+                tmp = Path(cfg.ready_file + ".tmp")
+                tmp.write_text(json.dumps({"url": url}))
+                os.replace(tmp, cfg.ready_file)  # readers never see a half-written file
+
+        announcer = asyncio.create_task(announce())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            announcer.cancel()
+
+    if _loop_setup() == "uvloop":
+        import uvloop
+
+        uvloop.run(serve())
+    else:  # pragma: no cover
+        asyncio.run(serve())
+    sock.close()

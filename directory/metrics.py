@@ -1,0 +1,37 @@
+"""Prometheus metrics, one registry per app (several apps may share a test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("roomshard_directory_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("roomshard_directory_request_seconds",
+                                 "HTTP request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.connects = Counter("roomshard_directory_connects",
+                                "client connects by result (ok, or the error code)",
+                                ["result"], registry=self.registry)
+        self.placements = Counter("roomshard_directory_placements",
+                                  "room assignments made: new rooms and re-placements",
+                                  ["kind"], registry=self.registry)
+        # Label lookups cost more than the increments; cache the children.
+        self._req: dict[tuple[str, int], tuple[object, object]] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        pair = self._req.get(key)
+        if pair is None:
+            pair = (self.requests.labels(route, str(status)), self.latency.labels(route))
+            self._req[key] = pair
+        pair[0].inc()  # type: ignore[attr-defined]
+        pair[1].observe(seconds)  # type: ignore[attr-defined]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

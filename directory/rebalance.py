@@ -1,0 +1,203 @@
+"""Rebalance and drain planning: pure functions from load data to a list of moves.
+
+Load model (the contract's default): a room weighs ``1 + live connections``;
+an active instance's *share* of the total load is proportional to its
+capacity, and its *ratio* is load / share. Balanced means every active
+instance's ratio is within ``1 +- tolerance``.
+
+Only ``active`` instances take part: rooms on ``draining`` instances are the
+drain's business, rooms on ``down`` ones are re-placed when a client next
+connects, and ``disabled`` ones hold none.
+
+Algorithm of :func:`plan` (greedy on a violation measure)
+--------------------------------------------------------
+Let the *violation* V be the sum over active instances of how far each one
+is outside its band (load above ``hi`` or below ``lo``). A move of a room of
+weight w from s to d, allowed only when s stays >= lo_s and d stays <= hi_d,
+never creates a violation and lowers V by ``min(w, excess_s) +
+min(w, deficit_d)``. Each step takes the worst violator (the most
+overloaded instance if any, else the most underloaded), tries every partner
+on the other side, and on each partner picks by bisection the room that
+lowers V the most (the smallest room covering both gaps, else the largest
+that fits), preferring the smaller room on ties. V strictly decreases, so the
+loop ends; it also stops at ``max_moves`` or when no violator can be helped.
+A moved room never moves again in the same plan.
+
+Lower bound: each overloaded instance must lose at least as many rooms as
+its largest rooms needed to cover its excess, and each underloaded one must
+gain at least as many as the cluster's largest rooms needed to cover its
+deficit; moves are disjoint per instance on each side, so the plan needs at
+least ``max(sum over overloaded, sum over underloaded)`` moves.
+
+Cost: O(R log R) to sort, then O(I log R) per move (I instances, R rooms).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Iterable, Mapping
+from itertools import accumulate
+from typing import Any
+
+DEFAULT_TOLERANCE = 0.10
+DEFAULT_MAX_MOVES = 100
+ACTIVE = "active"
+_EPS = 1e-9
+
+
+def _stats(load: Mapping[str, float], share: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    return {i: {"load": load[i], "share": round(share[i], 3),
+                "ratio": round(load[i] / share[i], 4) if share[i] > 0 else 0.0}
+            for i in sorted(load, key=_instance_key)}
+
+
+def _instance_key(iid: str) -> tuple[int, str]:
+    return (int(iid[1:]), iid) if iid[1:].isdigit() else (1 << 30, iid)
+
+
+def _pick(weights: list[float], want: float, limit: float) -> int:
+    """Index of the smallest weight >= want that is <= limit, else of the largest <= limit; -1."""
+    top = bisect.bisect_right(weights, limit + _EPS) - 1
+    if top < 0:
+        return -1
+    at = bisect.bisect_left(weights, want - _EPS)
+    return at if at <= top else top
+
+
+def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]], *,
+         tolerance: float = DEFAULT_TOLERANCE, max_moves: int = DEFAULT_MAX_MOVES) -> dict[str, Any]:
+    """The fewest moves (greedy, see the module doc) that balance the active instances.
+
+    ``instances``: ``{"id", "capacity", "state"}``; ``rooms``: ``{"room",
+    "instance", "weight"}`` (weight = 1 + live connections). Returns
+    ``{"moves": [{"room", "from", "to"}], "before", "after", "lower_bound",
+    "balanced", "tolerance"}`` where before/after map each active instance to
+    ``{"load", "share", "ratio"}``. Raises ValueError on a negative tolerance
+    or max_moves, or a room weight <= 0.
+    """
+    if tolerance < 0 or max_moves < 0:
+        raise ValueError("tolerance and max_moves must not be negative")
+    cap = {i["id"]: float(i["capacity"]) for i in instances
+           if i.get("state") == ACTIVE and i["capacity"] > 0}
+    per: dict[str, list[tuple[float, str]]] = {i: [] for i in cap}
+    for r in rooms:
+        bucket = per.get(r["instance"])
+        if bucket is not None:
+            w = r["weight"]
+            if w <= 0:
+                raise ValueError(f"room {r['room']} has weight {w}; weights are 1 + connections")
+            bucket.append((w, r["room"]))
+    weights: dict[str, list[float]] = {}
+    names: dict[str, list[str]] = {}
+    load: dict[str, float] = {}
+    for i, bucket in per.items():
+        bucket.sort()
+        weights[i] = [w for w, _ in bucket]
+        names[i] = [n for _, n in bucket]
+        load[i] = sum(weights[i])
+    total, total_cap = sum(load.values()), sum(cap.values())
+    share = {i: (total * cap[i] / total_cap if total_cap else 0.0) for i in cap}
+    lo = {i: (1 - tolerance) * share[i] for i in cap}
+    hi = {i: (1 + tolerance) * share[i] for i in cap}
+    before = _stats(load, share)
+    bound = lower_bound(weights, load, lo, hi)
+
+    moves: list[dict[str, str]] = []
+    stuck: set[str] = set()
+    while len(moves) < max_moves:
+        over = [(load[i] - hi[i], i) for i in cap if load[i] > hi[i] + _EPS and i not in stuck]
+        under = [(lo[i] - load[i], i) for i in cap if load[i] < lo[i] - _EPS and i not in stuck]
+        if not over and not under:
+            break
+        best: tuple[float, float, str, str, int] | None = None  # (-gain, w, src, dst, index)
+        if over:
+            _, src = max(over, key=lambda x: (x[0] / share[x[1]], x[1]))
+            excess, room_left = load[src] - hi[src], load[src] - lo[src]
+            for dst in cap:
+                if dst == src or load[dst] >= hi[dst] - _EPS:
+                    continue
+                deficit = max(0.0, lo[dst] - load[dst])
+                k = _pick(weights[src], max(excess, deficit), min(room_left, hi[dst] - load[dst]))
+                if k >= 0:
+                    w = weights[src][k]
+                    cand = (-(min(w, excess) + min(w, deficit)), w, src, dst, k)
+                    best = cand if best is None or cand < best else best
+            violator = src
+        else:
+            _, dst = max(under, key=lambda x: (x[0] / share[x[1]], x[1]))
+            deficit, headroom = lo[dst] - load[dst], hi[dst] - load[dst]
+            for src in cap:
+                if src == dst or load[src] <= lo[src] + _EPS:
+                    continue
+                k = _pick(weights[src], deficit, min(load[src] - lo[src], headroom))
+                if k >= 0:
+                    w = weights[src][k]
+                    cand = (-min(w, deficit), w, src, dst, k)
+                    best = cand if best is None or cand < best else best
+            violator = dst
+        if best is None or best[0] >= 0:
+            stuck.add(violator)  # nothing fits: leave it and fix what can be fixed
+            continue
+        _, w, src, dst, k = best
+        weights[src].pop(k)
+        room = names[src].pop(k)
+        load[src] -= w
+        load[dst] += w  # not added to dst's list: a moved room stays put in this plan
+        moves.append({"room": room, "from": src, "to": dst})
+
+    balanced = all(lo[i] - _EPS <= load[i] <= hi[i] + _EPS for i in cap)
+    return {"moves": moves, "before": before, "after": _stats(load, share),
+            "lower_bound": bound, "balanced": balanced, "tolerance": tolerance}
+
+
+def lower_bound(weights: Mapping[str, list[float]], load: Mapping[str, float],
+                lo: Mapping[str, float], hi: Mapping[str, float]) -> int:
+    """A number of moves no plan can beat (see the module doc); weights sorted ascending."""
+    out_moves = 0
+    for i, ws in weights.items():
+        excess = load[i] - hi[i]
+        if excess > _EPS:
+            acc, n = 0.0, 0
+            for w in reversed(ws):
+                acc += w
+                n += 1
+                if acc >= excess - _EPS:
+                    break
+            out_moves += n
+    deficits = [lo[i] - load[i] for i in load if lo[i] - load[i] > _EPS]
+    in_moves = 0
+    if deficits:
+        biggest = sorted((w for ws in weights.values() for w in ws), reverse=True)
+        prefix = list(accumulate(biggest))
+        for d in deficits:
+            in_moves += min(bisect.bisect_left(prefix, d - _EPS) + 1, len(prefix))
+    return max(out_moves, in_moves)
+
+
+def plan_drain(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]],
+               source: str) -> list[dict[str, Any]]:
+    """Where each room of a draining instance goes, in the order to move them.
+
+    ``instances``: ``{"id", "capacity", "state", "load"}`` (load = assigned
+    rooms + connections); ``rooms``: ``{"room", "weight"}`` on ``source``.
+    Largest rooms first (they pause the most clients, and placing them while
+    the targets are emptiest balances best), each to the active instance
+    with the lowest load/capacity after taking it (ties: lowest instance
+    number). Returns ``[{"room", "to", "weight"}]``; raises ValueError when
+    no other instance is active.
+    """
+    heap = [((float(i["load"]) / i["capacity"]), _instance_key(i["id"]), i["id"],
+             float(i["load"]), float(i["capacity"]))
+            for i in instances
+            if i.get("state") == ACTIVE and i["id"] != source and i["capacity"] > 0]
+    if not heap:
+        raise ValueError(f"no active instance to drain {source} to")
+    heapq.heapify(heap)
+    out = []
+    for r in sorted(rooms, key=lambda r: (-r["weight"], r["room"])):
+        _, key, iid, ld, c = heapq.heappop(heap)
+        ld += r["weight"]
+        heapq.heappush(heap, (ld / c, key, iid, ld, c))
+        out.append({"room": r["room"], "to": iid, "weight": r["weight"]})
+    return out

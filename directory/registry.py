@@ -1,0 +1,141 @@
+"""Instance registry rules: pure functions from (stored row, request, now) to column changes.
+
+The SQL lives in ``directory.store``; the decisions live here so they are
+tested without a database. Rules (``docs/INTERNALS.md``):
+
+* A heartbeat registers an unknown instance as ``active``.
+* A heartbeat from a new process (new ``boot_id``) re-activates an instance
+  that its own clean shutdown parked (``state_reason = "shutdown"``); an
+  instance an admin set ``draining``/``disabled`` stays so. ``down`` is never
+  stored (see ``placement.effective_state``), so any fresh heartbeat ends it.
+* A different ``internal_url`` may not take over an instance that still has
+  rooms *and* is alive under another process: that is two machines claiming
+  one id (409 ``instance_in_use``). A restarted shard on a new port (its old
+  process down or shut down) takes its instance back.
+* Admins set ``active``/``draining``/``disabled``; ``down`` is the directory's.
+* ``leave`` parks the instance ``draining`` with reason ``shutdown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from msgspec import UNSET
+
+from directory import placement
+from directory.errors import BadRequest, Conflict
+from directory.schemas import HeartbeatBody, InstancePut
+
+REASON_ADMIN = "admin"
+REASON_SHUTDOWN = "shutdown"
+
+
+def check_internal_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")) or len(url) > 2000:
+        raise BadRequest("invalid_internal_url", "internal_url must be an http:// or https:// URL")
+    return url.rstrip("/")
+
+
+def check_public_base(url: str | None) -> str | None:
+    if url is None or url == "":
+        return None
+    if not url.startswith(("ws://", "wss://", "http://", "https://")) or len(url) > 2000:
+        raise BadRequest("invalid_public_base", "public_base must be a ws://, wss://, http:// or https:// URL")
+    return url.rstrip("/")
+
+
+def check_capacity(capacity: int) -> int:
+    if not 1 <= capacity <= 1_000_000_000:
+        raise BadRequest("invalid_capacity", "capacity must be a positive integer")
+    return capacity
+
+
+def seen_at(row: Mapping[str, Any]) -> float:
+    """The liveness reference: the last heartbeat, else the registration time."""
+    hb = row["last_heartbeat"]
+    return float(hb if hb is not None else row["registered_at"])
+
+
+def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, instance: str,
+                      now: float, down_after: float, default_capacity: int) -> dict[str, Any]:
+    """Column values to write for a heartbeat; raises Conflict/BadRequest."""
+    url = check_internal_url(hb.internal_url)
+    public_base = check_public_base(hb.public_base)
+    load = {
+        "load_rooms": max(hb.load.rooms, 0),
+        "load_connections": max(hb.load.connections, 0),
+        "load_messages_per_s": max(hb.load.messages_per_s, 0.0),
+    }
+    if row is None:
+        return {
+            "id": instance,
+            "number": int(instance[1:]),
+            "internal_url": url,
+            "public_base": public_base,
+            "capacity": check_capacity(hb.capacity or default_capacity),
+            "state": placement.ACTIVE,
+            "state_reason": None,
+            "boot_id": hb.boot_id,
+            "registered_at": now,
+            "last_heartbeat": now,
+            **load,
+        }
+    new_process = hb.boot_id != row["boot_id"]
+    if url != row["internal_url"] and row["rooms_assigned"] > 0 and new_process:
+        alive = not placement.is_down(seen_at(row), now=now, down_after=down_after)
+        if alive and row["state_reason"] != REASON_SHUTDOWN:
+            raise Conflict("instance_in_use",
+                           f"{instance} is alive at {row['internal_url']} and still has rooms")
+    changes: dict[str, Any] = {
+        "internal_url": url,
+        "boot_id": hb.boot_id,
+        "last_heartbeat": now,
+        **load,
+    }
+    if hb.public_base is not None:
+        changes["public_base"] = public_base
+    if hb.capacity is not None:
+        changes["capacity"] = check_capacity(hb.capacity)
+    if new_process and row["state_reason"] == REASON_SHUTDOWN:
+        changes["state"] = placement.ACTIVE
+        changes["state_reason"] = None
+    return changes
+
+
+def admin_put_changes(row: Mapping[str, Any] | None, body: InstancePut, *, instance: str,
+                      now: float, default_capacity: int) -> dict[str, Any]:
+    """Column values to write for an admin PUT; raises BadRequest."""
+    changes: dict[str, Any] = {}
+    if body.state is not UNSET:
+        if body.state == placement.DOWN:
+            raise BadRequest("invalid_state", "'down' is set by the directory from missed heartbeats")
+        if body.state not in placement.ADMIN_STATES:
+            raise BadRequest("invalid_state", "state must be active, draining or disabled")
+        changes["state"] = body.state
+        changes["state_reason"] = None if body.state == placement.ACTIVE else REASON_ADMIN
+    if body.internal_url is not UNSET:
+        changes["internal_url"] = check_internal_url(body.internal_url)  # type: ignore[arg-type]
+    if body.public_base is not UNSET:
+        changes["public_base"] = check_public_base(body.public_base)  # type: ignore[arg-type]
+    if body.capacity is not UNSET:
+        changes["capacity"] = check_capacity(body.capacity)  # type: ignore[arg-type]
+    if row is None:
+        if "internal_url" not in changes:
+            raise BadRequest("missing_internal_url", "registering an instance needs internal_url")
+        changes = {
+            "id": instance,
+            "number": int(instance[1:]),
+            "public_base": None,
+            "capacity": default_capacity,
+            "state": placement.ACTIVE,
+            "state_reason": None,
+            "registered_at": now,
+            **changes,
+        }
+    return changes
+
+
+def leave_changes() -> dict[str, Any]:
+    return {"state": placement.DRAINING, "state_reason": REASON_SHUTDOWN}
+

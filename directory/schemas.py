@@ -1,0 +1,206 @@
+"""Request and response bodies of the directory API, as msgspec Structs.
+
+These types are the single source of truth: request bodies are decoded and
+validated against them once at the edge (unknown fields refused with 400 on
+the public API), and ``directory.openapi`` turns them into the OpenAPI
+document's JSON Schemas. Responses are built as plain dicts on the hot path
+(encoded with orjson); tests check that every response converts to its Struct.
+
+Internal (shard -> directory) bodies ignore unknown fields so that shards and
+directories can be upgraded one at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType, field
+
+AdminState = Literal["active", "draining", "disabled"]
+State = Literal["active", "draining", "down", "disabled"]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Lenient(msgspec.Struct, kw_only=True):
+    pass
+
+
+# -- errors ------------------------------------------------------------------
+class ErrorDetail(Lenient):
+    code: str
+    message: str
+
+
+class ErrorBody(Lenient):
+    error: ErrorDetail
+
+
+# -- clients -----------------------------------------------------------------
+class ConnectBody(Strict):
+    """``open`` auth: ``user`` is required. ``jwt`` auth: the body may be empty and ``user`` is ignored."""
+
+    user: str | None = None
+
+
+class ConnectResponse(Lenient):
+    room: str
+    instance: str
+    epoch: int
+    url: str
+    expires_in: int
+
+
+# -- instances ---------------------------------------------------------------
+class InstanceLoad(Lenient):
+    rooms: int = 0
+    connections: int = 0
+    messages_per_s: float = 0.0
+
+
+class InstanceView(Lenient):
+    id: str
+    state: State
+    state_reason: str | None
+    capacity: int
+    internal_url: str
+    public_base: str | None
+    last_heartbeat: str | None  # ISO 8601 UTC
+    registered_at: str
+    rooms_assigned: int
+    load: InstanceLoad
+
+
+class InstanceList(Lenient):
+    instances: list[InstanceView]
+
+
+class InstancePut(Strict):
+    """Register (``internal_url`` required) or update an instance; absent fields are unchanged."""
+
+    internal_url: str | UnsetType = UNSET
+    public_base: str | None | UnsetType = UNSET
+    capacity: int | UnsetType = UNSET
+    state: str | UnsetType = UNSET  # active | draining | disabled (``down`` is refused)
+
+
+class InstanceDeleted(Lenient):
+    id: str
+    deleted: bool
+
+
+# -- rooms -------------------------------------------------------------------
+class RoomLoad(Lenient):
+    loaded: bool
+    connections: int = 0
+    members: int = 0
+    seq: int | None = None
+    messages_per_s: float = 0.0
+
+
+class RoomView(Lenient):
+    room: str
+    instance: str | None
+    epoch: int
+    owner_epoch: int
+    state: str
+    private: bool
+    members: list[str] | None
+    load: RoomLoad | None  # null when the owning shard could not be asked
+
+
+class RoomList(Lenient):
+    rooms: list[RoomView]
+
+
+class AccessPut(Strict):
+    private: bool
+    members: list[str] = field(default_factory=list)
+
+
+class AccessView(Lenient):
+    room: str
+    private: bool
+    members: list[str]
+    instance: str | None
+    closed: int | None  # connections the shard closed with 4003; null if not asked/unreachable
+
+
+class MoveBody(Strict):
+    to: str
+
+
+class MoveReport(Lenient):
+    room: str
+    from_: str = field(name="from")
+    to: str
+    epoch: int
+    members: int
+    messages_transferred: int
+    pause_ms: float
+
+
+class PlannedMove(Lenient):
+    room: str
+    from_: str = field(name="from")
+    to: str
+
+
+class RebalanceBody(Strict):
+    dry_run: bool = True
+    max_moves: int = 100
+
+
+class RebalanceReport(Lenient):
+    moves: list[PlannedMove]
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+class DrainReport(Lenient):
+    instance: str
+    state: str
+    moves: list[dict[str, Any]]
+    replaced: int = 0  # rooms re-placed without a live move (the instance was down)
+
+
+# -- shard -> directory (internal) --------------------------------------------
+class HeartbeatBody(Lenient):
+    internal_url: str
+    boot_id: str
+    public_base: str | None = None
+    capacity: int | None = None
+    load: InstanceLoad = field(default_factory=InstanceLoad)
+
+
+class HeartbeatResponse(Lenient):
+    instance: InstanceView
+    down_after: float
+
+
+class LeaveBody(Lenient):
+    drain: bool = False
+
+
+class OpenBody(Lenient):
+    instance: str
+    ticket_epoch: int
+
+
+class OpenResponse(Lenient):
+    room: str
+    instance: str
+    epoch: int
+    owner_epoch: int
+    seq_base: int
+    lost: bool
+    private: bool
+    members: list[str] | None
+
+
+# -- everyone ----------------------------------------------------------------
+class Status(Lenient):
+    status: str

@@ -1,0 +1,97 @@
+"""Calls from the directory to shards (``docs/INTERNALS.md``), all best effort.
+
+The httpx transport is the seam: tests pass an ``httpx.ASGITransport`` of a
+fake shard app or an ``httpx.MockTransport``; production uses the network.
+Every call is short (``SHARD_CALL_TIMEOUT_S``) and never raises: an
+unreachable or confused shard yields ``None`` and the caller reports the
+value as unknown (``null``) instead of failing the admin request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from roomshard.tickets import Signer
+
+SHARD_CALL_TIMEOUT_S = 1.0
+log = logging.getLogger("roomshard.directory.shards")
+
+NOT_LOADED: dict[str, Any] = {"loaded": False, "connections": 0, "members": 0, "seq": None,
+                              "messages_per_s": 0.0}
+
+
+class ShardClient:
+    def __init__(self, signer: Signer, clock: Callable[[], float],
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._signer = signer
+        self._clock = clock
+        self.http = httpx.AsyncClient(transport=transport, timeout=SHARD_CALL_TIMEOUT_S)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": "Bearer " + self._signer.cluster_token("directory", now=self._clock())}
+
+    async def _call(self, method: str, url: str, json: Any = None) -> httpx.Response | None:
+        try:
+            return await self.http.request(method, url, json=json, headers=self._headers())
+        except httpx.HTTPError as exc:
+            log.warning("shard call %s %s failed: %s", method, url, exc)
+            return None
+
+    async def room_load(self, internal_url: str, room: str) -> dict[str, Any] | None:
+        """One room's live load; ``NOT_LOADED`` when the shard does not hold it in memory."""
+        resp = await self._call("GET", f"{internal_url}/internal/rooms/{room}")
+        if resp is None:
+            return None
+        if resp.status_code == 404:
+            return dict(NOT_LOADED)
+        return _room_load(resp)
+
+    async def rooms_load(self, internal_url: str) -> dict[str, dict[str, Any]] | None:
+        """Live load of every room the shard holds, by room id."""
+        resp = await self._call("GET", f"{internal_url}/internal/rooms")
+        if resp is None or resp.status_code != 200:
+            return None
+        try:
+            rooms = resp.json()["rooms"]
+            return {str(k): _normalise(v) for k, v in rooms.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    async def push_access(self, internal_url: str, room: str, private: bool,
+                          members: list[str]) -> int | None:
+        """Tell the owner the new access list; returns how many it closed with 4003."""
+        resp = await self._call("POST", f"{internal_url}/internal/rooms/{room}/access",
+                                json={"private": private, "members": members})
+        if resp is None or resp.status_code != 200:
+            return None
+        try:
+            return int(resp.json()["closed"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def _room_load(resp: httpx.Response) -> dict[str, Any] | None:
+    if resp.status_code != 200:
+        return None
+    try:
+        body = resp.json()
+        return _normalise(body.get("load", body))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _normalise(raw: Any) -> dict[str, Any]:
+    return {
+        "loaded": True,
+        "connections": int(raw.get("connections", 0)),
+        "members": int(raw.get("members", 0)),
+        "seq": int(raw["seq"]) if raw.get("seq") is not None else None,
+        "messages_per_s": float(raw.get("messages_per_s", 0.0)),
+    }

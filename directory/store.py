@@ -1,0 +1,318 @@
+"""All SQL of the directory, on SQLite and PostgreSQL alike.
+
+Assignment changes are atomic in the database, never read-then-write:
+
+* a new room is one ``INSERT ... ON CONFLICT (room) DO NOTHING``; whoever
+  loses the race reads the winner's row back, so concurrent first connects
+  from any number of replicas agree on one instance and epoch;
+* re-placing a room whose instance is down or disabled is a compare-and-set
+  ``UPDATE ... WHERE epoch = :old`` that bumps ``epoch`` and ``owner_epoch``;
+* ``rooms_assigned`` counters move in the same transaction as the rows.
+
+Reads run in autocommit on PostgreSQL (one round trip, no BEGIN/ROLLBACK);
+writes on SQLite begin IMMEDIATE (see ``directory.db``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, bindparam, case, delete, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from directory import placement
+from directory.db import instances, rooms
+from directory.errors import Unavailable
+
+SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)
+MAX_PLACEMENT_ATTEMPTS = 5
+
+_ROOM_TARGET = (
+    select(
+        rooms.c.instance,
+        rooms.c.epoch,
+        rooms.c.private,
+        rooms.c.members,
+        instances.c.state.label("i_state"),
+        instances.c.internal_url,
+        instances.c.public_base,
+        instances.c.last_heartbeat,
+        instances.c.registered_at,
+    )
+    .select_from(rooms.outerjoin(instances, instances.c.id == rooms.c.instance))
+    .where(rooms.c.room == bindparam("room"))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a client of a room goes now."""
+
+    room: str
+    instance: str
+    epoch: int
+    internal_url: str
+    public_base: str | None
+
+
+class NoInstance(Unavailable):
+    code = "no_instance_available"
+
+    def __init__(self) -> None:
+        super().__init__(message="no active instance can take the room")
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        if self.dialect == "postgresql":
+            self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._insert = postgresql.insert
+        else:
+            self._reader = engine
+            self._insert = sqlite.insert
+        self._writer = engine.execution_options(immediate=True)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self._reader.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._writer.begin() as conn:
+            yield conn
+
+    async def ping(self) -> None:
+        async with self.read() as conn:
+            await conn.execute(select(literal(1)))
+
+    # -- connect ---------------------------------------------------------
+    async def room_target(self, room: str) -> Mapping[str, Any] | None:
+        """The room joined with its instance: one indexed query."""
+        async with self.read() as conn:
+            row = (await conn.execute(_ROOM_TARGET, {"room": room})).first()
+        return row._mapping if row is not None else None
+
+    async def place(self, room: str, current: Mapping[str, Any] | None, *, now: float,
+                    down_after: float) -> tuple[Target, str]:
+        """Give ``room`` a live instance: insert it, or CAS-move it off a dead one.
+
+        ``current`` is the row :meth:`room_target` returned. Returns the target
+        and what happened (``"new"``, ``"replaced"`` or ``"existing"`` when
+        another replica won). Raises :class:`NoInstance`.
+        """
+        for _ in range(MAX_PLACEMENT_ATTEMPTS):
+            if current is not None and current["i_state"] is not None and placement.serves_rooms(
+                current["i_state"], _seen(current), now=now, down_after=down_after
+            ):
+                return _target(room, current), "existing"
+            async with self.write() as conn:
+                chosen = await self._choose(conn, now=now, down_after=down_after)
+                if current is None:
+                    done = await self._insert_room(conn, room, chosen, now=now)
+                    kind = "new"
+                else:
+                    done = await self._reassign(conn, room, old_epoch=current["epoch"],
+                                                old_instance=current["instance"],
+                                                new_instance=chosen, now=now)
+                    kind = "replaced"
+            if done is not None:
+                return done, kind
+            current = await self.room_target(room)  # lost a race: take the winner's row
+        raise Unavailable("placement_contended", "room assignment kept changing; retry")
+
+    async def _choose(self, conn: AsyncConnection, *, now: float,
+                      down_after: float) -> Mapping[str, Any]:
+        rows = (await conn.execute(select(instances))).mappings().all()
+        chosen = placement.choose(
+            (placement.Candidate(id=r["id"], number=r["number"], state=r["state"],
+                                 capacity=r["capacity"], rooms_assigned=r["rooms_assigned"],
+                                 connections=r["load_connections"], seen_at=_seen(r))
+             for r in rows),
+            now=now, down_after=down_after)
+        if chosen is None:
+            raise NoInstance()
+        return next(r for r in rows if r["id"] == chosen.id)
+
+    async def _insert_room(self, conn: AsyncConnection, room: str, inst: Mapping[str, Any], *,
+                           now: float) -> Target | None:
+        stmt = (
+            self._insert(rooms)
+            .values(room=room, instance=inst["id"], epoch=1, owner_epoch=1, state="active",
+                    private=False, seq_base=0, created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["room"])
+            .returning(rooms.c.room)
+        )
+        if (await conn.execute(stmt)).first() is None:
+            return None
+        await _bump(conn, inst["id"], +1)
+        return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
+
+    async def _reassign(self, conn: AsyncConnection, room: str, *, old_epoch: int,
+                        old_instance: str | None, new_instance: Mapping[str, Any],
+                        now: float) -> Target | None:
+        new_id = new_instance["id"]
+        new_epoch = await reassign(conn, room, old_epoch=old_epoch, old_instance=old_instance,
+                                   new_instance=new_id, now=now)
+        if new_epoch is None:
+            return None
+        return Target(room, new_id, new_epoch, new_instance["internal_url"],
+                      new_instance["public_base"])
+
+    # -- shard -> directory ------------------------------------------------
+    async def open_room(self, room: str, instance: str, ticket_epoch: int,
+                        *, now: float) -> Mapping[str, Any] | None:
+        """INTERNALS "open": one atomic UPDATE; None when the caller may not open it."""
+        new_epoch = case((rooms.c.opened_epoch == rooms.c.epoch, rooms.c.epoch + 1),
+                         else_=rooms.c.epoch)
+        stmt = (
+            update(rooms)
+            .where(rooms.c.room == room, rooms.c.instance == instance,
+                   rooms.c.owner_epoch <= ticket_epoch, rooms.c.state == "active")
+            .values(epoch=new_epoch, opened_epoch=new_epoch,
+                    seq_base=case((rooms.c.opened_epoch.is_(None), 0),
+                                  else_=new_epoch * SEQ_EPOCH_FACTOR),
+                    updated_at=now)
+            .returning(rooms.c.room, rooms.c.instance, rooms.c.epoch, rooms.c.owner_epoch,
+                       rooms.c.seq_base, rooms.c.private, rooms.c.members)
+        )
+        async with self.write() as conn:
+            row = (await conn.execute(stmt)).first()
+        return row._mapping if row is not None else None
+
+    # -- rooms -------------------------------------------------------------
+    async def get_room(self, room: str) -> Mapping[str, Any] | None:
+        async with self.read() as conn:
+            row = (await conn.execute(select(rooms).where(rooms.c.room == room))).first()
+        return row._mapping if row is not None else None
+
+    async def list_rooms(self, instance: str | None, limit: int) -> Sequence[Mapping[str, Any]]:
+        stmt = select(rooms).order_by(rooms.c.room).limit(limit)
+        if instance is not None:
+            stmt = stmt.where(rooms.c.instance == instance)
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def set_access(self, room: str, private: bool, members: list[str], *,
+                         now: float) -> Mapping[str, Any]:
+        """Create-or-update the room's access; returns the row after the change."""
+        stored = members if private or members else None
+        async with self.write() as conn:
+            await conn.execute(
+                self._insert(rooms)
+                .values(room=room, instance=None, epoch=0, owner_epoch=0, state="active",
+                        private=private, members=stored, seq_base=0, created_at=now,
+                        updated_at=now)
+                .on_conflict_do_update(index_elements=["room"],
+                                       set_={"private": private, "members": stored,
+                                             "updated_at": now})
+            )
+            row = (await conn.execute(select(rooms).where(rooms.c.room == room))).first()
+        assert row is not None
+        return row._mapping
+
+    # -- instances ---------------------------------------------------------
+    async def list_instances(self) -> Sequence[Mapping[str, Any]]:
+        async with self.read() as conn:
+            return (await conn.execute(select(instances).order_by(instances.c.number))).mappings().all()
+
+    async def get_instance(self, instance: str) -> Mapping[str, Any] | None:
+        async with self.read() as conn:
+            return await _instance(conn, instance)
+
+    async def upsert_instance(self, instance: str, decide: Any) -> Mapping[str, Any]:
+        """Read the row, let ``decide(row_or_None)`` return changes, write them, read back.
+
+        Runs in one write transaction (the row is locked on PostgreSQL,
+        the database on SQLite) so two heartbeats cannot interleave.
+        """
+        async with self.write() as conn:
+            stmt = select(instances).where(instances.c.id == instance)
+            if self.dialect == "postgresql":
+                stmt = stmt.with_for_update()
+            row = (await conn.execute(stmt)).mappings().first()
+            changes = decide(row)
+            if row is None:
+                await conn.execute(
+                    self._insert(instances).values(**changes)
+                    .on_conflict_do_update(index_elements=["id"], set_={
+                        k: v for k, v in changes.items() if k not in ("id", "registered_at")})
+                )
+            elif changes:
+                await conn.execute(update(instances).where(instances.c.id == instance)
+                                   .values(**changes))
+            out = await _instance(conn, instance)
+        assert out is not None
+        return out
+
+    async def delete_instance(self, instance: str) -> str:
+        """``"deleted"``, ``"missing"`` or ``"has_rooms"``."""
+        async with self.write() as conn:
+            has_rooms = (await conn.execute(
+                select(rooms.c.room).where(rooms.c.instance == instance).limit(1))).first()
+            if has_rooms is not None:
+                return "has_rooms"
+            res = await conn.execute(delete(instances).where(instances.c.id == instance))
+            return "deleted" if res.rowcount else "missing"
+
+    async def replace_all(self, instance: str, *, now: float, down_after: float) -> int:
+        """Re-place every room of ``instance`` (it is down: no snapshot to move)."""
+        moved = 0
+        async with self.read() as conn:
+            rows = (await conn.execute(select(rooms.c.room, rooms.c.epoch)
+                                       .where(rooms.c.instance == instance))).all()
+        for room, epoch in rows:
+            async with self.write() as conn:
+                chosen = await self._choose(conn, now=now, down_after=down_after)
+                if chosen["id"] == instance:
+                    continue
+                if await reassign(conn, room, old_epoch=epoch, old_instance=instance,
+                                  new_instance=chosen["id"], now=now) is not None:
+                    moved += 1
+        return moved
+
+
+async def reassign(conn: AsyncConnection, room: str, *, old_epoch: int,
+                   old_instance: str | None, new_instance: str, now: float) -> int | None:
+    """Compare-and-set a room to ``new_instance``; the new epoch, or None if the epoch moved on.
+
+    Public for the handoff module: a live move ends with the same CAS.
+    """
+    row = (await conn.execute(
+        update(rooms)
+        .where(and_(rooms.c.room == room, rooms.c.epoch == old_epoch))
+        .values(instance=new_instance, epoch=rooms.c.epoch + 1, owner_epoch=rooms.c.epoch + 1,
+                state="active", move_to=None, updated_at=now)
+        .returning(rooms.c.epoch)
+    )).first()
+    if row is None:
+        return None
+    if old_instance is not None:
+        await _bump(conn, old_instance, -1)
+    await _bump(conn, new_instance, +1)
+    return int(row[0])
+
+
+async def _bump(conn: AsyncConnection, instance: str, delta: int) -> None:
+    await conn.execute(update(instances).where(instances.c.id == instance)
+                       .values(rooms_assigned=instances.c.rooms_assigned + delta))
+
+
+async def _instance(conn: AsyncConnection, instance: str) -> Mapping[str, Any] | None:
+    return (await conn.execute(select(instances).where(instances.c.id == instance))).mappings().first()
+
+
+def _seen(row: Mapping[str, Any]) -> float:
+    hb = row["last_heartbeat"]
+    return float(hb if hb is not None else row["registered_at"])
+
+
+def _target(room: str, row: Mapping[str, Any]) -> Target:
+    return Target(room, row["instance"], int(row["epoch"]), row["internal_url"], row["public_base"])
+
