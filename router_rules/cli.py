@@ -1,0 +1,231 @@
+"""``roomshard rules``: generate load balancer rules, or bring a live ALB in line.
+
+    roomshard rules --format terraform|cloudformation|nginx \\
+        (--from-directory URL | --from-file FILE) [--out DIR] [--listen ADDR:PORT] ...
+    roomshard rules plan  --listener-arn [GROUP=]ARN (--from-directory URL | --from-file FILE)
+    roomshard rules apply --listener-arn [GROUP=]ARN ... [--dry-run]
+
+``rules`` is a group that also runs on its own (``invoke_without_command``),
+so the contract's exact form ``roomshard rules --format X --from-file F``
+works next to the ``plan``/``apply`` subcommands. Every error is one line on
+standard error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from router_rules import model
+from router_rules.cloudformation import render_cloudformation
+from router_rules.nginx import DEFAULT_LISTEN, render_nginx
+from router_rules.nginx import FILE_NAME as NGINX_FILE
+from router_rules.registry import Instance, RegistryError
+from router_rules.source import load_directory, load_file
+from router_rules.terraform import FILE_NAME as TERRAFORM_FILE
+from router_rules.terraform import render_terraform
+
+SUMMARY_FILE = "alb-groups.json"
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"roomshard rules: {message}", err=True)
+    sys.exit(2)
+
+
+def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--from-file", "from_file", metavar="FILE",
+                      help="saved body of GET /v1/admin/instances")(fn)
+    fn = click.option("--from-directory", "from_directory", metavar="URL",
+                      help="directory base URL; uses ROOMSHARD_ADMIN_TOKEN")(fn)
+    return fn
+
+
+def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--name-prefix", default=model.DEFAULT_NAME_PREFIX, show_default=True,
+                      help="target group names are <prefix>-iN (unique per account and region)")(fn)
+    fn = click.option("--reserved-target-groups", type=click.IntRange(0, 99),
+                      default=model.DEFAULT_RESERVED_TARGET_GROUPS, show_default=True,
+                      help="target groups the default ALB holds besides the shards (the directory)")(fn)
+    return fn
+
+
+def _load(from_directory: str | None, from_file: str | None) -> list[Instance]:
+    if (from_directory is None) == (from_file is None):
+        _fail("give exactly one of --from-directory URL or --from-file FILE")
+    if from_file is not None:
+        return load_file(from_file)
+    assert from_directory is not None
+    return load_directory(from_directory, os.environ.get("ROOMSHARD_ADMIN_TOKEN"))
+
+
+def _write(out: str | None, files: dict[str, str]) -> None:
+    if out is None:
+        for text in files.values():
+            click.echo(text, nl=False)
+        return
+    target = Path(out)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (target / name).write_text(text)
+    except OSError as exc:
+        _fail(f"cannot write to {out}: {exc.strerror or exc}")
+    for name in files:
+        click.echo(f"wrote {target / name}", err=True)
+
+
+def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: str,
+             name_prefix: str, directory_upstream: str | None, ping_interval: float,
+             reserved_target_groups: int) -> None:
+    if fmt == "nginx":
+        _write(out, {NGINX_FILE: render_nginx(instances, listen=listen,
+                                              directory_url=directory_upstream,
+                                              ping_interval=ping_interval)})
+        return
+    rules = model.build(instances, name_prefix=name_prefix, ping_interval=ping_interval,
+                        reserved_target_groups=reserved_target_groups)
+    summary = json.dumps(model.groups_summary(rules), indent=2) + "\n"
+    if fmt == "terraform":
+        files = {TERRAFORM_FILE: render_terraform(rules)}
+    else:
+        files = render_cloudformation(rules)
+        if not files:
+            _fail("no instances registered: a CloudFormation template needs at least one resource")
+        if out is None and len(files) > 1:
+            _fail(f"{len(files)} ALB groups need one CloudFormation stack each: use --out DIR")
+    if out is not None:
+        files[SUMMARY_FILE] = summary
+    elif len(rules.groups) > 1:
+        for g in rules.groups:  # say which host serves which instances, off stdout
+            click.echo(f"# ALB group {g.ident} ({g.public_base or 'ROOMSHARD_PUBLIC_URL'}): "
+                       f"{' '.join(i.id for i in g.instances)}", err=True)
+    _write(out, files)
+
+
+@click.group("rules", invoke_without_command=True)
+@click.option("--format", "fmt", type=click.Choice(["terraform", "cloudformation", "nginx"]),
+              help="what to generate")
+@_source_options
+@click.option("--out", metavar="DIR", help="write files here instead of standard output")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="ADDR:PORT",
+              help="nginx: the server's listen address")
+@click.option("--directory-upstream", metavar="URL",
+              help="nginx: proxy every non-room path to this directory URL")
+@click.option("--ping-interval", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="the shards' ping interval; proxy timeouts are >= 3 of them")
+@_common_options
+@click.pass_context
+def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
+          from_file: str | None, out: str | None, listen: str,
+          directory_upstream: str | None, ping_interval: float, name_prefix: str,
+          reserved_target_groups: int) -> None:
+    """Load balancer rules for the registered instances (ALB via Terraform or
+    CloudFormation, or nginx), or `plan`/`apply` them on a live ALB listener."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if fmt is None:
+        _fail("--format terraform|cloudformation|nginx is required (or use `rules plan|apply`)")
+    try:
+        generate(fmt, _load(from_directory, from_file), out=out, listen=listen,
+                 name_prefix=name_prefix, directory_upstream=directory_upstream,
+                 ping_interval=ping_interval, reserved_target_groups=reserved_target_groups)
+    except RegistryError as exc:
+        _fail(str(exc))
+
+
+def _listener_map(values: tuple[str, ...], rules: model.RuleSet) -> dict[str, str]:
+    """``[GROUP=]ARN`` options -> group ident -> listener ARN."""
+    idents = {g.ident: g.ident for g in rules.groups}
+    idents.update({g.public_host: g.ident for g in rules.groups if g.public_host})
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, arn = value.rpartition("=")
+        if not sep:
+            if len(rules.groups) == 1:
+                key = rules.groups[0].ident
+            elif model.DEFAULT_GROUP in idents:
+                key = model.DEFAULT_GROUP
+            else:
+                _fail(f"--listener-arn {arn}: several ALB groups, write GROUP=ARN")
+        if key not in idents:
+            _fail(f"--listener-arn: no ALB group {key!r} (groups: {', '.join(sorted(set(idents.values())))})")
+        out[idents[key]] = arn
+    return out
+
+
+def _run_plan(apply: bool, from_directory: str | None, from_file: str | None,
+              listener_arn: tuple[str, ...], target: tuple[str, ...], target_type: str,
+              region: str | None, endpoint_url: str | None, name_prefix: str,
+              reserved_target_groups: int) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    from router_rules import aws
+    from router_rules.plan import plan
+
+    try:
+        rules = model.build(_load(from_directory, from_file), name_prefix=name_prefix,
+                            reserved_target_groups=reserved_target_groups)
+        overrides = dict(t.split("=", 1) for t in target if "=" in t)
+        if len(overrides) != len(target):
+            _fail("--target expects iN=ID")
+        listeners = _listener_map(listener_arn, rules)
+        client = boto3.client("elbv2", region_name=region, endpoint_url=endpoint_url)
+        registered = {tg.name for g in rules.groups for tg in g.target_groups}
+        for g in rules.groups:
+            if g.ident not in listeners:
+                click.echo(f"# ALB group {g.ident}: no --listener-arn given, skipped", err=True)
+                continue
+            arn = listeners[g.ident]
+            live = aws.read_live(client, arn, name_prefix)
+            the_plan = plan(g, live, name_prefix=name_prefix, target_overrides=overrides,
+                            registered=registered)
+            click.echo(f"# ALB group {g.ident} ({g.public_base or 'ROOMSHARD_PUBLIC_URL'}), "
+                       f"listener {arn}")
+            click.echo(the_plan.describe())
+            if apply and the_plan.actions:
+                _, vpc = aws.describe_listener(client, arn)
+                aws.execute(client, the_plan, listener_arn=arn, vpc_id=vpc,
+                            target_type=target_type,
+                            on_step=lambda a: click.echo(f"done: {a.describe()}", err=True))
+    except RegistryError as exc:
+        _fail(str(exc))
+    except BotoCoreError as exc:  # no region/credentials: raised by boto3.client itself
+        _fail(f"AWS: {exc}")
+
+
+def _aws_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("--listener-arn", multiple=True, required=True, metavar="[GROUP=]ARN",
+                     help="HTTPS listener of an ALB group (bare ARN: the default group)"),
+        click.option("--target", multiple=True, metavar="iN=ID",
+                     help="target id of an instance (default: the IP of its internal_url)"),
+        click.option("--target-type", type=click.Choice(["ip", "instance"]), default="ip",
+                     show_default=True, help="type of new target groups"),
+        click.option("--region", help="AWS region (default: the AWS environment)"),
+        click.option("--endpoint-url", help="ELBv2 endpoint (default: AWS; AWS_ENDPOINT_URL works too)"),
+    ]):
+        fn = opt(fn)
+    return _common_options(_source_options(fn))
+
+
+@rules.command("plan")
+@_aws_options
+def plan_cmd(**kw: Any) -> None:
+    """Show what `apply` would change on the live listener(s)."""
+    _run_plan(False, **kw)
+
+
+@rules.command("apply")
+@_aws_options
+@click.option("--dry-run", is_flag=True, help="only print the plan (same as `plan`)")
+def apply_cmd(dry_run: bool, **kw: Any) -> None:
+    """Create target groups and rules first, modify, delete last: no room is ever unroutable."""
+    _run_plan(not dry_run, **kw)
