@@ -1,0 +1,223 @@
+"""Start the servers under test, pinned to their CPU, and stop every one of them.
+
+Each benchmark target is a set of real processes on loopback: roomshard's
+directory and shards (``python -m roomshard``), the Node Socket.IO and ``ws``
+servers, the Python peers, ``redis-server`` for the Socket.IO adapter. Every
+process is started under ``taskset -c CPU`` in its own session, announces its
+URL in a ready file (the same ``--ready-file`` convention roomshard uses), and
+is stopped with SIGTERM, then SIGKILL after a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+ADMIN_TOKEN = "bench-admin-token"
+CLUSTER_SECRET = "bench-cluster-secret"
+
+
+class StartError(RuntimeError):
+    """A server did not come up; the message carries the tail of its log."""
+
+
+@dataclass
+class Running:
+    """A started target: what the load generator connects to and which pids to watch."""
+
+    name: str
+    protocol: str  # raw | socketio | roomshard
+    targets: list[str] = field(default_factory=list)  # ws:// bases (raw, socketio)
+    directory: str | None = None  # http:// base (roomshard)
+    pids: list[int] = field(default_factory=list)  # every server process, redis included
+    processes: dict[str, int] = field(default_factory=dict)  # role -> pid, for the report
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until true; a bounded wait for a condition, not a sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise StartError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Launcher:
+    """Processes of one target; ``stop_all`` ends every one it started."""
+
+    def __init__(self, server_cpus: str = "1") -> None:
+        self.server_cpus = server_cpus
+        self.dir = Path(tempfile.mkdtemp(prefix="roomshard-bench-"))
+        self.popens: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              ready: bool = True, timeout: float = 60) -> tuple[int, str | None]:
+        ready_file = self.dir / f"{name}.ready.json"
+        log = self.dir / f"{name}.log"
+        full = ["taskset", "-c", self.server_cpus, *argv]
+        if ready:
+            full += ["--ready-file", str(ready_file)]
+        popen = subprocess.Popen(full, env={**os.environ, **(env or {})}, cwd=ROOT,
+                                 stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        self.popens.append(popen)
+        if not ready:
+            return popen.pid, None
+
+        def up() -> bool:
+            if popen.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise StartError(f"{name} exited with {popen.returncode}:\n{tail}")
+            return ready_file.exists() and ready_file.stat().st_size > 0
+
+        wait_for(up, timeout, f"{name} to be ready")
+        return popen.pid, json.loads(ready_file.read_text())["url"]
+
+    def stop_all(self) -> None:
+        for popen in reversed(self.popens):
+            if popen.poll() is None:
+                try:
+                    os.killpg(popen.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for popen in reversed(self.popens):
+            try:
+                popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=10)
+        self.popens.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def node() -> str:
+    return shutil.which("node") or "node"
+
+
+def start_raw(launcher: Launcher, name: str, script: list[str]) -> Running:
+    pid, url = launcher.spawn(name, script)
+    return Running(name, "raw", targets=[url or ""], pids=[pid], processes={name: pid})
+
+
+def start_ws_node(launcher: Launcher) -> Running:
+    return start_raw(launcher, "ws-node", [node(), str(BENCH / "servers" / "ws_broadcast.js")])
+
+
+def start_bare_websockets(launcher: Launcher) -> Running:
+    return start_raw(launcher, "bare-websockets",
+                     [sys.executable, str(BENCH / "servers" / "bare_websockets.py")])
+
+
+def start_python_socketio(launcher: Launcher) -> Running:
+    pid, url = launcher.spawn("python-socketio",
+                              [sys.executable, str(BENCH / "servers" / "python_socketio_server.py")])
+    return Running("python-socketio", "socketio", targets=[url or ""], pids=[pid],
+                   processes={"python-socketio": pid})
+
+
+def start_redis(launcher: Launcher) -> tuple[int, str]:
+    port = free_port()
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    pid, _ = launcher.spawn("redis", [redis, "--port", str(port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], ready=False)
+
+    def pong() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_for(pong, 20, "redis-server to answer PING")
+    return pid, f"redis://127.0.0.1:{port}"
+
+
+def start_socketio(launcher: Launcher, nodes: int) -> Running:
+    name = f"socketio-{nodes}" if nodes == 1 else f"socketio-{nodes}-redis"
+    run = Running(name, "socketio")
+    env: dict[str, str] = {}
+    if nodes > 1:
+        redis_pid, redis_url = start_redis(launcher)
+        run.pids.append(redis_pid)
+        run.processes["redis"] = redis_pid
+        env["REDIS_URL"] = redis_url
+    for n in range(1, nodes + 1):
+        pid, url = launcher.spawn(f"node{n}", [node(), str(BENCH / "servers" / "socketio_server.js")],
+                                  env=env)
+        run.pids.append(pid)
+        run.processes[f"node{n}"] = pid
+        run.targets.append(url or "")
+    return run
+
+
+def roomshard_env(db: Path) -> dict[str, str]:
+    return {
+        "ROOMSHARD_ADMIN_TOKEN": ADMIN_TOKEN,
+        "ROOMSHARD_CLUSTER_SECRET": CLUSTER_SECRET,
+        "ROOMSHARD_AUTH": "open",
+        "ROOMSHARD_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+        "ROOMSHARD_LOG_LEVEL": "warning",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_roomshard(launcher: Launcher, shards: int) -> Running:
+    run = Running(f"roomshard-{shards}", "roomshard")
+    env = roomshard_env(launcher.dir / "directory.db")
+    pid, url = launcher.spawn("directory", [sys.executable, "-m", "roomshard", "directory",
+                                            "--port", "0"], env=env)
+    run.directory = url
+    run.pids.append(pid)
+    run.processes["directory"] = pid
+    for n in range(1, shards + 1):
+        spid, _ = launcher.spawn(f"i{n}", [sys.executable, "-m", "roomshard", "shard",
+                                          "--instance", f"i{n}", "--port", "0",
+                                          "--directory-url", url or ""], env=env)
+        run.pids.append(spid)
+        run.processes[f"i{n}"] = spid
+
+    def all_active() -> bool:
+        try:
+            r = httpx.get(f"{url}/v1/admin/instances", timeout=2,
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        except httpx.HTTPError:
+            return False
+        if r.status_code != 200:
+            return False
+        active = [i for i in r.json().get("instances", []) if i.get("state") == "active"]
+        return len(active) == shards
+
+    wait_for(all_active, 30, f"{shards} active shard(s) in the directory")
+    return run
+
+
+STARTERS: dict[str, Callable[[Launcher], Running]] = {
+    "ws-node": start_ws_node,
+    "bare-websockets": start_bare_websockets,
+    "python-socketio": start_python_socketio,
+    "socketio-1": lambda la: start_socketio(la, 1),
+    "socketio-2-redis": lambda la: start_socketio(la, 2),
+    "roomshard-1": lambda la: start_roomshard(la, 1),
+    "roomshard-2": lambda la: start_roomshard(la, 2),
+}

@@ -1,0 +1,166 @@
+"""Run every workload against every server and write ``bench/results/*.json``.
+
+    bench/compare [--quick] [--repeats N] [--targets a,b] [--workloads a,b] [--no-report]
+
+``bench/compare`` (the shell wrapper) installs what is missing first. Servers
+run pinned to CPU 1, the load generator to CPU 0 (``taskset``). Each
+(repeat, target, workload) gets freshly started servers so one run's memory
+or backlog cannot leak into the next; repeats are interleaved across targets
+so a burst of background load on this shared machine hits all of them alike.
+Results are saved after every run, so an interrupted benchmark keeps what it
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import cluster, workloads  # noqa: E402
+from bench.workloads import PROFILES, Profile, Workload  # noqa: E402
+
+LOADGEN = cluster.BENCH / "loadgen" / "loadgen.js"
+RESULTS = cluster.BENCH / "results"
+
+
+def run_loadgen(config: dict[str, Any], cpu: str, timeout: float) -> dict[str, Any]:
+    """Run the Node load generator pinned to ``cpu``; its stdout is one JSON document."""
+    argv = ["taskset", "-c", cpu, cluster.node(), str(LOADGEN), json.dumps(config)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cluster.ROOT)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen exited {proc.returncode}: {proc.stderr[-1000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def environment() -> dict[str, Any]:
+    def out(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                                  cwd=cluster.ROOT).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    versions: dict[str, str] = {"python": platform.python_version(), "node": out(["node", "--version"])}
+    for dist in ("websockets", "python-socketio", "uvicorn", "roomshard"):
+        try:
+            from importlib.metadata import version
+
+            versions[dist] = version(dist)
+        except Exception:  # noqa: BLE001 - a missing peer is reported, not fatal
+            versions[dist] = "missing"
+    lock = json.loads((cluster.BENCH / "node" / "package-lock.json").read_text())
+    for pkg in ("socket.io", "@socket.io/redis-adapter", "redis", "ws"):
+        versions[pkg] = lock.get("packages", {}).get(f"node_modules/{pkg}", {}).get("version", "?")
+    versions["redis-server"] = out(["redis-server", "--version"]).split(" ")[2:3][0] \
+        if shutil.which("redis-server") else "missing"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": next((line.split(":", 1)[1].strip() for line in
+                           Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name")), "?"),
+        "kernel": platform.release(),
+        "git_commit": out(["git", "rev-parse", "--short", "HEAD"]),
+        "versions": versions,
+    }
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
+            previous_max: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    record: dict[str, Any] = {"target": target, "workload": workload.name, "repeat": repeat,
+                              "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                              "loadavg_before": loadavg()}
+    launcher = cluster.Launcher(server_cpus=args.server_cpus)
+    try:
+        running = cluster.STARTERS[target](launcher)
+        record["processes"] = running.processes
+        rates = workloads.ladder_for_repeat(workload, previous_max) if workload.mode == "ladder" else []
+        config = workloads.loadgen_config(
+            workload, profile, running.protocol, targets=running.targets,
+            directory=running.directory, pids=running.pids, rates=rates,
+            room_prefix=f"{workload.name}{repeat}", clk_tck=os.sysconf("SC_CLK_TCK"))
+        budget = 120 + len(rates) * (profile.step_seconds + profile.drain_seconds + 2)
+        record["result"] = run_loadgen(config, args.loadgen_cpu, timeout=budget)
+    except (cluster.StartError, RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"[compare] {target}/{workload.name}: {record['error'][:300]}", file=sys.stderr)
+    finally:
+        launcher.stop_all()
+    record["loadavg_after"] = loadavg()
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="roomshard vs Socket.IO and friends, side by side")
+    parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
+    parser.add_argument("--repeats", type=int, help="override the profile's repeats")
+    parser.add_argument("--targets", help=f"comma list from {','.join(workloads.ALL_TARGETS)}")
+    parser.add_argument("--workloads", help="comma list from fanout,bigroom,idle")
+    parser.add_argument("--server-cpus", default="1", help="taskset list for servers")
+    parser.add_argument("--loadgen-cpu", default="0", help="taskset list for the load generator")
+    parser.add_argument("--out", help="results file (default bench/results/<profile>-<UTC>.json)")
+    parser.add_argument("--no-report", action="store_true", help="skip the markdown/plots")
+    args = parser.parse_args(argv)
+
+    profile = PROFILES["quick" if args.quick else "full"]
+    repeats = args.repeats or profile.repeats
+    only_targets = set(args.targets.split(",")) if args.targets else set(workloads.ALL_TARGETS)
+    unknown = only_targets - set(workloads.ALL_TARGETS)
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    only_workloads = set(args.workloads.split(",")) if args.workloads else None
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else RESULTS / f"{profile.name}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    doc: dict[str, Any] = {
+        "profile": profile.name, "repeats": repeats, "step_seconds": profile.step_seconds,
+        "drain_seconds": profile.drain_seconds, "server_cpus": args.server_cpus,
+        "loadgen_cpu": args.loadgen_cpu, "started_at": stamp, "environment": environment(),
+        "command": "bench/compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "runs": [],
+    }
+    t0 = time.monotonic()
+    best: dict[tuple[str, str], int] = {}  # (target, workload) -> max sustained rate of repeat 0
+    for repeat in range(repeats):
+        for workload in profile.workloads:
+            if only_workloads and workload.name not in only_workloads:
+                continue
+            for target in workload.targets:
+                if target not in only_targets:
+                    continue
+                print(f"[compare] repeat {repeat + 1}/{repeats} {workload.name} {target} "
+                      f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+                record = run_one(target, workload, profile, repeat, best.get((target, workload.name)), args)
+                steps = record.get("result", {}).get("steps") or []
+                top = workloads.max_sustained(steps)
+                if repeat == 0 and top is not None:
+                    best[(target, workload.name)] = top["rate_target"]
+                doc["runs"].append(record)
+                doc["elapsed_seconds"] = round(time.monotonic() - t0, 1)
+                out.write_text(json.dumps(doc, indent=1))
+    print(f"[compare] wrote {out} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    if not args.no_report:
+        from bench import report
+
+        report.main([str(out)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

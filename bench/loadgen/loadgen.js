@@ -1,0 +1,430 @@
+#!/usr/bin/env node
+// roomshard benchmark load generator: one Node process, many WebSocket clients.
+//
+// Usage: node bench/loadgen/loadgen.js '<json config>'   (or a path to a JSON file)
+// Prints one JSON document (the result) on stdout; progress goes to stderr.
+//
+// It speaks three protocols so every server gets the same workload:
+//   raw       ws://HOST:PORT/room/ROOM, every text frame is relayed to the room
+//   socketio  Engine.IO 4 / Socket.IO 5 over a plain WebSocket (no polling):
+//             emit "join" ROOM, wait for "joined", emit "msg" TEXT, get "msg" TEXT
+//   roomshard POST DIR/v1/rooms/ROOM/connect {"user"}, open the returned url,
+//             wait for "welcome", send {"type":"send","id","text"}, get "message"
+// The Socket.IO wire protocol is written by hand on top of `ws` (it is four
+// packet types) because socket.io-client costs several times more CPU per
+// message and the load generator must not be the bottleneck.
+//
+// Each published text is "STEP:T:padding" where T is performance.now() of the
+// sender (same process, so latency needs no clock sync). A delivery counts for
+// its step only; anything arriving after the step's drain is "late".
+'use strict';
+
+const fs = require('fs');
+const path = require('path');
+const { createRequire } = require('module');
+const { performance, monitorEventLoopDelay } = require('perf_hooks');
+
+const nodeRequire = createRequire(path.join(__dirname, '..', 'node', 'package.json'));
+const WebSocket = nodeRequire('ws');
+
+const PAD = 'hello from the roomshard benchmark';
+const HIST_BUCKETS = 100000; // 0.1 ms buckets up to 10 s
+
+function log(...args) {
+  process.stderr.write(`[loadgen] ${args.join(' ')}\n`);
+}
+
+// ---------------------------------------------------------------- statistics
+
+class LatencyHistogram {
+  constructor() {
+    this.buckets = new Uint32Array(HIST_BUCKETS + 1);
+    this.count = 0;
+    this.max = 0;
+  }
+  add(ms) {
+    let b = Math.floor(ms * 10);
+    if (b < 0) b = 0;
+    if (b > HIST_BUCKETS) b = HIST_BUCKETS;
+    this.buckets[b]++;
+    this.count++;
+    if (ms > this.max) this.max = ms;
+  }
+  percentile(p) {
+    if (this.count === 0) return null;
+    const rank = Math.ceil((p / 100) * this.count);
+    let seen = 0;
+    for (let i = 0; i <= HIST_BUCKETS; i++) {
+      seen += this.buckets[i];
+      if (seen >= rank) return (i + 1) / 10; // upper edge of the bucket
+    }
+    return this.max;
+  }
+}
+
+// ---------------------------------------------------------------- /proc
+
+function readCpuTicks(pid) {
+  // /proc/PID/stat: "pid (comm) state ..." — comm may hold spaces, so split after ')'.
+  const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  return Number(fields[11]) + Number(fields[12]); // utime + stime (fields 14, 15)
+}
+
+function readRssKb(pid) {
+  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) : 0;
+}
+
+function sampleServers(pids) {
+  const out = {};
+  for (const pid of pids) {
+    try {
+      out[pid] = { ticks: readCpuTicks(pid), rssKb: readRssKb(pid) };
+    } catch (e) {
+      out[pid] = { ticks: 0, rssKb: 0, gone: true };
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- clients
+
+class Client {
+  constructor(gen, index, room, user) {
+    this.gen = gen;
+    this.index = index;
+    this.room = room;
+    this.user = user;
+    this.ws = null;
+    this.ready = false;
+    this.closed = false;
+    this.counter = 0;
+  }
+
+  onText(text) {
+    // Extract "STEP:T:..." and account for it; the protocol layer found `text`.
+    const c1 = text.indexOf(':');
+    const c2 = text.indexOf(':', c1 + 1);
+    if (c1 < 0 || c2 < 0) return;
+    this.gen.delivered(Number(text.slice(0, c1)), Number(text.slice(c1 + 1, c2)));
+  }
+}
+
+function openSocket(url, client, onOpen, onMessage, resolve, reject) {
+  const ws = new WebSocket(url, { perMessageDeflate: false, skipUTF8Validation: true });
+  client.ws = ws;
+  let settled = false;
+  const timer = setTimeout(() => {
+    if (!settled) { settled = true; ws.terminate(); reject(new Error('connect timeout')); }
+  }, 30000);
+  ws.on('open', onOpen);
+  ws.on('message', (data) => {
+    const s = data.toString();
+    if (onMessage(s) === true && !settled) {
+      settled = true; clearTimeout(timer); client.ready = true; resolve();
+    }
+  });
+  ws.on('error', (err) => {
+    if (!settled) { settled = true; clearTimeout(timer); reject(err); }
+    client.gen.errors.push(String(err.message || err));
+  });
+  ws.on('close', (code) => {
+    client.closed = true;
+    if (!settled) { settled = true; clearTimeout(timer); reject(new Error(`closed ${code} before ready`)); }
+    if (!client.gen.shuttingDown) client.gen.closeCodes[code] = (client.gen.closeCodes[code] || 0) + 1;
+  });
+}
+
+const PROTOCOLS = {
+  raw: {
+    connect(client, target) {
+      return new Promise((resolve, reject) => {
+        openSocket(`${target}/room/${client.room}`, client,
+          () => { client.ready = true; resolve(); },
+          (s) => { client.onText(s); return false; }, resolve, reject);
+      });
+    },
+    send(client, text) { client.ws.send(text); },
+  },
+
+  socketio: {
+    connect(client, target) {
+      return new Promise((resolve, reject) => {
+        openSocket(`${target}/socket.io/?EIO=4&transport=websocket`, client, () => {}, (s) => {
+          const ws = client.ws;
+          if (s === '2') { ws.send('3'); return false; } // Engine.IO ping -> pong
+          if (s.startsWith('42')) {
+            const packet = JSON.parse(s.slice(2));
+            if (packet[0] === 'msg') { client.onText(packet[1]); return false; }
+            return packet[0] === 'joined';
+          }
+          if (s[0] === '0') { ws.send('40'); return false; } // Engine.IO open -> Socket.IO connect
+          if (s.startsWith('40')) { ws.send(`42${JSON.stringify(['join', client.room])}`); return false; }
+          if (s.startsWith('44')) client.gen.errors.push(`socket.io connect_error ${s}`);
+          return false;
+        }, resolve, reject);
+      });
+    },
+    send(client, text) { client.ws.send(`42${JSON.stringify(['msg', text])}`); },
+  },
+
+  roomshard: {
+    async connect(client, directory) {
+      const res = await fetch(`${directory}/v1/rooms/${client.room}/connect`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ user: client.user }),
+      });
+      const body = await res.json();
+      if (res.status !== 200) throw new Error(`connect ${res.status} ${JSON.stringify(body)}`);
+      client.instance = body.instance;
+      return new Promise((resolve, reject) => {
+        openSocket(body.url, client, () => {}, (s) => {
+          const frame = JSON.parse(s);
+          switch (frame.type) {
+            case 'message': client.onText(frame.text); return false;
+            case 'ack': client.gen.acks++; return false;
+            case 'welcome': return true;
+            case 'error': client.gen.errors.push(`error frame ${frame.code}`); return false;
+            default: return false; // presence
+          }
+        }, resolve, reject);
+      });
+    },
+    send(client, text) {
+      client.counter++;
+      client.ws.send(JSON.stringify({ type: 'send', id: `${client.index}-${client.counter}`, text }));
+    },
+  },
+};
+
+// ---------------------------------------------------------------- generator
+
+class LoadGen {
+  constructor(cfg) {
+    this.cfg = cfg;
+    this.proto = PROTOCOLS[cfg.protocol];
+    if (!this.proto) throw new Error(`unknown protocol ${cfg.protocol}`);
+    this.clients = [];
+    this.errors = [];
+    this.closeCodes = {};
+    this.acks = 0;
+    this.step = -1;
+    this.stepDelivered = 0;
+    this.late = 0;
+    this.hist = new LatencyHistogram();
+    this.shuttingDown = false;
+  }
+
+  delivered(step, sentAt) {
+    if (step !== this.step || !this.collecting) { this.late++; return; }
+    this.stepDelivered++;
+    this.hist.add(performance.now() - sentAt);
+  }
+
+  targetFor(member) {
+    const c = this.cfg;
+    if (c.protocol === 'roomshard') return c.directory;
+    return c.targets[member % c.targets.length]; // spread each room over every node
+  }
+
+  async connectAll() {
+    const c = this.cfg;
+    // Interleave rooms so consecutive publishers hit different rooms.
+    for (let m = 0; m < c.members; m++) {
+      for (let r = 0; r < c.rooms; r++) {
+        const idx = this.clients.length;
+        this.clients.push(new Client(this, idx, `${c.roomPrefix}-${r}`, `u${idx}`));
+      }
+    }
+    const t0 = performance.now();
+    let next = 0;
+    let failed = 0;
+    const firstErrors = [];
+    const worker = async () => {
+      while (next < this.clients.length) {
+        const client = this.clients[next++];
+        const member = Math.floor(client.index / c.rooms);
+        try {
+          await this.proto.connect(client, this.targetFor(member));
+        } catch (e) {
+          failed++;
+          if (firstErrors.length < 5) firstErrors.push(String(e.message || e));
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: c.connectConcurrency || 100 }, worker));
+    const seconds = (performance.now() - t0) / 1000;
+    const ok = this.clients.filter((x) => x.ready).length;
+    log(`connected ${ok}/${this.clients.length} in ${seconds.toFixed(1)} s`);
+    return { ok, failed, seconds, per_s: ok / seconds, first_errors: firstErrors };
+  }
+
+  async settle(ms) {
+    await new Promise((r) => setTimeout(r, ms));
+  }
+
+  async runStep(rate) {
+    const c = this.cfg;
+    const live = this.clients.filter((x) => x.ready && !x.closed);
+    const step = this.step + 1;
+    this.step = step;
+    this.stepDelivered = 0;
+    this.hist = new LatencyHistogram();
+    this.collecting = true;
+    const lateBefore = this.late;
+    const roomSize = {};
+    for (const cl of live) roomSize[cl.room] = (roomSize[cl.room] || 0) + 1;
+
+    const loop = monitorEventLoopDelay({ resolution: 10 });
+    loop.enable();
+    const before = sampleServers(c.pids || []);
+    const cpuBefore = process.cpuUsage();
+    const t0 = performance.now();
+    const durationMs = c.stepSeconds * 1000;
+    let sent = 0;
+    let expected = 0;
+    let cursor = 0;
+    await new Promise((resolve) => {
+      const tick = () => {
+        const now = performance.now();
+        const elapsed = Math.min(now - t0, durationMs);
+        const due = Math.floor((rate * elapsed) / 1000) - sent;
+        for (let i = 0; i < due; i++) {
+          let cl = live[cursor++ % live.length];
+          if (cl.closed) continue;
+          this.proto.send(cl, `${step}:${performance.now()}:${PAD}`);
+          sent++;
+          expected += roomSize[cl.room];
+        }
+        if (now - t0 >= durationMs) resolve(); else setTimeout(tick, 2);
+      };
+      tick();
+    });
+    const sendEnd = performance.now();
+    // Drain: wait (bounded) for everything still in flight.
+    const drainUntil = sendEnd + (c.drainSeconds ?? 2) * 1000;
+    while (this.stepDelivered < expected && performance.now() < drainUntil) {
+      await this.settle(10);
+    }
+    const t1 = performance.now();
+    const after = sampleServers(c.pids || []);
+    const own = process.cpuUsage(cpuBefore);
+    this.collecting = false;
+    loop.disable();
+
+    let ticks = 0;
+    for (const pid of Object.keys(after)) ticks += after[pid].ticks - (before[pid] ? before[pid].ticks : 0);
+    const sendSeconds = (sendEnd - t0) / 1000;
+    const windowSeconds = (t1 - t0) / 1000;
+    const cpuSeconds = ticks / (c.clkTck || 100);
+    const h = this.hist;
+    const result = {
+      rate_target: rate,
+      sent,
+      sent_rate: sent / sendSeconds,
+      expected,
+      delivered: this.stepDelivered,
+      delivered_ratio: expected ? this.stepDelivered / expected : 0,
+      deliveries_per_s: this.stepDelivered / sendSeconds,
+      p50_ms: h.percentile(50),
+      p90_ms: h.percentile(90),
+      p99_ms: h.percentile(99),
+      max_ms: h.max,
+      send_seconds: sendSeconds,
+      window_seconds: windowSeconds,
+      server_cpu_seconds: cpuSeconds,
+      server_cpu_util: cpuSeconds / windowSeconds,
+      deliveries_per_cpu_second: cpuSeconds > 0 ? this.stepDelivered / cpuSeconds : null,
+      loadgen_cpu_util: (own.user + own.system) / 1e6 / windowSeconds,
+      loadgen_loop_delay_p99_ms: loop.percentile(99) / 1e6,
+      late_from_earlier_steps: this.late - lateBefore,
+      connections_live: live.filter((x) => !x.closed).length,
+    };
+    const ok = result.delivered_ratio >= (c.minDelivered ?? 0.99)
+      && result.p99_ms !== null && result.p99_ms < (c.maxP99Ms ?? 200);
+    result.sustained = ok;
+    log(`step ${step} rate ${rate}/s sent ${sent} delivered ${(result.delivered_ratio * 100).toFixed(2)}% `
+      + `${Math.round(result.deliveries_per_s)} deliv/s p50 ${result.p50_ms} p99 ${result.p99_ms} ms `
+      + `server cpu ${(result.server_cpu_util * 100).toFixed(0)}% loadgen cpu ${(result.loadgen_cpu_util * 100).toFixed(0)}%`
+      + `${ok ? '' : ' NOT SUSTAINED'}`);
+    return result;
+  }
+
+  async ladder() {
+    const c = this.cfg;
+    const steps = [];
+    for (const rate of c.rates) {
+      const r = await this.runStep(rate);
+      steps.push(r);
+      if (!r.sustained && c.stopOnFail !== false) break;
+      await this.settle(c.pauseMs ?? 300);
+    }
+    return steps;
+  }
+
+  async idle() {
+    const c = this.cfg;
+    const before = sampleServers(c.pids || []);
+    const connect = await this.connectAll();
+    await this.settle((c.settleSeconds ?? 2) * 1000);
+    const after = sampleServers(c.pids || []);
+    let rssBefore = 0;
+    let rssAfter = 0;
+    const perPid = {};
+    for (const pid of Object.keys(after)) {
+      rssBefore += before[pid] ? before[pid].rssKb : 0;
+      rssAfter += after[pid].rssKb;
+      perPid[pid] = { before_kb: before[pid] ? before[pid].rssKb : 0, after_kb: after[pid].rssKb };
+    }
+    const live = this.clients.filter((x) => x.ready && !x.closed).length;
+    return {
+      connect,
+      connections: live,
+      rss_before_kb: rssBefore,
+      rss_after_kb: rssAfter,
+      rss_per_connection_bytes: live ? ((rssAfter - rssBefore) * 1024) / live : null,
+      per_pid: perPid,
+    };
+  }
+
+  closeAll() {
+    this.shuttingDown = true;
+    for (const cl of this.clients) if (cl.ws) cl.ws.terminate();
+  }
+}
+
+async function main() {
+  const arg = process.argv[2];
+  if (!arg) {
+    process.stderr.write('usage: loadgen.js <json config | config file>\n');
+    process.exit(2);
+  }
+  const cfg = JSON.parse(arg.trim().startsWith('{') ? arg : fs.readFileSync(arg, 'utf8'));
+  const gen = new LoadGen(cfg);
+  const out = { protocol: cfg.protocol, mode: cfg.mode, rooms: cfg.rooms, members: cfg.members };
+  if (cfg.mode === 'idle') {
+    out.idle = await gen.idle();
+  } else {
+    out.connect = await gen.connectAll();
+    if (out.connect.ok === gen.clients.length) {
+      await gen.settle((cfg.settleSeconds ?? 1) * 1000); // let joins/presence finish
+      out.steps = await gen.ladder();
+    } else {
+      out.steps = [];
+    }
+  }
+  out.acks = gen.acks;
+  out.errors = gen.errors.slice(0, 20);
+  out.error_count = gen.errors.length;
+  out.close_codes = gen.closeCodes;
+  gen.closeAll();
+  process.stdout.write(`${JSON.stringify(out)}\n`);
+  setTimeout(() => process.exit(0), 200).unref();
+}
+
+main().catch((e) => {
+  process.stderr.write(`[loadgen] fatal: ${e.stack || e}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,136 @@
+"""What the benchmark runs: workloads, rate ladders, repeats, and how a step is judged.
+
+Pure data and functions (no I/O), shared by ``compare.py`` (which runs them)
+and ``report.py`` (which reads their results back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: A step is sustained when at least this share of expected deliveries
+#: arrived and the 99th percentile latency stayed below this bound.
+MIN_DELIVERED = 0.99
+MAX_P99_MS = 200.0
+
+SINGLE = ("ws-node", "bare-websockets", "python-socketio", "socketio-1", "roomshard-1")
+ALL_TARGETS = (*SINGLE, "socketio-2-redis", "roomshard-2")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    mode: str  # "ladder" or "idle"
+    rooms: int
+    members: int
+    rates: tuple[int, ...] = ()  # published messages per second, summed over all clients
+    reference_rate: int | None = None  # a rate every server sustains: latency is compared there
+    targets: tuple[str, ...] = ALL_TARGETS
+
+    @property
+    def connections(self) -> int:
+        return self.rooms * self.members
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    repeats: int
+    step_seconds: float
+    drain_seconds: float
+    workloads: tuple[Workload, ...]
+
+
+FULL = Profile(
+    name="full",
+    repeats=3,
+    step_seconds=3.0,
+    drain_seconds=2.0,
+    workloads=(
+        # 100 rooms x 20: each publish is 20 deliveries (sender included).
+        Workload("fanout", "ladder", 100, 20,
+                 rates=(250, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000),
+                 reference_rate=500),
+        # 1 room x 1,000: each publish is 1,000 deliveries.
+        Workload("bigroom", "ladder", 1, 1000, rates=(10, 20, 30, 40, 60, 80, 100, 150),
+                 reference_rate=10, targets=SINGLE),
+        # 5,000 idle connections in 250 rooms of 20: RSS per connection.
+        Workload("idle", "idle", 250, 20, targets=SINGLE),
+    ),
+)
+
+QUICK = Profile(
+    name="quick",
+    repeats=1,
+    step_seconds=1.5,
+    drain_seconds=1.0,
+    workloads=(
+        Workload("fanout", "ladder", 100, 20, rates=(250, 500, 1000, 2000, 4000),
+                 reference_rate=500),
+        Workload("bigroom", "ladder", 1, 1000, rates=(10, 20, 40), reference_rate=10,
+                 targets=SINGLE),
+        Workload("idle", "idle", 50, 20, targets=SINGLE),
+    ),
+)
+
+PROFILES = {"full": FULL, "quick": QUICK}
+
+
+def is_sustained(step: dict[str, Any]) -> bool:
+    """>= 99% of the expected deliveries arrived and p99 < 200 ms."""
+    p99 = step.get("p99_ms")
+    return (step.get("delivered_ratio", 0.0) >= MIN_DELIVERED
+            and p99 is not None and p99 < MAX_P99_MS)
+
+
+def max_sustained(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest-rate sustained step (the ladder stops at its first failure)."""
+    best = None
+    for step in steps:
+        if is_sustained(step) and (best is None or step["rate_target"] > best["rate_target"]):
+            best = step
+    return best
+
+
+def ladder_for_repeat(workload: Workload, previous_max: int | None, back: int = 1) -> list[int]:
+    """Rates to climb in a repeat.
+
+    The first repeat climbs the whole ladder. Later ones keep the reference
+    rate (for latency) and restart ``back`` steps below the max the first
+    repeat found, so three repeats fit the time budget without skipping the
+    part of the ladder that decides the result.
+    """
+    rates = list(workload.rates)
+    if previous_max is None or previous_max not in rates:
+        return rates
+    start = max(0, rates.index(previous_max) - back)
+    out = rates[start:]
+    if workload.reference_rate is not None and workload.reference_rate not in out:
+        out.insert(0, workload.reference_rate)
+    return out
+
+
+def loadgen_config(workload: Workload, profile: Profile, protocol: str, *,
+                   targets: Sequence[str], directory: str | None, pids: Sequence[int],
+                   rates: Sequence[int], room_prefix: str, clk_tck: int) -> dict[str, Any]:
+    """The JSON document ``bench/loadgen/loadgen.js`` takes."""
+    return {
+        "protocol": protocol,
+        "mode": workload.mode,
+        "targets": list(targets),
+        "directory": directory,
+        "rooms": workload.rooms,
+        "members": workload.members,
+        "roomPrefix": room_prefix,
+        "rates": list(rates),
+        "stepSeconds": profile.step_seconds,
+        "drainSeconds": profile.drain_seconds,
+        "minDelivered": MIN_DELIVERED,
+        "maxP99Ms": MAX_P99_MS,
+        "pids": list(pids),
+        "clkTck": clk_tck,
+        "connectConcurrency": 50,
+        "settleSeconds": 2 if workload.mode == "idle" else 1,
+    }
