@@ -1,0 +1,348 @@
+"""One TCP connection of the shard: HTTP/1.1 (h11), then a WebSocket.
+
+Why an ``asyncio.Protocol`` and not a framework: a task and an awaited send
+per connection cost ~3x the memory and CPU of the fan-out itself (see
+docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
+
+- incoming bytes go to h11 until the WebSocket handshake, then to the
+  sans-I/O ``websockets.protocol.Protocol`` (masking, fragments, ping/pong,
+  close handshake, max size -> 1009);
+- outgoing frames are appended to :attr:`Connection.pending`; the shard
+  writes every dirty connection's pending frames once per event-loop turn
+  (:meth:`Connection.flush`). A broadcast appends the same ``bytes`` object
+  to every member: no per-recipient encoding.
+
+Backpressure policy (slow consumers): a connection may hold at most
+``send_queue_bytes`` of outgoing data, counting its pending frames plus the
+transport's write buffer. Over that, at flush time, the connection is
+closed with 4009 at once: its pending frames are dropped, the close frame
+is written, the peer is removed from its room, and the socket is aborted
+after :data:`CLOSE_GRACE_S`. A slow client therefore never slows its room
+or makes the shard buffer without bound; it reconnects with ``since``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+from websockets.frames import Opcode
+from websockets.protocol import OPEN, Protocol, Side
+from websockets.utils import accept_key
+
+from roomshard.protocol import CloseCode, ErrorCode
+from shard.frames import FrameRejected, error_frame, parse_client_frame
+from shard.http import MAX_BODY_BYTES, HttpRequest, HttpResponse, error_response
+from shard.ratelimit import TokenBucket, Verdict
+
+if TYPE_CHECKING:
+    from shard.registry import LiveRoom
+    from shard.server import ShardServer
+
+log = logging.getLogger("roomshard.shard.conn")
+# websockets logs every closed connection at INFO; one shared quiet logger.
+_WS_LOGGER = logging.getLogger("roomshard.shard.ws")
+_WS_LOGGER.setLevel(logging.WARNING)
+
+CLOSE_GRACE_S = 2.0  # wait this long for the peer's close frame before aborting
+_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+
+
+class Connection(asyncio.Protocol):
+    """See the module docstring. ``pending``/``pending_bytes`` are the fan-out's fast path."""
+
+    __slots__ = ("server", "transport", "http", "ws", "conn_id", "user", "room", "pending",
+                 "pending_bytes", "bucket", "ping_outstanding", "closed", "eof_after_flush",
+                 "frag", "frag_text", "_body", "_request")
+
+    def __init__(self, server: ShardServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.http: h11.Connection | None = h11.Connection(h11.SERVER)
+        self.ws: Protocol | None = None
+        self.conn_id = 0
+        self.user = ""
+        self.room: LiveRoom | None = None  # set once joined
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.bucket: TokenBucket | None = None
+        self.ping_outstanding = False
+        self.closed = False
+        self.eof_after_flush = False
+        self.frag: list[bytes] | None = None
+        self.frag_text = False
+        self._body: list[bytes] = []
+        self._request: h11.Request | None = None
+
+    # -- asyncio callbacks ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        if ws is not None:
+            ws.receive_data(data)
+            self._after_ws_input()
+        elif self.http is not None:
+            self.http.receive_data(data)
+            self._drive_http()
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._after_ws_input()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.server.forget(self)
+
+    # -- HTTP phase -------------------------------------------------------
+    def _drive_http(self) -> None:
+        http = self.http
+        assert http is not None
+        while not self.closed:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._respond(error_response(400, "bad_request", f"malformed HTTP: {exc}"),
+                              close=True)
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return  # PAUSED: a request is being answered; h11 holds the rest
+            if isinstance(event, h11.Request):
+                self._request = event
+                self._body = []
+            elif isinstance(event, h11.Data):
+                self._body.append(event.data)
+                if sum(map(len, self._body)) > MAX_BODY_BYTES:
+                    self._respond(error_response(413, "too_large", "request body too large"),
+                                  close=True)
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._complete_request()
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self._close_transport()
+                return
+
+    def _complete_request(self) -> None:
+        req = self._request
+        assert req is not None and self.transport is not None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
+        target = req.target.decode("latin-1")
+        split = urlsplit(target)
+        request = HttpRequest(req.method.decode("ascii").upper(), split.path,
+                              dict(parse_qsl(split.query)), headers, b"".join(self._body))
+        self._request, self._body = None, []
+        if "websocket" in headers.get("upgrade", "").lower():
+            self._upgrade(request)
+            return
+        self.transport.pause_reading()  # one request at a time per connection
+        task = asyncio.get_running_loop().create_task(self.server.handle_http(request))
+        task.add_done_callback(self._http_done)
+
+    def _http_done(self, task: asyncio.Task[HttpResponse]) -> None:
+        if self.closed:
+            return
+        if task.cancelled():
+            self._respond(error_response(503, "shutting_down", "the shard is stopping"), close=True)
+            return
+        self._respond(task.result())
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._drive_http()
+
+    def _respond(self, resp: HttpResponse, *, close: bool = False) -> None:
+        http = self.http
+        if http is None or self.transport is None or self.closed:
+            return
+        headers = [("content-type", resp.content_type), ("content-length", str(len(resp.body))),
+                   *resp.headers]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            out = http.send(h11.Response(status_code=resp.status, headers=headers))
+            out += http.send(h11.Data(data=resp.body)) or b""
+            out += http.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            self._close_transport()
+            return
+        self.transport.write(out or b"")
+        if close or http.our_state is h11.MUST_CLOSE:
+            self._close_transport()
+            return
+        if http.our_state is h11.DONE and http.their_state is h11.DONE:
+            http.start_next_cycle()
+        else:
+            self._close_transport()
+
+    # -- WebSocket handshake -------------------------------------------------
+    def _upgrade(self, request: HttpRequest) -> None:
+        http, transport = self.http, self.transport
+        assert http is not None and transport is not None
+        key = request.headers.get("sec-websocket-key", "")
+        if (request.method != "GET" or request.headers.get("sec-websocket-version") != "13"
+                or not key or "upgrade" not in request.headers.get("connection", "").lower()):
+            self._respond(error_response(400, "bad_request",
+                                         "not a valid WebSocket handshake (RFC 6455 4.2.1)"),
+                          close=True)
+            return
+        try:
+            out = http.send(h11.InformationalResponse(status_code=101, headers=[
+                ("upgrade", "websocket"), ("connection", "Upgrade"),
+                ("sec-websocket-accept", accept_key(key))]))
+        except h11.LocalProtocolError:
+            self._respond(error_response(400, "bad_request", "upgrade not possible"), close=True)
+            return
+        transport.write(out or b"")
+        trailing, _ = http.trailing_data
+        self.http = None  # h11's buffers are not kept for the connection's life
+        self.ws = Protocol(Side.SERVER, state=OPEN, max_size=self.server.cfg.max_frame,
+                           logger=_WS_LOGGER)
+        transport.pause_reading()  # until admitted; frames wait in the kernel
+        if trailing:
+            self.ws.receive_data(bytes(trailing))
+        self.server.admit(self, request)
+
+    def joined(self, room: LiveRoom, conn_id: int, user: str, bucket: TokenBucket) -> None:
+        """Called by the server once the room accepted this connection."""
+        self.room, self.conn_id, self.user, self.bucket = room, conn_id, user, bucket
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._after_ws_input()
+
+    # -- WebSocket phase -------------------------------------------------
+    def _after_ws_input(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        if self.room is not None:
+            for frame in ws.events_received():
+                op = frame.opcode
+                if op is _TEXT or op is _BINARY:
+                    if frame.fin:
+                        self._on_message(frame.data, op is _TEXT)
+                    else:
+                        self.frag, self.frag_text = [frame.data], op is _TEXT
+                elif op is _CONT:
+                    if self.frag is not None:
+                        self.frag.append(frame.data)
+                        if frame.fin:
+                            data, self.frag = b"".join(self.frag), None
+                            self._on_message(data, self.frag_text)
+                elif op is _PONG:
+                    self.ping_outstanding = False
+        self._take_ws_output()
+
+    def _take_ws_output(self) -> None:
+        """Queue what the sans-I/O protocol wants to write (pongs, close frames, EOF)."""
+        ws = self.ws
+        assert ws is not None
+        for data in ws.data_to_send():
+            if data:
+                self.queue(data)
+            else:
+                self.eof_after_flush = True
+                self.server.mark_dirty(self)
+        if ws.close_expected() and self.room is not None:
+            self.server.detach(self)
+
+    def _on_message(self, payload: bytes, is_text: bool) -> None:
+        server = self.server
+        stats = server.stats
+        stats.messages_in += 1
+        room = self.room
+        assert room is not None and self.bucket is not None
+        verdict = self.bucket.take(server.monotonic())
+        if verdict is not Verdict.OK:
+            stats.rate_limited += 1
+            if verdict is Verdict.CLOSE:
+                self.close(CloseCode.POLICY, "rate limit exceeded")
+                return
+            try:
+                msg_id = parse_client_frame(payload, is_text=is_text, max_text=1 << 30).id
+            except FrameRejected as exc:
+                msg_id = exc.msg_id
+            self.queue(error_frame(ErrorCode.RATE_LIMITED,
+                                   f"over {server.cfg.rate:g} messages/s", msg_id))
+            return
+        try:
+            send = parse_client_frame(payload, is_text=is_text, max_text=server.cfg.max_text)
+        except FrameRejected as exc:
+            stats.rejected += 1
+            self.queue(exc.frame())
+            return
+        room.send(self, send.id, send.text)
+
+    # -- output -------------------------------------------------------------
+    def queue(self, frame: bytes) -> None:
+        """Append one frame for this connection; written at the end of the loop turn."""
+        if self.closed:
+            return
+        if not self.pending:
+            self.server.mark_dirty(self)
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+
+    def flush(self) -> None:
+        """Write pending frames; enforce the send-queue bound (4009)."""
+        transport = self.transport
+        pending = self.pending
+        if self.closed or transport is None:
+            pending.clear()
+            return
+        if pending:
+            if self.pending_bytes + transport.get_write_buffer_size() > self.server.cfg.send_queue_bytes:
+                self._slow_consumer()
+                return
+            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            pending.clear()
+            self.pending_bytes = 0
+        if self.eof_after_flush:
+            self.eof_after_flush = False
+            transport.close()
+
+    def _slow_consumer(self) -> None:
+        self.server.stats.slow_consumer_closes += 1
+        log.info("closing slow consumer %s in room %s (4009)", self.user,
+                 self.room.name if self.room else "-")
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: send queue overflowed", now=True)
+
+    def close(self, code: int, reason: str = "", *, now: bool = False) -> None:
+        """Start the closing handshake with ``code``; abort after a grace period.
+
+        ``now`` writes the close frame immediately instead of at the end of
+        the turn (used when pending frames were dropped).
+        """
+        ws, transport = self.ws, self.transport
+        if self.closed or ws is None or transport is None:
+            return
+        if ws.state is OPEN:
+            ws.send_close(code, reason)
+            if now:
+                for data in ws.data_to_send():
+                    if data:
+                        transport.write(data)
+            else:
+                self._take_ws_output()
+        self.server.detach(self)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"user": self.user, "pending_bytes": self.pending_bytes}

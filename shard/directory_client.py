@@ -1,0 +1,120 @@
+"""The shard's calls to the directory (docs/INTERNALS.md), over httpx.
+
+The transport is injectable, so tests replace the network with
+``httpx.MockTransport``. Every call carries a fresh cluster token with
+``sub`` = this instance.
+
+Errors::
+
+    DirectoryError            any failed control call
+      DirectoryUnavailable    network error, timeout or 5xx: retry later (close 1013)
+      DirectoryRefused        a 4xx with the directory's error code, e.g.
+                              ``not_owner`` (close 4004) or ``moving`` (1013)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from roomshard.tickets import Signer
+
+REQUEST_TIMEOUT_S = 3.0
+
+
+class DirectoryError(Exception):
+    """A control call to the directory failed."""
+
+
+class DirectoryUnavailable(DirectoryError):
+    """The directory could not be reached or failed (5xx)."""
+
+
+class DirectoryRefused(DirectoryError):
+    """The directory answered with a 4xx and an error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class OpenGrant:
+    """The directory's answer to ``open``: who owns the room and where its seq starts."""
+
+    room: str
+    epoch: int
+    owner_epoch: int
+    seq_base: int
+    lost: bool
+    private: bool
+    members: list[str] | None
+
+
+class DirectoryClient:
+    def __init__(self, base_url: str, instance: str, signer: Signer, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.time,
+                 timeout: float = REQUEST_TIMEOUT_S) -> None:
+        self.instance = instance
+        self._signer = signer
+        self._clock = clock
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), transport=transport,
+                                       timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def heartbeat(self, *, internal_url: str, public_base: str | None,
+                        capacity: int | None, boot_id: str, load: dict[str, Any],
+                        timeout: float | None = None) -> dict[str, Any]:
+        """Register/refresh this instance; raises :class:`DirectoryError`."""
+        body = {"internal_url": internal_url, "public_base": public_base, "capacity": capacity,
+                "boot_id": boot_id, "load": load}
+        return await self._call("PUT", f"/v1/internal/instances/{self.instance}/heartbeat", body,
+                                timeout)
+
+    async def open_room(self, room: str, ticket_epoch: int) -> OpenGrant:
+        """Ask to create ``room`` in memory; raises :class:`DirectoryError`."""
+        data = await self._call("POST", f"/v1/internal/rooms/{room}/open",
+                                {"instance": self.instance, "ticket_epoch": ticket_epoch})
+        try:
+            return OpenGrant(room=data["room"], epoch=int(data["epoch"]),
+                             owner_epoch=int(data["owner_epoch"]), seq_base=int(data["seq_base"]),
+                             lost=bool(data["lost"]), private=bool(data.get("private", False)),
+                             members=data.get("members"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DirectoryUnavailable(f"malformed open answer: {exc}") from exc
+
+    async def leave(self, *, drain: bool, timeout: float | None = None) -> dict[str, Any]:
+        """Tell the directory this instance stops; raises :class:`DirectoryError`."""
+        return await self._call("POST", f"/v1/internal/instances/{self.instance}/leave",
+                                {"drain": drain}, timeout)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any],
+                    timeout: float | None = None) -> dict[str, Any]:
+        token = self._signer.cluster_token(self.instance, now=self._clock())
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        try:
+            resp = await self._http.request(method, path, json=body,
+                                            headers={"Authorization": f"Bearer {token}"}, **extra)
+        except httpx.HTTPError as exc:
+            raise DirectoryUnavailable(f"{method} {path}: {exc!r}") from exc
+        if resp.status_code >= 500:
+            raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code}")
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise DirectoryUnavailable(f"{method} {path}: non-JSON answer") from exc
+        if resp.status_code >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise DirectoryRefused(resp.status_code, str(err.get("code", "unknown")),
+                                   str(err.get("message", "")))
+        if not isinstance(data, dict):
+            raise DirectoryUnavailable(f"{method} {path}: unexpected answer")
+        return data

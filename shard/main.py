@@ -1,0 +1,63 @@
+"""``roomshard shard``: run one shard process until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+
+from roomshard.config import ShardConfig
+from shard.directory_client import DirectoryClient
+from shard.server import ShardServer
+
+log = logging.getLogger("roomshard.shard")
+
+
+def run(cfg: ShardConfig) -> None:
+    """Serve until a signal; exits 2 with one line on a setting we cannot honour."""
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.permessage_deflate:
+        # Broadcast frames are built once and shared by every member; a
+        # per-connection compression context would defeat that. Not offered.
+        print("roomshard: ROOMSHARD_PERMESSAGE_DEFLATE is not supported by the shard "
+              "(broadcast frames are shared uncompressed); unset it", file=sys.stderr)
+        sys.exit(2)
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        print(f"roomshard: shard {cfg.instance} cannot serve: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+async def serve(cfg: ShardConfig) -> None:
+    from roomshard.tickets import Signer
+
+    directory = DirectoryClient(cfg.directory_url, cfg.instance, Signer(cfg.cluster_secrets))
+    server = ShardServer(cfg, directory)
+    install_extensions(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.warning("signal received: stopping shard %s", cfg.instance)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(server.shutdown(), cfg.shutdown_timeout + 1)
+
+
+def install_extensions(server: ShardServer) -> None:
+    """Let optional modules (the live handoff) add routes: ``shard.handoff.install(server)``."""
+    try:
+        handoff = importlib.import_module("shard.handoff")
+    except ModuleNotFoundError as exc:
+        if exc.name != "shard.handoff":
+            raise
+        return
+    install = getattr(handoff, "install", None)
+    if install is not None:
+        install(server)

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one shard, read from plain counters at scrape time.
+
+The hot path only bumps ints on :class:`Stats` (a prometheus ``Counter.inc``
+takes a lock, too costly once per delivery); a custom collector on a
+per-server registry turns them into metrics when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from shard.server import ShardServer
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(slots=True)
+class Stats:
+    messages_in: int = 0  # data frames received from clients
+    messages_out: int = 0  # messages sequenced and broadcast
+    deliveries: int = 0  # frames appended for recipients by broadcasts
+    rejected: int = 0  # frames answered with bad_request / too_long
+    rate_limited: int = 0
+    slow_consumer_closes: int = 0
+    ping_timeouts: int = 0
+    refused: dict[int, int] = field(default_factory=dict)  # close code -> count
+
+
+class _ShardCollector(Collector):
+    def __init__(self, server: ShardServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.server
+        st = s.stats
+        inst = s.cfg.instance
+        joined = sum(len(lr.conns) for lr in s.registry.rooms.values())
+        yield _gauge("roomshard_shard_connections", "WebSocket connections joined to a room", inst, joined)
+        yield _gauge("roomshard_shard_sockets", "WebSocket connections incl. not yet admitted", inst,
+                     len(s.ws_conns))
+        yield _gauge("roomshard_shard_rooms", "rooms in memory", inst, len(s.registry))
+        yield _gauge("roomshard_shard_ready", "1 when registered and holding a lease", inst,
+                     1 if s.ready() else 0)
+        depth = sum(c.pending_bytes + (c.transport.get_write_buffer_size() if c.transport else 0)
+                    for c in s.ws_conns if not c.closed)
+        yield _gauge("roomshard_shard_send_queue_bytes", "bytes waiting to be written to clients",
+                     inst, depth)
+        for name, doc, value in (
+            ("messages_in", "data frames received from clients", st.messages_in),
+            ("messages_out", "messages sequenced and broadcast", st.messages_out),
+            ("deliveries", "message/presence frames queued for recipients", st.deliveries),
+            ("frames_rejected", "frames refused with bad_request or too_long", st.rejected),
+            ("rate_limit_hits", "frames refused with rate_limited", st.rate_limited),
+            ("slow_consumer_closes", "connections closed with 4009", st.slow_consumer_closes),
+            ("ping_timeouts", "connections closed for not answering a ping", st.ping_timeouts),
+        ):
+            c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
+            c.add_metric([inst], value)
+            yield c
+        refused = CounterMetricFamily("roomshard_shard_refused", "admissions refused, by close code",
+                                      labels=["instance", "code"])
+        for code, n in sorted(st.refused.items()):
+            refused.add_metric([inst, str(int(code))], n)
+        yield refused
+
+
+def _gauge(name: str, doc: str, instance: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=["instance"])
+    g.add_metric([instance], value)
+    return g
+
+
+class ShardMetrics:
+    def __init__(self, server: ShardServer) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ShardCollector(server))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

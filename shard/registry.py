@@ -1,0 +1,191 @@
+"""The rooms this shard holds in memory, and the live side of one room.
+
+:class:`LiveRoom` pairs a pure :class:`shard.room.Room` with the connections
+that are in it and does the fan-out: the room builds a frame once and
+:meth:`LiveRoom.broadcast` appends that same ``bytes`` object to every
+member's pending list (written once per loop turn by the server).
+
+:class:`RoomRegistry` is the one place rooms enter and leave memory:
+``get`` / ``open`` (asks the directory once; concurrent joiners of one room
+share that call) / ``adopt`` (a room rebuilt from a handoff snapshot) /
+``close_room`` and ``close_all`` (close the members with a code, drop the
+room) / ``evict_idle`` (rooms empty for longer than the linger). The live
+handoff (``shard/handoff.py``) works through these and
+:meth:`LiveRoom.freeze` / :meth:`LiveRoom.thaw`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from shard.directory_client import DirectoryClient
+from shard.ratelimit import TokenBucket
+from shard.room import Room
+
+if TYPE_CHECKING:
+    from shard.connection import Connection
+    from shard.server import ShardServer
+
+log = logging.getLogger("roomshard.shard.rooms")
+
+
+class LiveRoom:
+    __slots__ = ("name", "room", "conns", "server", "frozen", "messages", "messages_per_s",
+                 "_last_count")
+
+    def __init__(self, room: Room, server: ShardServer) -> None:
+        self.name = room.name
+        self.room = room
+        self.conns: dict[int, Connection] = {}
+        self.server = server
+        self.frozen = False  # mid-move: joins refused (1013), members' reading paused
+        self.messages = 0
+        self.messages_per_s = 0.0
+        self._last_count = 0
+
+    def join(self, conn: Connection, conn_id: int, user: str, since: int | None) -> None:
+        """Add an admitted connection: welcome (+ replay) to it, presence to the others."""
+        server = self.server
+        out = self.room.join(conn_id, user, server.clock(), since)
+        if out.presence is not None:
+            self.broadcast(out.presence)
+        self.conns[conn_id] = conn
+        conn.queue(out.welcome)
+        for frame in out.replay:
+            conn.queue(frame)
+        cfg = server.cfg
+        conn.joined(self, conn_id, user, TokenBucket(cfg.rate, cfg.rate_burst, server.monotonic()))
+        if self.frozen and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def leave(self, conn: Connection) -> None:
+        if self.conns.pop(conn.conn_id, None) is None:
+            return
+        presence = self.room.leave(conn.conn_id, self.server.clock())
+        if presence is not None:
+            self.broadcast(presence)
+
+    def send(self, conn: Connection, msg_id: str, text: str) -> None:
+        """Sequence a client's message, fan it out, ack the sender."""
+        out = self.room.send(conn.user, msg_id, text, self.server.clock())
+        if out.broadcast is not None:
+            self.messages += 1
+            self.server.stats.messages_out += 1
+            self.broadcast(out.broadcast)
+        conn.queue(out.ack)
+
+    def broadcast(self, frame: bytes) -> None:
+        """Append one pre-built frame to every member: no per-recipient encoding or await."""
+        n = len(frame)
+        server = self.server
+        dirty = server.dirty
+        for c in self.conns.values():
+            p = c.pending
+            if not p:
+                dirty.append(c)
+            p.append(frame)
+            c.pending_bytes += n
+        server.stats.deliveries += len(self.conns)
+        server.schedule_flush()
+
+    def close_all(self, code: int, reason: str) -> int:
+        """Close every member with ``code``; returns how many were closed."""
+        conns = list(self.conns.values())
+        for c in conns:
+            c.close(code, reason)
+        return len(conns)
+
+    def freeze(self) -> None:
+        """Stop reading members' frames (TCP holds them) and refuse joins with 1013."""
+        self.frozen = True
+        for c in self.conns.values():
+            if c.transport is not None and not c.closed:
+                c.transport.pause_reading()
+
+    def thaw(self) -> None:
+        self.frozen = False
+        for c in self.conns.values():
+            if c.transport is not None and not c.closed:
+                c.transport.resume_reading()
+
+    def update_rate(self, elapsed: float) -> None:
+        if elapsed > 0:
+            self.messages_per_s = (self.messages - self._last_count) / elapsed
+            self._last_count = self.messages
+
+    def load(self) -> dict[str, Any]:
+        return {"connections": len(self.conns), "members": len(self.room.users),
+                "seq": self.room.seq, "epoch": self.room.epoch,
+                "messages_per_s": round(self.messages_per_s, 2)}
+
+
+class RoomRegistry:
+    def __init__(self, server: ShardServer, directory: DirectoryClient) -> None:
+        self.server = server
+        self.directory = directory
+        self.rooms: dict[str, LiveRoom] = {}
+        self._opening: dict[str, asyncio.Task[LiveRoom]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rooms)
+
+    def get(self, name: str) -> LiveRoom | None:
+        return self.rooms.get(name)
+
+    async def open(self, name: str, ticket_epoch: int) -> LiveRoom:
+        """Load ``name`` after asking the directory; raises ``DirectoryError``.
+
+        Concurrent callers for one room share the first caller's directory call.
+        """
+        task = self._opening.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open(name, ticket_epoch))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+            self._opening[name] = task
+        return await asyncio.shield(task)
+
+    async def _open(self, name: str, ticket_epoch: int) -> LiveRoom:
+        try:
+            grant = await self.directory.open_room(name, ticket_epoch)
+        finally:
+            self._opening.pop(name, None)
+        cfg = self.server.cfg
+        room = Room(name=name, instance=cfg.instance, epoch=grant.epoch, seq_base=grant.seq_base,
+                    lost=grant.lost, owner_epoch=grant.owner_epoch, history_limit=cfg.history,
+                    idempotency_window=cfg.idempotency_window, private=grant.private,
+                    allowed=frozenset(grant.members) if grant.members is not None else None)
+        log.info("opened room %s epoch %d seq_base %d%s", name, grant.epoch, grant.seq_base,
+                 " (state lost)" if grant.lost else "")
+        return self.adopt(room)
+
+    def adopt(self, room: Room) -> LiveRoom:
+        """Install ``room`` (new, or rebuilt from a snapshot); replaces a stale copy."""
+        old = self.rooms.get(room.name)
+        if old is not None:
+            self.close_room(room.name, 1001, "room state replaced")
+        room.empty_since = self.server.clock()
+        live = LiveRoom(room, self.server)
+        self.rooms[room.name] = live
+        return live
+
+    def close_room(self, name: str, code: int, reason: str) -> int:
+        """Close the room's members with ``code`` and drop it from memory."""
+        live = self.rooms.pop(name, None)
+        return live.close_all(code, reason) if live is not None else 0
+
+    def close_all(self, code: int, reason: str) -> int:
+        return sum(self.close_room(name, code, reason) for name in list(self.rooms))
+
+    def evict(self, name: str) -> None:
+        """Forget an empty room (its next open gets a new epoch from the directory)."""
+        live = self.rooms.get(name)
+        if live is not None and not live.conns:
+            del self.rooms[name]
+            log.info("evicted idle room %s at seq %d", name, live.room.seq)
+
+    def evict_idle(self, now: float, linger: float) -> None:
+        for name in [n for n, lr in self.rooms.items()
+                     if not lr.conns and not lr.frozen and lr.room.evictable(now, linger)]:
+            self.evict(name)

@@ -1,0 +1,107 @@
+"""The shard's plain HTTP routes: health, readiness, metrics, internal control.
+
+Internal routes (docs/INTERNALS.md) need a cluster token whose ``sub`` is
+``"directory"``: 401 without a valid one, 403 for another subject. Checks
+run in the contract's order: credentials, input, then the room.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from roomshard.protocol import CloseCode, valid_room_id, valid_user_id
+from roomshard.tickets import TicketError
+from shard.http import HttpError, HttpRequest, HttpResponse, error_response, json_response
+from shard.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from shard.server import ShardServer
+
+
+def install(server: ShardServer) -> None:
+    """Register the shard's own routes on ``server.router``."""
+    r = server.router
+
+    async def healthz(req: HttpRequest) -> HttpResponse:
+        return json_response({"status": "ok", "instance": server.cfg.instance})
+
+    async def readyz(req: HttpRequest) -> HttpResponse:
+        if server.ready():
+            return json_response({"status": "ready", "instance": server.cfg.instance})
+        why = ("stopping" if server.stopping else "lease lost" if server.fenced
+               else "not registered with the directory" if not server.registered else "lease expired")
+        return error_response(503, "not_ready", f"shard {server.cfg.instance} not ready: {why}",
+                              [("retry-after", "1")])
+
+    async def metrics(req: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, server.metrics.render(), CONTENT_TYPE)
+
+    async def list_rooms(req: HttpRequest) -> HttpResponse:
+        require_directory(server, req)
+        return json_response({"rooms": {n: lr.load() for n, lr in server.registry.rooms.items()}})
+
+    async def get_room(req: HttpRequest) -> HttpResponse:
+        require_directory(server, req)
+        name = room_param(req)
+        live = server.registry.get(name)
+        if live is None:
+            raise HttpError(404, "room_not_loaded", f"room {name} is not in memory on this shard")
+        return json_response({"room": name, **live.load()})
+
+    async def set_access(req: HttpRequest) -> HttpResponse:
+        require_directory(server, req)
+        name = room_param(req)
+        private, members = parse_access(req.json())
+        live = server.registry.get(name)
+        if live is None:
+            return json_response({"room": name, "closed": 0})
+        live.room.private = private
+        live.room.allowed = frozenset(members) if members is not None else None
+        gone = [c for c in live.conns.values() if not live.room.may_join(c.user)]
+        for conn in gone:
+            conn.close(CloseCode.TICKET_MISMATCH, "no longer a member of this room")
+        return json_response({"room": name, "closed": len(gone)})
+
+    r.add("GET", "/healthz", healthz)
+    r.add("GET", "/readyz", readyz)
+    r.add("GET", "/metrics", metrics)
+    r.add("GET", "/internal/rooms", list_rooms)
+    r.add("GET", "/internal/rooms/{room}", get_room)
+    r.add("POST", "/internal/rooms/{room}/access", set_access)
+
+
+def require_directory(server: ShardServer, req: HttpRequest) -> None:
+    """Raise 401/403 unless the caller holds the directory's cluster token."""
+    token = req.bearer()
+    if token is None:
+        raise HttpError(401, "unauthorized", "missing cluster token")
+    try:
+        subject = server.signer.verify_cluster_token(token, now=server.clock())
+    except TicketError as exc:
+        raise HttpError(401, "unauthorized", f"invalid cluster token: {exc}") from None
+    if subject != "directory":
+        raise HttpError(403, "forbidden", "only the directory may call this route")
+
+
+def room_param(req: HttpRequest) -> str:
+    name = req.params["room"]
+    if not valid_room_id(name):
+        raise HttpError(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+    return name
+
+
+def parse_access(body: Any) -> tuple[bool, list[str] | None]:
+    """Validate ``{"private": bool, "members": [user, ...] | null}``; raises HttpError 400."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "body must be a JSON object")
+    unknown = set(body) - {"private", "members"}
+    if unknown:
+        raise HttpError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    private = body.get("private", False)
+    if not isinstance(private, bool):
+        raise HttpError(400, "bad_request", "private must be a boolean")
+    members = body.get("members")
+    if members is not None and (not isinstance(members, list)
+                                or not all(isinstance(m, str) and valid_user_id(m) for m in members)):
+        raise HttpError(400, "bad_request", "members must be a list of user ids")
+    return private, members

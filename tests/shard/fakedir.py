@@ -1,0 +1,93 @@
+"""An in-process directory double for the shard's control calls (httpx MockTransport).
+
+It implements just heartbeat, open and leave with the semantics of
+docs/INTERNALS.md, and issues tickets like the directory does. The
+end-to-end tests use the real ``roomshard directory``; this double lets the
+in-process tests drive lease loss, ``moving`` and stale epochs directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from roomshard.protocol import seq_base_for_lost_state
+from roomshard.tickets import Signer
+
+SECRET = "test-cluster-secret"
+
+
+@dataclass
+class RoomRecord:
+    instance: str
+    epoch: int = 1
+    owner_epoch: int = 1
+    opened_epoch: int | None = None
+    state: str = "active"
+    private: bool = False
+    members: list[str] | None = None
+
+
+@dataclass
+class FakeDirectory:
+    signer: Signer = field(default_factory=lambda: Signer([SECRET]))
+    rooms: dict[str, RoomRecord] = field(default_factory=dict)
+    heartbeats: list[dict] = field(default_factory=list)
+    leaves: list[dict] = field(default_factory=list)
+    opens: list[str] = field(default_factory=list)
+    reachable: bool = True
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if not self.reachable:
+            raise httpx.ConnectError("directory unreachable (test)", request=request)
+        auth = request.headers.get("authorization", "").removeprefix("Bearer ")
+        subject = self.signer.verify_cluster_token(auth, now=time.time())
+        body = json.loads(request.content or b"null")
+        parts = request.url.path.strip("/").split("/")
+        if parts[:3] == ["v1", "internal", "instances"] and parts[4] == "heartbeat":
+            assert subject == parts[3]
+            self.heartbeats.append(body)
+            return httpx.Response(200, json={"instance": {"id": parts[3]}, "down_after": 10})
+        if parts[:3] == ["v1", "internal", "instances"] and parts[4] == "leave":
+            self.leaves.append(body)
+            return httpx.Response(200, json={"moves": []})
+        if parts[:3] == ["v1", "internal", "rooms"] and parts[4] == "open":
+            return self._open(parts[3], body)
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "no route"}})
+
+    def _open(self, name: str, body: dict) -> httpx.Response:
+        self.opens.append(name)
+        rec = self.rooms.setdefault(name, RoomRecord(instance=body["instance"]))
+        if rec.state == "moving":
+            return httpx.Response(409, json={"error": {"code": "moving", "message": "moving"}})
+        if rec.instance != body["instance"] or body["ticket_epoch"] < rec.owner_epoch:
+            return httpx.Response(409, json={"error": {"code": "not_owner", "message": "no"}})
+        lost = False
+        seq_base = 0
+        if rec.opened_epoch is None:
+            rec.opened_epoch = rec.epoch
+        elif rec.opened_epoch == rec.epoch:
+            rec.epoch += 1
+            rec.opened_epoch = rec.epoch
+            lost, seq_base = True, seq_base_for_lost_state(rec.epoch)
+        else:
+            rec.opened_epoch = rec.epoch
+            lost, seq_base = True, seq_base_for_lost_state(rec.epoch)
+        return httpx.Response(200, json={
+            "room": name, "instance": rec.instance, "epoch": rec.epoch,
+            "owner_epoch": rec.owner_epoch, "seq_base": seq_base, "lost": lost,
+            "private": rec.private, "members": rec.members})
+
+    def ticket(self, room: str, user: str, *, instance: str = "i1", epoch: int | None = None,
+               ttl: float = 60, now: float | None = None) -> str:
+        rec = self.rooms.setdefault(room, RoomRecord(instance=instance))
+        t = self.signer.issue_ticket(room=room, instance=instance,
+                                     epoch=rec.epoch if epoch is None else epoch, user=user,
+                                     ttl=ttl, now=time.time() if now is None else now)
+        return self.signer.encode_ticket(t)

@@ -1,0 +1,157 @@
+"""The shard server in-process with real WebSocket clients and the directory double."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.shard.conftest import close_code, recv_json, recv_until
+from tests.support.timing import await_until, t
+
+
+async def test_welcome_presence_and_broadcast(shard):
+    """Welcome lists members; presence join/leave; every member gets the message, sender an ack."""
+    a, wa = await shard.join("lobby", "alice")
+    assert wa == {"type": "welcome", "room": "lobby", "instance": "i1", "epoch": 1,
+                  "user": "alice", "seq": 0, "members": ["alice"]}
+    b, wb = await shard.join("lobby", "bob")
+    assert wb["members"] == ["alice", "bob"]
+    assert await recv_json(a) == {"type": "presence", "event": "join", "user": "bob"}
+    await b.send('{"type": "send", "id": "m1", "text": "hello"}')
+    for ws in (a, b):
+        msg = await recv_json(ws)
+        assert {k: msg[k] for k in ("type", "seq", "id", "user", "text")} == {
+            "type": "message", "seq": 1, "id": "m1", "user": "bob", "text": "hello"}
+        assert isinstance(msg["ts"], float)
+    assert await recv_json(b) == {"type": "ack", "id": "m1", "seq": 1}
+    await b.close()
+    assert await recv_json(a) == {"type": "presence", "event": "leave", "user": "bob"}
+    await a.close()
+
+
+async def test_lease_loss_closes_rooms_with_1001_and_refuses_with_1013(shard):
+    """Without heartbeat acks for the lease, clients are closed 1001 and joins get 1013."""
+    a, _ = await shard.join("r", "alice")
+    shard.fake.reachable = False
+    assert await close_code(a, timeout=10) == 1001
+    assert not shard.server.ready() and len(shard.server.registry) == 0
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{shard.server.url}/readyz")).status_code == 503
+    ws = await connect(shard.url("r", "bob"))
+    assert await close_code(ws) == 1013
+    shard.fake.reachable = True
+    await await_until(shard.server.ready, 5, "the lease to come back")
+    again, welcome = await shard.join("r", "carol")
+    assert welcome["type"] == "welcome"
+    await again.close()
+
+
+async def test_moving_room_refused_1013_and_not_owner_4004(shard):
+    """The directory's 'moving' answer closes 1013, 'not_owner' closes 4004."""
+    shard.fake.ticket("mv", "x")
+    shard.fake.rooms["mv"].state = "moving"
+    assert await close_code(await connect(shard.url("mv", "alice"))) == 1013
+    shard.fake.ticket("gone", "x")
+    shard.fake.rooms["gone"].instance = "i2"
+    assert await close_code(await connect(shard.url("gone", "alice"))) == 4004
+
+
+async def test_newer_ticket_epoch_replaces_stale_room(shard):
+    """A ticket with a newer epoch closes the stale copy's clients with 1001 and reopens."""
+    a, wa = await shard.join("st", "alice")
+    rec = shard.fake.rooms["st"]
+    rec.epoch = rec.owner_epoch = 5  # the room went away and came back
+    b, wb = await shard.join("st", "bob")
+    assert await close_code(a) == 1001
+    assert wb["epoch"] == 5 and wb["members"] == ["bob"]
+    await b.close()
+
+
+async def test_stale_ticket_epoch_is_4004(shard):
+    """A ticket older than the room's owner_epoch is a stale route: 4004."""
+    a, _ = await shard.join("old", "alice")
+    room = shard.server.registry.get("old").room
+    room.epoch = room.owner_epoch = 3  # it was moved here at epoch 3
+    assert await close_code(await connect(shard.url("old", "bob", epoch=2))) == 4004
+    await a.close()
+
+
+async def test_concurrent_joiners_share_one_open(shard):
+    """Ten clients joining a cold room cause one directory open."""
+    joined = await asyncio.gather(*(shard.join("cold", f"u{i}") for i in range(10)))
+    assert shard.fake.opens.count("cold") == 1
+    assert {w["type"] for _, w in joined} == {"welcome"}
+    for ws, _ in joined:
+        await ws.close()
+
+
+@pytest.mark.parametrize("shard_overrides", [{"room_linger": 0.2}])
+async def test_idle_room_is_evicted_and_reopens_with_new_epoch(shard):
+    """After the linger a room leaves memory; the next open gets a lost-state epoch."""
+    a, _ = await shard.join("ev", "alice")
+    await a.send('{"type":"send","id":"1","text":"x"}')
+    await recv_until(a, "ack")
+    await a.close()
+    await await_until(lambda: shard.server.registry.get("ev") is None, 10, "eviction")
+    b, wb = await shard.join("ev", "bob", since=1)
+    assert wb["epoch"] == 2 and wb["seq"] == 2 << 32 and wb["recovered"] is False
+    await b.close()
+
+
+@pytest.mark.parametrize("shard_overrides", [{"ping_interval": 0.2, "ping_timeout": 0.3}])
+async def test_dead_peer_is_closed_after_ping_timeout(shard):
+    """A client that never answers pings is dropped; one that answers stays."""
+    alive, _ = await shard.join("p", "alive")
+    dead = await connect(shard.url("p", "dead"), ping_interval=None)
+    await recv_json(dead)
+    # Stop the dead client's transport from reading: its pongs never come.
+    dead.transport.pause_reading()
+    await await_until(lambda: shard.server.stats.ping_timeouts >= 1, 10, "a ping timeout")
+    assert len(shard.server.registry.get("p").conns) == 1
+    await alive.send('{"type":"send","id":"k","text":"still here"}')
+    assert (await recv_until(alive, "ack"))["seq"] == 1
+    await alive.close()
+    dead.transport.abort()
+
+
+async def test_http_routes_and_internal_auth(shard):
+    """healthz/readyz/metrics answer; internal routes need the directory's cluster token."""
+    s = shard.server
+    ws, _ = await shard.join("api", "alice")
+    token = s.signer.cluster_token("directory", now=s.clock())
+    shard_token = s.signer.cluster_token("i1", now=s.clock())
+    async with httpx.AsyncClient(base_url=s.url) as http:
+        assert (await http.get("/healthz")).json()["status"] == "ok"
+        assert (await http.get("/readyz")).status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert 'roomshard_shard_connections{instance="i1"} 1.0' in metrics
+        r = await http.get("/internal/rooms")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = await http.get("/internal/rooms", headers={"authorization": f"Bearer {shard_token}"})
+        assert r.status_code == 403
+        auth = {"authorization": f"Bearer {token}"}
+        rooms = (await http.get("/internal/rooms", headers=auth)).json()["rooms"]
+        assert rooms["api"]["connections"] == 1 and rooms["api"]["members"] == 1
+        r = await http.get("/internal/rooms/nope", headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "room_not_loaded"
+        r = await http.get("/internal/rooms/bad%20id", headers=auth)
+        assert r.status_code == 400
+        r = await http.post("/internal/rooms/api/access", headers=auth, content=b"{nope")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+        r = await http.post("/internal/rooms/api/access", headers=auth, json={"privat": True})
+        assert r.status_code == 400
+        r = await http.get("/no/such/route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = await http.post("/healthz")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        r = await http.get("/i1/room/api")  # a room path without the upgrade
+        assert r.status_code == 404
+        r = await http.post("/internal/rooms/api/access", headers=auth,
+                            json={"private": True, "members": ["bob"]})
+        assert r.json() == {"room": "api", "closed": 1}
+    assert await close_code(ws) == 4003
+    # A ticket issued before the change does not get back in.
+    assert await close_code(await connect(shard.url("api", "alice"))) == 4003
