@@ -325,6 +325,8 @@ class Connection(asyncio.Protocol):
         ws, transport = self.ws, self.transport
         if self.closed or ws is None or transport is None:
             return
+        if not transport.is_reading():
+            transport.resume_reading()  # to read the peer's close frame
         if ws.state is OPEN:
             ws.send_close(code, reason)
             if now:
