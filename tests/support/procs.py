@@ -68,8 +68,9 @@ class Procs:
         log = self.dir / f"{name}.log"
         argv = [sys.executable, "-m", "roomshard", *args, "--ready-file", str(ready)]
         full_env = {**self.base_env, **(env or {})}
-        popen = subprocess.Popen(argv, env=full_env, stdout=log.open("wb"),
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(argv, env=full_env, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         proc = Proc(name, popen, "", log, ready, argv, full_env)
         self.procs.append(proc)
 
