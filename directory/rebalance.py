@@ -23,11 +23,10 @@ that fits), preferring the smaller room on ties. V strictly decreases, so the
 loop ends; it also stops at ``max_moves`` or when no violator can be helped.
 A moved room never moves again in the same plan.
 
-Lower bound: each overloaded instance must lose at least as many rooms as
-its largest rooms needed to cover its excess, and each underloaded one must
-gain at least as many as the cluster's largest rooms needed to cover its
-deficit; moves are disjoint per instance on each side, so the plan needs at
-least ``max(sum over overloaded, sum over underloaded)`` moves.
+Lower bound (:func:`lower_bound`): moves are counted per instance on each
+side, and no instance can give away more than its slack net (rooms it
+receives back cost moves too), so covering the total deficit or excess takes
+at least as many moves as the bounds there compute.
 
 Cost: O(R log R) to sort, then O(I log R) per move (I instances, R rooms).
 """
@@ -153,26 +152,62 @@ def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, An
 
 def lower_bound(weights: Mapping[str, list[float]], load: Mapping[str, float],
                 lo: Mapping[str, float], hi: Mapping[str, float]) -> int:
-    """A number of moves no plan can beat (see the module doc); weights sorted ascending."""
+    """A number of moves no plan can beat (see the module doc); weights sorted ascending.
+
+    The largest of three valid bounds: (1) each overloaded instance loses at
+    least the count of its largest rooms covering its excess; (2) each
+    underloaded one gains at least the count of the cluster's largest rooms
+    covering its deficit; (3) the total deficit D must leave the other
+    instances, and an instance h can give away at most its slack
+    ``load_h - lo_h`` net, however it is refilled, so its k-th room adds at
+    most ``min(slack, top k) - min(slack, top k-1)`` -- the fewest such
+    contributions covering D; and symmetrically for the total excess against
+    the headroom ``hi - load`` of the others.
+    """
     out_moves = 0
     for i, ws in weights.items():
         excess = load[i] - hi[i]
         if excess > _EPS:
-            acc, n = 0.0, 0
-            for w in reversed(ws):
-                acc += w
-                n += 1
-                if acc >= excess - _EPS:
-                    break
-            out_moves += n
-    deficits = [lo[i] - load[i] for i in load if lo[i] - load[i] > _EPS]
-    in_moves = 0
-    if deficits:
-        biggest = sorted((w for ws in weights.values() for w in ws), reverse=True)
-        prefix = list(accumulate(biggest))
-        for d in deficits:
-            in_moves += min(bisect.bisect_left(prefix, d - _EPS) + 1, len(prefix))
-    return max(out_moves, in_moves)
+            out_moves += _cover_count([list(reversed(ws))], [float("inf")], excess)
+    deficits = {i: lo[i] - load[i] for i in load if lo[i] - load[i] > _EPS}
+    excesses = {i: load[i] - hi[i] for i in load if load[i] - hi[i] > _EPS}
+    if not deficits and not excesses:
+        return out_moves
+    biggest = sorted((w for ws in weights.values() for w in ws), reverse=True)
+    in_moves = sum(_cover_count([biggest], [float("inf")], d) for d in deficits.values())
+    donors = [i for i in load if i not in deficits and load[i] - lo[i] > _EPS]
+    by_slack = _cover_count([list(reversed(weights[i])) for i in donors],
+                            [load[i] - lo[i] for i in donors], sum(deficits.values()))
+    takers = [i for i in load if i not in excesses and hi[i] - load[i] > _EPS]
+    by_room = _cover_count([biggest] * len(takers), [hi[i] - load[i] for i in takers],
+                           sum(excesses.values()))
+    return max(out_moves, in_moves, by_slack, by_room)
+
+
+def _cover_count(rooms_desc: list[list[float]], caps: list[float], need: float) -> int:
+    """Fewest picks covering ``need`` when source k's j-th room adds
+    ``min(cap_k, top j) - min(cap_k, top j-1)`` (concave per source, so greedy is exact).
+
+    When even every room cannot cover ``need``, returns the picks that help.
+    """
+    if need <= _EPS:
+        return 0
+    heap: list[tuple[float, int, int, float]] = []  # (-gain, source, next index, taken so far)
+    for k, ws in enumerate(rooms_desc):
+        if ws and caps[k] > _EPS:
+            heap.append((-min(caps[k], ws[0]), k, 1, 0.0))
+    heapq.heapify(heap)
+    count, covered = 0, 0.0
+    while heap and covered < need - _EPS:
+        neg, k, j, taken = heapq.heappop(heap)
+        covered -= neg
+        count += 1
+        taken -= neg
+        ws = rooms_desc[k]
+        if j < len(ws) and taken < caps[k] - _EPS:
+            gain = min(caps[k] - taken, ws[j])
+            heapq.heappush(heap, (-gain, k, j + 1, taken))
+    return count
 
 
 def plan_drain(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]],
