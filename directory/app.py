@@ -7,6 +7,7 @@ apps can live in one test process.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
 
+_MANGLED_CONNECT = re.compile(r"^/v1(/rooms)?/*connect/*$")
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -65,6 +67,10 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         metrics.observe("unmatched", exc.status_code, 0.0)
+        if exc.status_code == 404 and _MANGLED_CONNECT.match(request.url.path):
+            # "/v1/rooms/../connect" arrives as "/v1/connect" once a client
+            # normalises dot segments: it is a bad room id, not a missing route.
+            return error_response(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         response = error_response(exc.status_code, code, str(exc.detail) or code)
         if exc.headers:

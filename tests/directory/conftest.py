@@ -1,0 +1,107 @@
+"""Directory test fixtures: a database per test (SQLite file or PostgreSQL) and in-process apps."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from roomshard.config import DirectoryConfig
+from roomshard.tickets import Signer
+from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET
+
+from directory.app import create_app
+
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    """A settable clock: tests move time instead of sleeping."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh empty database: an SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'directory.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def make_cfg(db_url: str, **overrides: Any) -> DirectoryConfig:
+    base = dict(database_url=db_url, admin_token=TEST_ADMIN_TOKEN, auth="open",
+                cluster_secret=TEST_CLUSTER_SECRET, down_after=10.0)
+    base.update(overrides)
+    return DirectoryConfig(**base)
+
+
+def cluster_headers(subject: str, now: float = T0) -> dict[str, str]:
+    token = Signer([TEST_CLUSTER_SECRET]).cluster_token(subject, now=now)
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclasses.dataclass
+class Harness:
+    """One in-process directory app and an httpx client to it."""
+
+    client: httpx.AsyncClient
+    clock: Clock
+    cfg: DirectoryConfig
+    app: Any
+
+    async def put_instance(self, iid: str, url: str | None = None, **body: Any) -> dict[str, Any]:
+        body.setdefault("internal_url", url or f"http://shard-{iid}.test")
+        r = await self.client.put(f"/v1/admin/instances/{iid}", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    async def heartbeat(self, iid: str, *, boot_id: str = "boot-1", url: str | None = None,
+                        **extra: Any) -> httpx.Response:
+        body = {"internal_url": url or f"http://shard-{iid}.test", "boot_id": boot_id, **extra}
+        return await self.client.put(f"/v1/internal/instances/{iid}/heartbeat", json=body,
+                                     headers=cluster_headers(iid, self.clock.now))
+
+    async def connect(self, room: str, user: str = "alice", **kw: Any) -> httpx.Response:
+        return await self.client.post(f"/v1/rooms/{room}/connect", json={"user": user}, **kw)
+
+
+@asynccontextmanager
+async def running(cfg: DirectoryConfig, clock: Clock | None = None,
+                  shard_transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Harness]:
+    clock = clock or Clock()
+    app = create_app(cfg, clock=clock, shard_transport=shard_transport)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://directory.test") as c:
+            yield Harness(c, clock, cfg, app)
+
+
+@pytest.fixture
+def harness_factory(db_url: str) -> Callable[..., Any]:
+    """``async with harness_factory(**cfg_overrides) as h`` runs an app on this test's database."""
+
+    def factory(clock: Clock | None = None, shard_transport: Any = None, **overrides: Any) -> Any:
+        return running(make_cfg(db_url, **overrides), clock, shard_transport)
+
+    return factory
+
+
+@pytest.fixture
+async def h(harness_factory: Callable[..., Any]) -> AsyncIterator[Harness]:
+    """A running directory app (open auth, fake clock) on this test's database."""
+    async with harness_factory() as harness:
+        yield harness

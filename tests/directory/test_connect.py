@@ -1,0 +1,137 @@
+"""Client connect: placement, re-placement, tickets, private rooms, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from roomshard.tickets import Signer
+from tests.support.procs import TEST_CLUSTER_SECRET
+
+from directory.schemas import ConnectResponse
+from tests.directory.conftest import ADMIN, Harness
+
+
+def ticket_of(body: dict[str, Any], now: float) -> Any:
+    token = body["url"].split("?ticket=", 1)[1]
+    return Signer([TEST_CLUSTER_SECRET]).verify_ticket(token, now=now)
+
+
+async def test_connect_places_new_room_and_returns_signed_url(h: Harness) -> None:
+    """A first connect assigns the room, answers the contract body and a verifiable ticket."""
+    await h.heartbeat("i1")
+    r = await h.connect("room-1", "alice")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    msgspec.convert(body, ConnectResponse)
+    assert (body["room"], body["instance"], body["epoch"], body["expires_in"]) == ("room-1", "i1", 1, 60)
+    assert body["url"].startswith("ws://shard-i1.test/i1/room/room-1?ticket=")
+    t = ticket_of(body, h.clock.now)
+    assert (t.room, t.instance, t.epoch, t.user) == ("room-1", "i1", 1, "alice")
+    assert t.exp - t.iat == 60
+
+
+async def test_connect_existing_room_keeps_instance_and_fresh_ticket(h: Harness) -> None:
+    """Later connects get the same instance and epoch, each with a new single-use ticket id."""
+    await h.heartbeat("i1")
+    await h.heartbeat("i2")
+    first = (await h.connect("r")).json()
+    second = (await h.connect("r", "bob")).json()
+    assert (first["instance"], first["epoch"]) == (second["instance"], second["epoch"])
+    assert ticket_of(first, h.clock.now).jti != ticket_of(second, h.clock.now).jti
+
+
+async def test_url_prefers_public_base_then_public_url(harness_factory: Any) -> None:
+    """The room URL base is the instance's public_base, else ROOMSHARD_PUBLIC_URL, else its own address."""
+    async with harness_factory(public_url="wss://chat.example.com/") as h:
+        await h.heartbeat("i1")
+        assert (await h.connect("a")).json()["url"].startswith("wss://chat.example.com/i1/room/a?ticket=")
+        await h.put_instance("i1", public_base="wss://lb2.example.com")
+        assert (await h.connect("a")).json()["url"].startswith("wss://lb2.example.com/i1/room/a?ticket=")
+
+
+async def test_new_rooms_spread_to_least_loaded(h: Harness) -> None:
+    """New rooms go to the least (rooms + connections)/capacity active instance."""
+    await h.heartbeat("i1", capacity=100)
+    await h.heartbeat("i2", capacity=300)
+    placed = [(await h.connect(f"room{n}")).json()["instance"] for n in range(8)]
+    assert placed.count("i2") == 6 and placed.count("i1") == 2
+    inst = {i["id"]: i for i in (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]}
+    assert (inst["i1"]["rooms_assigned"], inst["i2"]["rooms_assigned"]) == (2, 6)
+
+
+async def test_no_active_instance_is_503_with_retry_after(h: Harness) -> None:
+    """Without an active instance a connect is 503 no_instance_available with Retry-After."""
+    r = await h.connect("lonely")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "no_instance_available"
+    assert int(r.headers["retry-after"]) >= 1
+    await h.heartbeat("i1")
+    await h.put_instance("i1", state="draining")
+    assert (await h.connect("lonely")).status_code == 503
+
+
+async def test_room_on_down_instance_is_replaced_with_higher_epoch(h: Harness) -> None:
+    """When the owner misses heartbeats past down_after, the next connect re-places the room (epoch +1)."""
+    await h.heartbeat("i1")
+    first = (await h.connect("r")).json()
+    assert first["instance"] == "i1"
+    h.clock.advance(5)
+    await h.heartbeat("i2")
+    h.clock.advance(6)  # i1 silent for 11 s > down_after 10 s; i2 fresh
+    r = (await h.connect("r")).json()
+    assert (r["instance"], r["epoch"]) == ("i2", 2)
+    room = (await h.client.get("/v1/admin/rooms/r", headers=ADMIN)).json()
+    assert (room["instance"], room["epoch"], room["owner_epoch"]) == ("i2", 2, 2)
+    inst = {i["id"]: i for i in (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]}
+    assert inst["i1"]["state"] == "down" and inst["i1"]["rooms_assigned"] == 0
+    assert inst["i2"]["rooms_assigned"] == 1
+
+
+async def test_disabled_instance_loses_rooms_draining_keeps_them(h: Harness) -> None:
+    """A draining owner keeps its rooms (no new ones); a disabled owner's rooms are re-placed."""
+    await h.heartbeat("i1")
+    await h.connect("kept")
+    await h.heartbeat("i2")
+    await h.put_instance("i1", state="draining")
+    await h.put_instance("i2", state="draining")
+    assert (await h.connect("kept")).json()["instance"] == "i1"
+    await h.put_instance("i2", state="active")
+    assert (await h.connect("fresh")).json()["instance"] == "i2"
+    await h.put_instance("i1", state="disabled")
+    moved = (await h.connect("kept")).json()
+    assert (moved["instance"], moved["epoch"]) == ("i2", 2)
+
+
+async def test_private_room_refuses_non_members(h: Harness) -> None:
+    """A private room answers 403 to non-members and 200 to members."""
+    await h.heartbeat("i1")
+    r = await h.client.put("/v1/admin/rooms/club/access", json={"private": True, "members": ["alice"]},
+                           headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert (await h.connect("club", "alice")).status_code == 200
+    denied = await h.connect("club", "mallory")
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "not_a_member"
+    await h.client.put("/v1/admin/rooms/club/access", json={"private": False}, headers=ADMIN)
+    assert (await h.connect("club", "mallory")).status_code == 200
+
+
+async def test_forbidden_comes_before_unavailable(h: Harness) -> None:
+    """A non-member of a private room gets 403 even when no instance is active (access before availability)."""
+    await h.client.put("/v1/admin/rooms/vault/access", json={"private": True, "members": ["a"]},
+                       headers=ADMIN)
+    assert (await h.connect("vault", "b")).status_code == 403
+    assert (await h.connect("vault", "a")).status_code == 503
+
+
+async def test_concurrent_first_connects_agree(h: Harness) -> None:
+    """Many concurrent first connects for one room in one app all get the same instance and epoch."""
+    for n in range(1, 4):
+        await h.heartbeat(f"i{n}")
+    results = await asyncio.gather(*(h.connect("hot", f"u{n}") for n in range(40)))
+    assert {r.status_code for r in results} == {200}
+    assert len({(r.json()["instance"], r.json()["epoch"]) for r in results}) == 1
+    rooms = (await h.client.get("/v1/admin/rooms", headers=ADMIN)).json()["rooms"]
+    assert [r["room"] for r in rooms] == ["hot"]
