@@ -116,7 +116,7 @@ def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], adm
     lines = [
         "roomshard dev: the service is up.",
         f"  directory:   {directory_url}",
-        *(f"  shard {name}:{' ' * max(1, 5 - len(name))}{url}" for name, url in shard_urls.items()),
+        *(f"  {'shard ' + name + ':':<13}{url}" for name, url in shard_urls.items()),
     ]
     if router_url:
         lines.append(f"  router:      {router_url} (nginx; room URLs go through it)")
@@ -192,9 +192,10 @@ class Cluster:
             ready_file.unlink(missing_ok=True)
             argv = [*argv, "--ready-file", str(ready_file)]
         log = logs / f"{name}.log"
-        popen = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log.open("wb"),
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         child = Child(name, popen, log, ready_file)
         self.children.append(child)
         return child
