@@ -1,0 +1,212 @@
+"""Turn a results file into markdown tables and PNG plots.
+
+    python bench/report.py bench/results/full-XXXX.json [--docs]
+
+Without ``--docs`` the tables go to ``bench/results/tmp/report-<profile>.md``
+and the plots next to them (a quick run never overwrites the documented
+numbers). With ``--docs`` (what a full ``bench/compare`` run does) the block
+between the ``results:start``/``results:end`` markers of ``docs/BENCHMARKS.md``
+is replaced and the plots are written to ``docs/benchmarks-*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import summary  # noqa: E402
+from bench.summary import IdleSummary, LadderSummary, Spread  # noqa: E402
+from bench.workloads import PROFILES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+LABELS = {
+    "roomshard-1": "roomshard, directory + 1 shard",
+    "roomshard-2": "roomshard, directory + 2 shards",
+    "socketio-1": "Socket.IO 4 (Node), 1 process",
+    "socketio-2-redis": "Socket.IO 4, 2 processes + Redis adapter",
+    "python-socketio": "python-socketio on uvicorn",
+    "bare-websockets": "bare websockets.broadcast (Python ceiling)",
+    "ws-node": "bare Node ws (load generator ceiling)",
+}
+ORDER = list(LABELS)
+
+
+def fmt(s: Spread | None, scale: float = 1.0, digits: int = 0, unit: str = "") -> str:
+    if s is None:
+        return "not yet measured"
+    f = f"{{:,.{digits}f}}"
+    mid = f.format(s.median * scale)
+    if s.n > 1:
+        return f"{mid}{unit} ({f.format(s.low * scale)}–{f.format(s.high * scale)})"
+    return f"{mid}{unit}"
+
+
+def targets_in(doc: dict[str, Any], workload: str) -> list[str]:
+    seen = {r["target"] for r in doc["runs"] if r["workload"] == workload}
+    return [t for t in ORDER if t in seen]
+
+
+def ladder_table(rows: list[LadderSummary], ref_deliveries: int) -> list[str]:
+    out = [
+        "| server | max sustained deliveries/s | deliveries per server CPU-s at max "
+        f"| per CPU-s at {ref_deliveries:,}/s | p50 / p99 ms at {ref_deliveries:,}/s "
+        "| p99 ms at max | server CPU at max | load gen CPU at max |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        note = ""
+        if r.topped_out:
+            note += " ≥"
+        if r.loadgen_bound:
+            note += " †"
+        if r.errors and r.max_deliveries_per_s is None:
+            out.append(f"| {LABELS[r.target]} | not measured: {r.errors[0][:120]} | | | | | | |")
+            continue
+        p50 = fmt(r.p50_ref_ms, digits=1)
+        p99 = fmt(r.p99_ref_ms, digits=1)
+        out.append(
+            f"| {LABELS[r.target]} | {fmt(r.max_deliveries_per_s)}{note} "
+            f"| {fmt(r.per_cpu_second_at_max)} | {fmt(r.per_cpu_second_at_ref)} "
+            f"| {p50} / {p99} | {fmt(r.p99_max_ms, digits=1)} "
+            f"| {fmt(r.server_cpu_at_max, 100, unit='%')} | {fmt(r.loadgen_cpu_at_max, 100, unit='%')} |")
+    return out
+
+
+def idle_table(rows: list[IdleSummary]) -> list[str]:
+    out = ["| server | connections | RSS per idle connection | connects/s (1 load gen) |",
+           "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.rss_per_connection_bytes is None:
+            out.append(f"| {LABELS[r.target]} | | not measured: {(r.errors or ['-'])[0][:120]} | |")
+            continue
+        out.append(f"| {LABELS[r.target]} | {r.connections:,} "
+                   f"| {fmt(r.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} "
+                   f"| {fmt(r.connects_per_s)} |")
+    return out
+
+
+def scaling_table(fan: dict[str, LadderSummary]) -> list[str]:
+    out = ["| setup | max sustained deliveries/s | vs 1 process | deliveries per CPU-s | vs 1 process |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    for one, two in (("roomshard-1", "roomshard-2"), ("socketio-1", "socketio-2-redis")):
+        for name in (one, two):
+            if name not in fan:
+                out.append(f"| {LABELS[name]} | not yet measured | | | |")
+                continue
+            s = fan[name]
+            base = fan.get(one)
+            r1 = summary._ratio(s.max_deliveries_per_s, base.max_deliveries_per_s if base else None)
+            r2 = summary._ratio(s.per_cpu_second_at_max, base.per_cpu_second_at_max if base else None)
+            out.append(f"| {LABELS[name]} | {fmt(s.max_deliveries_per_s)}{' ≥' if s.topped_out else ''} "
+                       f"| {'' if r1 is None else f'{r1:.2f}x'} | {fmt(s.per_cpu_second_at_max)} "
+                       f"| {'' if r2 is None else f'{r2:.2f}x'} |")
+    return out
+
+
+def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str = "") -> str:
+    profile = PROFILES[doc["profile"]]
+    wl = {w.name: w for w in profile.workloads}
+    env = doc["environment"]
+    lines = [
+        f"Measured {doc['started_at']} with `{doc['command'].strip()}` "
+        f"(profile `{doc['profile']}`, {doc['repeats']} repeat(s), {doc['step_seconds']} s per step, "
+        f"git `{env['git_commit']}`, {env['cpus']} x {env['cpu_model']}, kernel {env['kernel']}; "
+        f"servers on CPU {doc['server_cpus']}, load generator on CPU {doc['loadgen_cpu']}; "
+        f"whole run {doc.get('elapsed_seconds', 0):.0f} s). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
+        "",
+        "Cells are the median over repeats with the min–max spread in parentheses. "
+        "≥: the ladder never failed in some repeat, so the max is a lower bound. "
+        "†: the load generator used ≥ 85% of its core at the max step, so the server "
+        "may have had more to give.",
+        "",
+    ]
+    loads = [r["loadavg_before"][0] for r in doc["runs"]] + [r["loadavg_after"][0] for r in doc["runs"]]
+    if loads:
+        lines += [f"1-minute load average during the run: {min(loads):.2f}–{max(loads):.2f} "
+                  "(2 = both cores busy; the benchmark itself accounts for up to 2).", ""]
+    fan: dict[str, LadderSummary] = {}
+    for name, title in (("fanout", "Fan-out: 100 rooms x 20 members"),
+                        ("bigroom", "One big room: 1 room x 1,000 members")):
+        if name not in wl:
+            continue
+        w = wl[name]
+        rows = [summary.ladder(doc, t, name, w.reference_rate) for t in targets_in(doc, name)]
+        if not rows:
+            continue
+        if name == "fanout":
+            fan = {r.target: r for r in rows}
+        ref = (w.reference_rate or 0) * w.members
+        lines += [f"### {title}", "",
+                  f"Publish rate stepped through {', '.join(map(str, w.rates))} messages/s "
+                  f"(x{w.members} deliveries each).", "", *ladder_table(rows, ref), ""]
+    idle_rows = [summary.idle(doc, t) for t in targets_in(doc, "idle")]
+    if idle_rows:
+        w = wl["idle"]
+        lines += [f"### Idle connections: {w.connections:,} in {w.rooms} rooms of {w.members}", "",
+                  "(server RSS with all connected − RSS before the first connection) / connections, "
+                  "summed over the target's processes (roomshard: directory + shard).", "",
+                  *idle_table(idle_rows), ""]
+    if fan:
+        lines += ["### 1 vs 2 processes (fan-out workload)", "",
+                  "Every server process of a target shares CPU 1 (the load generator needs CPU 0), "
+                  "so two processes get no more CPU than one: this shows the cost of splitting, "
+                  "not the gain of a second core.", "", *scaling_table(fan), ""]
+        idle_by = {r.target: r for r in idle_rows}
+        lines += ["### The project's goals", "", "| goal | measured | met? |", "| --- | --- | --- |"]
+        for g in summary.goals(fan, idle_by):
+            met = "not measured" if g.met is None else ("yes" if g.met else "**no**")
+            lines.append(f"| {g.text} | {g.value} | {met} |")
+        lines.append("")
+    if plot_dir is not None:
+        lines += ["### Plots", ""]
+        for name, alt in (("fanout-latency", "p99 latency vs offered deliveries/s, fan-out"),
+                          ("bigroom-latency", "p99 latency vs offered deliveries/s, one big room"),
+                          ("efficiency", "deliveries per server CPU-second at the max sustained step"),
+                          ("idle-rss", "RSS per idle connection")):
+            if (plot_dir / f"{plot_prefix}{name}.png").exists():
+                lines.append(f"![{alt}]({plot_prefix}{name}.png)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_doc(block: str) -> None:
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text += f"\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="results JSON -> markdown tables and PNG plots")
+    parser.add_argument("results")
+    parser.add_argument("--docs", action="store_true", help="update docs/BENCHMARKS.md and its plots")
+    args = parser.parse_args(argv)
+    doc = json.loads(Path(args.results).read_text())
+    from bench import plots
+
+    if args.docs:
+        plots.write_all(doc, ROOT / "docs", "benchmarks-")
+        write_doc(render(doc, ROOT / "docs", "benchmarks-"))
+        print(f"[report] updated {DOC}", file=sys.stderr)
+    else:
+        out = ROOT / "bench" / "results" / "tmp"
+        out.mkdir(parents=True, exist_ok=True)
+        plots.write_all(doc, out, f"{doc['profile']}-")
+        md = out / f"report-{doc['profile']}.md"
+        md.write_text(render(doc, out, f"{doc['profile']}-"))
+        print(f"[report] wrote {md}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Fold a results document into per-target numbers and the project's goals.
+
+Pure functions over the JSON ``compare.py`` writes: no I/O. For each
+(target, workload) and repeat it takes the highest sustained step of the rate
+ladder (>= 99% delivered, p99 < 200 ms) and reports the median over repeats
+with the min..max spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.workloads import max_sustained
+
+#: Above this share of its CPU the load generator may be what limits a step.
+LOADGEN_BUSY = 0.85
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float | None]) -> "Spread | None":
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return None
+        return cls(statistics.median(vals), min(vals), max(vals), len(vals))
+
+
+@dataclass
+class LadderSummary:
+    target: str
+    workload: str
+    max_deliveries_per_s: Spread | None = None
+    per_cpu_second_at_max: Spread | None = None
+    per_cpu_second_at_ref: Spread | None = None
+    p50_ref_ms: Spread | None = None
+    p99_ref_ms: Spread | None = None
+    p99_max_ms: Spread | None = None
+    server_cpu_at_max: Spread | None = None
+    loadgen_cpu_at_max: Spread | None = None
+    topped_out: bool = False  # some repeat never failed: the max is a lower bound
+    loadgen_bound: bool = False  # the load generator was busy at the max step
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IdleSummary:
+    target: str
+    connections: int = 0
+    rss_per_connection_bytes: Spread | None = None
+    connects_per_s: Spread | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def _runs(doc: dict[str, Any], target: str, workload: str) -> list[dict[str, Any]]:
+    return [r for r in doc.get("runs", []) if r["target"] == target and r["workload"] == workload]
+
+
+def _ref_step(steps: Sequence[dict[str, Any]], ref: int | None) -> dict[str, Any] | None:
+    for s in steps:
+        if s["rate_target"] == ref:
+            return s
+    return None
+
+
+def ladder(doc: dict[str, Any], target: str, workload: str, reference_rate: int | None) -> LadderSummary:
+    out = LadderSummary(target, workload)
+    tops, refs = [], []
+    for run in _runs(doc, target, workload):
+        if "error" in run:
+            out.errors.append(run["error"].splitlines()[0])
+            continue
+        steps = run["result"].get("steps") or []
+        if not steps:
+            connect = run["result"].get("connect", {})
+            out.errors.append(f"connect failed: {connect.get('first_errors')}")
+            continue
+        top = max_sustained(steps)
+        if top is not None:
+            tops.append(top)
+            if top is steps[-1]:
+                out.topped_out = True
+        refs.append(_ref_step(steps, reference_rate))
+    out.max_deliveries_per_s = Spread.of(t["deliveries_per_s"] for t in tops)
+    out.per_cpu_second_at_max = Spread.of(t["deliveries_per_cpu_second"] for t in tops)
+    out.p99_max_ms = Spread.of(t["p99_ms"] for t in tops)
+    out.server_cpu_at_max = Spread.of(t["server_cpu_util"] for t in tops)
+    out.loadgen_cpu_at_max = Spread.of(t["loadgen_cpu_util"] for t in tops)
+    out.loadgen_bound = bool(out.loadgen_cpu_at_max and out.loadgen_cpu_at_max.median >= LOADGEN_BUSY)
+    real_refs = [r for r in refs if r is not None]
+    out.per_cpu_second_at_ref = Spread.of(r["deliveries_per_cpu_second"] for r in real_refs)
+    out.p50_ref_ms = Spread.of(r["p50_ms"] for r in real_refs)
+    out.p99_ref_ms = Spread.of(r["p99_ms"] for r in real_refs)
+    return out
+
+
+def idle(doc: dict[str, Any], target: str, workload: str = "idle") -> IdleSummary:
+    out = IdleSummary(target)
+    rss, rates = [], []
+    for run in _runs(doc, target, workload):
+        if "error" in run:
+            out.errors.append(run["error"].splitlines()[0])
+            continue
+        res = run["result"]["idle"]
+        if res["connect"]["failed"]:
+            out.errors.append(f"{res['connect']['failed']} connects failed: "
+                              f"{res['connect']['first_errors'][:1]}")
+        out.connections = max(out.connections, res["connections"])
+        rss.append(res["rss_per_connection_bytes"])
+        rates.append(res["connect"]["per_s"])
+    out.rss_per_connection_bytes = Spread.of(rss)
+    out.connects_per_s = Spread.of(rates)
+    return out
+
+
+def _ratio(a: Spread | None, b: Spread | None) -> float | None:
+    if a is None or b is None or not b.median:
+        return None
+    return a.median / b.median
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    value: str
+    met: bool | None  # None: not measured
+
+
+def goals(fan: dict[str, LadderSummary], idle_by: dict[str, IdleSummary]) -> list[Goal]:
+    """The project's stated goals, judged on the medians (fan-out workload)."""
+    out: list[Goal] = []
+    rs = fan.get("roomshard-1")
+    rs_eff = rs.per_cpu_second_at_max if rs else None
+
+    def ratio_goal(text: str, peer: str, need: float) -> None:
+        r = _ratio(rs_eff, fan[peer].per_cpu_second_at_max if peer in fan else None)
+        out.append(Goal(text, "not measured" if r is None else f"{r:.2f}x",
+                        None if r is None else r >= need))
+
+    ratio_goal("roomshard >= 2x Socket.IO (1 node) deliveries per server CPU-second", "socketio-1", 2.0)
+    ratio_goal("roomshard >= 1.2x bare websockets deliveries per server CPU-second",
+               "bare-websockets", 1.2)
+
+    mine = idle_by.get("roomshard-1")
+    mine_rss = mine.rss_per_connection_bytes if mine else None
+    peers = {k: v.rss_per_connection_bytes for k, v in idle_by.items()
+             if k not in ("roomshard-1", "ws-node") and v.rss_per_connection_bytes}
+    if mine_rss is None or not peers:
+        out.append(Goal("idle memory per connection below every peer but bare Node ws",
+                        "not measured", None))
+    else:
+        worst = min(peers.items(), key=lambda kv: kv[1].median)
+        out.append(Goal("idle memory per connection below every peer but bare Node ws",
+                        f"{mine_rss.median / 1024:.1f} KiB vs lowest peer {worst[0]} "
+                        f"{worst[1].median / 1024:.1f} KiB",
+                        mine_rss.median < worst[1].median))
+
+    two = _ratio(fan["roomshard-2"].max_deliveries_per_s if "roomshard-2" in fan else None,
+                 rs.max_deliveries_per_s if rs else None)
+    out.append(Goal("2 shards >= 1.8x one shard's deliveries/s",
+                    "not measured" if two is None else f"{two:.2f}x (all shards share CPU 1)",
+                    None if two is None else two >= 1.8))
+    sio = _ratio(fan["socketio-2-redis"].per_cpu_second_at_max if "socketio-2-redis" in fan else None,
+                 fan["socketio-1"].per_cpu_second_at_max if "socketio-1" in fan else None)
+    out.append(Goal("Socket.IO + Redis on 2 nodes delivers less per CPU-second than 1 node",
+                    "not measured" if sio is None else f"{sio:.2f}x of 1 node",
+                    None if sio is None else sio < 1.0))
+    return out

@@ -1,0 +1,81 @@
+"""Pure parts of the benchmark: step verdicts, ladders, medians and the goals table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import summary, workloads
+from bench.workloads import FULL, Workload
+
+
+def step(rate: int, ratio: float = 1.0, p99: float | None = 5.0, per_s: float = 0.0,
+         per_cpu: float = 0.0) -> dict[str, Any]:
+    return {"rate_target": rate, "delivered_ratio": ratio, "p99_ms": p99, "p50_ms": 1.0,
+            "deliveries_per_s": per_s or rate * 20.0, "deliveries_per_cpu_second": per_cpu or rate * 10.0,
+            "server_cpu_util": 0.5, "loadgen_cpu_util": 0.4}
+
+
+def test_a_step_is_sustained_only_with_99_percent_delivered_and_p99_under_200ms() -> None:
+    """Both thresholds decide, and a step with no latency sample is not sustained."""
+    assert workloads.is_sustained(step(1, ratio=0.99, p99=199.9))
+    assert not workloads.is_sustained(step(1, ratio=0.989, p99=1))
+    assert not workloads.is_sustained(step(1, ratio=1.0, p99=200))
+    assert not workloads.is_sustained(step(1, ratio=1.0, p99=None))
+
+
+def test_max_sustained_is_the_highest_passing_rate() -> None:
+    """The ladder's result is its highest sustained step, None when none passed."""
+    assert workloads.max_sustained([step(10), step(20), step(40, p99=900)])["rate_target"] == 20
+    assert workloads.max_sustained([step(10, ratio=0.5)]) is None
+
+
+def test_later_repeats_restart_one_step_below_the_first_max_and_keep_the_reference() -> None:
+    """Repeats 2+ skip the low rungs but still measure latency at the reference rate."""
+    fan = FULL.workloads[0]
+    assert workloads.ladder_for_repeat(fan, None) == list(fan.rates)
+    assert workloads.ladder_for_repeat(fan, 3000) == [500, 2500, 3000, 3500, 4000, 5000, 6000, 8000]
+    assert workloads.ladder_for_repeat(fan, 500)[:2] == [250, 500]
+    assert workloads.ladder_for_repeat(fan, 12345) == list(fan.rates)
+
+
+def test_loadgen_config_carries_the_thresholds_and_pids() -> None:
+    """The load generator judges steps with the same thresholds as the report."""
+    w = Workload("fanout", "ladder", 2, 3, rates=(1, 2))
+    cfg = workloads.loadgen_config(w, FULL, "raw", targets=["ws://x"], directory=None, pids=[7],
+                                   rates=[1, 2], room_prefix="p", clk_tck=100)
+    assert (cfg["minDelivered"], cfg["maxP99Ms"]) == (workloads.MIN_DELIVERED, workloads.MAX_P99_MS)
+    assert cfg["pids"] == [7] and cfg["rooms"] == 2 and cfg["members"] == 3
+
+
+def doc_with(runs: list[tuple[str, str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    return {"runs": [{"target": t, "workload": w, "repeat": i, "result": {"steps": s}}
+                     for i, (t, w, s) in enumerate(runs)]}
+
+
+def test_ladder_summary_takes_the_median_and_spread_over_repeats() -> None:
+    """Three repeats give a median with min..max; a ladder that never failed is flagged."""
+    doc = doc_with([
+        ("socketio-1", "fanout", [step(10, per_s=100), step(20, p99=500)]),
+        ("socketio-1", "fanout", [step(10, per_s=300), step(20, p99=500)]),
+        ("socketio-1", "fanout", [step(10, per_s=200)]),
+    ])
+    s = summary.ladder(doc, "socketio-1", "fanout", reference_rate=10)
+    assert s.max_deliveries_per_s == summary.Spread(200, 100, 300, 3)
+    assert s.topped_out is True
+    assert s.p99_ref_ms is not None and s.p99_ref_ms.median == 5.0
+
+
+def test_goals_compare_roomshard_with_its_peers() -> None:
+    """Efficiency ratios decide the goals; missing targets are 'not measured', never a pass."""
+    fan = {
+        "roomshard-1": summary.ladder(doc_with([("roomshard-1", "fanout", [step(10, per_cpu=300)])]),
+                                      "roomshard-1", "fanout", 10),
+        "socketio-1": summary.ladder(doc_with([("socketio-1", "fanout", [step(10, per_cpu=100)])]),
+                                     "socketio-1", "fanout", 10),
+        "bare-websockets": summary.ladder(
+            doc_with([("bare-websockets", "fanout", [step(10, per_cpu=280)])]), "bare-websockets",
+            "fanout", 10),
+    }
+    goals = summary.goals(fan, {})
+    assert [g.met for g in goals] == [True, False, None, None, None]
+    assert goals[0].value == "3.00x"

@@ -1,0 +1,93 @@
+"""The Node load generator against the bare websockets server, for a couple of seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.timing import t, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_MODULES = ROOT / "bench" / "node" / "node_modules"
+LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.js"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("node") is None or not (NODE_MODULES / "ws").is_dir(),
+                       reason="bench/node/node_modules not installed (bench/compare installs it)"),
+]
+
+
+@pytest.fixture
+def bare_server(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """bench/servers/bare_websockets.py on a free loopback port."""
+    ready = tmp_path / "ready.json"
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "servers" / "bare_websockets.py"),
+                             "--port", "0", "--ready-file", str(ready)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()
+        return ready.exists() and ready.stat().st_size > 0
+
+    try:
+        wait_until(up, 20, "the bare websockets server to be ready")
+        yield json.loads(ready.read_text())["url"], proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=t(10))
+        log.close()
+
+
+def run_loadgen(config: dict[str, object]) -> dict[str, object]:
+    out = subprocess.run(["node", str(LOADGEN), json.dumps(config)], capture_output=True,
+                         text=True, timeout=t(60), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_every_published_message_is_counted_once_per_room_member(bare_server: tuple[str, int]) -> None:
+    """Each publish is delivered to all 4 members of its room and counted exactly so."""
+    url, pid = bare_server
+    result = run_loadgen({
+        "protocol": "raw", "mode": "ladder", "targets": [url], "rooms": 3, "members": 4,
+        "roomPrefix": "smoke", "rates": [40, 80], "stepSeconds": 1.0, "drainSeconds": 3.0,
+        "pids": [pid], "clkTck": os.sysconf("SC_CLK_TCK"), "settleSeconds": 0.2,
+    })
+    assert result["connect"]["ok"] == 12
+    steps = result["steps"]
+    assert [s["rate_target"] for s in steps] == [40, 80]
+    for step in steps:
+        assert step["sent"] >= 0.9 * step["rate_target"] * step["send_seconds"]
+        assert step["expected"] == 4 * step["sent"]
+        assert step["delivered"] == step["expected"]
+        assert step["late_from_earlier_steps"] == 0
+        assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["max_ms"] + 0.1
+        assert step["sustained"] is True
+        assert step["server_cpu_seconds"] >= 0
+    assert result["error_count"] == 0
+
+
+def test_idle_mode_reports_server_rss_growth(bare_server: tuple[str, int]) -> None:
+    """Idle mode opens every connection and reads the server's RSS before and after."""
+    url, pid = bare_server
+    result = run_loadgen({
+        "protocol": "raw", "mode": "idle", "targets": [url], "rooms": 10, "members": 20,
+        "roomPrefix": "idle", "pids": [pid], "clkTck": os.sysconf("SC_CLK_TCK"),
+        "settleSeconds": 0.2,
+    })
+    idle = result["idle"]
+    assert idle["connections"] == 200
+    assert idle["rss_after_kb"] > idle["rss_before_kb"] > 0
+    per_conn = (idle["rss_after_kb"] - idle["rss_before_kb"]) * 1024 / 200
+    assert idle["rss_per_connection_bytes"] == pytest.approx(per_conn)
