@@ -20,6 +20,7 @@ def run(cfg: ShardConfig) -> None:
     """Serve until a signal; exits 2 with one line on a setting we cannot honour."""
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     if cfg.permessage_deflate:
         # Broadcast frames are built once and shared by every member; a
         # per-connection compression context would defeat that. Not offered.
