@@ -64,7 +64,8 @@ class Harness:
     app: Any
 
     async def put_instance(self, iid: str, url: str | None = None, **body: Any) -> dict[str, Any]:
-        body.setdefault("internal_url", url or f"http://shard-{iid}.test")
+        if url is not None:
+            body["internal_url"] = url
         r = await self.client.put(f"/v1/admin/instances/{iid}", json=body, headers=ADMIN)
         assert r.status_code == 200, r.text
         return dict(r.json())

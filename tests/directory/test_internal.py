@@ -1,0 +1,125 @@
+"""Shard -> directory routes: heartbeat registration rules, clean leave, and the atomic room open."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from directory import schemas
+from tests.directory.conftest import ADMIN, Harness, cluster_headers
+
+
+async def state_of(h: Harness, iid: str) -> tuple[str, str | None]:
+    r = (await h.client.get(f"/v1/admin/instances/{iid}", headers=ADMIN)).json()
+    return r["state"], r["state_reason"]
+
+
+async def test_heartbeat_registers_and_answers_down_after(h: Harness) -> None:
+    """The first heartbeat registers the instance as active and returns its view and down_after."""
+    r = await h.heartbeat("i4", capacity=200, public_base="wss://x.example.com",
+                          load={"rooms": 1, "connections": 2, "messages_per_s": 0.0})
+    assert r.status_code == 200, r.text
+    body = msgspec.convert(r.json(), schemas.HeartbeatResponse)
+    assert body.down_after == 10.0
+    assert (body.instance.id, body.instance.state, body.instance.capacity) == ("i4", "active", 200)
+    assert body.instance.last_heartbeat is not None
+
+
+async def test_heartbeat_needs_own_cluster_token(h: Harness) -> None:
+    """A heartbeat without a valid cluster token is 401; a token of another instance is 403."""
+    url = "/v1/internal/instances/i1/heartbeat"
+    body = {"internal_url": "http://s", "boot_id": "b"}
+    r = await h.client.put(url, json=body, headers={"Authorization": "Bearer forged"})
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized")
+    r = await h.client.put(url, json=body, headers=cluster_headers("i2", h.clock.now))
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "wrong_instance")
+    stale = cluster_headers("i1", h.clock.now - 120)
+    assert (await h.client.put(url, json=body, headers=stale)).status_code == 401
+
+
+async def test_new_boot_reactivates_after_shutdown_but_not_after_admin(h: Harness) -> None:
+    """A new process re-activates an instance parked by its own shutdown; an admin's disable sticks."""
+    await h.heartbeat("i1", boot_id="one")
+    r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": False},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.status_code == 200 and r.json()["state"] == "draining"
+    assert await state_of(h, "i1") == ("draining", "shutdown")
+    await h.heartbeat("i1", boot_id="one")
+    assert await state_of(h, "i1") == ("draining", "shutdown")  # same process: still leaving
+    await h.heartbeat("i1", boot_id="two")
+    assert await state_of(h, "i1") == ("active", None)
+    await h.put_instance("i1", state="disabled")
+    await h.heartbeat("i1", boot_id="three")
+    assert await state_of(h, "i1") == ("disabled", "admin")
+
+
+async def test_leave_with_drain_stops_placements(h: Harness) -> None:
+    """After a clean leave no client is sent to the instance: its rooms go elsewhere."""
+    await h.heartbeat("i1")
+    await h.connect("r")
+    await h.heartbeat("i2")
+    r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": True},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.status_code == 200, r.text
+    msgspec.convert(r.json(), schemas.DrainReport)
+    assert (await h.connect("r")).json()["instance"] == "i2"
+    assert (await h.connect("other")).json()["instance"] == "i2"
+
+
+async def test_other_url_cannot_take_live_instance_with_rooms(h: Harness) -> None:
+    """A different internal_url claiming a live instance that has rooms is 409 instance_in_use."""
+    await h.heartbeat("i1", boot_id="a", url="http://10.0.0.1:9000")
+    await h.connect("r")
+    r = await h.heartbeat("i1", boot_id="b", url="http://10.0.0.2:9000")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "instance_in_use")
+    h.clock.advance(11)  # the first process is now down: a restart elsewhere may take over
+    r = await h.heartbeat("i1", boot_id="b", url="http://10.0.0.2:9000")
+    assert r.status_code == 200 and r.json()["instance"]["internal_url"] == "http://10.0.0.2:9000"
+
+
+async def open_room(h: Harness, room: str, instance: str, epoch: int) -> Any:
+    return await h.client.post(f"/v1/internal/rooms/{room}/open",
+                               json={"instance": instance, "ticket_epoch": epoch},
+                               headers=cluster_headers(instance, h.clock.now))
+
+
+async def test_open_first_then_lost_state_bumps_epoch(h: Harness) -> None:
+    """First open: seq_base 0; opening the same epoch again means state was lost: epoch+1, seq_base epoch<<32."""
+    await h.heartbeat("i1")
+    await h.connect("r")
+    r = await open_room(h, "r", "i1", 1)
+    assert r.status_code == 200, r.text
+    body = msgspec.convert(r.json(), schemas.OpenResponse)
+    assert (body.epoch, body.owner_epoch, body.seq_base, body.lost) == (1, 1, 0, False)
+    again = (await open_room(h, "r", "i1", 1)).json()
+    assert (again["epoch"], again["owner_epoch"], again["seq_base"], again["lost"]) == (2, 1, 2 << 32, True)
+    assert (await h.connect("r")).json()["epoch"] == 2
+
+
+async def test_open_after_replacement_is_lost_with_new_base(h: Harness) -> None:
+    """A room re-placed after its owner went down opens at its new epoch with seq_base epoch<<32."""
+    await h.heartbeat("i1")
+    await h.connect("r")
+    assert (await open_room(h, "r", "i1", 1)).status_code == 200
+    h.clock.advance(11)
+    await h.heartbeat("i2")
+    assert (await h.connect("r")).json()["epoch"] == 2
+    stale = await open_room(h, "r", "i1", 1)
+    assert (stale.status_code, stale.json()["error"]["code"]) == (409, "not_owner")
+    old_ticket = await open_room(h, "r", "i2", 1)
+    assert (old_ticket.status_code, old_ticket.json()["error"]["code"]) == (409, "not_owner")
+    body = (await open_room(h, "r", "i2", 2)).json()
+    assert (body["epoch"], body["seq_base"], body["lost"]) == (2, 2 << 32, True)
+
+
+async def test_open_refuses_other_instance_token_and_unknown_room(h: Harness) -> None:
+    """Open is 403 when the token is not the named instance's, 409 not_owner for an unknown room."""
+    r = await h.client.post("/v1/internal/rooms/r/open", json={"instance": "i1", "ticket_epoch": 1},
+                            headers=cluster_headers("i2", h.clock.now))
+    assert r.status_code == 403
+    r = await open_room(h, "ghost", "i1", 1)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "not_owner")
+    r = await h.client.post("/v1/internal/rooms/r/open", json={"instance": "i1"},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_body")

@@ -1,0 +1,59 @@
+"""Health, readiness, metrics, the OpenAPI document and the chat page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from directory import api_meta
+from directory.app import all_routes
+from tests.directory.conftest import Harness
+
+
+async def test_health_and_ready(h: Harness) -> None:
+    """/healthz and /readyz answer 200 JSON while the database is reachable."""
+    assert (await h.client.get("/healthz")).json() == {"status": "ok"}
+    assert (await h.client.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_metrics_count_requests_connects_and_placements(h: Harness) -> None:
+    """/metrics is Prometheus text with requests by route/status, connects, placements, latency."""
+    await h.heartbeat("i1")
+    await h.connect("m")
+    await h.connect("m")
+    await h.connect("bad room")
+    text = (await h.client.get("/metrics")).text
+    assert 'roomshard_directory_requests_total{route="connect",status="200"} 2.0' in text
+    assert 'roomshard_directory_connects_total{result="invalid_room"} 1.0' in text
+    assert 'roomshard_directory_placements_total{kind="new"} 1.0' in text
+    assert 'roomshard_directory_request_seconds_bucket{le="0.02",route="connect"}' in text
+
+
+async def test_openapi_describes_every_route_with_schemas(h: Harness) -> None:
+    """/openapi.json is OpenAPI 3 with every route, its request schema and its error schema."""
+    doc = (await h.client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    for route in all_routes():
+        path = route.path.replace(":path}", "}")
+        op = doc["paths"][path][route.method.lower()]
+        if route.body is not None:
+            ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"]
+        for status in route.errors:
+            assert op["responses"][str(status)]["content"]["application/json"]["schema"]["$ref"].endswith(
+                "/ErrorBody")
+    connect = doc["components"]["schemas"]["ConnectBody"]
+    assert connect["additionalProperties"] is False
+    assert set(doc["components"]["schemas"]["ConnectResponse"]["required"]) == {
+        "room", "instance", "epoch", "url", "expires_in"}
+
+
+async def test_index_page_or_not_installed_notice(h: Harness, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Any) -> None:
+    """GET / serves directory/static/index.html, or a small page saying the chat page is not installed."""
+    monkeypatch.setattr(api_meta, "STATIC_DIR", tmp_path)
+    r = await h.client.get("/")
+    assert r.status_code == 200 and "not installed" in r.text
+    (tmp_path / "index.html").write_text("<title>chat</title>")
+    assert (await h.client.get("/")).text == "<title>chat</title>"
