@@ -1,0 +1,140 @@
+"""`roomshard dev` as a user runs it: a real subprocess tree, stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+import client
+from tests.support.timing import t, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+class DevRun:
+    """A running `roomshard dev`, its output collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-m", "roomshard", "dev", *args],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        with self.popen.stdout:
+            for raw in self.popen.stdout:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def field(self, label: str) -> str:
+        m = re.search(rf"^\s*{re.escape(label)}:\s+(\S+)", self.output, re.M)
+        assert m, f"{label!r} not printed:\n{self.output}"
+        return m.group(1)
+
+    def wait_up(self) -> None:
+        def up() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"roomshard dev exited with {self.popen.returncode}:\n{self.output}")
+            return "Ctrl-C stops everything." in self.output
+        wait_until(up, 60, "roomshard dev to print its URLs")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=t(20))
+            except subprocess.TimeoutExpired:
+                for p in self.descendants():
+                    p.kill()
+                self.popen.kill()
+                self.popen.wait()
+        self._reader.join(timeout=t(5))
+
+
+@pytest.fixture
+def run_dev() -> Iterator[list[DevRun]]:
+    runs: list[DevRun] = []
+    yield runs
+    for r in runs:
+        r.stop()
+
+
+async def test_dev_serves_the_page_and_chat_then_stops_on_ctrl_c(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """`roomshard dev --port 0` serves the chat page and rooms; SIGINT exits 0 fast, leaving no process."""
+    dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path / "data")])
+    run_dev.append(dev)
+    dev.wait_up()
+    page_url = dev.field("chat page")
+    token = dev.field("admin token")
+    assert (tmp_path / "data" / "logs" / "directory.log").exists()
+
+    page = httpx.get(page_url, timeout=t(10))
+    assert page.status_code == 200 and "roomshard" in page.text and "<script>" in page.text
+    inst = httpx.get(page_url + "v1/admin/instances", headers={"Authorization": f"Bearer {token}"},
+                     timeout=t(10)).json()["instances"]
+    assert sorted((i["id"], i["state"]) for i in inst) == [("i1", "active"), ("i2", "active")]
+
+    base = page_url.rstrip("/")
+    async with client.connect(base, "devroom", "alice") as a, client.connect(base, "devroom", "bob") as b:
+        seq = await a.send("hi from alice")
+        async for m in b:
+            assert isinstance(m, client.Message) and (m.seq, m.user, m.text) == (seq, "alice", "hi from alice")
+            break
+        children = dev.descendants()
+        assert len(children) >= 3  # directory + 2 shards
+
+    dev.popen.send_signal(signal.SIGINT)
+    assert dev.popen.wait(timeout=t(15)) == 0
+    assert "stopped." in dev.output
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_dev_with_a_busy_port_says_so_and_exits_2(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """A port already in use is one clear line and exit code 2, before anything starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        dev = DevRun(["--port", str(port), "--shards", "1", "--data-dir", str(tmp_path)])
+        run_dev.append(dev)
+        assert dev.popen.wait(timeout=t(20)) == 2
+    dev.stop()
+    assert f"port {port} on 127.0.0.1 is already in use" in dev.output
+    assert "Traceback" not in dev.output
+
+
+def test_dev_stops_everything_when_a_child_dies(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """If a shard dies, dev names it, stops the others and exits non-zero."""
+    dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path)])
+    run_dev.append(dev)
+    dev.wait_up()
+    children = dev.descendants()
+    shard = next(p for p in children if "--instance" in p.cmdline() and "i2" in p.cmdline())
+    shard.kill()
+    assert dev.popen.wait(timeout=t(20)) == 1
+    dev.stop()
+    assert "i2 exited with code" in dev.output
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
