@@ -140,23 +140,27 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
         _fail(str(exc))
 
 
-def _listener_map(values: tuple[str, ...], rules: model.RuleSet) -> dict[str, str]:
-    """``[GROUP=]ARN`` options -> group ident -> listener ARN."""
-    idents = {g.ident: g.ident for g in rules.groups}
-    idents.update({g.public_host: g.ident for g in rules.groups if g.public_host})
-    out: dict[str, str] = {}
+def _listener_map(values: tuple[str, ...], rules: model.RuleSet) -> dict[model.AlbGroup, str]:
+    """``[GROUP=]ARN`` options -> ALB group -> listener ARN.
+
+    A group name or public host the registry no longer has gets an empty
+    group: applying it removes the rules of instances that left the registry.
+    """
+    groups = {g.ident: g for g in rules.groups}
+    groups.update({g.public_host: g for g in rules.groups if g.public_host})
+    out: dict[model.AlbGroup, str] = {}
     for value in values:
         key, sep, arn = value.rpartition("=")
         if not sep:
             if len(rules.groups) == 1:
                 key = rules.groups[0].ident
-            elif model.DEFAULT_GROUP in idents:
-                key = model.DEFAULT_GROUP
-            else:
+            elif len(rules.groups) > 1 and model.DEFAULT_GROUP not in groups:
                 _fail(f"--listener-arn {arn}: several ALB groups, write GROUP=ARN")
-        if key not in idents:
-            _fail(f"--listener-arn: no ALB group {key!r} (groups: {', '.join(sorted(set(idents.values())))})")
-        out[idents[key]] = arn
+            else:
+                key = model.DEFAULT_GROUP
+        group = groups.get(key) or model.empty_group(model.group_ident(key)
+                                                     if key != model.DEFAULT_GROUP else key)
+        out[group] = arn
     return out
 
 
@@ -180,10 +184,9 @@ def _run_plan(apply: bool, from_directory: str | None, from_file: str | None,
         client = boto3.client("elbv2", region_name=region, endpoint_url=endpoint_url)
         registered = {tg.name for g in rules.groups for tg in g.target_groups}
         for g in rules.groups:
-            if g.ident not in listeners:
+            if g not in listeners:
                 click.echo(f"# ALB group {g.ident}: no --listener-arn given, skipped", err=True)
-                continue
-            arn = listeners[g.ident]
+        for g, arn in listeners.items():
             live = aws.read_live(client, arn, name_prefix)
             the_plan = plan(g, live, name_prefix=name_prefix, target_overrides=overrides,
                             registered=registered)

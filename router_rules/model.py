@@ -228,6 +228,11 @@ def build(instances: Iterable[Instance], *, name_prefix: str = DEFAULT_NAME_PREF
                    idle_timeout_s=idle_timeout_for(ping_interval))
 
 
+def empty_group(ident: str = DEFAULT_GROUP) -> AlbGroup:
+    """A group with no instances: what a listener should route once its last instance is gone."""
+    return AlbGroup(ident=ident, public_base=None, instances=(), target_groups=(), rules=())
+
+
 def groups_summary(rules: RuleSet) -> dict[str, object]:
     """Which public host serves which instances: for operators and ``alb-groups.json``."""
     return {"groups": [

@@ -1,0 +1,58 @@
+"""A moto server on loopback standing in for AWS (AWS itself cannot be reached here).
+
+moto accepts things AWS refuses (more than 100 target groups per ALB, long
+names, odd path patterns) and ignores some properties (CloudFormation
+``Targets``, target group attributes): our own model and tests check those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+
+REGION = "us-east-1"
+
+
+@dataclass
+class FakeAws:
+    endpoint: str
+
+    def client(self, service: str) -> Any:
+        return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def new_listener(self, name: str) -> tuple[str, str]:
+        """A fresh VPC + ALB + listener with a fixed 404 default: (vpc id, listener ARN)."""
+        ec2, elb = self.client("ec2"), self.client("elbv2")
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24",
+                                     AvailabilityZone=f"{REGION}{zone}")["Subnet"]["SubnetId"]
+                   for i, zone in ((250, "a"), (251, "b"))]
+        lb = elb.create_load_balancer(Name=name, Subnets=subnets)["LoadBalancers"][0]["LoadBalancerArn"]
+        listener = elb.create_listener(
+            LoadBalancerArn=lb, Protocol="HTTP", Port=80,
+            DefaultActions=[{"Type": "fixed-response",
+                             "FixedResponseConfig": {"StatusCode": "404"}}])["Listeners"][0]
+        return vpc, listener["ListenerArn"]
+
+
+@pytest.fixture(scope="module")
+def fake_aws() -> Iterator[FakeAws]:
+    """moto in server mode on 127.0.0.1 with a free port, stopped after the module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield FakeAws(f"http://{host}:{port}")
+    finally:
+        server.stop()
