@@ -1,0 +1,77 @@
+"""The chat page at GET / in a real browser, against real directory and shard processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import Procs
+from tests.support.timing import t
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+
+def join(page: Any, url: str, room: str, user: str) -> None:
+    page.goto(url)
+    page.fill("#room", room)
+    page.fill("#user", user)
+    page.click("#join-btn")
+    page.wait_for_selector('#state[data-state="open"]', timeout=t(20) * 1000)
+
+
+def say(page: Any, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def shown(page: Any) -> list[tuple[int, str]]:
+    """(seq, text) of every message the page shows, in page order."""
+    return page.eval_on_selector_all(
+        "#messages .msg[data-seq]",
+        "ns => ns.map(n => [Number(n.dataset.seq), n.querySelector('.bubble').lastChild.textContent])")
+
+
+def members(page: Any) -> list[str]:
+    return page.eval_on_selector_all("#members li", "ns => ns.map(n => n.dataset.user)")
+
+
+def test_two_pages_chat_and_see_each_other(procs: Procs, browser: Any, output_dir: Path) -> None:
+    """Two pages in one room see both members and every message once, in seq order."""
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    ctx_a, ctx_b = browser.new_context(), browser.new_context()
+    a, b = ctx_a.new_page(), ctx_b.new_page()
+    errors: list[str] = []
+    for p in (a, b):
+        p.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        join(a, d.url, "garden", "alice")
+        join(b, d.url, "garden", "bob")
+        for p in (a, b):
+            p.wait_for_function("document.querySelectorAll('#members li').length === 2", timeout=t(10) * 1000)
+            assert members(p) == ["alice", "bob"]
+
+        say(a, "hello bob")
+        say(b, "hi alice, nice page")
+        say(a, "<b>not bold</b> & fine")
+        for p in (a, b):
+            p.wait_for_function("document.querySelectorAll('#messages .msg[data-seq]').length === 3",
+                                timeout=t(10) * 1000)
+        seen_a, seen_b = shown(a), shown(b)
+        assert seen_a == seen_b
+        assert [s for s, _ in seen_a] == sorted({s for s, _ in seen_a})
+        assert sorted(text for _, text in seen_a) == sorted(["hello bob", "hi alice, nice page",
+                                                            "<b>not bold</b> & fine"])
+        assert a.eval_on_selector_all("#messages .msg.pending", "ns => ns.length") == 0
+        assert "open" in a.inner_text("#state") and "i1" in a.inner_text("#state")
+        a.screenshot(path=str(output_dir / "chat-page.png"))
+
+        b.click("#leave")
+        a.wait_for_function("document.querySelectorAll('#members li').length === 1", timeout=t(10) * 1000)
+        assert members(a) == ["alice"]
+        assert errors == []
+    finally:
+        ctx_a.close()
+        ctx_b.close()
