@@ -1,0 +1,135 @@
+"""The generated nginx config, run by a real nginx in front of real WebSocket servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from router_rules.nginx import render_nginx
+from router_rules.registry import RegistryError
+from tests.router_rules.nginx_proc import Nginx, free_port
+from tests.support.timing import t
+
+pytestmark = pytest.mark.nginx
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    """A real nginx under a temp prefix, stopped at the end."""
+    server = Nginx(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _instance_server(name: str):
+    """A WebSocket server that greets with its instance name and the path it was asked for."""
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"instance": name, "path": ws.request.path}))
+        async for msg in ws:
+            await ws.send(f"{name}:{msg}")
+
+    return await serve(handler, "127.0.0.1", 0)
+
+
+@pytest.fixture
+async def shards() -> AsyncIterator[dict[str, int]]:
+    """Three WebSocket servers i1, i2, i3 on loopback: name -> port."""
+    servers = {name: await _instance_server(name) for name in ("i1", "i2", "i3")}
+    try:
+        yield {name: s.sockets[0].getsockname()[1] for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.close()
+            await s.wait_closed()
+
+
+def _registry(ports: dict[str, int]) -> list[dict]:
+    return [{"id": name, "state": "active", "internal_url": f"http://127.0.0.1:{port}",
+             "public_base": None} for name, port in ports.items()]
+
+
+def test_generated_config_passes_nginx_t(nginx: Nginx, tmp_path: Path):
+    """`nginx -t` accepts the generated file, with and without a directory upstream."""
+    insts = [{"id": f"i{n}", "internal_url": f"http://127.0.0.1:{9000 + n}"} for n in (1, 2, 10, 9999)]
+    for directory in (None, "http://127.0.0.1:8080"):
+        include = tmp_path / "roomshard.conf"
+        include.write_text(render_nginx(insts, listen="127.0.0.1:18080", directory_url=directory))
+        res = nginx.check(include)
+        assert res.returncode == 0, res.stderr
+
+
+def test_nginx_t_catches_a_broken_file(nginx: Nginx, tmp_path: Path):
+    """The check can fail: a truncated file is refused (the test is not a no-op)."""
+    include = tmp_path / "roomshard.conf"
+    include.write_text(render_nginx([{"id": "i1", "internal_url": "http://127.0.0.1:9001"}])[:-40])
+    assert nginx.check(include).returncode != 0
+
+
+async def test_rooms_reach_their_instance_through_nginx(nginx: Nginx, shards: dict[str, int], tmp_path: Path):
+    """/iN/room/x reaches instance N over WebSocket; /i10/room/x and /i1/room are 404s."""
+    include = tmp_path / "roomshard.conf"
+    port = free_port()
+    include.write_text(render_nginx(_registry(shards), listen=f"127.0.0.1:{port}"))
+    assert nginx.check(include).returncode == 0
+    nginx.start(include, port)
+    base = f"ws://127.0.0.1:{port}"
+    for name in ("i1", "i2", "i3"):
+        for room in ("lobby", "a-b_C9"):
+            path = f"/{name}/room/{room}?ticket=t.{name}"
+            async with connect(base + path, open_timeout=t(10)) as ws:
+                hello = json.loads(await asyncio.wait_for(ws.recv(), t(10)))
+                assert hello == {"instance": name, "path": path}
+                await ws.send("ping")
+                assert await asyncio.wait_for(ws.recv(), t(10)) == f"{name}:ping"
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=t(10),
+                                 follow_redirects=False) as http:
+        for path in ("/i10/room/x", "/i1/room", "/I1/room/x", "/i1/Room/x", "/", "/v1/rooms/x/connect"):
+            resp = await http.get(path)
+            assert resp.status_code == 404, path
+            assert resp.json()["error"]["code"] == "not_found"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as err:
+        async with connect(f"{base}/i10/room/x", open_timeout=t(10)):
+            pass
+    assert err.value.response.status_code == 404
+
+
+async def test_directory_upstream_gets_everything_but_rooms(nginx: Nginx, shards: dict[str, int],
+                                                            tmp_path: Path):
+    """With a directory URL, non-room paths go to the directory; rooms still go to shards."""
+    async def directory(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"instance": "directory", "path": ws.request.path}))
+
+    async with serve(directory, "127.0.0.1", 0) as dir_server:
+        dir_port = dir_server.sockets[0].getsockname()[1]
+        include = tmp_path / "roomshard.conf"
+        port = free_port()
+        include.write_text(render_nginx(_registry(shards), listen=f"127.0.0.1:{port}",
+                                        directory_url=f"http://127.0.0.1:{dir_port}"))
+        nginx.start(include, port)
+        for path, expected in (("/v1/anything", "directory"), ("/i2/room/r", "i2"), ("/i7/room/r", "directory")):
+            async with connect(f"ws://127.0.0.1:{port}{path}", open_timeout=t(10)) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), t(10)))["instance"] == expected
+
+
+@pytest.mark.parametrize("listen", ["80", "127.0.0.1:8080", "[::1]:8080", "0.0.0.0:65535"])
+def test_listen_forms_accepted(listen):
+    """PORT, ADDR:PORT and [v6]:PORT are valid listen values."""
+    assert f"listen {listen};" in render_nginx([], listen=listen)
+
+
+@pytest.mark.parametrize("listen", ["", "http://x:80", "0", "70000", "a b:80", "80;evil"])
+def test_bad_listen_refused(listen):
+    """Anything else is refused before it reaches an nginx config."""
+    with pytest.raises(RegistryError, match="--listen"):
+        render_nginx([], listen=listen)
