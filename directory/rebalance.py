@@ -176,12 +176,64 @@ def lower_bound(weights: Mapping[str, list[float]], load: Mapping[str, float],
     biggest = sorted((w for ws in weights.values() for w in ws), reverse=True)
     in_moves = sum(_cover_count([biggest], [float("inf")], d) for d in deficits.values())
     donors = [i for i in load if i not in deficits and load[i] - lo[i] > _EPS]
-    by_slack = _cover_count([list(reversed(weights[i])) for i in donors],
-                            [load[i] - lo[i] for i in donors], sum(deficits.values()))
+    donor_rooms = [list(reversed(weights[i])) for i in donors]
+    slacks = [load[i] - lo[i] for i in donors]
+    need = sum(deficits.values())
+    by_slack = max(_cover_count(donor_rooms, slacks, need),
+                   _slack_bound(donor_rooms, slacks, need))
     takers = [i for i in load if i not in excesses and hi[i] - load[i] > _EPS]
     by_room = _cover_count([biggest] * len(takers), [hi[i] - load[i] for i in takers],
                            sum(excesses.values()))
     return max(out_moves, in_moves, by_slack, by_room)
+
+
+def _slack_bound(rooms_desc: list[list[float]], slacks: list[float], need: float) -> int:
+    """Fewest moves that can bring ``need`` into the underloaded instances from donors.
+
+    Donor h has slack s = load - lo. Its rooms that reach the underloaded
+    instances form a set S_h; if their total exceeds s, h must itself take
+    in at least one room (one more move, into h, counted nowhere else). So t
+    moves charged to h bring at most V(t) = max(min(s, P'_t), P_{t-1}),
+    where P is the prefix sum of its rooms largest first and P' the same
+    over its rooms of weight <= s. Replacing each V by its concave hull only
+    raises what k moves can bring, and for concave values the best k moves
+    overall are the k best hull slopes, taken greedily: a valid lower bound.
+    """
+    if need <= _EPS:
+        return 0
+    units: list[tuple[float, int]] = []  # (slope, how many moves at that slope)
+    for ws, s in zip(rooms_desc, slacks):
+        small = [w for w in ws if w <= s + _EPS]
+        values, p_all, p_small = [0.0], 0.0, 0.0
+        for t in range(1, len(ws) + 1):
+            prev_all = p_all
+            p_all += ws[t - 1]
+            if t <= len(small):
+                p_small += small[t - 1]
+            values.append(max(min(s, p_small), prev_all))
+            if values[-1] >= need:
+                break
+        hull: list[tuple[int, float]] = [(0, 0.0)]  # upper concave hull of (t, V(t))
+        for t in range(1, len(values)):
+            pt = (t, values[t])
+            while len(hull) >= 2 and _cross(hull[-2], hull[-1], pt) >= 0:
+                hull.pop()
+            hull.append(pt)
+        for (t0, v0), (t1, v1) in zip(hull, hull[1:]):
+            if v1 > v0:
+                units.append(((v1 - v0) / (t1 - t0), t1 - t0))
+    units.sort(reverse=True)
+    count, covered = 0, 0.0
+    for slope, n in units:
+        if covered + slope * n >= need - _EPS:
+            return count + max(1, -int(-(need - covered - _EPS) // slope))
+        covered += slope * n
+        count += n
+    return count
+
+
+def _cross(o: tuple[int, float], a: tuple[int, float], b: tuple[int, float]) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
 def _cover_count(rooms_desc: list[list[float]], caps: list[float], need: float) -> int:
