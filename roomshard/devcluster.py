@@ -261,8 +261,11 @@ def instances_active(directory_url: str, token: str, names: list[str]) -> bool:
 # -- the nginx router (--router nginx) ---------------------------------------
 
 
-def nginx_binary() -> str | None:
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+def nginx_binary(path: str | None = None) -> str | None:
+    """nginx on ``path`` (default: $PATH plus the sbin directories a non-root PATH may lack)."""
+    if path is None:
+        path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which("nginx", path=path)
 
 
 def nginx_main_conf(include: Path, prefix: Path) -> str:

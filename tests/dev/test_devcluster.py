@@ -138,3 +138,32 @@ def test_dev_stops_everything_when_a_child_dies(tmp_path: Path, run_dev: list[De
     dev.stop()
     assert "i2 exited with code" in dev.output
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.nginx
+async def test_dev_behind_nginx_answers_on_one_port(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """With --router nginx the page, the API and every room URL go through nginx on one port."""
+    from roomshard.devcluster import nginx_binary
+
+    if nginx_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx missing: run the README's test command")
+        pytest.skip("nginx not installed")
+    dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path), "--router", "nginx"])
+    run_dev.append(dev)
+    dev.wait_up()
+    router = dev.field("router")
+    assert dev.field("chat page") == router + "/"
+    assert "<script>" in httpx.get(router + "/", timeout=t(10)).text
+    route = httpx.post(router + "/v1/rooms/edge/connect", json={"user": "alice"}, timeout=t(10)).json()
+    assert route["url"].startswith(router.replace("http://", "ws://") + "/" + route["instance"] + "/room/edge?")
+    async with client.connect(router, "edge", "alice") as a, client.connect(router, "edge", "bob") as b:
+        seq = await a.send("through nginx")
+        async for m in b:
+            assert isinstance(m, client.Message) and (m.seq, m.text) == (seq, "through nginx")
+            break
+    children = dev.descendants()
+    assert any("nginx" in p.name() for p in children)
+    dev.popen.send_signal(signal.SIGINT)
+    assert dev.popen.wait(timeout=t(15)) == 0
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from roomshard.devcluster import banner, child_env, dev_secrets, nginx_main_conf, plan_ports, port_in_use
+from roomshard.devcluster import (banner, child_env, dev_secrets, nginx_binary, nginx_main_conf,
+                                  plan_ports, port_in_use)
 
 
 def test_ports_follow_the_contract_layout() -> None:
@@ -72,3 +73,12 @@ def test_nginx_main_conf_includes_the_rules_and_keeps_files_in_the_data_dir(tmp_
     conf = nginx_main_conf(tmp_path / "roomshard.conf", tmp_path)
     assert "daemon off;" in conf and f"include {tmp_path / 'roomshard.conf'};" in conf
     assert f"pid {tmp_path / 'nginx.pid'};" in conf and f"proxy_temp_path {tmp_path / 'tmp' / 'proxy'};" in conf
+
+
+def test_nginx_binary_is_looked_up_on_the_path(tmp_path: Path) -> None:
+    """No nginx on the search path means None (dev then prints one line and exits 2)."""
+    assert nginx_binary(str(tmp_path)) is None
+    fake = tmp_path / "nginx"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert nginx_binary(str(tmp_path)) == str(fake)
