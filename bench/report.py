@@ -40,7 +40,7 @@ ORDER = list(LABELS)
 
 def fmt(s: Spread | None, scale: float = 1.0, digits: int = 0, unit: str = "") -> str:
     if s is None:
-        return "not yet measured"
+        return "–"
     f = f"{{:,.{digits}f}}"
     mid = f.format(s.median * scale)
     if s.n > 1:
@@ -66,9 +66,13 @@ def ladder_table(rows: list[LadderSummary], ref_deliveries: int) -> list[str]:
             note += " ≥"
         if r.loadgen_bound:
             note += " †"
-        if r.errors and r.max_deliveries_per_s is None:
+        if r.errors and r.max_deliveries_per_s is None and not r.unsustained_repeats:
             out.append(f"| {LABELS[r.target]} | not measured: {r.errors[0][:120]} | | | | | | |")
             continue
+        if r.unsustained_repeats:
+            # Say it when some repeat could not sustain even the lowest rung.
+            note += (f" ({r.unsustained_repeats} repeat(s) sustained no rung, "
+                     f"lowest offered {r.lowest_offered:,.0f}/s)")
         p50 = fmt(r.p50_ref_ms, digits=1)
         p99 = fmt(r.p99_ref_ms, digits=1)
         out.append(
@@ -98,7 +102,7 @@ def scaling_table(fan: dict[str, LadderSummary]) -> list[str]:
     for one, two in (("roomshard-1", "roomshard-2"), ("socketio-1", "socketio-2-redis")):
         for name in (one, two):
             if name not in fan:
-                out.append(f"| {LABELS[name]} | not yet measured | | | |")
+                out.append(f"| {LABELS[name]} | not measured | | | |")
                 continue
             s = fan[name]
             base = fan.get(one)

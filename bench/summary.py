@@ -48,6 +48,8 @@ class LadderSummary:
     loadgen_cpu_at_max: Spread | None = None
     topped_out: bool = False  # some repeat never failed: the max is a lower bound
     loadgen_bound: bool = False  # the load generator was busy at the max step
+    unsustained_repeats: int = 0  # repeats whose lowest rung already failed
+    lowest_offered: float | None = None  # deliveries/s offered by the lowest rung tried
     errors: list[str] = field(default_factory=list)
 
 
@@ -65,10 +67,12 @@ def _runs(doc: dict[str, Any], target: str, workload: str) -> list[dict[str, Any
 
 
 def _ref_step(steps: Sequence[dict[str, Any]], ref: int | None) -> dict[str, Any] | None:
+    """The last attempt at the reference rate (a retry replaces a failed first try)."""
+    found = None
     for s in steps:
         if s["rate_target"] == ref:
-            return s
-    return None
+            found = s
+    return found
 
 
 def ladder(doc: dict[str, Any], target: str, workload: str, reference_rate: int | None) -> LadderSummary:
@@ -88,6 +92,10 @@ def ladder(doc: dict[str, Any], target: str, workload: str, reference_rate: int 
             tops.append(top)
             if top is steps[-1]:
                 out.topped_out = True
+        else:
+            out.unsustained_repeats += 1
+            offered = steps[0]["expected"] / steps[0]["send_seconds"]
+            out.lowest_offered = min(offered, out.lowest_offered or offered)
         refs.append(_ref_step(steps, reference_rate))
     out.max_deliveries_per_s = Spread.of(t["deliveries_per_s"] for t in tops)
     out.per_cpu_second_at_max = Spread.of(t["deliveries_per_cpu_second"] for t in tops)

@@ -356,8 +356,16 @@ class LoadGen {
     const c = this.cfg;
     const steps = [];
     for (const rate of c.rates) {
-      const r = await this.runStep(rate);
+      let r = await this.runStep(rate);
       steps.push(r);
+      // One retry of a failed rung, so a burst of unrelated load on a shared
+      // machine does not end the ladder; both attempts are reported.
+      for (let retry = 1; !r.sustained && retry <= (c.retries ?? 0); retry++) {
+        await this.settle(c.pauseMs ?? 300);
+        r = await this.runStep(rate);
+        r.retry = retry;
+        steps.push(r);
+      }
       if (!r.sustained && c.stopOnFail !== false) break;
       await this.settle(c.pauseMs ?? 300);
     }

@@ -33,8 +33,9 @@ def test_later_repeats_restart_one_step_below_the_first_max_and_keep_the_referen
     """Repeats 2+ skip the low rungs but still measure latency at the reference rate."""
     fan = FULL.workloads[0]
     assert workloads.ladder_for_repeat(fan, None) == list(fan.rates)
-    assert workloads.ladder_for_repeat(fan, 3000) == [500, 2500, 3000, 3500, 4000, 5000, 6000, 8000]
+    assert workloads.ladder_for_repeat(fan, 3000) == [250, 2500, 3000, 3500, 4000, 5000, 6000, 8000]
     assert workloads.ladder_for_repeat(fan, 500)[:2] == [250, 500]
+    assert workloads.ladder_for_repeat(fan, 250)[:2] == [100, 250]
     assert workloads.ladder_for_repeat(fan, 12345) == list(fan.rates)
 
 
