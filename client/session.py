@@ -42,8 +42,11 @@ from client.reconnect import Action, Backoff, Decision, decide
 
 log = logging.getLogger("roomshard.client")
 
-#: Retry floor after a refused ``rate_limited`` send (the default limit is 20/s).
+#: After a ``rate_limited`` refusal: hold every write this long, then space
+#: writes PACED_INTERVAL_S apart for PACED_FOR_S (16/s, under the default 20/s).
 RATE_LIMITED_RETRY_S = 0.25
+PACED_INTERVAL_S = 0.06
+PACED_FOR_S = 3.0
 _UNAVAILABLE = Decision(Action.RETRY, 0.0, True, False, "directory unavailable")
 
 
@@ -106,6 +109,8 @@ class Session:
         self._wake_sleep = asyncio.Event()
         self._opened = asyncio.Event()
         self._closing = False
+        self._hold_until = 0.0  # loop time before which the writer holds (rate limited)
+        self._pace_until = 0.0  # loop time before which writes are spaced PACED_INTERVAL_S apart
         self._task: asyncio.Task[None] | None = None
 
     # -- properties -------------------------------------------------------
@@ -346,9 +351,13 @@ class Session:
         if msg_id is not None and str(msg_id) in self.outbox:
             msg_id = str(msg_id)
             if code == "rate_limited":
-                # Still ours to deliver: write it again a little later.
+                # Still ours to deliver: hold every write a little, then write it again
+                # (going on at full speed would get the connection closed with 4008).
                 self.outbox.mark_unsent(msg_id)
-                asyncio.get_running_loop().call_later(RATE_LIMITED_RETRY_S, self._wake_writer.set)
+                now = asyncio.get_running_loop().time()
+                self._hold_until = now + RATE_LIMITED_RETRY_S
+                self._pace_until = now + PACED_FOR_S
+                self._wake_writer.set()
                 return
             self.outbox.refuse(msg_id)
             fut = self._futures.pop(msg_id, None)
@@ -358,13 +367,31 @@ class Session:
         self._events.put_nowait(ServerError(code, message, msg_id))
 
     async def _writer(self, ws: ClientConnection) -> None:
-        """Write every due outbox entry, in order, whenever woken; one writer per connection."""
+        """Write every due outbox entry, in order, whenever woken; one writer per connection.
+
+        After a ``rate_limited`` refusal the writer holds briefly, then paces its
+        writes for a while (a burst of resends would only collect more refusals
+        and end with a 4008 close).
+        """
+        loop = asyncio.get_running_loop()
+        last_write = 0.0
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
-            for entry in self.outbox.due():
-                try:
-                    await ws.send(orjson.dumps({"type": "send", "id": entry.id, "text": entry.text}).decode())
-                except ConnectionClosed:
-                    return  # the reader sees the close and the loop reconnects
-                self.outbox.mark_sent(entry.id)
+            while due := self.outbox.due():
+                for entry in due:
+                    now = loop.time()
+                    paced = last_write + PACED_INTERVAL_S - now if now < self._pace_until else 0.0
+                    if (wait := max(self._hold_until - now, paced)) > 0:
+                        await asyncio.sleep(wait)
+                        break  # look again at what is due after the wait
+                    if entry.id not in self.outbox or entry.sent_on == self.outbox.generation:
+                        continue  # acked or rewritten meanwhile
+                    try:
+                        await ws.send(orjson.dumps({"type": "send", "id": entry.id, "text": entry.text}).decode())
+                    except ConnectionClosed:
+                        return  # the reader sees the close and the loop reconnects
+                    self.outbox.mark_sent(entry.id)
+                    last_write = loop.time()
+                else:
+                    break  # the whole snapshot is written; new sends wake us again

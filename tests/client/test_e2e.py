@@ -95,3 +95,43 @@ async def test_acked_messages_survive_a_shard_restart(procs: Procs) -> None:
         # Both sessions reconnected, and the receiver was told its resume point was lost.
         assert a.connections >= 2 and b.connections >= 2
         assert any(isinstance(g, Gap) for g in got)
+
+
+async def test_a_burst_over_the_rate_limit_is_delivered_in_full(procs: Procs) -> None:
+    """120 sends at once exceed the shard's burst; refused ones are paced and resent until all are
+    acked, each reaches the receiver once in seq order, and the sender is never closed (4008)."""
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    async with client.connect(d.url, "burst", "alice") as a, client.connect(d.url, "burst", "bob") as b:
+        got: list[Message | Gap] = []
+        reader = asyncio.create_task(_collect(b, got))
+        seqs = await asyncio.wait_for(asyncio.gather(*(a.send(f"m{i}") for i in range(120))), t(60))
+        await await_until(lambda: len(got) == 120, 20, "bob to get all 120")
+        reader.cancel()
+        assert [m.seq for m in _messages(got)] == sorted(seqs)
+        assert sorted(m.text for m in _messages(got)) == sorted(f"m{i}" for i in range(120))
+        assert a.connections == 1 and len(a.outbox) == 0
+
+
+async def test_clean_shard_stop_sends_clients_to_another_shard(procs: Procs) -> None:
+    """A shard stopping (SIGTERM, close 1001) sends its clients back to the directory and on to a
+    live shard; messages acked after the stop reach the other member."""
+    d = procs.directory()
+    shards = {"i1": procs.shard("i1", d.url), "i2": procs.shard("i2", d.url)}
+    async with client.connect(d.url, "hop", "alice") as a, client.connect(d.url, "hop", "bob") as b:
+        got: list[Message | Gap] = []
+        reader = asyncio.create_task(_collect(b, got))
+        first = a.instance
+        assert first is not None
+        await a.send("before")
+        procs.terminate(shards[first])
+        await await_until(lambda: a.state is State.OPEN and a.instance != first
+                          and b.state is State.OPEN and b.instance != first, 30, "both on the other shard")
+        after = [await a.send(f"after{i}") for i in range(3)]
+        await await_until(lambda: [m.text for m in _messages(got)][-3:] == ["after0", "after1", "after2"],
+                          10, "bob to get the messages sent after the stop")
+        reader.cancel()
+        msgs = _messages(got)
+        assert [m.seq for m in msgs][-3:] == after
+        assert [m.text for m in msgs].count("before") == 1
+        assert [m.seq for m in msgs] == sorted({m.seq for m in msgs})
