@@ -83,11 +83,11 @@ def _write(out: str | None, files: dict[str, str]) -> None:
 
 def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: str,
              name_prefix: str, directory_upstream: str | None, ping_interval: float,
-             reserved_target_groups: int) -> None:
+             reserved_target_groups: int, tls: dict[str, str | None] | None = None) -> None:
     if fmt == "nginx":
         _write(out, {NGINX_FILE: render_nginx(instances, listen=listen,
                                               directory_url=directory_upstream,
-                                              ping_interval=ping_interval)})
+                                              ping_interval=ping_interval, **(tls or {}))})
         return
     rules = model.build(instances, name_prefix=name_prefix, ping_interval=ping_interval,
                         reserved_target_groups=reserved_target_groups)
@@ -118,13 +118,17 @@ def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: st
               help="nginx: the server's listen address")
 @click.option("--directory-upstream", metavar="URL",
               help="nginx: proxy every non-room path to this directory URL")
+@click.option("--server-name", help="nginx: server_name of the server block")
+@click.option("--ssl-certificate", metavar="PATH", help="nginx: terminate TLS with this certificate")
+@click.option("--ssl-certificate-key", metavar="PATH", help="nginx: ... and this key")
 @click.option("--ping-interval", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
               help="the shards' ping interval; proxy timeouts are >= 3 of them")
 @_common_options
 @click.pass_context
 def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
           from_file: str | None, out: str | None, listen: str,
-          directory_upstream: str | None, ping_interval: float, name_prefix: str,
+          directory_upstream: str | None, server_name: str | None, ssl_certificate: str | None,
+          ssl_certificate_key: str | None, ping_interval: float, name_prefix: str,
           reserved_target_groups: int) -> None:
     """Load balancer rules for the registered instances (ALB via Terraform or
     CloudFormation, or nginx), or `plan`/`apply` them on a live ALB listener."""
@@ -135,7 +139,9 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
     try:
         generate(fmt, _load(from_directory, from_file), out=out, listen=listen,
                  name_prefix=name_prefix, directory_upstream=directory_upstream,
-                 ping_interval=ping_interval, reserved_target_groups=reserved_target_groups)
+                 ping_interval=ping_interval, reserved_target_groups=reserved_target_groups,
+                 tls={"server_name": server_name, "ssl_certificate": ssl_certificate,
+                      "ssl_certificate_key": ssl_certificate_key})
     except RegistryError as exc:
         _fail(str(exc))
 

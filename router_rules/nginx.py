@@ -29,6 +29,7 @@ from router_rules.registry import Instance, RegistryError, parse_instance, sort_
 FILE_NAME = "roomshard.conf"
 DEFAULT_LISTEN = "80"
 _LISTEN_RE = re.compile(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?[0-9]{1,5}")
+_UNSAFE_RE = re.compile(r"[\s;{}'\"]")
 _NOT_FOUND = '{"error": {"code": "not_found", "message": "no such route"}}'
 _ROOM_NOT_FOUND = ('{"error": {"code": "not_found", '
                    '"message": "a room URL is /iN/room/{room}"}}')
@@ -64,17 +65,31 @@ def _json_404(indent: str, body: str) -> list[str]:
     return [f"{indent}default_type application/json;", f"{indent}return 404 '{body}';"]
 
 
+def _check_path(what: str, value: str | None) -> None:
+    # Interpolated into the config: refuse what would end or open a directive.
+    if value is not None and (not value or _UNSAFE_RE.search(value)):
+        raise RegistryError(f"{what} {value!r}: no spaces, quotes, ';', '{{' or '}}'")
+
+
 def render_nginx(instances: Iterable[Instance | Mapping[str, Any]], listen: str = DEFAULT_LISTEN,
-                 directory_url: str | None = None, ping_interval: float = 20.0) -> str:
+                 directory_url: str | None = None, ping_interval: float = 20.0, *,
+                 server_name: str | None = None, ssl_certificate: str | None = None,
+                 ssl_certificate_key: str | None = None) -> str:
     """The nginx include file (text). Deterministic: instances in number order.
 
     ``instances`` are :class:`Instance` objects or the admin API's instance
     dicts (``{"id", "internal_url", ...}``, validated here). ``directory_url``
     (``http://host:port``), when given, receives every path that is not a
-    room. Raises RegistryError for an invalid instance, ``listen`` or
-    ``directory_url``.
+    room. With ``ssl_certificate`` and ``ssl_certificate_key`` the server
+    terminates TLS itself (clients use ``wss://``). Raises RegistryError for
+    an invalid instance, ``listen``, ``directory_url`` or path.
     """
     listen = validate_listen(listen)
+    for what, value in (("--server-name", server_name), ("--ssl-certificate", ssl_certificate),
+                        ("--ssl-certificate-key", ssl_certificate_key)):
+        _check_path(what, value)
+    if (ssl_certificate is None) != (ssl_certificate_key is None):
+        raise RegistryError("--ssl-certificate and --ssl-certificate-key go together")
     timeout = idle_timeout_for(ping_interval)
     insts = sort_unique(i if isinstance(i, Instance) else parse_instance(i) for i in instances)
     out = [
@@ -97,7 +112,15 @@ def render_nginx(instances: Iterable[Instance | Mapping[str, Any]], listen: str 
         port = parts.port or (443 if parts.scheme == "https" else 80)
         out += ["upstream roomshard_directory {",
                 f"    server {_server_address(parts.hostname, port)};", "}", ""]
-    out += ["server {", f"    listen {listen};", ""]
+    tls = ssl_certificate is not None
+    out += ["server {", f"    listen {listen}{' ssl' if tls else ''};"]
+    if server_name is not None:
+        out.append(f"    server_name {server_name};")
+    if tls:
+        out += [f"    ssl_certificate {ssl_certificate};",
+                f"    ssl_certificate_key {ssl_certificate_key};",
+                "    ssl_protocols TLSv1.2 TLSv1.3;"]
+    out.append("")
     for inst in insts:
         out += [f"    location /{inst.id}/room/ {{",
                 f"        proxy_pass {inst.scheme}://roomshard_{inst.id};",
