@@ -147,9 +147,12 @@ class Session:
         async def opened() -> None:
             while self._state is not State.OPEN:
                 self._opened.clear()
-                waiters = [asyncio.ensure_future(self._opened.wait()), self._task]  # type: ignore[list-item]
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                waiters[0].cancel()
+                opened_wait = asyncio.ensure_future(self._opened.wait())
+                try:
+                    await asyncio.wait([opened_wait, self._task],  # type: ignore[list-item]
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    opened_wait.cancel()
                 if self._task is not None and self._task.done():
                     raise self.error or SessionClosed("session closed")
         await asyncio.wait_for(opened(), timeout)
