@@ -35,14 +35,18 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable, Mapping
-from itertools import accumulate
+from collections.abc import Callable, Iterable, Mapping
+from itertools import accumulate, groupby
 from typing import Any
 
 DEFAULT_TOLERANCE = 0.10
 DEFAULT_MAX_MOVES = 100
 ACTIVE = "active"
 _EPS = 1e-9
+# Partners tried per move of an overloaded instance: the most headroom (admits the
+# largest room) and the most deficit (fixed the most). Trying all of them is O(I)
+# picks per move; these few carry the best gain, which keeps 1,000 instances fast.
+_CANDIDATES = 8
 
 
 def _stats(load: Mapping[str, float], share: Mapping[str, float]) -> dict[str, dict[str, float]]:
@@ -103,29 +107,34 @@ def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, An
     bound = lower_bound(weights, load, lo, hi)
 
     moves: list[dict[str, str]] = []
-    stuck: set[str] = set()
-    while len(moves) < max_moves:
-        over = [(load[i] - hi[i], i) for i in cap if load[i] > hi[i] + _EPS and i not in stuck]
-        under = [(lo[i] - load[i], i) for i in cap if load[i] < lo[i] - _EPS and i not in stuck]
-        if not over and not under:
-            break
+    # Lazy max-heaps keyed on the current load (stale entries are dropped when met;
+    # both ends of every move are pushed again). Nobody becomes over- or
+    # underloaded during a plan, so those two heaps only shrink.
+    over = _LazyTop(lambda i: (load[i] - hi[i]) / max(share[i], _EPS), cap)
+    under = _LazyTop(lambda i: (lo[i] - load[i]) / max(share[i], _EPS), cap)
+    roomy = _LazyTop(lambda i: hi[i] - load[i], cap)
+    short = _LazyTop(lambda i: lo[i] - load[i], cap)
+    while len(moves) < max_moves and total > 0:
         best: tuple[float, float, str, str, int] | None = None  # (-gain, w, src, dst, index)
-        if over:
-            _, src = max(over, key=lambda x: (x[0] / share[x[1]], x[1]))
+        worst = over.top(1, lambda i: load[i] > hi[i] + _EPS)
+        if worst:
+            src = violator = worst[0]
             excess, room_left = load[src] - hi[src], load[src] - lo[src]
-            for dst in cap:
-                if dst == src or load[dst] >= hi[dst] - _EPS:
-                    continue
+            takes = lambda i: i != src and load[i] < hi[i] - _EPS  # noqa: E731
+            for dst in set(roomy.top(_CANDIDATES, takes)) | set(short.top(_CANDIDATES, takes)):
                 deficit = max(0.0, lo[dst] - load[dst])
                 k = _pick(weights[src], max(excess, deficit), min(room_left, hi[dst] - load[dst]))
                 if k >= 0:
                     w = weights[src][k]
                     cand = (-(min(w, excess) + min(w, deficit)), w, src, dst, k)
                     best = cand if best is None or cand < best else best
-            violator = src
         else:
-            _, dst = max(under, key=lambda x: (x[0] / share[x[1]], x[1]))
+            neediest = under.top(1, lambda i: load[i] < lo[i] - _EPS)
+            if not neediest:
+                break
+            dst = violator = neediest[0]
             deficit, headroom = lo[dst] - load[dst], hi[dst] - load[dst]
+            # Every donor is tried: the room that covers the deficit best may sit anywhere.
             for src in cap:
                 if src == dst or load[src] <= lo[src] + _EPS:
                     continue
@@ -134,9 +143,8 @@ def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, An
                     w = weights[src][k]
                     cand = (-min(w, deficit), w, src, dst, k)
                     best = cand if best is None or cand < best else best
-            violator = dst
         if best is None or best[0] >= 0:
-            stuck.add(violator)  # nothing fits: leave it and fix what can be fixed
+            (over if worst else under).drop(violator)  # nothing fits: fix what can be fixed
             continue
         _, w, src, dst, k = best
         weights[src].pop(k)
@@ -144,10 +152,55 @@ def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, An
         load[src] -= w
         load[dst] += w  # not added to dst's list: a moved room stays put in this plan
         moves.append({"room": room, "from": src, "to": dst})
+        for heap in (over, under, roomy, short):
+            heap.push(src)
+            heap.push(dst)
 
     balanced = all(lo[i] - _EPS <= load[i] <= hi[i] + _EPS for i in cap)
     return {"moves": moves, "before": before, "after": _stats(load, share),
             "lower_bound": bound, "balanced": balanced, "tolerance": tolerance}
+
+
+class _LazyTop:
+    """Instances by a key that changes as loads move: a max-heap with lazy deletion."""
+
+    def __init__(self, key: Callable[[str], float], ids: Iterable[str]) -> None:
+        self.key = key
+        self.heap = [(-key(i), i) for i in ids]
+        self.dropped: set[str] = set()
+        heapq.heapify(self.heap)
+
+    def push(self, i: str) -> None:
+        if i not in self.dropped:
+            heapq.heappush(self.heap, (-self.key(i), i))
+
+    def drop(self, i: str) -> None:
+        self.dropped.add(i)
+
+    def top(self, n: int, valid: Callable[[str], bool]) -> list[str]:
+        """Up to ``n`` highest-keyed instances passing ``valid``, highest first.
+
+        Entries whose key is stale are discarded (a fresh one was pushed when
+        the load changed); entries failing ``valid`` are kept for later.
+        """
+        out: list[str] = []
+        keep: list[tuple[float, str]] = []
+        seen: set[str] = set()
+        heap = self.heap
+        while heap and len(out) < n:
+            entry = heapq.heappop(heap)
+            neg, i = entry
+            if i in seen or i in self.dropped or -neg != self.key(i):
+                continue
+            seen.add(i)
+            keep.append(entry)
+            if valid(i):
+                out.append(i)
+            elif -neg <= 0 and n == 1:
+                break  # for the over/under heaps a non-positive key ends the search
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        return out
 
 
 def lower_bound(weights: Mapping[str, list[float]], load: Mapping[str, float],
@@ -204,21 +257,30 @@ def _slack_bound(rooms_desc: list[list[float]], slacks: list[float], need: float
     units: list[tuple[float, int]] = []  # (slope, how many moves at that slope)
     for ws, s in zip(rooms_desc, slacks):
         small = [w for w in ws if w <= s + _EPS]
-        values, p_all, p_small = [0.0], 0.0, 0.0
-        for t in range(1, len(ws) + 1):
+        hull: list[tuple[int, float]] = [(0, 0.0)]  # upper concave hull of (t, V(t))
+        p_all = p_small = 0.0
+        t = 0
+        while t < len(ws):
+            t += 1
             prev_all = p_all
             p_all += ws[t - 1]
             if t <= len(small):
                 p_small += small[t - 1]
-            values.append(max(min(s, p_small), prev_all))
-            if values[-1] >= need:
-                break
-        hull: list[tuple[int, float]] = [(0, 0.0)]  # upper concave hull of (t, V(t))
-        for t in range(1, len(values)):
-            pt = (t, values[t])
+            pt = (t, max(min(s, p_small), prev_all))
             while len(hull) >= 2 and _cross(hull[-2], hull[-1], pt) >= 0:
                 hull.pop()
             hull.append(pt)
+            if pt[1] >= need:
+                break
+            # Once P_{t-1} >= s, V(t+k) = P_{t+k-1}: the slopes are the room weights
+            # themselves, already decreasing; once the next is no steeper than the hull's
+            # last segment the rest of the hull is those rooms, one unit each.
+            if prev_all >= s and len(hull) >= 2 and t < len(ws):
+                (t0, v0), (t1, v1) = hull[-2], hull[-1]
+                if ws[t - 1] <= (v1 - v0) / (t1 - t0):
+                    for w, same in groupby(ws[t - 1:]):
+                        units.append((w, sum(1 for _ in same)))
+                    break
         for (t0, v0), (t1, v1) in zip(hull, hull[1:]):
             if v1 > v0:
                 units.append(((v1 - v0) / (t1 - t0), t1 - t0))
