@@ -110,8 +110,18 @@ def child_env(base: dict[str, str], *, data_dir: Path, creds: dict[str, str],
     return env
 
 
+def roomshard_command(executable: str, cwd: Path) -> str:
+    """How the user types ``roomshard``: a project-local virtualenv (``scripts/dev`` makes
+    ``.venv``) is usually not on the user's PATH, so name its script by its relative path."""
+    script = Path(executable).absolute().parent / "roomshard"
+    try:
+        return str(script.relative_to(cwd.absolute())) if script.exists() else "roomshard"
+    except ValueError:
+        return "roomshard"
+
+
 def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], admin_token: str,
-           data_dir: Path, router_url: str | None) -> str:
+           data_dir: Path, router_url: str | None, cmd: str = "roomshard") -> str:
     q = shlex.quote
     lines = [
         "roomshard dev: the service is up.",
@@ -127,8 +137,8 @@ def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], adm
         "",
         "Try:",
         f"  curl -s -X POST {page_url}v1/rooms/lobby/connect -H 'content-type: application/json' -d '{{\"user\": \"alice\"}}'",
-        f"  roomshard chat lobby --user alice --directory-url {page_url.rstrip('/')}",
-        f"  ROOMSHARD_ADMIN_TOKEN={q(admin_token)} roomshard admin --directory-url {page_url.rstrip('/')} instances",
+        f"  {cmd} chat lobby --user alice --directory-url {page_url.rstrip('/')}",
+        f"  ROOMSHARD_ADMIN_TOKEN={q(admin_token)} {cmd} admin --directory-url {page_url.rstrip('/')} instances",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
@@ -365,7 +375,8 @@ def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, 
         cluster.wait_for("nginx to listen", lambda: _answers(f"{router_url}/healthz"), START_TIMEOUT_S)
         page_url = f"{router_url}/"
     click.echo(banner(page_url=page_url, directory_url=directory_url, shard_urls=shard_urls,
-                      admin_token=token, data_dir=data_dir, router_url=router_url))
+                      admin_token=token, data_dir=data_dir, router_url=router_url,
+                      cmd=roomshard_command(sys.executable, Path.cwd())))
     while not cluster.stop_requested.is_set():
         if (c := cluster.dead()) is not None:
             raise DevError(f"{c.name} exited with code {c.popen.returncode}; stopping everything. "

@@ -82,3 +82,18 @@ def test_nginx_binary_is_looked_up_on_the_path(tmp_path: Path) -> None:
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     assert nginx_binary(str(tmp_path)) == str(fake)
+
+
+def test_banner_names_a_project_venv_script_by_its_path(tmp_path: Path) -> None:
+    """A roomshard script in ./.venv is shown as .venv/bin/roomshard (not on the user's PATH)."""
+    from roomshard.devcluster import roomshard_command
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "roomshard").write_text("")
+    assert roomshard_command(str(bin_dir / "python"), tmp_path) == ".venv/bin/roomshard"
+    assert roomshard_command(str(bin_dir / "python"), tmp_path / "elsewhere") == "roomshard"
+    assert roomshard_command("/nonexistent/bin/python", tmp_path) == "roomshard"
+    text = banner(page_url="http://h/", directory_url="http://h", shard_urls={}, admin_token="t",
+                  data_dir=tmp_path, router_url=None, cmd=".venv/bin/roomshard")
+    assert ".venv/bin/roomshard chat lobby" in text and ".venv/bin/roomshard admin" in text
