@@ -133,3 +133,53 @@ def test_bad_listen_refused(listen):
     """Anything else is refused before it reaches an nginx config."""
     with pytest.raises(RegistryError, match="--listen"):
         render_nginx([], listen=listen)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    start = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=36500))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_tls_termination_serves_wss(nginx: Nginx, shards: dict[str, int], tmp_path: Path):
+    """With a certificate the generated server speaks TLS: wss://localhost/iN/room/x reaches N."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    include = tmp_path / "roomshard.conf"
+    include.write_text(render_nginx(_registry(shards), listen=f"127.0.0.1:{port}", server_name="localhost",
+                                    ssl_certificate=str(cert), ssl_certificate_key=str(key)))
+    nginx.start(include, port)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    async with connect(f"wss://localhost:{port}/i3/room/r", ssl=ctx, open_timeout=t(10)) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), t(10)))["instance"] == "i3"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"server_name": "a;b"}, "--server-name"),
+    ({"ssl_certificate": "/x y.pem", "ssl_certificate_key": "/k"}, "--ssl-certificate"),
+    ({"ssl_certificate": "/c.pem"}, "go together"),
+])
+def test_unsafe_or_partial_tls_options_refused(kwargs, needle):
+    """Values that could break out of a directive, or half a TLS pair, are refused."""
+    with pytest.raises(RegistryError, match=needle):
+        render_nginx([], **kwargs)

@@ -1,0 +1,194 @@
+"""infra/: Terraform module, CloudFormation templates, systemd units and the nginx example."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from roomshard.protocol import DEFAULT_PING_INTERVAL_S
+from router_rules.model import RULE_PRIORITY_BASE
+from tests.router_rules.nginx_proc import Nginx
+from tests.support.procs import TEST_ADMIN_TOKEN, Procs
+from tests.support.timing import t
+
+INFRA = Path(__file__).parents[2] / "infra"
+TF = INFRA / "terraform"
+CFN = INFRA / "cloudformation"
+SYSTEMD = INFRA / "systemd"
+
+
+def _tf_text() -> str:
+    return "\n".join(p.read_text() for p in sorted(TF.glob("*.tf")))
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform not on PATH")
+def test_terraform_module_is_formatted():
+    """`terraform fmt -check` passes (providers cannot be downloaded here, so no validate)."""
+    res = subprocess.run(["terraform", "fmt", "-check", "-recursive", str(TF)],
+                         capture_output=True, text=True, timeout=t(60))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_terraform_references_are_declared():
+    """Every var.X is a declared variable, every file()/templatefile() path exists."""
+    text = _tf_text()
+    declared = set(re.findall(r'^variable "([a-z_]+)"', text, flags=re.M))
+    used = set(re.findall(r"\bvar\.([a-z_]+)", text))
+    assert used <= declared, used - declared
+    for rel in re.findall(r'(?:file|templatefile)\("\$\{path\.module\}/([^"]+)"', text):
+        assert (TF / rel).exists(), rel
+    # templatefile() gets exactly the variables the template uses.
+    template = (TF / "templates" / "user_data.sh.tftpl").read_text()
+    loop_vars = set(re.findall(r"%\{ for (\w+) in", template))
+    used_in_template = (set(re.findall(r"\$\{([a-z_]+)", template)) | set(
+        re.findall(r"%\{ (?:if|for \w+ in) ([a-z_]+)", template))) - loop_vars
+    for block in re.findall(r"templatefile\([^{]+\{(.*?)\n  \}\)", text, flags=re.S):
+        given = set(re.findall(r"^\s+([a-z_]+)\s+=", block, flags=re.M))
+        assert used_in_template <= given, used_in_template - given
+
+
+def test_terraform_alb_facts():
+    """Idle timeout >= 2 pings, fixed 404 default, infra priorities below the shards' 1000 + N."""
+    text = _tf_text()
+    default = int(re.search(r'variable "idle_timeout" \{.*?default\s+=\s+(\d+)', text, re.S).group(1))
+    assert default >= 2 * DEFAULT_PING_INTERVAL_S
+    https = re.search(r'resource "aws_lb_listener" "https" \{(.*?)\n\}', text, re.S).group(1)
+    assert 'type = "fixed-response"' in https and 'status_code  = "404"' in https
+    priorities = [int(p) for p in re.findall(r"priority\s+=\s+(\d+)", text)]
+    assert priorities and all(p < RULE_PRIORITY_BASE for p in priorities)
+    assert 'values = ["/v1/*", "/", "/openapi.json", "/static/*", "/healthz"]' in text
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CFN / name).read_text())
+
+
+def test_cloudformation_base_alb_facts():
+    """base.yaml: idle timeout >= 2 pings, fixed 404 default, listener ARN exported, priorities < 1000."""
+    doc = _load("base.yaml")
+    assert doc["Parameters"]["IdleTimeout"]["Default"] >= 2 * DEFAULT_PING_INTERVAL_S
+    assert doc["Parameters"]["IdleTimeout"]["MinValue"] >= 2 * DEFAULT_PING_INTERVAL_S
+    res = doc["Resources"]
+    (default,) = res["HttpsListener"]["Properties"]["DefaultActions"]
+    assert default["FixedResponseConfig"]["StatusCode"] == "404"
+    rules = [r["Properties"]["Priority"] for r in res.values()
+             if r["Type"] == "AWS::ElasticLoadBalancingV2::ListenerRule"]
+    assert rules and all(p < RULE_PRIORITY_BASE for p in rules)
+    assert doc["Outputs"]["ListenerArn"]["Value"] == {"Ref": "HttpsListener"}
+
+
+@pytest.mark.parametrize("template, path, unit", [
+    ("base.yaml", ("DirectoryLaunchTemplate", "LaunchTemplateData"), "roomshard-directory.service"),
+    ("shard.yaml", ("Shard",), "roomshard-shard@.service"),
+])
+def test_templates_embed_the_systemd_units_verbatim(template, path, unit):
+    """The units inside CloudFormation user data are exact copies of infra/systemd."""
+    props = _load(template)["Resources"][path[0]]["Properties"]
+    for key in path[1:]:
+        props = props[key]
+    sub = props["UserData"]["Fn::Base64"]["Fn::Sub"]
+    script = sub[0] if isinstance(sub, list) else sub
+    embedded = re.search(r"<<'UNIT'\n(.*?)UNIT\n", script, re.S).group(1)
+    assert embedded == (SYSTEMD / unit).read_text()
+
+
+def _verify_units(tmp_path: Path, extra: str = "") -> str:
+    roomshard = shutil.which("roomshard") or "/bin/true"
+    for unit in ("roomshard-directory.service", "roomshard-shard@.service"):
+        text = (SYSTEMD / unit).read_text().replace("/opt/roomshard/venv/bin/roomshard", roomshard)
+        (tmp_path / unit).write_text(text + extra)
+    (tmp_path / "roomshard-shard@i1.service").write_text((tmp_path / "roomshard-shard@.service").read_text())
+    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "roomshard-directory.service"),
+                          str(tmp_path / "roomshard-shard@i1.service")],
+                         capture_output=True, text=True, timeout=t(60))
+    return (res.stdout + res.stderr).strip()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_units_verify_clean(tmp_path):
+    """`systemd-analyze verify` has nothing to say about the units (and does flag a bad key)."""
+    assert _verify_units(tmp_path) == ""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    assert "Unknown key" in _verify_units(bad, "[Service]\nNoSuchKey=1\n")
+
+
+def test_shard_unit_stops_gracefully_within_the_drain_budget():
+    """SIGTERM, and TimeoutStopSec longer than the shutdown timeout the env files set."""
+    unit = (SYSTEMD / "roomshard-shard@.service").read_text()
+    assert "KillSignal=SIGTERM" in unit
+    stop = int(re.search(r"TimeoutStopSec=(\d+)s", unit).group(1))
+    shutdown = int(re.search(r"ROOMSHARD_SHUTDOWN_TIMEOUT=(\d+)",
+                             (SYSTEMD / "shard-i1.env.example").read_text()).group(1))
+    assert stop > shutdown
+    assert "EnvironmentFile=/etc/roomshard/shard-%i.env" in unit
+    assert f"ROOMSHARD_SHUTDOWN_TIMEOUT={shutdown}" in (CFN / "shard.yaml").read_text()
+    assert f"ROOMSHARD_SHUTDOWN_TIMEOUT={shutdown}" in (TF / "compute.tf").read_text()
+
+
+@pytest.mark.nginx
+@pytest.mark.e2e
+def test_nginx_update_script_writes_checks_and_keeps_the_previous_file(procs: Procs, tmp_path: Path):
+    """update-rules.sh: writes and reloads on change, does nothing when unchanged, keeps the old file if nginx -t fails."""
+    directory = procs.directory()
+    admin = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+    httpx.put(f"{directory.url}/v1/admin/instances/i1", headers=admin, timeout=t(10),
+              json={"internal_url": "http://127.0.0.1:9"}).raise_for_status()
+    rules_dir = tmp_path / "rules"
+    nginx = Nginx(tmp_path / "nginx")
+    (tmp_path / "nginx").mkdir()
+    conf = nginx.main_conf(rules_dir / "roomshard.conf")
+    marker = tmp_path / "reloaded"
+    env = {**os.environ, "ROOMSHARD_DIRECTORY_URL": directory.url,
+           "ROOMSHARD_ADMIN_TOKEN": TEST_ADMIN_TOKEN, "ROOMSHARD_NGINX_DIR": str(rules_dir),
+           "ROOMSHARD_NGINX_LISTEN": "127.0.0.1:18443",
+           "NGINX_TEST": f"{nginx.binary} -q -t -p {nginx.prefix} -e {nginx.prefix}/error.log -c {conf}",
+           "NGINX_RELOAD": f"touch {marker}"}
+    script = str(INFRA / "nginx" / "update-rules.sh")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script], env=env, capture_output=True, text=True, timeout=t(60))
+
+    res = run()
+    assert res.returncode == 0, res.stderr
+    assert marker.exists() and "location /i1/room/" in (rules_dir / "roomshard.conf").read_text()
+    marker.unlink()
+    res = run()
+    assert res.returncode == 0 and "unchanged" in res.stdout and not marker.exists()
+
+    # A new shard whose host nginx cannot resolve: nginx -t refuses, the old file stays.
+    httpx.put(f"{directory.url}/v1/admin/instances/i2", headers=admin, timeout=t(10),
+              json={"internal_url": "http://no-such-host.invalid:8081"}).raise_for_status()
+    before = (rules_dir / "roomshard.conf").read_text()
+    res = run()
+    assert res.returncode == 1 and "kept the previous file" in res.stderr
+    assert (rules_dir / "roomshard.conf").read_text() == before and not marker.exists()
+
+
+def test_nginx_example_main_config_passes_nginx_t(tmp_path: Path):
+    """infra/nginx/nginx.conf with a generated include passes `nginx -t` (paths moved to a temp dir)."""
+    from router_rules.nginx import render_nginx
+
+    nginx = Nginx(tmp_path)
+    include = tmp_path / "roomshard.conf"
+    include.write_text(render_nginx([{"id": "i1", "internal_url": "http://127.0.0.1:9001"}],
+                                    listen="127.0.0.1:18444", directory_url="http://127.0.0.1:9000"))
+    text = (INFRA / "nginx" / "nginx.conf").read_text()
+    text = (text.replace("/etc/nginx/roomshard/roomshard.conf", str(include))
+                .replace("/run/nginx.pid", str(tmp_path / "nginx.pid"))
+                .replace("/var/log/nginx/", str(tmp_path) + "/")
+                .replace("user www-data;", "user root;" if os.geteuid() == 0 else "")
+                .replace("listen 80 default_server;", "listen 127.0.0.1:18445 default_server;")
+                .replace("listen [::]:80 default_server;", ""))
+    conf = tmp_path / "main.conf"
+    conf.write_text(text)
+    res = subprocess.run([nginx.binary, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "err.log"),
+                          "-c", str(conf)], capture_output=True, text=True, timeout=t(30))
+    assert res.returncode == 0, res.stderr
