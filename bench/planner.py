@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from directory.rebalance import plan  # noqa: E402
+from directory.rebalance import plan
 
 
 def cluster(n_inst: int, n_rooms: int, seed: int, sigma: float) -> list[dict[str, Any]]:

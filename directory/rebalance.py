@@ -36,7 +36,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Callable, Iterable, Mapping
-from itertools import accumulate, groupby
+from itertools import groupby, pairwise
 from typing import Any
 
 DEFAULT_TOLERANCE = 0.10
@@ -65,7 +65,7 @@ def _pick(weights: list[float], want: float, limit: float) -> int:
     if top < 0:
         return -1
     at = bisect.bisect_left(weights, want - _EPS)
-    return at if at <= top else top
+    return min(at, top)
 
 
 def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]], *,
@@ -120,7 +120,9 @@ def plan(instances: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, An
         if worst:
             src = violator = worst[0]
             excess, room_left = load[src] - hi[src], load[src] - lo[src]
-            takes = lambda i: i != src and load[i] < hi[i] - _EPS  # noqa: E731
+            def takes(i: str, src: str = src) -> bool:
+                return i != src and load[i] < hi[i] - _EPS
+
             for dst in set(roomy.top(_CANDIDATES, takes)) | set(short.top(_CANDIDATES, takes)):
                 deficit = max(0.0, lo[dst] - load[dst])
                 k = _pick(weights[src], max(excess, deficit), min(room_left, hi[dst] - load[dst]))
@@ -281,7 +283,7 @@ def _slack_bound(rooms_desc: list[list[float]], slacks: list[float], need: float
                     for w, same in groupby(ws[t - 1:]):
                         units.append((w, sum(1 for _ in same)))
                     break
-        for (t0, v0), (t1, v1) in zip(hull, hull[1:]):
+        for (t0, v0), (t1, v1) in pairwise(hull):
             if v1 > v0:
                 units.append(((v1 - v0) / (t1 - t0), t1 - t0))
     units.sort(reverse=True)

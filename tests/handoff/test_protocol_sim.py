@@ -92,7 +92,7 @@ def assert_rolled_back(c: Cluster, move: moves.Move) -> None:
 
 def test_clean_move_keeps_seq_history_and_idempotency() -> None:
     """A move without faults commits, keeps seq/history/ids and reports the contract shape."""
-    c, move, clients, _ = run()
+    c, move, _, _ = run()
     assert_committed(c, move)
     rep = moves.report(move)
     assert set(rep) == {"room", "from", "to", "epoch", "members", "messages_transferred",
@@ -190,7 +190,7 @@ def test_timeout_at_every_step(at: int) -> None:
 def test_leftover_adoption_never_activates_after_a_replacement() -> None:
     """A target's leftover adoption stays dead when the room later lands there by re-placement."""
     faults = {"call_adopt": ["drop_reply"] * 3, "call_discard": ["drop_request"] * 3}
-    c, move, clients, acked = run(faults=faults)
+    c, move, _, _ = run(faults=faults)
     assert_rolled_back(c, move)
     assert ROOM in c.shards["i2"].handoffs.adopted
     # i1 crashes; the directory re-places the room on i2 at a new epoch (state lost).
