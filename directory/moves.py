@@ -79,6 +79,9 @@ CALLS = {"freeze": "source", "adopt": "target", "commit": "database", "release":
 DEFAULT_RETRIES = 2  # each call is retried twice before its step gives up
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 5.0
+#: The driver sends ``timeout`` this long after begin() unless committed: it bounds
+#: how long a room stays frozen (clients' sends wait unacked meanwhile).
+DEFAULT_MOVE_TIMEOUT_S = 10.0
 
 
 class MoveRuleError(Exception):
