@@ -10,7 +10,7 @@ table below is the only place a state changes)::
        |                      |                    |                       (release retried
        +------ failure after retries, timeout, directory restart ------+    until it lands)
                                                                        v
-    ABORTED <--cleanup_done-- ROLLED_BACK <--rolled_back_ok-- ABORTING
+    ABORTED <--discard+abort settled-- ROLLED_BACK <--rollback_ok-- ABORTING
 
 - RESERVED: the room row says ``moving`` and the move row holds the move
   id, source, target and the reserved epoch ``E+1`` (one transaction, made by
@@ -19,9 +19,12 @@ table below is the only place a state changes)::
   Entry action: ``call_adopt`` (the target builds the room at ``E+1`` but
   does not serve it yet).
 - ADOPTED: entry action ``commit_db`` -- the point of no return: one
-  conditional update (``WHERE state = 'moving' AND move id = ...``) makes the
-  target the owner at ``E+1`` (epoch = owner_epoch = opened_epoch) and
-  records COMMITTED in the same transaction.
+  conditional update (``WHERE state = 'moving' AND epoch = E AND move_to =
+  target``) makes the target the owner at ``E+1`` (epoch = owner_epoch =
+  opened_epoch) and records COMMITTED on the move row in the same
+  transaction; when it matches nothing, the move row's decided state says
+  whether this move committed (``commit_ok``) or was rolled back
+  (``commit_lost``). docs/HANDOFF.md has the SQL.
 - COMMITTED: entry action ``call_release`` (source closes clients with 4010,
   drops the room, keeps a tombstone). Retried with backoff until it lands or
   the source is known gone (a restarted shard holds no room state).
@@ -42,7 +45,8 @@ retried call) is ignored, a reply nobody asked for raises
 ``retries`` times with exponential backoff (the action says how long to wait)
 before the step gives up. The driver persists the returned record after every
 transition (RESERVED, COMMITTED and ROLLED_BACK atomically with the room
-row), then performs the actions; :func:`recover` turns a persisted record
+row; every other write conditional on the move not being decided yet), then
+performs the actions; :func:`recover` turns a persisted record
 into the actions that finish it after a directory restart: anything before
 the commit rolls back, anything after it rolls forward.
 
@@ -255,7 +259,9 @@ TABLE: dict[tuple[State, str], State | None] = {
     (State.ROLLED_BACK, "abort_ok"): State.ROLLED_BACK,
     (State.ROLLED_BACK, "abort_failed"): State.ROLLED_BACK,
 }
-# Local events: a deadline passed, or the source instance is known restarted/removed.
+# Local events, not in the table: ``timeout`` (the move's deadline passed) rolls
+# back only before the commit; ``source_gone`` (the source is down or restarted)
+# ends a COMMITTED move and is ignored elsewhere.
 TIMEOUT_ROLLS_BACK = PRE_COMMIT
 
 
