@@ -298,10 +298,16 @@ class Cluster:
 
     # -- the driver ------------------------------------------------------------------
     def drive(self, move: moves.Move, *, faults: dict[str, list[str]] | None = None,
-              restart_after: int | None = None, timeout_at: int | None = None,
-              on_call: dict[str, Any] | None = None, retries: int = moves.DEFAULT_RETRIES,
-              max_steps: int = 200) -> moves.Move:
-        """Run a move to its end; restarts the directory after the N-th transition."""
+              restart_after: int | None = None, crash_in_call: int | None = None,
+              timeout_at: int | None = None, on_call: dict[str, Any] | None = None,
+              retries: int = moves.DEFAULT_RETRIES, max_steps: int = 200) -> moves.Move:
+        """Run a move to its end.
+
+        ``restart_after=N``: the directory restarts once the N-th reply is
+        handled and persisted. ``crash_in_call=N``: it dies while the N-th call
+        is in flight -- the call lands, its reply is never handled -- and a new
+        directory process recovers from the last persisted record.
+        """
         faults = {k: list(v) for k, v in (faults or {}).items()}
         queue = list(self.pending)
         steps = 0
@@ -321,6 +327,10 @@ class Cluster:
             self.now += 0.001 + action.delay_s
             event = self._perform(action, faults, on_call or {})
             self.check_owners()
+            if crash_in_call is not None and steps == crash_in_call:
+                move, queue = moves.recover(self.persisted or {}, self.now)
+                self._persist(move)
+                continue
             move, new = moves.handle(move, event, self.now, retries=retries)
             self._persist(move)
             still = dict(move.outstanding)

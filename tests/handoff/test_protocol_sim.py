@@ -177,6 +177,26 @@ def test_directory_restart_at_every_step_of_a_rollback(after: int) -> None:
     assert_rolled_back(c, move)
 
 
+@pytest.mark.parametrize("step", range(1, 5))
+def test_directory_dying_with_each_call_in_flight(step: int) -> None:
+    """The directory dies after a call landed but before its reply: recovery settles it."""
+    c, move, _, _ = run(crash_in_call=step)
+    if step >= 4:  # the commit was persisted before the release went out
+        assert_committed(c, move)
+    elif step == 3:  # the commit landed in the database: the rollback finds it
+        assert_committed(c, move)
+        assert "mark_rolled_back" in c.calls
+    else:
+        assert_rolled_back(c, move)
+
+
+@pytest.mark.parametrize("step", range(1, 9))
+def test_directory_dying_with_each_rollback_call_in_flight(step: int) -> None:
+    """Dying with any call of a rollback in flight still ends rolled back."""
+    c, move, _, _ = run(faults={"call_adopt": ["drop_reply"] * 3}, crash_in_call=step)
+    assert_rolled_back(c, move)
+
+
 @pytest.mark.parametrize("at", range(1, 6))
 def test_timeout_at_every_step(at: int) -> None:
     """A timeout rolls back before the commit and is ignored after it."""
@@ -227,11 +247,14 @@ events = st.fixed_dictionaries({
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(faults=events, restart=st.none() | st.integers(1, 12), timeout=st.none() | st.integers(1, 12))
+@given(faults=events, restart=st.none() | st.integers(1, 12),
+       crash=st.none() | st.integers(1, 12), timeout=st.none() | st.integers(1, 12))
 def test_any_mix_of_faults_keeps_the_guarantees(faults: dict[str, list[str]],
-                                                restart: int | None, timeout: int | None) -> None:
-    """Random faults, restarts and timeouts: one owner, nothing acked lost, seq intact."""
-    c, move, _, _ = run(faults=faults, restart_after=restart, timeout_at=timeout)
+                                                restart: int | None, crash: int | None,
+                                                timeout: int | None) -> None:
+    """Random faults, restarts, crashes mid-call and timeouts: one owner, nothing acked lost."""
+    c, move, _, _ = run(faults=faults, restart_after=restart, crash_in_call=crash,
+                        timeout_at=timeout)
     if move.state is moves.State.RELEASED:
         assert_committed(c, move)
     else:
