@@ -149,6 +149,6 @@ def execute(client: Any, the_plan: p.Plan, *, listener_arn: str, vpc_id: str,
             _call(f"delete_target_group {action.name}", client.delete_target_group,
                   TargetGroupArn=_tg_arn(client, action.name, arns))
         else:  # pragma: no cover - the Action union is closed
-            raise AssertionError(action)
+            raise TypeError(f"unknown plan action {action!r}")
         if on_step is not None:
             on_step(action)

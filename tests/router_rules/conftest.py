@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
+
 from router_rules.registry import Instance, parse_instances
+from tests.router_rules.moto_env import FakeAws
 
 
 def registry(numbers: list[int], public_base: dict[int, str] | None = None) -> list[Instance]:
@@ -11,3 +16,17 @@ def registry(numbers: list[int], public_base: dict[int, str] | None = None) -> l
     return parse_instances({"instances": [
         {"id": f"i{n}", "state": "active", "internal_url": f"http://10.0.{n // 256}.{n % 256}:8081",
          "public_base": public_base.get(n)} for n in numbers]})
+
+
+@pytest.fixture(scope="module")
+def fake_aws() -> Iterator[FakeAws]:
+    """moto in server mode on 127.0.0.1 with a free port, stopped after the module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield FakeAws(f"http://{host}:{port}")
+    finally:
+        server.stop()

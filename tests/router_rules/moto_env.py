@@ -7,12 +7,10 @@ names, odd path patterns) and ignores some properties (CloudFormation
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
-import pytest
 
 REGION = "us-east-1"
 
@@ -42,17 +40,3 @@ class FakeAws:
             DefaultActions=[{"Type": "fixed-response",
                              "FixedResponseConfig": {"StatusCode": "404"}}])["Listeners"][0]
         return vpc, listener["ListenerArn"]
-
-
-@pytest.fixture(scope="module")
-def fake_aws() -> Iterator[FakeAws]:
-    """moto in server mode on 127.0.0.1 with a free port, stopped after the module."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield FakeAws(f"http://{host}:{port}")
-    finally:
-        server.stop()

@@ -65,7 +65,7 @@ class Nginx:
 
     def check(self, include: Path) -> subprocess.CompletedProcess[str]:
         """``nginx -t`` on the main config that includes ``include``."""
-        return subprocess.run(self._argv(self.main_conf(include), "-t"), capture_output=True,
+        return subprocess.run(self._argv(self.main_conf(include), "-t"), check=False, capture_output=True,
                               text=True, timeout=t(30))
 
     def start(self, include: Path, port: int) -> None:

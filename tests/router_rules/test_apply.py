@@ -13,7 +13,7 @@ from router_rules.model import DEFAULT_GROUP, build, empty_group
 from router_rules.plan import PlanError, plan
 from tests.router_rules.albsim import DEFAULT_404, SimRule, route
 from tests.router_rules.conftest import registry
-from tests.router_rules.moto_env import FakeAws, fake_aws  # noqa: F401 (fixture)
+from tests.router_rules.moto_env import FakeAws
 from tests.support.timing import t
 
 
@@ -107,7 +107,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
     import os
 
     return subprocess.run([sys.executable, "-m", "roomshard", "rules", *args],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=t(60))
+                          env={**os.environ, **env}, capture_output=True, text=True, check=False, timeout=t(60))
 
 
 def test_cli_plan_then_apply(fake_aws: FakeAws, tmp_path):

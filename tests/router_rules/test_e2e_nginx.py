@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from router_rules.nginx import render_nginx
 from tests.router_rules.nginx_proc import Nginx, free_port
 from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import t, wait_until
+from tests.support.timing import await_until, t
 
 pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
 
@@ -33,14 +33,16 @@ async def test_chat_through_nginx_reaches_the_owning_shard(procs: Procs, tmp_pat
     directory = procs.directory(env={"ROOMSHARD_PUBLIC_URL": public})
     for name in ("i1", "i2"):
         procs.shard(name, directory.url)
-    admin = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+    admin = httpx.AsyncClient(base_url=directory.url, timeout=t(5),
+                              headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"})
 
-    def both_active() -> bool:
-        doc = httpx.get(f"{directory.url}/v1/admin/instances", headers=admin, timeout=t(5)).json()
+    async def both_active() -> bool:
+        doc = (await admin.get("/v1/admin/instances")).json()
         return sorted(i["id"] for i in doc["instances"] if i["state"] == "active") == ["i1", "i2"]
 
-    wait_until(both_active, 30, "both shards registered and active")
-    registry = httpx.get(f"{directory.url}/v1/admin/instances", headers=admin, timeout=t(5)).json()
+    async with admin:
+        await await_until(both_active, 30, "both shards registered and active")
+        registry = (await admin.get("/v1/admin/instances")).json()
 
     nginx = Nginx(tmp_path)
     try:

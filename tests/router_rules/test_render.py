@@ -17,8 +17,13 @@ from router_rules.model import build
 from router_rules.nginx import render_nginx
 from router_rules.registry import parse_instances
 from router_rules.terraform import render_terraform
-from tests.router_rules.albsim import (DEFAULT_404, check_terraform_json, cloudformation_rules,
-                                       route, terraform_listeners)
+from tests.router_rules.albsim import (
+    DEFAULT_404,
+    check_terraform_json,
+    cloudformation_rules,
+    route,
+    terraform_listeners,
+)
 from tests.router_rules.conftest import registry
 
 HERE = Path(__file__).parent
