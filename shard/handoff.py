@@ -25,8 +25,10 @@ are SERVING (or simply not loaded); the table holds only the exceptions::
   the directory (asking ``open`` would call the state lost).
 - A rollback burns ``E+1`` (see directory/moves.py): a ticket for this
   source at ``>= E+1`` proves the rollback, so a source whose ``abort`` never
-  arrived unfreezes on the next join, and a target whose ``discard`` never
-  arrived never activates the leftover adoption (no such ticket names it).
+  arrived unfreezes on the next join at exactly ``E+1``, and a target whose
+  ``discard`` never arrived never activates the leftover adoption (no such
+  ticket names it). A ticket *above* the reserved epoch means the room was
+  placed here again after a loss: a frozen copy is then stale and dropped.
 - Tombstone: after ``release`` the shard remembers ``room -> (to, E+1)`` for
   ``tombstone_ttl`` seconds and refuses tickets below ``E+1`` with 4004
   without a round trip. After expiry or a restart the directory's ``open``
@@ -105,8 +107,10 @@ class Admission:
     ``kind``: ``proceed`` (the normal path: serve if loaded, else ask the
     directory to open), ``activate`` (build the room from ``snapshot`` at
     ``epoch`` and serve it), ``unfrozen`` (the rollback is proven: set the
-    room's epoch to ``epoch``, sequence the ``held`` sends, then serve) or
-    ``refuse`` (close with ``close_code``).
+    room's epoch to ``epoch``, sequence the ``held`` sends, then serve),
+    ``stale`` (drop the in-memory room, close its connections with
+    ``close_code`` 4010 -- the ``held`` sends are resent by their clients --
+    then take the normal path) or ``refuse`` (close with ``close_code``).
     """
 
     kind: str
@@ -173,9 +177,14 @@ class Handoffs:
         """Decide a join whose ticket is otherwise valid (signature, room, instance, once)."""
         f = self.frozen.get(room)
         if f is not None:
-            if ticket_epoch >= f.epoch:  # only issued after the move rolled back
+            if ticket_epoch == f.epoch:  # a ticket for us at the reserved epoch: rolled back
                 del self.frozen[room]
                 return Admission("unfrozen", epoch=ticket_epoch, held=f.held)
+            if ticket_epoch > f.epoch:
+                # The room was placed here again since (after a loss elsewhere): this
+                # frozen copy is older than what others may have sequenced. Drop it.
+                del self.frozen[room]
+                return Admission("stale", close_code=int(CloseCode.ROOM_MOVED), held=f.held)
             return Admission("refuse", close_code=int(CloseCode.TRY_AGAIN_LATER))
         a = self.adopted.get(room)
         if a is not None:
@@ -244,7 +253,8 @@ class Handoffs:
                                f"move {move_id} of room {room} was released: it committed")
         return PROCEED
 
-    def release(self, room: str, move_id: str, to: str, epoch: int, now: float) -> list[Any] | None:
+    def release(self, room: str, move_id: str, to: str, epoch: int, now: float, *,
+                loaded_epoch: int | None = None) -> list[Any] | None:
         """The move committed: drop the room here and leave a tombstone.
 
         Returns the held sends (dropped: their senders resend to the new
@@ -252,7 +262,10 @@ class Handoffs:
         4010 and drops it if loaded. Returns None for a stale release (a later
         move already touched the room here): do nothing. A repeat, or a
         restarted shard that never had the room, just gets the tombstone.
-        Raises HandoffError when the room is adopted here by this move (this
+        ``loaded_epoch`` is the epoch of the room this shard has in memory, if
+        any: a room served here at the move's epoch or later (placed here
+        again after a loss) is not the one this move took away, so the
+        release is stale. Raises HandoffError when the room is adopted here by this move (this
         shard is the target, not the source).
         """
         a = self.adopted.get(room)
@@ -264,6 +277,8 @@ class Handoffs:
             return None
         f = self.frozen.get(room)
         if f is not None and f.move_id != move_id and f.epoch > epoch:
+            return None
+        if f is None and loaded_epoch is not None and loaded_epoch >= epoch:
             return None
         self.frozen.pop(room, None)
         self.tombstones[room] = Tombstone(move_id, to, epoch, now + self.tombstone_ttl)

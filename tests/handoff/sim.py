@@ -73,8 +73,10 @@ class SimShard:
         return {}
 
     def release(self, p: dict[str, Any]) -> dict[str, Any]:
+        live = self.rooms.get(p["room"])
         held = self.handoffs.release(p["room"], p["move_id"], p["to"], p["epoch"],
-                                     self.cluster.now)
+                                     self.cluster.now,
+                                     loaded_epoch=live.epoch if live is not None else None)
         if held is not None:
             self.rooms.pop(p["room"], None)
             for conn_id, client in list(self.conns.items()):
@@ -127,6 +129,11 @@ class SimShard:
                 adm.snapshot, instance=self.instance, epoch=adm.epoch, owner_epoch=adm.epoch)
         elif adm.kind == "unfrozen":
             self._unfreeze(ticket.room, adm.epoch, adm.held)
+        elif adm.kind == "stale":
+            self.rooms.pop(ticket.room, None)
+            for conn_id, other in list(self.conns.items()):
+                del self.conns[conn_id]
+                other.closed(int(adm.close_code or CloseCode.ROOM_MOVED))
         room = self.rooms.get(ticket.room)
         if room is None:
             opened = self.cluster.open(ticket.room, self.instance, ticket.epoch)

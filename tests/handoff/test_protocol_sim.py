@@ -225,6 +225,33 @@ def test_leftover_adoption_never_activates_after_a_replacement() -> None:
     c.check_owners()
 
 
+def test_late_release_never_drops_a_room_placed_back_on_the_source() -> None:
+    """Target lost before the release lands; room re-placed on the source; the release is stale."""
+    c = Cluster()
+    alice = SimClient("alice", c)
+    assert alice.connect() is None
+    alice.send("a1", "before")
+    dave = SimClient("dave", c)
+
+    def target_dies_and_room_comes_back() -> None:
+        c.shards["i2"].crash()
+        c.row.instance, c.row.epoch = "i1", c.row.epoch + 1  # re-placed: i2 is down
+        c.row.owner_epoch = c.row.epoch
+        assert dave.connect() is None  # i1 drops its frozen copy, opens fresh
+
+    move = c.reserve("m1", "i2")
+    move = c.drive(move, faults={"call_release": ["drop_request"]},
+                   on_call={"commit_db": target_dies_and_room_comes_back})
+    assert move.state is moves.State.RELEASED
+    room = c.shards["i1"].rooms[ROOM]
+    assert room.epoch == 3 and room.lost and dave.shard is c.shards["i1"]
+    assert ("alice", int(CloseCode.ROOM_MOVED)) in c.closes
+    c.check_owners()
+    assert alice.connect() is None
+    alice.send("a2", "after")
+    assert alice.acks["a2"] == (3 << 32) + 1  # above anything issued before: no reuse
+
+
 def test_source_restart_after_freeze_loses_nothing_acked() -> None:
     """The source crashing after the freeze: the snapshot the directory holds is adopted."""
     c = Cluster()

@@ -145,6 +145,16 @@ def test_frozen_room_refuses_joins_until_a_ticket_proves_the_rollback() -> None:
     assert adm.kind == "unfrozen" and adm.held == ["s1"] and adm.epoch == 5
 
 
+def test_frozen_copy_is_dropped_when_a_newer_epoch_places_the_room_here() -> None:
+    """A ticket above the reserved epoch means the frozen copy is stale: drop it, 4010."""
+    h = Handoffs("i1")
+    h.freeze("r1", "m1", 5, None, now=0.0)
+    h.hold("r1", "s1")
+    adm = h.admit("r1", 7, now=0.0)
+    assert adm.kind == "stale" and adm.close_code == CloseCode.ROOM_MOVED and adm.held == ["s1"]
+    assert h.phase("r1", 0.0) is Phase.SERVING
+
+
 def test_room_coming_back_clears_its_tombstone() -> None:
     """A room that moved away and back is adopted again at a newer epoch."""
     snap = room_with_messages().snapshot()
