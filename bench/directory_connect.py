@@ -152,7 +152,24 @@ async def heartbeats(urls: list[str], signer: Signer, stop: asyncio.Event) -> No
     c.close()
 
 
-async def bench(args: argparse.Namespace, urls: list[str]) -> list[dict[str, object]]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU of processes and their children (PostgreSQL backends), via psutil."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def bench(args: argparse.Namespace, urls: list[str],
+                server_pids: dict[str, list[int]] | None = None) -> list[dict[str, object]]:
     signer = Signer([s for s in args.cluster_secret.split(",") if s])
     stop = asyncio.Event()
     hb = asyncio.create_task(heartbeats(urls, signer, stop))
@@ -167,12 +184,17 @@ async def bench(args: argparse.Namespace, urls: list[str]) -> list[dict[str, obj
                          ("new rooms", RoomSource(None, tag + "n"))):
         ph = Phase(name)
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        srv0 = {k: cpu_seconds(v) for k, v in (server_pids or {}).items()}
         await run_phase(ph, urls, source, concurrency=args.concurrency,
                         duration=args.duration, rate=args.rate)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         s = ph.summary()
         s["client_cpu_pct"] = round(100 * ((cpu1.ru_utime + cpu1.ru_stime)
                                            - (cpu0.ru_utime + cpu0.ru_stime)) / ph.elapsed)
+        # CPU per connect, machine-load independent: what an idle machine can do.
+        n = max(len(ph.latencies), 1)
+        for k, v in (server_pids or {}).items():
+            s[f"{k}_cpu_us_per_connect"] = round((cpu_seconds(v) - srv0[k]) / n * 1e6)
         results.append(s)
         print(json.dumps(s), flush=True)
     stop.set()
@@ -223,7 +245,9 @@ def main() -> None:
         with Procs(base_env=env) as procs:
             dirs = [procs.directory(f"dir{n}", database_url=db) for n in range(args.directories)]
             print(json.dumps({"directories": [d.url for d in dirs], "cores": os.cpu_count()}), flush=True)
-            runner(bench(args, [d.url for d in dirs]))
+            pg_pid = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+            runner(bench(args, [d.url for d in dirs],
+                         {"directories": [d.popen.pid for d in dirs], "postgres": [pg_pid]}))
     finally:
         pg.destroy()
 

@@ -19,7 +19,7 @@ from directory import handoff, placement, registry, schemas
 from directory.auth import check_admin
 from directory.context import Directory
 from directory.errors import BadRequest, Conflict, NotFound
-from directory.edge import ApiRoute, decode, json_response
+from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.views import instance_view, room_view
 
 MAX_MEMBERS = 10_000
@@ -60,7 +60,7 @@ async def list_instances(request: Request, ctx: Directory) -> Response:
 async def put_instance(request: Request, ctx: Directory) -> Response:
     admin(request, ctx)
     instance = instance_param(request.path_params["instance"])
-    body = decode(await request.body(), schemas.InstancePut)
+    body = decode(await read_body(request), schemas.InstancePut)
     now = ctx.clock()
 
     def decide(row: Any) -> dict[str, Any]:
@@ -166,7 +166,7 @@ async def get_room(request: Request, ctx: Directory) -> Response:
 async def put_access(request: Request, ctx: Directory) -> Response:
     admin(request, ctx)
     room = room_param(request.path_params["room"])
-    body = decode(await request.body(), schemas.AccessPut)
+    body = decode(await read_body(request), schemas.AccessPut)
     if len(body.members) > MAX_MEMBERS:
         raise BadRequest("too_many_members", f"at most {MAX_MEMBERS} members")
     for m in body.members:
@@ -187,7 +187,7 @@ async def put_access(request: Request, ctx: Directory) -> Response:
 async def move(request: Request, ctx: Directory) -> Response:
     admin(request, ctx)
     room = room_param(request.path_params["room"])
-    body = decode(await request.body(), schemas.MoveBody)
+    body = decode(await read_body(request), schemas.MoveBody)
     to = instance_param(body.to)
     row = await ctx.store.get_room(room)
     if row is None or row["instance"] is None:
@@ -206,7 +206,7 @@ async def move(request: Request, ctx: Directory) -> Response:
 
 async def rebalance(request: Request, ctx: Directory) -> Response:
     admin(request, ctx)
-    body = decode(await request.body(), schemas.RebalanceBody, empty_ok=True)
+    body = decode(await read_body(request), schemas.RebalanceBody, empty_ok=True)
     if body.max_moves < 0:
         raise BadRequest("invalid_max_moves", "max_moves must be >= 0")
     return json_response(await handoff.rebalance(ctx, dry_run=body.dry_run,

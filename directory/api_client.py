@@ -14,7 +14,7 @@ from roomshard.protocol import valid_room_id, valid_user_id
 
 from directory.context import Directory
 from directory.errors import ApiError, BadRequest, Forbidden
-from directory.edge import ApiRoute, decode, json_response
+from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.schemas import ConnectBody, ConnectResponse
 from directory.store import Target
 
@@ -50,7 +50,7 @@ async def _connect(request: Request, ctx: Directory) -> Response:
         user = ctx.client_auth.jwt_subject(request.headers.get("authorization"), now=now)
     if not valid_room_id(room):
         raise BadRequest("invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
-    body = decode(await request.body(), ConnectBody, empty_ok=jwt_mode)
+    body = decode(await read_body(request), ConnectBody, empty_ok=jwt_mode)
     if not jwt_mode:
         user = body.user
         if user is None:

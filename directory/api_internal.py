@@ -12,7 +12,7 @@ from directory.api_admin import instance_param, room_param
 from directory.auth import check_acting_for, cluster_subject
 from directory.context import Directory
 from directory.errors import Conflict, NotFound
-from directory.edge import ApiRoute, decode, json_response
+from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.views import instance_view
 
 
@@ -21,7 +21,7 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
     subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
     instance = instance_param(request.path_params["instance"])
     check_acting_for(subject, instance)
-    body = decode(await request.body(), schemas.HeartbeatBody)
+    body = decode(await read_body(request), schemas.HeartbeatBody)
 
     def decide(row: Any) -> dict[str, Any]:
         return registry.heartbeat_changes(row, body, instance=instance, now=now,
@@ -38,7 +38,7 @@ async def leave(request: Request, ctx: Directory) -> Response:
     subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
     instance = instance_param(request.path_params["instance"])
     check_acting_for(subject, instance)
-    body = decode(await request.body(), schemas.LeaveBody, empty_ok=True)
+    body = decode(await read_body(request), schemas.LeaveBody, empty_ok=True)
     if await ctx.store.get_instance(instance) is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
     # Draining at once: no new placements from this moment on.
@@ -61,7 +61,7 @@ async def open_room(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
     subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
     room = room_param(request.path_params["room"])
-    body = decode(await request.body(), schemas.OpenBody)
+    body = decode(await read_body(request), schemas.OpenBody)
     instance = instance_param(body.instance)
     check_acting_for(subject, instance)
     row = await ctx.store.open_room(room, instance, body.ticket_epoch, now=now)

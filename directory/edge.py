@@ -58,6 +58,31 @@ def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
+MAX_BODY_BYTES = 1 << 20
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(message=f"request body over {limit} bytes")
+    if declared is not None:
+        return await request.body()  # uvicorn enforces the declared length
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(message=f"request body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def decode(body: bytes, kind: type[T], *, empty_ok: bool = False) -> T:
     """Decode a JSON body into ``kind``; raises BadRequest with a precise message."""
     if not body.strip():

@@ -73,8 +73,15 @@ def _loop_setup() -> str:
     return "uvloop"
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def run(cfg: DirectoryConfig) -> None:
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    if cfg.log_level.lower() not in LOG_LEVELS:
+        _fail(f"ROOMSHARD_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS[:5])}, got {cfg.log_level!r}")
+    level = cfg.log_level.upper()
+    logging.basicConfig(level="DEBUG" if level == "TRACE" else level, format="%(message)s",
+                        stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per start, not ten
     from directory.app import create_app
 
@@ -91,7 +98,7 @@ def run(cfg: DirectoryConfig) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     config = uvicorn.Config(app, loop=_loop_setup(), http="httptools", lifespan="on",
-                            log_level=cfg.log_level, access_log=False, server_header=False,
+                            log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5)
     server = _Server(config)
 

@@ -57,6 +57,7 @@ OPEN_CASES = [
     ("ok", b"", 400, "invalid_json"),
     ("ok", b"[1,2]", 400, "invalid_body"),
     ("ok", b'{"user":"a","admin":true}', 400, "invalid_body"),
+    ("ok", b'{"user":"' + b"a" * (1 << 20) + b'"}', 413, "payload_too_large"),
     ("ok", b'{"user":42}', 400, "invalid_body"),
     ("ok", b"{}", 400, "missing_user"),
     ("ok", b'{"user":"has space"}', 400, "invalid_user"),
