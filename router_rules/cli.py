@@ -53,6 +53,12 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--reserved-target-groups", type=click.IntRange(0, 99),
                       default=model.DEFAULT_RESERVED_TARGET_GROUPS, show_default=True,
                       help="target groups the default ALB holds besides the shards (the directory)")(fn)
+    fn = click.option("--reserved-rules", type=click.IntRange(0, 99),
+                      default=model.DEFAULT_RESERVED_RULES, show_default=True,
+                      help="rules the default ALB holds besides the shards' (infra/ has 2)")(fn)
+    fn = click.option("--rules-quota", type=click.IntRange(1, 10_000),
+                      default=model.DEFAULT_RULES_QUOTA, show_default=True,
+                      help="your account's rules-per-ALB quota")(fn)
     return fn
 
 
@@ -83,14 +89,13 @@ def _write(out: str | None, files: dict[str, str]) -> None:
 
 def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: str,
              name_prefix: str, directory_upstream: str | None, ping_interval: float,
-             reserved_target_groups: int, tls: dict[str, str | None] | None = None) -> None:
+             limits: dict[str, int], tls: dict[str, str | None] | None = None) -> None:
     if fmt == "nginx":
         _write(out, {NGINX_FILE: render_nginx(instances, listen=listen,
                                               directory_url=directory_upstream,
                                               ping_interval=ping_interval, **(tls or {}))})
         return
-    rules = model.build(instances, name_prefix=name_prefix, ping_interval=ping_interval,
-                        reserved_target_groups=reserved_target_groups)
+    rules = model.build(instances, name_prefix=name_prefix, ping_interval=ping_interval, **limits)
     summary = json.dumps(model.groups_summary(rules), indent=2) + "\n"
     if fmt == "terraform":
         files = {TERRAFORM_FILE: render_terraform(rules)}
@@ -129,7 +134,7 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
           from_file: str | None, out: str | None, listen: str,
           directory_upstream: str | None, server_name: str | None, ssl_certificate: str | None,
           ssl_certificate_key: str | None, ping_interval: float, name_prefix: str,
-          reserved_target_groups: int) -> None:
+          **limits: int) -> None:
     """Load balancer rules for the registered instances (ALB via Terraform or
     CloudFormation, or nginx), or `plan`/`apply` them on a live ALB listener."""
     if ctx.invoked_subcommand is not None:
@@ -139,7 +144,7 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
     try:
         generate(fmt, _load(from_directory, from_file), out=out, listen=listen,
                  name_prefix=name_prefix, directory_upstream=directory_upstream,
-                 ping_interval=ping_interval, reserved_target_groups=reserved_target_groups,
+                 ping_interval=ping_interval, limits=limits,
                  tls={"server_name": server_name, "ssl_certificate": ssl_certificate,
                       "ssl_certificate_key": ssl_certificate_key})
     except RegistryError as exc:
@@ -173,7 +178,7 @@ def _listener_map(values: tuple[str, ...], rules: model.RuleSet) -> dict[model.A
 def _run_plan(apply: bool, from_directory: str | None, from_file: str | None,
               listener_arn: tuple[str, ...], target: tuple[str, ...], target_type: str,
               region: str | None, endpoint_url: str | None, name_prefix: str,
-              reserved_target_groups: int) -> None:
+              **limits: int) -> None:
     import boto3
     from botocore.exceptions import BotoCoreError
 
@@ -181,8 +186,7 @@ def _run_plan(apply: bool, from_directory: str | None, from_file: str | None,
     from router_rules.plan import plan
 
     try:
-        rules = model.build(_load(from_directory, from_file), name_prefix=name_prefix,
-                            reserved_target_groups=reserved_target_groups)
+        rules = model.build(_load(from_directory, from_file), name_prefix=name_prefix, **limits)
         overrides = dict(t.split("=", 1) for t in target if "=" in t)
         if len(overrides) != len(target):
             _fail("--target expects iN=ID")

@@ -25,7 +25,8 @@ What the model guarantees, and the AWS facts behind each choice:
   directory before it stops, so there is nothing left to wait for), no
   stickiness (the path already pins a room to its instance).
 * An ALB holds at most 100 target groups (a hard limit) and, by default,
-  100 rules per listener. Instances are grouped by the host of their
+  100 rules (an adjustable quota). The default group's ALB also holds the
+  directory's target group and rules, so fewer shards fit there. Instances are grouped by the host of their
   ``public_base`` (room URLs of that instance point at that host, so that
   host's load balancer must route it); instances without one belong to the
   ``default`` group, served by the directory's ``ROOMSHARD_PUBLIC_URL``. One
@@ -44,7 +45,8 @@ from dataclasses import dataclass
 from router_rules.registry import Instance, RegistryError, sort_unique
 
 MAX_TARGET_GROUPS_PER_ALB = 100  # hard AWS limit
-DEFAULT_MAX_RULES_PER_LISTENER = 100  # default AWS quota (adjustable), default rule excluded
+#: Default AWS quota of rules per load balancer (adjustable), default rules excluded.
+DEFAULT_RULES_QUOTA = 100
 RULE_PRIORITY_BASE = 1000  # priorities 1..999 belong to infra (the directory's rules)
 MAX_RULE_PRIORITY = 50_000  # AWS range is 1..50000
 MAX_TARGET_GROUP_NAME = 32
@@ -55,6 +57,8 @@ HEALTH_CHECK_PATH = "/healthz"
 DEREGISTRATION_DELAY_S = 10
 #: Target groups the default group's ALB holds besides the shards: the directory's.
 DEFAULT_RESERVED_TARGET_GROUPS = 1
+#: Rules infra/ puts on the default ALB: the directory's and the /v1/internal/* block.
+DEFAULT_RESERVED_RULES = 2
 #: Shards ping every 20 s by default (``roomshard.protocol``). A proxy that
 #: times out an idle connection sooner than the next ping would cut healthy
 #: WebSockets; we use 3 pings' worth and never less than a minute.
@@ -190,12 +194,15 @@ def _rule(inst: Instance) -> ListenerRule:
 def build(instances: Iterable[Instance], *, name_prefix: str = DEFAULT_NAME_PREFIX,
           ping_interval: float = 20.0,
           reserved_target_groups: int = DEFAULT_RESERVED_TARGET_GROUPS,
-          max_rules_per_listener: int = DEFAULT_MAX_RULES_PER_LISTENER) -> RuleSet:
+          reserved_rules: int = DEFAULT_RESERVED_RULES,
+          rules_quota: int = DEFAULT_RULES_QUOTA) -> RuleSet:
     """Map the registry onto ALB groups.
 
-    ``reserved_target_groups`` are held on the default group's ALB by
-    something else (the directory). Raises :class:`ModelError` when a group
-    exceeds the target group or rule limit, or for an invalid prefix.
+    ``reserved_target_groups`` and ``reserved_rules`` are held on the default
+    group's ALB by something else (the directory, see ``infra/``);
+    ``rules_quota`` is the account's rules-per-ALB quota. Raises
+    :class:`ModelError` when a group exceeds the target group or rule limit,
+    or for an invalid prefix.
     """
     prefix = validate_prefix(name_prefix)
     by_host: dict[str | None, list[Instance]] = {}
@@ -211,13 +218,15 @@ def build(instances: Iterable[Instance], *, name_prefix: str = DEFAULT_NAME_PREF
             raise ModelError(f"public hosts {idents[ident]!r} and {host!r} map to the same "
                              f"group name {ident!r}; rename one")
         idents[ident] = host
-        room = MAX_TARGET_GROUPS_PER_ALB - (reserved_target_groups if host is None else 0)
-        limit = min(room, max_rules_per_listener)
+        default = host is None
+        limit = min(MAX_TARGET_GROUPS_PER_ALB - (reserved_target_groups if default else 0),
+                    rules_quota - (reserved_rules if default else 0))
         if len(members) > limit:
             where = f"public_base host {host}" if host else "the default host (no public_base)"
             raise ModelError(
                 f"{len(members)} instances route through {where}, but one ALB holds at most "
-                f"{limit} of them (100 target groups per ALB, a hard AWS limit): give some "
+                f"{limit} of them (100 target groups per ALB, a hard AWS limit, and the rules "
+                "quota): give some "
                 "instances another public_base so they land on another load balancer")
         groups.append(AlbGroup(
             ident=ident, public_base=members[0].public_base if host else None,

@@ -59,7 +59,7 @@ variable "shards" {
   type = map(object({
     subnet_id   = string
     private_ip  = string
-    public_base = optional(string) # wss://host of another ALB group, past 99 shards
+    public_base = optional(string) # wss://host of another ALB group, past 98 shards
     capacity    = optional(number)
   }))
   validation {

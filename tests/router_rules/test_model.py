@@ -77,12 +77,24 @@ def test_instances_without_public_base_form_the_default_group_first():
         ("default", ["i1", "i4"]), ("a_example_com", ["i3"]), ("b_example_com", ["i2"])]
 
 
-def test_default_group_keeps_room_for_the_directory_target_group():
-    """The default ALB also holds the directory's target group: 99 shards fit, 100 do not."""
-    assert len(build(registry(list(range(1, 100)))).groups[0].target_groups) == 99
+def test_default_group_keeps_room_for_the_directory():
+    """The default ALB also holds the directory's target group and 2 rules: 98 shards fit, 99 do not."""
+    assert len(build(registry(list(range(1, 99)))).groups[0].target_groups) == 98
     with pytest.raises(ModelError, match="default host"):
-        build(registry(list(range(1, 101))))
-    assert len(build(registry(list(range(1, 101))), reserved_target_groups=0).groups) == 1
+        build(registry(list(range(1, 100))))
+    assert len(build(registry(list(range(1, 100))), reserved_rules=0).groups[0].rules) == 99
+    with pytest.raises(ModelError, match="at most 99"):
+        build(registry(list(range(1, 101))), reserved_rules=0, rules_quota=200)
+    assert len(build(registry(list(range(1, 101))), reserved_target_groups=0,
+                     reserved_rules=0).groups[0].rules) == 100
+
+
+def test_public_host_groups_hold_100_but_not_more_even_with_a_raised_rules_quota():
+    """Target groups per ALB are a hard 100: a raised rules quota does not lift it."""
+    hosts = {n: "wss://b.example.com" for n in range(1, 102)}
+    assert len(build(registry(list(range(1, 101)), hosts)).groups[0].rules) == 100
+    with pytest.raises(ModelError, match="at most 100"):
+        build(registry(list(range(1, 102)), hosts), rules_quota=1000)
 
 
 def test_one_public_base_over_100_is_a_clear_error():
