@@ -212,16 +212,21 @@ class Handoffs:
         since nothing changed while frozen. A freeze at a higher epoch
         supersedes a leftover one (that move was settled before the directory
         reserved a newer epoch). Raises HandoffError when another move at an
-        equal or higher epoch holds the room, when the room is only adopted
-        here, or when it already left at this epoch or later.
+        equal or higher epoch holds the room, when the room is already at
+        ``epoch`` or later (a delayed freeze of a settled move), when it is
+        only adopted here, or when it already left at this epoch or later.
         """
         f = self.frozen.get(room)
-        if f is not None:
-            if f.move_id == move_id:
-                return f.snapshot
-            if f.epoch >= epoch:
-                raise HandoffError("directory", "moving",
-                                   f"room {room} is frozen by move {f.move_id} at epoch {f.epoch}")
+        if f is not None and f.move_id == move_id:
+            return f.snapshot
+        if f is None and snapshot is not None and snapshot.get("epoch", -1) >= epoch:
+            # A delayed freeze of a move already settled (its epoch was burnt or
+            # used): a live move always reserves above the room's epoch.
+            raise HandoffError("directory", "stale_epoch",
+                               f"room {room} is at epoch {snapshot['epoch']}, not below {epoch}")
+        if f is not None and f.epoch >= epoch:
+            raise HandoffError("directory", "moving",
+                               f"room {room} is frozen by move {f.move_id} at epoch {f.epoch}")
         if room in self.adopted:
             raise HandoffError("directory", "not_owner",
                                f"room {room} is adopted here but not committed")

@@ -30,6 +30,19 @@ def test_freeze_holds_sends_and_is_idempotent() -> None:
     assert h.hold("other-room", "x") is None  # not frozen: sequence normally
 
 
+def test_a_delayed_freeze_of_a_settled_move_is_refused() -> None:
+    """After an abort at the burnt epoch, a late copy of that move's freeze cannot refreeze."""
+    h = Handoffs("i1")
+    room = room_with_messages()
+    h.freeze("r1", "m1", 5, room.snapshot(), now=0.0)
+    adm = h.abort("r1", "m1", 5)
+    room.epoch = adm.epoch or room.epoch
+    with pytest.raises(HandoffError) as err:
+        h.freeze("r1", "m1", 5, room.snapshot(), now=1.0)
+    assert err.value.code == "stale_epoch" and h.phase("r1", 1.0) is Phase.SERVING
+    assert h.freeze("r1", "m2", 6, room.snapshot(), now=2.0) is not None
+
+
 def test_hold_is_bounded() -> None:
     """Past max_held the shard is told to close the sender (it will resend)."""
     h = Handoffs("i1", max_held=2)
