@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,12 +29,47 @@ def _tf_text() -> str:
     return "\n".join(p.read_text() for p in sorted(TF.glob("*.tf")))
 
 
-@pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform not on PATH")
+# No checkpoint call home: tests only talk to loopback.
+TF_ENV = {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_IN_AUTOMATION": "1"}
+needs_terraform = pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform not on PATH")
+
+
+def terraform(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["terraform", *args], cwd=cwd, env=TF_ENV, check=False,
+                          capture_output=True, text=True, timeout=t(60))
+
+
+@needs_terraform
 def test_terraform_module_is_formatted():
     """`terraform fmt -check` passes (providers cannot be downloaded here, so no validate)."""
-    res = subprocess.run(["terraform", "fmt", "-check", "-recursive", str(TF)],
-                         capture_output=True, text=True, check=False, timeout=t(60))
+    res = terraform("fmt", "-check", "-recursive", str(TF), cwd=TF)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@needs_terraform
+def test_terraform_parses_the_module_and_the_generated_json(tmp_path):
+    """`terraform providers` (which parses every file, needing no provider) accepts them all."""
+    res = terraform("providers", "-no-color", cwd=TF)
+    assert res.returncode == 0, res.stderr
+    golden = sorted((Path(__file__).parent / "golden").glob("*.tf.json"))
+    assert golden
+    for path in golden:
+        work = tmp_path / path.stem
+        work.mkdir()
+        (work / "rules.tf.json").write_text(path.read_text())
+        res = terraform("providers", "-no-color", cwd=work)
+        assert res.returncode == 0, res.stderr
+        assert "hashicorp/aws" in res.stdout
+
+
+@needs_terraform
+def test_terraform_parse_check_can_fail(tmp_path):
+    """The parse check is not a no-op: an unknown variable argument is refused."""
+    doc = json.loads((Path(__file__).parent / "golden" / "instances.tf.json").read_text())
+    doc["variable"]["vpc_id"]["bogus"] = 1
+    (tmp_path / "rules.tf.json").write_text(json.dumps(doc))
+    res = terraform("providers", "-no-color", cwd=tmp_path)
+    assert res.returncode != 0 and "bogus" in res.stderr
 
 
 def test_terraform_references_are_declared():
