@@ -141,3 +141,16 @@ def test_rebalance_asks_before_moving(procs: Procs) -> None:
         assert "nothing moved" in res.stdout or "already balanced" in res.stdout
     else:
         assert res.returncode == 1 and one_error_line(res).startswith("roomshard admin: ")
+
+
+def test_error_line_reads_the_contract_body_or_falls_back_to_the_status() -> None:
+    """The contract's error body gives `code: message`; anything else (a proxy's HTML) gives the status."""
+    import httpx
+
+    from roomshard.admin_cli import error_line
+
+    body = {"error": {"code": "instance_not_active", "message": "i2 is draining"}}
+    assert error_line(httpx.Response(409, json=body)) == "instance_not_active: i2 is draining"
+    html = httpx.Response(502, text="<html><body>Bad Gateway</body></html>\n<hr>nginx")
+    assert error_line(html) == "http_502: <html><body>Bad Gateway</body></html>"
+    assert error_line(httpx.Response(501)) == "http_501: Not Implemented"
