@@ -41,19 +41,15 @@ async def leave(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), schemas.LeaveBody, empty_ok=True)
     if await ctx.store.get_instance(instance) is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
-    # Draining at once: no new placements from this moment on.
-    await ctx.store.upsert_instance(instance, lambda _row: registry.leave_changes())
-    if body.drain and handoff.has_drain():
+    drain = body.drain and handoff.has_drain()
+    # From this moment on no new room goes there (see registry.leave_changes).
+    await ctx.store.upsert_instance(instance, lambda _row: registry.leave_changes(drain=drain))
+    if drain:
         return json_response(await handoff.drain_instance(ctx, instance=instance,
                                                           reason=registry.REASON_SHUTDOWN))
-    if body.drain:
-        # No live handoff in this build: park it disabled so its rooms are
-        # re-placed on their next connect (with recovered: false).
-        await ctx.store.upsert_instance(instance, lambda _row: {
-            "state": placement.DISABLED, "state_reason": registry.REASON_SHUTDOWN})
-        state = placement.DISABLED
-    else:
-        state = placement.DRAINING
+    # No drain asked, or no live handoff in this build: the rooms are
+    # re-placed on their next connect (their welcome says recovered: false).
+    state = placement.DISABLED
     return json_response({"instance": instance, "state": state, "moves": [], "replaced": 0})
 
 

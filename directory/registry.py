@@ -13,7 +13,8 @@ tested without a database. Rules (``docs/INTERNALS.md``):
   one id (409 ``instance_in_use``). A restarted shard on a new port (its old
   process down or shut down) takes its instance back.
 * Admins set ``active``/``draining``/``disabled``; ``down`` is the directory's.
-* ``leave`` parks the instance ``draining`` with reason ``shutdown``.
+* ``leave`` parks the instance with reason ``shutdown``: ``disabled`` at once
+  without a drain, ``draining`` while a drain moves its rooms.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def admin_put_changes(row: Mapping[str, Any] | None, body: InstancePut, *, insta
     return changes
 
 
-def leave_changes() -> dict[str, Any]:
-    return {"state": placement.DRAINING, "state_reason": REASON_SHUTDOWN}
+def leave_changes(*, drain: bool) -> dict[str, Any]:
+    """A clean stop. Without a drain the process is going away now (it closes its
+    clients with 1001 and they come straight back): ``disabled`` at once, so
+    their rooms are re-placed on the next connect instead of being sent back
+    to a dying process. With a drain it stays ``draining`` (still serving, no
+    new rooms) while the handoff module moves its rooms away."""
+    return {"state": placement.DRAINING if drain else placement.DISABLED,
+            "state_reason": REASON_SHUTDOWN}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 
 from directory import schemas
 from tests.directory.conftest import ADMIN, Harness, cluster_headers
@@ -43,10 +44,10 @@ async def test_new_boot_reactivates_after_shutdown_but_not_after_admin(h: Harnes
     await h.heartbeat("i1", boot_id="one")
     r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": False},
                             headers=cluster_headers("i1", h.clock.now))
-    assert r.status_code == 200 and r.json()["state"] == "draining"
-    assert await state_of(h, "i1") == ("draining", "shutdown")
+    assert r.status_code == 200 and r.json()["state"] == "disabled"
+    assert await state_of(h, "i1") == ("disabled", "shutdown")
     await h.heartbeat("i1", boot_id="one")
-    assert await state_of(h, "i1") == ("draining", "shutdown")  # same process: still leaving
+    assert await state_of(h, "i1") == ("disabled", "shutdown")  # same process: still leaving
     await h.heartbeat("i1", boot_id="two")
     assert await state_of(h, "i1") == ("active", None)
     await h.put_instance("i1", state="disabled")
@@ -54,16 +55,18 @@ async def test_new_boot_reactivates_after_shutdown_but_not_after_admin(h: Harnes
     assert await state_of(h, "i1") == ("disabled", "admin")
 
 
-async def test_leave_with_drain_stops_placements(h: Harness) -> None:
-    """After a clean leave no client is sent to the instance: its rooms go elsewhere."""
+@pytest.mark.parametrize("drain", [False, True])
+async def test_after_leave_no_client_is_sent_there(h: Harness, drain: bool) -> None:
+    """After a clean leave (with or without drain, no handoff module) its rooms and new rooms go elsewhere."""
     await h.heartbeat("i1")
     await h.connect("r")
     await h.heartbeat("i2")
-    r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": True},
+    r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": drain},
                             headers=cluster_headers("i1", h.clock.now))
     assert r.status_code == 200, r.text
     msgspec.convert(r.json(), schemas.DrainReport)
-    assert (await h.connect("r")).json()["instance"] == "i2"
+    moved = (await h.connect("r")).json()
+    assert (moved["instance"], moved["epoch"]) == ("i2", 2)
     assert (await h.connect("other")).json()["instance"] == "i2"
 
 
