@@ -243,8 +243,12 @@ def empty_group(ident: str = DEFAULT_GROUP) -> AlbGroup:
 
 
 def groups_summary(rules: RuleSet) -> dict[str, object]:
-    """Which public host serves which instances: for operators and ``alb-groups.json``."""
-    return {"groups": [
+    """Which public host serves which instances: for operators and ``alb-groups.json``.
+
+    ``min_idle_timeout_s`` is the idle timeout every ALB group needs for the
+    shards' ping interval (``infra/`` sets 60 s).
+    """
+    return {"min_idle_timeout_s": rules.idle_timeout_s, "groups": [
         {"group": g.ident,
          "public_base": g.public_base,
          "serves": "the directory's ROOMSHARD_PUBLIC_URL" if g.public_base is None else g.public_base,

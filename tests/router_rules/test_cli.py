@@ -60,7 +60,9 @@ def test_out_dir_writes_one_template_per_group_and_the_group_map(tmp_path):
     assert names == ["alb-groups.json", "roomshard-rules.chat_b_example_com.template.json",
                      "roomshard-rules.chat_c_example_com_8443.template.json",
                      "roomshard-rules.default.template.json"]
-    groups = json.loads((tmp_path / "alb-groups.json").read_text())["groups"]
+    summary = json.loads((tmp_path / "alb-groups.json").read_text())
+    assert summary["min_idle_timeout_s"] == 60
+    groups = summary["groups"]
     assert [(g["group"], g["public_base"], g["instances"]) for g in groups] == [
         ("default", None, ["i1"]),
         ("chat_b_example_com", "wss://chat-b.example.com", ["i101", "i102"]),
