@@ -56,6 +56,13 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def nice_prefix(nice: int) -> list[str]:
+    """``nice -n N`` (only root may raise priority; others run at their own)."""
+    if nice == 0 or (nice < 0 and os.geteuid() != 0):
+        return []
+    return ["nice", "-n", str(nice)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,8 +72,9 @@ def free_port() -> int:
 class Launcher:
     """Processes of one target; ``stop_all`` ends every one it started."""
 
-    def __init__(self, server_cpus: str = "1") -> None:
+    def __init__(self, server_cpus: str = "1", nice: int = 0) -> None:
         self.server_cpus = server_cpus
+        self.nice = nice
         self.dir = Path(tempfile.mkdtemp(prefix="roomshard-bench-"))
         self.popens: list[subprocess.Popen[bytes]] = []
 
@@ -74,7 +82,7 @@ class Launcher:
               ready: bool = True, timeout: float = 60) -> tuple[int, str | None]:
         ready_file = self.dir / f"{name}.ready.json"
         log = self.dir / f"{name}.log"
-        full = ["taskset", "-c", self.server_cpus, *argv]
+        full = [*nice_prefix(self.nice), "taskset", "-c", self.server_cpus, *argv]
         if ready:
             full += ["--ready-file", str(ready_file)]
         popen = subprocess.Popen(full, env={**os.environ, **(env or {})}, cwd=ROOT,
@@ -92,6 +100,11 @@ class Launcher:
 
         wait_for(up, timeout, f"{name} to be ready")
         return popen.pid, json.loads(ready_file.read_text())["url"]
+
+    def log_tails(self, chars: int = 1500) -> dict[str, str]:
+        """The end of every process's output (kept in the results when something went wrong)."""
+        return {log.stem: log.read_text(errors="replace")[-chars:]
+                for log in sorted(self.dir.glob("*.log")) if log.stat().st_size}
 
     def stop_all(self) -> None:
         for popen in reversed(self.popens):

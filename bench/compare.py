@@ -34,9 +34,10 @@ LOADGEN = cluster.BENCH / "loadgen" / "loadgen.js"
 RESULTS = cluster.BENCH / "results"
 
 
-def run_loadgen(config: dict[str, Any], cpu: str, timeout: float) -> dict[str, Any]:
+def run_loadgen(config: dict[str, Any], cpu: str, timeout: float, nice: int = 0) -> dict[str, Any]:
     """Run the Node load generator pinned to ``cpu``; its stdout is one JSON document."""
-    argv = ["taskset", "-c", cpu, cluster.node(), str(LOADGEN), json.dumps(config)]
+    argv = [*cluster.nice_prefix(nice), "taskset", "-c", cpu, cluster.node(), str(LOADGEN),
+            json.dumps(config)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cluster.ROOT)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
@@ -85,7 +86,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
     record: dict[str, Any] = {"target": target, "workload": workload.name, "repeat": repeat,
                               "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "loadavg_before": loadavg()}
-    launcher = cluster.Launcher(server_cpus=args.server_cpus)
+    launcher = cluster.Launcher(server_cpus=args.server_cpus, nice=args.nice)
     try:
         running = cluster.STARTERS[target](launcher)
         record["processes"] = running.processes
@@ -95,11 +96,14 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
             directory=running.directory, pids=running.pids, rates=rates,
             room_prefix=f"{workload.name}{repeat}", clk_tck=os.sysconf("SC_CLK_TCK"))
         budget = 120 + len(rates) * (profile.step_seconds + profile.drain_seconds + 2)
-        record["result"] = run_loadgen(config, args.loadgen_cpu, timeout=budget)
+        record["result"] = run_loadgen(config, args.loadgen_cpu, timeout=budget, nice=args.nice)
     except (cluster.StartError, RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"[compare] {target}/{workload.name}: {record['error'][:300]}", file=sys.stderr)
     finally:
+        result = record.get("result", {})
+        if "error" in record or result.get("close_codes") or result.get("error_count"):
+            record["server_logs"] = launcher.log_tails()
         launcher.stop_all()
     record["loadavg_after"] = loadavg()
     return record
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", help="comma list from fanout,bigroom,idle")
     parser.add_argument("--server-cpus", default="1", help="taskset list for servers")
     parser.add_argument("--loadgen-cpu", default="0", help="taskset list for the load generator")
+    parser.add_argument("--nice", type=int, default=-10,
+                        help="niceness of servers and load generator (root only for < 0): on a "
+                             "shared machine, other work then preempts the benchmark less")
     parser.add_argument("--out", help="results file (default bench/results/<profile>-<UTC>.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the markdown/plots")
     args = parser.parse_args(argv)
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "profile": profile.name, "repeats": repeats, "step_seconds": profile.step_seconds,
         "drain_seconds": profile.drain_seconds, "server_cpus": args.server_cpus,
-        "loadgen_cpu": args.loadgen_cpu, "started_at": stamp, "environment": environment(),
+        "loadgen_cpu": args.loadgen_cpu, "nice": args.nice if os.geteuid() == 0 or args.nice > 0 else 0,
+        "started_at": stamp, "environment": environment(),
         "command": "bench/compare " + " ".join(argv if argv is not None else sys.argv[1:]),
         "runs": [],
     }

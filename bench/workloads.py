@@ -82,10 +82,11 @@ PROFILES = {"full": FULL, "quick": QUICK}
 
 
 def is_sustained(step: dict[str, Any]) -> bool:
-    """>= 99% of the expected deliveries arrived and p99 < 200 ms."""
+    """>= 99% of the expected deliveries arrived, p99 < 200 ms, and no client was dropped."""
     p99 = step.get("p99_ms")
     return (step.get("delivered_ratio", 0.0) >= MIN_DELIVERED
-            and p99 is not None and p99 < MAX_P99_MS)
+            and p99 is not None and p99 < MAX_P99_MS
+            and not step.get("connections_lost", 0))
 
 
 def max_sustained(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

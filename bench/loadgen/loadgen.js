@@ -131,7 +131,15 @@ function openSocket(url, client, onOpen, onMessage, resolve, reject) {
   });
   ws.on('close', (code) => {
     client.closed = true;
-    if (!settled) { settled = true; clearTimeout(timer); reject(new Error(`closed ${code} before ready`)); }
+    if (!settled) {
+      settled = true;
+      clearTimeout(timer);
+      const err = new Error(`closed ${code} before ready`);
+      err.retryable = [1001, 1013, 4001, 4004, 4010].includes(code);
+      client.closed = false;
+      reject(err);
+      return;
+    }
     if (!client.gen.shuttingDown) client.gen.closeCodes[code] = (client.gen.closeCodes[code] || 0) + 1;
   });
 }
@@ -170,14 +178,32 @@ const PROTOCOLS = {
   },
 
   roomshard: {
+    // What the contract tells a client to do: on 1013 (shard not ready, room
+    // mid-move), 1001, 4001, 4004 or 4010 before the welcome, or a 503 from
+    // the directory, ask the directory again after a short wait.
     async connect(client, directory) {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await PROTOCOLS.roomshard.connectOnce(client, directory);
+        } catch (e) {
+          if (attempt >= 5 || !e.retryable) throw e;
+          client.gen.connectRetries++;
+          await new Promise((r) => setTimeout(r, 200 * attempt));
+        }
+      }
+    },
+    async connectOnce(client, directory) {
       const res = await fetch(`${directory}/v1/rooms/${client.room}/connect`, {
         method: 'POST',
         headers: { 'content-type': 'application/json' },
         body: JSON.stringify({ user: client.user }),
       });
       const body = await res.json();
-      if (res.status !== 200) throw new Error(`connect ${res.status} ${JSON.stringify(body)}`);
+      if (res.status !== 200) {
+        const err = new Error(`connect ${res.status} ${JSON.stringify(body)}`);
+        err.retryable = res.status === 503;
+        throw err;
+      }
       client.instance = body.instance;
       return new Promise((resolve, reject) => {
         openSocket(body.url, client, () => {}, (s) => {
@@ -210,6 +236,7 @@ class LoadGen {
     this.errors = [];
     this.closeCodes = {};
     this.acks = 0;
+    this.connectRetries = 0;
     this.step = -1;
     this.stepDelivered = 0;
     this.late = 0;
@@ -291,8 +318,8 @@ class LoadGen {
         const now = performance.now();
         const elapsed = Math.min(now - t0, durationMs);
         const due = Math.floor((rate * elapsed) / 1000) - sent;
-        for (let i = 0; i < due; i++) {
-          let cl = live[cursor++ % live.length];
+        for (let i = 0; i < due && live.length > 0; i++) {
+          const cl = live[cursor++ % live.length];
           if (cl.closed) continue;
           this.proto.send(cl, `${step}:${performance.now()}:${PAD}`);
           sent++;
@@ -342,8 +369,12 @@ class LoadGen {
       late_from_earlier_steps: this.late - lateBefore,
       connections_live: live.filter((x) => !x.closed).length,
     };
+    // A server that dropped clients does not sustain the load, whatever the
+    // survivors received (the rest of the ladder would run on fewer clients).
+    result.connections_lost = this.clients.length - result.connections_live;
     const ok = result.delivered_ratio >= (c.minDelivered ?? 0.99)
-      && result.p99_ms !== null && result.p99_ms < (c.maxP99Ms ?? 200);
+      && result.p99_ms !== null && result.p99_ms < (c.maxP99Ms ?? 200)
+      && result.connections_lost === 0;
     result.sustained = ok;
     log(`step ${step} rate ${rate}/s sent ${sent} delivered ${(result.delivered_ratio * 100).toFixed(2)}% `
       + `${Math.round(result.deliveries_per_s)} deliv/s p50 ${result.p50_ms} p99 ${result.p99_ms} ms `
@@ -360,13 +391,14 @@ class LoadGen {
       steps.push(r);
       // One retry of a failed rung, so a burst of unrelated load on a shared
       // machine does not end the ladder; both attempts are reported.
-      for (let retry = 1; !r.sustained && retry <= (c.retries ?? 0); retry++) {
+      for (let retry = 1; !r.sustained && r.connections_lost === 0 && retry <= (c.retries ?? 0); retry++) {
         await this.settle(c.pauseMs ?? 300);
         r = await this.runStep(rate);
         r.retry = retry;
         steps.push(r);
       }
       if (!r.sustained && c.stopOnFail !== false) break;
+      if (r.connections_lost > 0) break;
       await this.settle(c.pauseMs ?? 300);
     }
     return steps;
@@ -424,6 +456,7 @@ async function main() {
     }
   }
   out.acks = gen.acks;
+  out.connect_retries = gen.connectRetries;
   out.errors = gen.errors.slice(0, 20);
   out.error_count = gen.errors.length;
   out.close_codes = gen.closeCodes;

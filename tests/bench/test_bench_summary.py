@@ -16,11 +16,12 @@ def step(rate: int, ratio: float = 1.0, p99: float | None = 5.0, per_s: float = 
 
 
 def test_a_step_is_sustained_only_with_99_percent_delivered_and_p99_under_200ms() -> None:
-    """Both thresholds decide, and a step with no latency sample is not sustained."""
+    """Both thresholds decide; no latency sample or a dropped client is not sustained."""
     assert workloads.is_sustained(step(1, ratio=0.99, p99=199.9))
     assert not workloads.is_sustained(step(1, ratio=0.989, p99=1))
     assert not workloads.is_sustained(step(1, ratio=1.0, p99=200))
     assert not workloads.is_sustained(step(1, ratio=1.0, p99=None))
+    assert not workloads.is_sustained({**step(1), "connections_lost": 3})
 
 
 def test_max_sustained_is_the_highest_passing_rate() -> None:
