@@ -14,17 +14,20 @@ docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
 
 Backpressure policy (slow consumers): a connection may hold at most
 ``send_queue_bytes`` of outgoing data, counting its pending frames plus the
-transport's write buffer. Over that, at flush time, the connection is
-closed with 4009 at once: its pending frames are dropped, the close frame
-is written, the peer is removed from its room, and the socket is aborted
-after :data:`CLOSE_GRACE_S`. A slow client therefore never slows its room
-or makes the shard buffer without bound; it reconnects with ``since``.
+transport's write buffer (the kernel's send buffer is capped at
+:data:`KERNEL_SNDBUF`, so it cannot absorb megabytes first). Over that, at
+flush time, the connection is closed with 4009 at once: its pending frames
+are dropped, the close frame is written, the peer is removed from its room,
+and the socket is aborted after :data:`CLOSE_GRACE_S`. A slow client
+therefore never slows its room or makes the shard buffer without bound; it
+reconnects with ``since``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -47,6 +50,9 @@ log = logging.getLogger("roomshard.shard.conn")
 _WS_LOGGER = logging.getLogger("roomshard.shard.ws")
 _WS_LOGGER.setLevel(logging.WARNING)
 
+# Requested kernel send buffer per connection (Linux doubles it): bounds what
+# a stalled peer holds in the kernel on top of ``send_queue_bytes``.
+KERNEL_SNDBUF = 64 * 1024
 CLOSE_GRACE_S = 2.0  # wait this long for the peer's close frame before aborting
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
@@ -81,6 +87,11 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linux autotunes a socket's send buffer up to 4 MiB: a stalled
+            # peer would absorb that much before our own queue bound applies.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SNDBUF)
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws

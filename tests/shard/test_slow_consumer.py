@@ -1,0 +1,108 @@
+"""A stalled client is closed with 4009 and does not slow its room (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.shard.e2e import RawClient, metric, room_url, wait_closed_by_server
+from tests.shard.test_e2e import recv_json
+from tests.support.timing import await_until, t
+
+pytestmark = pytest.mark.e2e
+
+MEMBERS = 49  # plus the stalled one: a room of 50
+MESSAGES = 150
+RATE = 50.0  # messages/s from the sender
+ROUNDS = 3
+PADDING = "x" * 4000  # makes the stalled peer's queue overflow within ~70 messages
+
+
+async def run_room(directory, room: str) -> list[float]:
+    """One sender paces MESSAGES into a room of MEMBERS readers; every delivery's latency (s)."""
+    clients = []
+    http = httpx.AsyncClient()
+    for i in range(MEMBERS):
+        # max_queue=None: presence frames nobody reads must not pause the client's reading.
+        ws = await connect(await room_url(directory, room, f"u{i}", http=http), max_size=None,
+                           max_queue=None, open_timeout=t(10))
+        await recv_json(ws)
+        clients.append(ws)
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+
+    async def reader(ws) -> None:
+        got = 0
+        while got < MESSAGES:
+            frame = orjson.loads(await asyncio.wait_for(ws.recv(), t(30)))
+            if frame["type"] == "message":
+                latencies.append(time.monotonic() - sent_at[frame["id"]])
+                got += 1
+
+    readers = [asyncio.create_task(reader(ws)) for ws in clients]
+    sender = clients[0]
+    start = time.monotonic()
+    for i in range(MESSAGES):
+        delay = start + i / RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent_at[str(i)] = time.monotonic()
+        await sender.send(orjson.dumps({"type": "send", "id": str(i), "text": PADDING}).decode())
+    await asyncio.wait_for(asyncio.gather(*readers), t(60))
+    await asyncio.gather(*(ws.close() for ws in clients))
+    await http.aclose()
+    assert len(latencies) == MEMBERS * MESSAGES
+    return latencies
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+async def test_stalled_client_is_closed_4009_and_room_keeps_its_latency(procs):
+    """One of 50 stops reading: it is closed 4009; the others' p99 stays within 2x of without it."""
+    d = procs.directory()
+    s = procs.shard("i1", d.url, extra=["--rate", "10000", "--rate-burst", "10000",
+                                         "--send-queue-bytes", str(128 * 1024)])
+    # Interleaved rounds; the best p99 of each condition is compared, so
+    # that load from other processes on a shared machine does not decide.
+    baselines, stalls, closes = [], [], []
+    for round_ in range(ROUNDS):
+        baselines.append(p99(await run_room(d, f"calm{round_}")))
+        stalled = await asyncio.to_thread(RawClient, await room_url(d, f"stall{round_}", "stalled"),
+                                          2048)
+        await await_until(lambda: _joined(s, 1), 10, "the stalled client to join")
+        drained = asyncio.create_task(drain_after_close(s, stalled, round_ + 1))
+        stalls.append(p99(await run_room(d, f"stall{round_}")))
+        frames, code = await drained
+        stalled.close()
+        closes.append((code, len(frames), frames[0]["type"]))
+    base_p99, stall_p99 = min(baselines), min(stalls)
+    print(f"\np99 latency of {MEMBERS} readers at {RATE:g} msg/s, per round: without a stalled "
+          f"client {[round(x * 1000, 1) for x in baselines]} ms, with one "
+          f"{[round(x * 1000, 1) for x in stalls]} ms; best {base_p99 * 1000:.1f} vs "
+          f"{stall_p99 * 1000:.1f} ms (ratio {stall_p99 / base_p99:.2f}); the stalled client "
+          f"(close code, frames it got, first frame): {closes}")
+    for code, count, first in closes:
+        assert code == 4009 and first == "welcome" and count < MESSAGES
+    assert stall_p99 <= 2 * base_p99
+
+
+async def drain_after_close(proc, stalled: RawClient, closes: int) -> tuple[list[dict], int | None]:
+    """Once the shard reports the 4009, read what the stalled peer was sent (within the grace)."""
+    await await_until(lambda: _slow_closes(proc, closes), 30, "the stalled client's close")
+    return await wait_closed_by_server(stalled)
+
+
+async def _slow_closes(proc, n: int) -> bool:
+    return await metric(proc, "roomshard_shard_slow_consumer_closes_total") >= n
+
+
+async def _joined(proc, n: int) -> bool:
+    return await metric(proc, "roomshard_shard_connections") >= n
