@@ -246,7 +246,9 @@ async def test_sigterm_closes_1001_and_leaves_directory(procs):
     async with httpx.AsyncClient() as http:
         r = await http.get(f"{d.url}/v1/admin/instances",
                            headers={"authorization": f"Bearer {TEST_ADMIN_TOKEN}"})
-    assert [i["state"] for i in r.json()["instances"] if i["id"] == "i1"] == ["draining"]
+    # Told: no new placements on it (draining, or disabled once the directory parked it).
+    assert [i["state"] for i in r.json()["instances"] if i["id"] == "i1"][0] in (
+        "draining", "disabled")
 
 
 async def test_restart_refuses_old_tickets_and_restarts_seq_above(procs):
