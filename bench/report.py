@@ -19,12 +19,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import summary  # noqa: E402
+from bench import capacity, summary  # noqa: E402
 from bench.summary import IdleSummary, LadderSummary, Spread  # noqa: E402
 from bench.workloads import PROFILES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
+CAPACITY_DOC = ROOT / "docs" / "CAPACITY.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 LABELS = {
     "roomshard-1": "roomshard, directory + 1 shard",
@@ -181,33 +182,91 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
     return "\n".join(lines)
 
 
-def write_doc(block: str) -> None:
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+def capacity_block(doc: dict[str, Any], directory_connects: float | None,
+                   directory_source: str) -> str | None:
+    """The measured inputs and extrapolated scenarios of docs/CAPACITY.md."""
+    fan = summary.ladder(doc, "roomshard-1", "fanout", PROFILES[doc["profile"]].workloads[0].reference_rate)
+    idle = summary.idle(doc, "roomshard-1")
+    if fan.per_cpu_second_at_max is None or fan.max_deliveries_per_s is None \
+            or idle.rss_per_connection_bytes is None or idle.connects_per_s is None:
+        return None
+    if directory_connects is None:
+        directory_connects = idle.connects_per_s.median
+        directory_source = ("the end-to-end connect rate of the idle workload (POST to the "
+                            "directory, then the WebSocket to the shard, directory and shard on "
+                            "one shared core, one load generator): a floor, not the directory's limit")
+    inputs = capacity.Inputs(
+        deliveries_per_cpu_second=fan.per_cpu_second_at_max.median,
+        max_deliveries_per_s=fan.max_deliveries_per_s.median,
+        rss_per_connection=idle.rss_per_connection_bytes.median,
+        directory_connects_per_s=directory_connects, directory_source=directory_source)
+    a = capacity.Assumptions()
+    plan = capacity.per_shard(inputs, a)
+    lines = [
+        f"Measured by `{doc['command'].strip()}` at {doc['started_at']} (git `{doc['environment']['git_commit']}`), "
+        "one shard process on one core of a 2-core machine, medians over repeats:", "",
+        "| measured input | value |", "| --- | ---: |",
+        f"| deliveries per shard CPU-second (fan-out 100 x 20, at the max sustained step) | {fmt(fan.per_cpu_second_at_max)} |",
+        f"| max sustained deliveries/s, one shard on one core{' (≥: the load generator limited it)' if fan.loadgen_bound or fan.topped_out else ''} | {fmt(fan.max_deliveries_per_s)} |",
+        f"| RSS per idle connection (shard + directory) | {fmt(idle.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} |",
+        f"| connects/s end to end (directory + shard on one core, 1 load generator) | {fmt(idle.connects_per_s)} |",
+        "",
+        f"**Planning assumptions (not measured):** shards planned at {a.cpu_headroom:.0%} of their "
+        f"measured CPU capacity, {a.shard_memory_bytes / 1024**3:g} GiB of RAM per shard for "
+        f"connections, rooms of {a.room_size}, one message per user every "
+        f"{a.seconds_between_messages:g} s, directory replicas at {a.directory_headroom:.0%} of "
+        "their measured rate.", "",
+        "| per shard (one core), planned | extrapolated value |", "| --- | ---: |",
+        f"| deliveries/s | {plan.deliveries_per_s:,.0f} |",
+        f"| connections | {plan.connections:,} (memory allows {int(a.shard_memory_bytes / inputs.rss_per_connection):,}; "
+        f"`max_connections` defaults to {capacity.SHARD_MAX_CONNECTIONS:,}) |", "",
+    ]
+    for sc in (capacity.shards_scenario(inputs, a, 100),
+               capacity.connections_scenario(inputs, a, 1_000_000),
+               capacity.rooms_created_scenario(inputs, a, 10_000)):
+        lines += [f"#### {sc.name} (extrapolated)", "", "| | |", "| --- | --- |",
+                  *(f"| {k} | {v} |" for k, v in sc.rows), ""]
+    return "\n".join(lines)
+
+
+def write_block(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else f"# {path.stem}\n\n{START}\n{END}\n"
     if START not in text or END not in text:
         text += f"\n{START}\n{END}\n"
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+    path.write_text(f"{head}{START}\n{block}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="results JSON -> markdown tables and PNG plots")
     parser.add_argument("results")
-    parser.add_argument("--docs", action="store_true", help="update docs/BENCHMARKS.md and its plots")
+    parser.add_argument("--docs", action="store_true",
+                        help="update docs/BENCHMARKS.md, its plots and docs/CAPACITY.md")
+    parser.add_argument("--directory-connects", type=float,
+                        help="connects/s of one directory replica (docs/benchmarks/directory.md)")
+    parser.add_argument("--directory-source", default="docs/benchmarks/directory.md",
+                        help="where --directory-connects comes from")
     args = parser.parse_args(argv)
     doc = json.loads(Path(args.results).read_text())
     from bench import plots
 
     if args.docs:
         plots.write_all(doc, ROOT / "docs", "benchmarks-")
-        write_doc(render(doc, ROOT / "docs", "benchmarks-"))
+        write_block(DOC, render(doc, ROOT / "docs", "benchmarks-"))
         print(f"[report] updated {DOC}", file=sys.stderr)
+        cap = capacity_block(doc, args.directory_connects, args.directory_source)
+        if cap is not None:
+            write_block(CAPACITY_DOC, cap)
+            print(f"[report] updated {CAPACITY_DOC}", file=sys.stderr)
     else:
         out = ROOT / "bench" / "results" / "tmp"
         out.mkdir(parents=True, exist_ok=True)
         plots.write_all(doc, out, f"{doc['profile']}-")
         md = out / f"report-{doc['profile']}.md"
-        md.write_text(render(doc, out, f"{doc['profile']}-"))
+        cap = capacity_block(doc, args.directory_connects, args.directory_source)
+        md.write_text(render(doc, out, f"{doc['profile']}-")
+                      + ("\n## Capacity inputs\n\n" + cap if cap else ""))
         print(f"[report] wrote {md}", file=sys.stderr)
     return 0
 

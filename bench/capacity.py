@@ -1,0 +1,109 @@
+"""The capacity model of ``docs/CAPACITY.md``: measured inputs in, plans out.
+
+Pure arithmetic (no I/O). The inputs come from a ``bench/compare`` results
+file (one shard on one core) and, for the directory, from
+``docs/benchmarks/directory.md``; everything computed here is an
+*extrapolation* and the rendered tables say so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: AWS: target groups per ALB (hard limit); the default group's ALB also holds
+#: the directory's target group (router_rules.model.DEFAULT_RESERVED_TARGET_GROUPS).
+TARGET_GROUPS_PER_ALB = 100
+DIRECTORY_TARGET_GROUPS = 1
+#: ShardConfig.max_connections default.
+SHARD_MAX_CONNECTIONS = 100_000
+
+
+@dataclass(frozen=True)
+class Inputs:
+    deliveries_per_cpu_second: float  # one shard, fan-out workload, at its max sustained step
+    max_deliveries_per_s: float  # one shard on one core (a lower bound when the load generator limited it)
+    rss_per_connection: float  # bytes, idle, shard + directory
+    directory_connects_per_s: float  # one directory replica
+    directory_source: str  # where that number comes from
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    cpu_headroom: float = 0.5  # plan shards at half their measured CPU capacity
+    shard_memory_bytes: float = 2 * 1024**3  # RAM a shard may use for connections
+    room_size: int = 20
+    seconds_between_messages: float = 30.0  # per user
+    directory_headroom: float = 0.5
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    deliveries_per_s: float  # planned, per shard core
+    connections: int  # planned, per shard
+
+
+def per_shard(i: Inputs, a: Assumptions) -> ShardPlan:
+    by_memory = int(a.shard_memory_bytes / i.rss_per_connection)
+    return ShardPlan(deliveries_per_s=i.deliveries_per_cpu_second * a.cpu_headroom,
+                     connections=min(SHARD_MAX_CONNECTIONS, by_memory))
+
+
+def albs_for(shards: int) -> int:
+    """Load balancers for ``shards`` instances (one target group each)."""
+    first = TARGET_GROUPS_PER_ALB - DIRECTORY_TARGET_GROUPS
+    if shards <= first:
+        return 1
+    return 1 + math.ceil((shards - first) / TARGET_GROUPS_PER_ALB)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    rows: list[tuple[str, str]]
+
+
+def connections_scenario(i: Inputs, a: Assumptions, connections: int) -> Scenario:
+    plan = per_shard(i, a)
+    publishes = connections / a.seconds_between_messages
+    deliveries = publishes * a.room_size
+    by_cpu = math.ceil(deliveries / plan.deliveries_per_s)
+    by_conn = math.ceil(connections / plan.connections)
+    shards = max(by_cpu, by_conn)
+    return Scenario(f"{connections:,} connections", [
+        ("traffic (assumed)", f"rooms of {a.room_size}, one message per user every "
+                              f"{a.seconds_between_messages:g} s: {publishes:,.0f} publishes/s, "
+                              f"{deliveries:,.0f} deliveries/s"),
+        ("shards for the deliveries", f"{by_cpu:,} ({deliveries:,.0f} / {plan.deliveries_per_s:,.0f})"),
+        ("shards for the connections", f"{by_conn:,} ({connections:,} / {plan.connections:,})"),
+        ("shards", f"{shards:,} (one core each), {albs_for(shards)} ALB(s)"),
+        ("connection memory, whole cluster", f"{connections * i.rss_per_connection / 1024**3:,.1f} GiB"),
+    ])
+
+
+def shards_scenario(i: Inputs, a: Assumptions, shards: int) -> Scenario:
+    plan = per_shard(i, a)
+    return Scenario(f"{shards:,} shards", [
+        ("deliveries/s", f"{shards * plan.deliveries_per_s:,.0f} "
+                         f"({shards} x {plan.deliveries_per_s:,.0f}; no cross-shard traffic)"),
+        ("connections", f"{shards * plan.connections:,} ({shards} x {plan.connections:,})"),
+        ("ALBs", f"{albs_for(shards)} (100 target groups per ALB, hard limit; the first also "
+                 f"routes the directory, so it takes {TARGET_GROUPS_PER_ALB - DIRECTORY_TARGET_GROUPS} shards)"),
+    ])
+
+
+def rooms_created_scenario(i: Inputs, a: Assumptions, rooms_per_s: int) -> Scenario:
+    planned = i.directory_connects_per_s * a.directory_headroom
+    first = math.ceil(rooms_per_s / planned)
+    everyone = math.ceil(rooms_per_s * a.room_size / planned)
+    return Scenario(f"{rooms_per_s:,} rooms/s created", [
+        ("directory work", f"each new room is one connect that creates its assignment "
+                           f"(a database write) and one shard open call (another write): "
+                           f"{2 * rooms_per_s:,} writes/s to the database"),
+        ("directory replicas, first member only",
+         f"{first:,} ({rooms_per_s:,} connects/s / {planned:,.0f} planned per replica)"),
+        ("directory replicas, all members join",
+         f"{everyone:,} ({rooms_per_s * a.room_size:,} connects/s)"),
+        ("per-replica rate used", f"{i.directory_connects_per_s:,.0f}/s x {a.directory_headroom:g} "
+                                  f"headroom, from {i.directory_source}"),
+    ])
