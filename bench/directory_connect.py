@@ -153,16 +153,22 @@ async def heartbeats(urls: list[str], signer: Signer, stop: asyncio.Event) -> No
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User+system CPU of processes and their children (PostgreSQL backends), via psutil."""
+    """CPU (user+system) of processes, their live children and their exited, reaped
+    children (PostgreSQL backends come and go), via psutil."""
     import psutil
 
     total = 0.0
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            for p in [proc, *proc.children(recursive=True)]:
-                t = p.cpu_times()
-                total += t.user + t.system
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+            for child in proc.children(recursive=True):
+                try:
+                    c = child.cpu_times()
+                    total += c.user + c.system
+                except psutil.NoSuchProcess:
+                    pass
         except psutil.NoSuchProcess:
             pass
     return total

@@ -15,10 +15,10 @@ writes on SQLite begin IMMEDIATE (see ``directory.db``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import and_, bindparam, case, delete, literal, select, update
@@ -30,6 +30,7 @@ from directory import placement
 from directory.db import instances, rooms
 from directory.errors import Unavailable
 
+T = TypeVar("T")
 SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)
 MAX_PLACEMENT_ATTEMPTS = 5
 
@@ -50,7 +51,24 @@ _ROOM_TARGET = (
 )
 
 
-_ROOM_TARGET_TEXT = "SELECT room target"
+_PG_INSTANCES_SQL = (
+    "SELECT id, number, state, capacity, rooms_assigned, load_connections, last_heartbeat, "
+    "registered_at, internal_url, public_base FROM instances"
+)
+# Insert-if-absent and count it, atomically: the UPDATE only sees the row the
+# INSERT really created (none when another replica won the race).
+_PG_NEW_ROOM_SQL = """
+WITH ins AS (
+    INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
+                       created_at, updated_at)
+    VALUES ($1, $2, 1, 1, 'active', false, 0, $3, $3)
+    ON CONFLICT (room) DO NOTHING
+    RETURNING instance
+)
+UPDATE instances SET rooms_assigned = instances.rooms_assigned + 1
+FROM ins WHERE instances.id = ins.instance
+RETURNING instances.id
+"""
 try:
     import asyncpg
 
@@ -121,33 +139,47 @@ class Store:
             row = (await conn.execute(_ROOM_TARGET, {"room": room})).first()
         return row._mapping if row is not None else None
 
-    async def _raw_room_target(self, room: str) -> Mapping[str, Any] | None:
-        """PostgreSQL hot path: the same query on the pooled asyncpg connection.
+    async def _raw(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``op(asyncpg_connection)`` on a pooled connection, outside SQLAlchemy's
+        execution layer (PostgreSQL hot paths: it costs more CPU than the query).
 
-        SQLAlchemy's execution layer costs more CPU than the query itself
-        (measured: ~360 us vs ~100 us per connect); the pool, its limits and
-        its invalidation stay SQLAlchemy's. A dead connection is invalidated
-        (with every older one) and the read retried once on a fresh one.
+        The pool, its limits and its invalidation stay SQLAlchemy's: a dead
+        connection is invalidated with every older pooled one (as SQLAlchemy's
+        own disconnect handling does) and ``op`` retried once on a fresh one,
+        so ``op`` must be idempotent. Raises ``OperationalError`` (-> 503).
         """
         for attempt in (1, 2):
             async with self.engine.connect() as conn:
                 raw = await conn.get_raw_connection()
                 try:
-                    rec = await raw.driver_connection.fetchrow(self._raw_target_sql, room)
+                    return await op(raw.driver_connection)
                 except _PG_DOWN_ERRORS as exc:
-                    # Like SQLAlchemy's own disconnect handling: drop this
-                    # connection and every pooled one older than now.
                     self.engine.pool._invalidate(raw, exc)
                     if attempt == 2:
-                        raise sa_exc.OperationalError(_ROOM_TARGET_TEXT, None, exc) from exc
-                    continue
-            if rec is None:
+                        raise sa_exc.OperationalError("raw statement", None, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _raw_room_target(self, room: str) -> Mapping[str, Any] | None:
+        rec = await self._raw(lambda c: c.fetchrow(self._raw_target_sql, room))
+        if rec is None:
+            return None
+        row = dict(rec)
+        if isinstance(row["members"], str):
+            row["members"] = orjson.loads(row["members"])
+        return row
+
+    async def _raw_place_new(self, room: str, *, now: float, down_after: float) -> Target | None:
+        """PostgreSQL: pick an instance, then insert the room and count it in ONE statement
+        (a data-modifying CTE, atomic in autocommit). None when another replica won."""
+
+        async def op(c: Any) -> Target | None:
+            rows = [dict(r) for r in await c.fetch(_PG_INSTANCES_SQL)]
+            inst = _pick(rows, now=now, down_after=down_after)
+            if await c.fetchrow(_PG_NEW_ROOM_SQL, room, inst["id"], now) is None:
                 return None
-            row = dict(rec)
-            if isinstance(row["members"], str):
-                row["members"] = orjson.loads(row["members"])
-            return row
-        return None  # pragma: no cover - the loop returns or raises
+            return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
+
+        return await self._raw(op)
 
     async def place(self, room: str, current: Mapping[str, Any] | None, *, now: float,
                     down_after: float) -> tuple[Target, str]:
@@ -162,6 +194,12 @@ class Store:
                 current["i_state"], _seen(current), now=now, down_after=down_after
             ):
                 return _target(room, current), "existing"
+            if current is None and self._raw_target_sql is not None:
+                done = await self._raw_place_new(room, now=now, down_after=down_after)
+                if done is not None:
+                    return done, "new"
+                current = await self.room_target(room)
+                continue
             async with self.write() as conn:
                 chosen = await self._choose(conn, now=now, down_after=down_after)
                 if current is None:
@@ -180,15 +218,7 @@ class Store:
     async def _choose(self, conn: AsyncConnection, *, now: float,
                       down_after: float) -> Mapping[str, Any]:
         rows = (await conn.execute(select(instances))).mappings().all()
-        chosen = placement.choose(
-            (placement.Candidate(id=r["id"], number=r["number"], state=r["state"],
-                                 capacity=r["capacity"], rooms_assigned=r["rooms_assigned"],
-                                 connections=r["load_connections"], seen_at=_seen(r))
-             for r in rows),
-            now=now, down_after=down_after)
-        if chosen is None:
-            raise NoInstance()
-        return next(r for r in rows if r["id"] == chosen.id)
+        return _pick(rows, now=now, down_after=down_after)
 
     async def _insert_room(self, conn: AsyncConnection, room: str, inst: Mapping[str, Any], *,
                            now: float) -> Target | None:
@@ -356,6 +386,18 @@ async def _bump(conn: AsyncConnection, instance: str, delta: int) -> None:
 
 async def _instance(conn: AsyncConnection, instance: str) -> Mapping[str, Any] | None:
     return (await conn.execute(select(instances).where(instances.c.id == instance))).mappings().first()
+
+
+def _pick(rows: Sequence[Mapping[str, Any]], *, now: float, down_after: float) -> Mapping[str, Any]:
+    chosen = placement.choose(
+        (placement.Candidate(id=r["id"], number=r["number"], state=r["state"],
+                             capacity=r["capacity"], rooms_assigned=r["rooms_assigned"],
+                             connections=r["load_connections"], seen_at=_seen(r))
+         for r in rows),
+        now=now, down_after=down_after)
+    if chosen is None:
+        raise NoInstance()
+    return next(r for r in rows if r["id"] == chosen.id)
 
 
 def _seen(row: Mapping[str, Any]) -> float:
