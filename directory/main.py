@@ -99,7 +99,7 @@ def run(cfg: DirectoryConfig) -> None:
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     config = uvicorn.Config(app, loop=_loop_setup(), http="httptools", lifespan="on",
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)
 
     async def serve() -> None:
