@@ -72,20 +72,24 @@ def free_port() -> int:
 class Launcher:
     """Processes of one target; ``stop_all`` ends every one it started."""
 
-    def __init__(self, server_cpus: str = "1", nice: int = 0) -> None:
+    def __init__(self, server_cpus: str = "1", nice: int = 0,
+                 roomshard_tree: Path | None = None) -> None:
         self.server_cpus = server_cpus
         self.nice = nice
+        # roomshard's code is run from here (an export of a commit), so edits
+        # in progress in the work tree do not leak into a measurement.
+        self.roomshard_tree = roomshard_tree or ROOT
         self.dir = Path(tempfile.mkdtemp(prefix="roomshard-bench-"))
         self.popens: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              ready: bool = True, timeout: float = 60) -> tuple[int, str | None]:
+              ready: bool = True, timeout: float = 60, cwd: Path = ROOT) -> tuple[int, str | None]:
         ready_file = self.dir / f"{name}.ready.json"
         log = self.dir / f"{name}.log"
         full = [*nice_prefix(self.nice), "taskset", "-c", self.server_cpus, *argv]
         if ready:
             full += ["--ready-file", str(ready_file)]
-        popen = subprocess.Popen(full, env={**os.environ, **(env or {})}, cwd=ROOT,
+        popen = subprocess.Popen(full, env={**os.environ, **(env or {})}, cwd=cwd,
                                  stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                  start_new_session=True)
         self.popens.append(popen)
@@ -197,16 +201,17 @@ def roomshard_env(db: Path) -> dict[str, str]:
 
 def start_roomshard(launcher: Launcher, shards: int) -> Running:
     run = Running(f"roomshard-{shards}", "roomshard")
-    env = roomshard_env(launcher.dir / "directory.db")
+    tree = launcher.roomshard_tree
+    env = {**roomshard_env(launcher.dir / "directory.db"), "PYTHONPATH": str(tree)}
     pid, url = launcher.spawn("directory", [sys.executable, "-m", "roomshard", "directory",
-                                            "--port", "0"], env=env)
+                                            "--port", "0"], env=env, cwd=tree)
     run.directory = url
     run.pids.append(pid)
     run.processes["directory"] = pid
     for n in range(1, shards + 1):
         spid, _ = launcher.spawn(f"i{n}", [sys.executable, "-m", "roomshard", "shard",
                                           "--instance", f"i{n}", "--port", "0",
-                                          "--directory-url", url or ""], env=env)
+                                          "--directory-url", url or ""], env=env, cwd=tree)
         run.pids.append(spid)
         run.processes[f"i{n}"] = spid
 
@@ -223,6 +228,17 @@ def start_roomshard(launcher: Launcher, shards: int) -> Running:
 
     wait_for(all_active, 30, f"{shards} active shard(s) in the directory")
     return run
+
+
+def export_tree(rev: str, dest: Path) -> str:
+    """``git archive REV`` into ``dest``; returns the commit id measured."""
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
 
 
 STARTERS: dict[str, Callable[[Launcher], Running]] = {

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,8 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
     record: dict[str, Any] = {"target": target, "workload": workload.name, "repeat": repeat,
                               "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "loadavg_before": loadavg()}
-    launcher = cluster.Launcher(server_cpus=args.server_cpus, nice=args.nice)
+    launcher = cluster.Launcher(server_cpus=args.server_cpus, nice=args.nice,
+                                roomshard_tree=args.roomshard_tree)
     try:
         running = cluster.STARTERS[target](launcher)
         record["processes"] = running.processes
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, default=-10,
                         help="niceness of servers and load generator (root only for < 0): on a "
                              "shared machine, other work then preempts the benchmark less")
+    parser.add_argument("--roomshard-rev", default="HEAD",
+                        help="git revision of roomshard to measure (exported with git archive), "
+                             "or 'worktree' for the files as they are")
     parser.add_argument("--out", help="results file (default bench/results/<profile>-<UTC>.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the markdown/plots")
     args = parser.parse_args(argv)
@@ -135,12 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"{profile.name}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    export_dir = None
+    if args.roomshard_rev == "worktree":
+        args.roomshard_tree = None
+        roomshard_commit = "worktree"
+    else:
+        export_dir = Path(tempfile.mkdtemp(prefix="roomshard-bench-tree-"))
+        roomshard_commit = cluster.export_tree(args.roomshard_rev, export_dir)
+        args.roomshard_tree = export_dir
     doc: dict[str, Any] = {
         "profile": profile.name, "repeats": repeats, "step_seconds": profile.step_seconds,
         "drain_seconds": profile.drain_seconds, "server_cpus": args.server_cpus,
         "loadgen_cpu": args.loadgen_cpu, "nice": args.nice if os.geteuid() == 0 or args.nice > 0 else 0,
         "started_at": stamp, "environment": environment(),
         "command": "bench/compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "roomshard_commit": roomshard_commit,
         "runs": [],
     }
     t0 = time.monotonic()
@@ -162,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 doc["runs"].append(record)
                 doc["elapsed_seconds"] = round(time.monotonic() - t0, 1)
                 out.write_text(json.dumps(doc, indent=1))
+    if export_dir is not None:
+        shutil.rmtree(export_dir, ignore_errors=True)
     print(f"[compare] wrote {out} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     if not args.no_report:
         from bench import report

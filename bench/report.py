@@ -122,7 +122,7 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
     lines = [
         f"Measured {doc['started_at']} with `{doc['command'].strip()}` "
         f"(profile `{doc['profile']}`, {doc['repeats']} repeat(s), {doc['step_seconds']} s per step, "
-        f"git `{env['git_commit']}`, {env['cpus']} x {env['cpu_model']}, kernel {env['kernel']}; "
+        f"roomshard at commit `{doc.get('roomshard_commit', env['git_commit'])}`, {env['cpus']} x {env['cpu_model']}, kernel {env['kernel']}; "
         f"servers on CPU {doc['server_cpus']}, load generator on CPU {doc['loadgen_cpu']}; "
         f"whole run {doc.get('elapsed_seconds', 0):.0f} s). Versions: "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
@@ -203,7 +203,7 @@ def capacity_block(doc: dict[str, Any], directory_connects: float | None,
     a = capacity.Assumptions()
     plan = capacity.per_shard(inputs, a)
     lines = [
-        f"Measured by `{doc['command'].strip()}` at {doc['started_at']} (git `{doc['environment']['git_commit']}`), "
+        f"Measured by `{doc['command'].strip()}` at {doc['started_at']} (roomshard commit `{doc.get('roomshard_commit', doc['environment']['git_commit'])}`), "
         "one shard process on one core of a 2-core machine, medians over repeats:", "",
         "| measured input | value |", "| --- | ---: |",
         f"| deliveries per shard CPU-second (fan-out 100 x 20, at the max sustained step) | {fmt(fan.per_cpu_second_at_max)} |",
