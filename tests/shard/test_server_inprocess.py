@@ -155,3 +155,35 @@ async def test_http_routes_and_internal_auth(shard):
     assert await close_code(ws) == 4003
     # A ticket issued before the change does not get back in.
     assert await close_code(await connect(shard.url("api", "alice"))) == 4003
+
+
+async def test_unreachable_directory_at_start_keeps_retrying_and_not_ready():
+    """A shard whose directory is down at start serves /readyz 503 and registers once it is up."""
+    import dataclasses
+
+    from roomshard.tickets import Signer
+    from shard.directory_client import DirectoryClient
+    from shard.server import ShardServer
+    from tests.shard.conftest import BASE_CFG
+    from tests.shard.fakedir import SECRET, FakeDirectory
+
+    fake = FakeDirectory(reachable=False)
+    cfg = dataclasses.replace(BASE_CFG)
+    server = ShardServer(cfg, DirectoryClient(cfg.directory_url, "i1", Signer([SECRET]),
+                                              transport=fake.transport()))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            r = await http.get("/readyz")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+            assert (await http.get("/healthz")).status_code == 200
+            await await_until(lambda: server._hb_failures >= 2, 5, "heartbeats to fail")
+            assert not server.ready()
+            fake.reachable = True
+            await await_until(server.ready, 5, "registration once the directory is up")
+            assert (await http.get("/readyz")).status_code == 200
+            assert fake.heartbeats[0]["boot_id"] == server.boot_id
+            assert set(fake.heartbeats[0]["load"]) == {"rooms", "connections", "messages_per_s"}
+    finally:
+        await server.shutdown()
+    assert fake.leaves == [{"drain": False}]
