@@ -15,6 +15,13 @@ a partitioned shard never serves a room the directory has re-placed.
 Timers are plain loop callbacks, not tasks: one tick (lease, linger
 eviction, the used-ticket set, rates) and one ping round for all
 connections.
+
+Extension points (for ``shard/handoff.py``, installed by
+``shard.main.install_extensions``): ``router.add(...)`` for its routes,
+``join_gates`` (each called with a valid ticket before the room is looked
+up; it may adjust the registry, e.g. activate an adopted room, and returns
+``None`` to proceed or ``(close_code, reason)`` to refuse) and
+``tick_hooks`` (called with wall-clock ``now`` every slow tick, ~2 s).
 """
 
 from __future__ import annotations
@@ -90,6 +97,8 @@ class ShardServer:
         self._last_messages = 0
         self.messages_per_s = 0.0
         self._hb_failures = 0
+        self.join_gates: list[Callable[[Ticket], tuple[int, str] | None]] = []
+        self.tick_hooks: list[Callable[[float], None]] = []
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +172,11 @@ class ShardServer:
         except Refused as r:
             self._refuse(conn, r)
             return
+        for gate in self.join_gates:
+            verdict = gate(ticket)
+            if verdict is not None:
+                self._refuse(conn, Refused(*verdict))
+                return
         live = self.registry.get(ticket.room)
         if live is not None and ticket.epoch <= live.room.epoch:
             self._join(conn, live, ticket, since)
@@ -322,6 +336,8 @@ class ShardServer:
             return
         now = self.clock()
         self.registry.evict_idle(now, self.cfg.room_linger)
+        for hook in self.tick_hooks:
+            hook(now)
         if self.used_tickets:
             self.used_tickets = {j: exp for j, exp in self.used_tickets.items() if exp > now}
         mono = self.monotonic()
