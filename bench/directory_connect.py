@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from roomshard.tickets import Signer  # noqa: E402
+from roomshard.tickets import Signer
 
 
 class RawHttp:
@@ -84,7 +84,7 @@ class Phase:
                 "max_ms": round(lat[-1] * 1000, 2) if lat else 0.0, "errors": self.errors}
 
 
-async def run_phase(phase: Phase, urls: list[str], rooms: "RoomSource", *, concurrency: int,
+async def run_phase(phase: Phase, urls: list[str], rooms: RoomSource, *, concurrency: int,
                     duration: float, rate: float | None) -> None:
     conns = []
     for n in range(concurrency):

@@ -13,14 +13,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from roomshard.protocol import instance_number, valid_room_id, valid_user_id
-
 from directory import handoff, placement, registry, schemas
 from directory.auth import check_admin
 from directory.context import Directory
-from directory.errors import BadRequest, Conflict, NotFound
 from directory.edge import ApiRoute, decode, json_response, read_body
+from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view, room_view
+from roomshard.protocol import instance_number, valid_room_id, valid_user_id
 
 MAX_MEMBERS = 10_000
 DEFAULT_ROOM_LIST_LIMIT = 1000

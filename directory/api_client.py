@@ -10,13 +10,12 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from roomshard.protocol import valid_room_id, valid_user_id
-
 from directory.context import Directory
-from directory.errors import ApiError, BadRequest, Forbidden
 from directory.edge import ApiRoute, decode, json_response, read_body
+from directory.errors import ApiError, BadRequest, Forbidden
 from directory.schemas import ConnectBody, ConnectResponse
 from directory.store import Target
+from roomshard.protocol import valid_room_id, valid_user_id
 
 
 def ws_base(url: str) -> str:

@@ -11,8 +11,8 @@ from directory import handoff, placement, registry, schemas
 from directory.api_admin import instance_param, room_param
 from directory.auth import check_acting_for, cluster_subject
 from directory.context import Directory
-from directory.errors import Conflict, NotFound
 from directory.edge import ApiRoute, decode, json_response, read_body
+from directory.errors import Conflict, NotFound
 from directory.views import instance_view
 
 

@@ -11,8 +11,8 @@ from starlette.responses import HTMLResponse, Response
 
 from directory import schemas
 from directory.context import Directory
-from directory.errors import Unavailable
 from directory.edge import ApiRoute, json_response
+from directory.errors import Unavailable
 
 STATIC_DIR = Path(__file__).with_name("static")
 NOT_INSTALLED_PAGE = """<!doctype html>

@@ -20,18 +20,17 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from roomshard.config import DirectoryConfig
-from roomshard.tickets import Signer
-
 from directory import api_admin, api_client, api_internal, api_meta, openapi
 from directory.auth import ClientAuth
 from directory.context import Directory
 from directory.db import make_engine, migrate
-from directory.errors import error_response
 from directory.edge import ApiRoute, endpoint
+from directory.errors import error_response
 from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
+from roomshard.config import DirectoryConfig
+from roomshard.tickets import Signer
 
 _MANGLED_CONNECT = re.compile(r"^/v1(/rooms)?/*connect/*$")
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

@@ -24,10 +24,9 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from directory.errors import Forbidden, Unauthorized
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.tickets import Signer, TicketError
-
-from directory.errors import Forbidden, Unauthorized
 
 ASYMMETRIC_ALGS = ("RS256", "ES256")
 

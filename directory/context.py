@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from roomshard.config import DirectoryConfig
-from roomshard.tickets import Signer
-
 from directory.auth import ClientAuth
 from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
+from roomshard.config import DirectoryConfig
+from roomshard.tickets import Signer
 
 
 @dataclass

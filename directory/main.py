@@ -91,7 +91,7 @@ def run(cfg: DirectoryConfig) -> None:
         _fail(str(exc))
     try:
         asyncio.run(_check_database(cfg))
-    except Exception as exc:  # any driver error: one line, no traceback
+    except Exception as exc:  # noqa: BLE001 - any driver error: one line, no traceback
         detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         _fail(f"ROOMSHARD_DATABASE_URL: cannot open the database: {detail[:300]}")
     sock = bind(cfg.host, cfg.port)

@@ -11,11 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from directory.app import create_app
 from roomshard.config import DirectoryConfig
 from roomshard.tickets import Signer
 from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET
-
-from directory.app import create_app
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 T0 = 1_800_000_000.0
@@ -43,8 +42,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def make_cfg(db_url: str, **overrides: Any) -> DirectoryConfig:
-    base = dict(database_url=db_url, admin_token=TEST_ADMIN_TOKEN, auth="open",
-                cluster_secret=TEST_CLUSTER_SECRET, down_after=10.0)
+    base = {"database_url": db_url, "admin_token": TEST_ADMIN_TOKEN, "auth": "open",
+                "cluster_secret": TEST_CLUSTER_SECRET, "down_after": 10.0}
     base.update(overrides)
     return DirectoryConfig(**base)
 

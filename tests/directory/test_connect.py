@@ -7,11 +7,10 @@ from typing import Any
 
 import msgspec
 
-from roomshard.tickets import Signer
-from tests.support.procs import TEST_CLUSTER_SECRET
-
 from directory.schemas import ConnectResponse
+from roomshard.tickets import Signer
 from tests.directory.conftest import ADMIN, Harness
+from tests.support.procs import TEST_CLUSTER_SECRET
 
 
 def ticket_of(body: dict[str, Any], now: float) -> Any:

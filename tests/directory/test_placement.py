@@ -56,9 +56,9 @@ def test_effective_state_down_rules() -> None:
 
 
 def row(**kw: Any) -> dict[str, Any]:
-    base = dict(id="i1", internal_url="http://a", public_base=None, capacity=100, state="active",
-                state_reason=None, boot_id="b1", registered_at=NOW - 100, last_heartbeat=NOW - 1,
-                rooms_assigned=3)
+    base = {"id": "i1", "internal_url": "http://a", "public_base": None, "capacity": 100, "state": "active",
+                "state_reason": None, "boot_id": "b1", "registered_at": NOW - 100, "last_heartbeat": NOW - 1,
+                "rooms_assigned": 3}
     base.update(kw)
     return base
 
