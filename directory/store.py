@@ -231,7 +231,7 @@ class Store:
         )
         if (await conn.execute(stmt)).first() is None:
             return None
-        await _bump(conn, inst["id"], +1)
+        await bump_rooms_assigned(conn, inst["id"], +1)
         return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
 
     async def _reassign(self, conn: AsyncConnection, room: str, *, old_epoch: int,
@@ -374,12 +374,14 @@ async def reassign(conn: AsyncConnection, room: str, *, old_epoch: int,
     if row is None:
         return None
     if old_instance is not None:
-        await _bump(conn, old_instance, -1)
-    await _bump(conn, new_instance, +1)
+        await bump_rooms_assigned(conn, old_instance, -1)
+    await bump_rooms_assigned(conn, new_instance, +1)
     return int(row[0])
 
 
-async def _bump(conn: AsyncConnection, instance: str, delta: int) -> None:
+async def bump_rooms_assigned(conn: AsyncConnection, instance: str, delta: int) -> None:
+    """Keep ``instances.rooms_assigned`` in step: call in the transaction that moves a room
+    (the handoff module's commit too). Start-up re-derives it from the rooms table anyway."""
     await conn.execute(update(instances).where(instances.c.id == instance)
                        .values(rooms_assigned=instances.c.rooms_assigned + delta))
 
