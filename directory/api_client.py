@@ -66,7 +66,7 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     ttl = ctx.cfg.ticket_ttl
     ticket = ctx.signer.issue_ticket(room=room, instance=target.instance, epoch=target.epoch,
                                      user=user, ttl=ttl, now=now)
-    ctx.metrics.connects.labels("ok").inc()
+    ctx.metrics.connect_ok.inc()
     return json_response({
         "room": room,
         "instance": target.instance,

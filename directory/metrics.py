@@ -23,6 +23,7 @@ class Metrics:
                                   ["kind"], registry=self.registry)
         # Label lookups cost more than the increments; cache the children.
         self._req: dict[tuple[str, int], tuple[object, object]] = {}
+        self.connect_ok = self.connects.labels("ok")
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
