@@ -10,7 +10,10 @@ Assignment changes are atomic in the database, never read-then-write:
 * ``rooms_assigned`` counters move in the same transaction as the rows.
 
 Reads run in autocommit on PostgreSQL (one round trip, no BEGIN/ROLLBACK);
-writes on SQLite begin IMMEDIATE (see ``directory.db``).
+writes on SQLite begin IMMEDIATE (see ``directory.db``). On PostgreSQL the two
+statements of the measured connect path (room lookup; new room) run on the
+pooled asyncpg connection directly (``Store._raw``), the new room as one
+data-modifying CTE; everything else goes through SQLAlchemy.
 """
 
 from __future__ import annotations
