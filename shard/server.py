@@ -290,7 +290,9 @@ class ShardServer:
                 await self.directory.heartbeat(
                     internal_url=internal_url, public_base=cfg.public_base,
                     capacity=cfg.capacity, boot_id=self.boot_id, load=self.load(),
-                    timeout=max(0.5, min(cfg.heartbeat_interval, cfg.lease / 2)))
+                    # A slow directory still renews the lease as long as the answer
+                    # comes before the lease would run out anyway.
+                    timeout=max(0.5, cfg.lease - cfg.heartbeat_interval))
             except DirectoryError as exc:
                 self._hb_failures += 1
                 if self._hb_failures in (1, 5) or self._hb_failures % 30 == 0:
