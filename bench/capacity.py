@@ -20,12 +20,38 @@ SHARD_MAX_CONNECTIONS = 100_000
 
 
 @dataclass(frozen=True)
+class DirectoryMeasured:
+    """CPU cost per connect measured by ``bench/directory_connect.py`` (docs/benchmarks/directory.md)."""
+
+    cpu_us_per_connect: float  # directory CPU, existing room
+    cpu_us_per_new_room: float  # directory CPU, connect that places a new room
+    postgres_us_per_new_room: float  # PostgreSQL CPU for that connect
+    source: str
+
+    @property
+    def connects_per_core(self) -> float:
+        return 1e6 / self.cpu_us_per_connect
+
+    @property
+    def new_rooms_per_core(self) -> float:
+        return 1e6 / self.cpu_us_per_new_room
+
+
+#: The best (least disturbed) runs of docs/benchmarks/directory.md, 2026-11-21,
+#: `python bench/directory_connect.py --duration 10 --concurrency 12`.
+DIRECTORY = DirectoryMeasured(
+    cpu_us_per_connect=494, cpu_us_per_new_room=883, postgres_us_per_new_room=357,
+    source="docs/benchmarks/directory.md (`python bench/directory_connect.py --duration 10 "
+           "--concurrency 12`: 494 µs of directory CPU per existing-room connect, 883 µs + 357 µs "
+           "of PostgreSQL per new room)")
+
+
+@dataclass(frozen=True)
 class Inputs:
     deliveries_per_cpu_second: float  # one shard, fan-out workload, at its max sustained step
     max_deliveries_per_s: float  # one shard on one core (a lower bound when the load generator limited it)
     rss_per_connection: float  # bytes, idle, shard + directory
-    directory_connects_per_s: float  # one directory replica
-    directory_source: str  # where that number comes from
+    directory: DirectoryMeasured = DIRECTORY
 
 
 @dataclass(frozen=True)
@@ -93,17 +119,35 @@ def shards_scenario(i: Inputs, a: Assumptions, shards: int) -> Scenario:
 
 
 def rooms_created_scenario(i: Inputs, a: Assumptions, rooms_per_s: int) -> Scenario:
-    planned = i.directory_connects_per_s * a.directory_headroom
-    first = math.ceil(rooms_per_s / planned)
-    everyone = math.ceil(rooms_per_s * a.room_size / planned)
+    d = i.directory
+    new_planned = d.new_rooms_per_core * a.directory_headroom
+    join_planned = d.connects_per_core * a.directory_headroom
+    first = math.ceil(rooms_per_s / new_planned)
+    others = math.ceil(rooms_per_s * (a.room_size - 1) / join_planned)
+    pg_cores = rooms_per_s * d.postgres_us_per_new_room / 1e6
     return Scenario(f"{rooms_per_s:,} rooms/s created", [
-        ("directory work", f"each new room is one connect that creates its assignment "
-                           f"(a database write) and one shard open call (another write): "
-                           f"{2 * rooms_per_s:,} writes/s to the database"),
-        ("directory replicas, first member only",
-         f"{first:,} ({rooms_per_s:,} connects/s / {planned:,.0f} planned per replica)"),
-        ("directory replicas, all members join",
-         f"{everyone:,} ({rooms_per_s * a.room_size:,} connects/s)"),
-        ("per-replica rate used", f"{i.directory_connects_per_s:,.0f}/s x {a.directory_headroom:g} "
-                                  f"headroom, from {i.directory_source}"),
+        ("directory work", f"each new room is one connect that places it (an insert) and one "
+                           f"shard open call (an update): {2 * rooms_per_s:,} writes/s"),
+        ("directory replicas (one core each) for the first member",
+         f"{first:,} ({rooms_per_s:,} new-room connects/s / {new_planned:,.0f} planned per replica)"),
+        (f"+ replicas for the other {a.room_size - 1} members joining",
+         f"{others:,} ({rooms_per_s * (a.room_size - 1):,} connects/s / {join_planned:,.0f})"),
+        ("PostgreSQL CPU for the placements", f"{pg_cores:,.1f} cores ({d.postgres_us_per_new_room:g} µs "
+                                              "each; the shard open calls come on top)"),
+        ("per-replica rates used", f"{d.new_rooms_per_core:,.0f} new rooms/s and "
+                                   f"{d.connects_per_core:,.0f} connects/s per directory core, at "
+                                   f"{a.directory_headroom:.0%}, derived from {d.source}"),
+    ])
+
+
+def reconnect_scenario(i: Inputs, a: Assumptions, seconds: float = 10.0) -> Scenario:
+    """A shard restarts: all its clients ask the directory again at once."""
+    plan = per_shard(i, a)
+    rate = plan.connections / seconds
+    replicas = math.ceil(rate / (i.directory.connects_per_core * a.directory_headroom))
+    return Scenario("one full shard reconnecting", [
+        ("connects", f"{plan.connections:,} within {seconds:g} s = {rate:,.0f} connects/s"),
+        ("directory replicas to absorb it", f"{replicas:,} (one core each, at "
+                                            f"{a.directory_headroom:.0%} of "
+                                            f"{i.directory.connects_per_core:,.0f}/s)"),
     ])

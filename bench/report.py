@@ -182,24 +182,17 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
     return "\n".join(lines)
 
 
-def capacity_block(doc: dict[str, Any], directory_connects: float | None,
-                   directory_source: str) -> str | None:
+def capacity_block(doc: dict[str, Any]) -> str | None:
     """The measured inputs and extrapolated scenarios of docs/CAPACITY.md."""
     fan = summary.ladder(doc, "roomshard-1", "fanout", PROFILES[doc["profile"]].workloads[0].reference_rate)
     idle = summary.idle(doc, "roomshard-1")
     if fan.per_cpu_second_at_max is None or fan.max_deliveries_per_s is None \
             or idle.rss_per_connection_bytes is None or idle.connects_per_s is None:
         return None
-    if directory_connects is None:
-        directory_connects = idle.connects_per_s.median
-        directory_source = ("the end-to-end connect rate of the idle workload (POST to the "
-                            "directory, then the WebSocket to the shard, directory and shard on "
-                            "one shared core, one load generator): a floor, not the directory's limit")
     inputs = capacity.Inputs(
         deliveries_per_cpu_second=fan.per_cpu_second_at_max.median,
         max_deliveries_per_s=fan.max_deliveries_per_s.median,
-        rss_per_connection=idle.rss_per_connection_bytes.median,
-        directory_connects_per_s=directory_connects, directory_source=directory_source)
+        rss_per_connection=idle.rss_per_connection_bytes.median)
     a = capacity.Assumptions()
     plan = capacity.per_shard(inputs, a)
     lines = [
@@ -209,7 +202,10 @@ def capacity_block(doc: dict[str, Any], directory_connects: float | None,
         f"| deliveries per shard CPU-second (fan-out 100 x 20, at the max sustained step) | {fmt(fan.per_cpu_second_at_max)} |",
         f"| max sustained deliveries/s, one shard on one core{' (≥: the load generator limited it)' if fan.loadgen_bound or fan.topped_out else ''} | {fmt(fan.max_deliveries_per_s)} |",
         f"| RSS per idle connection (shard + directory) | {fmt(idle.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} |",
-        f"| connects/s end to end (directory + shard on one core, 1 load generator) | {fmt(idle.connects_per_s)} |",
+        f"| connects/s end to end (directory + shard on one core, 1 load generator, 50 at a time) | {fmt(idle.connects_per_s)} |",
+        f"| directory CPU per connect, existing room / new room; PostgreSQL CPU per new room | "
+        f"{inputs.directory.cpu_us_per_connect:g} / {inputs.directory.cpu_us_per_new_room:g} µs; "
+        f"{inputs.directory.postgres_us_per_new_room:g} µs (from [benchmarks/directory.md](benchmarks/directory.md)) |",
         "",
         f"**Planning assumptions (not measured):** shards planned at {a.cpu_headroom:.0%} of their "
         f"measured CPU capacity, {a.shard_memory_bytes / 1024**3:g} GiB of RAM per shard for "
@@ -223,7 +219,8 @@ def capacity_block(doc: dict[str, Any], directory_connects: float | None,
     ]
     for sc in (capacity.shards_scenario(inputs, a, 100),
                capacity.connections_scenario(inputs, a, 1_000_000),
-               capacity.rooms_created_scenario(inputs, a, 10_000)):
+               capacity.rooms_created_scenario(inputs, a, 10_000),
+               capacity.reconnect_scenario(inputs, a)):
         lines += [f"#### {sc.name} (extrapolated)", "", "| | |", "| --- | --- |",
                   *(f"| {k} | {v} |" for k, v in sc.rows), ""]
     return "\n".join(lines)
@@ -243,10 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results")
     parser.add_argument("--docs", action="store_true",
                         help="update docs/BENCHMARKS.md, its plots and docs/CAPACITY.md")
-    parser.add_argument("--directory-connects", type=float,
-                        help="connects/s of one directory replica (docs/benchmarks/directory.md)")
-    parser.add_argument("--directory-source", default="docs/benchmarks/directory.md",
-                        help="where --directory-connects comes from")
     args = parser.parse_args(argv)
     doc = json.loads(Path(args.results).read_text())
     from bench import plots
@@ -255,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         plots.write_all(doc, ROOT / "docs", "benchmarks-")
         write_block(DOC, render(doc, ROOT / "docs", "benchmarks-"))
         print(f"[report] updated {DOC}", file=sys.stderr)
-        cap = capacity_block(doc, args.directory_connects, args.directory_source)
+        cap = capacity_block(doc)
         if cap is not None:
             write_block(CAPACITY_DOC, cap)
             print(f"[report] updated {CAPACITY_DOC}", file=sys.stderr)
@@ -264,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         plots.write_all(doc, out, f"{doc['profile']}-")
         md = out / f"report-{doc['profile']}.md"
-        cap = capacity_block(doc, args.directory_connects, args.directory_source)
+        cap = capacity_block(doc)
         md.write_text(render(doc, out, f"{doc['profile']}-")
                       + ("\n## Capacity inputs\n\n" + cap if cap else ""))
         print(f"[report] wrote {md}", file=sys.stderr)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from bench import capacity
 from bench.capacity import Assumptions, Inputs
 
+DIRECTORY = capacity.DirectoryMeasured(cpu_us_per_connect=500, cpu_us_per_new_room=1000,
+                                       postgres_us_per_new_room=400, source="test")
 INPUTS = Inputs(deliveries_per_cpu_second=80_000, max_deliveries_per_s=60_000,
-                rss_per_connection=10 * 1024, directory_connects_per_s=2_000,
-                directory_source="test")
+                rss_per_connection=10 * 1024, directory=DIRECTORY)
 
 
 def test_albs_hold_99_shards_in_the_first_and_100_in_the_others() -> None:
@@ -30,9 +31,16 @@ def test_a_million_connections_needs_the_larger_of_cpu_and_connection_shards() -
     assert rows["shards for the connections"].startswith("10 ")
 
 
-def test_room_creation_counts_two_writes_and_directory_replicas() -> None:
-    """10k rooms/s is 20k writes/s and 10 replicas at 1,000 planned connects/s each."""
+def test_room_creation_counts_writes_replicas_and_database_cpu() -> None:
+    """10k rooms/s: 20k writes/s, 20 replicas at 500 planned new rooms/s, 4 PostgreSQL cores."""
     rows = dict(capacity.rooms_created_scenario(INPUTS, Assumptions(), 10_000).rows)
     assert "20,000 writes/s" in rows["directory work"]
-    assert rows["directory replicas, first member only"].startswith("10 ")
-    assert rows["directory replicas, all members join"].startswith("200 ")
+    assert rows["directory replicas (one core each) for the first member"].startswith("20 ")
+    assert rows["+ replicas for the other 19 members joining"].startswith("190 ")
+    assert rows["PostgreSQL CPU for the placements"].startswith("4.0 cores")
+
+
+def test_a_restarted_shard_reconnecting_in_10_s_sizes_the_directory() -> None:
+    """100,000 clients in 10 s at 1,000 planned connects/s per replica is 10 replicas."""
+    rows = dict(capacity.reconnect_scenario(INPUTS, Assumptions()).rows)
+    assert rows["directory replicas to absorb it"].startswith("10 ")
