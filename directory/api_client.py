@@ -73,7 +73,7 @@ async def _connect(request: Request, ctx: Directory) -> Response:
         "epoch": target.epoch,
         "url": room_url(ctx, target, ctx.signer.encode_ticket(ticket)),
         "expires_in": ttl,
-    })
+    }, no_store=True)
 
 
 ROUTES = [

@@ -54,8 +54,13 @@ class ApiRoute:
     content_type: str = "application/json"
 
 
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def json_response(data: Any, status: int = 200, *, no_store: bool = False) -> Response:
+    """``no_store`` for bodies carrying a credential (a ticket must not sit in a cache)."""
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+                    headers=_NO_STORE if no_store else None)
 
 
 MAX_BODY_BYTES = 1 << 20

@@ -23,6 +23,7 @@ async def test_connect_places_new_room_and_returns_signed_url(h: Harness) -> Non
     await h.heartbeat("i1")
     r = await h.connect("room-1", "alice")
     assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
     body = r.json()
     msgspec.convert(body, ConnectResponse)
     assert (body["room"], body["instance"], body["epoch"], body["expires_in"]) == ("room-1", "i1", 1, 60)
