@@ -61,7 +61,7 @@ class Connection(asyncio.Protocol):
     """See the module docstring. ``pending``/``pending_bytes`` are the fan-out's fast path."""
 
     __slots__ = ("server", "transport", "http", "ws", "conn_id", "user", "room", "pending",
-                 "pending_bytes", "bucket", "ping_outstanding", "closed", "eof_after_flush",
+                 "pending_bytes", "bucket", "ping_outstanding", "closed", "closing", "eof_after_flush",
                  "frag", "frag_text", "_body", "_request")
 
     def __init__(self, server: ShardServer) -> None:
@@ -76,7 +76,8 @@ class Connection(asyncio.Protocol):
         self.pending_bytes = 0
         self.bucket: TokenBucket | None = None
         self.ping_outstanding = False
-        self.closed = False
+        self.closed = False  # the TCP connection is gone
+        self.closing = False  # we sent (or are sending) a close frame: no more data frames
         self.eof_after_flush = False
         self.frag: list[bytes] | None = None
         self.frag_text = False
@@ -233,8 +234,10 @@ class Connection(asyncio.Protocol):
     def _after_ws_input(self) -> None:
         ws = self.ws
         assert ws is not None
-        if self.room is not None:
+        if self.room is not None and not self.closing:
             for frame in ws.events_received():
+                if self.closing:  # an earlier frame of this batch closed us (4008)
+                    break
                 op = frame.opcode
                 if op is _TEXT or op is _BINARY:
                     if frame.fin:
@@ -257,11 +260,13 @@ class Connection(asyncio.Protocol):
         assert ws is not None
         for data in ws.data_to_send():
             if data:
-                self.queue(data)
+                self._push(data)
             else:
                 self.eof_after_flush = True
                 self.server.mark_dirty(self)
-        if ws.close_expected() and self.room is not None:
+        if ws.close_expected():
+            self.closing = True
+        if self.closing and self.room is not None:
             self.server.detach(self)
 
     def _on_message(self, payload: bytes, is_text: bool) -> None:
@@ -293,7 +298,15 @@ class Connection(asyncio.Protocol):
 
     # -- output -------------------------------------------------------------
     def queue(self, frame: bytes) -> None:
-        """Append one frame for this connection; written at the end of the loop turn."""
+        """Append one data frame for this connection; written at the end of the loop turn.
+
+        Dropped once the connection is closing: nothing may follow a close frame.
+        """
+        if self.closed or self.closing:
+            return
+        self._push(frame)
+
+    def _push(self, frame: bytes) -> None:
         if self.closed:
             return
         if not self.pending:
@@ -338,6 +351,7 @@ class Connection(asyncio.Protocol):
             return
         if not transport.is_reading():
             transport.resume_reading()  # to read the peer's close frame
+        self.closing = True
         if ws.state is OPEN:
             ws.send_close(code, reason)
             if now:

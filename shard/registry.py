@@ -93,7 +93,11 @@ class LiveRoom:
     def close_all(self, code: int, reason: str) -> int:
         """Close every member with ``code``; returns how many were closed."""
         conns = list(self.conns.values())
+        # Everyone goes at once: no presence leave for each to the rest (O(n^2)).
+        self.conns.clear()
+        now = self.server.clock()
         for c in conns:
+            self.room.leave(c.conn_id, now)
             c.close(code, reason)
         return len(conns)
 
