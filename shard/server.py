@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ log = logging.getLogger("roomshard.shard")
 TICK_S = 0.25
 SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
 _PING_FRAME = server_frame(0x9, b"roomshard")
+_SINCE_RE = re.compile(r"[0-9]{1,20}")  # ASCII digits only ("²".isdigit() is true)
 
 
 class Refused(Exception):
@@ -218,7 +220,7 @@ class ShardServer:
         since: int | None = None
         if raw_since is not None:
             # An unreadable since cannot be honoured: answer recovered false.
-            since = int(raw_since) if raw_since.isdigit() else -1
+            since = int(raw_since) if _SINCE_RE.fullmatch(raw_since) else -1
         return ticket, since
 
     async def _open_and_join(self, conn: Connection, ticket: Ticket, since: int | None) -> None:

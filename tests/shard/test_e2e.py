@@ -159,6 +159,9 @@ async def test_resume_without_gap_with_gap_and_beyond(cluster):
     assert wc["recovered"] is False
     e, we = await join(d, "e2e-resume", "erin", since=99)
     assert we["recovered"] is False
+    odd = await connect(await room_url(d, "e2e-resume", "odd") + "&since=%C2%B2")  # "²"
+    assert (await recv_json(odd))["recovered"] is False
+    await odd.close()
     f, wf = await join(d, "e2e-resume", "frank", since=5)
     assert wf["recovered"] is True
     await a.send(send("live"))
