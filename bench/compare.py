@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
             workload, profile, running.protocol, targets=running.targets,
             directory=running.directory, pids=running.pids, rates=rates,
             room_prefix=f"{workload.name}{repeat}", clk_tck=os.sysconf("SC_CLK_TCK"))
-        budget = 120 + len(rates) * (profile.step_seconds + profile.drain_seconds + 2)
+        budget = 180 + len(rates) * (profile.step_seconds + profile.drain_seconds + 2)
         record["result"] = run_loadgen(config, args.loadgen_cpu, timeout=budget, nice=args.nice)
     except (cluster.StartError, RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -111,7 +112,15 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
     return record
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM, and SIGINT even when started in the background (where the shell
+    # ignores it), unwind through the ``finally`` that stops every server.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     parser = argparse.ArgumentParser(description="roomshard vs Socket.IO and friends, side by side")
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
     parser.add_argument("--repeats", type=int, help="override the profile's repeats")

@@ -84,9 +84,10 @@ def write_all(doc: dict[str, Any], folder: Path, prefix: str) -> None:
         latency_plot(doc, workload, folder / f"{prefix}{workload}-latency.png")
         for target in _targets(doc, workload):
             s = summary.ladder(doc, target, workload, wl[workload].reference_rate)
-            names.append(f"{target} ({workload})")
-            effs.append(s.per_cpu_second_at_max)
-    bar_plot(names, effs, "deliveries per server CPU-second at the max sustained step",
+            ref = wl[workload].reference_rate or 0
+            names.append(f"{target} ({workload}, {ref * wl[workload].members // 1000}k/s)")
+            effs.append(s.per_cpu_second_at_ref)
+    bar_plot(names, effs, "deliveries per server CPU-second at the common rung (same load for all)",
              "deliveries / CPU-s", folder / f"{prefix}efficiency.png")
     idle_targets = _targets(doc, "idle")
     if not idle_targets:

@@ -143,15 +143,24 @@ class Goal:
 
 
 def goals(fan: dict[str, LadderSummary], idle_by: dict[str, IdleSummary]) -> list[Goal]:
-    """The project's stated goals, judged on the medians (fan-out workload)."""
+    """The project's stated goals, judged on the medians of the fan-out workload.
+
+    CPU efficiency is compared at the reference rung, where every server got
+    the same offered load (at each one's own max the loads differ, and a
+    busier server amortises its fixed costs better); the ratio at the max
+    is shown beside it.
+    """
     out: list[Goal] = []
     rs = fan.get("roomshard-1")
-    rs_eff = rs.per_cpu_second_at_max if rs else None
 
     def ratio_goal(text: str, peer: str, need: float) -> None:
-        r = _ratio(rs_eff, fan[peer].per_cpu_second_at_max if peer in fan else None)
-        out.append(Goal(text, "not measured" if r is None else f"{r:.2f}x",
-                        None if r is None else r >= need))
+        p = fan.get(peer)
+        r = _ratio(rs.per_cpu_second_at_ref if rs else None, p.per_cpu_second_at_ref if p else None)
+        at_max = _ratio(rs.per_cpu_second_at_max if rs else None, p.per_cpu_second_at_max if p else None)
+        value = "not measured" if r is None else f"{r:.2f}x at the common rung"
+        if r is not None and at_max is not None:
+            value += f" ({at_max:.2f}x at each one's max)"
+        out.append(Goal(text, value, None if r is None else r >= need))
 
     ratio_goal("roomshard >= 2x Socket.IO (1 node) deliveries per server CPU-second", "socketio-1", 2.0)
     ratio_goal("roomshard >= 1.2x bare websockets deliveries per server CPU-second",
@@ -171,14 +180,19 @@ def goals(fan: dict[str, LadderSummary], idle_by: dict[str, IdleSummary]) -> lis
                         f"{worst[1].median / 1024:.1f} KiB",
                         mine_rss.median < worst[1].median))
 
-    two = _ratio(fan["roomshard-2"].max_deliveries_per_s if "roomshard-2" in fan else None,
-                 rs.max_deliveries_per_s if rs else None)
+    r2 = fan.get("roomshard-2")
+    two = _ratio(r2.max_deliveries_per_s if r2 else None, rs.max_deliveries_per_s if rs else None)
+    eff2 = _ratio(r2.per_cpu_second_at_ref if r2 else None, rs.per_cpu_second_at_ref if rs else None)
+    # Both shards share CPU 1 here, so their deliveries/s cannot double: the
+    # goal is not measurable on this machine, whatever the ratio says.
     out.append(Goal("2 shards >= 1.8x one shard's deliveries/s",
-                    "not measured" if two is None else f"{two:.2f}x (all shards share CPU 1)",
-                    None if two is None else two >= 1.8))
-    sio = _ratio(fan["socketio-2-redis"].per_cpu_second_at_max if "socketio-2-redis" in fan else None,
-                 fan["socketio-1"].per_cpu_second_at_max if "socketio-1" in fan else None)
+                    "not measurable on 2 cores (both shards share CPU 1)" + (
+                        "" if two is None else f"; measured {two:.2f}x deliveries/s, "
+                        + ("" if eff2 is None else f"{eff2:.2f}x deliveries per CPU-s")),
+                    None))
+    s1, s2 = fan.get("socketio-1"), fan.get("socketio-2-redis")
+    sio = _ratio(s2.per_cpu_second_at_ref if s2 else None, s1.per_cpu_second_at_ref if s1 else None)
     out.append(Goal("Socket.IO + Redis on 2 nodes delivers less per CPU-second than 1 node",
-                    "not measured" if sio is None else f"{sio:.2f}x of 1 node",
+                    "not measured" if sio is None else f"{sio:.2f}x of 1 node at the common rung",
                     None if sio is None else sio < 1.0))
     return out
