@@ -60,9 +60,26 @@ _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.P
 class Connection(asyncio.Protocol):
     """See the module docstring. ``pending``/``pending_bytes`` are the fan-out's fast path."""
 
-    __slots__ = ("server", "transport", "http", "ws", "conn_id", "user", "room", "pending",
-                 "pending_bytes", "bucket", "ping_outstanding", "closed", "closing", "eof_after_flush",
-                 "frag", "frag_text", "_body", "_request")
+    __slots__ = (
+        "_body",
+        "_request",
+        "bucket",
+        "closed",
+        "closing",
+        "conn_id",
+        "eof_after_flush",
+        "frag",
+        "frag_text",
+        "http",
+        "pending",
+        "pending_bytes",
+        "ping_outstanding",
+        "room",
+        "server",
+        "transport",
+        "user",
+        "ws",
+    )
 
     def __init__(self, server: ShardServer) -> None:
         self.server = server

@@ -23,7 +23,7 @@ class Verdict(Enum):
 
 
 class TokenBucket:
-    __slots__ = ("rate", "burst", "tokens", "strikes", "last")
+    __slots__ = ("burst", "last", "rate", "strikes", "tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate

@@ -32,8 +32,16 @@ log = logging.getLogger("roomshard.shard.rooms")
 
 
 class LiveRoom:
-    __slots__ = ("name", "room", "conns", "server", "frozen", "messages", "messages_per_s",
-                 "_last_count")
+    __slots__ = (
+        "_last_count",
+        "conns",
+        "frozen",
+        "messages",
+        "messages_per_s",
+        "name",
+        "room",
+        "server",
+    )
 
     def __init__(self, room: Room, server: ShardServer) -> None:
         self.name = room.name

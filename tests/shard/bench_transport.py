@@ -49,12 +49,12 @@ def main() -> None:
     rates = [int(r) for r in args.rates.split(",")]
     summary: dict[str, list[dict[str, Any]]] = {"bare-websockets": [], "roomshard-1": []}
     for _ in range(args.rounds):  # interleaved, so background load hits both alike
-        for target in summary:
+        for target, rows in summary.items():
             for step in measure(target, rates, args.step_seconds):
                 row = {k: step[k] for k in ("rate_target", "deliveries_per_s",
                                             "deliveries_per_cpu_second", "server_cpu_util",
                                             "p50_ms", "p99_ms", "delivered_ratio")}
-                summary[target].append(row)
+                rows.append(row)
                 print(f"{target:16s} rate {row['rate_target']:5d}/s "
                       f"{row['deliveries_per_s']:8.0f} deliv/s "
                       f"{row['deliveries_per_cpu_second'] or 0:8.0f} deliv/CPU-s "

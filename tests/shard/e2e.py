@@ -33,7 +33,7 @@ async def metric(proc: Proc, name: str) -> float:
     async with httpx.AsyncClient(verify=False) as http:
         text = (await http.get(f"{proc.url}/metrics", timeout=t(10))).text
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

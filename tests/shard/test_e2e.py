@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
+import websockets
 from websockets.asyncio.client import connect
 
 from roomshard.tickets import Signer
@@ -107,7 +108,7 @@ async def test_rate_limit_errors_then_close_4008(cluster):
     try:
         while True:
             frames.append(await recv_json(a))
-    except Exception:
+    except websockets.ConnectionClosed:
         code = a.close_code
     acks = [f for f in frames if f["type"] == "ack"]
     limited = [f for f in frames if f["type"] == "error" and f["code"] == "rate_limited"]
@@ -250,7 +251,7 @@ async def test_sigterm_closes_1001_and_leaves_directory(procs):
         r = await http.get(f"{d.url}/v1/admin/instances",
                            headers={"authorization": f"Bearer {TEST_ADMIN_TOKEN}"})
     # Told: no new placements on it (draining, or disabled once the directory parked it).
-    assert [i["state"] for i in r.json()["instances"] if i["id"] == "i1"][0] in (
+    assert next(i["state"] for i in r.json()["instances"] if i["id"] == "i1") in (
         "draining", "disabled")
 
 

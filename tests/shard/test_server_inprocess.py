@@ -79,7 +79,7 @@ async def test_moving_room_refused_1013_and_not_owner_4004(shard):
 
 async def test_newer_ticket_epoch_replaces_stale_room(shard):
     """A ticket with a newer epoch closes the stale copy's clients with 1001 and reopens."""
-    a, wa = await shard.join("st", "alice")
+    a, _ = await shard.join("st", "alice")
     rec = shard.fake.rooms["st"]
     rec.epoch = rec.owner_epoch = 5  # the room went away and came back
     b, wb = await shard.join("st", "bob")
