@@ -1,0 +1,81 @@
+"""The shard's control calls to the directory, over httpx.MockTransport."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from roomshard.tickets import Signer
+from shard.directory_client import (DirectoryClient, DirectoryRefused, DirectoryUnavailable,
+                                    OpenGrant)
+
+SECRET = "s3cret"
+
+
+def client(handler) -> DirectoryClient:
+    return DirectoryClient("http://dir.test/", "i3", Signer([SECRET]),
+                           transport=httpx.MockTransport(handler), clock=lambda: 1_000.0)
+
+
+async def test_open_sends_instance_epoch_and_cluster_token():
+    """open posts {instance, ticket_epoch} with a cluster token for this instance."""
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["path"] = request.url.path
+        seen["body"] = request.content
+        token = request.headers["authorization"].removeprefix("Bearer ")
+        seen["sub"] = Signer([SECRET]).verify_cluster_token(token, now=1_000.0)
+        return httpx.Response(200, json={"room": "r", "instance": "i3", "epoch": 4,
+                                         "owner_epoch": 3, "seq_base": 4 << 32, "lost": True,
+                                         "private": False, "members": None})
+
+    dc = client(handler)
+    grant = await dc.open_room("r", 3)
+    await dc.aclose()
+    assert grant == OpenGrant("r", 4, 3, 4 << 32, True, False, None)
+    assert seen == {"path": "/v1/internal/rooms/r/open",
+                    "body": b'{"instance":"i3","ticket_epoch":3}', "sub": "i3"}
+
+
+async def test_refusals_and_failures_are_translated():
+    """4xx -> DirectoryRefused with the code; 5xx, network errors, junk -> DirectoryUnavailable."""
+    answers = iter([
+        httpx.Response(409, json={"error": {"code": "moving", "message": "m"}}),
+        httpx.Response(503, json={"error": {"code": "unavailable", "message": "db"}}),
+        httpx.Response(200, content=b"not json"),
+        httpx.Response(200, json={"room": "r"}),
+    ])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = next(answers, None)
+        if answer is None:
+            raise httpx.ConnectError("refused", request=request)
+        return answer
+
+    dc = client(handler)
+    with pytest.raises(DirectoryRefused) as refused:
+        await dc.open_room("r", 1)
+    assert (refused.value.status, refused.value.code) == (409, "moving")
+    for _ in range(4):  # 503, non-JSON, malformed answer, connection error
+        with pytest.raises(DirectoryUnavailable):
+            await dc.open_room("r", 1)
+    await dc.aclose()
+
+
+async def test_heartbeat_and_leave_bodies():
+    """heartbeat and leave hit the instance's routes with the documented bodies."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path, request.content))
+        return httpx.Response(200, json={"ok": True})
+
+    dc = client(handler)
+    await dc.heartbeat(internal_url="http://h:1", public_base=None, capacity=5, boot_id="b",
+                       load={"rooms": 1, "connections": 2, "messages_per_s": 0.5})
+    await dc.leave(drain=False)
+    await dc.aclose()
+    assert calls[0][:2] == ("PUT", "/v1/internal/instances/i3/heartbeat")
+    assert b'"boot_id":"b"' in calls[0][2] and b'"capacity":5' in calls[0][2]
+    assert calls[1] == ("POST", "/v1/internal/instances/i3/leave", b'{"drain":false}')
