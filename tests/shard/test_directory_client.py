@@ -6,8 +6,12 @@ import httpx
 import pytest
 
 from roomshard.tickets import Signer
-from shard.directory_client import (DirectoryClient, DirectoryRefused, DirectoryUnavailable,
-                                    OpenGrant)
+from shard.directory_client import (
+    DirectoryClient,
+    DirectoryRefused,
+    DirectoryUnavailable,
+    OpenGrant,
+)
 
 SECRET = "s3cret"
 
