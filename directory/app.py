@@ -53,13 +53,17 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = make_engine(cfg.database_url)
         shards = ShardClient(signer, clock, shard_transport)
+        store: Store | None = None
         try:
             await migrate(engine)
-            app.state.ctx = Directory(cfg=cfg, clock=clock, store=Store(engine), signer=signer,
+            store = Store(engine)
+            app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
                                       admin_token=cfg.admin_token.encode())
             yield
         finally:
+            if store is not None:
+                store.close()
             await shards.aclose()
             await engine.dispose()
 

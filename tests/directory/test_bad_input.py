@@ -66,7 +66,8 @@ OPEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("room", "body", "status", "code"), OPEN_CASES)
+@pytest.mark.parametrize(("room", "body", "status", "code"), OPEN_CASES,
+                         ids=[f"{c[0][:12]}-{c[1][:24]!r}-{c[2]}" for c in OPEN_CASES])
 async def test_open_mode_connect_inputs(h: Harness, room: str, body: bytes, status: int,
                                         code: str | None) -> None:
     """Connect in open mode: each malformed room id or body is a 400 with its code."""
