@@ -335,8 +335,9 @@ class Connection(asyncio.Protocol):
         """Write pending frames; enforce the send-queue bound (4009)."""
         transport = self.transport
         pending = self.pending
-        if self.closed or transport is None:
+        if self.closed or transport is None or transport.is_closing():
             pending.clear()
+            self.pending_bytes = 0
             return
         if pending:
             if self.pending_bytes + transport.get_write_buffer_size() > self.server.cfg.send_queue_bytes:

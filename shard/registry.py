@@ -20,7 +20,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from shard.directory_client import DirectoryClient
+from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.ratelimit import TokenBucket
 from shard.room import Room
 
@@ -163,6 +163,10 @@ class RoomRegistry:
             grant = await self.directory.open_room(name, ticket_epoch)
         finally:
             self._opening.pop(name, None)
+        if not self.server.ready():
+            # The lease ran out while we asked: holding the room now could
+            # serve it after the directory has placed it elsewhere.
+            raise DirectoryUnavailable("lease lost while opening the room")
         cfg = self.server.cfg
         room = Room(name=name, instance=cfg.instance, epoch=grant.epoch, seq_base=grant.seq_base,
                     lost=grant.lost, owner_epoch=grant.owner_epoch, history_limit=cfg.history,
