@@ -14,6 +14,7 @@ Three fake instances are registered and kept alive by heartbeats.
 
     python bench/directory_connect.py --duration 10 --concurrency 16
     python bench/directory_connect.py --duration 10 --concurrency 16 --rate 2000
+    python bench/directory_connect.py --sqlite     # one directory on the embedded SQLite
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rate", type=float, default=None, help="target connects/s (paced, open loop)")
     p.add_argument("--rooms", type=int, default=2000, help="existing rooms to create first")
+    p.add_argument("--sqlite", action="store_true",
+                   help="one directory on the embedded SQLite default instead of PostgreSQL")
     p.add_argument("--admin-token", default=os.environ.get("ROOMSHARD_ADMIN_TOKEN", "bench-admin"))
     p.add_argument("--cluster-secret", default=os.environ.get("ROOMSHARD_CLUSTER_SECRET", "bench-secret"))
     args = p.parse_args()
@@ -242,12 +245,19 @@ def main() -> None:
     from tests.support.pg import PgServer
     from tests.support.procs import Procs
 
+    env = {"ROOMSHARD_ADMIN_TOKEN": args.admin_token, "ROOMSHARD_CLUSTER_SECRET": args.cluster_secret,
+           "ROOMSHARD_LOG_LEVEL": "warning"}
+    if args.sqlite:
+        with Procs(base_env=env) as procs:
+            d = procs.directory("dir-sqlite")
+            print(json.dumps({"directories": [d.url], "database": "sqlite", "cores": os.cpu_count()}),
+                  flush=True)
+            runner(bench(args, [d.url], {"directories": [d.popen.pid]}))
+        return
     pg = PgServer()
     pg.start()
     try:
         db = pg.create_database()
-        env = {"ROOMSHARD_ADMIN_TOKEN": args.admin_token, "ROOMSHARD_CLUSTER_SECRET": args.cluster_secret,
-               "ROOMSHARD_LOG_LEVEL": "warning"}
         with Procs(base_env=env) as procs:
             dirs = [procs.directory(f"dir{n}", database_url=db) for n in range(args.directories)]
             print(json.dumps({"directories": [d.url for d in dirs], "cores": os.cpu_count()}), flush=True)
