@@ -119,3 +119,30 @@ def test_page_reconnects_and_delivers_what_was_typed_while_the_shard_was_down(
     finally:
         ctx_a.close()
         ctx_b.close()
+
+
+def test_page_shows_why_it_was_removed_from_a_private_room(procs: Procs, browser: Any) -> None:
+    """When the room becomes private without bob, his page returns to the join form with the
+    directory's reason; alice's page stays open and sees him leave."""
+    import httpx
+
+    from tests.support.procs import TEST_ADMIN_TOKEN
+
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    ctx_a, ctx_b = browser.new_context(), browser.new_context()
+    a, b = ctx_a.new_page(), ctx_b.new_page()
+    try:
+        join(a, d.url, "vip", "alice")
+        join(b, d.url, "vip", "bob")
+        resp = httpx.put(f"{d.url}/v1/admin/rooms/vip/access", json={"private": True, "members": ["alice"]},
+                         headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}, timeout=t(10))
+        assert resp.status_code == 200, resp.text
+        b.wait_for_selector("#join", state="visible", timeout=t(15) * 1000)
+        assert "private" in b.inner_text("#join-error")
+        assert b.get_attribute("#state", "data-state") == "closed"
+        a.wait_for_function("document.querySelectorAll('#members li').length === 1", timeout=t(10) * 1000)
+        assert members(a) == ["alice"] and a.get_attribute("#state", "data-state") == "open"
+    finally:
+        ctx_a.close()
+        ctx_b.close()

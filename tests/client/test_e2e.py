@@ -142,3 +142,19 @@ async def test_clean_shard_stop_sends_clients_to_another_shard(procs: Procs) -> 
         assert [m.seq for m in msgs][-3:] == after
         assert [m.text for m in msgs].count("before") == 1
         assert [m.seq for m in msgs] == sorted({m.seq for m in msgs})
+
+
+async def test_a_member_removed_from_a_private_room_is_told_why(procs: Procs) -> None:
+    """Making the room private without bob closes him (4003); the directory's 403 then ends his
+    session with ConnectRefused instead of a reconnect loop, while alice stays."""
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    async with client.connect(d.url, "club", "alice") as a, client.connect(d.url, "club", "bob") as b:
+        resp = await asyncio.to_thread(_admin, d.url, "PUT", "/v1/admin/rooms/club/access",
+                                       json={"private": True, "members": ["alice"]})
+        assert resp.status_code == 200, resp.text
+        await await_until(lambda: b.state is State.CLOSED, 15, "bob's session to end")
+        assert isinstance(b.error, client.ConnectRefused) and b.error.status == 403
+        with pytest.raises(client.ConnectRefused):
+            b.send("still here?")  # a closed session raises why it closed
+        assert a.state is State.OPEN and await a.send("just us") > 0
