@@ -32,8 +32,10 @@ async def register(client: httpx.AsyncClient, base: str, *ids: str) -> None:
 @pytest.mark.postgres
 async def test_sixty_concurrent_first_connects_across_two_replicas(procs: Procs, pg_url: str) -> None:
     """60 concurrent first connects per room, spread over 2 directories on one PostgreSQL, agree on instance and epoch."""
-    a = procs.directory("dir-a", database_url=pg_url)
-    b = procs.directory("dir-b", database_url=pg_url)
+    # Instances registered by PUT never heartbeat: keep them alive for the whole test.
+    env = {"ROOMSHARD_DOWN_AFTER": "600"}
+    a = procs.directory("dir-a", database_url=pg_url, env=env)
+    b = procs.directory("dir-b", database_url=pg_url, env=env)
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(timeout=t(30), limits=limits) as client:
         await register(client, a.url, "i1", "i2", "i3")
@@ -54,7 +56,7 @@ async def test_sixty_concurrent_first_connects_across_two_replicas(procs: Procs,
 async def test_database_outage_is_503_and_heals_without_restart(procs: Procs, pg_server: PgServer,
                                                                 pg_url: str) -> None:
     """With PostgreSQL stopped the directory answers 503 database_unavailable + Retry-After; it heals once PG is back."""
-    d = procs.directory(database_url=pg_url)
+    d = procs.directory(database_url=pg_url, env={"ROOMSHARD_DOWN_AFTER": "600"})
     async with httpx.AsyncClient(timeout=t(30)) as client:
         await register(client, d.url, "i1")
         assert (await client.post(f"{d.url}/v1/rooms/r/connect", json={"user": "a"})).status_code == 200
