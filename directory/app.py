@@ -29,7 +29,7 @@ from directory.errors import error_response
 from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
-from roomshard.config import DirectoryConfig
+from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.tickets import Signer
 
 _MANGLED_CONNECT = re.compile(r"^/v1(/rooms)?/*connect/*$")
@@ -44,6 +44,8 @@ def all_routes() -> list[ApiRoute]:
 def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                shard_transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The directory app; raises ``ConfigError`` for settings it cannot use (e.g. a bad PEM)."""
+    if cfg.public_url and not cfg.public_url.startswith(("ws://", "wss://", "http://", "https://")):
+        raise ConfigError("ROOMSHARD_PUBLIC_URL: must be a ws://, wss://, http:// or https:// URL")
     signer = Signer(cfg.cluster_secrets)
     client_auth = ClientAuth(cfg)
     metrics = Metrics()
