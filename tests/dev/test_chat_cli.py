@@ -51,3 +51,27 @@ def test_chat_with_a_bad_room_id_says_why(procs: Procs) -> None:
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 1 and "Traceback" not in (chat.before or "")
+
+
+def test_chat_shows_reconnecting_and_comes_back(procs: Procs) -> None:
+    """A shard crash prints the reconnect state and the lost history; a line typed meanwhile is
+    sent once the chat is connected again."""
+    d = procs.directory()
+    shard = procs.shard("i1", d.url)
+    chat = _spawn("tty-crash", "--user", "alice", "--directory-url", d.url)
+    try:
+        chat.expect(r"connected to i1")
+        chat.sendline("one")
+        chat.expect(r"\[1\] alice: one")
+        procs.kill(shard)
+        chat.expect(r"~ connecting: ")
+        chat.sendline("two")
+        procs.restart(shard)
+        chat.expect(r"~ some messages after \[1\] were lost", timeout=t(30))
+        chat.expect(r"\[(\d+)\] alice: two", timeout=t(30))
+        assert int(chat.match.group(1)) > 1
+        chat.sendeof()
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0
