@@ -15,6 +15,11 @@ each process group, a bounded wait, SIGKILL for stragglers. On Linux they
 also get ``PR_SET_PDEATHSIG`` so a supervisor killed with SIGKILL does not
 leave orphans behind.
 
+``ROOMSHARD_ADMIN_TOKEN`` and ``ROOMSHARD_CLUSTER_SECRET`` come from the
+environment when set; otherwise they are generated once and kept in the data
+dir (``secrets.json``, mode 0600), so the printed admin token still works
+after a restart of ``roomshard dev``.
+
 The pure parts (port plan, environment, banner) are separate functions so
 they are tested without starting anything.
 """
