@@ -58,8 +58,10 @@ class RawClient:
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             self.buf += self.sock.recv(4096)
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        head, rest = self.buf.split(b"\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.1 101"), head
+        # Frames are parsed from an offset: no copy of the whole buffer per frame.
+        self.buf, self.pos = bytearray(rest), 0
 
     def read_frames_until_close(self) -> tuple[list[dict], int | None]:
         """Drain the socket; the JSON frames and the close code (None if none came)."""
@@ -75,7 +77,8 @@ class RawClient:
                 frames.append(orjson.loads(payload))
 
     def _need(self, n: int) -> bool:
-        while len(self.buf) < n:
+        """At least ``n`` unread bytes buffered (reads more as needed); O(1) amortised."""
+        while len(self.buf) - self.pos < n:
             try:
                 chunk = self.sock.recv(65536)
             except (ConnectionResetError, TimeoutError):
@@ -88,19 +91,21 @@ class RawClient:
     def _next_frame(self) -> tuple[int, bytes] | None:
         if not self._need(2):
             return None
-        opcode, n = self.buf[0] & 0x0F, self.buf[1] & 0x7F
+        p = self.pos
+        opcode, n = self.buf[p] & 0x0F, self.buf[p + 1] & 0x7F
         head = 2
         if n == 126:
             if not self._need(4):
                 return None
-            n, head = struct.unpack("!H", self.buf[2:4])[0], 4
+            n, head = struct.unpack_from("!H", self.buf, p + 2)[0], 4
         elif n == 127:
             if not self._need(10):
                 return None
-            n, head = struct.unpack("!Q", self.buf[2:10])[0], 10
+            n, head = struct.unpack_from("!Q", self.buf, p + 2)[0], 10
         if not self._need(head + n):
             return None
-        payload, self.buf = self.buf[head:head + n], self.buf[head + n:]
+        payload = bytes(self.buf[p + head:p + head + n])
+        self.pos = p + head + n
         return opcode, payload
 
     def close(self) -> None:
