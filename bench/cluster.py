@@ -45,6 +45,22 @@ class Running:
     directory: str | None = None  # http:// base (roomshard)
     pids: list[int] = field(default_factory=list)  # every server process, redis included
     processes: dict[str, int] = field(default_factory=dict)  # role -> pid, for the report
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # role -> GET /metrics (roomshard)
+
+    def scrape_metrics(self, keep: tuple[str, ...] = ("roomshard_",)) -> dict[str, list[str]]:
+        """Counter lines of every roomshard process, to explain dropped clients afterwards."""
+        out: dict[str, list[str]] = {}
+        for role, url in self.metrics_urls.items():
+            try:
+                text = httpx.get(url, timeout=5).text
+            except httpx.HTTPError as exc:
+                out[role] = [f"unreachable: {exc}"]
+                continue
+            out[role] = [line for line in text.splitlines()
+                         if line.startswith(keep) and "_bucket" not in line
+                         and "_created" not in line
+                         and not line.rstrip().endswith(" 0.0")][:200]
+        return out
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -208,12 +224,14 @@ def start_roomshard(launcher: Launcher, shards: int) -> Running:
     run.directory = url
     run.pids.append(pid)
     run.processes["directory"] = pid
+    run.metrics_urls["directory"] = f"{url}/metrics"
     for n in range(1, shards + 1):
-        spid, _ = launcher.spawn(f"i{n}", [sys.executable, "-m", "roomshard", "shard",
-                                          "--instance", f"i{n}", "--port", "0",
-                                          "--directory-url", url or ""], env=env, cwd=tree)
+        spid, surl = launcher.spawn(f"i{n}", [sys.executable, "-m", "roomshard", "shard",
+                                             "--instance", f"i{n}", "--port", "0",
+                                             "--directory-url", url or ""], env=env, cwd=tree)
         run.pids.append(spid)
         run.processes[f"i{n}"] = spid
+        run.metrics_urls[f"i{n}"] = f"{surl}/metrics"
 
     def all_active() -> bool:
         try:

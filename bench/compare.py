@@ -90,6 +90,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
                               "loadavg_before": loadavg()}
     launcher = cluster.Launcher(server_cpus=args.server_cpus, nice=args.nice,
                                 roomshard_tree=args.roomshard_tree)
+    running: cluster.Running | None = None
     try:
         running = cluster.STARTERS[target](launcher)
         record["processes"] = running.processes
@@ -107,6 +108,8 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
         result = record.get("result", {})
         if "error" in record or result.get("close_codes") or result.get("error_count"):
             record["server_logs"] = launcher.log_tails()
+            if running is not None and running.metrics_urls:
+                record["server_metrics"] = running.scrape_metrics()
         launcher.stop_all()
     record["loadavg_after"] = loadavg()
     return record
