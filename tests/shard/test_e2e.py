@@ -295,3 +295,41 @@ async def test_partitioned_shard_stops_serving_and_refuses_1013(procs):
 
 async def _status(http: httpx.AsyncClient, url: str, expected: int) -> bool:
     return (await http.get(url)).status_code == expected
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--permessage-deflate", "true"], "ROOMSHARD_PERMESSAGE_DEFLATE is not supported"),
+    (["--instance", "x9"], "--instance: expected i1..i9999"),
+])
+def test_unsupported_or_invalid_settings_stop_with_one_line(extra, expected):
+    """A setting the shard cannot honour stops start-up with exit 2 and one clear line."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "roomshard", "shard", "--instance", "i1", "--port", "0",
+            "--directory-url", "http://127.0.0.1:9", *extra]
+    env = {"ROOMSHARD_CLUSTER_SECRET": TEST_CLUSTER_SECRET, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=t(30),
+                          check=False)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr
+
+
+def test_port_in_use_stops_with_one_line():
+    """Binding a port already taken stops with exit 2 and one line, not a traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        argv = [sys.executable, "-m", "roomshard", "shard", "--instance", "i1", "--port",
+                str(taken.getsockname()[1]), "--directory-url", "http://127.0.0.1:9"]
+        env = {"ROOMSHARD_CLUSTER_SECRET": TEST_CLUSTER_SECRET, "PATH": "/usr/bin:/bin",
+               "ROOMSHARD_LOG_LEVEL": "error"}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=t(30),
+                          check=False)
+    assert done.returncode == 2
+    assert "cannot serve" in done.stderr and "Traceback" not in done.stderr
