@@ -221,3 +221,40 @@ async def test_join_gate_can_refuse_before_the_room_is_opened(shard):
     assert welcome["type"] == "welcome" and seen == [("gone", "alice"), ("here", "bob")]
     assert "gone" not in shard.fake.opens
     await ws.close()
+
+
+async def test_frozen_room_refuses_joins_1013_and_holds_sends_until_thaw(shard):
+    """Mid-move (frozen) a room refuses joins with 1013; members' sends wait in TCP until thaw."""
+    a, _ = await shard.join("mv2", "alice")
+    live = shard.server.registry.get("mv2")
+    live.freeze()
+    assert await close_code(await connect(shard.url("mv2", "bob"))) == 1013
+    await a.send('{"type":"send","id":"held","text":"wait"}')
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(a.recv(), 0.3)  # not sequenced while frozen
+    assert live.room.seq == 0
+    live.thaw()
+    assert (await recv_until(a, "ack")) == {"type": "ack", "id": "held", "seq": 1}
+    await a.close()
+
+
+async def test_adopted_snapshot_continues_seq_history_and_ids(shard):
+    """A room adopted from a snapshot keeps seq, history and idempotency for reconnecting clients."""
+    from shard.room import Room
+
+    src = Room(name="moved", instance="i9", epoch=3, owner_epoch=3, history_limit=10)
+    import time
+
+    for i in range(3):
+        src.send("alice", f"m{i}", f"t{i}", time.time())
+    shard.fake.ticket("moved", "x")
+    shard.fake.rooms["moved"].epoch = shard.fake.rooms["moved"].owner_epoch = 4
+    shard.server.registry.adopt(Room.from_snapshot(src.snapshot(), instance="i1", epoch=4,
+                                                   owner_epoch=4))
+    a, welcome = await shard.join("moved", "alice", since=1)
+    assert (welcome["epoch"], welcome["seq"], welcome["recovered"]) == (4, 3, True)
+    assert [(await recv_json(a))["id"] for _ in range(2)] == ["m1", "m2"]
+    await a.send('{"type":"send","id":"m2","text":"t2"}')  # a retry of an acked id
+    assert await recv_json(a) == {"type": "ack", "id": "m2", "seq": 3}
+    assert "moved" not in shard.fake.opens  # adopted, never opened as lost
+    await a.close()
