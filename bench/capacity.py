@@ -97,9 +97,9 @@ def connections_scenario(i: Inputs, a: Assumptions, connections: int) -> Scenari
     by_conn = math.ceil(connections / plan.connections)
     shards = max(by_cpu, by_conn)
     return Scenario(f"{connections:,} connections", [
-        ("traffic (assumed)", f"rooms of {a.room_size}, one message per user every "
+        ("traffic (assumed)", (f"rooms of {a.room_size}, one message per user every "
                               f"{a.seconds_between_messages:g} s: {publishes:,.0f} publishes/s, "
-                              f"{deliveries:,.0f} deliveries/s"),
+                              f"{deliveries:,.0f} deliveries/s")),
         ("shards for the deliveries", f"{by_cpu:,} ({deliveries:,.0f} / {plan.deliveries_per_s:,.0f})"),
         ("shards for the connections", f"{by_conn:,} ({connections:,} / {plan.connections:,})"),
         ("shards", f"{shards:,} (one core each), {albs_for(shards)} ALB(s)"),
@@ -110,11 +110,11 @@ def connections_scenario(i: Inputs, a: Assumptions, connections: int) -> Scenari
 def shards_scenario(i: Inputs, a: Assumptions, shards: int) -> Scenario:
     plan = per_shard(i, a)
     return Scenario(f"{shards:,} shards", [
-        ("deliveries/s", f"{shards * plan.deliveries_per_s:,.0f} "
-                         f"({shards} x {plan.deliveries_per_s:,.0f}; no cross-shard traffic)"),
+        ("deliveries/s", (f"{shards * plan.deliveries_per_s:,.0f} "
+                         f"({shards} x {plan.deliveries_per_s:,.0f}; no cross-shard traffic)")),
         ("connections", f"{shards * plan.connections:,} ({shards} x {plan.connections:,})"),
-        ("ALBs", f"{albs_for(shards)} (100 target groups per ALB, hard limit; the first also "
-                 f"routes the directory, so it takes {TARGET_GROUPS_PER_ALB - DIRECTORY_TARGET_GROUPS} shards)"),
+        ("ALBs", (f"{albs_for(shards)} (100 target groups per ALB, hard limit; the first also "
+                 f"routes the directory, so it takes {TARGET_GROUPS_PER_ALB - DIRECTORY_TARGET_GROUPS} shards)")),
     ])
 
 
@@ -126,17 +126,17 @@ def rooms_created_scenario(i: Inputs, a: Assumptions, rooms_per_s: int) -> Scena
     others = math.ceil(rooms_per_s * (a.room_size - 1) / join_planned)
     pg_cores = rooms_per_s * d.postgres_us_per_new_room / 1e6
     return Scenario(f"{rooms_per_s:,} rooms/s created", [
-        ("directory work", f"each new room is one connect that places it (an insert) and one "
-                           f"shard open call (an update): {2 * rooms_per_s:,} writes/s"),
+        ("directory work", (f"each new room is one connect that places it (an insert) and one "
+                           f"shard open call (an update): {2 * rooms_per_s:,} writes/s")),
         ("directory replicas (one core each) for the first member",
          f"{first:,} ({rooms_per_s:,} new-room connects/s / {new_planned:,.0f} planned per replica)"),
         (f"+ replicas for the other {a.room_size - 1} members joining",
          f"{others:,} ({rooms_per_s * (a.room_size - 1):,} connects/s / {join_planned:,.0f})"),
-        ("PostgreSQL CPU for the placements", f"{pg_cores:,.1f} cores ({d.postgres_us_per_new_room:g} µs "
-                                              "each; the shard open calls come on top)"),
-        ("per-replica rates used", f"{d.new_rooms_per_core:,.0f} new rooms/s and "
+        ("PostgreSQL CPU for the placements", (f"{pg_cores:,.1f} cores ({d.postgres_us_per_new_room:g} µs "
+                                              "each; the shard open calls come on top)")),
+        ("per-replica rates used", (f"{d.new_rooms_per_core:,.0f} new rooms/s and "
                                    f"{d.connects_per_core:,.0f} connects/s per directory core, at "
-                                   f"{a.directory_headroom:.0%}, derived from {d.source}"),
+                                   f"{a.directory_headroom:.0%}, derived from {d.source}")),
     ])
 
 
@@ -147,7 +147,7 @@ def reconnect_scenario(i: Inputs, a: Assumptions, seconds: float = 10.0) -> Scen
     replicas = math.ceil(rate / (i.directory.connects_per_core * a.directory_headroom))
     return Scenario("one full shard reconnecting", [
         ("connects", f"{plan.connections:,} within {seconds:g} s = {rate:,.0f} connects/s"),
-        ("directory replicas to absorb it", f"{replicas:,} (one core each, at "
+        ("directory replicas to absorb it", (f"{replicas:,} (one core each, at "
                                             f"{a.directory_headroom:.0%} of "
-                                            f"{i.directory.connects_per_core:,.0f}/s)"),
+                                            f"{i.directory.connects_per_core:,.0f}/s)")),
     ])

@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cluster, workloads  # noqa: E402
-from bench.workloads import PROFILES, Profile, Workload  # noqa: E402
+from bench import cluster, workloads
+from bench.workloads import PROFILES, Profile, Workload
 
 LOADGEN = cluster.BENCH / "loadgen" / "loadgen.js"
 RESULTS = cluster.BENCH / "results"
@@ -40,7 +40,8 @@ def run_loadgen(config: dict[str, Any], cpu: str, timeout: float, nice: int = 0)
     """Run the Node load generator pinned to ``cpu``; its stdout is one JSON document."""
     argv = [*cluster.nice_prefix(nice), "taskset", "-c", cpu, cluster.node(), str(LOADGEN),
             json.dumps(config)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cluster.ROOT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cluster.ROOT,
+                          check=False)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen exited {proc.returncode}: {proc.stderr[-1000:]}")
@@ -50,7 +51,7 @@ def run_loadgen(config: dict[str, Any], cpu: str, timeout: float, nice: int = 0)
 def environment() -> dict[str, Any]:
     def out(argv: list[str]) -> str:
         try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10,
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False,
                                   cwd=cluster.ROOT).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""

@@ -8,10 +8,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench import summary  # noqa: E402
-from bench.workloads import PROFILES  # noqa: E402
+from bench import summary
+from bench.workloads import PROFILES
 
 COLORS = {
     "roomshard-1": "#d62728", "roomshard-2": "#ff9896", "socketio-1": "#1f77b4",

@@ -19,9 +19,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import capacity, summary  # noqa: E402
-from bench.summary import IdleSummary, LadderSummary, Spread  # noqa: E402
-from bench.workloads import PROFILES  # noqa: E402
+from bench import capacity, summary
+from bench.summary import IdleSummary, LadderSummary, Spread
+from bench.workloads import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -56,10 +56,10 @@ def targets_in(doc: dict[str, Any], workload: str) -> list[str]:
 
 def ladder_table(rows: list[LadderSummary], ref_deliveries: int) -> list[str]:
     out = [
-        "| server | max sustained deliveries/s "
+        ("| server | max sustained deliveries/s "
         f"| deliveries per server CPU-s at {ref_deliveries:,}/s (same load for all) "
         f"| p50 / p99 ms at {ref_deliveries:,}/s | deliveries per server CPU-s at max "
-        "| p99 ms at max | server CPU at max | load gen CPU at max |",
+        "| p99 ms at max | server CPU at max | load gen CPU at max |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -99,8 +99,8 @@ def idle_table(rows: list[IdleSummary]) -> list[str]:
 
 
 def scaling_table(fan: dict[str, LadderSummary]) -> list[str]:
-    out = ["| setup | max sustained deliveries/s | vs 1 process "
-           "| deliveries per CPU-s at the common rung | vs 1 process |",
+    out = [("| setup | max sustained deliveries/s | vs 1 process "
+           "| deliveries per CPU-s at the common rung | vs 1 process |"),
            "| --- | ---: | ---: | ---: | ---: |"]
     for one, two in (("roomshard-1", "roomshard-2"), ("socketio-1", "socketio-2-redis")):
         for name in (one, two):
@@ -129,16 +129,16 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
         f"whole run {doc.get('elapsed_seconds', 0):.0f} s). Versions: "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
         "",
-        "Cells are the median over repeats with the min–max spread in parentheses. "
+        ("Cells are the median over repeats with the min–max spread in parentheses. "
         "≥: the ladder never failed in some repeat, so the max is a lower bound. "
         "†: the load generator used ≥ 85% of its core at the max step, so the server "
-        "may have had more to give.",
+        "may have had more to give."),
         "",
     ]
     loads = [r["loadavg_before"][0] for r in doc["runs"]] + [r["loadavg_after"][0] for r in doc["runs"]]
     if loads:
-        lines += [f"1-minute load average during the run: {min(loads):.2f}–{max(loads):.2f} "
-                  "(2 = both cores busy; the benchmark itself accounts for up to 2).", ""]
+        lines += [(f"1-minute load average during the run: {min(loads):.2f}–{max(loads):.2f} "
+                  "(2 = both cores busy; the benchmark itself accounts for up to 2)."), ""]
     fan: dict[str, LadderSummary] = {}
     for name, title in (("fanout", "Fan-out: 100 rooms x 20 members"),
                         ("bigroom", "One big room: 1 room x 1,000 members")):
@@ -152,20 +152,20 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
             fan = {r.target: r for r in rows}
         ref = (w.reference_rate or 0) * w.members
         lines += [f"### {title}", "",
-                  f"Publish rate stepped through {', '.join(map(str, w.rates))} messages/s "
-                  f"(x{w.members} deliveries each).", "", *ladder_table(rows, ref), ""]
+                  (f"Publish rate stepped through {', '.join(map(str, w.rates))} messages/s "
+                  f"(x{w.members} deliveries each)."), "", *ladder_table(rows, ref), ""]
     idle_rows = [summary.idle(doc, t) for t in targets_in(doc, "idle")]
     if idle_rows:
         w = wl["idle"]
         lines += [f"### Idle connections: {w.connections:,} in {w.rooms} rooms of {w.members}", "",
-                  "(server RSS with all connected − RSS before the first connection) / connections, "
-                  "summed over the target's processes (roomshard: directory + shard).", "",
+                  ("(server RSS with all connected − RSS before the first connection) / connections, "
+                  "summed over the target's processes (roomshard: directory + shard)."), "",
                   *idle_table(idle_rows), ""]
     if fan:
         lines += ["### 1 vs 2 processes (fan-out workload)", "",
-                  "Every server process of a target shares CPU 1 (the load generator needs CPU 0), "
+                  ("Every server process of a target shares CPU 1 (the load generator needs CPU 0), "
                   "so two processes get no more CPU than one: this shows the cost of splitting, "
-                  "not the gain of a second core.", "", *scaling_table(fan), ""]
+                  "not the gain of a second core."), "", *scaling_table(fan), ""]
         idle_by = {r.target: r for r in idle_rows}
         lines += ["### The project's goals", "", "| goal | measured | met? |", "| --- | --- | --- |"]
         for g in summary.goals(fan, idle_by):
@@ -198,26 +198,26 @@ def capacity_block(doc: dict[str, Any]) -> str | None:
     a = capacity.Assumptions()
     plan = capacity.per_shard(inputs, a)
     lines = [
-        f"Measured by `{doc['command'].strip()}` at {doc['started_at']} (roomshard commit `{doc.get('roomshard_commit', doc['environment']['git_commit'])}`), "
-        "one shard process on one core of a 2-core machine, medians over repeats:", "",
+        (f"Measured by `{doc['command'].strip()}` at {doc['started_at']} (roomshard commit `{doc.get('roomshard_commit', doc['environment']['git_commit'])}`), "
+        "one shard process on one core of a 2-core machine, medians over repeats:"), "",
         "| measured input | value |", "| --- | ---: |",
         f"| deliveries per shard CPU-second (fan-out 100 x 20, at the max sustained step) | {fmt(fan.per_cpu_second_at_max)} |",
         f"| max sustained deliveries/s, one shard on one core{' (≥: the load generator limited it)' if fan.loadgen_bound or fan.topped_out else ''} | {fmt(fan.max_deliveries_per_s)} |",
         f"| RSS per idle connection (shard + directory) | {fmt(idle.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} |",
         f"| connects/s end to end (directory + shard on one core, 1 load generator, 50 at a time) | {fmt(idle.connects_per_s)} |",
-        f"| directory CPU per connect, existing room / new room; PostgreSQL CPU per new room | "
+        (f"| directory CPU per connect, existing room / new room; PostgreSQL CPU per new room | "
         f"{inputs.directory.cpu_us_per_connect:g} / {inputs.directory.cpu_us_per_new_room:g} µs; "
-        f"{inputs.directory.postgres_us_per_new_room:g} µs (from [benchmarks/directory.md](benchmarks/directory.md)) |",
+        f"{inputs.directory.postgres_us_per_new_room:g} µs (from [benchmarks/directory.md](benchmarks/directory.md)) |"),
         "",
-        f"**Planning assumptions (not measured):** shards planned at {a.cpu_headroom:.0%} of their "
+        (f"**Planning assumptions (not measured):** shards planned at {a.cpu_headroom:.0%} of their "
         f"measured CPU capacity, {a.shard_memory_bytes / 1024**3:g} GiB of RAM per shard for "
         f"connections, rooms of {a.room_size}, one message per user every "
         f"{a.seconds_between_messages:g} s, directory replicas at {a.directory_headroom:.0%} of "
-        "their measured rate.", "",
+        "their measured rate."), "",
         "| per shard (one core), planned | extrapolated value |", "| --- | ---: |",
         f"| deliveries/s | {plan.deliveries_per_s:,.0f} |",
-        f"| connections | {plan.connections:,} (memory allows {int(a.shard_memory_bytes / inputs.rss_per_connection):,}; "
-        f"`max_connections` defaults to {capacity.SHARD_MAX_CONNECTIONS:,}) |", "",
+        (f"| connections | {plan.connections:,} (memory allows {int(a.shard_memory_bytes / inputs.rss_per_connection):,}; "
+        f"`max_connections` defaults to {capacity.SHARD_MAX_CONNECTIONS:,}) |"), "",
     ]
     for sc in (capacity.shards_scenario(inputs, a, 100),
                capacity.connections_scenario(inputs, a, 1_000_000),

@@ -27,7 +27,7 @@ class Spread:
     n: int
 
     @classmethod
-    def of(cls, values: Iterable[float | None]) -> "Spread | None":
+    def of(cls, values: Iterable[float | None]) -> Spread | None:
         vals = [v for v in values if v is not None]
         if not vals:
             return None
