@@ -53,7 +53,10 @@ _WS_LOGGER.setLevel(logging.WARNING)
 # Requested kernel send buffer per connection (Linux doubles it): bounds what
 # a stalled peer holds in the kernel on top of ``send_queue_bytes``.
 KERNEL_SNDBUF = 64 * 1024
-CLOSE_GRACE_S = 2.0  # wait this long for the peer's close frame before aborting
+CLOSE_GRACE_S = 2.0
+# An HTTP connection with no complete request for this long is closed (also
+# a socket that never finishes its WebSocket handshake).
+HTTP_IDLE_TIMEOUT_S = 30.0  # wait this long for the peer's close frame before aborting
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
 
@@ -62,6 +65,8 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_busy",
+        "_idle_timer",
         "_request",
         "bucket",
         "closed",
@@ -100,6 +105,8 @@ class Connection(asyncio.Protocol):
         self.frag_text = False
         self._body: list[bytes] = []
         self._request: h11.Request | None = None
+        self._busy = False  # an HTTP request is being handled
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,6 +117,19 @@ class Connection(asyncio.Protocol):
             # Linux autotunes a socket's send buffer up to 4 MiB: a stalled
             # peer would absorb that much before our own queue bound applies.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SNDBUF)
+        self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        """Close a connection that sends no complete request (or upgrade) for a while."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(HTTP_IDLE_TIMEOUT_S,
+                                                                 self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        if self.ws is None and not self._busy:
+            self._close_transport()
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
@@ -128,6 +148,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.pending.clear()
         self.pending_bytes = 0
         self.server.forget(self)
@@ -174,10 +197,13 @@ class Connection(asyncio.Protocol):
             self._upgrade(request)
             return
         self.transport.pause_reading()  # one request at a time per connection
+        self._busy = True
         task = asyncio.get_running_loop().create_task(self.server.handle_http(request))
         task.add_done_callback(self._http_done)
 
     def _http_done(self, task: asyncio.Task[HttpResponse]) -> None:
+        self._busy = False
+        self._arm_idle_timer()  # keep-alive: the idle clock restarts after each answer
         if self.closed:
             return
         if task.cancelled():
@@ -233,6 +259,9 @@ class Connection(asyncio.Protocol):
         transport.write(out or b"")
         trailing, _ = http.trailing_data
         self.http = None  # h11's buffers are not kept for the connection's life
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.ws = Protocol(Side.SERVER, state=OPEN, max_size=self.server.cfg.max_frame,
                            logger=_WS_LOGGER)
         transport.pause_reading()  # until admitted; frames wait in the kernel

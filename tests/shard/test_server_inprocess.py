@@ -258,3 +258,15 @@ async def test_adopted_snapshot_continues_seq_history_and_ids(shard):
     assert await recv_json(a) == {"type": "ack", "id": "m2", "seq": 3}
     assert "moved" not in shard.fake.opens  # adopted, never opened as lost
     await a.close()
+
+
+async def test_silent_socket_is_closed_after_the_http_idle_timeout(shard, monkeypatch):
+    """A TCP client that never completes a request is disconnected after the idle timeout."""
+    from shard import connection
+
+    monkeypatch.setattr(connection, "HTTP_IDLE_TIMEOUT_S", 0.2)
+    host, port = shard.server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+    assert await asyncio.wait_for(reader.read(), t(5)) == b""  # EOF from the shard
+    writer.close()
