@@ -75,6 +75,24 @@ rooms = Table(
     Index("ix_rooms_instance", "instance"),
 )
 
+# One row per live move (docs/HANDOFF.md): ``state`` is the authority (commit
+# and rollback set it atomically with the room row), ``record`` the coordinator's
+# ``Move.to_dict()``; ``lease_*`` lets exactly one directory replica drive it.
+moves = Table(
+    "moves",
+    metadata,
+    Column("move_id", String(32), primary_key=True),
+    Column("room", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("record", JSON, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Double, nullable=False, server_default="0"),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Index("ix_moves_state", "state"),
+    Index("ix_moves_room", "room"),
+)
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # pg_advisory_xact_lock key guarding schema upgrades ("roomshard" in ASCII-ish).
 MIGRATION_LOCK_KEY = 7_263_711_105
