@@ -23,8 +23,6 @@ import uvicorn
 
 from roomshard.config import ConfigError, DirectoryConfig
 
-log = logging.getLogger("roomshard.directory")
-
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises the signal after a graceful stop; we exit 0 instead."""
@@ -108,7 +106,8 @@ def run(cfg: DirectoryConfig) -> None:
                 if server.should_exit:
                     return
                 await asyncio.sleep(0.01)
-            log.info("roomshard directory listening on %s", url)
+            # Always shown, whatever the log level: operators and scripts look for it.
+            print(f"roomshard directory listening on {url}", file=sys.stderr, flush=True)
             if cfg.ready_file:
                 tmp = Path(cfg.ready_file + ".tmp")
                 tmp.write_text(json.dumps({"url": url}))
