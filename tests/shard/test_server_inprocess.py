@@ -270,3 +270,11 @@ async def test_silent_socket_is_closed_after_the_http_idle_timeout(shard, monkey
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
     assert await asyncio.wait_for(reader.read(), t(5)) == b""  # EOF from the shard
     writer.close()
+
+
+async def test_ticket_for_another_instance_is_4003(shard):
+    """A ticket naming another instance, presented on this instance's path, is closed 4003."""
+    token = shard.fake.ticket("elsewhere", "alice", instance="i2")
+    ws = await connect(f"{shard.ws_base}/i1/room/elsewhere?ticket={token}")
+    assert await close_code(ws) == 4003
+    assert shard.server.stats.refused == {4003: 1}
