@@ -199,7 +199,7 @@ async def move(request: Request, ctx: Directory) -> Response:
     if _state(ctx, target, ctx.clock()) != placement.ACTIVE:
         raise Conflict("instance_not_active", f"{to} is not active")
     if row["state"] == "moving":
-        raise Conflict("moving", f"room {room} is already moving")
+        raise Conflict("already_moving", f"room {room} is already moving")
     return json_response(await handoff.move_room(ctx, room=room, source=row["instance"], to=to))
 
 

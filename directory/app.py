@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from directory import api_admin, api_client, api_internal, api_meta, openapi
+from directory import api_admin, api_client, api_internal, api_meta, handoff, openapi
 from directory.auth import ClientAuth
 from directory.context import Directory
 from directory.db import make_engine, migrate
@@ -62,8 +62,11 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
                                       admin_token=cfg.admin_token.encode())
+            await handoff.start(app.state.ctx)  # recovers moves a dead replica left behind
             yield
         finally:
+            if hasattr(app.state, "ctx"):
+                await handoff.stop(app.state.ctx)
             if store is not None:
                 store.close()
             await shards.aclose()

@@ -10,7 +10,8 @@ object too: ``store`` for SQL (``store.engine``, ``store.write()``,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from directory.auth import ClientAuth
 from directory.metrics import Metrics
@@ -30,3 +31,5 @@ class Directory:
     metrics: Metrics
     client_auth: ClientAuth
     admin_token: bytes
+    # Per-app state of optional modules (the live-move driver: "mover").
+    extensions: dict[str, Any] = field(default_factory=dict)

@@ -1,18 +1,22 @@
 """Plug points for live moves, drains and rebalancing.
 
 The directory's routes validate the request (ids, 404s, the contract's 409s)
-and then call these functions, which delegate to ``directory.moves`` and
-``directory.rebalance`` when those modules are installed, and answer 501
+and then call these functions, which delegate to the live-move modules
+below when those modules are installed, and answer 501
 ``not_implemented`` otherwise. The modules implement::
 
-    # directory/moves.py
+    # directory/move_driver.py
+    async def start(ctx: Directory) / async def stop(ctx: Directory)
+        # the app's lifespan: the driver and its recovery loop for orphaned moves
     async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict
-        # -> the contract's move report; raises directory.errors.ApiError (409 "moving", ...)
+        # -> the contract's move report; raises directory.errors.ApiError (409 ...)
+
+    # directory/drain.py
     async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict
         # live-moves every room off ``instance`` then marks it disabled with
         # state_reason ``reason`` ("admin" or "shutdown"); -> a DrainReport-shaped dict
 
-    # directory/rebalance.py
+    # directory/rebalance_driver.py
     async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict
         # -> {"moves": [{"room", "from", "to"}], "before": {...}, "after": {...}}
 """
@@ -39,25 +43,38 @@ def _plugin(module: str, attr: str) -> Callable[..., Awaitable[dict[str, Any]]] 
 
 
 def has_drain() -> bool:
-    return _plugin("directory.moves", "drain_instance") is not None
+    return _plugin("directory.drain", "drain_instance") is not None
 
 
 async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict[str, Any]:
-    fn = _plugin("directory.moves", "move_room")
+    fn = _plugin("directory.move_driver", "move_room")
     if fn is None:
         raise NotImplementedYet("not_implemented", "live room moves are not available in this build")
     return await fn(ctx, room=room, source=source, to=to)
 
 
 async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[str, Any]:
-    fn = _plugin("directory.moves", "drain_instance")
+    fn = _plugin("directory.drain", "drain_instance")
     if fn is None:
         raise NotImplementedYet("not_implemented", "draining is not available in this build")
     return await fn(ctx, instance=instance, reason=reason)
 
 
 async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[str, Any]:
-    fn = _plugin("directory.rebalance", "rebalance")
+    fn = _plugin("directory.rebalance_driver", "rebalance")
     if fn is None:
         raise NotImplementedYet("not_implemented", "rebalancing is not available in this build")
     return await fn(ctx, dry_run=dry_run, max_moves=max_moves)
+
+
+async def start(ctx: Directory) -> None:
+    """Called by the app's lifespan once the context exists."""
+    fn = _plugin("directory.move_driver", "start")
+    if fn is not None:
+        await fn(ctx)
+
+
+async def stop(ctx: Directory) -> None:
+    fn = _plugin("directory.move_driver", "stop")
+    if fn is not None:
+        await fn(ctx)

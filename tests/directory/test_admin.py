@@ -152,8 +152,8 @@ async def test_access_on_unplaced_room_creates_record(h: Harness) -> None:
     assert (c["instance"], c["epoch"]) == ("i1", 1)
 
 
-async def test_move_validations_then_not_implemented(h: Harness) -> None:
-    """Move answers the contract's 404/409s, then 501 not_implemented while no handoff module is installed."""
+async def test_move_validations_then_rollback_without_reachable_shards(h: Harness) -> None:
+    """Move answers the contract's 404/409s; with no shard to call, a move rolls back (409) and the room stays."""
     await h.heartbeat("i1")
     await h.heartbeat("i2")
     await h.connect("r")  # on i1
@@ -167,13 +167,16 @@ async def test_move_validations_then_not_implemented(h: Harness) -> None:
     r = await move("i2")
     assert (r.status_code, r.json()["error"]["code"]) == (409, "instance_not_active")
     await h.put_instance("i2", state="active")
-    r = await move("i2")
-    assert (r.status_code, r.json()["error"]["code"]) == (501, "not_implemented")
+    r = await move("i2")  # the registered shard URLs answer nothing: the freeze fails
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "move_rolled_back")
+    view = (await h.client.get("/v1/admin/rooms/r", headers=ADMIN)).json()
+    assert (view["instance"], view["state"], view["epoch"]) == ("i1", "active", 2)  # epoch 2 burnt
     r = await h.client.post("/v1/admin/rebalance", json={"dry_run": True}, headers=ADMIN)
-    assert (r.status_code, r.json()["error"]["code"]) == (501, "not_implemented")
+    assert r.status_code == 200 and r.json()["dry_run"] is True
     r = await h.client.post("/v1/admin/instances/i1/drain", headers=ADMIN)
-    assert (r.status_code, r.json()["error"]["code"]) == (501, "not_implemented")
-    assert (await instances(h))["i1"]["state"] == "active"  # nothing changed
+    assert r.status_code == 200
+    assert (r.json()["state"], r.json()["failed"][0]["room"]) == ("draining", "r")
+    assert (await instances(h))["i1"]["state"] == "draining"  # not disabled: a room is left
 
 
 async def test_drain_of_down_instance_replaces_rooms_now(h: Harness) -> None:

@@ -57,7 +57,7 @@ async def test_new_boot_reactivates_after_shutdown_but_not_after_admin(h: Harnes
 
 @pytest.mark.parametrize("drain", [False, True])
 async def test_after_leave_no_client_is_sent_there(h: Harness, drain: bool) -> None:
-    """After a clean leave (with or without drain, no handoff module) its rooms and new rooms go elsewhere."""
+    """After a clean leave (with or without drain; here no shard answers a move) its rooms and new rooms go elsewhere."""
     await h.heartbeat("i1")
     await h.connect("r")
     await h.heartbeat("i2")
@@ -66,7 +66,7 @@ async def test_after_leave_no_client_is_sent_there(h: Harness, drain: bool) -> N
     assert r.status_code == 200, r.text
     msgspec.convert(r.json(), schemas.DrainReport)
     moved = (await h.connect("r")).json()
-    assert (moved["instance"], moved["epoch"]) == ("i2", 2)
+    assert moved["instance"] == "i2" and moved["epoch"] >= 2  # a failed live move burns one
     assert (await h.connect("other")).json()["instance"] == "i2"
 
 

@@ -1,0 +1,97 @@
+"""Drain an instance (and run any batch of moves) with bounded parallelism.
+
+``rebalance.plan_drain`` picks a target per room (largest rooms first, each
+to the least loaded active instance); ``moves.DrainProgress`` hands out at
+most ``parallelism`` moves at a time and requeues a rolled-back one once;
+``move_driver.move_room`` performs each. The instance is ``draining`` (no
+new placements) from the first moment and ``disabled`` only when every room
+left; otherwise it stays ``draining`` and the report says what failed (drain
+again to retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from directory import move_driver, placement, registry
+from directory.context import Directory
+from directory.errors import ApiError, Conflict
+from directory.moves import DrainProgress
+from directory.rebalance import plan_drain
+
+DRAIN_PARALLELISM = 16
+MAX_ROOMS = 10_000_000
+
+
+async def effective_instances(ctx: Directory) -> list[dict[str, Any]]:
+    """Every registered instance with its effective state and its load (rooms + connections)."""
+    now = ctx.clock()
+    return [{"id": r["id"], "capacity": r["capacity"], "internal_url": r["internal_url"],
+             "state": placement.effective_state(r["state"], registry.seen_at(r), now=now,
+                                                down_after=ctx.cfg.down_after),
+             "load": r["rooms_assigned"] + r["load_connections"]}
+            for r in await ctx.store.list_instances()]
+
+
+async def room_weights(ctx: Directory, instance: Mapping[str, Any],
+                       rows: list[Mapping[str, Any]]) -> dict[str, float]:
+    """weight = 1 + live connections, asked from the owning shard (1 when it cannot say)."""
+    loads = await ctx.shards.rooms_load(instance["internal_url"]) or {}
+    return {r["room"]: 1.0 + float((loads.get(r["room"]) or {}).get("connections", 0))
+            for r in rows}
+
+
+async def run_moves(ctx: Directory, progress: DrainProgress,
+                    sources: Mapping[str, str]) -> None:
+    """Perform ``progress``'s moves, at most ``progress.parallelism`` at once."""
+    running: dict[asyncio.Task[dict[str, Any]], str] = {}
+    while True:
+        for room, to in progress.next_moves():
+            task = asyncio.ensure_future(
+                move_driver.move_room(ctx, room=room, source=sources[room], to=to))
+            running[task] = room
+        if not running:
+            return
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            room = running.pop(task)
+            exc = task.exception()
+            if exc is None:
+                progress.succeeded(room, task.result())
+            elif isinstance(exc, ApiError):
+                progress.rolled_back(room, f"{exc.code}: {exc.message}")
+            else:
+                progress.rolled_back(room, repr(exc))
+
+
+async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[str, Any]:
+    """Live-move every room off ``instance``, then mark it disabled; the drain report."""
+    started = time.monotonic()
+    await ctx.store.upsert_instance(instance, lambda _row: {
+        "state": placement.DRAINING, "state_reason": reason})
+    instances = await effective_instances(ctx)
+    source = next(i for i in instances if i["id"] == instance)
+    rows = [r for r in await ctx.store.list_rooms(instance, MAX_ROOMS)]
+    weights = await room_weights(ctx, source, rows)
+    try:
+        plan = plan_drain(instances, [{"room": r, "weight": w} for r, w in weights.items()],
+                          instance) if rows else []
+    except ValueError as exc:
+        raise Conflict("no_target", str(exc)) from None
+    progress = DrainProgress(instance, [(p["room"], p["to"]) for p in plan],
+                             parallelism=DRAIN_PARALLELISM)
+    await run_moves(ctx, progress, {r["room"]: instance for r in rows})
+    out = progress.report()
+    state = placement.DRAINING
+    # A shard leaving goes away whatever happened: what did not move is re-placed on
+    # its next connect (recovered: false). An admin's drain disables only when done.
+    if out["complete"] or reason == registry.REASON_SHUTDOWN:
+        state = placement.DISABLED
+        await ctx.store.upsert_instance(instance, lambda _row: {
+            "state": placement.DISABLED, "state_reason": reason})
+    took = time.monotonic() - started
+    return {**out, "state": state, "replaced": 0, "duration_s": round(took, 3),
+            "rooms_per_s": round(out["moved"] / took, 1) if took > 0 else None}

@@ -1,0 +1,261 @@
+"""Drives live moves: performs the coordinator's actions against the database and shards.
+
+``directory.moves`` decides (pure); this module does the I/O: it reserves a
+move (``move_store.reserve``), then loops *perform action -> event ->
+moves.handle -> persist -> next actions* until the move is finished. The
+record is persisted after every change (conditional on the lease and on the
+row not being decided), so a directory that dies mid-move leaves a row that
+:meth:`Mover.recover_once` -- run at start-up and every few seconds by every
+replica -- claims once its lease ran out and finishes with ``moves.recover``
+(roll back before the commit, forward after it).
+
+One :class:`Mover` per app (``ctx.extensions["mover"]``), started and stopped
+by the app's lifespan through ``directory.handoff``. Drains live in
+``directory.drain`` and rebalancing in ``directory.rebalance_driver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+from sqlalchemy import exc as sa_exc
+
+from directory import move_store, placement, registry
+from directory.context import Directory
+from directory.errors import Conflict
+from directory.moves import (
+    DEFAULT_MOVE_TIMEOUT_S,
+    PRE_COMMIT,
+    TERMINAL,
+    Action,
+    Event,
+    Move,
+    MoveRuleError,
+    State,
+    begin,
+    handle,
+    recover,
+    report,
+)
+
+log = logging.getLogger("roomshard.directory.moves")
+
+CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per try
+LEASE_S = 15.0  # > CALL_TIMEOUT_S + the longest backoff: renewed by every persisted step
+RECOVER_EVERY_S = 2.0
+MOVE_WAIT_S = 20.0  # the admin request waits this long for the move to finish
+
+
+class Mover:
+    """Drives this replica's moves and recovers orphaned ones."""
+
+    def __init__(self, ctx: Directory) -> None:
+        self.ctx = ctx
+        self.owner = f"dir-{secrets.token_hex(6)}"
+        self.driving: dict[str, asyncio.Task[Move]] = {}
+        self.current: dict[str, Move] = {}
+        self._recovery: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        self._recovery = asyncio.get_running_loop().create_task(self._recover_loop())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._recovery, *self.driving.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _recover_loop(self) -> None:
+        while True:
+            try:
+                await self.recover_once()
+            except (sa_exc.SQLAlchemyError, OSError) as exc:
+                log.warning("move recovery pass failed: %s", exc)
+            await asyncio.sleep(RECOVER_EVERY_S)
+
+    async def recover_once(self) -> int:
+        """Claim and finish every unfinished move whose driver is gone; returns how many."""
+        now = self.ctx.clock()
+        orphans = await move_store.claim_orphans(self.ctx.store, owner=self.owner, now=now,
+                                                 lease_s=LEASE_S)
+        for persisted in orphans:
+            if persisted.move_id in self.driving:
+                continue
+            move, actions = recover(persisted, now)
+            log.warning("recovering move %s of room %s from state %s", move.move_id, move.room,
+                        persisted.state.value)
+            self._spawn(move, actions, persist_first=True)
+        return len(orphans)
+
+    # -- one move --------------------------------------------------------------
+    async def start_move(self, *, room: str, source: str, to: str) -> asyncio.Task[Move]:
+        """Reserve the move (409 ``already_moving``) and start driving it."""
+        now = self.ctx.clock()
+        move_id = secrets.token_hex(8)
+
+        def make(from_epoch: int) -> tuple[Move, list[Action]]:
+            return begin(move_id=move_id, room=room, source=source, target=to,
+                         from_epoch=from_epoch, now=now)
+
+        move, actions = await move_store.reserve(self.ctx.store, room=room, source=source, to=to,
+                                                 owner=self.owner, now=now, lease_s=LEASE_S,
+                                                 make=make)
+        return self._spawn(move, actions, persist_first=False)
+
+    def _spawn(self, move: Move, actions: list[Action], *, persist_first: bool) -> asyncio.Task[Move]:
+        self.current[move.move_id] = move
+        task = asyncio.get_running_loop().create_task(self._drive(move, actions, persist_first),
+                                                      name=move.move_id)
+        self.driving[move.move_id] = task
+
+        def done(t: asyncio.Task[Move]) -> None:
+            self.driving.pop(move.move_id, None)
+            self.current.pop(move.move_id, None)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("driving move %s failed: %r", move.move_id, t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _persist(self, move: Move, expect: tuple[str, ...]) -> bool:
+        for attempt in range(3):
+            try:
+                return await move_store.persist(self.ctx.store, move, owner=self.owner,
+                                                now=self.ctx.clock(), lease_s=LEASE_S,
+                                                expect=expect)
+            except sa_exc.SQLAlchemyError as exc:
+                log.warning("persisting move %s failed (%d): %s", move.move_id, attempt, exc)
+                await asyncio.sleep(0.1 * 2 ** attempt)
+        return False
+
+    async def _drive(self, move: Move, actions: list[Action], persist_first: bool) -> Move:
+        if persist_first and not await self._persist(move, move_store.expected_before(move.state)):
+            return move
+        queue = deque(actions)
+        deadline = move.started_at + DEFAULT_MOVE_TIMEOUT_S
+        while queue and move.state not in TERMINAL:
+            action = queue.popleft()
+            if action.call == "finished":
+                break
+            if move.state in PRE_COMMIT and self.ctx.clock() > deadline:
+                event = Event("timeout")
+            else:
+                event = await self._perform(move, action)
+            before = move
+            try:
+                move, new = handle(move, event, self.ctx.clock())
+            except MoveRuleError as exc:
+                log.error("move %s: %s", move.move_id, exc)
+                continue
+            if event.kind == "timeout":
+                queue.clear()  # the calls of the abandoned step are superseded
+            if move != before:
+                self.current[move.move_id] = move
+                if not await self._persist(move, move_store.expected_before(move.state)):
+                    log.warning("move %s: lease lost or decided elsewhere; stop driving",
+                                move.move_id)
+                    return move
+            queue.extend(new)
+        log.info("move %s of room %s %s -> %s: %s%s", move.move_id, move.room, move.source,
+                 move.target, move.state.value, f" ({move.reason})" if move.reason else "")
+        return move
+
+    # -- actions ---------------------------------------------------------------
+    async def _perform(self, move: Move, a: Action) -> Event:
+        if a.delay_s:
+            await asyncio.sleep(a.delay_s)
+        p, tok, now = a.payload, a.token, self.ctx.clock()
+        try:
+            if a.call == "commit_db":
+                ok = await move_store.commit(self.ctx.store, move, now)
+                return Event("commit_ok" if ok else "commit_lost", tok)
+            if a.call == "mark_rolled_back":
+                ok = await move_store.rollback(self.ctx.store, move, now)
+                return Event("rollback_ok" if ok else "rollback_lost", tok)
+        except sa_exc.SQLAlchemyError as exc:
+            kind = "commit" if a.call == "commit_db" else "rollback"
+            return Event(f"{kind}_failed", tok, {"error": f"database: {exc.__class__.__name__}"})
+        kind = a.call.removeprefix("call_")
+        body: dict[str, Any] = {"move_id": p["move_id"]}
+        if kind in ("freeze", "adopt", "release", "abort"):
+            body["epoch"] = p["epoch"]
+        if kind == "adopt":
+            body["snapshot"] = p["snapshot"]
+        if kind == "release":
+            body["to"] = p["to"]
+        assert a.instance is not None
+        status, answer = await self._shard_call(a.instance, p["room"], kind, body)
+        if status == 200:
+            return Event(f"{kind}_ok", tok, answer if isinstance(answer, dict) else {})
+        if kind == "release" and await self._gone(a.instance):
+            return Event("source_gone")
+        return Event(f"{kind}_failed", tok, {"error": f"{kind} on {a.instance}: {answer}"})
+
+    async def _shard_call(self, instance: str, room: str, kind: str,
+                          body: dict[str, Any]) -> tuple[int, Any]:
+        row = await self.ctx.store.get_instance(instance)
+        if row is None:
+            return 0, "instance not registered"
+        url = f"{row['internal_url']}/internal/rooms/{room}/{kind}"
+        token = self.ctx.signer.cluster_token("directory", now=self.ctx.clock())
+        try:
+            resp = await self.ctx.shards.http.post(url, json=body, timeout=CALL_TIMEOUT_S,
+                                                   headers={"Authorization": f"Bearer {token}"})
+        except httpx.HTTPError as exc:
+            return 0, f"unreachable ({exc.__class__.__name__})"
+        try:
+            answer = resp.json()
+        except ValueError:
+            answer = resp.text[:200]
+        if resp.status_code != 200 and isinstance(answer, dict):
+            answer = answer.get("error", answer)
+        return resp.status_code, answer
+
+    async def _gone(self, instance: str) -> bool:
+        """The source is down: a restarted shard holds no room state, nothing to release."""
+        row = await self.ctx.store.get_instance(instance)
+        if row is None:
+            return True
+        state = placement.effective_state(row["state"], registry.seen_at(row), now=self.ctx.clock(),
+                                          down_after=self.ctx.cfg.down_after)
+        return state == placement.DOWN
+
+
+def mover(ctx: Directory) -> Mover:
+    m = ctx.extensions.get("mover")
+    if m is None:
+        m = ctx.extensions["mover"] = Mover(ctx)
+    return m
+
+
+async def start(ctx: Directory) -> None:
+    mover(ctx).start()
+
+
+async def stop(ctx: Directory) -> None:
+    m = ctx.extensions.pop("mover", None)
+    if m is not None:
+        await m.stop()
+
+
+async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict[str, Any]:
+    """Move one room and wait for it; the contract's move report, 409 when it rolled back."""
+    task = await mover(ctx).start_move(room=room, source=source, to=to)
+    started = time.monotonic()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), MOVE_WAIT_S)
+    move = task.result() if task.done() else mover(ctx).current.get(task.get_name())
+    if move is not None and move.state in (State.COMMITTED, State.RELEASED):
+        return report(move)
+    why = move.reason if move is not None else "unknown"
+    log.warning("move of %s to %s did not commit after %.1fs: %s", room, to,
+                time.monotonic() - started, why)
+    raise Conflict("move_rolled_back", f"room {room} stayed on {source}: {why}")

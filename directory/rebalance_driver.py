@@ -1,0 +1,46 @@
+"""``POST /v1/admin/rebalance``: live load in, ``rebalance.plan`` out, moves performed.
+
+Room weights are 1 + the live connections each owning shard reports (1 when a
+shard cannot be asked); only active instances take part. Unless ``dry_run``,
+the planned moves run with the drain's bounded parallelism and the answer
+adds what was performed (``performed``: move reports, ``failed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from directory import placement
+from directory.context import Directory
+from directory.drain import DRAIN_PARALLELISM, MAX_ROOMS, effective_instances, room_weights, run_moves
+from directory.moves import DrainProgress
+from directory.rebalance import plan
+
+
+async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[str, Any]:
+    instances = [i for i in await effective_instances(ctx) if i["state"] == placement.ACTIVE]
+    by_id = {i["id"]: i for i in instances}
+    rows = [r for r in await ctx.store.list_rooms(None, MAX_ROOMS)
+            if r["instance"] in by_id and r["state"] == "active"]
+    per_instance: dict[str, list[Any]] = {}
+    for r in rows:
+        per_instance.setdefault(r["instance"], []).append(r)
+    names = sorted(per_instance)
+    weights: dict[str, float] = {}
+    for part in await asyncio.gather(*(room_weights(ctx, by_id[n], per_instance[n])
+                                       for n in names)):
+        weights.update(part)
+    result = plan(instances, [{"room": r["room"], "instance": r["instance"],
+                               "weight": weights[r["room"]]} for r in rows],
+                  max_moves=max_moves)
+    result["dry_run"] = dry_run
+    if dry_run or not result["moves"]:
+        return result
+    progress = DrainProgress("rebalance", [(m["room"], m["to"]) for m in result["moves"]],
+                             parallelism=DRAIN_PARALLELISM, max_attempts=1)
+    await run_moves(ctx, progress, {m["room"]: m["from"] for m in result["moves"]})
+    done = progress.report()
+    result["performed"] = done["moves"]
+    result["failed"] = done["failed"]
+    return result
