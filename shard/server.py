@@ -120,6 +120,9 @@ class ShardServer:
 
     async def shutdown(self) -> None:
         """Stop accepting, close clients with 1001, leave the directory; bounded by shutdown_timeout."""
+        handoff = getattr(self, "handoff", None)  # live handoff installed: rooms move away first
+        if handoff is not None and self.registered:
+            await handoff.leave_with_drain(self.cfg.shutdown_timeout / 2)
         self.stopping = True
         deadline = self.monotonic() + self.cfg.shutdown_timeout
         if self._server is not None:

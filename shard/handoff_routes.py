@@ -1,0 +1,200 @@
+"""The shard's live-handoff wiring: internal routes, the join gate, the tick hook.
+
+``shard.handoff.Handoffs`` decides (pure); this module applies its answers to
+the live registry (docs/HANDOFF.md, "Shard wiring"):
+
+- ``freeze`` snapshots the room and :meth:`LiveRoom.freeze` stops reading its
+  members' sockets in the same loop turn, so no send is sequenced after the
+  snapshot: unread sends wait in TCP buffers, unacked (that is the "hold");
+- ``release`` closes the room's clients with 4010 and drops the room (the
+  unread sends are resent by the clients to the new owner, where the
+  idempotency window from the snapshot answers retries of acked ids);
+- ``abort`` sets the burnt epoch and thaws the room (the unread sends are then
+  sequenced normally, acked on the same connection);
+- ``adopt`` keeps a snapshot until a ticket at its epoch (or ``commit``)
+  activates it with ``Room.from_snapshot``;
+- every join with a valid ticket first goes through ``Handoffs.admit``.
+
+Installed by ``shard.handoff.install(server)`` (``shard.main.install_extensions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from roomshard.protocol import CloseCode, instance_number
+from roomshard.tickets import Ticket
+from shard.directory_client import DirectoryError
+from shard.handoff import Admission, Handoffs, HandoffError
+from shard.http import HttpError, HttpRequest, HttpResponse, json_response
+from shard.room import Room
+from shard.routes import require_directory, room_param
+
+if TYPE_CHECKING:
+    from shard.server import ShardServer
+
+log = logging.getLogger("roomshard.shard.handoff")
+
+
+def _body(req: HttpRequest, required: dict[str, type], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    body = req.json()
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "body must be a JSON object")
+    unknown = set(body) - set(required) - set(optional)
+    if unknown:
+        raise HttpError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    for name, kind in required.items():
+        value = body.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            raise HttpError(400, "bad_request", f"{name} must be a {kind.__name__}")
+    return body
+
+
+class HandoffWiring:
+    """One per shard process: the :class:`Handoffs` table and its effects on the registry."""
+
+    def __init__(self, server: ShardServer) -> None:
+        self.server = server
+        self.handoffs = Handoffs(server.cfg.instance)
+
+    # -- joins ---------------------------------------------------------------
+    def gate(self, ticket: Ticket) -> tuple[int, str] | None:
+        """``server.join_gates`` entry: runs before the room is looked up."""
+        if not self.handoffs.frozen and not self.handoffs.adopted and not self.handoffs.tombstones:
+            return None
+        adm = self.handoffs.admit(ticket.room, ticket.epoch, self.server.clock())
+        if adm.kind == "proceed":
+            return None
+        if adm.kind == "refuse":
+            assert adm.close_code is not None
+            why = "room is mid-move" if adm.close_code == CloseCode.TRY_AGAIN_LATER \
+                else "room moved to another instance"
+            return adm.close_code, why
+        if adm.kind == "activate":
+            assert adm.snapshot is not None and adm.epoch is not None
+            self._activate(ticket.room, adm.snapshot, adm.epoch)
+        elif adm.kind == "unfrozen":
+            self._unfreeze(ticket.room, adm)
+        elif adm.kind == "stale":
+            self.server.registry.close_room(ticket.room, CloseCode.ROOM_MOVED, "room state is stale")
+        return None
+
+    def _activate(self, room: str, snapshot: dict[str, Any], epoch: int) -> None:
+        built = Room.from_snapshot(snapshot, instance=self.server.cfg.instance, epoch=epoch,
+                                   owner_epoch=epoch)
+        self.server.registry.adopt(built)
+        log.info("room %s activated from a handoff at epoch %d (seq %d)", room, epoch, built.seq)
+
+    def _unfreeze(self, room: str, adm: Admission) -> None:
+        live = self.server.registry.get(room)
+        if live is None:
+            return
+        if adm.epoch is not None:
+            live.room.epoch = max(live.room.epoch, adm.epoch)
+        live.thaw()  # the sends waiting unread in TCP buffers are sequenced now
+
+    # -- routes --------------------------------------------------------------
+    async def freeze(self, req: HttpRequest) -> HttpResponse:
+        require_directory(self.server, req)
+        name = room_param(req)
+        body = _body(req, {"move_id": str, "epoch": int})
+        live = self.server.registry.get(name)
+        snapshot = live.room.snapshot() if live is not None and not live.frozen else None
+        if live is not None and live.frozen and name not in self.handoffs.frozen:
+            raise HttpError(409, "moving", f"room {name} is frozen")
+        try:
+            snap = self.handoffs.freeze(name, body["move_id"], body["epoch"], snapshot,
+                                        self.server.clock())
+        except HandoffError as exc:
+            raise HttpError(exc.status, exc.code, exc.message) from None
+        if live is not None:
+            live.freeze()  # same loop turn as the snapshot: nothing is sequenced in between
+        return json_response({"snapshot": snap})
+
+    async def adopt(self, req: HttpRequest) -> HttpResponse:
+        require_directory(self.server, req)
+        name = room_param(req)
+        body = _body(req, {"move_id": str, "epoch": int, "snapshot": dict})
+        try:
+            Room.from_snapshot(body["snapshot"], instance=self.server.cfg.instance)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HttpError(400, "bad_snapshot", f"not a room snapshot: {exc}") from None
+        try:
+            self.handoffs.adopt(name, body["move_id"], body["epoch"], body["snapshot"],
+                                loaded=self.server.registry.get(name) is not None,
+                                now=self.server.clock())
+        except HandoffError as exc:
+            raise HttpError(exc.status, exc.code, exc.message) from None
+        return json_response({})
+
+    async def commit(self, req: HttpRequest) -> HttpResponse:
+        require_directory(self.server, req)
+        name = room_param(req)
+        body = _body(req, {"move_id": str})
+        adopted = self.handoffs.commit(name, body["move_id"])
+        if adopted is not None:
+            self._activate(name, adopted.snapshot, adopted.epoch)
+        return json_response({"activated": adopted is not None})
+
+    async def release(self, req: HttpRequest) -> HttpResponse:
+        require_directory(self.server, req)
+        name = room_param(req)
+        body = _body(req, {"move_id": str, "to": str, "epoch": int})
+        if instance_number(body["to"]) is None:
+            raise HttpError(400, "bad_request", "to must be an instance id")
+        live = self.server.registry.get(name)
+        try:
+            held = self.handoffs.release(name, body["move_id"], body["to"], body["epoch"],
+                                         self.server.clock(),
+                                         loaded_epoch=live.room.epoch if live is not None else None)
+        except HandoffError as exc:
+            raise HttpError(exc.status, exc.code, exc.message) from None
+        if held is None:
+            return json_response({"closed": 0, "stale": True})
+        closed = self.server.registry.close_room(name, CloseCode.ROOM_MOVED,
+                                                 f"room moved to {body['to']}")
+        return json_response({"closed": closed})
+
+    async def abort(self, req: HttpRequest) -> HttpResponse:
+        require_directory(self.server, req)
+        name = room_param(req)
+        body = _body(req, {"move_id": str, "epoch": int})
+        try:
+            adm = self.handoffs.abort(name, body["move_id"], body["epoch"])
+        except HandoffError as exc:
+            raise HttpError(exc.status, exc.code, exc.message) from None
+        if adm.kind == "unfrozen":
+            self._unfreeze(name, adm)
+        return json_response({"unfrozen": adm.kind == "unfrozen"})
+
+    async def discard(self, req: HttpRequest) -> HttpResponse:
+        require_directory(self.server, req)
+        name = room_param(req)
+        body = _body(req, {"move_id": str})
+        return json_response({"discarded": self.handoffs.discard(name, body["move_id"])})
+
+    async def leave_with_drain(self, budget: float) -> None:
+        """SIGTERM: ask the directory to live-move every room away while we still serve."""
+        try:
+            report = await self.server.directory.leave(drain=True, timeout=max(0.5, budget))
+        except DirectoryError as exc:
+            log.warning("drain before stopping did not finish: %s", exc)
+            return
+        log.warning("drained before stopping: %s of %s rooms moved, state %s",
+                    report.get("moved"), report.get("total"), report.get("state"))
+
+    def tick(self, now: float) -> None:
+        self.handoffs.expire(now)
+
+
+def install(server: ShardServer) -> HandoffWiring:
+    """Add the handoff routes, the join gate and the tick hook to ``server``."""
+    wiring = HandoffWiring(server)
+    r = server.router
+    for kind in ("freeze", "adopt", "commit", "release", "abort", "discard"):
+        r.add("POST", f"/internal/rooms/{{room}}/{kind}", getattr(wiring, kind))
+    server.join_gates.append(wiring.gate)
+    server.tick_hooks.append(wiring.tick)
+    server.handoff = wiring  # type: ignore[attr-defined]  # for tests and metrics
+    return wiring

@@ -1,0 +1,166 @@
+"""A raw WebSocket chat client that records everything, for checking handoff guarantees.
+
+Unlike ``client.Session`` it deduplicates nothing: it keeps every message
+frame as received, so a duplicate or a gap shows in the log. It does what
+the contract tells a client to do: ask the directory, connect with
+``since`` = the last seq seen, resend unacked ids after every welcome,
+reconnect after 4010/1001/1013/4004 (and after a dead connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+RETRY_S = 0.05
+
+
+@dataclass
+class Welcome:
+    instance: str
+    epoch: int
+    seq: int
+    since: int | None
+    recovered: bool | None
+
+
+@dataclass
+class Chatter:
+    directory_url: str
+    room: str
+    user: str
+    http: httpx.AsyncClient
+    log: list[dict[str, Any]] = field(default_factory=list)  # every message frame, as received
+    acks: dict[str, int] = field(default_factory=dict)  # id -> seq
+    unacked: dict[str, str] = field(default_factory=dict)  # id -> text, in send order
+    welcomes: list[Welcome] = field(default_factory=list)
+    closes: list[int | None] = field(default_factory=list)
+    ack_conflicts: list[tuple[str, int, int]] = field(default_factory=list)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    _ws: Any = None
+    _task: asyncio.Task[None] | None = None
+    _stop: bool = False
+    _ids: Any = field(default_factory=itertools.count)
+
+    @property
+    def last_seq(self) -> int | None:
+        return self.log[-1]["seq"] if self.log else (self.welcomes[0].seq if self.welcomes else None)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def send(self) -> str:
+        """Queue one message (sent now if connected, else after the next welcome)."""
+        msg_id = f"{self.user}-{next(self._ids)}"
+        self.unacked[msg_id] = f"hello from {self.user} {msg_id}"
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(orjson.dumps(
+                    {"type": "send", "id": msg_id, "text": self.unacked[msg_id]}).decode())
+        return msg_id
+
+    async def _resolve(self) -> str | None:
+        try:
+            r = await self.http.post(f"{self.directory_url}/v1/rooms/{self.room}/connect",
+                                     json={"user": self.user})
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        url = r.json()["url"]
+        since = self.last_seq
+        return url if since is None or not self.welcomes else f"{url}&since={since}"
+
+    async def _run(self) -> None:
+        while not self._stop:
+            url = await self._resolve()
+            if url is None:
+                await asyncio.sleep(RETRY_S)
+                continue
+            code = await self._session(url)
+            self.closes.append(code)
+            if code in (1013, None):
+                await asyncio.sleep(RETRY_S)
+
+    async def _session(self, url: str) -> int | None:
+        try:
+            async with ws_connect(url, open_timeout=5, close_timeout=1, ping_interval=None,
+                                  max_queue=None) as ws:
+                async for raw in ws:
+                    frame = orjson.loads(raw)
+                    kind = frame.get("type")
+                    if kind == "welcome":
+                        self._on_welcome(frame, url)
+                        self._ws = ws
+                        for msg_id, text in list(self.unacked.items()):
+                            await ws.send(orjson.dumps(
+                                {"type": "send", "id": msg_id, "text": text}).decode())
+                        self.opened.set()
+                    elif kind == "message":
+                        self.log.append(frame)
+                    elif kind == "ack":
+                        self._on_ack(frame["id"], frame["seq"])
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+        except (OSError, InvalidHandshake, asyncio.TimeoutError):
+            return None
+        finally:
+            self._ws = None
+        return None
+
+    def _on_welcome(self, frame: dict[str, Any], url: str) -> None:
+        since = int(url.rsplit("since=", 1)[1]) if "since=" in url else None
+        self.welcomes.append(Welcome(frame["instance"], frame["epoch"], frame["seq"], since,
+                                     frame.get("recovered")))
+
+    def _on_ack(self, msg_id: str, seq: int) -> None:
+        self.unacked.pop(msg_id, None)
+        old = self.acks.setdefault(msg_id, seq)
+        if old != seq:
+            self.ack_conflicts.append((msg_id, old, seq))
+
+
+def check_logs(room_clients: list[Chatter]) -> list[str]:
+    """Every acked message in every member's log once, in seq order, no gap; the problems found."""
+    problems = []
+    acked: dict[int, str] = {}
+    for c in room_clients:
+        problems += [f"{c.user}: id {i} acked as {a} then {b}" for i, a, b in c.ack_conflicts]
+        for msg_id, seq in c.acks.items():
+            if acked.setdefault(seq, msg_id) != msg_id:
+                problems.append(f"seq {seq} acked for {acked[seq]} and {msg_id}")
+    for c in room_clients:
+        seqs = [m["seq"] for m in c.log]
+        first = c.welcomes[0].seq if c.welcomes else 0
+        expected = list(range(first + 1, first + 1 + len(seqs)))
+        if seqs != expected:
+            bad = next(i for i, (a, b) in enumerate(zip(seqs, expected, strict=False)) if a != b)
+            problems.append(f"{c.user}: seqs not contiguous from {first + 1}: "
+                            f"...{seqs[max(0, bad - 2):bad + 3]} at index {bad}")
+        by_seq = {m["seq"]: m["id"] for m in c.log}
+        for seq, msg_id in acked.items():
+            if seq > first and by_seq.get(seq) != msg_id:
+                problems.append(f"{c.user}: acked {msg_id} (seq {seq}) is "
+                                f"{'missing' if seq not in by_seq else by_seq[seq]} in the log")
+        ids = [m["id"] for m in c.log]
+        if len(ids) != len(set(ids)):
+            problems.append(f"{c.user}: an id was broadcast twice")
+    return problems

@@ -1,0 +1,64 @@
+"""A real cluster for handoff tests: one ``roomshard directory`` and N ``roomshard shard`` processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.procs import TEST_ADMIN_TOKEN, Proc, Procs
+from tests.support.timing import t, wait_until
+
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+# Heartbeats every 0.5 s, lease 2 s, down after 3 s: a crash is noticed quickly.
+SHARD_ENV = {"ROOMSHARD_HEARTBEAT_INTERVAL": "0.5", "ROOMSHARD_LEASE": "2",
+             "ROOMSHARD_SHUTDOWN_TIMEOUT": "8"}
+DIRECTORY_ENV = {"ROOMSHARD_DOWN_AFTER": "3"}
+
+
+@dataclass
+class Cluster:
+    procs: Procs
+    directory: Proc
+    shards: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.directory.url
+
+    def admin(self, method: str, path: str, body: Any = None, timeout: float = 60) -> httpx.Response:
+        return httpx.request(method, self.url + path, json=body, headers=ADMIN, timeout=t(timeout))
+
+    def add_shard(self, instance: str) -> Proc:
+        self.shards[instance] = self.procs.shard(instance, self.url, env=SHARD_ENV)
+        return self.shards[instance]
+
+    def states(self) -> dict[str, str]:
+        body = self.admin("GET", "/v1/admin/instances").json()
+        return {i["id"]: i["state"] for i in body["instances"]}
+
+    def wait_state(self, instance: str, state: str, timeout: float = 15) -> None:
+        wait_until(lambda: self.states().get(instance) == state, timeout,
+                   f"{instance} to be {state}", poll=0.1)
+
+    def room(self, room: str) -> dict[str, Any]:
+        return self.admin("GET", f"/v1/admin/rooms/{room}").json()
+
+    def restart_directory(self) -> None:
+        self.directory = self.procs.restart(self.directory)
+
+
+def start_cluster(procs: Procs, shards: int, **_: Any) -> Cluster:
+    directory = procs.directory(env=DIRECTORY_ENV)
+    cluster = Cluster(procs, directory)
+    for n in range(1, shards + 1):
+        cluster.add_shard(f"i{n}")
+    return cluster
+
+
+@pytest.fixture
+def cluster(procs: Procs) -> Iterator[Cluster]:
+    yield start_cluster(procs, 3)
