@@ -48,7 +48,7 @@ from directory.moves import (
 log = logging.getLogger("roomshard.directory.moves")
 
 CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per try
-LEASE_S = 15.0  # > CALL_TIMEOUT_S + the longest backoff: renewed by every persisted step
+LEASE_S = 10.0  # > CALL_TIMEOUT_S + the longest backoff: renewed by every persisted step
 RECOVER_EVERY_S = 2.0
 MOVE_WAIT_S = 20.0  # the admin request waits this long for the move to finish
 
