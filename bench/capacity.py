@@ -37,13 +37,14 @@ class DirectoryMeasured:
         return 1e6 / self.cpu_us_per_new_room
 
 
-#: The best (least disturbed) runs of docs/benchmarks/directory.md, 2026-11-21,
-#: `python bench/directory_connect.py --duration 10 --concurrency 12`.
+#: Medians over the runs in docs/benchmarks/directory.md (2026-11-21,
+#: `python bench/directory_connect.py --duration 10 --concurrency 8..16`, two
+#: directories on PostgreSQL): 7 existing-room runs, 3 new-room runs.
 DIRECTORY = DirectoryMeasured(
-    cpu_us_per_connect=494, cpu_us_per_new_room=883, postgres_us_per_new_room=357,
-    source="docs/benchmarks/directory.md (`python bench/directory_connect.py --duration 10 "
-           "--concurrency 12`: 494 µs of directory CPU per existing-room connect, 883 µs + 357 µs "
-           "of PostgreSQL per new room)")
+    cpu_us_per_connect=649, cpu_us_per_new_room=968, postgres_us_per_new_room=375,
+    source=("docs/benchmarks/directory.md (`python bench/directory_connect.py`, medians of its "
+            "runs: 649 µs of directory CPU per existing-room connect, 968 µs + 375 µs of "
+            "PostgreSQL per new room)"))
 
 
 @dataclass(frozen=True)
