@@ -81,12 +81,21 @@ def _fmt(v: Any) -> str:
 
 
 def table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", min_width=len(title) + 2)  # keep the title on one line
     for c in columns:
         t.add_column(c, overflow="fold")
     for row in rows:
         t.add_row(*(_fmt(v) for v in row))
     return t
+
+
+def load_table(title: str, loads: dict[str, Any]) -> Table:
+    """``{"i1": {"load": .., "share": ..}}`` as one row per instance, one column per figure."""
+    keys = list(dict.fromkeys(k for v in loads.values() if isinstance(v, dict) for k in v))
+    if not keys:
+        return table(title, ["instance", "load"], sorted(loads.items()))
+    return table(title, ["instance", *keys],
+                 ([iid, *((v or {}).get(k) for k in keys)] for iid, v in sorted(loads.items())))
 
 
 def moves_table(title: str, moves: list[dict[str, Any]]) -> Table:
@@ -266,11 +275,23 @@ def drain(api: Api, instance_id: str) -> None:
     moves = doc.get("moves") if isinstance(doc, dict) else None
     if isinstance(moves, list):
         console.print(moves_table(f"drained {instance_id}: {len(moves)} room(s) moved", moves))
-        rest = {k: v for k, v in doc.items() if k != "moves"}
+        rest = {k: v for k, v in doc.items() if k not in ("moves", "failed")}
         if rest:
             _report("drain report", rest)
     else:
         _report(f"drained {instance_id}", doc)
+    _exit_on_failures(f"drain of {instance_id}", doc)
+
+
+def _exit_on_failures(what: str, doc: dict[str, Any]) -> None:
+    """A report that lists failed rooms (or says it is not complete) ends with exit 1."""
+    failed = doc.get("failed") if isinstance(doc, dict) else None
+    if failed:
+        _console().print(table("failed", ["room", "error"],
+                               ([f.get("room"), f.get("error")] if isinstance(f, dict) else [f, ""]
+                                for f in failed)))
+    if failed or (isinstance(doc, dict) and doc.get("complete") is False):
+        _fail(AdminError(f"{what} incomplete: {len(failed or [])} room(s) failed"))
 
 
 @admin.command()
@@ -286,10 +307,11 @@ def rebalance(api: Api, max_moves: int, dry_run: bool, yes: bool) -> None:
     except AdminError as exc:
         _fail(exc)
     moves = plan.get("moves", [])
-    console.print(moves_table(f"rebalance plan: {len(moves)} move(s)", moves))
+    if moves:
+        console.print(moves_table(f"rebalance plan: {len(moves)} move(s)", moves))
     for key in ("before", "after"):
         if isinstance(plan.get(key), dict):
-            console.print(table(f"load {key}", ["instance", "load"], sorted(plan[key].items())))
+            console.print(load_table(f"load {key}", plan[key]))
     if not moves:
         click.echo("the load is already balanced; nothing to do")
         return
@@ -304,3 +326,6 @@ def rebalance(api: Api, max_moves: int, dry_run: bool, yes: bool) -> None:
     except AdminError as exc:
         _fail(exc)
     console.print(moves_table(f"rebalanced: {len(done.get('moves', []))} move(s) done", done.get("moves", [])))
+    if isinstance(done.get("after"), dict):
+        console.print(load_table("load after", done["after"]))
+    _exit_on_failures("rebalance", done)

@@ -100,27 +100,65 @@ async def test_access_makes_a_room_private(procs: Procs) -> None:
     assert err.value.status == 403
 
 
-def test_move_drain_and_rebalance_answer_cleanly(procs: Procs) -> None:
-    """move, drain and rebalance --dry-run show a report, or the directory's error in one line."""
+def _rooms_on(directory_url: str, instance: str) -> list[str]:
+    res = admin(directory_url, "rooms", "--instance", instance)
+    assert res.returncode == 0, res.stderr
+    return [line.split("│")[1].strip() for line in res.stdout.splitlines() if line.startswith("│")]
+
+
+def _make_rooms(directory_url: str, rooms: list[str]) -> None:
+    async def join() -> None:
+        for r in rooms:
+            async with client.connect(directory_url, r, "alice") as s:
+                await s.send("x")
+    asyncio.run(join())
+
+
+def test_move_shows_the_report_and_refuses_a_second_move(procs: Procs) -> None:
+    """move shows the report and the room's new home; moving it there again is one 409 line."""
     d = procs.directory()
     procs.shard("i1", d.url)
     procs.shard("i2", d.url)
-
-    async def join() -> None:
-        async with client.connect(d.url, "mover", "alice") as s:
-            await s.send("x")
-    asyncio.run(join())
-    where = admin(d.url, "room", "mover").stdout
-    src = "i1" if "│ instance    │ i1" in where else "i2"
+    _make_rooms(d.url, ["mover"])
+    src = "i1" if "mover" in _rooms_on(d.url, "i1") else "i2"
     dst = "i2" if src == "i1" else "i1"
-    for args, ok_text in ((["move", "mover", "--to", dst], "moved mover"),
-                          (["rebalance", "--dry-run"], "rebalance plan"),
-                          (["drain", dst], f"drained {dst}")):
-        res = admin(d.url, *args)
-        if res.returncode == 0:
-            assert ok_text in res.stdout, res.stdout
-        else:
-            assert res.returncode == 1 and one_error_line(res).startswith("roomshard admin: ")
+    res = admin(d.url, "move", "mover", "--to", dst)
+    assert res.returncode == 0 and "moved mover" in res.stdout and "pause_ms" in res.stdout, res.stderr
+    assert _rooms_on(d.url, dst) == ["mover"]
+    res = admin(d.url, "move", "mover", "--to", dst)
+    assert res.returncode == 1 and "already_there: " in one_error_line(res)
+
+
+def test_drain_empties_the_instance_and_disables_it(procs: Procs) -> None:
+    """drain moves every room off the instance (table of moves) and leaves it disabled."""
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    _make_rooms(d.url, ["d1", "d2", "d3"])
+    procs.shard("i2", d.url)
+    res = admin(d.url, "drain", "i1")
+    assert res.returncode == 0 and "drained i1: 3 room(s) moved" in res.stdout, res.stdout + res.stderr
+    assert _rooms_on(d.url, "i1") == [] and sorted(_rooms_on(d.url, "i2")) == ["d1", "d2", "d3"]
+    row = next(line for line in admin(d.url, "instances").stdout.splitlines() if "│ i1 " in line)
+    assert "disabled" in row
+
+
+def test_rebalance_shows_the_plan_and_asks_before_moving(procs: Procs) -> None:
+    """After a shard joins, rebalance prints the plan; answering no moves nothing, --yes moves."""
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    rooms = [f"heavy{i}" for i in range(4)]
+    _make_rooms(d.url, rooms)
+    procs.shard("i2", d.url)
+    assert sorted(_rooms_on(d.url, "i1")) == rooms
+
+    res = admin(d.url, "rebalance", "--dry-run")
+    assert res.returncode == 0 and "rebalance plan: " in res.stdout and "load before" in res.stdout
+    res = admin(d.url, "rebalance", stdin="n\n")
+    assert res.returncode == 0 and "nothing moved" in res.stdout
+    assert sorted(_rooms_on(d.url, "i1")) == rooms
+    res = admin(d.url, "rebalance", "--yes")
+    assert res.returncode == 0 and "rebalanced: " in res.stdout, res.stdout + res.stderr
+    assert _rooms_on(d.url, "i2") and len(_rooms_on(d.url, "i1")) < 4
 
 
 def test_admin_runs_as_a_command() -> None:
@@ -129,18 +167,6 @@ def test_admin_runs_as_a_command() -> None:
                           "http://127.0.0.1:1", "instances"], capture_output=True, text=True,
                          env={**os.environ, "ROOMSHARD_ADMIN_TOKEN": "x"}, timeout=t(60))
     assert res.returncode == 2 and "cannot reach the directory" in res.stderr and "Traceback" not in res.stderr
-
-
-def test_rebalance_asks_before_moving(procs: Procs) -> None:
-    """Without --yes, rebalance shows the plan and moves nothing when the answer is no."""
-    d = procs.directory()
-    procs.shard("i1", d.url)
-    res = admin(d.url, "rebalance", stdin="n\n")
-    if res.returncode == 0:
-        assert "rebalance plan" in res.stdout
-        assert "nothing moved" in res.stdout or "already balanced" in res.stdout
-    else:
-        assert res.returncode == 1 and one_error_line(res).startswith("roomshard admin: ")
 
 
 def test_error_line_reads_the_contract_body_or_falls_back_to_the_status() -> None:
@@ -154,3 +180,16 @@ def test_error_line_reads_the_contract_body_or_falls_back_to_the_status() -> Non
     html = httpx.Response(502, text="<html><body>Bad Gateway</body></html>\n<hr>nginx")
     assert error_line(html) == "http_502: <html><body>Bad Gateway</body></html>"
     assert error_line(httpx.Response(501)) == "http_501: Not Implemented"
+
+
+def test_a_report_with_failed_rooms_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """A drain/rebalance report listing failed rooms prints them and exits 1; a complete one does not."""
+    from roomshard.admin_cli import _exit_on_failures
+
+    _exit_on_failures("drain of i1", {"moves": [], "failed": [], "complete": True})
+    with pytest.raises(SystemExit) as exc:
+        _exit_on_failures("drain of i1", {"failed": [{"room": "r9", "error": "move_rolled_back: x"}],
+                                          "complete": False})
+    assert exc.value.code == 1
+    out = capsys.readouterr()
+    assert "r9" in out.out and "drain of i1 incomplete: 1 room(s) failed" in out.err
