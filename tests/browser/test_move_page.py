@@ -21,8 +21,8 @@ def wait_count(page: Any, n: int) -> None:
 
 
 def test_pages_keep_every_message_across_a_move(procs: Procs, browser: Any, output_dir: Path) -> None:
-    """The room moves mid-chat: both pages show "moving", reconnect to the target, and show every
-    message once, in seq order, with no gap notice."""
+    """The room moves while alice is typing: both pages show "moving", reconnect to the target,
+    and show every message once, in seq order, with no gap notice."""
     d = procs.directory()
     procs.shard("i1", d.url)
     procs.shard("i2", d.url)
@@ -43,6 +43,11 @@ def test_pages_keep_every_message_across_a_move(procs: Procs, browser: Any, outp
         wait_count(b, 6)
         src = a.evaluate("window.roomshard.session.instance")
         dst = "i2" if src == "i1" else "i1"
+        # Alice keeps typing through the move: 20 lines, one every 50 ms, through the form.
+        a.evaluate("""() => { for (let i = 0; i < 20; i++) setTimeout(() => {
+            document.getElementById('text').value = 'during ' + i;
+            document.getElementById('composer').requestSubmit(); }, i * 50); }""")
+        wait_count(b, 9)
         resp = httpx.post(f"{d.url}/v1/admin/rooms/rover/move", json={"to": dst}, timeout=t(60),
                           headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"})
         assert resp.status_code == 200, resp.text
@@ -52,12 +57,14 @@ def test_pages_keep_every_message_across_a_move(procs: Procs, browser: Any, outp
         for i in range(3):
             say(a, f"after {i}")
             say(b, f"again {i}")
-        wait_count(a, 12)
-        wait_count(b, 12)
+        wait_count(a, 32)
+        wait_count(b, 32)
         seen = shown(a)
         assert seen == shown(b)
-        assert [s for s, _ in seen] == list(range(seen[0][0], seen[0][0] + 12))
-        assert len({text for _, text in seen}) == 12
+        assert [s for s, _ in seen] == list(range(seen[0][0], seen[0][0] + 32))
+        texts = [text for _, text in seen]
+        assert len(set(texts)) == 32
+        assert [x for x in texts if x.startswith("during")] == [f"during {i}" for i in range(20)]
         for p in (a, b):
             assert "moving" in p.evaluate("window.seenStates")
             assert p.eval_on_selector_all("#messages .note.gap", "ns => ns.length") == 0
