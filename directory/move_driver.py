@@ -48,7 +48,9 @@ from directory.moves import (
 log = logging.getLogger("roomshard.directory.moves")
 
 CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per try
-LEASE_S = 10.0  # > CALL_TIMEOUT_S + the longest backoff: renewed by every persisted step
+# > DEFAULT_MOVE_TIMEOUT_S + CALL_TIMEOUT_S (the unpersisted pre-commit phase) and > a call
+# plus the longest backoff (renewed by every persisted step after it).
+LEASE_S = 15.0
 RECOVER_EVERY_S = 2.0
 MOVE_WAIT_S = 20.0  # the admin request waits this long for the move to finish
 
@@ -62,6 +64,7 @@ class Mover:
         self.driving: dict[str, asyncio.Task[Move]] = {}
         self.current: dict[str, Move] = {}
         self._recovery: asyncio.Task[None] | None = None
+        self._urls: dict[str, str] = {}  # instance -> internal_url, dropped on a failed call
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -159,6 +162,12 @@ class Mover:
                 queue.clear()  # the calls of the abandoned step are superseded
             if move != before:
                 self.current[move.move_id] = move
+                if move.state in PRE_COMMIT and before.state in PRE_COMMIT:
+                    # recover() rolls every pre-commit state back alike, so these
+                    # writes would change nothing but the pause; the reserve's lease
+                    # (> the move timeout + a call) covers the whole pre-commit phase.
+                    queue.extend(new)
+                    continue
                 if not await self._persist(move, move_store.expected_before(move.state)):
                     log.warning("move %s: lease lost or decided elsewhere; stop driving",
                                 move.move_id)
@@ -199,17 +208,27 @@ class Mover:
             return Event("source_gone")
         return Event(f"{kind}_failed", tok, {"error": f"{kind} on {a.instance}: {answer}"})
 
+    async def _shard_url(self, instance: str) -> str | None:
+        url = self._urls.get(instance)
+        if url is None:
+            row = await self.ctx.store.get_instance(instance)
+            if row is None:
+                return None
+            url = self._urls[instance] = row["internal_url"]
+        return url
+
     async def _shard_call(self, instance: str, room: str, kind: str,
                           body: dict[str, Any]) -> tuple[int, Any]:
-        row = await self.ctx.store.get_instance(instance)
-        if row is None:
+        base = await self._shard_url(instance)
+        if base is None:
             return 0, "instance not registered"
-        url = f"{row['internal_url']}/internal/rooms/{room}/{kind}"
+        url = f"{base}/internal/rooms/{room}/{kind}"
         token = self.ctx.signer.cluster_token("directory", now=self.ctx.clock())
         try:
             resp = await self.ctx.shards.http.post(url, json=body, timeout=CALL_TIMEOUT_S,
                                                    headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
+            self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now
             return 0, f"unreachable ({exc.__class__.__name__})"
         try:
             answer = resp.json()

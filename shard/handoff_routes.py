@@ -184,6 +184,15 @@ class HandoffWiring:
         log.warning("drained before stopping: %s of %s rooms moved, state %s",
                     report.get("moved"), report.get("total"), report.get("state"))
 
+    async def state(self, req: HttpRequest) -> HttpResponse:
+        """What is mid-move here (operators, tests): frozen and adopted rooms, tombstones."""
+        require_directory(self.server, req)
+        h = self.handoffs
+        return json_response({
+            "frozen": {r: {"move_id": f.move_id, "epoch": f.epoch} for r, f in h.frozen.items()},
+            "adopted": {r: {"move_id": a.move_id, "epoch": a.epoch} for r, a in h.adopted.items()},
+            "tombstones": len(h.tombstones)})
+
     def tick(self, now: float) -> None:
         self.handoffs.expire(now)
 
@@ -194,6 +203,7 @@ def install(server: ShardServer) -> HandoffWiring:
     r = server.router
     for kind in ("freeze", "adopt", "commit", "release", "abort", "discard"):
         r.add("POST", f"/internal/rooms/{{room}}/{kind}", getattr(wiring, kind))
+    r.add("GET", "/internal/handoffs", wiring.state)
     server.join_gates.append(wiring.gate)
     server.tick_hooks.append(wiring.tick)
     server.handoff = wiring  # type: ignore[attr-defined]  # for tests and metrics

@@ -45,6 +45,7 @@ class Chatter:
     closes: list[int | None] = field(default_factory=list)
     ack_conflicts: list[tuple[str, int, int]] = field(default_factory=list)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
+    open_timeout: float = 5.0  # a 1,000-member room's joins (O(n^2) presence) take longer
     _ws: Any = None
     _task: asyncio.Task[None] | None = None
     _stop: bool = False
@@ -102,7 +103,7 @@ class Chatter:
 
     async def _session(self, url: str) -> int | None:
         try:
-            async with ws_connect(url, open_timeout=5, close_timeout=1, ping_interval=None,
+            async with ws_connect(url, open_timeout=self.open_timeout, close_timeout=1, ping_interval=None,
                                   max_queue=None) as ws:
                 async for raw in ws:
                     frame = orjson.loads(raw)

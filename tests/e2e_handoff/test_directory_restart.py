@@ -35,6 +35,14 @@ def _move_state(db: Path) -> str | None:
     return row[0] if row else None
 
 
+def _handoffs(shard_url: str) -> dict:
+    token = Signer([TEST_CLUSTER_SECRET]).cluster_token("directory", now=time.time())
+    r = httpx.get(f"{shard_url}/internal/handoffs", timeout=t(5),
+                  headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def _loaded(shard_url: str, room: str) -> bool:
     token = Signer([TEST_CLUSTER_SECRET]).cluster_token("directory", now=time.time())
     r = httpx.get(f"{shard_url}/internal/rooms/{room}", timeout=t(5),
@@ -69,7 +77,8 @@ async def test_move_in_flight_survives_a_directory_restart(procs: Procs) -> None
 
             mover = threading.Thread(target=move)
             mover.start()
-            await await_until(lambda: _move_state(db) == "frozen", 10, "the source frozen")
+            await await_until(lambda: "r" in _handoffs(shards[src].url)["frozen"], 10,
+                              "the source frozen")
             for c in chatters:
                 await c.send()  # held by the frozen source: not acked yet
             procs.kill(directory)
@@ -89,4 +98,5 @@ async def test_move_in_flight_survives_a_directory_restart(procs: Procs) -> None
     room = httpx.get(f"{directory.url}/v1/admin/rooms/r", headers=ADMIN, timeout=t(5)).json()
     assert (room["instance"], room["state"]) == (src, "active")
     assert _loaded(shards[src].url, "r") and not _loaded(shards[to].url, "r")
+    assert _handoffs(shards[src].url)["frozen"] == {} and _handoffs(shards[to].url)["adopted"] == {}
     assert all(len(c.welcomes) == 1 for c in chatters)  # served on, never closed

@@ -1,0 +1,190 @@
+"""Live handoff benchmark: pause per move by room size, drain rate, the full-size scenario.
+
+    python bench/handoff.py pause [--members 10,100,1000] [--moves 20] [--history 1000]
+    python bench/handoff.py drain [--rooms 600]
+    python bench/handoff.py scenario [--rooms 200] [--clients 10]
+
+Real processes on loopback (one ``roomshard directory`` on SQLite, shards),
+real WebSocket members that reconnect after every 4010 (they follow the
+room, so every move pays for the members it has).
+
+- ``pause``: one room with N members and a full history is moved back and
+  forth between two shards; per move the directory's ``pause_ms`` (freeze
+  request -> commit: how long the room takes no send) and, per member, the
+  time from its 4010 to its welcome on the new shard (reconnect).
+- ``drain``: rooms with one member each spread over three shards; one
+  instance is drained (16 moves at once) and the report's rooms/s printed.
+- ``scenario``: ``tests/e2e_handoff/test_live_moves.py`` at the issue's size.
+
+Numbers and the machine they came from: docs/HANDOFF.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e_handoff.chatter import Chatter  # noqa: E402
+from tests.support.procs import TEST_ADMIN_TOKEN, Procs  # noqa: E402
+
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+SHARD_ENV = {"ROOMSHARD_HEARTBEAT_INTERVAL": "1", "ROOMSHARD_LEASE": "8"}
+DIRECTORY_ENV = {"ROOMSHARD_DOWN_AFTER": "12"}
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+async def wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def fill_history(members: list[Chatter], total: int) -> None:
+    """``total`` messages from up to 50 members, under the per-connection rate limit."""
+    senders = members[:50]
+    per = max(1, total // len(senders))
+    for _ in range(per):
+        for c in senders:
+            await c.send()
+        await asyncio.sleep(1 / 15)
+    await wait(lambda: all(not c.unacked for c in senders), 120, "history acked")
+
+
+async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
+    with Procs() as procs:
+        d = procs.directory(env=DIRECTORY_ENV)
+        for i in ("i1", "i2"):
+            procs.shard(i, d.url, env=SHARD_ENV)
+        limits = httpx.Limits(max_connections=2000)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+            print("| members | moves | pause_ms p50 | pause_ms p99 | max | reconnect p50 ms | reconnect p99 ms |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            for n in sizes:
+                room = f"bench{n}"
+                members = [Chatter(d.url, room, f"m{k}", http, open_timeout=60) for k in range(n)]
+                for c in members:
+                    c.start()
+                await wait(lambda: all(c.opened.is_set() for c in members), 600, "members in")
+                await fill_history(members, history)
+                pauses: list[float] = []
+                reconnects: list[float] = []
+                count = moves if n < 1000 else max(3, moves // 4)  # each costs a 1,000-join storm
+                for k in range(count):
+                    src = (await http.get(f"{d.url}/v1/admin/rooms/{room}", headers=ADMIN)).json()
+                    to = "i2" if src["instance"] == "i1" else "i1"
+                    marks = {id(c): len(c.welcomes) for c in members}
+                    t0 = time.monotonic()
+                    r = await http.post(f"{d.url}/v1/admin/rooms/{room}/move", json={"to": to},
+                                        headers=ADMIN)
+                    if r.status_code != 200:
+                        raise SystemExit(f"move failed: {r.text}")
+                    pauses.append(r.json()["pause_ms"])
+                    await wait(lambda: all(len(c.welcomes) > marks[id(c)] for c in members),
+                               600, "members to follow")
+                    reconnects.append((time.monotonic() - t0) * 1000)
+                    await members[k % n].send()
+                print(f"| {n} | {count} | {pct(pauses, .5):.1f} | {pct(pauses, .99):.1f} | "
+                      f"{max(pauses):.1f} | {statistics.median(reconnects):.0f} | "
+                      f"{pct(reconnects, .99):.0f} |", flush=True)
+                bad = [w for c in members for w in c.welcomes[1:] if w.recovered is not True]
+                if bad:
+                    raise SystemExit(f"{len(bad)} reconnects were not recovered")
+                for c in members:
+                    await c.stop()
+
+
+async def bench_drain(rooms: int) -> None:
+    with Procs() as procs:
+        d = procs.directory(env=DIRECTORY_ENV)
+        for i in ("i1", "i2", "i3"):
+            procs.shard(i, d.url, env=SHARD_ENV)
+        limits = httpx.Limits(max_connections=2000)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            members = [Chatter(d.url, f"d{n}", "m", http) for n in range(rooms)]
+            for c in members:
+                c.start()
+            await wait(lambda: all(c.opened.is_set() for c in members), 180, "members in")
+            for c in members:
+                await c.send()
+            await wait(lambda: all(not c.unacked for c in members), 60, "first messages")
+            counts: dict[str, int] = {}
+            for c in members:
+                counts[c.welcomes[0].instance] = counts.get(c.welcomes[0].instance, 0) + 1
+            victim = max(counts, key=lambda i: counts[i])
+            t0 = time.monotonic()
+            r = await http.post(f"{d.url}/v1/admin/instances/{victim}/drain", headers=ADMIN,
+                                timeout=600)
+            wall = time.monotonic() - t0
+            rep = r.json()
+            pauses = [m["pause_ms"] for m in rep["moves"]]
+            print(f"drained {victim}: {rep['moved']}/{rep['total']} rooms in {wall:.2f}s "
+                  f"({rep['moved'] / wall:.0f} rooms/s; report {rep['rooms_per_s']} rooms/s), "
+                  f"failed {len(rep['failed'])}, state {rep['state']}, pause_ms p50 "
+                  f"{pct(pauses, .5):.1f} p99 {pct(pauses, .99):.1f}", flush=True)
+            hit = [c for c in members if c.welcomes[0].instance == victim]
+            await wait(lambda: all(len(c.welcomes) > 1 for c in hit), 120, "members to follow")
+            bad = [c for c in hit if c.welcomes[1].recovered is not True]
+            print(f"members of drained rooms back: {len(hit)}, not recovered: {len(bad)}")
+            for c in members:
+                await c.stop()
+
+
+def scenario(rooms: int, clients: int) -> None:
+    env = {**os.environ, "ROOMSHARD_E2E_ROOMS": str(rooms), "ROOMSHARD_E2E_CLIENTS": str(clients)}
+    cmd = [sys.executable, "-m", "pytest", "tests/e2e_handoff/test_live_moves.py", "-q",
+           "-p", "no:cacheprovider", "-o", "timeout=1200", "--durations=1"]
+    t0 = time.monotonic()
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    print(f"scenario {rooms} rooms x {clients} clients: exit {rc} in {time.monotonic() - t0:.0f}s")
+    raise SystemExit(rc)
+
+
+def raise_fd_limit() -> None:
+    """1,000 members + their shard's sockets exceed the usual soft limit of 1,024 files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+def main() -> None:
+    raise_fd_limit()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pause")
+    a.add_argument("--members", default="10,100,1000")
+    a.add_argument("--moves", type=int, default=20)
+    a.add_argument("--history", type=int, default=1000)
+    b = sub.add_parser("drain")
+    b.add_argument("--rooms", type=int, default=600)
+    c = sub.add_parser("scenario")
+    c.add_argument("--rooms", type=int, default=200)
+    c.add_argument("--clients", type=int, default=10)
+    args = p.parse_args()
+    if args.cmd == "pause":
+        asyncio.run(bench_pause([int(x) for x in args.members.split(",")], args.moves,
+                                args.history))
+    elif args.cmd == "drain":
+        asyncio.run(bench_drain(args.rooms))
+    else:
+        scenario(args.rooms, args.clients)
+
+
+if __name__ == "__main__":
+    main()
