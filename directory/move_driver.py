@@ -219,7 +219,10 @@ class Mover:
 
     async def _shard_call(self, instance: str, room: str, kind: str,
                           body: dict[str, Any]) -> tuple[int, Any]:
-        base = await self._shard_url(instance)
+        try:
+            base = await self._shard_url(instance)
+        except sa_exc.SQLAlchemyError as exc:
+            return 0, f"database: {exc.__class__.__name__}"
         if base is None:
             return 0, "instance not registered"
         url = f"{base}/internal/rooms/{room}/{kind}"
@@ -240,7 +243,10 @@ class Mover:
 
     async def _gone(self, instance: str) -> bool:
         """The source is down: a restarted shard holds no room state, nothing to release."""
-        row = await self.ctx.store.get_instance(instance)
+        try:
+            row = await self.ctx.store.get_instance(instance)
+        except sa_exc.SQLAlchemyError:
+            return False  # unknown: keep retrying the release
         if row is None:
             return True
         state = placement.effective_state(row["state"], registry.seen_at(row), now=self.ctx.clock(),
