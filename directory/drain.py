@@ -70,6 +70,9 @@ async def run_moves(ctx: Directory, progress: DrainProgress,
 async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[str, Any]:
     """Live-move every room off ``instance``, then mark it disabled; the drain report."""
     started = time.monotonic()
+    if not any(i["state"] == placement.ACTIVE and i["id"] != instance
+               for i in await effective_instances(ctx)):
+        raise Conflict("no_target", f"no active instance to drain {instance} to")
     await ctx.store.upsert_instance(instance, lambda _row: {
         "state": placement.DRAINING, "state_reason": reason})
     instances = await effective_instances(ctx)

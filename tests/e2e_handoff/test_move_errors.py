@@ -41,8 +41,8 @@ def _close_code(url: str) -> int | None:
 
 
 def test_move_refusals_have_the_contract_codes(cluster: Cluster) -> None:
-    """401 before anything, 400 for bad bodies and ids, 404 unknown room/instance, 409 already_there
-    and instance_not_active, each with the error body; the room never changes."""
+    """401 before anything, 400 for bad bodies and ids, 404 unknown room/instance, 409 already_there,
+    instance_not_active and (drain) no_target, each with the error body; nothing changes."""
     c = _connect(cluster, "lobby")
     src = c["instance"]
     other = "i1" if src != "i1" else "i2"
@@ -63,6 +63,10 @@ def test_move_refusals_have_the_contract_codes(cluster: Cluster) -> None:
     assert _error(cluster.admin("POST", "/v1/admin/rebalance", {"max_moves": -1}))[0] == 400
     assert _error(cluster.admin("POST", "/v1/admin/instances/i99/drain")) == (
         404, "instance_not_found")
+    third = ({"i1", "i2", "i3"} - {src, other}).pop()
+    assert cluster.admin("PUT", f"/v1/admin/instances/{third}", {"state": "disabled"}).status_code == 200
+    assert _error(cluster.admin("POST", f"/v1/admin/instances/{src}/drain")) == (409, "no_target")
+    assert cluster.states()[src] == "active"
     room = cluster.room("lobby")
     assert (room["instance"], room["epoch"], room["state"]) == (src, c["epoch"], "active")
 
