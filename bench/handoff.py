@@ -36,8 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e_handoff.chatter import Chatter  # noqa: E402
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs  # noqa: E402
+from tests.e2e_handoff.chatter import Chatter
+from tests.support.procs import TEST_ADMIN_TOKEN, Procs
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 # One client process hosts every member: under a 1,000-join presence storm its pongs come
@@ -49,7 +49,7 @@ DIRECTORY_ENV = {"ROOMSHARD_DOWN_AFTER": "12"}
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 async def wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -85,7 +85,7 @@ async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
                 members = [Chatter(d.url, room, f"m{k}", http, open_timeout=60) for k in range(n)]
                 for c in members:
                     c.start()
-                await wait(lambda: all(c.opened.is_set() for c in members), 600, "members in")
+                await wait(lambda ms=members: all(c.opened.is_set() for c in ms), 600, "members in")
                 await fill_history(members, history)
                 pauses: list[float] = []
                 reconnects: list[float] = []
@@ -100,7 +100,7 @@ async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
                     if r.status_code != 200:
                         raise SystemExit(f"move failed: {r.text}")
                     pauses.append(r.json()["pause_ms"])
-                    await wait(lambda: all(len(c.welcomes) > marks[id(c)] for c in members),
+                    await wait(lambda ms=members, mk=marks: all(len(c.welcomes) > mk[id(c)] for c in ms),
                                600, "members to follow")
                     reconnects.append((time.monotonic() - t0) * 1000)
                     await members[k % n].send()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from roomshard.protocol import CloseCode, instance_number
 from roomshard.tickets import Ticket
 from shard.directory_client import DirectoryError
-from shard.handoff import Admission, Handoffs, HandoffError
+from shard.handoff import Admission, HandoffError, Handoffs
 from shard.http import HttpError, HttpRequest, HttpResponse, json_response
 from shard.room import Room
 from shard.routes import require_directory, room_param

@@ -121,7 +121,7 @@ class Chatter:
                         self._on_ack(frame["id"], frame["seq"])
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
-        except (OSError, InvalidHandshake, asyncio.TimeoutError):
+        except (TimeoutError, OSError, InvalidHandshake):
             return None
         finally:
             self._ws = None
@@ -160,7 +160,7 @@ def check_logs(room_clients: list[Chatter]) -> list[str]:
         for seq, msg_id in acked.items():
             if seq > first and by_seq.get(seq) != msg_id:
                 problems.append(f"{c.user}: acked {msg_id} (seq {seq}) is "
-                                f"{'missing' if seq not in by_seq else by_seq[seq]} in the log")
+                                f"{by_seq.get(seq, 'missing')} in the log")
         ids = [m["id"] for m in c.log]
         if len(ids) != len(set(ids)):
             problems.append(f"{c.user}: an id was broadcast twice")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -95,7 +96,8 @@ async def test_move_in_flight_survives_a_directory_restart(procs: Procs) -> None
         for c in chatters:
             await c.stop()
     assert check_logs(chatters) == []
-    room = httpx.get(f"{directory.url}/v1/admin/rooms/r", headers=ADMIN, timeout=t(5)).json()
+    room = (await asyncio.to_thread(httpx.get, f"{directory.url}/v1/admin/rooms/r",
+                                    headers=ADMIN, timeout=t(5))).json()
     assert (room["instance"], room["state"]) == (src, "active")
     assert _loaded(shards[src].url, "r") and not _loaded(shards[to].url, "r")
     assert _handoffs(shards[src].url)["frozen"] == {} and _handoffs(shards[to].url)["adopted"] == {}
