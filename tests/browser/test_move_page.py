@@ -16,8 +16,16 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 
 def wait_count(page: Any, n: int) -> None:
-    page.wait_for_function(f"document.querySelectorAll('#messages .msg[data-seq]').length === {n}",
-                           timeout=t(20) * 1000)
+    try:
+        page.wait_for_function(f"document.querySelectorAll('#messages .msg[data-seq]').length === {n}",
+                               timeout=t(20) * 1000)
+    except Exception as exc:  # say what the page shows instead of a bare timeout
+        state = page.evaluate("(s => [s.state, s.instance, s.lastSeq, s.connections, s.outbox.size])"
+                              "(window.roomshard.session)")
+        notes = page.eval_on_selector_all("#messages .note", "ns => ns.map(n => n.textContent)")
+        raise AssertionError(f"expected {n} messages; page shows {shown(page)}; "
+                             f"session [state, instance, lastSeq, connections, outbox] = {state}; "
+                             f"notes {notes}") from exc
 
 
 def test_pages_keep_every_message_across_a_move(procs: Procs, browser: Any, output_dir: Path) -> None:
