@@ -47,7 +47,7 @@ SNAPSHOT_VERSION = 1
 @dataclass(frozen=True, slots=True)
 class JoinOutcome:
     welcome: bytes  # the frame for the joiner
-    replay: list[bytes]  # missed messages, in seq order (only when recovered)
+    replay: list[bytes]  # missed messages still in history, in seq order
     presence: bytes | None  # presence join for the other connections, if any
 
 
@@ -114,6 +114,11 @@ class Room:
         if since is not None:
             missed = self.missed_since(since)
             welcome["recovered"] = missed is not None
+            if missed is None and 0 <= since < self.seq:
+                # The gap is announced (recovered: false); what history still
+                # holds after ``since`` follows, so a resuming client loses
+                # nothing more than what is really gone.
+                missed = [m for m in self.history if m["seq"] > since]
             if missed:
                 replay = [text_frame(orjson.dumps(m)) for m in missed]
         presence = None

@@ -86,11 +86,13 @@ def test_resume_at_latest_seq_is_recovered_with_nothing_to_replay():
 
 
 def test_resume_with_gap_beyond_history_is_not_recovered():
-    """Messages fell out of the history window: recovered false, nothing replayed."""
+    """Messages fell out of the history window: recovered false, then what history still holds."""
     r = room(history_limit=3)
     for i in range(6):
         r.send("a", f"m{i}", "t", NOW)
-    assert payload(r.join(1, "b", NOW, since=2).welcome)["recovered"] is False
+    gap = r.join(1, "b", NOW, since=2)
+    assert payload(gap.welcome)["recovered"] is False
+    assert [payload(f)["seq"] for f in gap.replay] == [4, 5, 6]
     assert payload(r.join(2, "c", NOW, since=3).welcome)["recovered"] is True
     out = r.join(3, "d", NOW, since=3)
     assert [payload(f)["seq"] for f in out.replay] == [4, 5, 6]
@@ -110,7 +112,10 @@ def test_resume_after_lost_state_is_not_recovered():
     r = room(epoch=3, seq_base=base, lost=True)
     assert payload(r.join(1, "b", NOW, since=10).welcome)["recovered"] is False
     r.send("a", "m", "t", NOW)
-    assert payload(r.join(2, "c", NOW, since=10).welcome)["recovered"] is False
+    after_loss = r.join(2, "c", NOW, since=10)
+    assert payload(after_loss.welcome)["recovered"] is False
+    # The new epoch's messages still follow the announced gap.
+    assert [payload(f)["seq"] for f in after_loss.replay] == [base + 1]
     assert payload(r.join(3, "d", NOW, since=base).welcome)["recovered"] is True
 
 
