@@ -7,9 +7,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-stamp="$VENV/.roomshard-installed"
+extras="${ROOMSHARD_EXTRAS-}"
+stamp="$VENV/.roomshard-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[${ROOMSHARD_EXTRAS:-test}]"
+  echo "roomshard: installing Python dependencies into $VENV (first run only)" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
