@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         from bench import report
 
-        report.main([str(out)])
+        # Only a complete full run rewrites the documented numbers.
+        complete = profile.name == "full" and not args.targets and not args.workloads
+        report.main([str(out), *(["--docs"] if complete else [])])
     return 0
 
 

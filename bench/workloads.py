@@ -52,8 +52,8 @@ class Profile:
 FULL = Profile(
     name="full",
     repeats=3,
-    step_seconds=3.0,
-    drain_seconds=1.5,
+    step_seconds=2.5,
+    drain_seconds=1.2,
     workloads=(
         # 100 rooms x 20: each publish is 20 deliveries (sender included).
         Workload("fanout", "ladder", 100, 20,
