@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any
 
 import httpx
+import orjson
 from sqlalchemy import exc as sa_exc
 
 from directory import move_store, placement, registry
@@ -228,14 +229,16 @@ class Mover:
         url = f"{base}/internal/rooms/{room}/{kind}"
         token = self.ctx.signer.cluster_token("directory", now=self.ctx.clock())
         try:
-            resp = await self.ctx.shards.http.post(url, json=body, timeout=CALL_TIMEOUT_S,
-                                                   headers={"Authorization": f"Bearer {token}"})
+            # orjson both ways: a snapshot carries up to the whole history (1,000 messages).
+            resp = await self.ctx.shards.http.post(
+                url, content=orjson.dumps(body), timeout=CALL_TIMEOUT_S,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now
             return 0, f"unreachable ({exc.__class__.__name__})"
         try:
-            answer = resp.json()
-        except ValueError:
+            answer = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
             answer = resp.text[:200]
         if resp.status_code != 200 and isinstance(answer, dict):
             answer = answer.get("error", answer)
