@@ -1,7 +1,7 @@
 """Live handoff benchmark: pause per move by room size, drain rate, the full-size scenario.
 
     python bench/handoff.py pause [--members 10,100,1000] [--moves 20] [--history 1000]
-    python bench/handoff.py drain [--rooms 600] [--postgres]
+    python bench/handoff.py drain [--rooms 600] [--postgres] [--idle]
     python bench/handoff.py scenario [--rooms 200] [--clients 10]
 
 Real processes on loopback (one ``roomshard directory`` on SQLite, shards),
@@ -116,7 +116,7 @@ async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
                     await c.stop()
 
 
-async def bench_drain(rooms: int, postgres: bool) -> None:
+async def bench_drain(rooms: int, postgres: bool, idle: bool) -> None:
     pg = None
     if postgres:
         from tests.support.pg import PgServer
@@ -124,19 +124,22 @@ async def bench_drain(rooms: int, postgres: bool) -> None:
         pg = PgServer()
         pg.start()
     try:
-        await _drain(rooms, pg.create_database() if pg is not None else None)
+        await _drain(rooms, pg.create_database() if pg is not None else None, idle)
     finally:
         if pg is not None:
             pg.destroy()
 
 
-async def _drain(rooms: int, database_url: str | None) -> None:
+async def _drain(rooms: int, database_url: str | None, idle: bool) -> None:
     with Procs() as procs:
         d = procs.directory(env=DIRECTORY_ENV, database_url=database_url)
         for i in ("i1", "i2", "i3"):
             procs.shard(i, d.url, env=SHARD_ENV)
         limits = httpx.Limits(max_connections=2000)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            if idle:
+                await _drain_idle(d.url, http, rooms)
+                return
             members = [Chatter(d.url, f"d{n}", "m", http) for n in range(rooms)]
             for c in members:
                 c.start()
@@ -166,6 +169,20 @@ async def _drain(rooms: int, database_url: str | None) -> None:
                 await c.stop()
 
 
+async def _drain_idle(url: str, http: httpx.AsyncClient, rooms: int) -> None:
+    """Rooms placed but never opened (no snapshot, no member): the move machinery alone."""
+    for n in range(rooms):
+        r = await http.post(f"{url}/v1/rooms/d{n}/connect", json={"user": "m"})
+        r.raise_for_status()
+    t0 = time.monotonic()
+    rep = (await http.post(f"{url}/v1/admin/instances/i1/drain", headers=ADMIN, timeout=600)).json()
+    wall = time.monotonic() - t0
+    pauses = [m["pause_ms"] for m in rep["moves"]]
+    print(f"drained i1 (idle rooms): {rep['moved']}/{rep['total']} rooms in {wall:.2f}s "
+          f"({rep['moved'] / wall:.0f} rooms/s), failed {len(rep['failed'])}, pause_ms p50 "
+          f"{pct(pauses, .5):.1f} p99 {pct(pauses, .99):.1f}", flush=True)
+
+
 def scenario(rooms: int, clients: int) -> None:
     env = {**os.environ, "ROOMSHARD_E2E_ROOMS": str(rooms), "ROOMSHARD_E2E_CLIENTS": str(clients)}
     cmd = [sys.executable, "-m", "pytest", "tests/e2e_handoff/test_live_moves.py", "-q",
@@ -193,6 +210,7 @@ def main() -> None:
     b = sub.add_parser("drain")
     b.add_argument("--rooms", type=int, default=600)
     b.add_argument("--postgres", action="store_true", help="the directory on PostgreSQL")
+    b.add_argument("--idle", action="store_true", help="rooms without members (never opened)")
     c = sub.add_parser("scenario")
     c.add_argument("--rooms", type=int, default=200)
     c.add_argument("--clients", type=int, default=10)
@@ -201,7 +219,7 @@ def main() -> None:
         asyncio.run(bench_pause([int(x) for x in args.members.split(",")], args.moves,
                                 args.history))
     elif args.cmd == "drain":
-        asyncio.run(bench_drain(args.rooms, args.postgres))
+        asyncio.run(bench_drain(args.rooms, args.postgres, args.idle))
     else:
         scenario(args.rooms, args.clients)
 
