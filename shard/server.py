@@ -233,6 +233,8 @@ class ShardServer:
             log.warning("room %s in memory at epoch %d is stale (ticket epoch %d)",
                         ticket.room, live.room.epoch, ticket.epoch)
             self.registry.close_room(ticket.room, CloseCode.GOING_AWAY, "room state is stale")
+        elif live is not None:  # another join's open finished since admit() looked: no second
+            return self._join(conn, live, ticket, since)  # open (it would call the state lost)
         try:
             live = await self.registry.open(ticket.room, ticket.epoch)
         except DirectoryRefused as exc:
