@@ -82,7 +82,9 @@ async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
             print("| --- | --- | --- | --- | --- | --- | --- |")
             for n in sizes:
                 room = f"bench{n}"
-                members = [Chatter(d.url, room, f"m{k}", http, open_timeout=60) for k in range(n)]
+                gate = asyncio.Semaphore(64)
+                members = [Chatter(d.url, room, f"m{k}", http, open_timeout=60, gate=gate)
+                           for k in range(n)]
                 for c in members:
                     c.start()
                 await wait(lambda ms=members: all(c.opened.is_set() for c in ms), 600, "members in")
@@ -140,7 +142,8 @@ async def _drain(rooms: int, database_url: str | None, idle: bool) -> None:
             if idle:
                 await _drain_idle(d.url, http, rooms)
                 return
-            members = [Chatter(d.url, f"d{n}", "m", http) for n in range(rooms)]
+            gate = asyncio.Semaphore(64)
+            members = [Chatter(d.url, f"d{n}", "m", http, gate=gate) for n in range(rooms)]
             for c in members:
                 c.start()
             await wait(lambda: all(c.opened.is_set() for c in members), 180, "members in")

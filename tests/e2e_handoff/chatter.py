@@ -46,6 +46,9 @@ class Chatter:
     ack_conflicts: list[tuple[str, int, int]] = field(default_factory=list)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     open_timeout: float = 5.0  # a 1,000-member room's joins (O(n^2) presence) take longer
+    # Shared by many chatters: bounds the directory calls in flight (httpcore's pool is
+    # O(queued^2) with thousands of waiting requests).
+    gate: asyncio.Semaphore | None = None
     _ws: Any = None
     _task: asyncio.Task[None] | None = None
     _stop: bool = False
@@ -80,8 +83,9 @@ class Chatter:
 
     async def _resolve(self) -> str | None:
         try:
-            r = await self.http.post(f"{self.directory_url}/v1/rooms/{self.room}/connect",
-                                     json={"user": self.user})
+            async with self.gate or contextlib.nullcontext():
+                r = await self.http.post(f"{self.directory_url}/v1/rooms/{self.room}/connect",
+                                         json={"user": self.user})
         except httpx.HTTPError:
             return None
         if r.status_code != 200:

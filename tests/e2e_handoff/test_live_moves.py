@@ -44,8 +44,9 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
     every acked message reaches every member exactly once, in seq order, with no gap, and every
     reconnect after a move is recovered: true."""
     rooms = [f"room{n}" for n in range(ROOMS)]
+    gate = asyncio.Semaphore(64)
     async with httpx.AsyncClient(timeout=t(10)) as http:
-        chatters = {r: [Chatter(cluster.url, r, f"u{k}", http) for k in range(CLIENTS)]
+        chatters = {r: [Chatter(cluster.url, r, f"u{k}", http, gate=gate) for k in range(CLIENTS)]
                     for r in rooms}
         everyone = [c for cs in chatters.values() for c in cs]
         for c in everyone:
