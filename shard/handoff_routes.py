@@ -104,6 +104,12 @@ class HandoffWiring:
         require_directory(self.server, req)
         name = room_param(req)
         body = _body(req, {"move_id": str, "epoch": int})
+        adopted = self.handoffs.adopted.get(name)
+        if adopted is not None and body["epoch"] > adopted.epoch:
+            # The directory reserves a later epoch for a room here only once it owns it
+            # here: the adoption was committed, no member has come back yet. Serve it.
+            self.handoffs.commit(name, adopted.move_id)
+            self._activate(name, adopted.snapshot, adopted.epoch)
         live = self.server.registry.get(name)
         snapshot = live.room.snapshot() if live is not None and not live.frozen else None
         if live is not None and live.frozen and name not in self.handoffs.frozen:

@@ -125,3 +125,27 @@ def test_stale_ticket_is_refused_after_a_move_and_after_a_restart(cluster: Clust
     fresh = _connect(cluster, "moved", "cy")
     assert (fresh["instance"], fresh["epoch"]) == (to, epoch + 1)
     assert _close_code(fresh["url"]) is None
+
+
+def test_a_moved_room_nobody_rejoined_moves_on(cluster: Cluster) -> None:
+    """A room moved while its history had no member left (adopted on the target, never activated
+    by a join) can be moved again, and its history arrives intact at the third instance."""
+    c = _connect(cluster, "quiet")
+    with ws_connect(c["url"], open_timeout=t(5)) as ws:
+        assert orjson.loads(ws.recv(timeout=t(5)))["type"] == "welcome"
+        ws.send(orjson.dumps({"type": "send", "id": "m1", "text": "hi"}).decode())
+        while orjson.loads(ws.recv(timeout=t(5)))["type"] != "ack":
+            pass
+    src = c["instance"]
+    hop, last = [i for i in ("i1", "i2", "i3") if i != src]
+    first = cluster.admin("POST", "/v1/admin/rooms/quiet/move", {"to": hop})
+    assert first.status_code == 200 and first.json()["messages_transferred"] == 1
+    second = cluster.admin("POST", "/v1/admin/rooms/quiet/move", {"to": last})
+    assert second.status_code == 200, second.text
+    assert second.json()["messages_transferred"] == 1
+    back = _connect(cluster, "quiet", "amy")
+    assert back["instance"] == last
+    with ws_connect(back["url"] + "&since=0", open_timeout=t(5)) as ws:
+        welcome = orjson.loads(ws.recv(timeout=t(5)))
+        assert (welcome["seq"], welcome["recovered"]) == (1, True)
+        assert orjson.loads(ws.recv(timeout=t(5)))["id"] == "m1"
