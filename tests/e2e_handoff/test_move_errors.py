@@ -41,8 +41,7 @@ def _close_code(url: str) -> int | None:
 
 
 def test_move_refusals_have_the_contract_codes(cluster: Cluster) -> None:
-    """401 before anything, 400 for bad bodies and ids, 404 unknown room/instance, 409 already_there,
-    instance_not_active and (drain) no_target, each with the error body; nothing changes."""
+    """401 first, then 400/404/409 (already_there, instance_not_active, no_target) with the error body; nothing changes."""
     c = _connect(cluster, "lobby")
     src = c["instance"]
     other = "i1" if src != "i1" else "i2"
@@ -72,8 +71,7 @@ def test_move_refusals_have_the_contract_codes(cluster: Cluster) -> None:
 
 
 def test_a_second_move_while_moving_is_409(cluster: Cluster) -> None:
-    """While a move waits on a stalled target, another move of the room is 409 already_moving;
-    afterwards the room is active on exactly one instance."""
+    """A second move while one waits on a stalled target is 409 already_moving; the room ends active on one instance."""
     c = _connect(cluster, "busy")
     assert _close_code(c["url"]) is None  # loaded on its shard
     src = c["instance"]
@@ -98,9 +96,7 @@ def test_a_second_move_while_moving_is_409(cluster: Cluster) -> None:
 
 
 def test_stale_ticket_is_refused_after_a_move_and_after_a_restart(cluster: Cluster) -> None:
-    """A ticket from before a move is refused by the old shard with 4004 (tombstone); after that
-    shard restarts, the old ticket is refused too and a ticket at the old epoch gets 4004 from the
-    directory's open check; the room is never reopened there."""
+    """A pre-move ticket gets 4004 on the old shard, is refused after its restart too, and the old epoch gets 4004 from open."""
     first = _connect(cluster, "moved", "amy")
     assert _close_code(first["url"]) is None
     stale = _connect(cluster, "moved", "bob")  # issued before the move, never used
@@ -128,8 +124,7 @@ def test_stale_ticket_is_refused_after_a_move_and_after_a_restart(cluster: Clust
 
 
 def test_a_moved_room_nobody_rejoined_moves_on(cluster: Cluster) -> None:
-    """A room moved while its history had no member left (adopted on the target, never activated
-    by a join) can be moved again, and its history arrives intact at the third instance."""
+    """A moved room nobody rejoined (adopted, never activated) moves on with its history intact."""
     c = _connect(cluster, "quiet")
     with ws_connect(c["url"], open_timeout=t(5)) as ws:
         assert orjson.loads(ws.recv(timeout=t(5)))["type"] == "welcome"

@@ -62,8 +62,7 @@ async def test_reserve_then_second_reserve_is_already_moving(store: Store) -> No
 
 
 async def test_commit_and_rollback_race_settles_one_way(store: Store) -> None:
-    """A commit and a rollback of one move at the same time: exactly one wins, and the loser
-    reports the winner's decision, whichever order they land in."""
+    """A concurrent commit and rollback of one move: exactly one wins and a late retry agrees."""
     move = await _reserve(store)
     committed, rolled_back = await asyncio.gather(move_store.commit(store, move, NOW),
                                                   move_store.rollback(store, move, NOW))

@@ -24,9 +24,7 @@ def _check_plan(plan: dict, tolerance: float = 0.10) -> None:
 
 
 async def test_rebalance_after_adding_an_instance(procs: Procs) -> None:
-    """With a new empty instance, the dry run plans at most 1.2x the lower bound of moves and
-    leaves max/mean load <= 1.1 without moving anything; the real run performs those moves
-    (members follow their rooms), after which a new dry run plans nothing."""
+    """After adding an instance: <= 1.2x the lower bound of moves, max/mean <= 1.1, dry run moves nothing, real run does."""
     cluster: Cluster = await asyncio.to_thread(start_cluster, procs, 2)
 
     async def admin(method: str, path: str, body: object = None) -> httpx.Response:

@@ -32,8 +32,7 @@ async def _open_chatters(cluster: Cluster, http: httpx.AsyncClient) -> dict[str,
 
 
 async def test_sigkill_shard_rooms_chat_again_elsewhere_recovered_false(cluster: Cluster) -> None:
-    """After SIGKILL of a shard its clients chat again on another shard within 10 s, told
-    recovered: false, at a higher epoch, with seq above anything issued before."""
+    """After SIGKILL of a shard its clients chat on another shard within 10 s, recovered: false, at a higher epoch and seq."""
     async with httpx.AsyncClient(timeout=t(5)) as http:
         chatters = await _open_chatters(cluster, http)
         victim = chatters["r0"][0].welcomes[0].instance
@@ -63,8 +62,7 @@ async def test_sigkill_shard_rooms_chat_again_elsewhere_recovered_false(cluster:
 
 
 async def test_sigterm_drains_the_shard_before_it_exits(cluster: Cluster) -> None:
-    """SIGTERM on a registered shard live-moves its rooms away first: its clients reconnect
-    elsewhere with recovered: true, nothing acked is lost, the instance ends disabled."""
+    """SIGTERM live-moves the shard's rooms away first: recovered: true elsewhere, nothing acked lost, instance disabled."""
     async with httpx.AsyncClient(timeout=t(5)) as http:
         chatters = await _open_chatters(cluster, http)
         victim = chatters["r0"][0].welcomes[0].instance
