@@ -72,7 +72,13 @@ async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[
     started = time.monotonic()
     if not any(i["state"] == placement.ACTIVE and i["id"] != instance
                for i in await effective_instances(ctx)):
-        raise Conflict("no_target", f"no active instance to drain {instance} to")
+        if reason != registry.REASON_SHUTDOWN:
+            raise Conflict("no_target", f"no active instance to drain {instance} to")
+        # A shard leaving anyway: park it so its clients are re-placed when one comes back.
+        await ctx.store.upsert_instance(instance, lambda _row: {
+            "state": placement.DISABLED, "state_reason": reason})
+        return {**DrainProgress(instance, []).report(), "complete": False,
+                "state": placement.DISABLED, "replaced": 0, "duration_s": 0.0, "rooms_per_s": None}
     await ctx.store.upsert_instance(instance, lambda _row: {
         "state": placement.DRAINING, "state_reason": reason})
     instances = await effective_instances(ctx)

@@ -8,7 +8,8 @@ import time
 import httpx
 
 from tests.e2e_handoff.chatter import Chatter, check_logs
-from tests.e2e_handoff.conftest import Cluster
+from tests.e2e_handoff.conftest import Cluster, start_cluster
+from tests.support.procs import Procs
 from tests.support.timing import await_until, t
 
 ROOMS = 6
@@ -87,3 +88,13 @@ async def test_sigterm_drains_the_shard_before_it_exits(cluster: Cluster) -> Non
             assert [w.recovered for w in c.welcomes[1:]][:1] == [True]
             assert c.welcomes[1].instance != victim
     assert cluster.states()[victim] == "disabled"
+
+
+def test_sigterm_of_the_only_shard_parks_it_disabled(procs: Procs) -> None:
+    """SIGTERM of the only shard (nowhere to drain to) still exits 0 and leaves it disabled."""
+    cluster = start_cluster(procs, 1)
+    r = httpx.post(f"{cluster.url}/v1/rooms/solo/connect", json={"user": "u"}, timeout=t(5))
+    assert r.status_code == 200
+    assert procs.terminate(cluster.shards["i1"]) == 0
+    assert cluster.states()["i1"] == "disabled"
+    assert "drained before stopping: 0 of 0 rooms moved, state disabled" in cluster.shards["i1"].output()
