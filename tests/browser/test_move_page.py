@@ -62,6 +62,10 @@ def test_pages_keep_every_message_across_a_move(procs: Procs, browser: Any, outp
         for p in (a, b):
             p.wait_for_function(f"window.roomshard.session.instance === '{dst}' && "
                                 "window.roomshard.session.state === 'open'", timeout=t(20) * 1000)
+        # Every "during" line is in before typing more: the timers above write
+        # into the same input box and would overwrite a line typed meanwhile.
+        wait_count(a, 26)
+        wait_count(b, 26)
         for i in range(3):
             say(a, f"after {i}")
             say(b, f"again {i}")
