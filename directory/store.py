@@ -175,12 +175,7 @@ class Store:
 
     async def _raw_room_target(self, room: str) -> Mapping[str, Any] | None:
         rec = await self._raw(lambda c: c.fetchrow(self._raw_target_sql, room))
-        if rec is None:
-            return None
-        row = dict(rec)
-        if isinstance(row["members"], str):
-            row["members"] = orjson.loads(row["members"])
-        return row
+        return None if rec is None else _target_row(rec)
 
     async def _raw_place_new(self, room: str, *, now: float, down_after: float) -> Target | None:
         """PostgreSQL: pick an instance, then insert the room and count it in ONE statement
@@ -430,12 +425,7 @@ class LiteReader:
         except sqlite3.Error as exc:
             self.close()
             raise sa_exc.OperationalError(self._sql, None, exc) from exc
-        if rec is None:
-            return None
-        row = dict(rec)
-        if isinstance(row["members"], str):
-            row["members"] = orjson.loads(row["members"])
-        return row
+        return None if rec is None else _target_row(rec)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -463,3 +453,10 @@ def _seen(row: Mapping[str, Any]) -> float:
 def _target(room: str, row: Mapping[str, Any]) -> Target:
     return Target(room, row["instance"], int(row["epoch"]), row["internal_url"], row["public_base"])
 
+
+def _target_row(rec: Any) -> dict[str, Any]:
+    """A raw driver row of the room lookup as a dict; ``members`` decoded from JSON text."""
+    row = dict(rec)
+    if isinstance(row["members"], str):
+        row["members"] = orjson.loads(row["members"])
+    return row
