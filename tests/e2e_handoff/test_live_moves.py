@@ -53,7 +53,8 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
         stop = asyncio.Event()
         chat = asyncio.create_task(_chat(everyone, stop))
         try:
-            await asyncio.sleep(1.0)  # traffic flowing before the first move
+            # Traffic flowing before the first move: every chatter has an ack.
+            await await_until(lambda: all(c.acks for c in everyone), 30, "first acks")
             moved = []
             for room in rooms[: max(1, ROOMS // 5)]:
                 src = (await _admin(cluster, "GET", f"/v1/admin/rooms/{room}")).json()["instance"]
@@ -70,7 +71,10 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
             drain = r.json()
             assert (drain["state"], drain["failed"], drain["complete"]) == ("disabled", [], True)
             assert drain["moved"] == drain["total"] > 0
-            await asyncio.sleep(1.0)  # traffic after the drain too
+            # Traffic after the drain too: as many new acks as there are chatters.
+            acked = sum(len(c.acks) for c in everyone)
+            await await_until(lambda: sum(len(c.acks) for c in everyone) >= acked + len(everyone),
+                              30, "acks after the drain")
         finally:
             stop.set()
             sent = await chat
