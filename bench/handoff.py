@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.directory_connect import cpu_seconds
 from tests.e2e_handoff.chatter import Chatter
 from tests.support.procs import TEST_ADMIN_TOKEN, Procs
 
@@ -126,17 +127,43 @@ async def bench_drain(rooms: int, postgres: bool, idle: bool) -> None:
         pg = PgServer()
         pg.start()
     try:
-        await _drain(rooms, pg.create_database() if pg is not None else None, idle)
+        pg_pid = int((pg.datadir / "postmaster.pid").read_text().split()[0]) if pg else None
+        await _drain(rooms, pg.create_database() if pg is not None else None, idle, pg_pid)
     finally:
         if pg is not None:
             pg.destroy()
 
 
-async def _drain(rooms: int, database_url: str | None, idle: bool) -> None:
+class CpuMeter:
+    """CPU seconds per process group over one interval (where a drain's cost goes)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start = self._sample()
+        self.t0 = time.monotonic()
+
+    def _sample(self) -> dict[str, float]:
+        out = {k: cpu_seconds(v) for k, v in self.groups.items()}
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        out["bench clients"] = me.ru_utime + me.ru_stime
+        return out
+
+    def report(self, moves: int) -> str:
+        end, wall = self._sample(), time.monotonic() - self.t0
+        used = {k: end[k] - self.start[k] for k in end}
+        parts = [f"{k} {v:.2f}s ({1000 * v / max(1, moves):.1f} ms/move)" for k, v in used.items()]
+        return (f"CPU over {wall:.2f}s wall: " + ", ".join(parts)
+                + f"; all {sum(used.values()) / wall:.2f} cores")
+
+
+async def _drain(rooms: int, database_url: str | None, idle: bool,
+                 pg_pid: int | None = None) -> None:
     with Procs() as procs:
         d = procs.directory(env=DIRECTORY_ENV, database_url=database_url)
-        for i in ("i1", "i2", "i3"):
-            procs.shard(i, d.url, env=SHARD_ENV)
+        shards = [procs.shard(i, d.url, env=SHARD_ENV) for i in ("i1", "i2", "i3")]
+        groups = {"directory": [d.popen.pid], "shards": [s.popen.pid for s in shards]}
+        if pg_pid is not None:
+            groups["postgres"] = [pg_pid]
         limits = httpx.Limits(max_connections=2000)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             if idle:
@@ -155,10 +182,20 @@ async def _drain(rooms: int, database_url: str | None, idle: bool) -> None:
                 counts[c.welcomes[0].instance] = counts.get(c.welcomes[0].instance, 0) + 1
             victim = max(counts, key=lambda i: counts[i])
             t0 = time.monotonic()
+            meter = CpuMeter(groups)
+            spy = None
+            if os.environ.get("BENCH_PROFILE"):  # py-spy (collapsed stacks) of the directory
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(d.popen.pid), "-r", "250",
+                                        "-f", "raw", "-o", os.environ["BENCH_PROFILE"]],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             r = await http.post(f"{d.url}/v1/admin/instances/{victim}/drain", headers=ADMIN,
                                 timeout=600)
             wall = time.monotonic() - t0
             rep = r.json()
+            print(meter.report(rep["moved"]), flush=True)
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
             pauses = [m["pause_ms"] for m in rep["moves"]]
             print(f"drained {victim}: {rep['moved']}/{rep['total']} rooms in {wall:.2f}s "
                   f"({rep['moved'] / wall:.0f} rooms/s; report {rep['rooms_per_s']} rooms/s), "
