@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import statistics
@@ -72,7 +73,8 @@ async def fill_history(members: list[Chatter], total: int) -> None:
     await wait(lambda: all(not c.unacked for c in senders), 120, "history acked")
 
 
-async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
+async def bench_pause(sizes: list[int], moves: int, history: int,
+                      out: list[dict[str, object]] | None = None) -> None:
     with Procs() as procs:
         d = procs.directory(env=DIRECTORY_ENV)
         for i in ("i1", "i2"):
@@ -111,6 +113,9 @@ async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
                 print(f"| {n} | {count} | {pct(pauses, .5):.1f} | {pct(pauses, .99):.1f} | "
                       f"{max(pauses):.1f} | {statistics.median(reconnects):.0f} | "
                       f"{pct(reconnects, .99):.0f} |", flush=True)
+                if out is not None:  # --json: the same numbers, machine-readable
+                    out.append({"members": n, "moves": count, "history": history,
+                                "pause_ms": pauses, "reconnect_ms": reconnects})
                 bad = [w for c in members for w in c.welcomes[settled[id(c)]:]
                        if w.recovered is not True]
                 if bad:
@@ -119,7 +124,8 @@ async def bench_pause(sizes: list[int], moves: int, history: int) -> None:
                     await c.stop()
 
 
-async def bench_drain(rooms: int, postgres: bool, idle: bool) -> None:
+async def bench_drain(rooms: int, postgres: bool, idle: bool,
+                      out: dict[str, object] | None = None) -> None:
     pg = None
     if postgres:
         from tests.support.pg import PgServer
@@ -128,7 +134,8 @@ async def bench_drain(rooms: int, postgres: bool, idle: bool) -> None:
         pg.start()
     try:
         pg_pid = int((pg.datadir / "postmaster.pid").read_text().split()[0]) if pg else None
-        await _drain(rooms, pg.create_database() if pg is not None else None, idle, pg_pid)
+        await _drain(rooms, pg.create_database() if pg is not None else None, idle, pg_pid,
+                     out=out)
     finally:
         if pg is not None:
             pg.destroy()
@@ -157,7 +164,7 @@ class CpuMeter:
 
 
 async def _drain(rooms: int, database_url: str | None, idle: bool,
-                 pg_pid: int | None = None) -> None:
+                 pg_pid: int | None = None, out: dict[str, object] | None = None) -> None:
     with Procs() as procs:
         d = procs.directory(env=DIRECTORY_ENV, database_url=database_url)
         shards = [procs.shard(i, d.url, env=SHARD_ENV) for i in ("i1", "i2", "i3")]
@@ -167,7 +174,7 @@ async def _drain(rooms: int, database_url: str | None, idle: bool,
         limits = httpx.Limits(max_connections=2000)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             if idle:
-                await _drain_idle(d.url, http, rooms)
+                await _drain_idle(d.url, http, rooms, out)
                 return
             gate = asyncio.Semaphore(64)
             members = [Chatter(d.url, f"d{n}", "m", http, gate=gate) for n in range(rooms)]
@@ -192,7 +199,8 @@ async def _drain(rooms: int, database_url: str | None, idle: bool,
                                 timeout=600)
             wall = time.monotonic() - t0
             rep = r.json()
-            print(meter.report(rep["moved"]), flush=True)
+            cpu_line = meter.report(rep["moved"])
+            print(cpu_line, flush=True)
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(30)
@@ -205,11 +213,25 @@ async def _drain(rooms: int, database_url: str | None, idle: bool,
             await wait(lambda: all(len(c.welcomes) > 1 for c in hit), 120, "members to follow")
             bad = [c for c in hit if c.welcomes[1].recovered is not True]
             print(f"members of drained rooms back: {len(hit)}, not recovered: {len(bad)}")
+            if out is not None:  # --json: the same numbers, machine-readable
+                out.update(_drain_record(rep, wall, rooms, database_url, idle=False),
+                           cpu=cpu_line, members_back=len(hit), not_recovered=len(bad))
             for c in members:
                 await c.stop()
 
 
-async def _drain_idle(url: str, http: httpx.AsyncClient, rooms: int) -> None:
+def _drain_record(rep: dict, wall: float, rooms: int, database_url: str | None,  # type: ignore[type-arg]
+                  idle: bool) -> dict[str, object]:
+    """What ``--json`` writes for a drain (the numbers the printed line shows)."""
+    return {"rooms": rooms, "database": "postgresql" if database_url else "sqlite",
+            "idle": idle, "instance": rep.get("instance"), "moved": rep["moved"],
+            "total": rep["total"], "wall_s": wall, "rooms_per_s": rep["moved"] / wall,
+            "report_rooms_per_s": rep.get("rooms_per_s"), "failed": len(rep["failed"]),
+            "state": rep.get("state"), "pause_ms": [m["pause_ms"] for m in rep["moves"]]}
+
+
+async def _drain_idle(url: str, http: httpx.AsyncClient, rooms: int,
+                      out: dict[str, object] | None = None) -> None:
     """Rooms placed but never opened (no snapshot, no member): the move machinery alone."""
     for n in range(rooms):
         r = await http.post(f"{url}/v1/rooms/d{n}/connect", json={"user": "m"})
@@ -221,6 +243,8 @@ async def _drain_idle(url: str, http: httpx.AsyncClient, rooms: int) -> None:
     print(f"drained i1 (idle rooms): {rep['moved']}/{rep['total']} rooms in {wall:.2f}s "
           f"({rep['moved'] / wall:.0f} rooms/s), failed {len(rep['failed'])}, pause_ms p50 "
           f"{pct(pauses, .5):.1f} p99 {pct(pauses, .99):.1f}", flush=True)
+    if out is not None:
+        out.update(_drain_record(rep, wall, rooms, None, idle=True))
 
 
 def scenario(rooms: int, clients: int) -> None:
@@ -247,19 +271,27 @@ def main() -> None:
     a.add_argument("--members", default="10,100,1000")
     a.add_argument("--moves", type=int, default=20)
     a.add_argument("--history", type=int, default=1000)
+    a.add_argument("--json", help="also write the measured numbers to this file")
     b = sub.add_parser("drain")
     b.add_argument("--rooms", type=int, default=600)
     b.add_argument("--postgres", action="store_true", help="the directory on PostgreSQL")
     b.add_argument("--idle", action="store_true", help="rooms without members (never opened)")
+    b.add_argument("--json", help="also write the measured numbers to this file")
     c = sub.add_parser("scenario")
     c.add_argument("--rooms", type=int, default=200)
     c.add_argument("--clients", type=int, default=10)
     args = p.parse_args()
     if args.cmd == "pause":
+        sizes: list[dict[str, object]] = []
         asyncio.run(bench_pause([int(x) for x in args.members.split(",")], args.moves,
-                                args.history))
+                                args.history, sizes))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"pause": sizes}))
     elif args.cmd == "drain":
-        asyncio.run(bench_drain(args.rooms, args.postgres, args.idle))
+        drained: dict[str, object] = {}
+        asyncio.run(bench_drain(args.rooms, args.postgres, args.idle, drained))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"drain": drained}))
     else:
         scenario(args.rooms, args.clients)
 
