@@ -15,6 +15,7 @@ Three fake instances are registered and kept alive by heartbeats.
     python bench/directory_connect.py --duration 10 --concurrency 16
     python bench/directory_connect.py --duration 10 --concurrency 16 --rate 2000
     python bench/directory_connect.py --sqlite     # one directory on the embedded SQLite
+    python bench/directory_connect.py --json out.json   # also write the phases as JSON
 """
 
 from __future__ import annotations
@@ -233,15 +234,26 @@ def main() -> None:
                    help="one directory on the embedded SQLite default instead of PostgreSQL")
     p.add_argument("--admin-token", default=os.environ.get("ROOMSHARD_ADMIN_TOKEN", "bench-admin"))
     p.add_argument("--cluster-secret", default=os.environ.get("ROOMSHARD_CLUSTER_SECRET", "bench-secret"))
+    p.add_argument("--json", help="also write the measured phases to this file (bench/compare)")
     args = p.parse_args()
+    phases = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "database": "url" if args.url else ("sqlite" if args.sqlite else "postgresql"),
+            "directories": len(args.url) or (1 if args.sqlite else args.directories),
+            "concurrency": args.concurrency, "duration_s": args.duration, "rate": args.rate,
+            "existing_rooms": args.rooms, "cores": os.cpu_count(), "phases": phases}))
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Start what is needed (unless ``--url``), run both phases, return their summaries."""
     try:
         import uvloop
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     if args.url:
-        runner(bench(args, args.url))
-        return
+        return runner(bench(args, args.url))
     from tests.support.pg import PgServer
     from tests.support.procs import Procs
 
@@ -252,8 +264,7 @@ def main() -> None:
             d = procs.directory("dir-sqlite")
             print(json.dumps({"directories": [d.url], "database": "sqlite", "cores": os.cpu_count()}),
                   flush=True)
-            runner(bench(args, [d.url], {"directories": [d.popen.pid]}))
-        return
+            return runner(bench(args, [d.url], {"directories": [d.popen.pid]}))
     pg = PgServer()
     pg.start()
     try:
@@ -262,8 +273,8 @@ def main() -> None:
             dirs = [procs.directory(f"dir{n}", database_url=db) for n in range(args.directories)]
             print(json.dumps({"directories": [d.url for d in dirs], "cores": os.cpu_count()}), flush=True)
             pg_pid = int((pg.datadir / "postmaster.pid").read_text().split()[0])
-            runner(bench(args, [d.url for d in dirs],
-                         {"directories": [d.popen.pid for d in dirs], "postgres": [pg_pid]}))
+            return runner(bench(args, [d.url for d in dirs],
+                                {"directories": [d.popen.pid for d in dirs], "postgres": [pg_pid]}))
     finally:
         pg.destroy()
 

@@ -9,6 +9,7 @@ max/mean load after.
 
     python bench/planner.py                      # 100k rooms x 100 and x 1,000 instances
     python bench/planner.py --rooms 100000 --instances 100 --repeat 5
+    python bench/planner.py --json out.json      # also write the cases as JSON (bench/compare)
 """
 
 from __future__ import annotations
@@ -76,18 +77,22 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of connections")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", help="also write the cases to this file")
     args = ap.parse_args()
+    cases = []
     for n in args.instances or [100, 1000]:
         rooms = cluster(n, args.rooms, args.seed, args.sigma)
         grown = [{"id": f"i{j}", "capacity": 100, "state": "active"} for j in range(1, n + 2)]
         same = grown[:-1]
-        for max_moves in (100, 100_000):
-            print(json.dumps(run("add_empty_instance", grown, rooms, max_moves, args.repeat)),
-                  flush=True)
         skewed = skew(rooms, n, args.seed)
-        for max_moves in (100, 100_000):
-            print(json.dumps(run("skewed_third", same, skewed, max_moves, args.repeat)),
-                  flush=True)
+        for name, insts, placed in (("add_empty_instance", grown, rooms),
+                                    ("skewed_third", same, skewed)):
+            for max_moves in (100, 100_000):
+                cases.append(run(name, insts, placed, max_moves, args.repeat))
+                print(json.dumps(cases[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sigma": args.sigma, "repeat": args.repeat,
+                                               "seed": args.seed, "cases": cases}))
 
 
 if __name__ == "__main__":
