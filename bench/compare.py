@@ -1,4 +1,4 @@
-"""Run every workload against every server and write ``bench/results/*.json``.
+"""Run every workload against every server, then roomshard's own parts; write ``bench/results/*.json``.
 
     bench/compare [--quick] [--repeats N] [--targets a,b] [--workloads a,b] [--no-report]
 
@@ -8,12 +8,15 @@ run pinned to CPU 1, the load generator to CPU 0 (``taskset``). Each
 or backlog cannot leak into the next; repeats are interleaved across targets
 so a burst of background load on this shared machine hits all of them alike.
 Results are saved after every run, so an interrupted benchmark keeps what it
-measured.
+measured. After the side-by-side workloads come the parts that measure
+roomshard alone (``extras.py``: directory connects/s, move pause per room
+size, drain rate, rebalance planner), each one run of its own script.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cluster, workloads
+from bench import cluster, extras, workloads
 from bench.workloads import PROFILES, Profile, Workload
 
 LOADGEN = cluster.BENCH / "loadgen" / "loadgen.js"
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
     parser.add_argument("--repeats", type=int, help="override the profile's repeats")
     parser.add_argument("--targets", help=f"comma list from {','.join(workloads.ALL_TARGETS)}")
-    parser.add_argument("--workloads", help="comma list from fanout,bigroom,idle")
+    parser.add_argument("--workloads",
+                        help=f"comma list from fanout,bigroom,idle,{','.join(extras.NAMES)}")
     parser.add_argument("--server-cpus", default="1", help="taskset list for servers")
     parser.add_argument("--loadgen-cpu", default="0", help="taskset list for the load generator")
     parser.add_argument("--nice", type=int, default=-10,
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     only_workloads = set(args.workloads.split(",")) if args.workloads else None
+    unknown = (only_workloads or set()) - {w.name for w in profile.workloads} - set(extras.NAMES)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out) if args.out else RESULTS / f"{profile.name}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": stamp, "environment": environment(),
         "command": "bench/compare " + " ".join(argv if argv is not None else sys.argv[1:]),
         "roomshard_commit": roomshard_commit,
+        "workloads": [dataclasses.asdict(w) for w in profile.workloads],
         "runs": [],
+        "extras": {},
     }
     t0 = time.monotonic()
     best: dict[tuple[str, str], int] = {}  # (target, workload) -> max sustained rate of repeat 0
@@ -177,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             if only_workloads and workload.name not in only_workloads:
                 continue
             for target in workload.targets:
-                if target not in only_targets:
+                if target not in only_targets or repeat >= (
+                        repeats if args.repeats else workload.repeats_for(target, repeats)):
                     continue
                 print(f"[compare] repeat {repeat + 1}/{repeats} {workload.name} {target} "
                       f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
@@ -189,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
                 doc["runs"].append(record)
                 doc["elapsed_seconds"] = round(time.monotonic() - t0, 1)
                 out.write_text(json.dumps(doc, indent=1))
+    for extra in extras.EXTRAS[profile.name]:
+        if only_workloads and extra.name not in only_workloads:
+            continue
+        print(f"[compare] {extra.name}: {extra.command} ({time.monotonic() - t0:.0f} s)",
+              file=sys.stderr)
+        record = extras.run(extra, args.roomshard_tree or cluster.ROOT,
+                            cluster.nice_prefix(args.nice))
+        if "error" in record:
+            print(f"[compare] {extra.name}: {record['error'][:300]}", file=sys.stderr)
+        doc["extras"][extra.name] = record
+        doc["elapsed_seconds"] = round(time.monotonic() - t0, 1)
+        out.write_text(json.dumps(doc, indent=1))
     if export_dir is not None:
         shutil.rmtree(export_dir, ignore_errors=True)
     print(f"[compare] wrote {out} in {time.monotonic() - t0:.0f} s", file=sys.stderr)

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench import summary
-from bench.workloads import PROFILES
+from bench.workloads import workloads_of
 
 COLORS = {
     "roomshard-1": "#d62728", "roomshard-2": "#ff9896", "socketio-1": "#1f77b4",
@@ -74,8 +74,7 @@ def bar_plot(names: list[str], spreads: list[summary.Spread | None], title: str,
 
 
 def write_all(doc: dict[str, Any], folder: Path, prefix: str) -> None:
-    profile = PROFILES[doc["profile"]]
-    wl = {w.name: w for w in profile.workloads}
+    wl = workloads_of(doc)
     names: list[str] = []
     effs: list[summary.Spread | None] = []
     for workload in ("fanout", "bigroom"):

@@ -19,9 +19,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import capacity, summary
+from bench import capacity, report_extras, summary
 from bench.summary import IdleSummary, LadderSummary, Spread
-from bench.workloads import PROFILES
+from bench.workloads import workloads_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -47,6 +47,10 @@ def fmt(s: Spread | None, scale: float = 1.0, digits: int = 0, unit: str = "") -
     if s.n > 1:
         return f"{mid}{unit} ({f.format(s.low * scale)}–{f.format(s.high * scale)})"
     return f"{mid}{unit}"
+
+
+def runs_of(doc: dict[str, Any], target: str, workload: str) -> int:
+    return sum(1 for r in doc["runs"] if r["target"] == target and r["workload"] == workload)
 
 
 def targets_in(doc: dict[str, Any], workload: str) -> list[str]:
@@ -117,13 +121,24 @@ def scaling_table(fan: dict[str, LadderSummary]) -> list[str]:
     return out
 
 
+def repeats_note(doc: dict[str, Any]) -> str:
+    """'3 repeats (2 for x, y)' from the runs actually made."""
+    counts: dict[str, set[int]] = {}
+    for r in doc["runs"]:
+        counts.setdefault(r["target"], set()).add(runs_of(doc, r["target"], r["workload"]))
+    fewer = [t for t in ORDER if t in counts and max(counts[t]) < doc["repeats"]]
+    note = f"{doc['repeats']} repeat(s)"
+    if fewer:
+        note += f" ({', '.join(f'`{t}` {max(counts[t])}' for t in fewer)})"
+    return note
+
+
 def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str = "") -> str:
-    profile = PROFILES[doc["profile"]]
-    wl = {w.name: w for w in profile.workloads}
+    wl = workloads_of(doc)
     env = doc["environment"]
     lines = [
         f"Measured {doc['started_at']} with `{doc['command'].strip()}` "
-        f"(profile `{doc['profile']}`, {doc['repeats']} repeat(s), {doc['step_seconds']} s per step, "
+        f"(profile `{doc['profile']}`, {repeats_note(doc)}, {doc['step_seconds']} s per step, "
         f"roomshard at commit `{doc.get('roomshard_commit', env['git_commit'])}`, {env['cpus']} x {env['cpu_model']}, kernel {env['kernel']}; "
         f"servers on CPU {doc['server_cpus']}, load generator on CPU {doc['loadgen_cpu']}; "
         f"whole run {doc.get('elapsed_seconds', 0):.0f} s). Versions: "
@@ -172,6 +187,7 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
             met = "not measured" if g.met is None else ("yes" if g.met else "**no**")
             lines.append(f"| {g.text} | {g.value} | {met} |")
         lines.append("")
+    lines += report_extras.render(doc)
     if plot_dir is not None:
         lines += ["### Plots", ""]
         for name, alt in (("fanout-latency", "p99 latency vs offered deliveries/s, fan-out"),
@@ -184,9 +200,23 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
     return "\n".join(lines)
 
 
+def measured_directory(doc: dict[str, Any]) -> capacity.DirectoryMeasured | None:
+    """The directory's CPU per connect from this run's ``directory`` part, when it has one."""
+    rec = (doc.get("extras") or {}).get("directory") or {}
+    phases = {p["phase"]: p for p in (rec.get("result") or {}).get("phases", [])}
+    old, new = phases.get("existing rooms"), phases.get("new rooms")
+    key = "directories_cpu_us_per_connect"
+    if not old or not new or key not in old or key not in new:
+        return None
+    return capacity.DirectoryMeasured(
+        cpu_us_per_connect=old[key], cpu_us_per_new_room=new[key],
+        postgres_us_per_new_room=new.get("postgres_cpu_us_per_connect", 0),
+        source=f"`{rec['command']}` in the same run")
+
+
 def capacity_block(doc: dict[str, Any]) -> str | None:
     """The measured inputs and extrapolated scenarios of docs/CAPACITY.md."""
-    fan = summary.ladder(doc, "roomshard-1", "fanout", PROFILES[doc["profile"]].workloads[0].reference_rate)
+    fan = summary.ladder(doc, "roomshard-1", "fanout", workloads_of(doc)["fanout"].reference_rate)
     idle = summary.idle(doc, "roomshard-1")
     if fan.per_cpu_second_at_max is None or fan.max_deliveries_per_s is None \
             or idle.rss_per_connection_bytes is None or idle.connects_per_s is None:
@@ -194,9 +224,12 @@ def capacity_block(doc: dict[str, Any]) -> str | None:
     inputs = capacity.Inputs(
         deliveries_per_cpu_second=fan.per_cpu_second_at_max.median,
         max_deliveries_per_s=fan.max_deliveries_per_s.median,
-        rss_per_connection=idle.rss_per_connection_bytes.median)
+        rss_per_connection=idle.rss_per_connection_bytes.median,
+        directory=measured_directory(doc) or capacity.DIRECTORY)
     a = capacity.Assumptions()
     plan = capacity.per_shard(inputs, a)
+    dir_source = (inputs.directory.source if inputs.directory is not capacity.DIRECTORY
+                  else "[benchmarks/directory.md](benchmarks/directory.md)")
     lines = [
         (f"Measured by `{doc['command'].strip()}` at {doc['started_at']} (roomshard commit `{doc.get('roomshard_commit', doc['environment']['git_commit'])}`), "
         "one shard process on one core of a 2-core machine, medians over repeats:"), "",
@@ -207,7 +240,7 @@ def capacity_block(doc: dict[str, Any]) -> str | None:
         f"| connects/s end to end (directory + shard on one core, 1 load generator, 50 at a time) | {fmt(idle.connects_per_s)} |",
         (f"| directory CPU per connect, existing room / new room; PostgreSQL CPU per new room | "
         f"{inputs.directory.cpu_us_per_connect:g} / {inputs.directory.cpu_us_per_new_room:g} µs; "
-        f"{inputs.directory.postgres_us_per_new_room:g} µs (from [benchmarks/directory.md](benchmarks/directory.md)) |"),
+        f"{inputs.directory.postgres_us_per_new_room:g} µs (from {dir_source}) |"),
         "",
         (f"**Planning assumptions (not measured):** shards planned at {a.cpu_headroom:.0%} of their "
         f"measured CPU capacity, {a.shard_memory_bytes / 1024**3:g} GiB of RAM per shard for "

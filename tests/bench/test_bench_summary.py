@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from bench import summary, workloads
@@ -30,15 +31,27 @@ def test_max_sustained_is_the_highest_passing_rate() -> None:
     assert workloads.max_sustained([step(10, ratio=0.5)]) is None
 
 
-def test_later_repeats_restart_below_the_first_max_but_not_above_the_reference() -> None:
-    """Repeats 2+ skip the low rungs but still run the common reference rung."""
+def test_later_repeats_run_the_reference_rung_then_restart_below_the_first_max() -> None:
+    """Repeats 2+ run the common reference rung, then climb from one rung below the first max."""
     fan = FULL.workloads[0]
     assert fan.reference_rate == 1000
     assert workloads.ladder_for_repeat(fan, None) == list(fan.rates)
-    assert workloads.ladder_for_repeat(fan, 3000) == [1000, 1500, 2000, 2500, 3000, 3500, 4000,
-                                                      5000, 6000, 8000]
-    assert workloads.ladder_for_repeat(fan, 500)[:2] == [250, 500]
+    assert workloads.ladder_for_repeat(fan, 5000) == [1000, 4000, 5000, 6000, 8000]
+    assert workloads.ladder_for_repeat(fan, 1500) == [1000, 1500, 2000, 3000, 4000, 5000, 6000,
+                                                      8000]
+    assert workloads.ladder_for_repeat(fan, 500)[:3] == [250, 500, 1000]
     assert workloads.ladder_for_repeat(fan, 12345) == list(fan.rates)
+
+
+def test_peers_run_fewer_repeats_than_the_headline_comparison() -> None:
+    """roomshard-1 and socketio-1 run every repeat; the other peers at most two, never one."""
+    for w in FULL.workloads:
+        assert w.repeats_for("roomshard-1" if w.mode == "ladder" else "ws-node", 3) \
+            == (3 if w.mode == "ladder" else 2)
+        assert all(w.repeats_for(t, 3) >= 2 for t in w.targets)
+        assert w.repeats_for("python-socketio", 1) == 1
+    fan = FULL.workloads[0]
+    assert Workload.from_dict(dataclasses.asdict(fan)) == fan
 
 
 def test_loadgen_config_carries_the_thresholds_and_pids() -> None:

@@ -1,0 +1,163 @@
+"""Markdown tables for the roomshard-only parts of a results file (``doc["extras"]``).
+
+Pure functions over the JSON ``compare.py`` writes (see ``extras.py``): the
+directory's connects/s, the pause per move by room size, the drain rate and
+the rebalance planner's time, each with the exact command that measured it
+and the goal it is held to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The goals these parts are held to (docs/benchmarks/directory.md, docs/HANDOFF.md).
+DIRECTORY_GOAL_PER_S = 2000
+DIRECTORY_GOAL_P99_MS = 20.0
+PAUSE_GOAL_MEMBERS = 100
+PAUSE_GOAL_P99_MS = 100.0
+DRAIN_GOAL_ROOMS_PER_S = 100.0
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    """The percentile ``bench/handoff.py`` prints (nearest rank), recomputed from its samples."""
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def _head(title: str, rec: dict[str, Any], what: str) -> list[str]:
+    lines = [f"### {title}", "", f"    {rec['command']}", "", what, ""]
+    if "error" in rec and "result" not in rec:
+        lines += [f"Not measured: {rec['error'].splitlines()[0][:300]}", ""]
+    return lines
+
+
+def directory_table(rec: dict[str, Any]) -> list[str]:
+    res = rec.get("result")
+    lines = _head("Directory: connects/s on PostgreSQL", rec, (
+        "`POST /v1/rooms/{room}/connect` against two `roomshard directory` processes on one "
+        "PostgreSQL: rooms that have an owner (one indexed query + a ticket), then rooms never "
+        "seen (placement: an insert). Closed loop, every keep-alive connection sends back to back; "
+        "one run. CPU per connect counts the directories and PostgreSQL with its backends."))
+    if not res:
+        return lines
+    lines += [(f"{res['directories']} directories, {res['database']}, {res['concurrency']} "
+              f"connections, {res['duration_s']:g} s per phase, {res['existing_rooms']:,} "
+              "existing rooms."), "",
+              ("| phase | connects/s | p50 ms | p90 ms | p99 ms | max ms | directories CPU µs/connect "
+               "| PostgreSQL CPU µs/connect | load generator CPU | errors |"),
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    existing = None
+    for ph in res["phases"]:
+        if ph["phase"] == "existing rooms":
+            existing = ph
+        errors = ", ".join(f"{k}: {v}" for k, v in ph.get("errors", {}).items()) or "none"
+        lines.append(
+            f"| {ph['phase']} | {ph['connects_per_s']:,} | {ph['p50_ms']:g} | {ph['p90_ms']:g} "
+            f"| {ph['p99_ms']:g} | {ph['max_ms']:g} | {ph.get('directories_cpu_us_per_connect', '–'):,} "
+            f"| {ph.get('postgres_cpu_us_per_connect', '–'):,} | {ph['client_cpu_pct']}% | {errors} |")
+    if existing is not None:
+        met = (existing["connects_per_s"] >= DIRECTORY_GOAL_PER_S
+               and existing["p99_ms"] < DIRECTORY_GOAL_P99_MS)
+        lines += ["", (f"Goal >= {DIRECTORY_GOAL_PER_S:,} existing-room connects/s with p99 < "
+                       f"{DIRECTORY_GOAL_P99_MS:g} ms: {_verdict(met)} ({existing['connects_per_s']:,}/s, "
+                       f"p99 {existing['p99_ms']:g} ms).")]
+    return [*lines, ""]
+
+
+def pause_table(rec: dict[str, Any]) -> list[str]:
+    res = rec.get("result")
+    lines = _head("Move pause per room size", rec, (
+        "One room with N real WebSocket members (one client process) and a full history is moved "
+        "back and forth between two shards (directory on SQLite). `pause_ms` is the directory's "
+        "freeze request -> commit (the time the room takes no send); reconnect is from the move "
+        "request to the last member's welcome on the new shard (client-bound for 1,000 members). "
+        "Every reconnect after a move must be `recovered: true` or the run fails."))
+    if not res:
+        return lines
+    lines += [("| members | history | moves | pause_ms p50 | pause_ms p99 | pause_ms max "
+               "| reconnect p50 ms | reconnect p99 ms |"),
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    goal = None
+    for row in res["pause"]:
+        p, r = row["pause_ms"], row["reconnect_ms"]
+        lines.append(
+            f"| {row['members']:,} | {row['history']:,} | {row['moves']} | {nearest_rank(p, .5):.1f} "
+            f"| {nearest_rank(p, .99):.1f} | {max(p):.1f} | {nearest_rank(r, .5):,.0f} "
+            f"| {nearest_rank(r, .99):,.0f} |")
+        if row["members"] == PAUSE_GOAL_MEMBERS:
+            goal = nearest_rank(p, .99)
+    if goal is not None:
+        lines += ["", (f"Goal pause p99 < {PAUSE_GOAL_P99_MS:g} ms for a {PAUSE_GOAL_MEMBERS}-member "
+                       f"room: {_verdict(goal < PAUSE_GOAL_P99_MS)} ({goal:.1f} ms; with few moves "
+                       "the p99 is the max).")]
+    return [*lines, ""]
+
+
+def drain_table(rec: dict[str, Any]) -> list[str]:
+    res = rec.get("result")
+    lines = _head("Drain rate", rec, (
+        "Rooms with one real WebSocket member each, spread over three shards by the directory; the "
+        "fullest instance is drained with `POST /v1/admin/instances/{iN}/drain` (16 moves at "
+        "once). rooms/s = rooms moved / wall time of the drain request."))
+    d = res.get("drain") if res else None
+    if not d:
+        return lines
+    p = d["pause_ms"] or [0.0]
+    lines += [("| database | rooms | drained | failed | wall s | rooms/s | pause_ms p50 "
+               "| pause_ms p99 | members back (not recovered) |"),
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+              (f"| {'PostgreSQL' if d['database'] == 'postgresql' else 'SQLite'} | {d['rooms']:,} "
+               f"| {d['moved']}/{d['total']} | {d['failed']} | {d['wall_s']:.2f} "
+               f"| {d['rooms_per_s']:.0f} | {nearest_rank(p, .5):.0f} | {nearest_rank(p, .99):.0f} "
+               f"| {d.get('members_back', '–')} ({d.get('not_recovered', '–')}) |")]
+    if d.get("cpu"):
+        lines += ["", f"{d['cpu']}."]
+    lines += ["", (f"Goal >= {DRAIN_GOAL_ROOMS_PER_S:g} rooms/s: "
+                   f"{_verdict(d['rooms_per_s'] >= DRAIN_GOAL_ROOMS_PER_S)} ({d['rooms_per_s']:.0f} rooms/s).")]
+    return [*lines, ""]
+
+
+CASES = {"add_empty_instance": "add one empty instance", "skewed_third": "skewed (a third at 1.5x)"}
+
+
+def planner_table(rec: dict[str, Any]) -> list[str]:
+    res = rec.get("result")
+    lines = _head("Rebalance planner", rec, (
+        "`directory/rebalance.py` `plan()` in one process: rooms weighted 1 + lognormal(1, 1) "
+        "connections placed on the least loaded instance, then one empty instance added, or a "
+        "third of the instances carrying 1.5x their share. Time is the best of the repeats."))
+    if not res:
+        return lines
+    lines += ["| case | rooms | instances | max_moves | time | moves | lower bound | max/mean after |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in res["cases"]:
+        capped = " (capped)" if c["moves"] >= c["max_moves"] else ""
+        lines.append(f"| {CASES.get(c['case'], c['case'])} | {c['rooms']:,} | {c['instances']:,} "
+                     f"| {c['max_moves']:,} | {c['seconds']:.2f} s | {c['moves']:,}{capped} "
+                     f"| {c['lower_bound']:,} | {c['max_over_mean_after']:.3f} |")
+    return [*lines, ""]
+
+
+RENDERERS = (("directory", directory_table), ("pause", pause_table), ("drain", drain_table),
+             ("planner", planner_table))
+
+
+def render(doc: dict[str, Any]) -> list[str]:
+    """Every part the results file has, in a fixed order; nothing when it has none."""
+    ext = doc.get("extras") or {}
+    if not ext:
+        return []
+    lines = [("The parts below measure roomshard alone. The same `bench/compare` runs each once, "
+              "after the side-by-side workloads, from the same roomshard commit; their processes "
+              "are not pinned to a CPU."), ""]
+    for name, fn in RENDERERS:
+        if name in ext:
+            rec = ext[name]
+            lines += [*fn(rec), (f"(This part took {rec.get('elapsed_seconds', 0):.0f} s; 1-minute "
+                                 f"load average {rec.get('loadavg_before', 0):.2f} before, "
+                                 f"{rec.get('loadavg_after', 0):.2f} after.)"), ""]
+    return lines
