@@ -92,6 +92,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
     record: dict[str, Any] = {"target": target, "workload": workload.name, "repeat": repeat,
                               "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "loadavg_before": loadavg()}
+    t0 = time.monotonic()
     launcher = cluster.Launcher(server_cpus=args.server_cpus, nice=args.nice,
                                 roomshard_tree=args.roomshard_tree)
     running: cluster.Running | None = None
@@ -115,6 +116,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
             if running is not None and running.metrics_urls:
                 record["server_metrics"] = running.scrape_metrics()
         launcher.stop_all()
+    record["elapsed_seconds"] = round(time.monotonic() - t0, 1)  # what bench/estimate.py reads
     record["loadavg_after"] = loadavg()
     return record
 

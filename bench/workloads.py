@@ -79,7 +79,7 @@ FULL = Profile(
                  rates=(100, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 8000),
                  reference_rate=1000, repeats_by_target=PEERS_TWICE),
         # 1 room x 1,000: each publish is 1,000 deliveries.
-        Workload("bigroom", "ladder", 1, 1000, rates=(5, 10, 20, 40, 60, 80, 100, 150),
+        Workload("bigroom", "ladder", 1, 1000, rates=(10, 20, 40, 60, 80, 100, 150),
                  reference_rate=20, targets=SINGLE, repeats_by_target=PEERS_TWICE),
         # 5,000 idle connections in 250 rooms of 20: RSS per connection (it
         # barely moves between repeats: two each).
