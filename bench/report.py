@@ -181,9 +181,11 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
                   ("Every server process of a target shares CPU 1 (the load generator needs CPU 0), "
                   "so two processes get no more CPU than one: this shows the cost of splitting, "
                   "not the gain of a second core."), "", *scaling_table(fan), ""]
-        idle_by = {r.target: r for r in idle_rows}
+    all_goals = (summary.goals(fan, {r.target: r for r in idle_rows}) if fan else []) \
+        + report_extras.goals(doc)
+    if all_goals:
         lines += ["### The project's goals", "", "| goal | measured | met? |", "| --- | --- | --- |"]
-        for g in summary.goals(fan, idle_by):
+        for g in all_goals:
             met = "not measured" if g.met is None else ("yes" if g.met else "**no**")
             lines.append(f"| {g.text} | {g.value} | {met} |")
         lines.append("")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from bench.summary import Goal
+
 #: The goals these parts are held to (docs/benchmarks/directory.md, docs/HANDOFF.md).
 DIRECTORY_GOAL_PER_S = 2000
 DIRECTORY_GOAL_P99_MS = 20.0
@@ -31,6 +33,50 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 def _verdict(met: bool) -> str:
     return "met" if met else "**not met**"
+
+
+def _result(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return ((doc.get("extras") or {}).get(name) or {}).get("result")
+
+
+def directory_goal(res: dict[str, Any] | None) -> Goal | None:
+    existing = next((p for p in (res or {}).get("phases", []) if p["phase"] == "existing rooms"), None)
+    if existing is None:
+        return None
+    return Goal(f">= {DIRECTORY_GOAL_PER_S:,} existing-room connects/s with p99 < "
+                f"{DIRECTORY_GOAL_P99_MS:g} ms (directory on PostgreSQL)",
+                f"{existing['connects_per_s']:,}/s, p99 {existing['p99_ms']:g} ms",
+                existing["connects_per_s"] >= DIRECTORY_GOAL_PER_S
+                and existing["p99_ms"] < DIRECTORY_GOAL_P99_MS)
+
+
+def pause_goal(res: dict[str, Any] | None) -> Goal | None:
+    row = next((r for r in (res or {}).get("pause", []) if r["members"] == PAUSE_GOAL_MEMBERS), None)
+    if row is None:
+        return None
+    p99 = nearest_rank(row["pause_ms"], .99)
+    return Goal(f"move pause p99 < {PAUSE_GOAL_P99_MS:g} ms for a {PAUSE_GOAL_MEMBERS}-member room",
+                f"{p99:.1f} ms over {row['moves']} moves (with few moves the p99 is the max)",
+                p99 < PAUSE_GOAL_P99_MS)
+
+
+def drain_goal(res: dict[str, Any] | None) -> Goal | None:
+    d = (res or {}).get("drain")
+    if not d:
+        return None
+    return Goal(f"drain >= {DRAIN_GOAL_ROOMS_PER_S:g} rooms/s", f"{d['rooms_per_s']:.0f} rooms/s",
+                d["rooms_per_s"] >= DRAIN_GOAL_ROOMS_PER_S)
+
+
+def goals(doc: dict[str, Any]) -> list[Goal]:
+    """The goals of the parts the results file has (for the report's goals table)."""
+    found = (directory_goal(_result(doc, "directory")), pause_goal(_result(doc, "pause")),
+             drain_goal(_result(doc, "drain")))
+    return [g for g in found if g is not None]
+
+
+def _goal_line(g: Goal | None) -> list[str]:
+    return [] if g is None else ["", f"Goal {g.text}: {_verdict(bool(g.met))} ({g.value})."]
 
 
 def _head(title: str, rec: dict[str, Any], what: str) -> list[str]:
@@ -55,22 +101,13 @@ def directory_table(rec: dict[str, Any]) -> list[str]:
               ("| phase | connects/s | p50 ms | p90 ms | p99 ms | max ms | directories CPU µs/connect "
                "| PostgreSQL CPU µs/connect | load generator CPU | errors |"),
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    existing = None
     for ph in res["phases"]:
-        if ph["phase"] == "existing rooms":
-            existing = ph
         errors = ", ".join(f"{k}: {v}" for k, v in ph.get("errors", {}).items()) or "none"
         lines.append(
             f"| {ph['phase']} | {ph['connects_per_s']:,} | {ph['p50_ms']:g} | {ph['p90_ms']:g} "
             f"| {ph['p99_ms']:g} | {ph['max_ms']:g} | {ph.get('directories_cpu_us_per_connect', '–'):,} "
             f"| {ph.get('postgres_cpu_us_per_connect', '–'):,} | {ph['client_cpu_pct']}% | {errors} |")
-    if existing is not None:
-        met = (existing["connects_per_s"] >= DIRECTORY_GOAL_PER_S
-               and existing["p99_ms"] < DIRECTORY_GOAL_P99_MS)
-        lines += ["", (f"Goal >= {DIRECTORY_GOAL_PER_S:,} existing-room connects/s with p99 < "
-                       f"{DIRECTORY_GOAL_P99_MS:g} ms: {_verdict(met)} ({existing['connects_per_s']:,}/s, "
-                       f"p99 {existing['p99_ms']:g} ms).")]
-    return [*lines, ""]
+    return [*lines, *_goal_line(directory_goal(res)), ""]
 
 
 def pause_table(rec: dict[str, Any]) -> list[str]:
@@ -86,20 +123,13 @@ def pause_table(rec: dict[str, Any]) -> list[str]:
     lines += [("| members | history | moves | pause_ms p50 | pause_ms p99 | pause_ms max "
                "| reconnect p50 ms | reconnect p99 ms |"),
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    goal = None
     for row in res["pause"]:
         p, r = row["pause_ms"], row["reconnect_ms"]
         lines.append(
             f"| {row['members']:,} | {row['history']:,} | {row['moves']} | {nearest_rank(p, .5):.1f} "
             f"| {nearest_rank(p, .99):.1f} | {max(p):.1f} | {statistics.median(r):,.0f} "
             f"| {nearest_rank(r, .99):,.0f} |")
-        if row["members"] == PAUSE_GOAL_MEMBERS:
-            goal = nearest_rank(p, .99)
-    if goal is not None:
-        lines += ["", (f"Goal pause p99 < {PAUSE_GOAL_P99_MS:g} ms for a {PAUSE_GOAL_MEMBERS}-member "
-                       f"room: {_verdict(goal < PAUSE_GOAL_P99_MS)} ({goal:.1f} ms; with few moves "
-                       "the p99 is the max).")]
-    return [*lines, ""]
+    return [*lines, *_goal_line(pause_goal(res)), ""]
 
 
 def drain_table(rec: dict[str, Any]) -> list[str]:
@@ -121,9 +151,7 @@ def drain_table(rec: dict[str, Any]) -> list[str]:
                f"| {d.get('members_back', '–')} ({d.get('not_recovered', '–')}) |")]
     if d.get("cpu"):
         lines += ["", f"{d['cpu']}."]
-    lines += ["", (f"Goal >= {DRAIN_GOAL_ROOMS_PER_S:g} rooms/s: "
-                   f"{_verdict(d['rooms_per_s'] >= DRAIN_GOAL_ROOMS_PER_S)} ({d['rooms_per_s']:.0f} rooms/s).")]
-    return [*lines, ""]
+    return [*lines, *_goal_line(drain_goal(res)), ""]
 
 
 CASES = {"add_empty_instance": "add one empty instance", "skewed_third": "skewed (a third at 1.5x)"}

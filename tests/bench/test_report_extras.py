@@ -35,19 +35,34 @@ def test_every_part_renders_a_table_with_its_exact_command(doc: dict[str, Any]) 
 def test_goals_are_judged_on_the_measured_numbers(doc: dict[str, Any]) -> None:
     """The directory and drain goals read 'not met' for numbers below them, 'met' above."""
     text = "\n".join(report_extras.render(doc))
-    assert "Goal >= 2,000 existing-room connects/s with p99 < 20 ms: **not met** (671/s" in text
-    assert "Goal >= 100 rooms/s: **not met** (8 rooms/s)." in text
+    assert ("Goal >= 2,000 existing-room connects/s with p99 < 20 ms (directory on PostgreSQL): "
+            "**not met** (671/s, p99 27.94 ms).") in text
+    assert "Goal drain >= 100 rooms/s: **not met** (8 rooms/s)." in text
     fast = copy.deepcopy(doc)
     fast["extras"]["drain"]["result"]["drain"]["rooms_per_s"] = 150.0
-    assert "Goal >= 100 rooms/s: met (150 rooms/s)." in "\n".join(report_extras.render(fast))
+    assert "Goal drain >= 100 rooms/s: met (150 rooms/s)." in "\n".join(report_extras.render(fast))
 
 
 def test_the_pause_goal_is_read_at_100_members(doc: dict[str, Any]) -> None:
     """The pause goal line appears only when a 100-member room was measured, from its p99."""
-    assert "Goal pause p99" not in "\n".join(report_extras.render(doc))
+    assert "Goal move pause" not in "\n".join(report_extras.render(doc))
     rows = doc["extras"]["pause"]["result"]["pause"]
     rows.append({**rows[-1], "members": 100, "pause_ms": [20.0, 30.0, 120.0]})
-    assert "room: **not met** (120.0 ms" in "\n".join(report_extras.render(doc))
+    assert "100-member room: **not met** (120.0 ms over 4 moves" in "\n".join(report_extras.render(doc))
+
+
+def test_the_report_lists_these_goals_in_its_goals_table(doc: dict[str, Any]) -> None:
+    """report.render puts the directory and drain goals in 'The project's goals' with their verdicts."""
+    full = {**doc, "profile": "quick", "repeats": 1, "step_seconds": 1.5, "started_at": "fixture",
+            "command": "bench/compare --quick", "server_cpus": "1", "loadgen_cpu": "0",
+            "environment": {"cpus": 2, "cpu_model": "fixture", "kernel": "fixture",
+                            "git_commit": "fixture", "versions": {}}, "runs": []}
+    text = report.render(full)
+    assert "### The project's goals" in text
+    assert "| drain >= 100 rooms/s | 8 rooms/s | **no** |" in text
+    assert "| >= 2,000 existing-room connects/s with p99 < 20 ms (directory on PostgreSQL) " \
+           "| 671/s, p99 27.94 ms | **no** |" in text
+    assert text.index("### The project's goals") < text.index("### Directory: connects/s on PostgreSQL")
 
 
 def test_a_failed_part_says_not_measured_with_its_error(doc: dict[str, Any]) -> None:
