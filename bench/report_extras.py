@@ -136,8 +136,8 @@ def drain_table(rec: dict[str, Any]) -> list[str]:
     res = rec.get("result")
     lines = _head("Drain rate", rec, (
         "Rooms with one real WebSocket member each, spread over three shards by the directory; the "
-        "fullest instance is drained with `POST /v1/admin/instances/{iN}/drain` (16 moves at "
-        "once). rooms/s = rooms moved / wall time of the drain request."))
+        "fullest instance is drained with `POST /v1/admin/instances/{iN}/drain` "
+        "(docs/HANDOFF.md). rooms/s = rooms moved / wall time of the drain request."))
     d = res.get("drain") if res else None
     if not d:
         return lines
