@@ -4,9 +4,14 @@ Why an ``asyncio.Protocol`` and not a framework: a task and an awaited send
 per connection cost ~3x the memory and CPU of the fan-out itself (see
 docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
 
-- incoming bytes go to h11 until the WebSocket handshake, then to the
-  sans-I/O ``websockets.protocol.Protocol`` (masking, fragments, ping/pong,
-  close handshake, max size -> 1009);
+- incoming bytes go to h11 until the WebSocket handshake. Then the common
+  frames (complete, unfragmented, masked text/binary/pong frames) are cut
+  and unmasked by :func:`shard.frames.read_client_frames`, a few integer
+  operations per frame; the first frame of any other kind (ping, close,
+  fragment, protocol error, over ``max_frame``) and everything after it goes
+  to the sans-I/O ``websockets.protocol.Protocol`` for the rest of the
+  connection (pongs, close handshake, 1002, 1009 as before). Both start at
+  the same frame boundary, so no frame is seen twice or skipped;
 - outgoing frames are appended to :attr:`Connection.pending`; the shard
   writes every dirty connection's pending frames once per event-loop turn
   (:meth:`Connection.flush`). A broadcast appends the same ``bytes`` object
@@ -37,7 +42,14 @@ from websockets.protocol import OPEN, Protocol, Side
 from websockets.utils import accept_key
 
 from roomshard.protocol import CloseCode, ErrorCode
-from shard.frames import FrameRejected, error_frame, parse_client_frame
+from shard.frames import (
+    HEAD_PONG,
+    HEAD_TEXT,
+    FrameRejected,
+    error_frame,
+    parse_client_frame,
+    read_client_frames,
+)
 from shard.http import MAX_BODY_BYTES, HttpRequest, HttpResponse, error_response
 from shard.ratelimit import TokenBucket, Verdict
 
@@ -73,12 +85,14 @@ class Connection(asyncio.Protocol):
         "closing",
         "conn_id",
         "eof_after_flush",
+        "fast",
         "frag",
         "frag_text",
         "http",
         "pending",
         "pending_bytes",
         "ping_outstanding",
+        "rbuf",
         "room",
         "server",
         "transport",
@@ -103,6 +117,10 @@ class Connection(asyncio.Protocol):
         self.eof_after_flush = False
         self.frag: list[bytes] | None = None
         self.frag_text = False
+        # True while incoming frames go through read_client_frames; rbuf is
+        # its incomplete frame (or, before the join, the unread input).
+        self.fast = False
+        self.rbuf = b""
         self._body: list[bytes] = []
         self._request: h11.Request | None = None
         self._busy = False  # an HTTP request is being handled
@@ -132,6 +150,15 @@ class Connection(asyncio.Protocol):
             self._close_transport()
 
     def data_received(self, data: bytes) -> None:
+        if self.fast:
+            if not self.closing:
+                if self.room is not None:
+                    self._read_fast(data)
+                else:  # admission pending (reading is paused): kept for joined()
+                    self.rbuf += data
+                return
+            # We are closing: the websockets parser runs the closing handshake.
+            data, self.rbuf, self.fast = self.rbuf + data, b"", False
         ws = self.ws
         if ws is not None:
             ws.receive_data(data)
@@ -142,6 +169,10 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
+            if self.fast:
+                rest, self.rbuf, self.fast = self.rbuf, b"", False
+                if rest:
+                    self.ws.receive_data(rest)
             self.ws.receive_eof()
             self._after_ws_input()
         return None  # let the transport close
@@ -265,8 +296,8 @@ class Connection(asyncio.Protocol):
         self.ws = Protocol(Side.SERVER, state=OPEN, max_size=self.server.cfg.max_frame,
                            logger=_WS_LOGGER)
         transport.pause_reading()  # until admitted; frames wait in the kernel
-        if trailing:
-            self.ws.receive_data(bytes(trailing))
+        self.fast = True
+        self.rbuf = bytes(trailing)
         self.server.admit(self, request)
 
     def joined(self, room: LiveRoom, conn_id: int, user: str, bucket: TokenBucket) -> None:
@@ -274,9 +305,32 @@ class Connection(asyncio.Protocol):
         self.room, self.conn_id, self.user, self.bucket = room, conn_id, user, bucket
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
-            self._after_ws_input()
+            if self.fast:
+                self._read_fast(b"")  # what came with the handshake
+            else:
+                self._after_ws_input()
 
     # -- WebSocket phase -------------------------------------------------
+    def _read_fast(self, data: bytes) -> None:
+        """Handle the common frames at the start of the input; see the module docstring."""
+        buf = self.rbuf + data if self.rbuf else data
+        frames, used, slow = read_client_frames(buf, self.server.cfg.max_frame)
+        for head, payload in frames:
+            if self.closing:  # an earlier frame closed us (4008): the rest is dropped
+                break
+            if head == HEAD_PONG:
+                self.ping_outstanding = False
+            else:
+                self._on_message(payload, head == HEAD_TEXT)
+        rest = buf[used:] if used else buf
+        if slow or self.closing:
+            self.rbuf, self.fast = b"", False
+            if rest and self.ws is not None:
+                self.ws.receive_data(rest)
+            self._after_ws_input()
+        else:
+            self.rbuf = rest
+
     def _after_ws_input(self) -> None:
         ws = self.ws
         assert ws is not None

@@ -4,6 +4,10 @@ Outgoing frames are built here as complete, unmasked server frames (RFC 6455
 section 5.2: server frames are never masked), so a broadcast encodes its
 payload once and every recipient gets the very same ``bytes`` object.
 
+Incoming bytes are cut into frames by :func:`read_client_frames` when they
+are the common kind (complete, unfragmented, masked text/binary/pong frames,
+no extension bits); anything else goes to the full ``websockets`` parser.
+
 Incoming data frames are validated once, at the edge, by
 :func:`parse_client_frame`: a ``send`` is ``{"type": "send", "id": str 1..64,
 "text": str}`` (other fields are ignored, so clients may add
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from websockets.frames import apply_mask  # the C version when websockets has its speedups
 
 from roomshard.protocol import MAX_CLIENT_MESSAGE_ID, ErrorCode
 
@@ -53,6 +58,54 @@ def error_frame(code: str, message: str, msg_id: str | None = None) -> bytes:
     if msg_id is not None:
         body["id"] = msg_id
     return json_frame(body)
+
+
+# First header byte of the frames read_client_frames takes: FIN set, no RSV bits.
+HEAD_TEXT, HEAD_BINARY, HEAD_PONG = 0x81, 0x82, 0x8A
+_FAST_HEADS = frozenset((HEAD_TEXT, HEAD_BINARY, HEAD_PONG))
+# An incomplete frame longer than this goes to the websockets parser (its
+# buffer appends in place; ours would copy the partial frame per chunk).
+MAX_FAST_PARTIAL = 16 * 1024
+
+
+def read_client_frames(buf: bytes, max_size: int) -> tuple[list[tuple[int, bytes]], int, bool]:
+    """Cut the common client frames off the start of ``buf`` (which starts at a frame boundary).
+
+    Returns ``(frames, consumed, slow)``: ``frames`` are ``(head byte,
+    unmasked payload)`` of complete text, binary and pong frames;
+    ``buf[consumed:]`` is left over. ``slow`` says the frame at ``consumed``
+    is of another kind (a fragment, ping, close, an unmasked frame, RSV bits,
+    a payload over ``max_size``, a 64-bit length, a long incomplete frame):
+    the caller hands ``buf[consumed:]`` and everything after it to the full
+    RFC 6455 parser, which answers those exactly as before (1002, 1009,
+    pongs, the closing handshake). Otherwise ``buf[consumed:]`` is an
+    incomplete frame to complete with the next bytes.
+    """
+    frames: list[tuple[int, bytes]] = []
+    pos, n = 0, len(buf)
+    while n - pos >= 2:
+        head, second = buf[pos], buf[pos + 1]
+        if head not in _FAST_HEADS or not second & 0x80:  # clients must mask (5.1)
+            return frames, pos, True
+        length = second & 0x7F
+        start = pos + 2
+        if length >= 126:
+            if length == 127 or head == HEAD_PONG:  # control frames are <= 125 bytes
+                return frames, pos, True
+            if n - pos < 4:
+                break
+            length = (buf[start] << 8) | buf[start + 1]
+            start += 2
+        if length > max_size:
+            return frames, pos, True
+        end = start + 4 + length
+        if end > n:
+            if end - pos > MAX_FAST_PARTIAL:
+                return frames, pos, True
+            break
+        frames.append((head, apply_mask(buf[start + 4:end], buf[start:start + 4])))
+        pos = end
+    return frames, pos, False
 
 
 @dataclass(frozen=True, slots=True)
