@@ -171,7 +171,9 @@ async def _drain(rooms: int, database_url: str | None, idle: bool,
         groups = {"directory": [d.popen.pid], "shards": [s.popen.pid for s in shards]}
         if pg_pid is not None:
             groups["postgres"] = [pg_pid]
-        limits = httpx.Limits(max_connections=2000)
+        # A small keep-alive pool: httpx checks every pooled connection on each request, and
+        # 600 members reconnecting through a 2,000-connection pool cost the bench a core.
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             if idle:
                 await _drain_idle(d.url, http, rooms, out)

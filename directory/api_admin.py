@@ -21,6 +21,8 @@ from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view, room_view
 from roomshard.protocol import instance_number, valid_room_id, valid_user_id
 
+MAX_DRAIN_PARALLELISM = 256
+
 MAX_MEMBERS = 10_000
 DEFAULT_ROOM_LIST_LIMIT = 1000
 MAX_ROOM_LIST_LIMIT = 100_000
@@ -93,13 +95,17 @@ async def delete_instance(request: Request, ctx: Directory) -> Response:
 async def drain(request: Request, ctx: Directory) -> Response:
     admin(request, ctx)
     instance = instance_param(request.path_params["instance"])
+    body = decode(await read_body(request), schemas.DrainBody, empty_ok=True)
+    if not 1 <= body.parallelism <= MAX_DRAIN_PARALLELISM:
+        raise BadRequest("invalid_parallelism",
+                         f"parallelism must be 1..{MAX_DRAIN_PARALLELISM}")
     row = await ctx.store.get_instance(instance)
     if row is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
     now = ctx.clock()
     if _state(ctx, row, now) != placement.DOWN:
-        return json_response(await handoff.drain_instance(ctx, instance=instance,
-                                                          reason=registry.REASON_ADMIN))
+        return json_response(await handoff.drain_instance(
+            ctx, instance=instance, reason=registry.REASON_ADMIN, parallelism=body.parallelism))
     # A down instance has nothing to hand over: re-place its rooms now (their
     # next welcome says recovered: false) and park it disabled.
     await ctx.store.upsert_instance(instance, lambda _row: {
@@ -220,7 +226,7 @@ ROUTES = [
              response=schemas.InstanceList, errors=(401,)),
     ApiRoute("POST", _I + "/drain", "drain_instance", drain,
              "Live-move every room off the instance, then mark it disabled", "operators",
-             auth="admin", response=schemas.DrainReport, errors=(400, 401, 404, 409, 501)),
+             auth="admin", body=schemas.DrainBody, response=schemas.DrainReport, errors=(400, 401, 404, 409, 501)),
     ApiRoute("PUT", _I, "put_instance", put_instance, "Register or update an instance",
              "operators", auth="admin", body=schemas.InstancePut, response=schemas.InstanceView,
              errors=(400, 401)),

@@ -22,7 +22,7 @@ from directory.errors import ApiError, Conflict
 from directory.moves import DrainProgress
 from directory.rebalance import plan_drain
 
-DRAIN_PARALLELISM = 16
+DRAIN_PARALLELISM = 32  # the admin drain's default (its body may say otherwise)
 MAX_ROOMS = 10_000_000
 
 
@@ -67,7 +67,8 @@ async def run_moves(ctx: Directory, progress: DrainProgress,
                 progress.rolled_back(room, repr(exc))
 
 
-async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[str, Any]:
+async def drain_instance(ctx: Directory, *, instance: str, reason: str,
+                         parallelism: int = DRAIN_PARALLELISM) -> dict[str, Any]:
     """Live-move every room off ``instance``, then mark it disabled; the drain report."""
     started = time.monotonic()
     if not any(i["state"] == placement.ACTIVE and i["id"] != instance
@@ -91,7 +92,7 @@ async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[
     except ValueError as exc:
         raise Conflict("no_target", str(exc)) from None
     progress = DrainProgress(instance, [(p["room"], p["to"]) for p in plan],
-                             parallelism=DRAIN_PARALLELISM)
+                             parallelism=parallelism)
     await run_moves(ctx, progress, {r["room"]: instance for r in rows})
     out = progress.report()
     state = placement.DRAINING

@@ -12,7 +12,8 @@ below when those modules are installed, and answer 501
         # -> the contract's move report; raises directory.errors.ApiError (409 ...)
 
     # directory/drain.py
-    async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict
+    async def drain_instance(ctx: Directory, *, instance: str, reason: str,
+                             parallelism: int = ...) -> dict
         # live-moves every room off ``instance`` then marks it disabled with
         # state_reason ``reason`` ("admin" or "shutdown"); -> a DrainReport-shaped dict
 
@@ -53,11 +54,13 @@ async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict[
     return await fn(ctx, room=room, source=source, to=to)
 
 
-async def drain_instance(ctx: Directory, *, instance: str, reason: str) -> dict[str, Any]:
+async def drain_instance(ctx: Directory, *, instance: str, reason: str,
+                         parallelism: int | None = None) -> dict[str, Any]:
     fn = _plugin("directory.drain", "drain_instance")
     if fn is None:
         raise NotImplementedYet("not_implemented", "draining is not available in this build")
-    return await fn(ctx, instance=instance, reason=reason)
+    extra = {} if parallelism is None else {"parallelism": parallelism}
+    return await fn(ctx, instance=instance, reason=reason, **extra)
 
 
 async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[str, Any]:

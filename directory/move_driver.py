@@ -29,6 +29,7 @@ import orjson
 from sqlalchemy import exc as sa_exc
 
 from directory import move_store, placement, registry
+from directory.batching import Batcher
 from directory.context import Directory
 from directory.errors import Conflict
 from directory.moves import (
@@ -54,6 +55,9 @@ CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per t
 LEASE_S = 15.0
 RECOVER_EVERY_S = 2.0
 MOVE_WAIT_S = 20.0  # the admin request waits this long for the move to finish
+DB_BATCH = 128  # moves per batched transaction
+CALL_BATCH = 128  # rooms per batched shard call
+ADOPT_BATCH = 16  # adopts carry whole histories (up to 1,000 messages each)
 
 
 class Mover:
@@ -66,6 +70,12 @@ class Mover:
         self.current: dict[str, Move] = {}
         self._recovery: asyncio.Task[None] | None = None
         self._urls: dict[str, str] = {}  # instance -> internal_url, dropped on a failed call
+        self._no_batch: set[str] = set()  # shard URLs without the batch route (older shards)
+        # A drain's moves walk the protocol in step: their database writes and shard calls
+        # go out as one transaction / one request per step (directory/batching.py).
+        self.db: Batcher[str, Any] = Batcher(self._db_batch, max_batch=DB_BATCH)
+        self.calls: Batcher[tuple[str, str], dict[str, Any]] = Batcher(
+            self._call_batch, max_batch=lambda key: ADOPT_BATCH if key[1] == "adopt" else CALL_BATCH)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -76,6 +86,8 @@ class Mover:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.db.aclose()
+        await self.calls.aclose()
 
     async def _recover_loop(self) -> None:
         while True:
@@ -109,9 +121,8 @@ class Mover:
             return begin(move_id=move_id, room=room, source=source, target=to,
                          from_epoch=from_epoch, now=now)
 
-        move, actions = await move_store.reserve(self.ctx.store, room=room, source=source, to=to,
-                                                 owner=self.owner, now=now, lease_s=LEASE_S,
-                                                 make=make)
+        move, actions = await self.db.submit(
+            "reserve", move_store.Reservation(room=room, source=source, to=to, make=make))
         return self._spawn(move, actions, persist_first=False)
 
     def _spawn(self, move: Move, actions: list[Action], *, persist_first: bool) -> asyncio.Task[Move]:
@@ -132,9 +143,7 @@ class Mover:
     async def _persist(self, move: Move, expect: tuple[str, ...]) -> bool:
         for attempt in range(3):
             try:
-                return await move_store.persist(self.ctx.store, move, owner=self.owner,
-                                                now=self.ctx.clock(), lease_s=LEASE_S,
-                                                expect=expect)
+                return bool(await self.db.submit("persist", (move, expect)))
             except sa_exc.SQLAlchemyError as exc:
                 log.warning("persisting move %s failed (%d): %s", move.move_id, attempt, exc)
                 await asyncio.sleep(0.1 * 2 ** attempt)
@@ -169,6 +178,11 @@ class Mover:
                     # (> the move timeout + a call) covers the whole pre-commit phase.
                     queue.extend(new)
                     continue
+                if before.state is State.ADOPTED and move.state is State.COMMITTED:
+                    # The commit wrote the decision and renewed the lease; what else the
+                    # record holds, recover() does not need to roll forward.
+                    queue.extend(new)
+                    continue
                 if not await self._persist(move, move_store.expected_before(move.state)):
                     log.warning("move %s: lease lost or decided elsewhere; stop driving",
                                 move.move_id)
@@ -185,10 +199,10 @@ class Mover:
         p, tok, now = a.payload, a.token, self.ctx.clock()
         try:
             if a.call == "commit_db":
-                ok = await move_store.commit(self.ctx.store, move, now)
+                ok = await self.db.submit("commit", move)
                 return Event("commit_ok" if ok else "commit_lost", tok)
             if a.call == "mark_rolled_back":
-                ok = await move_store.rollback(self.ctx.store, move, now)
+                ok = await self.db.submit("rollback", move)
                 return Event("rollback_ok" if ok else "rollback_lost", tok)
         except sa_exc.SQLAlchemyError as exc:
             kind = "commit" if a.call == "commit_db" else "rollback"
@@ -209,6 +223,20 @@ class Mover:
             return Event("source_gone")
         return Event(f"{kind}_failed", tok, {"error": f"{kind} on {a.instance}: {answer}"})
 
+    async def _db_batch(self, kind: str, items: list[Any]) -> list[Any]:
+        """One transaction for every write of ``kind`` queued in this loop turn."""
+        store, now = self.ctx.store, self.ctx.clock()
+        if kind == "reserve":
+            return await move_store.reserve_many(store, items, owner=self.owner, now=now,
+                                                 lease_s=LEASE_S)
+        if kind == "persist":
+            return await move_store.persist_many(store, items, owner=self.owner, now=now,
+                                                 lease_s=LEASE_S)
+        if kind == "commit":
+            return await move_store.commit_many(store, items, now, lease_until=now + LEASE_S)
+        assert kind == "rollback", kind
+        return await move_store.rollback_many(store, items, now)
+
     async def _shard_url(self, instance: str) -> str | None:
         url = self._urls.get(instance)
         if url is None:
@@ -220,21 +248,51 @@ class Mover:
 
     async def _shard_call(self, instance: str, room: str, kind: str,
                           body: dict[str, Any]) -> tuple[int, Any]:
+        """One handoff call, batched with the same calls of this loop turn: (status, answer)."""
+        answer: tuple[int, Any] = await self.calls.submit((instance, kind), {"room": room, **body})
+        return answer
+
+    async def _call_batch(self, key: tuple[str, str], items: list[dict[str, Any]]
+                          ) -> list[tuple[int, Any]]:
+        """``POST /internal/handoffs/<kind>`` with every item; per-room calls to a shard
+        without that route (an older version mid-upgrade)."""
+        instance, kind = key
         try:
             base = await self._shard_url(instance)
         except sa_exc.SQLAlchemyError as exc:
-            return 0, f"database: {exc.__class__.__name__}"
+            return [(0, f"database: {exc.__class__.__name__}")] * len(items)
         if base is None:
-            return 0, "instance not registered"
-        url = f"{base}/internal/rooms/{room}/{kind}"
+            return [(0, "instance not registered")] * len(items)
+        if base not in self._no_batch:
+            status, answer = await self._post(instance, f"{base}/internal/handoffs/{kind}",
+                                              {"items": items}, CALL_TIMEOUT_S + 0.02 * len(items))
+            if status == 200 and isinstance(answer, dict) and isinstance(answer.get("results"), list) \
+                    and len(answer["results"]) == len(items):
+                return [(int(r.get("status", 0)), r.get("body") if r.get("status") == 200
+                         else r.get("error", r)) for r in answer["results"]]
+            if status != 404:
+                return [(status, answer)] * len(items)
+            self._no_batch.add(base)
+            log.info("shard %s has no batch handoff route: calling room by room", instance)
+
+        async def one(item: dict[str, Any]) -> tuple[int, Any]:
+            body = {k: v for k, v in item.items() if k != "room"}
+            return await self._post(instance, f"{base}/internal/rooms/{item['room']}/{kind}",
+                                    body, CALL_TIMEOUT_S)
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
+
+    async def _post(self, instance: str, url: str, body: dict[str, Any],
+                    timeout: float) -> tuple[int, Any]:
         token = self.ctx.signer.cluster_token("directory", now=self.ctx.clock())
         try:
             # orjson both ways: a snapshot carries up to the whole history (1,000 messages).
             resp = await self.ctx.shards.http.post(
-                url, content=orjson.dumps(body), timeout=CALL_TIMEOUT_S,
+                url, content=orjson.dumps(body), timeout=timeout,
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
-            self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now
+            self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now,
+            self._no_batch.clear()  # or run a newer version: try the batch route again
             return 0, f"unreachable ({exc.__class__.__name__})"
         try:
             answer = orjson.loads(resp.content)

@@ -10,19 +10,76 @@ lease (``lease_owner`` until ``lease_until``) writes a move's progress.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, select, update
+from sqlalchemy import and_, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from directory.db import moves, rooms
-from directory.errors import Conflict, NotFound
+from directory.errors import ApiError, Conflict, NotFound
 from directory.moves import Action, Move, State
 from directory.store import Store, bump_rooms_assigned
 
 UNDECIDED = ("reserved", "frozen", "adopted", "aborting")
 FINISHED = ("released", "aborted")
+
+# The statements are built once, bound per row: a batch of a drain's moves runs them
+# back to back, and building a statement costs more than executing it.
+_B = bindparam
+_RESERVE_ROOM = (
+    update(rooms)
+    .where(rooms.c.room == _B("b_room"), rooms.c.instance == _B("b_source"),
+           rooms.c.state == "active")
+    .values(state="moving", move_to=_B("b_to"), updated_at=_B("b_now"))
+    .returning(rooms.c.epoch))
+_PERSIST = (
+    update(moves)
+    .where(moves.c.move_id == _B("b_id"), moves.c.state.in_(_B("b_expect", expanding=True)),
+           moves.c.lease_owner == _B("b_owner"))
+    .values(state=_B("b_state"), record=_B("b_record", type_=moves.c.record.type),
+            lease_until=_B("b_until"), updated_at=_B("b_now")))
+_ROOM_IS_MOVING = and_(rooms.c.room == _B("b_room"), rooms.c.state == "moving",
+                       rooms.c.epoch == _B("b_from"), rooms.c.move_to == _B("b_target"))
+
+
+def _commit_room(carries_state: bool) -> Any:
+    # A move that carries the room's state opens the room at E+1 on the target.
+    return (update(rooms).where(_ROOM_IS_MOVING)
+            .values(instance=_B("b_target"), epoch=_B("b_e1"), owner_epoch=_B("b_e1"),
+                    opened_epoch=_B("b_e1") if carries_state else rooms.c.opened_epoch,
+                    state="active", move_to=None, updated_at=_B("b_now"))
+            .returning(rooms.c.room))
+
+
+_COMMIT_ROOM = {True: _commit_room(True), False: _commit_room(False)}
+_ROLLBACK_ROOM = (
+    update(rooms).where(_ROOM_IS_MOVING)
+    .values(epoch=_B("b_e1"),
+            opened_epoch=case((rooms.c.opened_epoch.is_(None), None), else_=_B("b_e1")),
+            state="active", move_to=None, updated_at=_B("b_now"))
+    .returning(rooms.c.room))
+_DECIDE_MOVE = (update(moves).where(moves.c.move_id == _B("b_id"), moves.c.state.in_(UNDECIDED))
+                .values(state=_B("b_state"), updated_at=_B("b_now")))
+# The commit also renews the driver's lease: it stands for the record write after it.
+_COMMIT_MOVE = _DECIDE_MOVE.values(lease_until=_B("b_until"))
+
+
+def _moving(move: Move, now: float) -> dict[str, Any]:
+    return {"b_room": move.room, "b_from": move.from_epoch, "b_target": move.target,
+            "b_e1": move.epoch, "b_now": now}
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One room to reserve: ``make(from_epoch)`` builds the coordinator record (``moves.begin``)."""
+
+    room: str
+    source: str
+    to: str
+    make: Callable[[int], tuple[Move, list[Action]]]
 
 
 async def reserve(store: Store, *, room: str, source: str, to: str, owner: str, now: float,
@@ -30,41 +87,67 @@ async def reserve(store: Store, *, room: str, source: str, to: str, owner: str, 
                   ) -> tuple[Move, list[Action]]:
     """Mark the room ``moving`` and insert its move row, in one transaction.
 
-    ``make(from_epoch)`` builds the coordinator record (``moves.begin``).
     Raises Conflict ``already_moving`` / ``room_changed`` and NotFound.
     """
+    (out,) = await reserve_many(store, [Reservation(room, source, to, make)], owner=owner,
+                                now=now, lease_s=lease_s)
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+async def reserve_many(store: Store, wanted: list[Reservation], *, owner: str, now: float,
+                       lease_s: float) -> list[tuple[Move, list[Action]] | ApiError]:
+    """:func:`reserve` for many rooms in one transaction; a refused room answers its error."""
+    out: list[tuple[Move, list[Action]] | ApiError] = []
     async with store.write() as conn:
-        row = (await conn.execute(
-            update(rooms)
-            .where(rooms.c.room == room, rooms.c.instance == source, rooms.c.state == "active")
-            .values(state="moving", move_to=to, updated_at=now)
-            .returning(rooms.c.epoch))).first()
-        if row is None:
-            cur = (await conn.execute(select(rooms.c.instance, rooms.c.state)
-                                      .where(rooms.c.room == room))).first()
-            if cur is None:
-                raise NotFound("room_not_found", f"no room {room}")
-            if cur.state == "moving":
-                raise Conflict("already_moving", f"room {room} is already moving")
-            raise Conflict("room_changed", f"room {room} is now on {cur.instance}, not {source}")
-        move, actions = make(int(row[0]))
-        await conn.execute(moves.insert().values(
-            move_id=move.move_id, room=room, state=move.state.value, record=move.to_dict(),
-            lease_owner=owner, lease_until=now + lease_s, created_at=now, updated_at=now))
+        for w in wanted:
+            try:
+                out.append(await _reserve(conn, w, owner=owner, now=now, lease_s=lease_s))
+            except ApiError as exc:
+                out.append(exc)
+    return out
+
+
+async def _reserve(conn: AsyncConnection, w: Reservation, *, owner: str, now: float,
+                   lease_s: float) -> tuple[Move, list[Action]]:
+    row = (await conn.execute(_RESERVE_ROOM, {"b_room": w.room, "b_source": w.source,
+                                              "b_to": w.to, "b_now": now})).first()
+    if row is None:
+        cur = (await conn.execute(select(rooms.c.instance, rooms.c.state)
+                                  .where(rooms.c.room == w.room))).first()
+        if cur is None:
+            raise NotFound("room_not_found", f"no room {w.room}")
+        if cur.state == "moving":
+            raise Conflict("already_moving", f"room {w.room} is already moving")
+        raise Conflict("room_changed", f"room {w.room} is now on {cur.instance}, not {w.source}")
+    move, actions = w.make(int(row[0]))
+    await conn.execute(moves.insert(), {
+        "move_id": move.move_id, "room": w.room, "state": move.state.value,
+        "record": move.to_dict(), "lease_owner": owner, "lease_until": now + lease_s,
+        "created_at": now, "updated_at": now})
     return move, actions
 
 
 async def persist(store: Store, move: Move, *, owner: str, now: float, lease_s: float,
                   expect: tuple[str, ...]) -> bool:
     """Write the record if the row is still in one of ``expect`` and we hold the lease."""
+    (ok,) = await persist_many(store, [(move, expect)], owner=owner, now=now, lease_s=lease_s)
+    return ok
+
+
+async def persist_many(store: Store, records: list[tuple[Move, tuple[str, ...]]], *, owner: str,
+                       now: float, lease_s: float) -> list[bool]:
+    """:func:`persist` for many moves in one transaction."""
+    out = []
     async with store.write() as conn:
-        res = await conn.execute(
-            update(moves)
-            .where(moves.c.move_id == move.move_id, moves.c.state.in_(expect),
-                   moves.c.lease_owner == owner)
-            .values(state=move.state.value, record=move.to_dict(), lease_until=now + lease_s,
-                    updated_at=now))
-        return bool(res.rowcount)
+        for move, expect in records:
+            res = await conn.execute(_PERSIST, {
+                "b_id": move.move_id, "b_expect": list(expect), "b_owner": owner,
+                "b_state": move.state.value, "b_record": move.to_dict(),
+                "b_until": now + lease_s, "b_now": now})
+            out.append(bool(res.rowcount))
+    return out
 
 
 async def _decided(conn: AsyncConnection, move: Move, now: float) -> str:
@@ -79,46 +162,60 @@ async def _decided(conn: AsyncConnection, move: Move, now: float) -> str:
     return str(state)
 
 
-def _room_is_moving(move: Move) -> Any:
-    return and_(rooms.c.room == move.room, rooms.c.state == "moving",
-                rooms.c.epoch == move.from_epoch, rooms.c.move_to == move.target)
+async def commit(store: Store, move: Move, now: float, lease_until: float | None = None) -> bool:
+    """The point of no return; True when this move committed (now or before).
+
+    ``lease_until`` renews the driver's lease on the move row in the same write."""
+    (ok,) = await commit_many(store, [move], now, lease_until)
+    return ok
 
 
-async def commit(store: Store, move: Move, now: float) -> bool:
-    """The point of no return; True when this move committed (now or before)."""
-    e1 = move.epoch
+async def commit_many(store: Store, batch: list[Move], now: float,
+                      lease_until: float | None = None) -> list[bool]:
+    """:func:`commit` for many moves in one transaction (a drain's moves commit in step)."""
+    out = []
+    bumps: Counter[str] = Counter()
     async with store.write() as conn:
-        opened = e1 if move.carries_state else rooms.c.opened_epoch
-        row = (await conn.execute(
-            update(rooms).where(_room_is_moving(move))
-            .values(instance=move.target, epoch=e1, owner_epoch=e1, opened_epoch=opened,
-                    state="active", move_to=None, updated_at=now)
-            .returning(rooms.c.room))).first()
-        if row is None:
-            return await _decided(conn, move, now) in ("committed", "released")
-        await conn.execute(update(moves).where(moves.c.move_id == move.move_id,
-                                               moves.c.state.in_(UNDECIDED))
-                           .values(state="committed", updated_at=now))
-        await bump_rooms_assigned(conn, move.source, -1)
-        await bump_rooms_assigned(conn, move.target, +1)
-    return True
+        for move in batch:
+            row = (await conn.execute(_COMMIT_ROOM[bool(move.carries_state)],
+                                      _moving(move, now))).first()
+            if row is None:
+                out.append(await _decided(conn, move, now) in ("committed", "released"))
+                continue
+            decide = {"b_id": move.move_id, "b_state": "committed", "b_now": now}
+            if lease_until is None:
+                await conn.execute(_DECIDE_MOVE, decide)
+            else:
+                await conn.execute(_COMMIT_MOVE, {**decide, "b_until": lease_until})
+            bumps[move.source] -= 1
+            bumps[move.target] += 1
+            out.append(True)
+        # One counter update per instance, in id order: replicas lock instance rows alike.
+        for instance in sorted(bumps):
+            if bumps[instance]:
+                await bump_rooms_assigned(conn, instance, bumps[instance])
+    return out
 
 
 async def rollback(store: Store, move: Move, now: float) -> bool:
     """Give the room back to the source and burn the reserved epoch; True when rolled back."""
-    e1 = move.epoch
+    (ok,) = await rollback_many(store, [move], now)
+    return ok
+
+
+async def rollback_many(store: Store, batch: list[Move], now: float) -> list[bool]:
+    """:func:`rollback` for many moves in one transaction."""
+    out = []
     async with store.write() as conn:
-        row = (await conn.execute(
-            update(rooms).where(_room_is_moving(move))
-            .values(epoch=e1, opened_epoch=case((rooms.c.opened_epoch.is_(None), None), else_=e1),
-                    state="active", move_to=None, updated_at=now)
-            .returning(rooms.c.room))).first()
-        if row is None:
-            return await _decided(conn, move, now) not in ("committed", "released")
-        await conn.execute(update(moves).where(moves.c.move_id == move.move_id,
-                                               moves.c.state.in_(UNDECIDED))
-                           .values(state="rolled_back", updated_at=now))
-    return True
+        for move in batch:
+            row = (await conn.execute(_ROLLBACK_ROOM, _moving(move, now))).first()
+            if row is None:
+                out.append(await _decided(conn, move, now) not in ("committed", "released"))
+                continue
+            await conn.execute(_DECIDE_MOVE, {"b_id": move.move_id, "b_state": "rolled_back",
+                                              "b_now": now})
+            out.append(True)
+    return out
 
 
 async def claim_orphans(store: Store, *, owner: str, now: float, lease_s: float,

@@ -145,8 +145,8 @@ class Move:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able row to persist (the snapshot stays in memory)."""
-        d = dataclasses.asdict(self)
-        d.pop("snapshot")
+        # Field by field: asdict() would deep-copy the snapshot (a whole history) first.
+        d = {f: getattr(self, f) for f in _RECORD_FIELDS}
         d["state"] = self.state.value
         d["outstanding"] = [list(p) for p in self.outstanding]
         d["cleanup"] = [list(p) for p in self.cleanup]
@@ -165,6 +165,9 @@ class Move:
     def owner(self) -> str:
         """Who the directory says owns the room in this state (the one it routes to)."""
         return self.target if self.state in (State.COMMITTED, State.RELEASED) else self.source
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Move) if f.name != "snapshot")
 
 
 def begin(*, move_id: str, room: str, source: str, target: str, from_epoch: int,

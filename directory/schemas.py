@@ -160,6 +160,11 @@ class RebalanceReport(Lenient):
     after: dict[str, Any]
 
 
+class DrainBody(Strict):
+    # Moves in flight at once: more drains faster, each room's pause grows with its batch.
+    parallelism: int = 32
+
+
 class DrainReport(Lenient):
     instance: str
     state: str

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from roomshard.protocol import CloseCode, instance_number
+from roomshard.protocol import CloseCode, instance_number, valid_room_id
 from roomshard.tickets import Ticket
 from shard.directory_client import DirectoryError
 from shard.handoff import Admission, HandoffError, Handoffs
@@ -42,8 +42,8 @@ SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "
                            "private", "allowed"})
 
 
-def _body(req: HttpRequest, required: dict[str, type], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    body = req.json()
+def _fields(body: Any, required: dict[str, type], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check one call's JSON object: no unknown fields, every required one of its type."""
     if not isinstance(body, dict):
         raise HttpError(400, "bad_request", "body must be a JSON object")
     unknown = set(body) - set(required) - set(optional)
@@ -54,6 +54,19 @@ def _body(req: HttpRequest, required: dict[str, type], optional: tuple[str, ...]
         if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
             raise HttpError(400, "bad_request", f"{name} must be a {kind.__name__}")
     return body
+
+
+#: Each call's body fields (the room comes from the path, or ``room`` in a batch item).
+FIELDS: dict[str, dict[str, type]] = {
+    "freeze": {"move_id": str, "epoch": int},
+    "adopt": {"move_id": str, "epoch": int, "snapshot": dict},
+    "commit": {"move_id": str},
+    "release": {"move_id": str, "to": str, "epoch": int},
+    "abort": {"move_id": str, "epoch": int},
+    "discard": {"move_id": str},
+}
+#: Items per batch request: a drain's calls arrive in groups of its parallelism.
+MAX_BATCH = 256
 
 
 class HandoffWiring:
@@ -100,10 +113,46 @@ class HandoffWiring:
         live.thaw()  # the sends waiting unread in TCP buffers are sequenced now
 
     # -- routes --------------------------------------------------------------
-    async def freeze(self, req: HttpRequest) -> HttpResponse:
+    def route(self, kind: str) -> Any:
+        """``POST /internal/rooms/{room}/<kind>``: one call."""
+        op = getattr(self, kind)
+
+        async def one(req: HttpRequest) -> HttpResponse:
+            require_directory(self.server, req)
+            name = room_param(req)
+            return json_response(op(name, _fields(req.json(), FIELDS[kind])))
+
+        return one
+
+    async def batch(self, req: HttpRequest) -> HttpResponse:
+        """``POST /internal/handoffs/<kind>`` ``{"items": [{"room", ...}]}``: many calls of one
+        kind in one request and one loop turn, answered item by item (a drain's moves).
+
+        ``{"results": [{"status": 200, "body": {...}} | {"status": 4xx, "error": {...}}]}``,
+        in item order; a bad item fails alone."""
         require_directory(self.server, req)
-        name = room_param(req)
-        body = _body(req, {"move_id": str, "epoch": int})
+        kind = req.params["kind"]
+        if kind not in FIELDS:
+            raise HttpError(404, "not_found", f"no handoff call {kind!r}")
+        body = _fields(req.json(), {"items": list})
+        items = body["items"]
+        if len(items) > MAX_BATCH:
+            raise HttpError(400, "bad_request", f"at most {MAX_BATCH} items per batch")
+        op, spec = getattr(self, kind), FIELDS[kind]
+        results: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                fields = dict(_fields(item, spec, ("room",)))
+                name = fields.pop("room", None)
+                if not isinstance(name, str) or not valid_room_id(name):
+                    raise HttpError(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+                results.append({"status": 200, "body": op(name, fields)})
+            except HttpError as exc:
+                results.append({"status": exc.status,
+                                "error": {"code": exc.code, "message": exc.message}})
+        return json_response({"results": results})
+
+    def freeze(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         adopted = self.handoffs.adopted.get(name)
         if adopted is not None and body["epoch"] > adopted.epoch:
             # The directory reserves a later epoch for a room here only once it owns it
@@ -121,12 +170,9 @@ class HandoffWiring:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if live is not None:
             live.freeze()  # same loop turn as the snapshot: nothing is sequenced in between
-        return json_response({"snapshot": snap})
+        return {"snapshot": snap}
 
-    async def adopt(self, req: HttpRequest) -> HttpResponse:
-        require_directory(self.server, req)
-        name = room_param(req)
-        body = _body(req, {"move_id": str, "epoch": int, "snapshot": dict})
+    def adopt(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         missing = SNAPSHOT_KEYS - set(body["snapshot"])
         if body["snapshot"].get("version") != SNAPSHOT_VERSION or missing:
             raise HttpError(400, "bad_snapshot", f"not a version {SNAPSHOT_VERSION} room snapshot"
@@ -137,21 +183,15 @@ class HandoffWiring:
                                 now=self.server.clock())
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
-        return json_response({})
+        return {}
 
-    async def commit(self, req: HttpRequest) -> HttpResponse:
-        require_directory(self.server, req)
-        name = room_param(req)
-        body = _body(req, {"move_id": str})
+    def commit(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         adopted = self.handoffs.commit(name, body["move_id"])
         if adopted is not None:
             self._activate(name, adopted.snapshot, adopted.epoch)
-        return json_response({"activated": adopted is not None})
+        return {"activated": adopted is not None}
 
-    async def release(self, req: HttpRequest) -> HttpResponse:
-        require_directory(self.server, req)
-        name = room_param(req)
-        body = _body(req, {"move_id": str, "to": str, "epoch": int})
+    def release(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         if instance_number(body["to"]) is None:
             raise HttpError(400, "bad_request", "to must be an instance id")
         live = self.server.registry.get(name)
@@ -162,28 +202,22 @@ class HandoffWiring:
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if held is None:
-            return json_response({"closed": 0, "stale": True})
+            return {"closed": 0, "stale": True}
         closed = self.server.registry.close_room(name, CloseCode.ROOM_MOVED,
                                                  f"room moved to {body['to']}")
-        return json_response({"closed": closed})
+        return {"closed": closed}
 
-    async def abort(self, req: HttpRequest) -> HttpResponse:
-        require_directory(self.server, req)
-        name = room_param(req)
-        body = _body(req, {"move_id": str, "epoch": int})
+    def abort(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             adm = self.handoffs.abort(name, body["move_id"], body["epoch"])
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if adm.kind == "unfrozen":
             self._unfreeze(name, adm)
-        return json_response({"unfrozen": adm.kind == "unfrozen"})
+        return {"unfrozen": adm.kind == "unfrozen"}
 
-    async def discard(self, req: HttpRequest) -> HttpResponse:
-        require_directory(self.server, req)
-        name = room_param(req)
-        body = _body(req, {"move_id": str})
-        return json_response({"discarded": self.handoffs.discard(name, body["move_id"])})
+    def discard(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"discarded": self.handoffs.discard(name, body["move_id"])}
 
     async def leave_with_drain(self, budget: float) -> None:
         """SIGTERM: ask the directory to live-move every room away while we still serve."""
@@ -212,8 +246,9 @@ def install(server: ShardServer) -> HandoffWiring:
     """Add the handoff routes, the join gate and the tick hook to ``server``."""
     wiring = HandoffWiring(server)
     r = server.router
-    for kind in ("freeze", "adopt", "commit", "release", "abort", "discard"):
-        r.add("POST", f"/internal/rooms/{{room}}/{kind}", getattr(wiring, kind))
+    for kind in FIELDS:
+        r.add("POST", f"/internal/rooms/{{room}}/{kind}", wiring.route(kind))
+    r.add("POST", "/internal/handoffs/{kind}", wiring.batch)
     r.add("GET", "/internal/handoffs", wiring.state)
     server.join_gates.append(wiring.gate)
     server.tick_hooks.append(wiring.tick)
