@@ -59,7 +59,7 @@ QUICK_EXTRAS = (
     Extra("planner", ("bench/planner.py", "--rooms", "10000", "--instances", "10",
                       "--instances", "100", "--repeat", "1"), timeout_s=120),
     Extra("drain", ("bench/handoff.py", "drain", "--rooms", "30", "--postgres"), timeout_s=180),
-    Extra("pause", ("bench/handoff.py", "pause", "--members", "5,20", "--moves", "4",
+    Extra("pause", ("bench/handoff.py", "pause", "--members", "10,100", "--moves", "4",
                     "--history", "50"), timeout_s=180),
 )
 
