@@ -135,7 +135,9 @@ def test_drain_empties_the_instance_and_disables_it(procs: Procs) -> None:
     procs.shard("i1", d.url)
     _make_rooms(d.url, ["d1", "d2", "d3"])
     procs.shard("i2", d.url)
-    res = admin(d.url, "drain", "i1")
+    res = admin(d.url, "drain", "i1", "--parallelism", "0")
+    assert res.returncode == 2 and "parallelism" in res.stderr
+    res = admin(d.url, "drain", "i1", "--parallelism", "2")
     assert res.returncode == 0 and "drained i1: 3 room(s) moved" in res.stdout, res.stdout + res.stderr
     assert _rooms_on(d.url, "i1") == [] and sorted(_rooms_on(d.url, "i2")) == ["d1", "d2", "d3"]
     row = next(line for line in admin(d.url, "instances").stdout.splitlines() if "│ i1 " in line)
