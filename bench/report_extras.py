@@ -56,7 +56,7 @@ def pause_goal(res: dict[str, Any] | None) -> Goal | None:
         return None
     p99 = nearest_rank(row["pause_ms"], .99)
     return Goal(f"move pause p99 < {PAUSE_GOAL_P99_MS:g} ms for a {PAUSE_GOAL_MEMBERS}-member room",
-                f"{p99:.1f} ms over {row['moves']} moves (with few moves the p99 is the max)",
+                f"{p99:.1f} ms over {row['moves']} moves; with few moves the p99 is the max",
                 p99 < PAUSE_GOAL_P99_MS)
 
 
@@ -113,7 +113,8 @@ def directory_table(rec: dict[str, Any]) -> list[str]:
 def pause_table(rec: dict[str, Any]) -> list[str]:
     res = rec.get("result")
     lines = _head("Move pause per room size", rec, (
-        "One room with N real WebSocket members (one client process) and a full history is moved "
+        "One room with N real WebSocket members (one client process) and a history of the given "
+        "length is moved "
         "back and forth between two shards (directory on SQLite). `pause_ms` is the directory's "
         "freeze request -> commit (the time the room takes no send); reconnect is from the move "
         "request to the last member's welcome on the new shard (client-bound for 1,000 members). "

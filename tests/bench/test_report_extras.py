@@ -48,7 +48,7 @@ def test_the_pause_goal_is_read_at_100_members(doc: dict[str, Any]) -> None:
     assert "Goal move pause" not in "\n".join(report_extras.render(doc))
     rows = doc["extras"]["pause"]["result"]["pause"]
     rows.append({**rows[-1], "members": 100, "pause_ms": [20.0, 30.0, 120.0]})
-    assert "100-member room: **not met** (120.0 ms over 4 moves" in "\n".join(report_extras.render(doc))
+    assert "100-member room: **not met** (120.0 ms over 4 moves; with few" in "\n".join(report_extras.render(doc))
 
 
 def test_the_report_lists_these_goals_in_its_goals_table(doc: dict[str, Any]) -> None:
