@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from bench import summary, workloads
@@ -51,7 +52,7 @@ def test_peers_run_fewer_repeats_than_the_headline_comparison() -> None:
         assert all(w.repeats_for(t, 3) >= 2 for t in w.targets)
         assert w.repeats_for("python-socketio", 1) == 1
     fan = FULL.workloads[0]
-    assert Workload.from_dict(dataclasses.asdict(fan)) == fan
+    assert Workload.from_dict(json.loads(json.dumps(dataclasses.asdict(fan)))) == fan
 
 
 def test_loadgen_config_carries_the_thresholds_and_pids() -> None:
