@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cluster, extras, workloads
+from bench import cluster, estimate, extras, workloads
 from bench.workloads import PROFILES, Profile, Workload
 
 LOADGEN = cluster.BENCH / "loadgen" / "loadgen.js"
@@ -121,6 +121,21 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
     return record
 
 
+def announce_estimate(profile: Profile) -> None:
+    """Print how long this profile should take, modelled on the latest results file of it."""
+    earlier = sorted(RESULTS.glob(f"{profile.name}-*.json"))
+    if not earlier:
+        return
+    try:
+        parts = estimate.estimate(profile, json.loads(earlier[-1].read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"[compare] no estimate from {earlier[-1].name}: {exc!r}", file=sys.stderr)
+        return
+    total = sum(secs for _, secs, _ in parts)
+    print(f"[compare] expected ~{total / 60:.0f} min for everything (bench/estimate.py on "
+          f"{earlier[-1].name})", file=sys.stderr)
+
+
 def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -181,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
         "extras": {},
     }
+    if not args.targets and not args.workloads and not args.repeats:
+        announce_estimate(profile)
     t0 = time.monotonic()
     best: dict[tuple[str, str], int] = {}  # (target, workload) -> max sustained rate of repeat 0
     for repeat in range(repeats):
