@@ -58,7 +58,9 @@ def targets_in(doc: dict[str, Any], workload: str) -> list[str]:
     return [t for t in ORDER if t in seen]
 
 
-def ladder_table(rows: list[LadderSummary], ref_deliveries: int) -> list[str]:
+def ladder_table(rows: list[LadderSummary], ref_deliveries: int,
+                 label: dict[str, str] | None = None) -> list[str]:
+    label = label or LABELS
     out = [
         ("| server | max sustained deliveries/s "
         f"| deliveries per server CPU-s at {ref_deliveries:,}/s (same load for all) "
@@ -73,7 +75,7 @@ def ladder_table(rows: list[LadderSummary], ref_deliveries: int) -> list[str]:
         if r.loadgen_bound:
             note += " †"
         if r.errors and r.max_deliveries_per_s is None and not r.unsustained_repeats:
-            out.append(f"| {LABELS[r.target]} | not measured: {r.errors[0][:120]} | | | | | | |")
+            out.append(f"| {label[r.target]} | not measured: {r.errors[0][:120]} | | | | | | |")
             continue
         if r.unsustained_repeats:
             # Say it when some repeat could not sustain even the lowest rung.
@@ -82,21 +84,22 @@ def ladder_table(rows: list[LadderSummary], ref_deliveries: int) -> list[str]:
         p50 = fmt(r.p50_ref_ms, digits=1)
         p99 = fmt(r.p99_ref_ms, digits=1)
         out.append(
-            f"| {LABELS[r.target]} | {fmt(r.max_deliveries_per_s)}{note} "
+            f"| {label[r.target]} | {fmt(r.max_deliveries_per_s)}{note} "
             f"| {fmt(r.per_cpu_second_at_ref)} | {p50} / {p99} "
             f"| {fmt(r.per_cpu_second_at_max)} | {fmt(r.p99_max_ms, digits=1)} "
             f"| {fmt(r.server_cpu_at_max, 100, unit='%')} | {fmt(r.loadgen_cpu_at_max, 100, unit='%')} |")
     return out
 
 
-def idle_table(rows: list[IdleSummary]) -> list[str]:
+def idle_table(rows: list[IdleSummary], label: dict[str, str] | None = None) -> list[str]:
+    label = label or LABELS
     out = ["| server | connections | RSS per idle connection | connects/s (1 load gen) |",
            "| --- | ---: | ---: | ---: |"]
     for r in rows:
         if r.rss_per_connection_bytes is None:
-            out.append(f"| {LABELS[r.target]} | | not measured: {(r.errors or ['-'])[0][:120]} | |")
+            out.append(f"| {label[r.target]} | | not measured: {(r.errors or ['-'])[0][:120]} | |")
             continue
-        out.append(f"| {LABELS[r.target]} | {r.connections:,} "
+        out.append(f"| {label[r.target]} | {r.connections:,} "
                    f"| {fmt(r.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} "
                    f"| {fmt(r.connects_per_s)} |")
     return out
@@ -121,24 +124,25 @@ def scaling_table(fan: dict[str, LadderSummary]) -> list[str]:
     return out
 
 
-def repeats_note(doc: dict[str, Any]) -> str:
-    """'3 repeats (2 for x, y)' from the runs actually made."""
-    counts: dict[str, set[int]] = {}
-    for r in doc["runs"]:
-        counts.setdefault(r["target"], set()).add(runs_of(doc, r["target"], r["workload"]))
-    fewer = [t for t in ORDER if t in counts and max(counts[t]) < doc["repeats"]]
-    note = f"{doc['repeats']} repeat(s)"
-    if fewer:
-        note += f" ({', '.join(f'`{t}` {max(counts[t])}' for t in fewer)})"
-    return note
+def labels_with_runs(doc: dict[str, Any], workload: str) -> dict[str, str]:
+    """Server labels, with '(N runs)' where a target ran fewer times than the profile's repeats."""
+    out = dict(LABELS)
+    for t in targets_in(doc, workload):
+        n = runs_of(doc, t, workload)
+        if n < doc["repeats"]:
+            out[t] = f"{LABELS[t]} ({n} run{'s' if n > 1 else ''})"
+    return out
 
 
 def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str = "") -> str:
     wl = workloads_of(doc)
     env = doc["environment"]
+    fewer = ", fewer where a row says so" if any(
+        runs_of(doc, r["target"], r["workload"]) < doc["repeats"] for r in doc["runs"]) else ""
     lines = [
         f"Measured {doc['started_at']} with `{doc['command'].strip()}` "
-        f"(profile `{doc['profile']}`, {repeats_note(doc)}, {doc['step_seconds']} s per step, "
+        f"(profile `{doc['profile']}`, {doc['repeats']} repeat(s){fewer}, "
+        f"{doc['step_seconds']} s per step, "
         f"roomshard at commit `{doc.get('roomshard_commit', env['git_commit'])}`, {env['cpus']} x {env['cpu_model']}, kernel {env['kernel']}; "
         f"servers on CPU {doc['server_cpus']}, load generator on CPU {doc['loadgen_cpu']}; "
         f"whole run {doc.get('elapsed_seconds', 0):.0f} s). Versions: "
@@ -168,14 +172,14 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
         ref = (w.reference_rate or 0) * w.members
         lines += [f"### {title}", "",
                   (f"Publish rate stepped through {', '.join(map(str, w.rates))} messages/s "
-                  f"(x{w.members} deliveries each)."), "", *ladder_table(rows, ref), ""]
+                  f"(x{w.members} deliveries each)."), "", *ladder_table(rows, ref, labels_with_runs(doc, name)), ""]
     idle_rows = [summary.idle(doc, t) for t in targets_in(doc, "idle")]
     if idle_rows:
         w = wl["idle"]
         lines += [f"### Idle connections: {w.connections:,} in {w.rooms} rooms of {w.members}", "",
                   ("(server RSS with all connected − RSS before the first connection) / connections, "
                   "summed over the target's processes (roomshard: directory + shard)."), "",
-                  *idle_table(idle_rows), ""]
+                  *idle_table(idle_rows, labels_with_runs(doc, "idle")), ""]
     if fan:
         lines += ["### 1 vs 2 processes (fan-out workload)", "",
                   ("Every server process of a target shares CPU 1 (the load generator needs CPU 0), "

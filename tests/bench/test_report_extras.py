@@ -113,3 +113,12 @@ def test_a_part_over_its_time_is_interrupted_so_it_can_clean_up(tmp_path: Path) 
     assert rec["error"].startswith("timed out after 1 s")
     assert marker.read_text() == "yes"
     assert "result" not in rec
+
+
+def test_a_target_run_fewer_times_says_so_in_its_row() -> None:
+    """Rows of targets measured fewer times than the profile's repeats carry their run count."""
+    doc = {"repeats": 3, "runs": [{"target": "roomshard-1", "workload": "fanout"}] * 3
+           + [{"target": "ws-node", "workload": "fanout"}] * 2}
+    labels = report.labels_with_runs(doc, "fanout")
+    assert labels["ws-node"] == f"{report.LABELS['ws-node']} (2 runs)"
+    assert labels["roomshard-1"] == report.LABELS["roomshard-1"]
