@@ -266,10 +266,8 @@ class Mover:
         if base not in self._no_batch:
             status, answer = await self._post(instance, f"{base}/internal/handoffs/{kind}",
                                               {"items": items}, CALL_TIMEOUT_S + 0.02 * len(items))
-            if status == 200 and isinstance(answer, dict) and isinstance(answer.get("results"), list) \
-                    and len(answer["results"]) == len(items):
-                return [(int(r.get("status", 0)), r.get("body") if r.get("status") == 200
-                         else r.get("error", r)) for r in answer["results"]]
+            if status == 200:
+                return _batch_answers(answer, len(items))
             if status != 404:
                 return [(status, answer)] * len(items)
             self._no_batch.add(base)
@@ -313,6 +311,17 @@ class Mover:
         state = placement.effective_state(row["state"], registry.seen_at(row), now=self.ctx.clock(),
                                           down_after=self.ctx.cfg.down_after)
         return state == placement.DOWN
+
+
+def _batch_answers(answer: Any, n: int) -> list[tuple[int, Any]]:
+    """A batch reply's ``results`` as (status, body or error) per item; a reply that is not
+    one result per item fails every item (the moves retry, nothing is assumed done)."""
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(results, list) or len(results) != n \
+            or not all(isinstance(r, dict) and isinstance(r.get("status"), int) for r in results):
+        return [(0, "malformed batch answer")] * n
+    return [(r["status"], r.get("body") if r["status"] == 200 else r.get("error", r))
+            for r in results]
 
 
 def mover(ctx: Directory) -> Mover:
