@@ -29,8 +29,10 @@ RunBatch = Callable[[K, list[I]], Awaitable[list[Any]]]
 class Batcher(Generic[K, I]):
     """``await batcher.submit(key, item)`` -> that item's answer from ``run(key, items)``."""
 
-    def __init__(self, run: RunBatch[K, I], max_batch: Callable[[K], int] | int = 64) -> None:
+    def __init__(self, run: RunBatch[K, I], max_batch: Callable[[K], int] | int = 64,
+                 on_batch: Callable[[K, int], None] | None = None) -> None:
         self._run = run
+        self._on_batch = on_batch  # (key, items) per batch sent: metrics
         self._max = max_batch if callable(max_batch) else (lambda _key: max_batch)
         self._pending: dict[K, list[tuple[I, asyncio.Future[Any]]]] = {}
         self._pumps: dict[K, asyncio.Task[None]] = {}
@@ -69,6 +71,8 @@ class Batcher(Generic[K, I]):
                     self._pending[key] = rest
                 self.batches += 1
                 self.items += len(batch)
+                if self._on_batch is not None:
+                    self._on_batch(key, len(batch))
                 try:
                     answers = await self._run(key, [i for i, _ in batch])
                     if len(answers) != len(batch):

@@ -21,6 +21,17 @@ class Metrics:
         self.placements = Counter("roomshard_directory_placements",
                                   "room assignments made: new rooms and re-placements",
                                   ["kind"], registry=self.registry)
+        self.moves = Counter("roomshard_directory_moves", "live moves finished, by outcome",
+                             ["outcome"], registry=self.registry)
+        self.move_pause = Histogram("roomshard_directory_move_pause_seconds",
+                                    "freeze request to commit of each committed move",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.handoff_batches = Counter("roomshard_directory_handoff_batches",
+                                       "batched move steps sent (shard requests, transactions)",
+                                       ["step"], registry=self.registry)
+        self.handoff_batch_items = Counter("roomshard_directory_handoff_batch_items",
+                                           "rooms carried by the batched move steps",
+                                           ["step"], registry=self.registry)
         # Label lookups cost more than the increments; cache the children.
         self._req: dict[tuple[str, int], tuple[object, object]] = {}
         self.connect_ok = self.connects.labels("ok")
@@ -33,6 +44,10 @@ class Metrics:
             self._req[key] = pair
         pair[0].inc()  # type: ignore[attr-defined]
         pair[1].observe(seconds)  # type: ignore[attr-defined]
+
+    def batch(self, step: str, items: int) -> None:
+        self.handoff_batches.labels(step).inc()
+        self.handoff_batch_items.labels(step).inc(items)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

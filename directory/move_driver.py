@@ -73,9 +73,13 @@ class Mover:
         self._no_batch: set[str] = set()  # shard URLs without the batch route (older shards)
         # A drain's moves walk the protocol in step: their database writes and shard calls
         # go out as one transaction / one request per step (directory/batching.py).
-        self.db: Batcher[str, Any] = Batcher(self._db_batch, max_batch=DB_BATCH)
+        metrics = ctx.metrics
+        self.db: Batcher[str, Any] = Batcher(
+            self._db_batch, max_batch=DB_BATCH,
+            on_batch=lambda kind, n: metrics.batch(f"db_{kind}", n))
         self.calls: Batcher[tuple[str, str], dict[str, Any]] = Batcher(
-            self._call_batch, max_batch=lambda key: ADOPT_BATCH if key[1] == "adopt" else CALL_BATCH)
+            self._call_batch, max_batch=lambda key: ADOPT_BATCH if key[1] == "adopt" else CALL_BATCH,
+            on_batch=lambda key, n: metrics.batch(key[1], n))
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +194,10 @@ class Mover:
             queue.extend(new)
         log.info("move %s of room %s %s -> %s: %s%s", move.move_id, move.room, move.source,
                  move.target, move.state.value, f" ({move.reason})" if move.reason else "")
+        if move.state in TERMINAL:
+            self.ctx.metrics.moves.labels(move.state.value).inc()
+        if move.committed_at is not None and move.state is State.RELEASED:
+            self.ctx.metrics.move_pause.observe(max(0.0, move.committed_at - move.started_at))
         return move
 
     # -- actions ---------------------------------------------------------------

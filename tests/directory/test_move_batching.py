@@ -55,6 +55,13 @@ async def drain_six_rooms(harness_factory: Any, shards: HandoffShards) -> tuple[
         for room in rooms:
             view = (await h.client.get(f"/v1/admin/rooms/{room}", headers=ADMIN)).json()
             assert (view["instance"], view["epoch"], view["state"]) == ("i2", 2, "active")
+        metrics = (await h.client.get("/metrics")).text
+        assert 'roomshard_directory_moves_total{outcome="released"} 6.0' in metrics
+        assert "roomshard_directory_move_pause_seconds_count 6.0" in metrics
+        assert 'roomshard_directory_handoff_batch_items_total{step="db_commit"} 6.0' in metrics
+        if shards.batch:  # six rooms in step: one commit transaction, one freeze request
+            assert 'roomshard_directory_handoff_batches_total{step="db_commit"} 1.0' in metrics
+            assert 'roomshard_directory_handoff_batches_total{step="freeze"} 1.0' in metrics
         return h, r.json()
 
 
