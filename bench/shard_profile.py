@@ -48,16 +48,26 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run_once(entry: str, tree: Path | None, args: argparse.Namespace, tag: str) -> list[dict[str, Any]]:
+def start_target(entry: str, tree: Path | None, args: argparse.Namespace
+                 ) -> tuple[cluster.Launcher, cluster.Running, int, int | None]:
+    """Start one entry's processes; (launcher, running, serving pid, directory pid)."""
     launcher = cluster.Launcher(server_cpus=args.server_cpus, roomshard_tree=tree)
-    side: list[subprocess.Popen[bytes]] = []
     try:
         if entry in PEERS:
             running = cluster.STARTERS[entry](launcher)
-            shard_pid, dir_pid = running.pids[0], None
-        else:
-            running = cluster.STARTERS["roomshard-1"](launcher)
-            shard_pid, dir_pid = running.processes["i1"], running.processes["directory"]
+            return launcher, running, running.pids[0], None
+        running = cluster.STARTERS["roomshard-1"](launcher)
+        return launcher, running, running.processes["i1"], running.processes["directory"]
+    except BaseException:
+        launcher.stop_all()
+        raise
+
+
+def drive(entry: str, running: cluster.Running, shard_pid: int, dir_pid: int | None,
+          args: argparse.Namespace, tag: str) -> list[dict[str, Any]]:
+    """Run the load generator against a started entry; one row per step."""
+    side: list[subprocess.Popen[bytes]] = []
+    try:
         config = {
             "protocol": running.protocol, "mode": "ladder", "targets": running.targets,
             "directory": running.directory, "rooms": args.rooms, "members": args.members,
@@ -99,7 +109,7 @@ def run_once(entry: str, tree: Path | None, args: argparse.Namespace, tag: str) 
             dir_cpu = (sum(d1) - sum(d0)) / CLK_TCK if d0 and d1 else 0.0
             cpu = step["server_cpu_seconds"]
             rows.append({
-                "entry": entry, "delivered": step["delivered"],
+                "entry": entry, "step": i, "delivered": step["delivered"],
                 "delivered_ratio": step["delivered_ratio"], "p99_ms": step["p99_ms"],
                 "shard_cpu_s": cpu, "per_cpu_s": step["deliveries_per_cpu_second"],
                 "user_share": user / (user + sys_) if user + sys_ else 0.0,
@@ -111,14 +121,42 @@ def run_once(entry: str, tree: Path | None, args: argparse.Namespace, tag: str) 
     finally:
         for p in side:
             p.wait(timeout=60)
-        launcher.stop_all()
+
+
+def run_round(entries: list[str], trees: dict[str, Path | None], args: argparse.Namespace,
+              r: int) -> list[dict[str, Any]]:
+    """One round: every entry in turn or, with --paired, all at once (same background load)."""
+    if not args.paired:
+        rows = []
+        for i, entry in enumerate(entries):
+            launcher, running, pid, dpid = start_target(entry, trees[entry], args)
+            try:
+                rows += drive(entry, running, pid, dpid, args, f"r{r}e{i}")
+            finally:
+                launcher.stop_all()
+        return rows
+    started = []
+    try:
+        for entry in entries:
+            started.append((entry, *start_target(entry, trees[entry], args)))
+        results: dict[str, list[dict[str, Any]]] = {}
+        threads = [threading.Thread(target=lambda e=e, ru=ru, p=p, d=d, i=i: results.__setitem__(
+            e, drive(e, ru, p, d, args, f"r{r}e{i}"))) for i, (e, _, ru, p, d) in enumerate(started)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [row for e in entries for row in results.get(e, [])]
+    finally:
+        for _, launcher, *_rest in started:
+            launcher.stop_all()
 
 
 def start_profilers(args: argparse.Namespace, pid: int, tag: str) -> list[subprocess.Popen[bytes]]:
     seconds = max(1, int(args.steps * (args.step_seconds + 1.5)))
     out = []
     if args.pyspy:
-        out.append(subprocess.Popen(["py-spy", "record", "-r", "500", "-f", "raw", "--nonblocking",
+        out.append(subprocess.Popen(["py-spy", "record", "-r", "500", "-f", "raw", *(["--native"] if args.native else ["--nonblocking"]),
                                      "-d", str(seconds), "-p", str(pid),
                                      "-o", f"{args.pyspy}.{tag}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -140,9 +178,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=4)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--paired", action="store_true",
+                        help="run the entries at the same time (each its own load generator): "
+                             "background load then hits them alike; compare within a round")
     parser.add_argument("--server-cpus", default="1")
     parser.add_argument("--loadgen-cpu", default="0")
     parser.add_argument("--pyspy", help="py-spy raw profile path prefix (roomshard entries)")
+    parser.add_argument("--native", action="store_true",
+                        help="py-spy --native (C frames too; pauses the process per sample)")
     parser.add_argument("--perf", help="perf record output path prefix (roomshard entries)")
     parser.add_argument("--json", help="write every step row here")
     args = parser.parse_args()
@@ -160,14 +203,14 @@ def main() -> None:
             trees[entry] = tmp / f"t{i}"
     rows: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        for i, entry in enumerate(entries):
-            for row in run_once(entry, trees[entry], args, f"r{r}e{i}"):
-                rows.append(row)
-                print(f"{entry:16s} {row['per_cpu_s'] or 0:8.0f} deliv/shard-CPU-s "
-                      f"{row['per_cpu_s_with_dir'] or 0:8.0f} incl. directory  "
-                      f"user {row['user_share'] * 100:3.0f}% delivered "
-                      f"{row['delivered_ratio'] * 100:.2f}% p99 {row['p99_ms']} ms "
-                      f"load {row['loadavg']:.2f}", flush=True)
+        for row in run_round(entries, trees, args, r):
+            row["r"] = r
+            rows.append(row)
+            print(f"{row['entry']:16s} {row['per_cpu_s'] or 0:8.0f} deliv/shard-CPU-s "
+                  f"{row['per_cpu_s_with_dir'] or 0:8.0f} incl. directory  "
+                  f"user {row['user_share'] * 100:3.0f}% delivered "
+                  f"{row['delivered_ratio'] * 100:.2f}% p99 {row['p99_ms']} ms "
+                  f"load {row['loadavg']:.2f}", flush=True)
     print("\nentry            shard-only median (min-max)      with directory median (min-max)   n")
     for entry in entries:
         mine = [x for x in rows if x["entry"] == entry and x["per_cpu_s"]]
@@ -177,6 +220,16 @@ def main() -> None:
             print(f"{entry:16s} {statistics.median(a):8.0f} ({min(a):.0f}-{max(a):.0f})   "
                   f"{statistics.median(b) if b else 0:8.0f} ({min(b, default=0):.0f}-"
                   f"{max(b, default=0):.0f})   {len(a)}")
+    if args.paired and len(entries) > 1:
+        # Same round and step, same moment: the ratio cancels background load.
+        base = {(x["r"], x["step"]): x["per_cpu_s"] for x in rows
+                if x["entry"] == entries[0] and x["per_cpu_s"]}
+        for entry in entries[1:]:
+            ratios = [x["per_cpu_s"] / base[(x["r"], x["step"])] for x in rows
+                      if x["entry"] == entry and x["per_cpu_s"] and (x["r"], x["step"]) in base]
+            if ratios:
+                print(f"{entry} / {entries[0]}, paired steps: median {statistics.median(ratios):.3f} "
+                      f"({min(ratios):.3f}-{max(ratios):.3f}), n={len(ratios)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -15,7 +15,12 @@ docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
 - outgoing frames are appended to :attr:`Connection.pending`; the shard
   writes every dirty connection's pending frames once per event-loop turn
   (:meth:`Connection.flush`). A broadcast appends the same ``bytes`` object
-  to every member: no per-recipient encoding.
+  to every member: no per-recipient encoding. While the transport buffers
+  nothing (its high-water mark is 0, so it calls ``pause_writing`` as soon
+  as it holds a byte) and is not closing (so the descriptor is still this
+  connection's), flush writes to the socket itself with ``os.write``: one
+  system call, none of the transport's bookkeeping; what the kernel does
+  not take goes to the transport, which then holds the order.
 
 Backpressure policy (slow consumers): a connection may hold at most
 ``send_queue_bytes`` of outgoing data, counting its pending frames plus the
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -86,17 +92,20 @@ class Connection(asyncio.Protocol):
         "conn_id",
         "eof_after_flush",
         "fast",
+        "fd",
         "frag",
         "frag_text",
         "http",
         "pending",
         "pending_bytes",
         "ping_outstanding",
+        "queue_limit",
         "rbuf",
         "room",
         "server",
         "transport",
         "user",
+        "write_paused",
         "ws",
     )
 
@@ -110,6 +119,11 @@ class Connection(asyncio.Protocol):
         self.room: LiveRoom | None = None  # set once joined
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.queue_limit = server.cfg.send_queue_bytes
+        # True while the transport buffers data (see connection_made): only
+        # then is its buffer size worth asking for.
+        self.write_paused = False
+        self.fd = -1  # the socket's descriptor, for flush()'s direct writes
         self.bucket: TokenBucket | None = None
         self.ping_outstanding = False
         self.closed = False  # the TCP connection is gone
@@ -132,10 +146,21 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            if transport.get_extra_info("sslcontext") is None:  # never around TLS
+                self.fd = sock.fileno()
             # Linux autotunes a socket's send buffer up to 4 MiB: a stalled
             # peer would absorb that much before our own queue bound applies.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SNDBUF)
+        # Told (pause_writing) as soon as the transport holds any byte the
+        # kernel did not take: flush() then needs no buffer-size call per write.
+        self.transport.set_write_buffer_limits(high=0, low=0)
         self._arm_idle_timer()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
 
     def _arm_idle_timer(self) -> None:
         """Close a connection that sends no complete request (or upgrade) for a while."""
@@ -423,10 +448,26 @@ class Connection(asyncio.Protocol):
             self.pending_bytes = 0
             return
         if pending:
-            if self.pending_bytes + transport.get_write_buffer_size() > self.server.cfg.send_queue_bytes:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            if self.write_paused:
+                if self.pending_bytes + transport.get_write_buffer_size() > self.queue_limit:
+                    self._slow_consumer()
+                    return
+                transport.write(data)
+            elif self.pending_bytes > self.queue_limit:
                 self._slow_consumer()
                 return
-            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            else:
+                # The transport holds nothing (it would have paused us), so
+                # writing to its socket directly keeps the byte order and
+                # skips its buffering machinery; what the kernel does not
+                # take, and any error, goes through the transport after all.
+                try:
+                    sent = os.write(self.fd, data)
+                except OSError:  # EAGAIN, a reset peer, or no fd (-1): the transport decides
+                    sent = 0
+                if sent < len(data):
+                    transport.write(data[sent:] if sent else data)
             pending.clear()
             self.pending_bytes = 0
         if self.eof_after_flush:
