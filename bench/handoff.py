@@ -13,7 +13,8 @@ room, so every move pays for the members it has).
   request -> commit: how long the room takes no send) and, per member, the
   time from its 4010 to its welcome on the new shard (reconnect).
 - ``drain``: rooms with one member each spread over three shards; one
-  instance is drained (at the admin drain's default parallelism, 32 moves at once) and the report's rooms/s printed.
+  instance is drained (the admin drain's default: 32 moves at once) and the
+  report's rooms/s printed, with the CPU each process group spent per move.
 - ``scenario``: ``tests/e2e_handoff/test_live_moves.py`` at the issue's size.
 
 Numbers and the machine they came from: docs/HANDOFF.md.
