@@ -22,6 +22,15 @@ CLIENTS = int(os.environ.get("ROOMSHARD_E2E_CLIENTS", "4"))
 SEND_EVERY_S = 0.4
 
 
+def _freeze_batches(cluster: Cluster) -> tuple[float, float]:
+    """(freeze requests, rooms frozen) from the directory's metrics."""
+    text = httpx.get(f"{cluster.url}/metrics", timeout=t(10)).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("roomshard_directory_handoff_batch")}
+    return (values['roomshard_directory_handoff_batches_total{step="freeze"}'],
+            values['roomshard_directory_handoff_batch_items_total{step="freeze"}'])
+
+
 async def _admin(cluster: Cluster, method: str, path: str, body: object = None) -> httpx.Response:
     return await asyncio.to_thread(cluster.admin, method, path, body)
 
@@ -71,6 +80,9 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
             drain = r.json()
             assert (drain["state"], drain["failed"], drain["complete"]) == ("disabled", [], True)
             assert drain["moved"] == drain["total"] > 0
+            # The drain's rooms went through each step together: fewer freeze requests than rooms.
+            batches, items = await asyncio.to_thread(_freeze_batches, cluster)
+            assert items >= drain["moved"] and batches < items, (batches, items)
             # Traffic after the drain too: as many new acks as there are chatters.
             acked = sum(len(c.acks) for c in everyone)
             await await_until(lambda: sum(len(c.acks) for c in everyone) >= acked + len(everyone),
