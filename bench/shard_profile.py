@@ -100,7 +100,11 @@ def drive(entry: str, running: cluster.Running, shard_pid: int, dir_pid: int | N
         reader.join(timeout=5)
         if proc.returncode != 0:
             raise RuntimeError(f"loadgen exited {proc.returncode}")
-        steps = json.loads(out.strip().splitlines()[-1])["steps"]
+        result = json.loads(out.strip().splitlines()[-1])
+        steps = result["steps"]
+        if result.get("close_codes"):  # clients the server closed: a step that lost any is void
+            print(f"  [{entry}] clients closed by the server, by code: {result['close_codes']}; "
+                  f"lost per step: {[s.get('connections_lost') for s in steps]}", flush=True)
         rows = []
         for i, step in enumerate(steps):
             # CPU split between consecutive log lines (step i's window + the pause before it).
@@ -110,6 +114,7 @@ def drive(entry: str, running: cluster.Running, shard_pid: int, dir_pid: int | N
             cpu = step["server_cpu_seconds"]
             rows.append({
                 "entry": entry, "step": i, "delivered": step["delivered"],
+                "lost": step.get("connections_lost", 0),
                 "delivered_ratio": step["delivered_ratio"], "p99_ms": step["p99_ms"],
                 "shard_cpu_s": cpu, "per_cpu_s": step["deliveries_per_cpu_second"],
                 "user_share": user / (user + sys_) if user + sys_ else 0.0,
@@ -123,6 +128,13 @@ def drive(entry: str, running: cluster.Running, shard_pid: int, dir_pid: int | N
             p.wait(timeout=60)
 
 
+def report_losses(entry: str, launcher: cluster.Launcher, rows: list[dict[str, Any]]) -> None:
+    """When the server dropped clients, print the end of every server log (kept nowhere else)."""
+    if any(row.get("lost") and row["entry"] == entry for row in rows):
+        for name, tail in launcher.log_tails(4000).items():
+            print(f"  [{entry}] --- {name} log ---\n{tail}", flush=True)
+
+
 def run_round(entries: list[str], trees: dict[str, Path | None], args: argparse.Namespace,
               r: int) -> list[dict[str, Any]]:
     """One round: every entry in turn or, with --paired, all at once (same background load)."""
@@ -132,6 +144,7 @@ def run_round(entries: list[str], trees: dict[str, Path | None], args: argparse.
             launcher, running, pid, dpid = start_target(entry, trees[entry], args)
             try:
                 rows += drive(entry, running, pid, dpid, args, f"r{r}e{i}")
+                report_losses(entry, launcher, rows)
             finally:
                 launcher.stop_all()
         return rows
@@ -146,6 +159,8 @@ def run_round(entries: list[str], trees: dict[str, Path | None], args: argparse.
             t.start()
         for t in threads:
             t.join()
+        for e, launcher, *_rest in started:
+            report_losses(e, launcher, results.get(e, []))
         return [row for e in entries for row in results.get(e, [])]
     finally:
         for _, launcher, *_rest in started:
