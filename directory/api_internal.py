@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -12,8 +13,10 @@ from directory.api_admin import instance_param, room_param
 from directory.auth import check_acting_for, cluster_subject
 from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
-from directory.errors import Conflict, NotFound
+from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view
+
+OPEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def heartbeat(request: Request, ctx: Directory) -> Response:
@@ -60,7 +63,10 @@ async def open_room(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), schemas.OpenBody)
     instance = instance_param(body.instance)
     check_acting_for(subject, instance)
-    row = await ctx.store.open_room(room, instance, body.ticket_epoch, now=now)
+    if body.open_id is not None and not OPEN_ID_RE.fullmatch(body.open_id):
+        raise BadRequest("invalid_open_id", "open_id must match ^[A-Za-z0-9_-]{1,64}$")
+    row = await ctx.store.open_room(room, instance, body.ticket_epoch, now=now,
+                                    open_id=body.open_id)
     if row is None:
         current = await ctx.store.get_room(room)
         if (current is not None and current["instance"] == instance

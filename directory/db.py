@@ -65,6 +65,7 @@ rooms = Table(
     Column("epoch", BigInteger, nullable=False),
     Column("owner_epoch", BigInteger, nullable=False),
     Column("opened_epoch", BigInteger),
+    Column("opened_by", String(64)),  # the open_id of the open at opened_epoch (migration 0003)
     Column("seq_base", BigInteger, nullable=False, server_default="0"),
     Column("state", String(16), nullable=False, server_default="active"),  # active | moving
     Column("move_to", String(8)),  # target while moving (owned by the handoff module)

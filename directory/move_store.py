@@ -50,7 +50,7 @@ def _commit_room(carries_state: bool) -> Any:
     return (update(rooms).where(_ROOM_IS_MOVING)
             .values(instance=_B("b_target"), epoch=_B("b_e1"), owner_epoch=_B("b_e1"),
                     opened_epoch=_B("b_e1") if carries_state else rooms.c.opened_epoch,
-                    state="active", move_to=None, updated_at=_B("b_now"))
+                    opened_by=None, state="active", move_to=None, updated_at=_B("b_now"))
             .returning(rooms.c.room))
 
 
@@ -59,7 +59,7 @@ _ROLLBACK_ROOM = (
     update(rooms).where(_ROOM_IS_MOVING)
     .values(epoch=_B("b_e1"),
             opened_epoch=case((rooms.c.opened_epoch.is_(None), None), else_=_B("b_e1")),
-            state="active", move_to=None, updated_at=_B("b_now"))
+            opened_by=None, state="active", move_to=None, updated_at=_B("b_now"))
     .returning(rooms.c.room))
 _DECIDE_MOVE = (update(moves).where(moves.c.move_id == _B("b_id"), moves.c.state.in_(UNDECIDED))
                 .values(state=_B("b_state"), updated_at=_B("b_now")))

@@ -193,6 +193,8 @@ class LeaveBody(Lenient):
 class OpenBody(Lenient):
     instance: str
     ticket_epoch: int
+    # Same id on a retry of an open whose answer was lost: the same grant, no new epoch.
+    open_id: str | None = None
 
 
 class OpenResponse(Lenient):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import and_, bindparam, case, delete, literal, select, update
+from sqlalchemy import and_, bindparam, case, delete, false, literal, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -256,16 +256,24 @@ class Store:
 
     # -- shard -> directory ------------------------------------------------
     async def open_room(self, room: str, instance: str, ticket_epoch: int,
-                        *, now: float) -> Mapping[str, Any] | None:
-        """INTERNALS "open": one atomic UPDATE; None when the caller may not open it."""
-        new_epoch = case((rooms.c.opened_epoch == rooms.c.epoch, rooms.c.epoch + 1),
+                        *, now: float, open_id: str | None = None) -> Mapping[str, Any] | None:
+        """INTERNALS "open": one atomic UPDATE; None when the caller may not open it.
+
+        A room opened before at its current epoch gets a new epoch (its earlier
+        copy is gone) -- unless this is a retry of that very open (same
+        ``open_id``): then the same grant again, nothing changes."""
+        again = and_(rooms.c.opened_epoch == rooms.c.epoch, rooms.c.opened_by == open_id) \
+            if open_id is not None else false()
+        new_epoch = case((again, rooms.c.epoch),
+                         (rooms.c.opened_epoch == rooms.c.epoch, rooms.c.epoch + 1),
                          else_=rooms.c.epoch)
         stmt = (
             update(rooms)
             .where(rooms.c.room == room, rooms.c.instance == instance,
                    rooms.c.owner_epoch <= ticket_epoch, rooms.c.state == "active")
-            .values(epoch=new_epoch, opened_epoch=new_epoch,
-                    seq_base=case((rooms.c.opened_epoch.is_(None), 0),
+            .values(epoch=new_epoch, opened_epoch=new_epoch, opened_by=open_id,
+                    seq_base=case((again, rooms.c.seq_base),
+                                  (rooms.c.opened_epoch.is_(None), 0),
                                   else_=new_epoch * SEQ_EPOCH_FACTOR),
                     updated_at=now)
             .returning(rooms.c.room, rooms.c.instance, rooms.c.epoch, rooms.c.owner_epoch,

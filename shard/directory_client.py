@@ -79,10 +79,15 @@ class DirectoryClient:
         return await self._call("PUT", f"/v1/internal/instances/{self.instance}/heartbeat", body,
                                 timeout)
 
-    async def open_room(self, room: str, ticket_epoch: int) -> OpenGrant:
-        """Ask to create ``room`` in memory; raises :class:`DirectoryError`."""
-        data = await self._call("POST", f"/v1/internal/rooms/{room}/open",
-                                {"instance": self.instance, "ticket_epoch": ticket_epoch})
+    async def open_room(self, room: str, ticket_epoch: int, *,
+                        open_id: str | None = None) -> OpenGrant:
+        """Ask to create ``room`` in memory; raises :class:`DirectoryError`.
+
+        ``open_id``: the same on a retry of an open whose answer was lost."""
+        body: dict[str, Any] = {"instance": self.instance, "ticket_epoch": ticket_epoch}
+        if open_id is not None:
+            body["open_id"] = open_id
+        data = await self._call("POST", f"/v1/internal/rooms/{room}/open", body)
         try:
             return OpenGrant(room=data["room"], epoch=int(data["epoch"]),
                              owner_epoch=int(data["owner_epoch"]), seq_base=int(data["seq_base"]),

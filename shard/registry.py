@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
@@ -133,12 +134,19 @@ class LiveRoom:
                 "messages_per_s": round(self.messages_per_s, 2)}
 
 
+MAX_PENDING_OPEN_IDS = 10_000  # then ids older than the TTL are dropped
+OPEN_ID_TTL_S = 300.0
+
+
 class RoomRegistry:
     def __init__(self, server: ShardServer, directory: DirectoryClient) -> None:
         self.server = server
         self.directory = directory
         self.rooms: dict[str, LiveRoom] = {}
         self._opening: dict[str, asyncio.Task[LiveRoom]] = {}
+        # room -> (open_id, since): an open whose answer we never got (timeout, 5xx) is
+        # retried under the same id, so the directory grants it once (docs/INTERNALS.md).
+        self._open_ids: dict[str, tuple[str, float]] = {}
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -158,15 +166,35 @@ class RoomRegistry:
             self._opening[name] = task
         return await asyncio.shield(task)
 
+    def _open_id(self, name: str) -> str:
+        """This room's pending open id, or a new one (old pending ids are dropped)."""
+        now = self.server.clock()
+        pending = self._open_ids.get(name)
+        if pending is not None:
+            return pending[0]
+        if len(self._open_ids) >= MAX_PENDING_OPEN_IDS:
+            self._open_ids = {k: v for k, v in self._open_ids.items()
+                              if now - v[1] < OPEN_ID_TTL_S}
+        open_id = secrets.token_urlsafe(12)
+        self._open_ids[name] = (open_id, now)
+        return open_id
+
     async def _open(self, name: str, ticket_epoch: int) -> LiveRoom:
         try:
-            grant = await self.directory.open_room(name, ticket_epoch)
+            grant = await self.directory.open_room(name, ticket_epoch, open_id=self._open_id(name))
+        except DirectoryUnavailable:
+            raise  # the directory may have granted it: retry under the same id
+        except BaseException:
+            self._open_ids.pop(name, None)  # refused: nothing was opened
+            raise
         finally:
             self._opening.pop(name, None)
         if not self.server.ready():
             # The lease ran out while we asked: holding the room now could
-            # serve it after the directory has placed it elsewhere.
+            # serve it after the directory has placed it elsewhere. (The id stays:
+            # the grant was not used, a retry may have it again.)
             raise DirectoryUnavailable("lease lost while opening the room")
+        self._open_ids.pop(name, None)  # the room exists now: a later open is a new copy
         cfg = self.server.cfg
         room = Room(name=name, instance=cfg.instance, epoch=grant.epoch, seq_base=grant.seq_base,
                     lost=grant.lost, owner_epoch=grant.owner_epoch, history_limit=cfg.history,

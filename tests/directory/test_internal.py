@@ -81,10 +81,30 @@ async def test_other_url_cannot_take_live_instance_with_rooms(h: Harness) -> Non
     assert r.status_code == 200 and r.json()["instance"]["internal_url"] == "http://10.0.0.2:9000"
 
 
-async def open_room(h: Harness, room: str, instance: str, epoch: int) -> Any:
-    return await h.client.post(f"/v1/internal/rooms/{room}/open",
-                               json={"instance": instance, "ticket_epoch": epoch},
+async def open_room(h: Harness, room: str, instance: str, epoch: int,
+                    open_id: str | None = None) -> Any:
+    body: dict[str, Any] = {"instance": instance, "ticket_epoch": epoch}
+    if open_id is not None:
+        body["open_id"] = open_id
+    return await h.client.post(f"/v1/internal/rooms/{room}/open", json=body,
                                headers=cluster_headers(instance, h.clock.now))
+
+
+async def test_a_retried_open_gets_the_same_grant_and_a_new_attempt_a_new_epoch(h: Harness) -> None:
+    """The same open_id again (a lost answer, a late duplicate) changes nothing; a new id is a new copy."""
+    await h.heartbeat("i1")
+    await h.connect("r")
+    first = (await open_room(h, "r", "i1", 1, "attempt-a")).json()
+    assert (first["epoch"], first["seq_base"], first["lost"]) == (1, 0, False)
+    for _ in range(2):
+        assert (await open_room(h, "r", "i1", 1, "attempt-a")).json() == first
+    assert (await h.connect("r")).json()["epoch"] == 1
+    reopened = (await open_room(h, "r", "i1", 1, "attempt-b")).json()
+    assert (reopened["epoch"], reopened["seq_base"], reopened["lost"]) == (2, 2 << 32, True)
+    late = (await open_room(h, "r", "i1", 1, "attempt-a")).json()  # not the open of epoch 2
+    assert (late["epoch"], late["lost"]) == (3, True)
+    r = await open_room(h, "r", "i1", 3, "no spaces")
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_open_id")
 
 
 async def test_open_first_then_lost_state_bumps_epoch(h: Harness) -> None:

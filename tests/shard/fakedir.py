@@ -26,6 +26,8 @@ class RoomRecord:
     epoch: int = 1
     owner_epoch: int = 1
     opened_epoch: int | None = None
+    opened_by: str | None = None
+    seq_base: int = 0
     state: str = "active"
     private: bool = False
     members: list[str] | None = None
@@ -38,6 +40,8 @@ class FakeDirectory:
     heartbeats: list[dict] = field(default_factory=list)
     leaves: list[dict] = field(default_factory=list)
     opens: list[str] = field(default_factory=list)
+    open_ids: list[str | None] = field(default_factory=list)
+    lose_open_answers: int = 0  # apply this many opens, then answer them with a timeout
     reachable: bool = True
 
     def transport(self) -> httpx.MockTransport:
@@ -62,26 +66,36 @@ class FakeDirectory:
         return httpx.Response(404, json={"error": {"code": "not_found", "message": "no route"}})
 
     def _open(self, name: str, body: dict) -> httpx.Response:
+        response = self._grant(name, body)
+        if self.lose_open_answers > 0:
+            self.lose_open_answers -= 1
+            raise httpx.ReadTimeout("the answer to this open was lost (test)")
+        return response
+
+    def _grant(self, name: str, body: dict) -> httpx.Response:
         self.opens.append(name)
+        self.open_ids.append(body.get("open_id"))
         rec = self.rooms.setdefault(name, RoomRecord(instance=body["instance"]))
         if rec.state == "moving":
             return httpx.Response(409, json={"error": {"code": "moving", "message": "moving"}})
         if rec.instance != body["instance"] or body["ticket_epoch"] < rec.owner_epoch:
             return httpx.Response(409, json={"error": {"code": "not_owner", "message": "no"}})
-        lost = False
-        seq_base = 0
+        open_id = body.get("open_id")
         if rec.opened_epoch is None:
-            rec.opened_epoch = rec.epoch
+            rec.opened_epoch, rec.seq_base = rec.epoch, 0
+        elif rec.opened_epoch == rec.epoch and open_id is not None and rec.opened_by == open_id:
+            pass  # a retry of the open that opened this epoch: the same grant
         elif rec.opened_epoch == rec.epoch:
             rec.epoch += 1
             rec.opened_epoch = rec.epoch
-            lost, seq_base = True, seq_base_for_lost_state(rec.epoch)
+            rec.seq_base = seq_base_for_lost_state(rec.epoch)
         else:
             rec.opened_epoch = rec.epoch
-            lost, seq_base = True, seq_base_for_lost_state(rec.epoch)
+            rec.seq_base = seq_base_for_lost_state(rec.epoch)
+        rec.opened_by = open_id
         return httpx.Response(200, json={
             "room": name, "instance": rec.instance, "epoch": rec.epoch,
-            "owner_epoch": rec.owner_epoch, "seq_base": seq_base, "lost": lost,
+            "owner_epoch": rec.owner_epoch, "seq_base": rec.seq_base, "lost": rec.seq_base != 0,
             "private": rec.private, "members": rec.members})
 
     def ticket(self, room: str, user: str, *, instance: str = "i1", epoch: int | None = None,

@@ -119,6 +119,25 @@ async def test_idle_room_is_evicted_and_reopens_with_new_epoch(shard):
     await b.close()
 
 
+@pytest.mark.parametrize("shard_overrides", [{"room_linger": 0.2}])
+async def test_an_open_whose_answer_was_lost_is_retried_under_the_same_id(shard):
+    """A timed-out open is retried with its open_id: the room opens once at epoch 1; a later reopen is new."""
+    shard.fake.lose_open_answers = 1
+    assert await close_code(await connect(shard.url("lost", "alice"))) == 1013
+    a, wa = await shard.join("lost", "alice")
+    assert (wa["epoch"], wa["seq"]) == (1, 0)
+    first, retry = shard.fake.open_ids
+    assert first is not None and retry == first
+    await a.send('{"type":"send","id":"1","text":"x"}')
+    await recv_until(a, "ack")
+    await a.close()
+    await await_until(lambda: shard.server.registry.get("lost") is None, 10, "eviction")
+    b, wb = await shard.join("lost", "bob", since=1)  # the evicted copy is gone: a new one
+    assert (wb["epoch"], wb["recovered"]) == (2, False)
+    assert shard.fake.open_ids[2] not in (None, first)
+    await b.close()
+
+
 @pytest.mark.parametrize("shard_overrides", [{"ping_interval": 0.2, "ping_timeout": 0.3}])
 async def test_dead_peer_is_closed_after_ping_timeout(shard):
     """A client that never answers pings is dropped; one that answers stays."""
