@@ -49,7 +49,7 @@ DIRECTORY = DirectoryMeasured(
 
 @dataclass(frozen=True)
 class Inputs:
-    deliveries_per_cpu_second: float  # one shard, fan-out workload, at its max sustained step
+    deliveries_per_cpu_second: float  # one shard, fan-out workload, at a low common rate
     max_deliveries_per_s: float  # one shard on one core (a lower bound when the load generator limited it)
     rss_per_connection: float  # bytes, idle, shard + directory
     directory: DirectoryMeasured = DIRECTORY
