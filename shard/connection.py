@@ -448,15 +448,14 @@ class Connection(asyncio.Protocol):
             self.pending_bytes = 0
             return
         if pending:
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            if self.write_paused:
-                if self.pending_bytes + transport.get_write_buffer_size() > self.queue_limit:
-                    self._slow_consumer()
-                    return
-                transport.write(data)
-            elif self.pending_bytes > self.queue_limit:
+            # Only a paused transport holds bytes (its high-water mark is 0).
+            held = transport.get_write_buffer_size() if self.write_paused else 0
+            if self.pending_bytes + held > self.queue_limit:
                 self._slow_consumer()
                 return
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            if self.write_paused:
+                transport.write(data)
             else:
                 # The transport holds nothing (it would have paused us), so
                 # writing to its socket directly keeps the byte order and
