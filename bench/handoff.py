@@ -172,8 +172,9 @@ async def _drain(rooms: int, database_url: str | None, idle: bool,
         groups = {"directory": [d.popen.pid], "shards": [s.popen.pid for s in shards]}
         if pg_pid is not None:
             groups["postgres"] = [pg_pid]
-        # A small keep-alive pool: httpx checks every pooled connection on each request, and
-        # 600 members reconnecting through a 2,000-connection pool cost the bench a core.
+        # A small keep-alive pool: httpx checks every pooled connection on each request (half
+        # of the directory's CPU per move in its profile before batching), and every member
+        # reconnects through this one client.
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             if idle:

@@ -96,7 +96,7 @@ async def drain(request: Request, ctx: Directory) -> Response:
     admin(request, ctx)
     instance = instance_param(request.path_params["instance"])
     body = decode(await read_body(request), schemas.DrainBody, empty_ok=True)
-    if not 1 <= body.parallelism <= MAX_DRAIN_PARALLELISM:
+    if body.parallelism is not None and not 1 <= body.parallelism <= MAX_DRAIN_PARALLELISM:
         raise BadRequest("invalid_parallelism",
                          f"parallelism must be 1..{MAX_DRAIN_PARALLELISM}")
     row = await ctx.store.get_instance(instance)

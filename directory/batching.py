@@ -36,8 +36,6 @@ class Batcher(Generic[K, I]):
         self._max = max_batch if callable(max_batch) else (lambda _key: max_batch)
         self._pending: dict[K, list[tuple[I, asyncio.Future[Any]]]] = {}
         self._pumps: dict[K, asyncio.Task[None]] = {}
-        self.batches = 0  # batch calls made (metrics, tests)
-        self.items = 0
 
     async def submit(self, key: K, item: I) -> Any:
         loop = asyncio.get_running_loop()
@@ -69,8 +67,6 @@ class Batcher(Generic[K, I]):
                 batch, rest = live[:limit], live[limit:]
                 if rest:
                     self._pending[key] = rest
-                self.batches += 1
-                self.items += len(batch)
                 if self._on_batch is not None:
                     self._on_batch(key, len(batch))
                 try:

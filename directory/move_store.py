@@ -129,16 +129,10 @@ async def _reserve(conn: AsyncConnection, w: Reservation, *, owner: str, now: fl
     return move, actions
 
 
-async def persist(store: Store, move: Move, *, owner: str, now: float, lease_s: float,
-                  expect: tuple[str, ...]) -> bool:
-    """Write the record if the row is still in one of ``expect`` and we hold the lease."""
-    (ok,) = await persist_many(store, [(move, expect)], owner=owner, now=now, lease_s=lease_s)
-    return ok
-
-
 async def persist_many(store: Store, records: list[tuple[Move, tuple[str, ...]]], *, owner: str,
                        now: float, lease_s: float) -> list[bool]:
-    """:func:`persist` for many moves in one transaction."""
+    """Write each move's record if its row is still in one of that move's ``expect`` states
+    and we hold the lease; one transaction for all. True per record written."""
     out = []
     async with store.write() as conn:
         for move, expect in records:

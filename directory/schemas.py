@@ -162,7 +162,8 @@ class RebalanceReport(Lenient):
 
 class DrainBody(Strict):
     # Moves in flight at once: more drains faster, each room's pause grows with its batch.
-    parallelism: int = 32
+    # None: the drain module's default (directory.drain.DRAIN_PARALLELISM).
+    parallelism: int | None = None
 
 
 class DrainReport(Lenient):
