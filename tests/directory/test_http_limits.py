@@ -210,3 +210,24 @@ def test_keep_alive_requests_after_a_big_body_are_still_served(served: _Served) 
     status, _, answer = _read_response(sock, t(10), reader)
     assert status == 200 and json.loads(answer) == {"status": "ok"}
     sock.close()
+
+
+def test_trickled_body_is_408(served: _Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    from directory import edge
+
+    monkeypatch.setattr(edge, "BODY_TIMEOUT_S", 0.5)
+    sock = served.raw(b"POST /v1/rooms/r/connect HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"us")
+    status, _, body = _read_response(sock, t(10))
+    sock.close()
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_declared_huge_body_is_413_without_reading_it(served: _Served) -> None:
+    sock = served.raw(b"POST /v1/rooms/r/connect HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n")
+    status, _, body = _read_response(sock, t(10))
+    sock.close()
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
