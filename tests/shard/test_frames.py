@@ -40,7 +40,6 @@ def test_valid_send_frame_is_parsed():
 
 @pytest.mark.parametrize("payload,is_text,code,msg_id", [
     (b"not json", True, "bad_request", None),
-    (b"\xff\xfe", True, "bad_request", None),
     (b"[1,2]", True, "bad_request", None),
     (b'{"type":"hello","id":"k"}', True, "bad_request", "k"),
     (b'{"type":"send","text":"t"}', True, "bad_request", None),
@@ -59,6 +58,15 @@ def test_bad_frames_are_rejected_with_code_and_id(payload, is_text, code, msg_id
     assert (info.value.code, info.value.msg_id) == (code, msg_id)
     body = orjson.loads(parse_server_frame(info.value.frame()).data)
     assert body["type"] == "error" and body["code"] == code and body.get("id") == msg_id
+
+
+def test_invalid_utf8_text_is_not_a_bad_request_but_fails_the_connection():
+    """RFC 6455 8.1: invalid UTF-8 in a text frame fails the connection (1007), no error frame."""
+    from shard.frames import InvalidUtf8
+
+    for payload in (b"\xff\xfe", b'{"type":"send","id":"k","text":"\xc3"}'):
+        with pytest.raises(InvalidUtf8):
+            parse_client_frame(payload, is_text=True, max_text=5)
 
 
 def test_text_limit_counts_characters_not_bytes():
