@@ -15,8 +15,10 @@ from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view
+from roomshard.protocol import valid_room_id
 
 OPEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_CONFIRM = 100_000  # rooms one heartbeat may ask to confirm (a shard's max)
 
 
 async def heartbeat(request: Request, ctx: Directory) -> Response:
@@ -32,8 +34,13 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
                                           default_capacity=ctx.cfg.default_capacity)
 
     row = await ctx.store.upsert_instance(instance, decide)
-    return json_response({"instance": instance_view(row, now=now, down_after=ctx.cfg.down_after),
-                          "down_after": ctx.cfg.down_after})
+    answer: dict[str, Any] = {"instance": instance_view(row, now=now, down_after=ctx.cfg.down_after),
+                              "down_after": ctx.cfg.down_after}
+    if body.confirm is not None:
+        if len(body.confirm) > MAX_CONFIRM or not all(map(valid_room_id, body.confirm)):
+            raise BadRequest("invalid_confirm", f"confirm: at most {MAX_CONFIRM} valid room ids")
+        answer["owned"] = await ctx.store.rooms_owned(instance, body.confirm)
+    return json_response(answer)
 
 
 async def leave(request: Request, ctx: Directory) -> Response:

@@ -180,11 +180,15 @@ class HeartbeatBody(Lenient):
     public_base: str | None = None
     capacity: int | None = None
     load: InstanceLoad = field(default_factory=InstanceLoad)
+    # Rooms the shard kept in memory through a lost lease -> their epochs.
+    confirm: dict[str, int] | None = None
 
 
 class HeartbeatResponse(Lenient):
     instance: InstanceView
     down_after: float
+    # Of the body's ``confirm``: the rooms still assigned to this instance at that epoch.
+    owned: list[str] | None = None
 
 
 class LeaveBody(Lenient):

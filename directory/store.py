@@ -284,6 +284,19 @@ class Store:
         return row._mapping if row is not None else None
 
     # -- rooms -------------------------------------------------------------
+    async def rooms_owned(self, instance: str, epochs: Mapping[str, int]) -> list[str]:
+        """Of ``epochs`` (room -> epoch), the rooms assigned to ``instance`` at exactly that epoch."""
+        names = sorted(epochs)
+        owned: list[str] = []
+        async with self.read() as conn:
+            for i in range(0, len(names), 500):  # bounded IN lists
+                chunk = names[i:i + 500]
+                res = await conn.execute(
+                    select(rooms.c.room, rooms.c.epoch)
+                    .where(rooms.c.room.in_(chunk), rooms.c.instance == instance))
+                owned.extend(r.room for r in res if r.epoch == epochs[r.room])
+        return owned
+
     async def get_room(self, room: str) -> Mapping[str, Any] | None:
         async with self.read() as conn:
             row = (await conn.execute(select(rooms).where(rooms.c.room == room))).first()

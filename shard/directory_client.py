@@ -72,10 +72,18 @@ class DirectoryClient:
 
     async def heartbeat(self, *, internal_url: str, public_base: str | None,
                         capacity: int | None, boot_id: str, load: dict[str, Any],
+                        confirm: dict[str, int] | None = None,
                         timeout: float | None = None) -> dict[str, Any]:
-        """Register/refresh this instance; raises :class:`DirectoryError`."""
-        body = {"internal_url": internal_url, "public_base": public_base, "capacity": capacity,
-                "boot_id": boot_id, "load": load}
+        """Register/refresh this instance; raises :class:`DirectoryError`.
+
+        ``confirm``: rooms this shard kept in memory through a lost lease, with
+        their epochs; the answer's ``owned`` lists those the directory still
+        assigns to this instance at exactly that epoch (docs/INTERNALS.md).
+        """
+        body: dict[str, Any] = {"internal_url": internal_url, "public_base": public_base,
+                                "capacity": capacity, "boot_id": boot_id, "load": load}
+        if confirm:
+            body["confirm"] = confirm
         return await self._call("PUT", f"/v1/internal/instances/{self.instance}/heartbeat", body,
                                 timeout)
 

@@ -21,6 +21,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from roomshard.protocol import CloseCode
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.ratelimit import TokenBucket
 from shard.room import Room
@@ -42,6 +43,7 @@ class LiveRoom:
         "name",
         "room",
         "server",
+        "unconfirmed",
     )
 
     def __init__(self, room: Room, server: ShardServer) -> None:
@@ -50,6 +52,9 @@ class LiveRoom:
         self.conns: dict[int, Connection] = {}
         self.server = server
         self.frozen = False  # mid-move: joins refused (1013), members' reading paused
+        # Kept through a lost lease: not served (joins 1013) until a heartbeat's
+        # answer confirms the directory still assigns it here at this epoch.
+        self.unconfirmed = False
         self.messages = 0
         self.messages_per_s = 0.0
         self._last_count = 0
@@ -208,7 +213,7 @@ class RoomRegistry:
         """Install ``room`` (new, or rebuilt from a snapshot); replaces a stale copy."""
         old = self.rooms.get(room.name)
         if old is not None:
-            self.close_room(room.name, 1001, "room state replaced")
+            self.close_room(room.name, CloseCode.GOING_AWAY, "room state replaced")
         room.empty_since = self.server.clock()
         live = LiveRoom(room, self.server)
         self.rooms[room.name] = live
@@ -221,6 +226,43 @@ class RoomRegistry:
 
     def close_all(self, code: int, reason: str) -> int:
         return sum(self.close_room(name, code, reason) for name in list(self.rooms))
+
+    def suspend_all(self, code: int, reason: str) -> int:
+        """Close every member with ``code`` but keep the rooms, each unconfirmed.
+
+        Used when the lease is lost: the rooms stop being served at once, and
+        their state survives in case the directory never placed them elsewhere
+        (:meth:`confirm`). Returns how many clients were closed.
+        """
+        closed = 0
+        for live in self.rooms.values():
+            live.unconfirmed = True
+            closed += live.close_all(code, reason)
+        return closed
+
+    def unconfirmed(self) -> dict[str, int]:
+        """Rooms kept through a lost lease, with their epochs."""
+        return {name: lr.room.epoch for name, lr in self.rooms.items() if lr.unconfirmed}
+
+    def confirm(self, asked: dict[str, int], owned: set[str]) -> tuple[int, int]:
+        """Serve again the rooms the directory confirmed; drop the others.
+
+        A room re-placed while we were fenced has a higher epoch (or another
+        owner) in the directory, so it is not in ``owned`` and its copy here is
+        stale. Returns (kept, dropped).
+        """
+        kept = dropped = 0
+        for name, epoch in asked.items():
+            live = self.rooms.get(name)
+            if live is None or not live.unconfirmed or live.room.epoch != epoch:
+                continue  # evicted, replaced or reopened meanwhile
+            if name in owned:
+                live.unconfirmed = False
+                kept += 1
+            else:
+                self.close_room(name, CloseCode.GOING_AWAY, "room was placed elsewhere")
+                dropped += 1
+        return kept, dropped
 
     def evict(self, name: str) -> None:
         """Forget an empty room (its next open gets a new epoch from the directory)."""

@@ -8,9 +8,15 @@ most ``shutdown_timeout``.
 
 Lease fencing: the lease runs from the *send* time of the last heartbeat
 the directory acknowledged. When ``lease`` seconds pass without one (shorter
-than the directory's ``down_after``), the shard closes every room with 1001,
-drops them and refuses joins with 1013 until a heartbeat succeeds again, so
-a partitioned shard never serves a room the directory has re-placed.
+than the directory's ``down_after``), the shard closes every room's members
+with 1001 and refuses joins with 1013 until a heartbeat succeeds again, so
+a partitioned shard never serves a room the directory has re-placed. The
+rooms' state stays in memory, *unconfirmed*: the next acknowledged heartbeat
+carries their names and epochs, and the directory answers which it still
+assigns here at exactly that epoch (a re-placement always bumps the epoch).
+Those are served again, with their history; the others are dropped. A failed
+heartbeat is retried within ~0.25 s, so a directory restart shorter than the
+lease costs nothing at all.
 
 Timers are plain loop callbacks, not tasks: one tick (lease, linger
 eviction, the used-ticket set, rates) and one ping round for all
@@ -30,6 +36,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import time
@@ -52,6 +59,7 @@ log = logging.getLogger("roomshard.shard")
 
 TICK_S = 0.25
 SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
+HEARTBEAT_RETRY_S = 0.25  # after a failed heartbeat, the next one within 0.25-0.375 s
 _PING_FRAME = server_frame(0x9, b"roomshard")
 _SINCE_RE = re.compile(r"[0-9]{1,20}")  # ASCII digits only ("²".isdigit() is true)
 
@@ -262,6 +270,9 @@ class ShardServer:
             return
         if live.frozen:
             return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "room is moving"))
+        if live.unconfirmed:
+            return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER,
+                                              "room not confirmed by the directory yet"))
         if ticket.epoch < live.room.owner_epoch:
             return self._refuse(conn, Refused(CloseCode.NOT_OWNER, "stale ticket epoch"))
         if not live.room.may_join(ticket.user):
@@ -302,32 +313,64 @@ class ShardServer:
                 "messages_per_s": round(self.messages_per_s, 2)}
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeat every ``heartbeat_interval``; after a failure, retry within ~0.25 s.
+
+        A directory restart (a deploy) is a few seconds of refused
+        connections: the quick retries reach the new process as soon as it
+        listens, well before the lease runs out. Rooms kept through a lost
+        lease ride along (``confirm``) and are served again only once the
+        answer says the directory still assigns them here at their epoch.
+        """
         cfg = self.cfg
         internal_url = cfg.advertise_url or self.url
         while not self.stopping:
             sent_at = self.monotonic()
+            confirm = self.registry.unconfirmed()
             try:
-                await self.directory.heartbeat(
+                answer = await self.directory.heartbeat(
                     internal_url=internal_url, public_base=cfg.public_base,
                     capacity=cfg.capacity, boot_id=self.boot_id, load=self.load(),
+                    confirm=confirm or None,
                     # A slow directory still renews the lease as long as the answer
                     # comes before the lease would run out anyway.
                     timeout=max(0.5, cfg.lease - cfg.heartbeat_interval))
+            except DirectoryRefused as exc:
+                if confirm:
+                    # A directory that cannot confirm (e.g. an older version): the kept
+                    # rooms cannot be proven ours, so they go, as before this rule existed.
+                    log.warning("the directory refused to confirm kept rooms (%s): dropping "
+                                "%d rooms", exc, len(confirm))
+                    for name in confirm:
+                        self.registry.close_room(name, CloseCode.GOING_AWAY, "room not confirmed")
+                    continue
+                self._hb_failures += 1
+                log.warning("heartbeat refused by the directory: %s", exc)
+                await asyncio.sleep(cfg.heartbeat_interval)
+                continue
             except DirectoryError as exc:
                 self._hb_failures += 1
                 if self._hb_failures in (1, 5) or self._hb_failures % 30 == 0:
                     log.warning("heartbeat to the directory failed (%d in a row): %s",
                                 self._hb_failures, exc)
-            else:
-                self._hb_failures = 0
-                self.lease_until = sent_at + cfg.lease
-                if self.fenced:
-                    log.warning("heartbeats succeed again: serving rooms")
-                    self.fenced = False
-                if not self.registered:
-                    self.registered = True
-                    log.warning("registered with the directory at %s", cfg.directory_url)
-                    self._write_ready_file()
+                elapsed = self.monotonic() - sent_at
+                retry = HEARTBEAT_RETRY_S * (1 + random.random() / 2)  # jitter: no herd
+                await asyncio.sleep(max(0.0, min(retry, cfg.heartbeat_interval) - elapsed))
+                continue
+            self._hb_failures = 0
+            self.lease_until = sent_at + cfg.lease
+            if confirm:
+                owned = answer.get("owned")
+                owned_set = set(owned) if isinstance(owned, list) else set()
+                kept, dropped = self.registry.confirm(confirm, owned_set)
+                log.warning("the directory confirmed %d kept rooms, %d were placed elsewhere",
+                            kept, dropped)
+            if self.fenced:
+                log.warning("heartbeats succeed again: serving rooms")
+                self.fenced = False
+            if not self.registered:
+                self.registered = True
+                log.warning("registered with the directory at %s", cfg.directory_url)
+                self._write_ready_file()
             elapsed = self.monotonic() - sent_at
             await asyncio.sleep(max(0.0, cfg.heartbeat_interval - elapsed))
 
@@ -339,11 +382,17 @@ class ShardServer:
             os.replace(tmp, path)
 
     def _fence(self) -> None:
-        """The lease ran out: stop serving every room (see the module docstring)."""
+        """The lease ran out: stop serving every room (see the module docstring).
+
+        Members are closed with 1001 (they resume with ``since``); the rooms'
+        state stays in memory, unconfirmed, and is served again only if the
+        directory confirms it never placed them elsewhere.
+        """
         self.fenced = True
-        closed = self.registry.close_all(CloseCode.GOING_AWAY, "shard lost its lease")
-        log.warning("no heartbeat acknowledged for %.1fs: lease lost, dropped every room "
-                    "(%d clients closed)", self.cfg.lease, closed)
+        closed = self.registry.suspend_all(CloseCode.GOING_AWAY, "shard lost its lease")
+        log.warning("no heartbeat acknowledged for %.1fs: lease lost, stopped serving %d rooms "
+                    "(%d clients closed); their state is kept until the directory confirms it",
+                    self.cfg.lease, len(self.registry), closed)
 
     # -- timers ---------------------------------------------------------------
     def _tick(self) -> None:

@@ -57,7 +57,12 @@ class FakeDirectory:
         if parts[:3] == ["v1", "internal", "instances"] and parts[4] == "heartbeat":
             assert subject == parts[3]
             self.heartbeats.append(body)
-            return httpx.Response(200, json={"instance": {"id": parts[3]}, "down_after": 10})
+            answer: dict = {"instance": {"id": parts[3]}, "down_after": 10}
+            if body.get("confirm") is not None:  # rooms kept through a lost lease
+                answer["owned"] = [r for r, e in body["confirm"].items()
+                                   if (rec := self.rooms.get(r)) is not None
+                                   and rec.instance == parts[3] and rec.epoch == e]
+            return httpx.Response(200, json=answer)
         if parts[:3] == ["v1", "internal", "instances"] and parts[4] == "leave":
             self.leaves.append(body)
             return httpx.Response(200, json={"moves": []})

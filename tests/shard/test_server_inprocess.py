@@ -33,24 +33,46 @@ async def test_welcome_presence_and_broadcast(shard):
 
 
 async def test_lease_loss_closes_rooms_with_1001_and_refuses_with_1013(shard):
-    """Without heartbeat acks for the lease, clients are closed 1001 and joins get 1013."""
+    """Without heartbeat acks for the lease, clients are closed 1001 and joins get 1013.
+
+    The room's state stays, unconfirmed; the directory confirms it still owns
+    it at that epoch, so the resume after the lease is back is lossless.
+    """
     a, _ = await shard.join("r", "alice")
     b, _ = await shard.join("r", "bob")
     assert (await recv_json(a))["event"] == "join"
+    await a.send('{"type": "send", "id": "m1", "text": "before"}')
+    assert (await recv_until(a, "ack"))["seq"] == 1
     shard.fake.reachable = False
     # Both closed with 1001, and nobody got a presence leave for the others first.
-    assert await frames_until_close(a) == ([], 1001)
-    assert await frames_until_close(b) == ([], 1001)
-    assert not shard.server.ready() and len(shard.server.registry) == 0
+    frames_a, code_a = await frames_until_close(a)
+    assert code_a == 1001 and all(f["type"] != "presence" for f in frames_a)
+    assert (await frames_until_close(b))[1] == 1001
+    assert not shard.server.ready()
+    assert shard.server.registry.unconfirmed() == {"r": 1}  # kept, not served
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{shard.server.url}/readyz")).status_code == 503
     ws = await connect(shard.url("r", "bob"))
     assert await close_code(ws) == 1013
     shard.fake.reachable = True
     await await_until(shard.server.ready, 5, "the lease to come back")
-    again, welcome = await shard.join("r", "carol")
-    assert welcome["type"] == "welcome"
+    assert any(hb.get("confirm") == {"r": 1} for hb in shard.fake.heartbeats)
+    again, welcome = await shard.join("r", "carol", since=0)
+    assert welcome["type"] == "welcome" and welcome["recovered"] is True
+    assert (await recv_until(again, "message"))["text"] == "before"
+    assert shard.fake.opens == ["r"]  # no second open: the state was never lost
     await again.close()
+
+
+async def test_lease_loss_drops_a_room_the_directory_placed_elsewhere(shard):
+    a, _ = await shard.join("moved", "alice")
+    shard.fake.reachable = False
+    assert (await frames_until_close(a))[1] == 1001
+    # Meanwhile the directory re-placed the room on another instance.
+    shard.fake.rooms["moved"].instance, shard.fake.rooms["moved"].epoch = "i2", 2
+    shard.fake.reachable = True
+    await await_until(shard.server.ready, 5, "the lease to come back")
+    assert shard.server.registry.get("moved") is None
 
 
 async def frames_until_close(ws) -> tuple[list[dict], int | None]:
