@@ -72,9 +72,10 @@ async def retarget(ctx: Directory, source: str, bad: set[str]) -> str | None:
 
 
 async def run_moves(ctx: Directory, progress: DrainProgress,
-                    sources: Mapping[str, str]) -> None:
+                    sources: Mapping[str, str], *, retarget_failed: bool = True) -> None:
     """Perform ``progress``'s moves, at most ``progress.parallelism`` at once; a failed
-    move is retargeted away from the instance it failed on (see :func:`retarget`)."""
+    move is retargeted away from the instance it failed on (see :func:`retarget`)
+    unless ``retarget_failed`` is false (a rebalance: the room stays where it is)."""
     running: dict[asyncio.Task[dict[str, Any]], str] = {}
     bad: set[str] = set()
     while True:
@@ -93,7 +94,8 @@ async def run_moves(ctx: Directory, progress: DrainProgress,
                 continue
             why = f"{exc.code}: {exc.message}" if isinstance(exc, ApiError) else repr(exc)
             bad.add(progress.in_flight[room])
-            progress.rolled_back(room, why, await retarget(ctx, sources[room], bad))
+            progress.rolled_back(room, why, await retarget(ctx, sources[room], bad)
+                                 if retarget_failed else None)
 
 
 async def drain_instance(ctx: Directory, *, instance: str, reason: str,
