@@ -3,7 +3,11 @@
 ``rebalance.plan_drain`` picks a target per room (largest rooms first, each
 to the least loaded active instance); ``moves.DrainProgress`` hands out at
 most ``parallelism`` moves at a time and requeues a rolled-back one once;
-``move_driver.move_room`` performs each. The instance is ``draining`` (no
+``move_driver.move_room`` performs each. A move that fails marks its target
+bad for the rest of the drain and is retargeted to another active instance
+(those that heartbeated within ``FRESH_S`` first), so a target that died just
+before the drain -- still ``active`` until ``down_after`` -- costs one failed
+try per room, not the room. The instance is ``draining`` (no
 new placements) from the first moment and ``disabled`` only when every room
 left; otherwise it stays ``draining`` and the report says what failed (drain
 again to retry).
@@ -24,6 +28,8 @@ from directory.rebalance import plan_drain
 
 DRAIN_PARALLELISM = 32  # the admin drain's default (its body may say otherwise)
 MAX_ROOMS = 10_000_000
+# A target that heartbeated within this many seconds is preferred when a move is retargeted.
+FRESH_S = 3.0
 
 
 async def effective_instances(ctx: Directory) -> list[dict[str, Any]]:
@@ -32,7 +38,8 @@ async def effective_instances(ctx: Directory) -> list[dict[str, Any]]:
     return [{"id": r["id"], "capacity": r["capacity"], "internal_url": r["internal_url"],
              "state": placement.effective_state(r["state"], registry.seen_at(r), now=now,
                                                 down_after=ctx.cfg.down_after),
-             "load": r["rooms_assigned"] + r["load_connections"]}
+             "load": r["rooms_assigned"] + r["load_connections"],
+             "heartbeated": r["last_heartbeat"] is not None, "seen_at": registry.seen_at(r)}
             for r in await ctx.store.list_instances()]
 
 
@@ -44,10 +51,33 @@ async def room_weights(ctx: Directory, instance: Mapping[str, Any],
             for r in rows}
 
 
+def targets(instances: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The instances a room of ``source`` may move to: active ones, and of those the ones
+    that ever heartbeated when there are any (a registered-only instance never answered)."""
+    active = [i for i in instances if i["state"] == placement.ACTIVE and i["id"] != source]
+    return [i for i in active if i["heartbeated"]] or active
+
+
+async def retarget(ctx: Directory, source: str, bad: set[str]) -> str | None:
+    """Another target for a failed move: an active instance no move of this drain failed
+    on, fresh ones (heartbeat within ``FRESH_S``) first, then the least loaded."""
+    now = ctx.clock()
+    candidates = [i for i in targets(await effective_instances(ctx), source)
+                  if i["id"] not in bad and i["capacity"] > 0]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda i: (now - i["seen_at"] > FRESH_S,
+                                          i["load"] / i["capacity"], i["id"]))
+    return str(best["id"])
+
+
 async def run_moves(ctx: Directory, progress: DrainProgress,
-                    sources: Mapping[str, str]) -> None:
-    """Perform ``progress``'s moves, at most ``progress.parallelism`` at once."""
+                    sources: Mapping[str, str], *, retarget_failed: bool = True) -> None:
+    """Perform ``progress``'s moves, at most ``progress.parallelism`` at once; a failed
+    move is retargeted away from the instance it failed on (see :func:`retarget`)
+    unless ``retarget_failed`` is false (a rebalance: the room stays where it is)."""
     running: dict[asyncio.Task[dict[str, Any]], str] = {}
+    bad: set[str] = set()
     while True:
         for room, to in progress.next_moves():
             task = asyncio.ensure_future(
@@ -61,18 +91,18 @@ async def run_moves(ctx: Directory, progress: DrainProgress,
             exc = task.exception()
             if exc is None:
                 progress.succeeded(room, task.result())
-            elif isinstance(exc, ApiError):
-                progress.rolled_back(room, f"{exc.code}: {exc.message}")
-            else:
-                progress.rolled_back(room, repr(exc))
+                continue
+            why = f"{exc.code}: {exc.message}" if isinstance(exc, ApiError) else repr(exc)
+            bad.add(progress.in_flight[room])
+            progress.rolled_back(room, why, await retarget(ctx, sources[room], bad)
+                                 if retarget_failed else None)
 
 
 async def drain_instance(ctx: Directory, *, instance: str, reason: str,
                          parallelism: int = DRAIN_PARALLELISM) -> dict[str, Any]:
     """Live-move every room off ``instance``, then mark it disabled; the drain report."""
     started = time.monotonic()
-    if not any(i["state"] == placement.ACTIVE and i["id"] != instance
-               for i in await effective_instances(ctx)):
+    if not targets(await effective_instances(ctx), instance):
         if reason != registry.REASON_SHUTDOWN:
             raise Conflict("no_target", f"no active instance to drain {instance} to")
         # A shard leaving anyway: park it so its clients are re-placed when one comes back.
@@ -87,7 +117,8 @@ async def drain_instance(ctx: Directory, *, instance: str, reason: str,
     rows = [r for r in await ctx.store.list_rooms(instance, MAX_ROOMS)]
     weights = await room_weights(ctx, source, rows)
     try:
-        plan = plan_drain(instances, [{"room": r, "weight": w} for r, w in weights.items()],
+        plan = plan_drain(targets(instances, instance),
+                          [{"room": r, "weight": w} for r, w in weights.items()],
                           instance) if rows else []
     except ValueError as exc:
         raise Conflict("no_target", str(exc)) from None

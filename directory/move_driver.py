@@ -5,9 +5,17 @@ move (``move_store.reserve``), then loops *perform action -> event ->
 moves.handle -> persist -> next actions* until the move is finished. The
 record is persisted after every change (conditional on the lease and on the
 row not being decided), so a directory that dies mid-move leaves a row that
-:meth:`Mover.recover_once` -- run at start-up and every few seconds by every
+:meth:`Mover.recover_once` -- run at start-up and every second by every
 replica -- claims once its lease ran out and finishes with ``moves.recover``
 (roll back before the commit, forward after it).
+
+The lease is short and renewed: while a replica drives moves it extends their
+leases every ``RENEW_EVERY_S`` (one statement for all of them, whatever step
+each is in), so a driver that dies -- SIGKILL mid-freeze included -- leaves its
+rooms frozen for at most ``LEASE_S`` plus a recovery pass, not for the whole
+move timeout. The lease only decides who drives (a slow renewal at worst
+lets two replicas drive one move, which the conditional commit/rollback
+settle one way); it never decides the move.
 
 One :class:`Mover` per app (``ctx.extensions["mover"]``), started and stopped
 by the app's lifespan through ``directory.handoff``. Drains live in
@@ -50,10 +58,11 @@ from directory.moves import (
 log = logging.getLogger("roomshard.directory.moves")
 
 CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per try
-# > DEFAULT_MOVE_TIMEOUT_S + CALL_TIMEOUT_S (the unpersisted pre-commit phase) and > a call
-# plus the longest backoff (renewed by every persisted step after it).
-LEASE_S = 15.0
-RECOVER_EVERY_S = 2.0
+# A driver's lease on its moves, renewed every RENEW_EVERY_S while it drives them: a few
+# missed renewals (a stalled database, a busy loop) before another replica may take over.
+LEASE_S = 4.0
+RENEW_EVERY_S = 1.0
+RECOVER_EVERY_S = 1.0  # how often every replica looks for moves whose lease ran out
 MOVE_WAIT_S = 20.0  # the admin request waits this long for the move to finish
 DB_BATCH = 128  # moves per batched transaction
 CALL_BATCH = 128  # rooms per batched shard call
@@ -69,6 +78,7 @@ class Mover:
         self.driving: dict[str, asyncio.Task[Move]] = {}
         self.current: dict[str, Move] = {}
         self._recovery: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
         self._urls: dict[str, str] = {}  # instance -> internal_url, dropped on a failed call
         self._no_batch: set[str] = set()  # shard URLs without the batch route (older shards)
         # A drain's moves walk the protocol in step: their database writes and shard calls
@@ -83,10 +93,13 @@ class Mover:
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        self._recovery = asyncio.get_running_loop().create_task(self._recover_loop())
+        loop = asyncio.get_running_loop()
+        self._recovery = loop.create_task(self._recover_loop())
+        self._renewal = loop.create_task(self._renew_loop())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._recovery, *self.driving.values()) if t is not None]
+        tasks = [t for t in (self._recovery, self._renewal, *self.driving.values())
+                 if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -100,6 +113,19 @@ class Mover:
             except (sa_exc.SQLAlchemyError, OSError) as exc:
                 log.warning("move recovery pass failed: %s", exc)
             await asyncio.sleep(RECOVER_EVERY_S)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                await self.renew_once()
+            except (sa_exc.SQLAlchemyError, OSError) as exc:
+                log.warning("renewing move leases failed: %s", exc)
+
+    async def renew_once(self) -> int:
+        """Extend the lease of every move this replica drives; how many were renewed."""
+        return await move_store.renew_leases(self.ctx.store, list(self.driving), owner=self.owner,
+                                             now=self.ctx.clock(), lease_s=LEASE_S)
 
     async def recover_once(self) -> int:
         """Claim and finish every unfinished move whose driver is gone; returns how many."""
@@ -178,8 +204,8 @@ class Mover:
                 self.current[move.move_id] = move
                 if move.state in PRE_COMMIT and before.state in PRE_COMMIT:
                     # recover() rolls every pre-commit state back alike, so these
-                    # writes would change nothing but the pause; the reserve's lease
-                    # (> the move timeout + a call) covers the whole pre-commit phase.
+                    # writes would change nothing but the pause; the renewal loop
+                    # keeps the lease meanwhile.
                     queue.extend(new)
                     continue
                 if before.state is State.ADOPTED and move.state is State.COMMITTED:

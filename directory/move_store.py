@@ -212,6 +212,22 @@ async def rollback_many(store: Store, batch: list[Move], now: float) -> list[boo
     return out
 
 
+async def renew_leases(store: Store, move_ids: list[str], *, owner: str, now: float,
+                       lease_s: float) -> int:
+    """Extend ``owner``'s lease on those of ``move_ids`` it still holds and that are not
+    finished (one statement); how many it renewed. The driver's heartbeat: a replica
+    that dies stops renewing, so another (or its restart) recovers its moves within
+    ``lease_s``."""
+    if not move_ids:
+        return 0
+    async with store.write() as conn:
+        res = await conn.execute(
+            update(moves).where(moves.c.move_id.in_(move_ids), moves.c.lease_owner == owner,
+                                moves.c.state.notin_(FINISHED))
+            .values(lease_until=now + lease_s))
+    return int(res.rowcount or 0)
+
+
 async def claim_orphans(store: Store, *, owner: str, now: float, lease_s: float,
                         limit: int = 100) -> list[Move]:
     """Unfinished moves whose lease ran out, now leased to ``owner`` (CAS per row)."""

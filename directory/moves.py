@@ -383,8 +383,9 @@ class DrainProgress:
     """Accounting of one drain: which moves to start next, with bounded parallelism.
 
     ``plan`` is the ordered ``(room, to)`` list from ``rebalance.plan_drain``.
-    A move that rolled back is retried (to the target ``retarget`` names, if
-    any) up to ``max_attempts`` times; the instance becomes ``disabled`` only
+    A move that rolled back is retried: to another target (``retarget``) as
+    long as the drain finds one, to the same target up to ``max_attempts``
+    times; the instance becomes ``disabled`` only
     when :attr:`complete` and nothing failed, otherwise it stays ``draining``
     and the report lists what is left (an operator can drain again).
     """
@@ -423,8 +424,10 @@ class DrainProgress:
     def rolled_back(self, room: str, reason: str, retarget: str | None = None) -> None:
         """A move of this drain rolled back; requeue it unless out of attempts."""
         to = self.in_flight.pop(room)
-        if self.attempts[room] < self.max_attempts:
-            self.pending.insert(0, (room, retarget or to))  # retried after the others
+        if retarget is not None and retarget != to:
+            self.pending.insert(0, (room, retarget))  # a new target: never out of attempts
+        elif self.attempts[room] < self.max_attempts:
+            self.pending.insert(0, (room, to))  # retried after the others
         else:
             self.failed[room] = reason
 

@@ -1,7 +1,8 @@
 """``POST /v1/admin/rebalance``: live load in, ``rebalance.plan`` out, moves performed.
 
 Room weights are 1 + the live connections each owning shard reports (1 when a
-shard cannot be asked); only active instances take part. Unless ``dry_run``,
+shard cannot be asked); only active instances that heartbeated take part, and
+a move that fails leaves its room where it was (no retarget). Unless ``dry_run``,
 the planned moves run with the drain's bounded parallelism and the answer
 adds what was performed (``performed``: move reports, ``failed``).
 """
@@ -25,7 +26,9 @@ from directory.rebalance import plan
 
 
 async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[str, Any]:
-    instances = [i for i in await effective_instances(ctx) if i["state"] == placement.ACTIVE]
+    # An instance that never heartbeated never answered: it neither gives nor takes rooms.
+    instances = [i for i in await effective_instances(ctx)
+                 if i["state"] == placement.ACTIVE and i["heartbeated"]]
     by_id = {i["id"]: i for i in instances}
     rows = [r for r in await ctx.store.list_rooms(None, MAX_ROOMS)
             if r["instance"] in by_id and r["state"] == "active"]
@@ -45,7 +48,8 @@ async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[st
         return result
     progress = DrainProgress("rebalance", [(m["room"], m["to"]) for m in result["moves"]],
                              parallelism=DRAIN_PARALLELISM, max_attempts=1)
-    await run_moves(ctx, progress, {m["room"]: m["from"] for m in result["moves"]})
+    await run_moves(ctx, progress, {m["room"]: m["from"] for m in result["moves"]},
+                    retarget_failed=False)  # a failed move leaves the room where it was
     done = progress.report()
     result["performed"] = done["moves"]
     result["failed"] = done["failed"]

@@ -69,3 +69,21 @@ async def test_rebalance_after_adding_an_instance(procs: Procs) -> None:
         assert (again["moves"], again["balanced"]) == ([], True), again
         for c in members:
             await c.stop()
+
+
+async def test_rebalance_never_moves_rooms_to_an_instance_that_never_heartbeated(
+        procs: Procs) -> None:
+    """An admin-registered instance (counted active for a while, never heartbeated) gets no
+    planned rebalance move: it never answered, and a move there would only fail."""
+    cluster: Cluster = await asyncio.to_thread(start_cluster, procs, 1)
+    async with httpx.AsyncClient(timeout=t(5)) as http:
+        for n in range(8):
+            r = await http.post(f"{cluster.url}/v1/rooms/room{n}/connect", json={"user": "u"})
+            assert r.status_code == 200, r.text
+    r = await asyncio.to_thread(cluster.admin, "PUT", "/v1/admin/instances/i9",
+                                {"internal_url": "http://127.0.0.1:9"})
+    assert r.status_code in (200, 201), r.text
+    assert (await asyncio.to_thread(cluster.states))["i9"] == "active"
+    plan = (await asyncio.to_thread(cluster.admin, "POST", "/v1/admin/rebalance",
+                                    {"dry_run": True})).json()
+    assert [m for m in plan["moves"] if m["to"] == "i9"] == [], plan

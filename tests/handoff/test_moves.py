@@ -210,3 +210,17 @@ def test_drain_progress_refuses_zero_parallelism() -> None:
     """A drain needs at least one move at a time."""
     with pytest.raises(ValueError):
         moves.DrainProgress("i1", [], parallelism=0)
+
+
+def test_drain_progress_requeues_a_retargeted_move_whatever_its_attempts() -> None:
+    """A rolled-back move with a new target is always requeued (never given up while a
+    target is left); without one it is retried on the same target up to max_attempts."""
+    p = moves.DrainProgress("i1", [("r", "i2")], parallelism=1, max_attempts=1)
+    assert p.next_moves() == [("r", "i2")]
+    p.rolled_back("r", "adopt on i2: unreachable", retarget="i3")
+    assert p.next_moves() == [("r", "i3")]
+    p.rolled_back("r", "adopt on i3: unreachable", retarget="i4")
+    assert p.next_moves() == [("r", "i4")]
+    p.rolled_back("r", "adopt on i4: unreachable")  # no target left, out of attempts
+    assert p.next_moves() == [] and p.failed == {"r": "adopt on i4: unreachable"}
+    assert p.report()["complete"] is False
