@@ -183,7 +183,13 @@ class ShardConfig:
     max_connections: int = setting(100_000, help="connections per shard")
     send_queue_bytes: int = setting(1 << 20, help="outgoing buffer per connection before 4009")
     ping_interval: float = setting(protocol.DEFAULT_PING_INTERVAL_S, help="seconds between pings")
-    ping_timeout: float = setting(protocol.DEFAULT_PING_INTERVAL_S, help="seconds to wait for a pong")
+    ping_timeout: float = setting(protocol.DEFAULT_PING_TIMEOUT_S, help="seconds to wait for a pong")
+    frame_rate: float = setting(protocol.DEFAULT_FRAME_RATE_PER_S, help="frames per second per connection, control frames included (over: 4008)")
+    frame_burst: int = setting(protocol.DEFAULT_FRAME_BURST, help="burst of frames per connection")
+    byte_rate: float = setting(protocol.DEFAULT_BYTE_RATE_PER_S, help="bytes per second a connection may send (over: 4008)")
+    byte_burst: int = setting(protocol.DEFAULT_BYTE_BURST, help="burst of bytes per connection (at least max_frame)")
+    max_fragments: int = setting(protocol.DEFAULT_MAX_FRAGMENTS, help="max frames of one fragmented message (over: 1009)")
+    max_connections_per_address: int = setting(protocol.DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, help="WebSockets per client address, 0 = no cap (over: 4008)")
     heartbeat_interval: float = setting(protocol.DEFAULT_HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
     lease: float = setting(6.0, help="stop serving rooms after this many seconds without a heartbeat ack")
     allowed_origins: tuple[str, ...] = setting((), help="comma list of allowed Origin values (empty: any)")
@@ -201,7 +207,12 @@ class ShardConfig:
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
         _check_positive(self, "history", "max_text", "max_frame", "rate", "rate_burst",
                         "max_connections", "send_queue_bytes", "ping_interval",
-                        "heartbeat_interval", "lease")
+                        "ping_timeout", "heartbeat_interval", "lease", "frame_rate",
+                        "frame_burst", "byte_rate", "byte_burst", "max_fragments")
+        if self.max_connections_per_address < 0:
+            raise ConfigError("ROOMSHARD_MAX_CONNECTIONS_PER_ADDRESS: must be 0 (off) or positive")
+        if self.byte_burst < self.max_frame:
+            raise ConfigError("ROOMSHARD_BYTE_BURST: must be at least ROOMSHARD_MAX_FRAME")
         if self.lease <= self.heartbeat_interval:
             raise ConfigError("ROOMSHARD_LEASE: must be longer than the heartbeat interval")
         if not 0 <= self.port <= 65535:

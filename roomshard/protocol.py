@@ -71,6 +71,17 @@ DEFAULT_HISTORY = 1000
 DEFAULT_ROOM_LINGER_S = 600.0
 DEFAULT_IDEMPOTENCY_WINDOW_S = 300.0
 DEFAULT_PING_INTERVAL_S = 20.0
+DEFAULT_PING_TIMEOUT_S = 20.0  # each round checks only its own pings: may equal the interval
+# The wire budget of one connection, over every frame it sends (data,
+# control and continuation frames): a token bucket of frames and one of
+# bytes. Far above a client at the message rate limit (20/s, burst 40)
+# with its pings and pongs; over either bucket the connection is closed 4008.
+DEFAULT_FRAME_RATE_PER_S = 200.0
+DEFAULT_FRAME_BURST = 1000
+DEFAULT_BYTE_RATE_PER_S = float(1 << 20)
+DEFAULT_BYTE_BURST = 4 << 20  # at least max_frame: one largest message fits
+DEFAULT_MAX_FRAGMENTS = 256  # frames of one fragmented message; over it: 1009
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 0  # 0 = no per-address cap
 DEFAULT_TICKET_TTL_S = 60
 DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
 DEFAULT_DOWN_AFTER_S = 10.0

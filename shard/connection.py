@@ -43,21 +43,33 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeader
+from websockets.frames import CloseCode as WsCloseCode
 from websockets.frames import Opcode
+from websockets.http11 import Request as WsRequest
 from websockets.protocol import OPEN, Protocol, Side
-from websockets.utils import accept_key
+from websockets.server import ServerProtocol
 
 from roomshard.protocol import CloseCode, ErrorCode
+from roomshard.tickets import TicketError
 from shard.frames import (
     HEAD_PONG,
     HEAD_TEXT,
     FrameRejected,
+    InvalidUtf8,
     error_frame,
     parse_client_frame,
     read_client_frames,
 )
-from shard.http import MAX_BODY_BYTES, HttpRequest, HttpResponse, error_response
-from shard.ratelimit import TokenBucket, Verdict
+from shard.http import (
+    MAX_BODY_BYTES,
+    MAX_UNAUTHENTICATED_BODY_BYTES,
+    HttpRequest,
+    HttpResponse,
+    error_response,
+)
+from shard.ratelimit import TokenBucket, Verdict, WireBudget
 
 if TYPE_CHECKING:
     from shard.registry import LiveRoom
@@ -74,7 +86,25 @@ KERNEL_SNDBUF = 64 * 1024
 CLOSE_GRACE_S = 2.0
 # An HTTP connection with no complete request for this long is closed (also
 # a socket that never finishes its WebSocket handshake).
-HTTP_IDLE_TIMEOUT_S = 30.0  # wait this long for the peer's close frame before aborting
+HTTP_IDLE_TIMEOUT_S = 30.0
+# Work bound per connection and loop turn: at most this many incoming frames
+# are handled, then reading pauses and the rest waits for the next turn, so
+# one connection cannot keep the loop from its timers, heartbeats and other
+# sockets (the wire budget then closes a flooder with 4008).
+MAX_FRAMES_PER_TURN = 64
+# The websockets parser gets the input in slices of this size: a slice holds
+# at most WS_FEED_SLICE / 6 frames (the smallest masked frame), so a turn
+# parses a bounded number of frames whatever the sender packs in one read.
+WS_FEED_SLICE = 2048
+# What a fragment of a fragmented message is charged against ``max_frame`` on
+# top of its payload (its frame object and header), so many tiny fragments
+# cannot hold more than a large message would.
+FRAGMENT_OVERHEAD_BYTES = 64
+# HTTP statuses of a refused WebSocket handshake -> the error body's code.
+_HANDSHAKE_ERRORS = {400: "bad_request", 403: "forbidden", 405: "method_not_allowed",
+                     426: "upgrade_required", 505: "http_version_not_supported"}
+# Headers of websockets' refusal we replace with our own JSON body's.
+_OWN_HEADERS = frozenset(("date", "connection", "content-length", "content-type"))
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
 
@@ -83,17 +113,26 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_body_limit",
+        "_body_size",
         "_busy",
+        "_deferred",
+        "_eof_pending",
+        "_http_stalled",
         "_idle_timer",
         "_request",
+        "address",
         "bucket",
+        "budget",
         "closed",
         "closing",
         "conn_id",
         "eof_after_flush",
+        "failed",
         "fast",
         "fd",
         "frag",
+        "frag_count",
         "frag_text",
         "http",
         "pending",
@@ -125,19 +164,31 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.fd = -1  # the socket's descriptor, for flush()'s direct writes
         self.bucket: TokenBucket | None = None
-        self.ping_outstanding = False
+        self.budget: WireBudget | None = None  # every frame and byte, from the upgrade on
+        self.address = ""  # the peer's IP address, for the per-address cap
+        # The ping round whose ping is unanswered (0: none); a pong clears it.
+        self.ping_outstanding = 0
         self.closed = False  # the TCP connection is gone
         self.closing = False  # we sent (or are sending) a close frame: no more data frames
+        self.failed = False  # failed (RFC 6455 7.1.7): nothing more is read
         self.eof_after_flush = False
-        self.frag: list[bytes] | None = None
+        self.frag: bytearray | None = None  # the fragmented message being reassembled
+        self.frag_count = 0
         self.frag_text = False
-        # True while incoming frames go through read_client_frames; rbuf is
-        # its incomplete frame (or, before the join, the unread input).
+        # True while incoming frames go through read_client_frames. rbuf is
+        # the input not handled yet: in fast mode it starts at a frame
+        # boundary; otherwise it is what the websockets parser has not been
+        # fed (kept over a loop turn by the per-turn work bound).
         self.fast = False
         self.rbuf = b""
+        self._deferred = False  # reading paused by the work bound; resumes next turn
+        self._eof_pending = False  # the peer half-closed; handled once rbuf is
         self._body: list[bytes] = []
+        self._body_size = 0
+        self._body_limit = MAX_UNAUTHENTICATED_BODY_BYTES
         self._request: h11.Request | None = None
         self._busy = False  # an HTTP request is being handled
+        self._http_stalled = False  # an answer waits in the transport: read no next request
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ------------------------------------------------
@@ -161,6 +212,9 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._http_stalled:  # the client read our answer: on to its next request
+            self._http_stalled = False
+            self._next_http_request()
 
     def _arm_idle_timer(self) -> None:
         """Close a connection that sends no complete request (or upgrade) for a while."""
@@ -175,32 +229,29 @@ class Connection(asyncio.Protocol):
             self._close_transport()
 
     def data_received(self, data: bytes) -> None:
-        if self.fast:
-            if not self.closing:
-                if self.room is not None:
-                    self._read_fast(data)
-                else:  # admission pending (reading is paused): kept for joined()
-                    self.rbuf += data
-                return
-            # We are closing: the websockets parser runs the closing handshake.
-            data, self.rbuf, self.fast = self.rbuf + data, b"", False
-        ws = self.ws
-        if ws is not None:
-            ws.receive_data(data)
-            self._after_ws_input()
-        elif self.http is not None:
-            self.http.receive_data(data)
-            self._drive_http()
+        if self.ws is None:
+            if self.http is not None:
+                self.http.receive_data(data)
+                self._drive_http()
+            return
+        if self.failed:
+            return
+        budget = self.budget
+        if budget is not None and not budget.take(0, len(data), self.server.monotonic()):
+            self._over_budget("bytes")
+            return
+        self.rbuf = self.rbuf + data if self.rbuf else data
+        if self.room is not None or self.closing:  # else admission pending: kept for joined()
+            self._pump()
 
     def eof_received(self) -> bool | None:
-        if self.ws is not None:
-            if self.fast:
-                rest, self.rbuf, self.fast = self.rbuf, b"", False
-                if rest:
-                    self.ws.receive_data(rest)
-            self.ws.receive_eof()
-            self._after_ws_input()
-        return None  # let the transport close
+        if self.ws is None or self.failed:
+            return None  # let the transport close
+        # Handle what is still buffered first (the work bound may defer it).
+        self._eof_pending = True
+        if not self._deferred and (self.room is not None or self.closing):
+            self._pump()
+        return True  # we close the transport once the input is handled
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -226,12 +277,17 @@ class Connection(asyncio.Protocol):
                 return  # PAUSED: a request is being answered; h11 holds the rest
             if isinstance(event, h11.Request):
                 self._request = event
-                self._body = []
+                self._body, self._body_size = [], 0
+                self._body_limit = self._body_limit_for(event)
+                length = _content_length(event)
+                if length is not None and length > self._body_limit:
+                    self._too_large()  # refused before reading a byte of it
+                    return
             elif isinstance(event, h11.Data):
                 self._body.append(event.data)
-                if sum(map(len, self._body)) > MAX_BODY_BYTES:
-                    self._respond(error_response(413, "too_large", "request body too large"),
-                                  close=True)
+                self._body_size += len(event.data)
+                if self._body_size > self._body_limit:
+                    self._too_large()
                     return
             elif isinstance(event, h11.EndOfMessage):
                 self._complete_request()
@@ -239,6 +295,24 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, h11.ConnectionClosed):
                 self._close_transport()
                 return
+
+    def _body_limit_for(self, req: h11.Request) -> int:
+        """A body larger than a plain request's needs the cluster token (internal routes)."""
+        for name, value in req.headers:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    try:
+                        self.server.signer.verify_cluster_token(token.strip(),
+                                                                now=self.server.clock())
+                    except TicketError:
+                        break
+                    return MAX_BODY_BYTES
+        return MAX_UNAUTHENTICATED_BODY_BYTES
+
+    def _too_large(self) -> None:
+        self._respond(error_response(413, "too_large",
+                                     f"request body over {self._body_limit} bytes"), close=True)
 
     def _complete_request(self) -> None:
         req = self._request
@@ -248,9 +322,9 @@ class Connection(asyncio.Protocol):
         split = urlsplit(target)
         request = HttpRequest(req.method.decode("ascii").upper(), split.path,
                               dict(parse_qsl(split.query)), headers, b"".join(self._body))
-        self._request, self._body = None, []
+        self._request, self._body, self._body_size = None, [], 0
         if "websocket" in headers.get("upgrade", "").lower():
-            self._upgrade(request)
+            self._upgrade(request, req)
             return
         self.transport.pause_reading()  # one request at a time per connection
         self._busy = True
@@ -266,7 +340,15 @@ class Connection(asyncio.Protocol):
             self._respond(error_response(503, "shutting_down", "the shard is stopping"), close=True)
             return
         self._respond(task.result())
-        if self.transport is not None and not self.closed:
+        if self.write_paused:
+            # The client has not read this answer yet: its next (pipelined)
+            # request waits, so answers cannot pile up in our buffers.
+            self._http_stalled = True
+            return
+        self._next_http_request()
+
+    def _next_http_request(self) -> None:
+        if self.transport is not None and not self.closed and self.http is not None:
             self.transport.resume_reading()
             self._drive_http()
 
@@ -295,72 +377,158 @@ class Connection(asyncio.Protocol):
             self._close_transport()
 
     # -- WebSocket handshake -------------------------------------------------
-    def _upgrade(self, request: HttpRequest) -> None:
+    def _upgrade(self, request: HttpRequest, raw: h11.Request) -> None:
+        """Answer a WebSocket handshake: websockets' ServerProtocol.accept decides (RFC 6455 4.2).
+
+        A request that is not a valid handshake (method, HTTP version, key,
+        version, Upgrade/Connection) gets its HTTP status with the JSON error
+        body (426 with ``Sec-WebSocket-Version: 13`` for another version);
+        it is not a WebSocket. Refusals of a valid one happen after the 101.
+        No extension is offered (permessage-deflate stays off).
+        """
         http, transport = self.http, self.transport
         assert http is not None and transport is not None
-        key = request.headers.get("sec-websocket-key", "")
-        if (request.method != "GET" or request.headers.get("sec-websocket-version") != "13"
-                or not key or "upgrade" not in request.headers.get("connection", "").lower()):
-            self._respond(error_response(400, "bad_request",
-                                         "not a valid WebSocket handshake (RFC 6455 4.2.1)"),
+        cfg = self.server.cfg
+        handshake = ServerProtocol(max_size=cfg.max_frame, logger=_WS_LOGGER)
+        response = handshake.accept(WsRequest(
+            raw.target.decode("latin-1"),
+            Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw.headers),
+            method=request.method, protocol="HTTP/" + raw.http_version.decode("ascii")))
+        if response.status_code != 101:
+            exc = handshake.handshake_exc
+            status = response.status_code
+            extra = [(k, v) for k, v in response.headers.raw_items() if k.lower() not in _OWN_HEADERS]
+            if isinstance(exc, InvalidHeader) and exc.name.lower() == "sec-websocket-version":
+                status = 426  # RFC 6455 4.4: name the version we speak
+                extra.append(("Sec-WebSocket-Version", "13"))
+            self._respond(error_response(status, _HANDSHAKE_ERRORS.get(status, "bad_request"),
+                                         f"not a valid WebSocket handshake: {exc}", extra),
                           close=True)
             return
-        try:
-            out = http.send(h11.InformationalResponse(status_code=101, headers=[
-                ("upgrade", "websocket"), ("connection", "Upgrade"),
-                ("sec-websocket-accept", accept_key(key))]))
-        except h11.LocalProtocolError:
-            self._respond(error_response(400, "bad_request", "upgrade not possible"), close=True)
-            return
-        transport.write(out or b"")
         trailing, _ = http.trailing_data
+        transport.write(response.serialize())
         self.http = None  # h11's buffers are not kept for the connection's life
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        self.ws = Protocol(Side.SERVER, state=OPEN, max_size=self.server.cfg.max_frame,
-                           logger=_WS_LOGGER)
+        self.ws = Protocol(Side.SERVER, state=OPEN, max_size=cfg.max_frame, logger=_WS_LOGGER)
+        self.budget = WireBudget(cfg.frame_rate, cfg.frame_burst, cfg.byte_rate, cfg.byte_burst,
+                                 self.server.monotonic())
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
         transport.pause_reading()  # until admitted; frames wait in the kernel
         self.fast = True
         self.rbuf = bytes(trailing)
+        if self.rbuf and not self.budget.take(0, len(self.rbuf), self.server.monotonic()):
+            self.rbuf = b""  # cannot happen with byte_burst >= the 16 KiB h11 buffer
         self.server.admit(self, request)
 
     def joined(self, room: LiveRoom, conn_id: int, user: str, bucket: TokenBucket) -> None:
         """Called by the server once the room accepted this connection."""
         self.room, self.conn_id, self.user, self.bucket = room, conn_id, user, bucket
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.failed:
             self.transport.resume_reading()
-            if self.fast:
-                self._read_fast(b"")  # what came with the handshake
-            else:
-                self._after_ws_input()
+            self._pump()  # what came with the handshake
 
     # -- WebSocket phase -------------------------------------------------
-    def _read_fast(self, data: bytes) -> None:
-        """Handle the common frames at the start of the input; see the module docstring."""
-        buf = self.rbuf + data if self.rbuf else data
-        frames, used, slow = read_client_frames(buf, self.server.cfg.max_frame)
-        for head, payload in frames:
-            if self.closing:  # an earlier frame closed us (4008): the rest is dropped
-                break
-            if head == HEAD_PONG:
-                self.ping_outstanding = False
-            else:
-                self._on_message(payload, head == HEAD_TEXT)
-        rest = buf[used:] if used else buf
-        if slow or self.closing:
-            self.rbuf, self.fast = b"", False
-            if rest and self.ws is not None:
-                self.ws.receive_data(rest)
-            self._after_ws_input()
-        else:
-            self.rbuf = rest
+    def _pump(self) -> None:
+        """Handle buffered input, at most MAX_FRAMES_PER_TURN frames; see the module docstring.
 
-    def _after_ws_input(self) -> None:
+        While fast: the common frames at the start of ``rbuf``. From the first
+        other frame on (and once closing), the websockets parser, fed in
+        slices. What the bound leaves waits, with reading paused, for the
+        next loop turn (:meth:`_resume_input`).
+        """
+        left = MAX_FRAMES_PER_TURN
+        if self.fast:
+            buf = self.rbuf
+            if not self.closing:
+                frames, used, slow = read_client_frames(buf, self.server.cfg.max_frame, left)
+                if frames:
+                    if not self._spend(len(frames)):
+                        return
+                    for head, payload in frames:
+                        if self.closing:  # an earlier frame closed us (4008): the rest is dropped
+                            break
+                        if head == HEAD_PONG:
+                            self.ping_outstanding = 0
+                        else:
+                            self._on_message(payload, head == HEAD_TEXT)
+                    if self.failed:
+                        return
+                    left -= len(frames)
+                buf = buf[used:] if used else buf
+                if not (slow or self.closing or self._eof_pending):
+                    self.rbuf = buf
+                    if buf and not left:
+                        self._defer()  # complete frames wait for the next turn
+                    return
+            # The websockets parser takes over for the rest of the connection
+            # (another kind of frame, the closing handshake, or the peer's EOF).
+            self.rbuf, self.fast = buf, False
         ws = self.ws
         assert ws is not None
-        if self.room is not None and not self.closing:
-            for frame in ws.events_received():
+        data, pos, n = self.rbuf, 0, len(self.rbuf)
+        while pos < n and left > 0 and not self.failed:
+            ws.receive_data(data[pos:pos + WS_FEED_SLICE])
+            pos += WS_FEED_SLICE
+            left -= self._after_ws_input()
+        if self.failed:
+            self.rbuf = b""
+            return
+        self.rbuf = data[pos:] if pos < n else b""
+        if self.rbuf:
+            self._defer()
+        elif self._eof_pending:
+            self._eof_pending = False
+            ws.receive_eof()
+            self._after_ws_input()
+            self.eof_after_flush = True  # the peer is gone: close once our frames are out
+            self.server.mark_dirty(self)
+
+    def _defer(self) -> None:
+        """Pause reading; handle the rest of ``rbuf`` on the next loop turn."""
+        if not self._deferred and self.transport is not None:
+            self._deferred = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._resume_input)
+
+    def _resume_input(self) -> None:
+        self._deferred = False
+        if self.closed or self.failed or self.transport is None:
+            return
+        self._pump()
+        if not self._deferred and not self.failed and not self._eof_pending:
+            self.transport.resume_reading()
+
+    def _spend(self, frames: int) -> bool:
+        """Charge ``frames`` to the wire budget; False (and the connection failed) when over."""
+        budget = self.budget
+        if budget is None or budget.take(frames, 0, self.server.monotonic()):
+            return True
+        self._over_budget("frames")
+        return False
+
+    def _over_budget(self, what: str) -> None:
+        cfg = self.server.cfg
+        self.server.stats.rate_limited += 1
+        log.info("closing %s (4008): over the wire budget of %s (%g frames/s, %g bytes/s)",
+                 self.user or self.address, what, cfg.frame_rate, cfg.byte_rate)
+        if self.closing:  # already closing: the close frame is out, stop here
+            self.failed = True
+            self.abort()
+            return
+        self.fail(CloseCode.POLICY, "too many frames or bytes")
+
+    def _after_ws_input(self) -> int:
+        """Handle the frames the websockets parser produced; their count (for the work bound)."""
+        ws = self.ws
+        assert ws is not None
+        events = ws.events_received()
+        if events and self.room is not None and not self.closing:
+            if not self._spend(len(events)):
+                return len(events)
+            for frame in events:
                 if self.closing:  # an earlier frame of this batch closed us (4008)
                     break
                 op = frame.opcode
@@ -368,16 +536,35 @@ class Connection(asyncio.Protocol):
                     if frame.fin:
                         self._on_message(frame.data, op is _TEXT)
                     else:
-                        self.frag, self.frag_text = [frame.data], op is _TEXT
+                        self.frag, self.frag_count = bytearray(frame.data), 1
+                        self.frag_text = op is _TEXT
                 elif op is _CONT:
-                    if self.frag is not None:
-                        self.frag.append(frame.data)
+                    frag = self.frag
+                    if frag is not None:
+                        frag += frame.data
+                        self.frag_count += 1
+                        if not self._fragments_fit(frag):
+                            break
                         if frame.fin:
-                            data, self.frag = b"".join(self.frag), None
-                            self._on_message(data, self.frag_text)
+                            self.frag = None
+                            self._on_message(bytes(frag), self.frag_text)
                 elif op is _PONG:
-                    self.ping_outstanding = False
+                    self.ping_outstanding = 0
+        elif events and self.closing and not self._spend(len(events)):
+            return len(events)
         self._take_ws_output()
+        return len(events)
+
+    def _fragments_fit(self, frag: bytearray) -> bool:
+        """Bound one fragmented message: fragment count and payload + per-fragment overhead."""
+        cfg = self.server.cfg
+        if (self.frag_count <= cfg.max_fragments
+                and len(frag) + self.frag_count * FRAGMENT_OVERHEAD_BYTES <= cfg.max_frame):
+            return True
+        self.frag = None
+        self.fail(CloseCode.MESSAGE_TOO_BIG,
+                  f"over {cfg.max_fragments} fragments or {cfg.max_frame} bytes in one message")
+        return False
 
     def _take_ws_output(self) -> None:
         """Queue what the sans-I/O protocol wants to write (pongs, close frames, EOF)."""
@@ -410,6 +597,9 @@ class Connection(asyncio.Protocol):
                 msg_id = parse_client_frame(payload, is_text=is_text, max_text=1 << 30).id
             except FrameRejected as exc:
                 msg_id = exc.msg_id
+            except InvalidUtf8 as exc:
+                self.fail(WsCloseCode.INVALID_DATA, str(exc))
+                return
             self.queue(error_frame(ErrorCode.RATE_LIMITED,
                                    f"over {server.cfg.rate:g} messages/s", msg_id))
             return
@@ -418,6 +608,10 @@ class Connection(asyncio.Protocol):
         except FrameRejected as exc:
             stats.rejected += 1
             self.queue(exc.frame())
+            return
+        except InvalidUtf8 as exc:
+            stats.rejected += 1
+            self.fail(WsCloseCode.INVALID_DATA, str(exc))  # RFC 6455 8.1
             return
         room.send(self, send.id, send.text)
 
@@ -490,7 +684,7 @@ class Connection(asyncio.Protocol):
         ws, transport = self.ws, self.transport
         if self.closed or ws is None or transport is None:
             return
-        if not transport.is_reading():
+        if not transport.is_reading() and not self.failed and not self._deferred:
             transport.resume_reading()  # to read the peer's close frame
         self.closing = True
         if ws.state is OPEN:
@@ -504,6 +698,27 @@ class Connection(asyncio.Protocol):
         self.server.detach(self)
         asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
 
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): close frame, then close the TCP connection.
+
+        Nothing more is read from the peer (reading stops at once), so an
+        abusive sender costs no more CPU; the close frame is written at the
+        end of the turn and the socket closed after it (aborted after
+        :data:`CLOSE_GRACE_S` if the peer does not read it).
+        """
+        ws, transport = self.ws, self.transport
+        if self.closed or self.failed or ws is None or transport is None:
+            return
+        self.failed = True
+        self.rbuf = b""
+        transport.pause_reading()
+        was_closing, self.closing = self.closing, True
+        ws.fail(code, reason)
+        self._take_ws_output()  # the close frame, then EOF: flush() closes the transport
+        self.server.detach(self)
+        if not was_closing:
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+
     def abort(self) -> None:
         if not self.closed and self.transport is not None:
             self.transport.abort()
@@ -514,3 +729,10 @@ class Connection(asyncio.Protocol):
 
     def describe(self) -> dict[str, Any]:
         return {"user": self.user, "pending_bytes": self.pending_bytes}
+
+
+def _content_length(req: h11.Request) -> int | None:
+    for name, value in req.headers:
+        if name == b"content-length":
+            return int(value)  # h11 validated it
+    return None

@@ -12,7 +12,8 @@ Incoming data frames are validated once, at the edge, by
 :func:`parse_client_frame`: a ``send`` is ``{"type": "send", "id": str 1..64,
 "text": str}`` (other fields are ignored, so clients may add
 their own); anything else is a :class:`FrameRejected` carrying the
-contract's error code (and the client's ``id`` when it could be read).
+contract's error code (and the client's ``id`` when it could be read), but
+a text message that is not UTF-8 is :class:`InvalidUtf8` (close 1007).
 """
 
 from __future__ import annotations
@@ -68,22 +69,26 @@ _FAST_HEADS = frozenset((HEAD_TEXT, HEAD_BINARY, HEAD_PONG))
 MAX_FAST_PARTIAL = 16 * 1024
 
 
-def read_client_frames(buf: bytes, max_size: int) -> tuple[list[tuple[int, bytes]], int, bool]:
+def read_client_frames(buf: bytes, max_size: int, max_frames: int
+                       ) -> tuple[list[tuple[int, bytes]], int, bool]:
     """Cut the common client frames off the start of ``buf`` (which starts at a frame boundary).
 
     Returns ``(frames, consumed, slow)``: ``frames`` are ``(head byte,
-    unmasked payload)`` of complete text, binary and pong frames;
+    unmasked payload)`` of complete text, binary and pong frames, at most
+    ``max_frames`` of them (the caller's work bound per loop turn);
     ``buf[consumed:]`` is left over. ``slow`` says the frame at ``consumed``
     is of another kind (a fragment, ping, close, an unmasked frame, RSV bits,
     a payload over ``max_size``, a 64-bit length, a long incomplete frame):
     the caller hands ``buf[consumed:]`` and everything after it to the full
     RFC 6455 parser, which answers those exactly as before (1002, 1009,
     pongs, the closing handshake). Otherwise ``buf[consumed:]`` is an
-    incomplete frame to complete with the next bytes.
+    incomplete frame to complete with the next bytes, or (when ``max_frames``
+    frames were cut) more frames for the next turn.
     """
     frames: list[tuple[int, bytes]] = []
     pos, n = 0, len(buf)
-    while n - pos >= 2:
+    while n - pos >= 2 and max_frames:
+        max_frames -= 1
         head, second = buf[pos], buf[pos + 1]
         if head not in _FAST_HEADS or not second & 0x80:  # clients must mask (5.1)
             return frames, pos, True
@@ -114,6 +119,10 @@ class SendFrame:
     text: str
 
 
+class InvalidUtf8(Exception):
+    """A text message that is not UTF-8: the connection fails with 1007 (RFC 6455 8.1)."""
+
+
 class FrameRejected(Exception):
     """A client frame refused with an error frame; the connection stays open."""
 
@@ -128,12 +137,20 @@ class FrameRejected(Exception):
 
 
 def parse_client_frame(payload: bytes, *, is_text: bool, max_text: int) -> SendFrame:
-    """Validate one complete client message; raises :class:`FrameRejected`."""
+    """Validate one complete client message.
+
+    Raises :class:`FrameRejected` (an error frame) or, for a text message
+    that is not UTF-8, :class:`InvalidUtf8` (the connection fails with 1007).
+    """
     if not is_text:
         raise FrameRejected(ErrorCode.BAD_REQUEST, "binary frames are not accepted; send JSON text")
     try:
         obj = orjson.loads(payload)  # also rejects invalid UTF-8
     except orjson.JSONDecodeError:
+        try:  # only on this error path: tell invalid UTF-8 (1007) from bad JSON
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidUtf8("text frame is not valid UTF-8") from None
         raise FrameRejected(ErrorCode.BAD_REQUEST, "malformed JSON") from None
     if not isinstance(obj, dict):
         raise FrameRejected(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")

@@ -21,6 +21,9 @@ import orjson
 log = logging.getLogger("roomshard.shard.http")
 
 MAX_BODY_BYTES = 8 << 20  # a handoff snapshot of 1,000 long messages fits
+# A request without a valid cluster token (only the internal routes take
+# one, and they need it) may not make the shard buffer more than this.
+MAX_UNAUTHENTICATED_BODY_BYTES = 64 << 10
 
 
 @dataclass(slots=True)

@@ -46,3 +46,36 @@ class TokenBucket:
         if self.strikes >= STRIKE_FACTOR * self.burst:
             return Verdict.CLOSE
         return Verdict.REFUSE
+
+
+class WireBudget:
+    """Everything one connection sends: a token bucket of frames and one of bytes.
+
+    Unlike :class:`TokenBucket` (complete messages, refused one by one) this
+    counts every frame (data, continuation, ping, pong, close) and every byte
+    read from the socket. A client cannot be told "too many pings", so
+    overdrawing either bucket is abuse and closes the connection with 4008;
+    the defaults (``roomshard.protocol``) are far above any well-behaved
+    client, which the message rate limit keeps to 20/s anyway.
+    """
+
+    __slots__ = ("byte_burst", "byte_rate", "bytes", "frame_burst", "frame_rate", "frames",
+                 "last")
+
+    def __init__(self, frame_rate: float, frame_burst: int, byte_rate: float, byte_burst: int,
+                 now: float) -> None:
+        self.frame_rate, self.frame_burst = frame_rate, float(frame_burst)
+        self.byte_rate, self.byte_burst = byte_rate, float(byte_burst)
+        self.frames, self.bytes = self.frame_burst, self.byte_burst
+        self.last = now
+
+    def take(self, frames: int, nbytes: int, now: float) -> bool:
+        """Account ``frames`` and ``nbytes`` at ``now``; False once either bucket is overdrawn."""
+        elapsed = now - self.last
+        if elapsed > 0:
+            self.last = now
+            self.frames = min(self.frame_burst, self.frames + elapsed * self.frame_rate)
+            self.bytes = min(self.byte_burst, self.bytes + elapsed * self.byte_rate)
+        self.frames -= frames
+        self.bytes -= nbytes
+        return self.frames >= 0.0 and self.bytes >= 0.0

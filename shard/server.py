@@ -99,6 +99,8 @@ class ShardServer:
         self._last_messages = 0
         self.messages_per_s = 0.0
         self._hb_failures = 0
+        self._ping_rounds = 0  # the number of the latest ping round
+        self.conns_per_address: dict[str, int] = {}  # WebSockets per peer address (when capped)
         self.join_gates: list[Callable[[Ticket], tuple[int, str] | None]] = []
         self.tick_hooks: list[Callable[[float], None]] = []
 
@@ -172,8 +174,10 @@ class ShardServer:
     def admit(self, conn: Connection, request: HttpRequest) -> None:
         """Decide about a WebSocket that just got its 101; closes it with a code or joins it."""
         self.ws_conns.add(conn)
+        if self.cfg.max_connections_per_address:
+            self.conns_per_address[conn.address] = self.conns_per_address.get(conn.address, 0) + 1
         try:
-            ticket, since = self._check(request)
+            ticket, since = self._check(request, conn.address)
         except Refused as r:
             self._refuse(conn, r)
             return
@@ -188,7 +192,7 @@ class ShardServer:
         else:
             self._spawn(self._open_and_join(conn, ticket, since))
 
-    def _check(self, request: HttpRequest) -> tuple[Ticket, int | None]:
+    def _check(self, request: HttpRequest, address: str) -> tuple[Ticket, int | None]:
         cfg = self.cfg
         parts = request.path.split("/")
         if len(parts) != 4 or parts[0] or parts[2] != "room" or parts[1] != cfg.instance:
@@ -219,6 +223,9 @@ class ShardServer:
         self.used_tickets[ticket.jti] = ticket.exp
         if len(self.ws_conns) > cfg.max_connections:
             raise Refused(CloseCode.TRY_AGAIN_LATER, "shard at max connections")
+        per_address = cfg.max_connections_per_address
+        if per_address and self.conns_per_address.get(address, 0) > per_address:
+            raise Refused(CloseCode.POLICY, f"over {per_address} connections from {address}")
         raw_since = request.query.get("since")
         since: int | None = None
         if raw_since is not None:
@@ -276,7 +283,13 @@ class ShardServer:
     def forget(self, conn: Connection) -> None:
         """The TCP connection is gone."""
         self.detach(conn)
-        self.ws_conns.discard(conn)
+        if conn in self.ws_conns:
+            self.ws_conns.discard(conn)
+            count = self.conns_per_address.get(conn.address, 0)
+            if count > 1:
+                self.conns_per_address[conn.address] = count - 1
+            else:
+                self.conns_per_address.pop(conn.address, None)
 
     # -- HTTP -----------------------------------------------------------
     async def handle_http(self, request: HttpRequest) -> HttpResponse:
@@ -359,24 +372,35 @@ class ShardServer:
                 live.update_rate(elapsed)
 
     def _ping_round(self) -> None:
-        """Ping every joined connection; check the answers ``ping_timeout`` later."""
+        """Ping every joined connection; check the answers ``ping_timeout`` later.
+
+        Each round has a number; a connection remembers the round of its
+        unanswered ping and any pong clears it. A round's check looks only at
+        its own pings, so a later round (due first when ``ping_timeout`` >=
+        ``ping_interval``) never makes an answered ping look unanswered, and a
+        connection with a ping still unanswered is not pinged again.
+        """
         if self.stopping:
             return
         loop = asyncio.get_running_loop()
         self._timers["ping"] = loop.call_later(self.cfg.ping_interval, self._ping_round)
+        self._ping_rounds += 1
+        round_no = self._ping_rounds
         pinged = []
         for conn in self.ws_conns:
             if conn.room is not None and not conn.closed and not conn.ping_outstanding:
-                conn.ping_outstanding = True
+                conn.ping_outstanding = round_no
                 conn.queue(_PING_FRAME)
                 pinged.append(conn)
         if pinged:
-            self._timers["ping_check"] = loop.call_later(self.cfg.ping_timeout, self._ping_check,
-                                                         pinged)
+            self._timers["ping_check"] = loop.call_later(
+                self.cfg.ping_timeout, self._ping_check, pinged, round_no)
 
-    def _ping_check(self, pinged: list[Connection]) -> None:
+    def _ping_check(self, pinged: list[Connection], round_no: int) -> None:
+        if self.stopping:
+            return
         for conn in pinged:
-            if conn.ping_outstanding and not conn.closed:
+            if conn.ping_outstanding == round_no and not conn.closed:
                 self.stats.ping_timeouts += 1
                 log.info("no pong from %s within %.1fs: closing", conn.user, self.cfg.ping_timeout)
                 conn.close(1011, "ping timeout")  # dead peer: nobody reads the frame

@@ -36,7 +36,7 @@ def fast_then_full(chunks: list[bytes], max_size: int) -> list[tuple[str, bytes]
     for chunk in chunks:
         if ws is None:
             buf = rbuf + chunk
-            frames, used, slow = read_client_frames(buf, max_size)
+            frames, used, slow = read_client_frames(buf, max_size, 1 << 30)
             out += [(names[head], payload) for head, payload in frames]
             rbuf = buf[used:]
             if slow:
@@ -89,18 +89,18 @@ def test_fast_reader_matches_websockets_on_random_streams_split_anywhere():
 def test_other_frames_are_left_to_websockets_at_their_boundary(frame):
     """Control, fragmented, malformed and oversized frames stop the fast reader where they start."""
     head = client_frame(Opcode.TEXT, b"ok")
-    frames, used, slow = read_client_frames(head + frame + head, 100)
+    frames, used, slow = read_client_frames(head + frame + head, 100, 10)
     assert (frames, used, slow) == ([(0x81, b"ok")], len(head), True)
 
 
 def test_incomplete_frames_wait_and_long_ones_go_to_websockets():
     """A short partial frame waits for more bytes; a long one is handed over (no quadratic copying)."""
     small = client_frame(Opcode.TEXT, b"x" * 300)
-    assert read_client_frames(small[:1], 65_536) == ([], 0, False)
-    assert read_client_frames(small[:3], 65_536) == ([], 0, False)
-    assert read_client_frames(small[:-1], 65_536) == ([], 0, False)
+    assert read_client_frames(small[:1], 65_536, 10) == ([], 0, False)
+    assert read_client_frames(small[:3], 65_536, 10) == ([], 0, False)
+    assert read_client_frames(small[:-1], 65_536, 10) == ([], 0, False)
     big = client_frame(Opcode.TEXT, b"x" * (MAX_FAST_PARTIAL + 1))
-    assert read_client_frames(big[:100], 65_536) == ([], 0, True)
+    assert read_client_frames(big[:100], 65_536, 10) == ([], 0, True)
 
 
 async def test_fragments_pings_and_split_frames_are_served_after_fast_frames(shard):

@@ -7,7 +7,14 @@ import pytest
 from websockets.frames import Frame
 from websockets.streams import StreamReader
 
-from shard.frames import FrameRejected, error_frame, parse_client_frame, server_frame, text_frame
+from shard.frames import (
+    FrameRejected,
+    InvalidUtf8,
+    error_frame,
+    parse_client_frame,
+    server_frame,
+    text_frame,
+)
 from shard.ratelimit import TokenBucket, Verdict
 
 
@@ -38,9 +45,15 @@ def test_valid_send_frame_is_parsed():
     assert (f.id, f.text) == ("a1", "hi")
 
 
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b'{"type":"send","id":"a","text":"\xc3"}'])
+def test_invalid_utf8_is_not_an_error_frame_but_a_1007(payload):
+    """RFC 6455 8.1: a text message that is not UTF-8 fails the connection (1007)."""
+    with pytest.raises(InvalidUtf8):
+        parse_client_frame(payload, is_text=True, max_text=100)
+
+
 @pytest.mark.parametrize("payload,is_text,code,msg_id", [
     (b"not json", True, "bad_request", None),
-    (b"\xff\xfe", True, "bad_request", None),
     (b"[1,2]", True, "bad_request", None),
     (b'{"type":"hello","id":"k"}', True, "bad_request", "k"),
     (b'{"type":"send","text":"t"}', True, "bad_request", None),
