@@ -141,7 +141,7 @@ async def heartbeats(urls: list[str], signer: Signer, stop: asyncio.Event) -> No
     await c.open()
     while not stop.is_set():
         for iid in ("i1", "i2", "i3"):
-            token = signer.cluster_token(iid, now=time.time())
+            token = signer.cluster_token(iid, to="directory", now=time.time())
             body = json.dumps({"internal_url": f"http://127.0.0.1:9/{iid}", "boot_id": "bench",
                                "capacity": 1_000_000}).encode()
             status, text = await c.request("PUT", f"/v1/internal/instances/{iid}/heartbeat", body,

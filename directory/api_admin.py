@@ -125,7 +125,7 @@ async def _loads(ctx: Directory, rows: list[Any]) -> dict[str, dict[str, Any] | 
         if irow is not None:
             urls[inst] = irow["internal_url"]
     names = sorted(urls)
-    results = await asyncio.gather(*(ctx.shards.rooms_load(urls[n]) for n in names))
+    results = await asyncio.gather(*(ctx.shards.rooms_load(n, urls[n]) for n in names))
     by_instance = dict(zip(names, results))
     out: dict[str, dict[str, Any] | None] = {}
     for r in rows:
@@ -164,7 +164,7 @@ async def get_room(request: Request, ctx: Directory) -> Response:
     if row["instance"] is not None:
         irow = await ctx.store.get_instance(row["instance"])
         if irow is not None:
-            load = await ctx.shards.room_load(irow["internal_url"], room)
+            load = await ctx.shards.room_load(row["instance"], irow["internal_url"], room)
     return json_response(room_view(row, load))
 
 
@@ -184,7 +184,8 @@ async def put_access(request: Request, ctx: Directory) -> Response:
         # Someone may have lost access: the owner closes them with 4003.
         irow = await ctx.store.get_instance(row["instance"])
         if irow is not None:
-            closed = await ctx.shards.push_access(irow["internal_url"], room, True, members)
+            closed = await ctx.shards.push_access(row["instance"], irow["internal_url"], room, True,
+                                                    members)
     return json_response({"room": room, "private": body.private, "members": members,
                           "instance": row["instance"], "closed": closed})
 

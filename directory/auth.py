@@ -12,7 +12,10 @@
   credentials are genuine, the id they carry is not usable. ``aud`` is not
   checked (no audience is configured).
 * Operators: ``Authorization: Bearer <admin token>``, compared in constant time.
-* Shards: a cluster token (``roomshard.tickets``), ``sub`` = their instance.
+* Shards: a cluster token (``roomshard.tickets``) made for the directory,
+  ``sub`` = their instance. An unbound token of an older shard (no receiver
+  in ``aud``) is still accepted here during a rolling upgrade; one whose
+  ``aud`` names another receiver (a directory -> shard token) never is.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from directory.errors import Forbidden, Unauthorized
 from roomshard.config import ConfigError, DirectoryConfig
-from roomshard.tickets import Signer, TicketError
+from roomshard.tickets import DIRECTORY, Signer, TicketError
 
 ASYMMETRIC_ALGS = ("RS256", "ES256")
 
@@ -108,7 +111,8 @@ def cluster_subject(authorization: str | None, signer: Signer, *, now: float) ->
     if token is None:
         raise Unauthorized("unauthorized", "cluster token required")
     try:
-        return signer.verify_cluster_token(token, now=now)
+        return signer.verify_cluster_token(token, receiver=DIRECTORY, now=now,
+                                           allow_unbound=True)
     except TicketError as exc:
         raise Unauthorized("unauthorized", f"cluster token refused: {exc}") from exc
 

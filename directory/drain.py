@@ -39,7 +39,7 @@ async def effective_instances(ctx: Directory) -> list[dict[str, Any]]:
 async def room_weights(ctx: Directory, instance: Mapping[str, Any],
                        rows: list[Mapping[str, Any]]) -> dict[str, float]:
     """weight = 1 + live connections, asked from the owning shard (1 when it cannot say)."""
-    loads = await ctx.shards.rooms_load(instance["internal_url"]) or {}
+    loads = await ctx.shards.rooms_load(instance["id"], instance["internal_url"]) or {}
     return {r["room"]: 1.0 + float((loads.get(r["room"]) or {}).get("connections", 0))
             for r in rows}
 

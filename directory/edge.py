@@ -10,6 +10,7 @@ traceback to the client), and each request is counted in the app's metrics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,8 @@ def json_response(data: Any, status: int = 200, *, no_store: bool = False) -> Re
 
 
 MAX_BODY_BYTES = 1 << 20
+#: A request body must arrive within this long of its head (a trickled body is refused).
+BODY_TIMEOUT_S = 30.0
 
 
 class PayloadTooLarge(ApiError):
@@ -71,8 +74,22 @@ class PayloadTooLarge(ApiError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    code = "request_timeout"
+
+
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) without reading it all."""
+    """The request body, refusing more than ``limit`` bytes (413) without reading it all,
+    or a body still incomplete after ``BODY_TIMEOUT_S`` (408)."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(message=f"request body not complete within {BODY_TIMEOUT_S:g} s") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(message=f"request body over {limit} bytes")

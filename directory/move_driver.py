@@ -290,12 +290,11 @@ class Mover:
 
     async def _post(self, instance: str, url: str, body: dict[str, Any],
                     timeout: float) -> tuple[int, Any]:
-        token = self.ctx.signer.cluster_token("directory", now=self.ctx.clock())
         try:
             # orjson both ways: a snapshot carries up to the whole history (1,000 messages).
             resp = await self.ctx.shards.http.post(
                 url, content=orjson.dumps(body), timeout=timeout,
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+                headers={**self.ctx.shards.headers(instance), "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now,
             self._no_batch.clear()  # or run a newer version: try the batch route again

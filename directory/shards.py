@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from roomshard.tickets import Signer
+from roomshard.tickets import DIRECTORY, Signer
 
 SHARD_CALL_TIMEOUT_S = 1.0
 log = logging.getLogger("roomshard.directory.shards")
@@ -34,28 +34,33 @@ class ShardClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": "Bearer " + self._signer.cluster_token("directory", now=self._clock())}
+    def headers(self, instance: str) -> dict[str, str]:
+        """A fresh cluster token for one call to ``instance`` (refused by every other one)."""
+        token = self._signer.cluster_token(DIRECTORY, to=instance, now=self._clock())
+        return {"Authorization": "Bearer " + token}
 
-    async def _call(self, method: str, url: str, json: Any = None) -> httpx.Response | None:
+    async def _call(self, instance: str, method: str, url: str,
+                    json: Any = None) -> httpx.Response | None:
         try:
-            return await self.http.request(method, url, json=json, headers=self._headers())
+            return await self.http.request(method, url, json=json, headers=self.headers(instance))
         except httpx.HTTPError as exc:
             log.warning("shard call %s %s failed: %s", method, url, exc)
             return None
 
-    async def room_load(self, internal_url: str, room: str) -> dict[str, Any] | None:
+    async def room_load(self, instance: str, internal_url: str,
+                        room: str) -> dict[str, Any] | None:
         """One room's live load; ``NOT_LOADED`` when the shard does not hold it in memory."""
-        resp = await self._call("GET", f"{internal_url}/internal/rooms/{room}")
+        resp = await self._call(instance, "GET", f"{internal_url}/internal/rooms/{room}")
         if resp is None:
             return None
         if resp.status_code == 404:
             return dict(NOT_LOADED)
         return _room_load(resp)
 
-    async def rooms_load(self, internal_url: str) -> dict[str, dict[str, Any]] | None:
+    async def rooms_load(self, instance: str,
+                         internal_url: str) -> dict[str, dict[str, Any]] | None:
         """Live load of every room the shard holds, by room id."""
-        resp = await self._call("GET", f"{internal_url}/internal/rooms")
+        resp = await self._call(instance, "GET", f"{internal_url}/internal/rooms")
         if resp is None or resp.status_code != 200:
             return None
         try:
@@ -64,10 +69,10 @@ class ShardClient:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    async def push_access(self, internal_url: str, room: str, private: bool,
+    async def push_access(self, instance: str, internal_url: str, room: str, private: bool,
                           members: list[str]) -> int | None:
         """Tell the owner the new access list; returns how many it closed with 4003."""
-        resp = await self._call("POST", f"{internal_url}/internal/rooms/{room}/access",
+        resp = await self._call(instance, "POST", f"{internal_url}/internal/rooms/{room}/access",
                                 json={"private": private, "members": members})
         if resp is None or resp.status_code != 200:
             return None

@@ -5,6 +5,15 @@ comma-separated list to rotate it: the first entry signs, every entry
 verifies. Each secret is stretched to a 32-byte HMAC key with SHA-256 so that
 short operator-chosen secrets still make full-strength keys.
 
+A cluster token names its receiver: ``aud`` holds ``roomshard:cluster:<to>``
+(``to`` = ``"directory"`` or the target shard's instance id) next to the plain
+``roomshard:cluster`` that versions before the binding check, so a token the
+directory sends to one shard is refused by every other one (and by the
+directory), whatever URL it was sent to. A receiver accepts a token only when
+its own name is in ``aud``; the directory alone may also accept an unbound
+token from a shard (``allow_unbound``, the rolling upgrade: see
+docs/INTERNALS.md).
+
 Nothing here reads the clock: callers pass ``now`` (seconds since the epoch,
 a float), so expiry is testable without sleeping.
 
@@ -25,7 +34,10 @@ import jwt
 
 TICKET_AUDIENCE = "roomshard:ticket"
 CLUSTER_AUDIENCE = "roomshard:cluster"
-CLUSTER_TOKEN_TTL_S = 60.0
+#: The directory's name as a cluster token's subject and receiver (shards are "iN").
+DIRECTORY = "directory"
+# Tokens are minted per request: a short life bounds what a captured one is worth.
+CLUSTER_TOKEN_TTL_S = 30.0
 # Clock skew tolerated between the directory's and a shard's clocks when
 # checking ``iat`` (a ticket "from the future" is refused past this).
 MAX_CLOCK_SKEW_S = 5.0
@@ -121,25 +133,41 @@ class Signer:
         return ticket
 
     # -- cluster tokens --------------------------------------------------
-    def cluster_token(self, subject: str, *, now: float) -> str:
+    def cluster_token(self, subject: str, *, to: str, now: float) -> str:
+        """A token for one call from ``subject`` to ``to`` (``"directory"`` or ``"iN"``)."""
         claims = {
-            "aud": CLUSTER_AUDIENCE,
+            "aud": [CLUSTER_AUDIENCE, cluster_audience(to)],
             "sub": subject,
+            "jti": _secrets.token_urlsafe(12),
             "iat": round(now, 3),
             "exp": round(now + CLUSTER_TOKEN_TTL_S, 3),
         }
         return jwt.encode(claims, self._sign_key, algorithm="HS256")
 
-    def verify_cluster_token(self, token: str, *, now: float) -> str:
-        """Return the caller's subject (``"iN"`` or ``"directory"``); raises :class:`TicketError`."""
+    def verify_cluster_token(self, token: str, *, receiver: str, now: float,
+                             allow_unbound: bool = False) -> str:
+        """Return the caller's subject (``"iN"`` or ``"directory"``); raises :class:`TicketError`.
+
+        The token must name ``receiver`` in its ``aud``. ``allow_unbound`` also
+        accepts a token of an older version that names no receiver (``aud`` =
+        ``roomshard:cluster`` alone) when its subject is not the directory.
+        """
         claims = self._decode(token, CLUSTER_AUDIENCE)
         try:
             subject = _str(claims, "sub")
             exp = _num(claims, "exp")
+            iat = _num(claims, "iat")
         except (KeyError, TypeError) as exc:
             raise TicketError(f"malformed cluster token: {exc}") from exc
+        aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if cluster_audience(receiver) not in aud:
+            bound = any(isinstance(a, str) and a.startswith(CLUSTER_AUDIENCE + ":") for a in aud)
+            if bound or not allow_unbound or subject == DIRECTORY:
+                raise TicketError(f"cluster token is not for {receiver}")
         if now >= exp:
             raise TicketExpired("cluster token expired")
+        if iat > now + MAX_CLOCK_SKEW_S:
+            raise TicketError("cluster token issued in the future")
         return subject
 
     def _decode(self, token: str, audience: str) -> dict[str, Any]:
@@ -160,6 +188,11 @@ class Signer:
             except jwt.PyJWTError as exc:
                 raise TicketError(str(exc)) from exc
         raise TicketError("bad signature") from last
+
+
+def cluster_audience(receiver: str) -> str:
+    """The ``aud`` entry that binds a cluster token to its receiver."""
+    return f"{CLUSTER_AUDIENCE}:{receiver}"
 
 
 def _str(claims: dict[str, Any], name: str) -> str:

@@ -303,8 +303,9 @@ class Connection(asyncio.Protocol):
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 if scheme.lower() == "bearer" and token.strip():
                     try:
-                        self.server.signer.verify_cluster_token(token.strip(),
-                                                                now=self.server.clock())
+                        self.server.signer.verify_cluster_token(
+                            token.strip(), receiver=self.server.cfg.instance,
+                            now=self.server.clock())
                     except TicketError:
                         break
                     return MAX_BODY_BYTES

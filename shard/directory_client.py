@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from roomshard.tickets import Signer
+from roomshard.tickets import DIRECTORY, Signer
 
 REQUEST_TIMEOUT_S = 3.0
 
@@ -103,7 +103,7 @@ class DirectoryClient:
 
     async def _call(self, method: str, path: str, body: dict[str, Any],
                     timeout: float | None = None) -> dict[str, Any]:
-        token = self._signer.cluster_token(self.instance, now=self._clock())
+        token = self._signer.cluster_token(self.instance, to=DIRECTORY, now=self._clock())
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             resp = await self._http.request(method, path, json=body,

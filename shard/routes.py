@@ -1,8 +1,10 @@
 """The shard's plain HTTP routes: health, readiness, metrics, internal control.
 
-Internal routes (docs/INTERNALS.md) need a cluster token whose ``sub`` is
-``"directory"``: 401 without a valid one, 403 for another subject. Checks
-run in the contract's order: credentials, input, then the room.
+Internal routes (docs/INTERNALS.md) need a cluster token made for this
+instance (its ``aud`` names it) whose ``sub`` is ``"directory"``: 401 without a
+valid one (a token made for another instance, or of a version that named no
+receiver, is not valid here), 403 for another subject. Checks run in the
+contract's order: credentials, input, then the room.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from roomshard.protocol import CloseCode, valid_room_id, valid_user_id
-from roomshard.tickets import TicketError
+from roomshard.tickets import DIRECTORY, TicketError
 from shard.http import HttpError, HttpRequest, HttpResponse, error_response, json_response
 from shard.metrics import CONTENT_TYPE
 
@@ -71,15 +73,16 @@ def install(server: ShardServer) -> None:
 
 
 def require_directory(server: ShardServer, req: HttpRequest) -> None:
-    """Raise 401/403 unless the caller holds the directory's cluster token."""
+    """Raise 401/403 unless the caller holds the directory's cluster token for this instance."""
     token = req.bearer()
     if token is None:
         raise HttpError(401, "unauthorized", "missing cluster token")
     try:
-        subject = server.signer.verify_cluster_token(token, now=server.clock())
+        subject = server.signer.verify_cluster_token(token, receiver=server.cfg.instance,
+                                                     now=server.clock())
     except TicketError as exc:
         raise HttpError(401, "unauthorized", f"invalid cluster token: {exc}") from None
-    if subject != "directory":
+    if subject != DIRECTORY:
         raise HttpError(403, "forbidden", "only the directory may call this route")
 
 

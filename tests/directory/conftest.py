@@ -49,7 +49,7 @@ def make_cfg(db_url: str, **overrides: Any) -> DirectoryConfig:
 
 
 def cluster_headers(subject: str, now: float = T0) -> dict[str, str]:
-    token = Signer([TEST_CLUSTER_SECRET]).cluster_token(subject, now=now)
+    token = Signer([TEST_CLUSTER_SECRET]).cluster_token(subject, to="directory", now=now)
     return {"Authorization": f"Bearer {token}"}
 
 

@@ -146,3 +146,26 @@ async def test_open_refuses_other_instance_token_and_unknown_room(h: Harness) ->
     r = await h.client.post("/v1/internal/rooms/r/open", json={"instance": "i1"},
                             headers=cluster_headers("i1", h.clock.now))
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_body")
+
+
+async def test_heartbeat_refuses_a_token_made_for_a_shard(h: Harness) -> None:
+    """Cluster tokens name their receiver: one made for a shard is 401 at the directory;
+    an unbound token of an older shard (the rolling upgrade) is still accepted."""
+    import jwt
+
+    from roomshard.tickets import CLUSTER_AUDIENCE, Signer, _key
+    from tests.support.procs import TEST_CLUSTER_SECRET
+
+    url = "/v1/internal/instances/i1/heartbeat"
+    body = {"internal_url": "http://s", "boot_id": "b"}
+    signer = Signer([TEST_CLUSTER_SECRET])
+    for to in ("i1", "i2"):
+        token = signer.cluster_token("i1", to=to, now=h.clock.now)
+        r = await h.client.put(url, json=body, headers={"Authorization": f"Bearer {token}"})
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), to
+    claims = {"aud": CLUSTER_AUDIENCE, "sub": "i1", "iat": h.clock.now, "exp": h.clock.now + 30}
+    old = jwt.encode(claims, _key(TEST_CLUSTER_SECRET), algorithm="HS256")
+    r = await h.client.put(url, json=body, headers={"Authorization": f"Bearer {old}"})
+    assert r.status_code == 200, r.text
+    r = await h.client.put(url, json=body, headers=cluster_headers("i1", h.clock.now))
+    assert r.status_code == 200, r.text

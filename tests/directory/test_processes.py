@@ -88,7 +88,7 @@ async def test_heartbeat_then_down_after_silence(procs: Procs) -> None:
     async with httpx.AsyncClient(timeout=t(10)) as client:
         import time
 
-        token = signer.cluster_token("i1", now=time.time())
+        token = signer.cluster_token("i1", to="directory", now=time.time())
         r = await client.put(f"{d.url}/v1/internal/instances/i1/heartbeat",
                              headers={"Authorization": f"Bearer {token}"},
                              json={"internal_url": "http://127.0.0.1:9", "boot_id": "x"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.procs import TEST_ADMIN_TOKEN, Proc, Procs
+from roomshard.tickets import DIRECTORY, Signer
+from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
 from tests.support.timing import t, wait_until
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
@@ -21,6 +23,14 @@ SHARD_ENV = {"ROOMSHARD_HEARTBEAT_INTERVAL": "0.5", "ROOMSHARD_LEASE": "3",
              "ROOMSHARD_SHUTDOWN_TIMEOUT": "8", "ROOMSHARD_PING_INTERVAL": "120",
              "ROOMSHARD_PING_TIMEOUT": "120"}
 DIRECTORY_ENV = {"ROOMSHARD_DOWN_AFTER": "4.5"}
+
+
+def directory_auth(shard_url: str) -> dict[str, str]:
+    """The directory's cluster-token header for the shard at ``shard_url`` (whose
+    instance id its ``/healthz`` names: a token is valid on that instance only)."""
+    instance = httpx.get(f"{shard_url}/healthz", timeout=t(5)).json()["instance"]
+    token = Signer([TEST_CLUSTER_SECRET]).cluster_token(DIRECTORY, to=instance, now=time.time())
+    return {"Authorization": f"Bearer {token}"}
 
 
 @dataclass

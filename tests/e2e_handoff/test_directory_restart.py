@@ -8,15 +8,13 @@ import os
 import signal
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import httpx
 
-from roomshard.tickets import Signer
 from tests.e2e_handoff.chatter import Chatter, check_logs
-from tests.e2e_handoff.conftest import ADMIN
-from tests.support.procs import TEST_CLUSTER_SECRET, Procs
+from tests.e2e_handoff.conftest import ADMIN, directory_auth
+from tests.support.procs import Procs
 from tests.support.timing import await_until, t
 
 # The shards must outlive the directory's restart without fencing (lease) and the
@@ -37,17 +35,15 @@ def _move_state(db: Path) -> str | None:
 
 
 def _handoffs(shard_url: str) -> dict:
-    token = Signer([TEST_CLUSTER_SECRET]).cluster_token("directory", now=time.time())
     r = httpx.get(f"{shard_url}/internal/handoffs", timeout=t(5),
-                  headers={"Authorization": f"Bearer {token}"})
+                  headers=directory_auth(shard_url))
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def _loaded(shard_url: str, room: str) -> bool:
-    token = Signer([TEST_CLUSTER_SECRET]).cluster_token("directory", now=time.time())
     r = httpx.get(f"{shard_url}/internal/rooms/{room}", timeout=t(5),
-                  headers={"Authorization": f"Bearer {token}"})
+                  headers=directory_auth(shard_url))
     assert r.status_code in (200, 404), r.text
     return r.status_code == 200
 

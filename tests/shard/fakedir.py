@@ -51,7 +51,7 @@ class FakeDirectory:
         if not self.reachable:
             raise httpx.ConnectError("directory unreachable (test)", request=request)
         auth = request.headers.get("authorization", "").removeprefix("Bearer ")
-        subject = self.signer.verify_cluster_token(auth, now=time.time())
+        subject = self.signer.verify_cluster_token(auth, receiver="directory", now=time.time())
         body = json.loads(request.content or b"null")
         parts = request.url.path.strip("/").split("/")
         if parts[:3] == ["v1", "internal", "instances"] and parts[4] == "heartbeat":

@@ -29,7 +29,7 @@ async def test_open_sends_instance_epoch_and_cluster_token():
         seen["path"] = request.url.path
         seen["body"] = request.content
         token = request.headers["authorization"].removeprefix("Bearer ")
-        seen["sub"] = Signer([SECRET]).verify_cluster_token(token, now=1_000.0)
+        seen["sub"] = Signer([SECRET]).verify_cluster_token(token, receiver="directory", now=1_000.0)
         return httpx.Response(200, json={"room": "r", "instance": "i3", "epoch": 4,
                                          "owner_epoch": 3, "seq_base": 4 << 32, "lost": True,
                                          "private": False, "members": None})

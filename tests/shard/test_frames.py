@@ -7,14 +7,7 @@ import pytest
 from websockets.frames import Frame
 from websockets.streams import StreamReader
 
-from shard.frames import (
-    FrameRejected,
-    InvalidUtf8,
-    error_frame,
-    parse_client_frame,
-    server_frame,
-    text_frame,
-)
+from shard.frames import FrameRejected, error_frame, parse_client_frame, server_frame, text_frame
 from shard.ratelimit import TokenBucket, Verdict
 
 
@@ -45,13 +38,6 @@ def test_valid_send_frame_is_parsed():
     assert (f.id, f.text) == ("a1", "hi")
 
 
-@pytest.mark.parametrize("payload", [b"\xff\xfe", b'{"type":"send","id":"a","text":"\xc3"}'])
-def test_invalid_utf8_is_not_an_error_frame_but_a_1007(payload):
-    """RFC 6455 8.1: a text message that is not UTF-8 fails the connection (1007)."""
-    with pytest.raises(InvalidUtf8):
-        parse_client_frame(payload, is_text=True, max_text=100)
-
-
 @pytest.mark.parametrize("payload,is_text,code,msg_id", [
     (b"not json", True, "bad_request", None),
     (b"[1,2]", True, "bad_request", None),
@@ -72,6 +58,15 @@ def test_bad_frames_are_rejected_with_code_and_id(payload, is_text, code, msg_id
     assert (info.value.code, info.value.msg_id) == (code, msg_id)
     body = orjson.loads(parse_server_frame(info.value.frame()).data)
     assert body["type"] == "error" and body["code"] == code and body.get("id") == msg_id
+
+
+def test_invalid_utf8_text_is_not_a_bad_request_but_fails_the_connection():
+    """RFC 6455 8.1: invalid UTF-8 in a text frame fails the connection (1007), no error frame."""
+    from shard.frames import InvalidUtf8
+
+    for payload in (b"\xff\xfe", b'{"type":"send","id":"k","text":"\xc3"}'):
+        with pytest.raises(InvalidUtf8):
+            parse_client_frame(payload, is_text=True, max_text=5)
 
 
 def test_text_limit_counts_characters_not_bytes():

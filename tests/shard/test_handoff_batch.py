@@ -17,7 +17,7 @@ async def test_batch_freeze_and_release_answer_each_item_and_close_with_4010(sha
     await a.send('{"type": "send", "id": "m1", "text": "hi"}')
     assert (await recv_json(a))["type"] == "message"
     assert await recv_json(a) == {"type": "ack", "id": "m1", "seq": 1}
-    auth = {"authorization": "Bearer " + s.signer.cluster_token("directory", now=s.clock())}
+    auth = {"authorization": "Bearer " + s.signer.cluster_token("directory", to=s.cfg.instance, now=s.clock())}
     async with httpx.AsyncClient(base_url=s.url, headers=auth) as http:
         r = await http.post("/internal/handoffs/freeze", json={"items": [
             {"room": "ra", "move_id": "m-a", "epoch": 2},
@@ -54,7 +54,7 @@ async def test_batch_route_refuses_bad_requests_whole(shard):
     """Unknown kind 404, no token 401, a non-list or oversized batch 400: JSON error bodies."""
     s = shard.server
     install(s)
-    auth = {"authorization": "Bearer " + s.signer.cluster_token("directory", now=s.clock())}
+    auth = {"authorization": "Bearer " + s.signer.cluster_token("directory", to=s.cfg.instance, now=s.clock())}
     async with httpx.AsyncClient(base_url=s.url) as http:
         r = await http.post("/internal/handoffs/freeze", json={"items": []})
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"

@@ -158,8 +158,8 @@ async def test_http_routes_and_internal_auth(shard):
     """healthz/readyz/metrics answer; internal routes need the directory's cluster token."""
     s = shard.server
     ws, _ = await shard.join("api", "alice")
-    token = s.signer.cluster_token("directory", now=s.clock())
-    shard_token = s.signer.cluster_token("i1", now=s.clock())
+    token = s.signer.cluster_token("directory", to="i1", now=s.clock())
+    shard_token = s.signer.cluster_token("i1", to="i1", now=s.clock())
     async with httpx.AsyncClient(base_url=s.url) as http:
         assert (await http.get("/healthz")).json()["status"] == "ok"
         assert (await http.get("/readyz")).status_code == 200

@@ -1,0 +1,146 @@
+"""uvicorn's httptools protocol with the limits httptools lacks: head size and head time.
+
+httptools has no limit on a request head: it concatenates a header (or the
+request line) chunk by chunk until it ends, so one client sending a 160 MiB
+header stalls the directory's event loop for tens of seconds, long enough
+for every shard's heartbeat to time out. :class:`BoundedHttpToolsProtocol`
+counts the bytes of each request head as they arrive and refuses a head
+over :data:`MAX_HEAD_BYTES` at once with ``431`` and the contract's JSON
+error body, without buffering the rest; a head that is not complete within
+:data:`HEAD_TIMEOUT_S` of its first byte (or of the connection, for the
+first request) is refused with ``408`` (slowloris). After a refusal the
+connection is half-closed: the response is sent with a FIN, whatever the
+client still sends is read and dropped for :data:`REFUSED_LINGER_S`, then
+the socket is closed (closing at once with unread data would send a TCP
+reset that can destroy the response before the client reads it).
+
+Request bodies are bounded by ``directory.edge.read_body``.
+
+Accounting is per ``data_received`` chunk (at most one transport read, a
+few hundred KiB): the head is refused once more than ``MAX_HEAD_BYTES``
+arrived while it was incomplete, so the work spent on one head is bounded
+by the limit plus one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from directory.errors import error_body
+
+#: Longest request head (request line + headers) the directory reads; like the shard's.
+MAX_HEAD_BYTES = 16 * 1024
+#: A request head must be complete this long after its first byte.
+HEAD_TIMEOUT_S = 10.0
+#: After a refusal, how long incoming bytes are drained before the socket closes.
+REFUSED_LINGER_S = 1.0
+
+log = logging.getLogger("roomshard.directory")
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def refusal(status: int, code: str, message: str) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response with the contract's JSON body."""
+    body = error_body(code, message)
+    return b"".join([
+        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"x-content-type-options: nosniff\r\n",
+        b"connection: close\r\n\r\n",
+        body,
+    ])
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` that refuses oversized (431) and slow (408) request heads."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_open = True  # the next bytes belong to a request head
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    # -- timers ---------------------------------------------------------------
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._head_open and self._head_bytes_seen():
+            self._refuse(408, "request_timeout",
+                         f"request head not complete within {HEAD_TIMEOUT_S:g} s")
+        elif self._head_open and (self.cycle is None or self.cycle.response_complete):
+            # A connection that never sent a byte: uvicorn's keep-alive timer
+            # only runs after a response, so close it here.
+            self.transport.close()
+
+    def _head_bytes_seen(self) -> bool:
+        return self._head_bytes > 0 or self.url != b""
+
+    # -- protocol interface ---------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.url = b""
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # draining until the linger ends
+        was_open = self._head_open
+        super().data_received(data)
+        if self._refused or self.transport.is_closing():
+            return
+        if was_open and self._head_open:
+            # The head spanned this whole read (and is still incomplete).
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, "request_header_too_large",
+                             f"request line and headers over {MAX_HEAD_BYTES} bytes")
+
+    # -- parser callbacks -----------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._head_open:  # a new request on a kept-alive connection
+            self._head_open = True
+            self._head_bytes = 0
+            self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._head_bytes = 0
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    # -- refusal --------------------------------------------------------------
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self._refused = True
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        log.warning("refused a request from %s: %s", self.client and self.client[0], message)
+        transport = self.transport
+        if self.cycle is None or self.cycle.response_complete:
+            transport.write(refusal(status, code, message))
+        else:  # a pipelined earlier response is still being written: just end it
+            self.cycle.keep_alive = False
+            self.cycle.disconnected = True
+        self.parser = None  # type: ignore[assignment]  # no more parsing on this connection
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(REFUSED_LINGER_S, transport.close)
