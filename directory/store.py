@@ -459,7 +459,9 @@ def _pick(rows: Sequence[Mapping[str, Any]], *, now: float, down_after: float) -
         (placement.Candidate(id=r["id"], number=r["number"], state=r["state"],
                              capacity=r["capacity"], rooms_assigned=r["rooms_assigned"],
                              connections=r["load_connections"], seen_at=_seen(r))
-         for r in rows),
+         # A registration without a heartbeat (an admin's PUT) is no proof that a
+         # shard answers there: never place a room on it (docs/API.md).
+         for r in rows if r["last_heartbeat"] is not None),
         now=now, down_after=down_after)
     if chosen is None:
         raise NoInstance()

@@ -135,3 +135,16 @@ async def test_concurrent_first_connects_agree(h: Harness) -> None:
     assert len({(r.json()["instance"], r.json()["epoch"]) for r in results}) == 1
     rooms = (await h.client.get("/v1/admin/rooms", headers=ADMIN)).json()["rooms"]
     assert [r["room"] for r in rooms] == ["hot"]
+
+
+async def test_an_instance_that_never_heartbeated_gets_no_rooms(h: Harness) -> None:
+    """An admin's registration is no proof a shard answers there: rooms go elsewhere or 503."""
+    r = await h.client.put("/v1/admin/instances/i9", headers=ADMIN,
+                           json={"internal_url": "http://127.0.0.1:9", "capacity": 1000000})
+    assert r.status_code in (200, 201), r.text
+    lonely = await h.connect("lonely")
+    assert lonely.status_code == 503 and "retry-after" in lonely.headers
+    await h.heartbeat("i1")
+    for k in range(5):  # i9 is far less loaded (huge capacity) yet never chosen
+        r = await h.connect(f"room-{k}")
+        assert r.status_code == 200 and r.json()["instance"] == "i1", r.text
