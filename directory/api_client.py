@@ -60,7 +60,8 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     row = await ctx.store.room_target(room)
     if row is not None and row["private"] and user not in (row["members"] or ()):
         raise Forbidden("not_a_member", f"room {room} is private")
-    target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after)
+    target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after,
+                                         keep_after=ctx.replace_after(now))
     if kind != "existing":
         ctx.metrics.placements.labels(kind).inc()
     ttl = ctx.cfg.ticket_ttl

@@ -61,7 +61,8 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             store = Store(engine)
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
-                                      admin_token=cfg.admin_token.encode())
+                                      admin_token=cfg.admin_token.encode(),
+                                      started_at=clock())
             await handoff.start(app.state.ctx)  # recovers moves a dead replica left behind
             yield
         finally:

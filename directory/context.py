@@ -9,6 +9,7 @@ object too: ``store`` for SQL (``store.engine``, ``store.write()``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,3 +34,20 @@ class Directory:
     admin_token: bytes
     # Per-app state of optional modules (the live-move driver: "mover").
     extensions: dict[str, Any] = field(default_factory=dict)
+    # When this replica started serving: see :meth:`replace_after`.
+    started_at: float = 0.0
+
+    def replace_after(self, now: float) -> float:
+        """The ``down_after`` to use when re-placing rooms off an instance that seems down.
+
+        A replica that has just started (a deploy, a crash) has not had the
+        chance to hear from the shards yet: every instance's last heartbeat
+        in the database is as old as the outage. For ``down_after`` seconds
+        after its start it re-places no room for lack of a heartbeat (the
+        shards retry their heartbeats within a fraction of a second), so a
+        directory restart longer than ``down_after`` never makes it place
+        rooms elsewhere while their shards are alive.
+        """
+        if now - self.started_at < self.cfg.down_after:
+            return math.inf
+        return self.cfg.down_after

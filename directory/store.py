@@ -191,16 +191,19 @@ class Store:
         return await self._raw(op)
 
     async def place(self, room: str, current: Mapping[str, Any] | None, *, now: float,
-                    down_after: float) -> tuple[Target, str]:
+                    down_after: float, keep_after: float | None = None) -> tuple[Target, str]:
         """Give ``room`` a live instance: insert it, or CAS-move it off a dead one.
 
-        ``current`` is the row :meth:`room_target` returned. Returns the target
+        ``current`` is the row :meth:`room_target` returned. ``keep_after``
+        (default ``down_after``) is how long without a heartbeat the current
+        owner keeps the room; new owners are chosen with ``down_after``. Returns the target
         and what happened (``"new"``, ``"replaced"`` or ``"existing"`` when
         another replica won). Raises :class:`NoInstance`.
         """
         for _ in range(MAX_PLACEMENT_ATTEMPTS):
             if current is not None and current["i_state"] is not None and placement.serves_rooms(
-                current["i_state"], _seen(current), now=now, down_after=down_after
+                current["i_state"], _seen(current), now=now,
+                down_after=down_after if keep_after is None else keep_after
             ):
                 return _target(room, current), "existing"
             if current is None and self._raw_target_sql is not None:

@@ -148,3 +148,27 @@ async def test_an_instance_that_never_heartbeated_gets_no_rooms(h: Harness) -> N
     for k in range(5):  # i9 is far less loaded (huge capacity) yet never chosen
         r = await h.connect(f"room-{k}")
         assert r.status_code == 200 and r.json()["instance"] == "i1", r.text
+
+
+async def test_a_restarted_replica_does_not_replace_rooms_before_shards_could_heartbeat(
+        harness_factory: Any) -> None:
+    """After an outage longer than down_after, a fresh replica waits down_after before
+    it takes a room off an instance for lack of heartbeats (the shards retry within 0.25 s)."""
+    from tests.directory.conftest import Clock
+
+    clock = Clock()
+    async with harness_factory(clock=clock) as first:
+        await first.heartbeat("i1")
+        await first.heartbeat("i2")
+        owner = (await first.connect("r")).json()["instance"]
+    clock.now += 30  # the directory was down for 30 s; nobody heartbeated meanwhile
+    other = "i2" if owner == "i1" else "i1"
+    async with harness_factory(clock=clock) as second:
+        await second.heartbeat(other)  # one shard got through first
+        r = await second.connect("r")
+        assert r.status_code == 200 and r.json()["instance"] == owner, r.text
+        assert r.json()["epoch"] == 1  # not re-placed: its state is still on its shard
+        clock.now += 11  # past the grace, the owner never came back: now it is down
+        await second.heartbeat(other)
+        r = await second.connect("r")
+        assert r.status_code == 200 and r.json()["instance"] == other, r.text
