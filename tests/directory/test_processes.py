@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -23,16 +24,19 @@ pytestmark = pytest.mark.e2e
 
 
 async def register(client: httpx.AsyncClient, base: str, *ids: str) -> None:
+    """Register instances as shards do (one heartbeat each): only those get rooms."""
     for iid in ids:
-        r = await client.put(f"{base}/v1/admin/instances/{iid}", headers=ADMIN,
-                             json={"internal_url": f"http://127.0.0.1:9/{iid}"})
+        token = Signer([TEST_CLUSTER_SECRET]).cluster_token(iid, to="directory", now=time.time())
+        r = await client.put(f"{base}/v1/internal/instances/{iid}/heartbeat",
+                             headers={"Authorization": f"Bearer {token}"},
+                             json={"internal_url": f"http://127.0.0.1:9/{iid}", "boot_id": "b1"})
         assert r.status_code == 200, r.text
 
 
 @pytest.mark.postgres
 async def test_sixty_concurrent_first_connects_across_two_replicas(procs: Procs, pg_url: str) -> None:
     """60 concurrent first connects per room, spread over 2 directories on one PostgreSQL, agree on instance and epoch."""
-    # Instances registered by PUT never heartbeat: keep them alive for the whole test.
+    # The instances heartbeat once: keep them alive for the whole test.
     env = {"ROOMSHARD_DOWN_AFTER": "600"}
     a = procs.directory("dir-a", database_url=pg_url, env=env)
     b = procs.directory("dir-b", database_url=pg_url, env=env)
