@@ -498,8 +498,20 @@ class Connection(asyncio.Protocol):
         self._deferred = False
         if self.closed or self.failed or self.transport is None:
             return
+        room = self.room
+        if room is not None and room.frozen and not self.closing:
+            return  # mid-move: the input waits, reading stays paused; thaw() calls resume()
         self._pump()
         if not self._deferred and not self.failed and not self._eof_pending:
+            self.transport.resume_reading()
+
+    def resume(self) -> None:
+        """Read again after a pause by the room (a move's freeze ended without a release)."""
+        if self.closed or self.failed or self.transport is None or self._deferred:
+            return
+        if self.rbuf:
+            self._resume_input()  # what a deferred turn left: handle it, then read
+        else:
             self.transport.resume_reading()
 
     def _spend(self, frames: int) -> bool:

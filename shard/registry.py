@@ -125,8 +125,7 @@ class LiveRoom:
     def thaw(self) -> None:
         self.frozen = False
         for c in self.conns.values():
-            if c.transport is not None and not c.closed:
-                c.transport.resume_reading()
+            c.resume()
 
     def update_rate(self, elapsed: float) -> None:
         if elapsed > 0:
