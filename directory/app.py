@@ -7,6 +7,8 @@ apps can live in one test process.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,9 +34,35 @@ from directory.store import Store
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.tickets import Signer
 
+log = logging.getLogger("roomshard.directory")
 _MANGLED_CONNECT = re.compile(r"^/v1(/rooms)?/*connect/*$")
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+STALL_CHECK_S = 0.5
+STALL_S = 2.0  # a loop turn this late: heartbeats may have waited unread meanwhile
+
+
+async def watch_stalls(ctx: Directory) -> None:
+    """Treat a stalled event loop like a restart (see ``Directory.replace_after``).
+
+    While the loop was stuck (a huge request, a GC pause, a swapped-out
+    process) the shards' heartbeats waited unread: their last heartbeat in
+    the database says nothing about them, so no room is re-placed for lack of
+    one during the next ``down_after``.
+    """
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    while True:
+        await asyncio.sleep(STALL_CHECK_S)
+        now = loop.time()
+        if now - last > STALL_CHECK_S + STALL_S:
+            ctx.awake_since = ctx.clock()
+            log.warning("the event loop stalled for %.1fs: no room is re-placed for lack of "
+                        "heartbeats for the next %.0fs", now - last - STALL_CHECK_S,
+                        ctx.cfg.down_after)
+        last = now
 
 
 def all_routes() -> list[ApiRoute]:
@@ -62,10 +90,13 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
                                       admin_token=cfg.admin_token.encode(),
-                                      started_at=clock())
+                                      awake_since=clock())
             await handoff.start(app.state.ctx)  # recovers moves a dead replica left behind
+            watchdog = asyncio.get_running_loop().create_task(watch_stalls(app.state.ctx))
             yield
         finally:
+            if "watchdog" in locals():
+                watchdog.cancel()
             if hasattr(app.state, "ctx"):
                 await handoff.stop(app.state.ctx)
             if store is not None:

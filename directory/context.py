@@ -34,8 +34,9 @@ class Directory:
     admin_token: bytes
     # Per-app state of optional modules (the live-move driver: "mover").
     extensions: dict[str, Any] = field(default_factory=dict)
-    # When this replica started serving: see :meth:`replace_after`.
-    started_at: float = 0.0
+    # When this replica started serving, or last came back from a stalled
+    # event loop (``directory.app.watch_stalls``): see :meth:`replace_after`.
+    awake_since: float = 0.0
 
     def replace_after(self, now: float) -> float:
         """The ``down_after`` to use when re-placing rooms off an instance that seems down.
@@ -45,9 +46,9 @@ class Directory:
         in the database is as old as the outage. For ``down_after`` seconds
         after its start it re-places no room for lack of a heartbeat (the
         shards retry their heartbeats within a fraction of a second), so a
-        directory restart longer than ``down_after`` never makes it place
-        rooms elsewhere while their shards are alive.
+        directory restart or stall longer than ``down_after`` never makes it
+        place rooms elsewhere while their shards are alive.
         """
-        if now - self.started_at < self.cfg.down_after:
+        if now - self.awake_since < self.cfg.down_after:
             return math.inf
         return self.cfg.down_after
