@@ -51,7 +51,8 @@ class ApiRoute:
     body: type | None = None
     response: type | None = None
     errors: tuple[int, ...] = field(default=(400,))
-    query: tuple[tuple[str, str, str], ...] = ()  # (name, json type, description)
+    # (name, JSON type or JSON Schema, description); ids get their pattern in directory.openapi
+    query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()
     content_type: str = "application/json"
 
 
