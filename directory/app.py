@@ -29,6 +29,7 @@ from directory.errors import ApiError, error_response
 from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
+from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.tickets import Signer
 
@@ -77,8 +78,11 @@ def all_routes() -> list[ApiRoute]:
 def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                shard_transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The directory app; raises ``ConfigError`` for settings it cannot use (e.g. a bad PEM)."""
-    if cfg.public_url and not cfg.public_url.startswith(("ws://", "wss://", "http://", "https://")):
-        raise ConfigError("ROOMSHARD_PUBLIC_URL: must be a ws://, wss://, http:// or https:// URL")
+    if cfg.public_url:
+        try:
+            urls.check_public_base(cfg.public_url)
+        except urls.UrlError as exc:
+            raise ConfigError(f"ROOMSHARD_PUBLIC_URL: {str(exc).removeprefix('public_base')}") from None
     signer = Signer(cfg.cluster_secrets)
     client_auth = ClientAuth(cfg)
     metrics = Metrics()
