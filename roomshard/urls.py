@@ -64,7 +64,7 @@ def parse_clean_url(value: object, *, schemes: tuple[str, ...], allow_path: bool
         raise UrlError(f"{what}: host name over {MAX_HOST_LENGTH} characters")
     port = int(m["port"]) if m["port"] is not None else _DEFAULT_PORTS[m["scheme"]]
     if not 0 < port < 65536:
-        raise UrlError(f"{what}: port must be 1..65535")
+        raise UrlError(f"{what}: invalid port (1..65535)")
     path = m["path"].rstrip("/")
     if path and not allow_path:
         raise UrlError(f"{what} must not have a path (the load balancer routes /iN/room/* only)")
