@@ -82,3 +82,32 @@ async def test_openapi_id_parameters_carry_their_patterns(h: Harness) -> None:
     limit = next(p for p in doc["paths"]["/v1/admin/rooms"]["get"]["parameters"]
                  if p["name"] == "limit")
     assert limit["schema"]["minimum"] == 1 and limit["schema"]["maximum"] >= 1000
+
+
+async def test_every_response_has_nosniff_and_referrer_policy(h: Harness) -> None:
+    for method, path in (("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"),
+                         ("GET", "/nope"), ("DELETE", "/healthz"), ("POST", "/v1/rooms/a%0Ab/connect"),
+                         ("GET", "/v1/admin/instances"), ("GET", "/static/index.html"),
+                         ("GET", "/metrics")):
+        r = await h.client.request(method, path)
+        assert r.headers["x-content-type-options"] == "nosniff", (method, path)
+        assert r.headers["referrer-policy"] == "no-referrer", (method, path)
+
+
+async def test_chat_page_has_a_csp_that_allows_only_its_own_inline_code(h: Harness) -> None:
+    import base64
+    import hashlib
+    import re
+
+    r = await h.client.get("/")
+    csp = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+    assert r.headers["x-frame-options"] == "DENY"
+    assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'"
+    assert csp["connect-src"].split() == ["'self'", "ws:", "wss:"]
+    assert "unsafe-inline" not in r.headers["content-security-policy"]
+    for kind in ("script", "style"):
+        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", r.text, re.S)
+        assert blocks
+        for block in blocks:
+            digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in csp[f"{kind}-src"].split()
