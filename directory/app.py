@@ -15,12 +15,10 @@ from contextlib import asynccontextmanager
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from directory import api_admin, api_client, api_internal, api_meta, handoff, openapi
 from directory.auth import ClientAuth, check_admin, cluster_subject
@@ -71,29 +69,6 @@ def _unrouted_control_chars(request: Request) -> Response | None:
     except ApiError as exc:
         return exc.response()
     return error_response(400, "invalid_path", "the path must not contain control characters")
-
-
-#: On every directory response (the chat page adds its Content-Security-Policy).
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-
-
-class SecurityHeaders:
-    """Pure ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP response, errors included."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
 
 
 def all_routes() -> list[ApiRoute]:
@@ -156,7 +131,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                                    for s in specs]
     routes.append(strict(Mount("/static", app=StaticFiles(directory=api_meta.STATIC_DIR,
                                                           check_dir=False), name="static")))
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(SecurityHeaders)],
+    app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.router.redirect_slashes = False
     app.state.openapi = api_meta.encode_openapi(
