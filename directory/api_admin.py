@@ -8,6 +8,7 @@ instances and rebalancing go through ``directory.handoff``.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -26,6 +27,7 @@ MAX_DRAIN_PARALLELISM = 256
 MAX_MEMBERS = 10_000
 DEFAULT_ROOM_LIST_LIMIT = 1000
 MAX_ROOM_LIST_LIMIT = 100_000
+_DIGITS_RE = re.compile(r"[0-9]{1,9}")
 
 
 def admin(request: Request, ctx: Directory) -> None:
@@ -147,7 +149,8 @@ async def list_rooms(request: Request, ctx: Directory) -> Response:
         if await ctx.store.get_instance(instance) is None:
             raise NotFound("instance_not_found", f"no instance {instance}")
     raw_limit = request.query_params.get("limit", str(DEFAULT_ROOM_LIST_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_ROOM_LIST_LIMIT:
+    # ASCII digits only: "²".isdigit() is true and int("²") raises.
+    if not _DIGITS_RE.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_ROOM_LIST_LIMIT:
         raise BadRequest("invalid_limit", f"limit must be 1..{MAX_ROOM_LIST_LIMIT}")
     rows = list(await ctx.store.list_rooms(instance, int(raw_limit)))
     loads = await _loads(ctx, rows)
@@ -240,7 +243,8 @@ ROUTES = [
              "Room assignments with live load", "operators", auth="admin",
              response=schemas.RoomList, errors=(400, 401, 404),
              query=(("instance", "string", "only rooms on this instance (iN)"),
-                    ("limit", "integer", f"at most this many rooms (default {DEFAULT_ROOM_LIST_LIMIT})"))),
+                    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_ROOM_LIST_LIMIT,
+                               "default": DEFAULT_ROOM_LIST_LIMIT}, "at most this many rooms"))),
     ApiRoute("PUT", _R + "/access", "put_room_access", put_access,
              "Make a room private to its members, or public again", "operators", auth="admin",
              body=schemas.AccessPut, response=schemas.AccessView, errors=(400, 401)),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -51,12 +54,34 @@ async def openapi(request: Request, ctx: Directory) -> Response:
     return Response(doc, media_type="application/json")
 
 
+_INLINE = {"script": re.compile(r"<script>(.*?)</script>", re.S),
+           "style": re.compile(r"<style>(.*?)</style>", re.S)}
+
+
+def content_security_policy(page: str) -> str:
+    """The chat page's policy: only its own inline script and style (by hash) run.
+
+    It fetches the directory (``'self'``) and opens WebSockets to whatever shard
+    URL the directory returns (a public_base, ROOMSHARD_PUBLIC_URL or a shard's
+    own address, on any host and port), hence ``ws: wss:``. No frames (nor being
+    framed), no plugins, no base or form redirection.
+    """
+    def hashes(kind: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+                        for m in _INLINE[kind].findall(page)) or "'none'"
+
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+            "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'")
+
+
 async def index(request: Request, ctx: Directory) -> Response:
-    page = STATIC_DIR / "index.html"
     try:
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     except FileNotFoundError:
-        return HTMLResponse(NOT_INSTALLED_PAGE)
+        page = NOT_INSTALLED_PAGE
+    return HTMLResponse(page, headers={"Content-Security-Policy": content_security_policy(page),
+                                       "X-Frame-Options": "DENY"})
 
 
 ROUTES = [

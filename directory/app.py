@@ -23,19 +23,22 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from directory import api_admin, api_client, api_internal, api_meta, handoff, openapi
-from directory.auth import ClientAuth
+from directory.auth import ClientAuth, check_admin, cluster_subject
 from directory.context import Directory
 from directory.db import make_engine, migrate
 from directory.edge import ApiRoute, endpoint
-from directory.errors import error_response
+from directory.errors import ApiError, error_response
 from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
+from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.tickets import Signer
 
 log = logging.getLogger("roomshard.directory")
-_MANGLED_CONNECT = re.compile(r"^/v1(/rooms)?/*connect/*$")
+_MANGLED_CONNECT = re.compile(r"/v1(/rooms)?/*connect/*")
+# A path with a control character (%0A, %00, ...) that names no route is bad input.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -65,6 +68,37 @@ async def watch_stalls(ctx: Directory) -> None:
         last = now
 
 
+def strict(route: Route | Mount) -> Route | Mount:
+    """End the route's regex at the end of the path, newlines included.
+
+    Starlette anchors with ``$`` (which also matches before a trailing
+    newline: ``/v1/rooms/r/connect%0A`` would be ``connect``) and its
+    ``{x:path}`` is ``.*`` (which stops at a newline: ``a%0Ab`` would be a 404
+    before the credential check). With ``\\Z`` and DOTALL every path
+    parameter, whatever it holds, reaches its handler, which checks
+    credentials (401) before validating the id with ``fullmatch`` (400).
+    """
+    route.path_regex = re.compile(route.path_regex.pattern.removesuffix("$") + r"\Z", re.DOTALL)
+    return route
+
+
+def _unrouted_control_chars(request: Request) -> Response | None:
+    """400 for a path with a control character that matched no route, credentials first."""
+    path = request.scope["path"]  # not request.url.path: urlsplit drops newlines and tabs
+    if not _CONTROL_CHARS.search(path):
+        return None
+    ctx: Directory = request.app.state.ctx
+    authorization = request.headers.get("authorization")
+    try:
+        if path.startswith("/v1/admin/"):
+            check_admin(authorization, ctx.admin_token)
+        elif path.startswith("/v1/internal/"):
+            cluster_subject(authorization, ctx.signer, now=ctx.clock())
+    except ApiError as exc:
+        return exc.response()
+    return error_response(400, "invalid_path", "the path must not contain control characters")
+
+
 def all_routes() -> list[ApiRoute]:
     return [*api_client.ROUTES, *api_admin.ROUTES, *api_internal.ROUTES, *api_meta.ROUTES]
 
@@ -72,8 +106,11 @@ def all_routes() -> list[ApiRoute]:
 def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                shard_transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The directory app; raises ``ConfigError`` for settings it cannot use (e.g. a bad PEM)."""
-    if cfg.public_url and not cfg.public_url.startswith(("ws://", "wss://", "http://", "https://")):
-        raise ConfigError("ROOMSHARD_PUBLIC_URL: must be a ws://, wss://, http:// or https:// URL")
+    if cfg.public_url:
+        try:
+            urls.check_public_base(cfg.public_url)
+        except urls.UrlError as exc:
+            raise ConfigError(f"ROOMSHARD_PUBLIC_URL: {str(exc).removeprefix('public_base')}") from None
     signer = Signer(cfg.cluster_secrets)
     client_auth = ClientAuth(cfg)
     metrics = Metrics()
@@ -107,7 +144,9 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         metrics.observe("unmatched", exc.status_code, 0.0)
-        if exc.status_code == 404 and _MANGLED_CONNECT.match(request.url.path):
+        if exc.status_code in (404, 405) and (refused := _unrouted_control_chars(request)):
+            return refused
+        if exc.status_code == 404 and _MANGLED_CONNECT.fullmatch(request.url.path):
             # "/v1/rooms/../connect" arrives as "/v1/connect" once a client
             # normalises dot segments: it is a bad room id, not a missing route.
             return error_response(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
@@ -120,10 +159,10 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
     async def server_error(request: Request, exc: Exception) -> Response:
         return error_response(500, "internal_error", "internal error")
 
-    routes: list[Route | Mount] = [Route(s.path, endpoint(s), methods=[s.method], name=s.name)
+    routes: list[Route | Mount] = [strict(Route(s.path, endpoint(s), methods=[s.method], name=s.name))
                                    for s in specs]
-    routes.append(Mount("/static", app=StaticFiles(directory=api_meta.STATIC_DIR, check_dir=False),
-                        name="static"))
+    routes.append(strict(Mount("/static", app=StaticFiles(directory=api_meta.STATIC_DIR,
+                                                          check_dir=False), name="static")))
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.router.redirect_slashes = False

@@ -51,7 +51,8 @@ class ApiRoute:
     body: type | None = None
     response: type | None = None
     errors: tuple[int, ...] = field(default=(400,))
-    query: tuple[tuple[str, str, str], ...] = ()  # (name, json type, description)
+    # (name, JSON type or JSON Schema, description); ids get their pattern in directory.openapi
+    query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()
     content_type: str = "application/json"
 
 
@@ -91,7 +92,7 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(message=f"request body over {limit} bytes")
     if declared is not None:
         return await request.body()  # uvicorn enforces the declared length

@@ -39,7 +39,20 @@ HEAD_TIMEOUT_S = 10.0
 #: After a refusal, how long incoming bytes are drained before the socket closes.
 REFUSED_LINGER_S = 1.0
 
+#: On every directory response, errors and refusals included (uvicorn's default headers:
+#: no per-request cost). The chat page adds its Content-Security-Policy.
+SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+
 log = logging.getLogger("roomshard.directory")
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """The ``uvicorn.Config`` options of the directory's HTTP edge.
+
+    httptools bounded in head size and time; no WebSocket routes on the
+    directory, so upgrade requests are plain HTTP requests.
+    """
+    return {"http": BoundedHttpToolsProtocol, "ws": "none", "headers": SECURITY_HEADERS}
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -51,7 +64,7 @@ def refusal(status: int, code: str, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
         b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(body),
-        b"x-content-type-options: nosniff\r\n",
+        *(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SECURITY_HEADERS),
         b"connection: close\r\n\r\n",
         body,
     ])
@@ -64,6 +77,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_open = True  # the next bytes belong to a request head
         self._head_bytes = 0
+        self._head_started = False  # a byte of the current head has arrived
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
 
@@ -79,7 +93,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._head_open and self._head_bytes_seen():
+        if self._head_open and self._head_started:
             self._refuse(408, "request_timeout",
                          f"request head not complete within {HEAD_TIMEOUT_S:g} s")
         elif self._head_open and (self.cycle is None or self.cycle.response_complete):
@@ -87,14 +101,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # only runs after a response, so close it here.
             self.transport.close()
 
-    def _head_bytes_seen(self) -> bool:
-        return self._head_bytes > 0 or self.url != b""
-
     # -- protocol interface ---------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.url = b""
-        self._arm_head_timer()
+        self._arm_head_timer()  # also ends a connection that never sends a byte
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -107,23 +117,31 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._refused or self.transport.is_closing():
             return
-        if was_open and self._head_open:
+        if not self._head_open:
+            return
+        if was_open:
             # The head spanned this whole read (and is still incomplete).
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, "request_header_too_large",
                              f"request line and headers over {MAX_HEAD_BYTES} bytes")
+                return
+        if self._head_timer is None:
+            # Armed only for a head that a read left incomplete: a request that
+            # arrives whole (the usual case) costs no timer.
+            self._arm_head_timer()
 
     # -- parser callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_started = True
         if not self._head_open:  # a new request on a kept-alive connection
             self._head_open = True
             self._head_bytes = 0
-            self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
         self._head_open = False
+        self._head_started = False
         self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()

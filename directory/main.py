@@ -95,12 +95,9 @@ def run(cfg: DirectoryConfig) -> None:
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-    from directory.http_server import BoundedHttpToolsProtocol
+    from directory.http_server import uvicorn_options
 
-    # httptools bounded in head size and time (directory.http_server); no WebSocket
-    # routes on the directory, so upgrades are plain HTTP requests.
-    config = uvicorn.Config(app, loop=_loop_setup(), http=BoundedHttpToolsProtocol, ws="none",
-                            lifespan="on",
+    config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on", **uvicorn_options(),
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)

@@ -16,11 +16,21 @@ import msgspec
 
 from directory.edge import ApiRoute
 from directory.schemas import ErrorBody
+from roomshard.protocol import INSTANCE_ID_RE, ROOM_ID_RE, USER_ID_RE
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 _STATUS_TEXT = {400: "Invalid input", 401: "Missing or bad credentials", 403: "Not allowed",
                 404: "Not found", 409: "Conflict", 501: "Not available in this build",
                 503: "Unavailable (see Retry-After)"}
+# Path and query parameters that are ids: the same patterns the handlers fullmatch.
+ID_SCHEMAS: dict[str, dict[str, Any]] = {
+    "room": {"type": "string", "pattern": f"^{ROOM_ID_RE.pattern}$", "minLength": 1,
+             "maxLength": 64},
+    "instance": {"type": "string", "pattern": f"^{INSTANCE_ID_RE.pattern}$", "minLength": 2,
+                 "maxLength": 5},
+    "user": {"type": "string", "pattern": f"^{USER_ID_RE.pattern}$", "minLength": 1,
+             "maxLength": 64},
+}
 _SECURITY = {"admin": [{"adminToken": []}], "cluster": [{"clusterToken": []}],
              "client": [{}, {"clientJwt": []}]}
 
@@ -38,9 +48,11 @@ def build(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]:
     for r in routes:
         path = _PARAM.sub(r"{\1}", r.path)
         op: dict[str, Any] = {"operationId": r.name, "summary": r.summary, "tags": [r.tag]}
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": n, "in": "path", "required": True,
+                   "schema": ID_SCHEMAS.get(n, {"type": "string"})}
                   for n in _PARAM.findall(r.path)]
-        params += [{"name": n, "in": "query", "required": False, "schema": {"type": t},
+        params += [{"name": n, "in": "query", "required": False,
+                    "schema": ID_SCHEMAS.get(n, {"type": t}) if isinstance(t, str) else t,
                     "description": d} for n, t, d in r.query]
         if params:
             op["parameters"] = params

@@ -8,6 +8,11 @@ document's JSON Schemas. Responses are built as plain dicts on the hot path
 
 Internal (shard -> directory) bodies ignore unknown fields so that shards and
 directories can be upgraded one at a time.
+
+``internal_url`` and ``public_base`` are checked at decoding, in the admin
+PUT and in a shard's heartbeat alike (``roomshard.urls``: scheme, host, port
+and nothing else): a 400 ``invalid_internal_url`` / ``invalid_public_base``.
+These values reach generated load balancer configuration.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType, field
+
+from directory.errors import BadRequest
+from roomshard import urls
 
 AdminState = Literal["active", "draining", "disabled"]
 State = Literal["active", "draining", "down", "disabled"]
@@ -55,6 +63,20 @@ class ConnectResponse(Lenient):
 
 
 # -- instances ---------------------------------------------------------------
+def check_urls(internal_url: object, public_base: object) -> None:
+    """Raise ``BadRequest`` unless both are clean URLs (``UNSET``/``None``/``""`` pass)."""
+    if isinstance(internal_url, str):
+        try:
+            urls.check_internal_url(internal_url)
+        except urls.UrlError as exc:
+            raise BadRequest("invalid_internal_url", str(exc)) from None
+    if isinstance(public_base, str) and public_base != "":
+        try:
+            urls.check_public_base(public_base)
+        except urls.UrlError as exc:
+            raise BadRequest("invalid_public_base", str(exc)) from None
+
+
 class InstanceLoad(Lenient):
     rooms: int = 0
     connections: int = 0
@@ -85,6 +107,9 @@ class InstancePut(Strict):
     public_base: str | None | UnsetType = UNSET
     capacity: int | UnsetType = UNSET
     state: str | UnsetType = UNSET  # active | draining | disabled (``down`` is refused)
+
+    def __post_init__(self) -> None:
+        check_urls(self.internal_url, self.public_base)
 
 
 class InstanceDeleted(Lenient):
@@ -182,6 +207,9 @@ class HeartbeatBody(Lenient):
     load: InstanceLoad = field(default_factory=InstanceLoad)
     # Rooms the shard kept in memory through a lost lease -> their epochs.
     confirm: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        check_urls(self.internal_url, self.public_base)
 
 
 class HeartbeatResponse(Lenient):

@@ -21,15 +21,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
+from roomshard import urls
 from router_rules.model import idle_timeout_for
 from router_rules.registry import Instance, RegistryError, parse_instance, sort_unique
 
 FILE_NAME = "roomshard.conf"
 DEFAULT_LISTEN = "80"
 _LISTEN_RE = re.compile(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?[0-9]{1,5}")
-_UNSAFE_RE = re.compile(r"[\s;{}'\"]")
+# What would end or open a directive, start a comment, quote or escape, or name a variable.
+_UNSAFE_RE = re.compile(r"[\s;{}'\"#$\\\x00-\x1f\x7f]")
+_SERVER_NAME_RE = re.compile(r"[A-Za-z0-9*_.-]{1,253}")
 _NOT_FOUND = '{"error": {"code": "not_found", "message": "no such route"}}'
 _ROOM_NOT_FOUND = ('{"error": {"code": "not_found", '
                    '"message": "a room URL is /iN/room/{room}"}}')
@@ -68,7 +70,14 @@ def _json_404(indent: str, body: str) -> list[str]:
 def _check_path(what: str, value: str | None) -> None:
     # Interpolated into the config: refuse what would end or open a directive.
     if value is not None and (not value or _UNSAFE_RE.search(value)):
-        raise RegistryError(f"{what} {value!r}: no spaces, quotes, ';', '{{' or '}}'")
+        raise RegistryError(f"{what} {value!r}: no spaces, quotes, ';', '{{', '}}', '#', '$' "
+                            "or backslashes")
+
+
+def _check_server_name(value: str | None) -> None:
+    if value is not None and not _SERVER_NAME_RE.fullmatch(value):
+        raise RegistryError(f"--server-name {value!r}: a host name (letters, digits, '.', '-', "
+                            "'_', '*')")
 
 
 def render_nginx(instances: Iterable[Instance | Mapping[str, Any]], listen: str = DEFAULT_LISTEN,
@@ -85,7 +94,8 @@ def render_nginx(instances: Iterable[Instance | Mapping[str, Any]], listen: str 
     an invalid instance, ``listen``, ``directory_url`` or path.
     """
     listen = validate_listen(listen)
-    for what, value in (("--server-name", server_name), ("--ssl-certificate", ssl_certificate),
+    _check_server_name(server_name)
+    for what, value in (("--ssl-certificate", ssl_certificate),
                         ("--ssl-certificate-key", ssl_certificate_key)):
         _check_path(what, value)
     if (ssl_certificate is None) != (ssl_certificate_key is None):
@@ -105,13 +115,15 @@ def render_nginx(instances: Iterable[Instance | Mapping[str, Any]], listen: str 
     for inst in insts:
         out += [f"upstream roomshard_{inst.id} {{",
                 f"    server {_server_address(inst.host, inst.port)};", "}", ""]
+    directory = None
     if directory_url is not None:
-        parts = urlsplit(directory_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-            raise RegistryError(f"directory URL {directory_url!r}: expected http(s)://host:port")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            directory = urls.parse_clean_url(directory_url, schemes=urls.INTERNAL_SCHEMES,
+                                             allow_path=False, what="directory URL")
+        except urls.UrlError as exc:
+            raise RegistryError(f"{exc} (got {directory_url!r})") from None
         out += ["upstream roomshard_directory {",
-                f"    server {_server_address(parts.hostname, port)};", "}", ""]
+                f"    server {_server_address(directory.host, directory.port)};", "}", ""]
     tls = ssl_certificate is not None
     out += ["server {", f"    listen {listen}{' ssl' if tls else ''};"]
     if server_name is not None:
@@ -127,9 +139,9 @@ def render_nginx(instances: Iterable[Instance | Mapping[str, Any]], listen: str 
                 *_proxy_block(" " * 8, timeout), "    }",
                 f"    location = /{inst.id}/room {{", *_json_404(" " * 8, _ROOM_NOT_FOUND), "    }",
                 ""]
-    if directory_url is not None:
+    if directory is not None:
         out += ["    location / {",
-                f"        proxy_pass {urlsplit(directory_url).scheme}://roomshard_directory;",
+                f"        proxy_pass {directory.scheme}://roomshard_directory;",
                 *_proxy_block(" " * 8, timeout), "    }"]
     else:
         out += ["    location / {", *_json_404(" " * 8, _NOT_FOUND), "    }"]

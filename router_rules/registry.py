@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from roomshard import urls
 from roomshard.protocol import instance_number
 
 
@@ -44,6 +45,22 @@ class Instance:
     public_base: str | None  # normalised "scheme://host[:port]", or None
     state: str
 
+    def __post_init__(self) -> None:
+        # Every renderer trusts these fields: an Instance made by hand must be as
+        # clean as one parse_instance made (see roomshard.urls).
+        address = f"[{self.host}]" if ":" in self.host else self.host
+        for what, value, schemes in (("internal_url", f"{self.scheme}://{address}:{self.port}",
+                                      urls.INTERNAL_SCHEMES),
+                                     ("public_base", self.public_base, urls.PUBLIC_SCHEMES)):
+            if value is None:
+                continue
+            try:
+                urls.parse_clean_url(value, schemes=schemes, allow_path=False, what=what)
+            except urls.UrlError as exc:
+                raise RegistryError(f"instance {self.id}: {exc}") from None
+        if instance_number(self.id) != self.number:
+            raise RegistryError(f"instance id {self.id!r} is not i1..i9999")
+
     @property
     def host_is_ip(self) -> bool:
         try:
@@ -58,21 +75,23 @@ class Instance:
         return urlsplit(self.public_base).netloc if self.public_base else None
 
 
+def _clean(iid: str, what: str, raw: str, schemes: tuple[str, ...], shape: str) -> urls.CleanUrl:
+    try:
+        return urls.parse_clean_url(raw, schemes=schemes, allow_path=True, what=what)
+    except urls.UrlError as exc:
+        raise RegistryError(f"instance {iid}: {what} {raw!r} is not an {shape} URL "
+                            f"({str(exc).removeprefix(what).lstrip(': ')})") from None
+
+
 def _internal(iid: str, raw: Any) -> tuple[str, str, int]:
     if not isinstance(raw, str) or not raw:
         raise RegistryError(f"instance {iid}: internal_url must be a non-empty string")
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RegistryError(f"instance {iid}: internal_url {raw!r} is not an http(s)://host:port URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
+    url = _clean(iid, "internal_url", raw, urls.INTERNAL_SCHEMES, "http(s)://host:port")
+    if url.path:
         # The load balancer forwards /iN/room/... unchanged; a path prefix on the
         # shard side could not be honoured by an ALB target group.
         raise RegistryError(f"instance {iid}: internal_url {raw!r} must not have a path")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise RegistryError(f"instance {iid}: internal_url {raw!r} has an invalid port") from None
-    return parts.scheme, parts.hostname, port
+    return url.scheme, url.host, url.port
 
 
 def _public(iid: str, raw: Any) -> str | None:
@@ -80,15 +99,13 @@ def _public(iid: str, raw: Any) -> str | None:
         return None
     if not isinstance(raw, str):
         raise RegistryError(f"instance {iid}: public_base must be a string or null")
-    parts = urlsplit(raw)
-    if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
-        raise RegistryError(f"instance {iid}: public_base {raw!r} is not a ws(s)://host URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
+    url = _clean(iid, "public_base", raw, urls.PUBLIC_SCHEMES, "ws(s)://host")
+    if url.path:
         # Room URLs are public_base + /iN/room/ID and the load balancer routes on
         # /iN/room/* only (contract), so a path prefix would be unroutable.
         raise RegistryError(f"instance {iid}: public_base {raw!r} must not have a path "
                             "(the load balancer routes /iN/room/* only)")
-    return f"{parts.scheme}://{parts.netloc.lower()}"
+    return f"{url.scheme}://{url.netloc.lower()}"
 
 
 def parse_instance(raw: Any) -> Instance:

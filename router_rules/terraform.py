@@ -24,11 +24,37 @@ already has one (a second declaration would be an error).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from router_rules.model import AlbGroup, RuleSet, TargetGroup
+from router_rules.model import AlbGroup, ModelError, RuleSet, TargetGroup
 
 FILE_NAME = "roomshard-rules.tf.json"
+
+
+def literal(value: str) -> str:
+    """A registry value as a Terraform string that is never evaluated.
+
+    Terraform JSON strings are templates: ``${...}`` interpolates and ``%{...}``
+    is a directive (``${file("secret")}`` would be read at plan time). Every
+    string that comes from the registry goes through here: ``$${`` and
+    ``%%{`` are Terraform's escapes for the literal characters.
+    """
+    return value.replace("${", "$${").replace("%{", "%%{")
+
+
+_IDENT_RE = re.compile(r"[a-z][a-z0-9_]*")
+_KEY_RE = re.compile(r"i[1-9][0-9]{0,3}")
+
+
+def _check_names(rules: RuleSet) -> None:
+    """Identifiers cannot be escaped: a group or resource key that is not one is refused."""
+    for g in rules.groups:
+        if not _IDENT_RE.fullmatch(g.ident):
+            raise ModelError(f"ALB group {g.ident!r} is not a Terraform identifier")
+        for key in [tg.key for tg in g.target_groups] + [r.key for r in g.rules]:
+            if not _KEY_RE.fullmatch(key):
+                raise ModelError(f"resource key {key!r} is not an instance id")
 
 
 def listener_variable(group: AlbGroup) -> str:
@@ -38,7 +64,7 @@ def listener_variable(group: AlbGroup) -> str:
 def _target_group(tg: TargetGroup, group: AlbGroup) -> dict[str, Any]:
     hc = tg.health_check
     return {
-        "name": tg.name,
+        "name": literal(tg.name),
         "port": tg.port,
         "protocol": tg.protocol,
         "vpc_id": "${var.vpc_id}",
@@ -56,19 +82,20 @@ def _target_group(tg: TargetGroup, group: AlbGroup) -> dict[str, Any]:
 
 
 def _tags(instance_id: str, group: AlbGroup) -> dict[str, str]:
-    return {"roomshard:instance": instance_id, "roomshard:alb-group": group.ident,
+    return {"roomshard:instance": literal(instance_id), "roomshard:alb-group": literal(group.ident),
             "roomshard:managed-by": "roomshard rules"}
 
 
 def _target_id(tg: TargetGroup) -> str:
-    key = json.dumps(tg.key)
+    key = json.dumps(literal(tg.key))  # a quoted string inside an expression is a template too
     if tg.target_ip is None:
         return f"${{var.targets[{key}]}}"
-    return f"${{lookup(var.targets, {key}, {json.dumps(tg.target_ip)})}}"
+    return f"${{lookup(var.targets, {key}, {json.dumps(literal(tg.target_ip))})}}"
 
 
 def render_document(rules: RuleSet) -> dict[str, Any]:
     """The Terraform JSON document as a dict (see the module docstring)."""
+    _check_names(rules)
     variables: dict[str, Any] = {
         "vpc_id": {"type": "string", "description": "VPC of the shard target groups"},
         "target_type": {
@@ -85,8 +112,8 @@ def render_document(rules: RuleSet) -> dict[str, Any]:
     for g in rules.groups:
         variables[listener_variable(g)] = {
             "type": "string",
-            "description": f"HTTPS listener ARN of the ALB serving "
-                           f"{g.public_base or 'the default host (ROOMSHARD_PUBLIC_URL)'}",
+            "description": "HTTPS listener ARN of the ALB serving "
+                           + literal(g.public_base or "the default host (ROOMSHARD_PUBLIC_URL)"),
         }
     tgs: dict[str, Any] = {}
     listener_rules: dict[str, Any] = {}
@@ -119,7 +146,7 @@ def render_document(rules: RuleSet) -> dict[str, Any]:
         "variable": variables,
         "output": {"roomshard_alb_groups": {
             "description": "ALB group -> the public host it serves and its listener",
-            "value": {g.ident: {"public_base": g.public_base or "ROOMSHARD_PUBLIC_URL",
+            "value": {g.ident: {"public_base": literal(g.public_base or "ROOMSHARD_PUBLIC_URL"),
                                 "listener_arn": f"${{var.{listener_variable(g)}}}"}
                       for g in rules.groups},
         }},

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.support.timing import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,3 +38,14 @@ def browser() -> Iterator[object]:
 def output_dir() -> Path:
     OUTPUT.mkdir(exist_ok=True)
     return OUTPUT
+
+
+def wait_js(page: Any, expression: str, timeout: float) -> None:
+    """Poll a JavaScript expression until it is truthy (test units).
+
+    Not ``page.wait_for_function``: its in-page predicate is compiled with
+    ``eval``, which the chat page's Content-Security-Policy (rightly) forbids;
+    ``page.evaluate`` runs through the DevTools protocol, outside the policy.
+    """
+    wait_until(lambda: bool(page.evaluate(expression)), timeout, f"{expression!r} in the page",
+               poll=0.05)

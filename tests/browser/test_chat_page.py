@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.support.procs import Procs
+from tests.browser.conftest import wait_js
 from tests.support.timing import t
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -46,19 +47,29 @@ def test_two_pages_chat_and_see_each_other(procs: Procs, browser: Any, output_di
     errors: list[str] = []
     for p in (a, b):
         p.on("pageerror", lambda exc: errors.append(str(exc)))
+        # A Content-Security-Policy violation is reported on the console, not as a page error.
+        p.on("console", lambda msg: errors.append(msg.text)
+             if "Content Security Policy" in msg.text else None)
     try:
+        first = a.goto(d.url)
+        assert first is not None
+        headers = first.headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "connect-src 'self' ws: wss:" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "no-referrer"
         join(a, d.url, "garden", "alice")
         join(b, d.url, "garden", "bob")
         for p in (a, b):
-            p.wait_for_function("document.querySelectorAll('#members li').length === 2", timeout=t(10) * 1000)
+            wait_js(p, "document.querySelectorAll('#members li').length === 2", 10)
             assert members(p) == ["alice", "bob"]
 
         say(a, "hello bob")
         say(b, "hi alice, nice page")
         say(a, "<b>not bold</b> & fine")
         for p in (a, b):
-            p.wait_for_function("document.querySelectorAll('#messages .msg[data-seq]').length === 3",
-                                timeout=t(10) * 1000)
+            wait_js(p, "document.querySelectorAll('#messages .msg[data-seq]').length === 3", 10)
         seen_a, seen_b = shown(a), shown(b)
         assert seen_a == seen_b
         assert [s for s, _ in seen_a] == sorted({s for s, _ in seen_a})
@@ -69,7 +80,7 @@ def test_two_pages_chat_and_see_each_other(procs: Procs, browser: Any, output_di
         a.screenshot(path=str(output_dir / "chat-page.png"))
 
         b.click("#leave")
-        a.wait_for_function("document.querySelectorAll('#members li').length === 1", timeout=t(10) * 1000)
+        wait_js(a, "document.querySelectorAll('#members li').length === 1", 10)
         assert members(a) == ["alice"]
         assert errors == []
     finally:
@@ -91,22 +102,20 @@ def test_page_reconnects_and_delivers_what_was_typed_while_the_shard_was_down(
         join(b, d.url, "phoenix", "bob")
         say(a, "before the crash")
         for p in (a, b):
-            p.wait_for_function("document.querySelectorAll('#messages .msg[data-seq]').length === 1",
-                                timeout=t(10) * 1000)
+            wait_js(p, "document.querySelectorAll('#messages .msg[data-seq]').length === 1", 10)
         procs.kill(shard)
         a.wait_for_selector('#state[data-state="connecting"]', timeout=t(10) * 1000)
         say(a, "typed while down")
         assert a.eval_on_selector_all("#messages .msg.pending", "ns => ns.length") == 1
         procs.restart(shard)
-        a.wait_for_function("document.querySelectorAll('#messages .msg[data-seq]').length === 2",
-                            timeout=t(30) * 1000)
+        wait_js(a, "document.querySelectorAll('#messages .msg[data-seq]').length === 2", 30)
         assert [text for _, text in shown(a)] == ["before the crash", "typed while down"]
         assert a.eval_on_selector_all("#messages .msg.pending", "ns => ns.length") == 0
         b.wait_for_selector('#state[data-state="open"]', timeout=t(30) * 1000)
         say(b, "back again")
         for p in (a, b):
-            p.wait_for_function("[...document.querySelectorAll('#messages .msg[data-seq]')]"
-                                ".some(n => n.textContent.includes('back again'))", timeout=t(20) * 1000)
+            wait_js(p, "[...document.querySelectorAll('#messages .msg[data-seq]')]"
+                       ".some(n => n.textContent.includes('back again'))", 20)
             texts = [text for _, text in shown(p)]
             assert texts[0] == "before the crash" and texts[-1] == "back again"
             # "typed while down" shows once, unless bob came back after it was sequenced
@@ -141,7 +150,7 @@ def test_page_shows_why_it_was_removed_from_a_private_room(procs: Procs, browser
         b.wait_for_selector("#join", state="visible", timeout=t(15) * 1000)
         assert "private" in b.inner_text("#join-error")
         assert b.get_attribute("#state", "data-state") == "closed"
-        a.wait_for_function("document.querySelectorAll('#members li').length === 1", timeout=t(10) * 1000)
+        wait_js(a, "document.querySelectorAll('#members li').length === 1", 10)
         assert members(a) == ["alice"] and a.get_attribute("#state", "data-state") == "open"
     finally:
         ctx_a.close()

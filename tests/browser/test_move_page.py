@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser.conftest import wait_js
 from tests.browser.test_chat_page import join, members, say, shown
 from tests.support.procs import TEST_ADMIN_TOKEN, Procs
 from tests.support.timing import t
@@ -17,8 +18,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 def wait_count(page: Any, n: int) -> None:
     try:
-        page.wait_for_function(f"document.querySelectorAll('#messages .msg[data-seq]').length === {n}",
-                               timeout=t(20) * 1000)
+        wait_js(page, f"document.querySelectorAll('#messages .msg[data-seq]').length === {n}", 20)
     except Exception as exc:  # say what the page shows instead of a bare timeout
         state = page.evaluate("(s => [s.state, s.instance, s.lastSeq, s.connections, s.outbox.size])"
                               "(window.roomshard.session)")
@@ -60,8 +60,8 @@ def test_pages_keep_every_message_across_a_move(procs: Procs, browser: Any, outp
                           headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"})
         assert resp.status_code == 200, resp.text
         for p in (a, b):
-            p.wait_for_function(f"window.roomshard.session.instance === '{dst}' && "
-                                "window.roomshard.session.state === 'open'", timeout=t(20) * 1000)
+            wait_js(p, f"window.roomshard.session.instance === '{dst}' && "
+                                "window.roomshard.session.state === 'open'", 20)
         # Every "during" line is in before typing more: the timers above write
         # into the same input box and would overwrite a line typed meanwhile.
         wait_count(a, 26)

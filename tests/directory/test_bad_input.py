@@ -157,6 +157,8 @@ ADMIN_CASES = [
     ("GET", "/v1/admin/rooms/nope", None, ADMIN, 404, "room_not_found"),
     ("GET", "/v1/admin/rooms?instance=zz", None, ADMIN, 400, "invalid_instance"),
     ("GET", "/v1/admin/rooms?limit=-3", None, ADMIN, 400, "invalid_limit"),
+    ("GET", "/v1/admin/rooms?limit=%C2%B2", None, ADMIN, 400, "invalid_limit"),
+    ("GET", "/v1/admin/rooms?limit=%EF%BC%91", None, ADMIN, 400, "invalid_limit"),
     ("PUT", "/v1/admin/rooms/r/access", b'{"private":"yes"}', ADMIN, 400, "invalid_body"),
     ("PUT", "/v1/admin/rooms/r/access", b'{"private":true,"members":["a b"]}', ADMIN, 400,
      "invalid_member"),

@@ -24,7 +24,7 @@ import uvicorn
 
 from directory import http_server
 from directory.app import create_app
-from directory.http_server import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
+from directory.http_server import MAX_HEAD_BYTES, uvicorn_options
 from tests.directory.conftest import make_cfg
 from tests.support.procs import Procs
 from tests.support.timing import t, wait_until
@@ -115,8 +115,9 @@ class _Served:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(cfg), http=BoundedHttpToolsProtocol, ws="none",
-                                lifespan="on", log_level="warning")
+        # The options `roomshard directory` runs with (directory.main).
+        config = uvicorn.Config(create_app(cfg), lifespan="on", log_level="warning",
+                                **uvicorn_options())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve([self.sock])),
                                        daemon=True)
@@ -231,3 +232,28 @@ def test_declared_huge_body_is_413_without_reading_it(served: _Served) -> None:
     sock.close()
     assert status == 413
     assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+def test_every_response_has_nosniff_and_referrer_policy(served: _Served) -> None:
+    base = f"http://127.0.0.1:{served.port}"
+    with httpx.Client(timeout=t(10)) as client:
+        for method, path in (("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"),
+                             ("GET", "/nope"), ("DELETE", "/healthz"),
+                             ("POST", "/v1/rooms/a%0Ab/connect"), ("GET", "/v1/admin/instances"),
+                             ("GET", "/static/index.html"), ("GET", "/metrics")):
+            r = client.request(method, base + path)
+            assert r.headers["x-content-type-options"] == "nosniff", (method, path)
+            assert r.headers["referrer-policy"] == "no-referrer", (method, path)
+    sock = served.raw(b"GET /" + b"x" * (MAX_HEAD_BYTES * 2))
+    status, headers, _ = _read_response(sock, t(10))
+    sock.close()
+    assert status == 431 and headers["x-content-type-options"] == "nosniff"
+
+
+def test_keep_alive_request_trickled_after_a_first_one_is_408(served: _Served) -> None:
+    sock = served.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGE")
+    reader = sock.makefile("rb")
+    assert _read_response(sock, t(10), reader)[0] == 200
+    status, _, body = _read_response(sock, t(10), reader)
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    sock.close()

@@ -57,3 +57,47 @@ async def test_index_page_or_not_installed_notice(h: Harness, monkeypatch: pytes
     assert r.status_code == 200 and "not installed" in r.text
     (tmp_path / "index.html").write_text("<title>chat</title>")
     assert (await h.client.get("/")).text == "<title>chat</title>"
+
+
+async def test_openapi_id_parameters_carry_their_patterns(h: Harness) -> None:
+    """Every room/instance/user path or query parameter has the pattern and lengths the handlers enforce."""
+    import re
+
+    doc = (await h.client.get("/openapi.json")).json()
+    examples = {"room": ("lobby", "a\nb"), "instance": ("i9999", "i1\n"), "user": ("a.b@c", "a b")}
+    seen = set()
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            for p in op.get("parameters", []):
+                if p["name"] not in examples:
+                    continue
+                seen.add((p["in"], p["name"]))
+                schema = p["schema"]
+                assert schema["type"] == "string" and schema["minLength"] >= 1, (path, p)
+                good, bad = examples[p["name"]]
+                assert re.fullmatch(schema["pattern"].strip("^$"), good)
+                assert not re.search(schema["pattern"].replace("$", r"\Z"), bad), (path, p)
+                assert schema["maxLength"] == (5 if p["name"] == "instance" else 64)
+    assert {("path", "room"), ("path", "instance"), ("query", "instance")} <= seen
+    limit = next(p for p in doc["paths"]["/v1/admin/rooms"]["get"]["parameters"]
+                 if p["name"] == "limit")
+    assert limit["schema"]["minimum"] == 1 and limit["schema"]["maximum"] >= 1000
+
+
+async def test_chat_page_has_a_csp_that_allows_only_its_own_inline_code(h: Harness) -> None:
+    import base64
+    import hashlib
+    import re
+
+    r = await h.client.get("/")
+    csp = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+    assert r.headers["x-frame-options"] == "DENY"
+    assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'"
+    assert csp["connect-src"].split() == ["'self'", "ws:", "wss:"]
+    assert "unsafe-inline" not in r.headers["content-security-policy"]
+    for kind in ("script", "style"):
+        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", r.text, re.S)
+        assert blocks
+        for block in blocks:
+            digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in csp[f"{kind}-src"].split()
