@@ -22,6 +22,15 @@ docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
   system call, none of the transport's bookkeeping; what the kernel does
   not take goes to the transport, which then holds the order.
 
+Input is bounded per connection (docs/PROTOCOL.md, "Abuse limits"): a
+:class:`shard.ratelimit.WireBudget` of frames and bytes over everything the
+peer sends (control frames and fragments included; overdrawn: fail with
+4008), and a work bound per loop turn: at most :data:`MAX_FRAMES_PER_TURN`
+frames are handled, the websockets parser is fed :data:`WS_FEED_SLICE` bytes
+at a time, and what is left waits in ``rbuf`` with reading paused until the
+next turn, so timers and heartbeats run whatever one peer sends. The
+handshake is decided by websockets' ``ServerProtocol.accept``.
+
 Backpressure policy (slow consumers): a connection may hold at most
 ``send_queue_bytes`` of outgoing data, counting its pending frames plus the
 transport's write buffer (the kernel's send buffer is capped at
@@ -121,6 +130,7 @@ class Connection(asyncio.Protocol):
         "_http_stalled",
         "_idle_timer",
         "_request",
+        "_unpaid",
         "address",
         "bucket",
         "budget",
@@ -183,6 +193,7 @@ class Connection(asyncio.Protocol):
         self.rbuf = b""
         self._deferred = False  # reading paused by the work bound; resumes next turn
         self._eof_pending = False  # the peer half-closed; handled once rbuf is
+        self._unpaid = 0  # bytes read but not charged to the budget yet (see _spend)
         self._body: list[bytes] = []
         self._body_size = 0
         self._body_limit = MAX_UNAUTHENTICATED_BODY_BYTES
@@ -236,13 +247,13 @@ class Connection(asyncio.Protocol):
             return
         if self.failed:
             return
-        budget = self.budget
-        if budget is not None and not budget.take(0, len(data), self.server.monotonic()):
-            self._over_budget("bytes")
-            return
+        # Bytes are charged with the frames they carry: one budget call per read.
+        self._unpaid += len(data)
         self.rbuf = self.rbuf + data if self.rbuf else data
         if self.room is not None or self.closing:  # else admission pending: kept for joined()
             self._pump()
+        if self._unpaid and not self.failed:  # no complete frame in this read
+            self._spend(0)
 
     def eof_received(self) -> bool | None:
         if self.ws is None or self.failed:
@@ -420,8 +431,7 @@ class Connection(asyncio.Protocol):
         transport.pause_reading()  # until admitted; frames wait in the kernel
         self.fast = True
         self.rbuf = bytes(trailing)
-        if self.rbuf and not self.budget.take(0, len(self.rbuf), self.server.monotonic()):
-            self.rbuf = b""  # cannot happen with byte_burst >= the 16 KiB h11 buffer
+        self._unpaid = len(self.rbuf)
         self.server.admit(self, request)
 
     def joined(self, room: LiveRoom, conn_id: int, user: str, bucket: TokenBucket) -> None:
@@ -515,11 +525,12 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _spend(self, frames: int) -> bool:
-        """Charge ``frames`` to the wire budget; False (and the connection failed) when over."""
-        budget = self.budget
-        if budget is None or budget.take(frames, 0, self.server.monotonic()):
+        """Charge ``frames`` and the unpaid bytes to the wire budget; False (and failed) when over."""
+        budget, nbytes = self.budget, self._unpaid
+        self._unpaid = 0
+        if budget is None or budget.take(frames, nbytes, self.server.monotonic()):
             return True
-        self._over_budget("frames")
+        self._over_budget("frames or bytes")
         return False
 
     def _over_budget(self, what: str) -> None:
