@@ -20,6 +20,8 @@ import orjson
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from tests.support.timing import await_until
+
 RETRY_S = 0.05
 
 
@@ -169,3 +171,15 @@ def check_logs(room_clients: list[Chatter]) -> list[str]:
         if len(ids) != len(set(ids)):
             problems.append(f"{c.user}: an id was broadcast twice")
     return problems
+
+
+async def start_chatting(chatters: list[Chatter], *, open_timeout: float = 20) -> list[Chatter]:
+    """Start ``chatters``, wait until every one is in, and have each send one acked message."""
+    for c in chatters:
+        c.start()
+    await await_until(lambda: all(c.opened.is_set() for c in chatters), open_timeout,
+                      "clients open")
+    for c in chatters:
+        await c.send()
+    await await_until(lambda: all(not c.unacked for c in chatters), 10, "first acks")
+    return chatters

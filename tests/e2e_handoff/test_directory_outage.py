@@ -17,7 +17,7 @@ import signal
 import httpx
 import pytest
 
-from tests.e2e_handoff.chatter import Chatter, check_logs
+from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
 from tests.e2e_handoff.conftest import ADMIN
 from tests.support.pg import free_port
 from tests.support.procs import Procs
@@ -25,14 +25,7 @@ from tests.support.timing import await_until, t
 
 
 async def _chat(directory_url: str, http: httpx.AsyncClient, n: int = 3) -> list[Chatter]:
-    chatters = [Chatter(directory_url, "r", f"u{k}", http) for k in range(n)]
-    for c in chatters:
-        c.start()
-    await await_until(lambda: all(c.opened.is_set() for c in chatters), 20, "clients open")
-    for c in chatters:
-        await c.send()
-    await await_until(lambda: all(not c.unacked for c in chatters), 10, "first acks")
-    return chatters
+    return await start_chatting([Chatter(directory_url, "r", f"u{k}", http) for k in range(n)])
 
 
 async def _finish(chatters: list[Chatter]) -> None:

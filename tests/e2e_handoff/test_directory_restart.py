@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter, check_logs
+from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
 from tests.e2e_handoff.conftest import ADMIN, directory_auth
 from tests.support.procs import Procs
 from tests.support.timing import await_until, t
@@ -54,13 +54,8 @@ async def test_move_in_flight_survives_a_directory_restart(procs: Procs) -> None
     db = procs.dir / "directory.db"
     shards = {i: procs.shard(i, directory.url, env=SHARD_ENV) for i in ("i1", "i2")}
     async with httpx.AsyncClient(timeout=t(5)) as http:
-        chatters = [Chatter(directory.url, "r", f"u{k}", http) for k in range(3)]
-        for c in chatters:
-            c.start()
-        await await_until(lambda: all(c.opened.is_set() for c in chatters), 20, "clients open")
-        for c in chatters:
-            await c.send()
-        await await_until(lambda: all(not c.unacked for c in chatters), 10, "first acks")
+        chatters = await start_chatting([Chatter(directory.url, "r", f"u{k}", http)
+                                         for k in range(3)])
         src = chatters[0].welcomes[0].instance
         to = "i2" if src == "i1" else "i1"
         os.kill(shards[to].popen.pid, signal.SIGSTOP)  # adopt hangs: the move stays frozen

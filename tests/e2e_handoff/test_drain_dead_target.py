@@ -14,7 +14,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.e2e_handoff.chatter import Chatter, check_logs
+from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
 from tests.e2e_handoff.conftest import Cluster, start_cluster
 from tests.support.procs import Procs
 from tests.support.timing import await_until, t
@@ -30,12 +30,7 @@ async def test_drain_retargets_moves_off_a_target_that_just_died(procs: Procs, h
         chatters = {f"r{n}": [Chatter(cluster.url, f"r{n}", f"u{k}", http) for k in range(CLIENTS)]
                     for n in range(ROOMS)}
         every = [c for cs in chatters.values() for c in cs]
-        for c in every:
-            c.start()
-        await await_until(lambda: all(c.opened.is_set() for c in every), 30, "clients open")
-        for c in every:
-            await c.send()
-        await await_until(lambda: all(not c.unacked for c in every), 10, "first acks")
+        await start_chatting(every, open_timeout=30)
         assert {c.welcomes[0].instance for c in every} == {"i1"}
         for i in ("i2", "i3"):
             cluster.add_shard(i)

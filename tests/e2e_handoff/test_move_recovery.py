@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter, check_logs
+from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
 from tests.e2e_handoff.conftest import ADMIN, directory_auth
 from tests.support.procs import Procs
 from tests.support.timing import await_until, t
@@ -41,13 +41,8 @@ async def test_directory_killed_mid_move_room_serves_again_within_seconds(procs:
     directory = procs.directory(env=DIRECTORY_ENV)
     shards = {i: procs.shard(i, directory.url, env=SHARD_ENV) for i in ("i1", "i2")}
     async with httpx.AsyncClient(timeout=t(5)) as http:
-        chatters = [Chatter(directory.url, "slow", f"u{k}", http) for k in range(3)]
-        for c in chatters:
-            c.start()
-        await await_until(lambda: all(c.opened.is_set() for c in chatters), 20, "clients open")
-        for c in chatters:
-            await c.send()
-        await await_until(lambda: all(not c.unacked for c in chatters), 10, "first acks")
+        chatters = await start_chatting([Chatter(directory.url, "slow", f"u{k}", http)
+                                         for k in range(3)])
         before = (await http.get(f"{directory.url}/v1/admin/rooms/slow", headers=ADMIN)).json()
         src = before["instance"]
         to = "i2" if src == "i1" else "i1"
