@@ -60,6 +60,9 @@ log = logging.getLogger("roomshard.shard")
 TICK_S = 0.25
 SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
 HEARTBEAT_RETRY_S = 0.25  # after a failed heartbeat, the next one within 0.25-0.375 s
+# lease + this <= the directory's down_after (default 6 + 2 <= 10): the margin for
+# clock rates, a heartbeat in flight and the close of every member.
+MIN_LEASE_MARGIN_S = 2.0
 _PING_FRAME = server_frame(0x9, b"roomshard")
 _SINCE_RE = re.compile(r"[0-9]{1,20}")  # ASCII digits only ("²".isdigit() is true)
 
@@ -370,6 +373,14 @@ class ShardServer:
             if not self.registered:
                 self.registered = True
                 log.warning("registered with the directory at %s", cfg.directory_url)
+                down_after = answer.get("down_after")
+                if isinstance(down_after, (int, float)) and down_after - cfg.lease < MIN_LEASE_MARGIN_S:
+                    # The contract's rule needs the shard to stop before the directory
+                    # calls it down; say so loudly (the directory's setting may be on purpose).
+                    log.error("ROOMSHARD_LEASE (%.1fs) leaves less than %.1fs before the "
+                              "directory's down_after (%.1fs): a partitioned shard may still "
+                              "serve rooms the directory re-places", cfg.lease,
+                              MIN_LEASE_MARGIN_S, down_after)
                 self._write_ready_file()
             elapsed = self.monotonic() - sent_at
             await asyncio.sleep(max(0.0, cfg.heartbeat_interval - elapsed))

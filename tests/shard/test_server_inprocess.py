@@ -319,3 +319,19 @@ async def test_ticket_for_another_instance_is_4003(shard):
     ws = await connect(f"{shard.ws_base}/i1/room/elsewhere?ticket={token}")
     assert await close_code(ws) == 4003
     assert shard.server.stats.refused == {4003: 1}
+
+
+async def test_a_lease_too_close_to_the_directorys_down_after_is_reported(caplog):
+    """The directory's answer carries down_after (10 s): a 9 s lease leaves no margin."""
+    from tests.shard.conftest import start_shard
+    from tests.shard.fakedir import FakeDirectory
+
+    with caplog.at_level("ERROR", logger="roomshard.shard"):
+        server = await start_shard(FakeDirectory(), lease=9.0)
+        await server.shutdown()
+    assert any("before the directory's down_after" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="roomshard.shard"):
+        server = await start_shard(FakeDirectory(), lease=6.0)
+        await server.shutdown()
+    assert not any("down_after" in r.getMessage() for r in caplog.records)
