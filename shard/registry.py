@@ -138,6 +138,7 @@ class LiveRoom:
                 "messages_per_s": round(self.messages_per_s, 2)}
 
 
+MAX_CONFIRM_PER_HEARTBEAT = 10_000  # kept rooms one heartbeat asks the directory about
 MAX_PENDING_OPEN_IDS = 10_000  # then ids older than the TTL are dropped
 OPEN_ID_TTL_S = 300.0
 
@@ -239,9 +240,19 @@ class RoomRegistry:
             closed += live.close_all(code, reason)
         return closed
 
-    def unconfirmed(self) -> dict[str, int]:
-        """Rooms kept through a lost lease, with their epochs."""
-        return {name: lr.room.epoch for name, lr in self.rooms.items() if lr.unconfirmed}
+    def unconfirmed(self, limit: int = MAX_CONFIRM_PER_HEARTBEAT) -> dict[str, int]:
+        """Up to ``limit`` rooms kept through a lost lease, with their epochs.
+
+        The limit keeps a heartbeat's body well under the directory's 1 MiB
+        (a room id is at most 64 characters); the rest go with the next ones.
+        """
+        out: dict[str, int] = {}
+        for name, lr in self.rooms.items():
+            if lr.unconfirmed:
+                out[name] = lr.room.epoch
+                if len(out) >= limit:
+                    break
+        return out
 
     def confirm(self, asked: dict[str, int], owned: set[str]) -> tuple[int, int]:
         """Serve again the rooms the directory confirmed; drop the others.

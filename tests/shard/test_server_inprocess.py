@@ -335,3 +335,15 @@ async def test_a_lease_too_close_to_the_directorys_down_after_is_reported(caplog
         server = await start_shard(FakeDirectory(), lease=6.0)
         await server.shutdown()
     assert not any("down_after" in r.getMessage() for r in caplog.records)
+
+
+async def test_kept_rooms_are_confirmed_in_bounded_batches(shard):
+    """Each heartbeat asks about at most a bounded number of kept rooms; the rest follow."""
+    socks = [(await shard.join(f"k{i}", "alice"))[0] for i in range(3)]
+    shard.fake.reachable = False
+    for ws in socks:
+        assert (await frames_until_close(ws))[1] == 1001
+    registry = shard.server.registry
+    assert len(registry.unconfirmed(limit=2)) == 2 and len(registry.unconfirmed()) == 3
+    kept, dropped = registry.confirm(registry.unconfirmed(limit=2), owned={"k0", "k1", "k2"})
+    assert (kept, dropped) == (2, 0) and len(registry.unconfirmed()) == 1
