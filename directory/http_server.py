@@ -8,13 +8,18 @@ counts the bytes of each request head as they arrive and refuses a head
 over :data:`MAX_HEAD_BYTES` at once with ``431`` and the contract's JSON
 error body, without buffering the rest; a head that is not complete within
 :data:`HEAD_TIMEOUT_S` of its first byte (or of the connection, for the
-first request) is refused with ``408`` (slowloris). After a refusal the
-connection is half-closed: the response is sent with a FIN, whatever the
-client still sends is read and dropped for :data:`REFUSED_LINGER_S`, then
-the socket is closed (closing at once with unread data would send a TCP
-reset that can destroy the response before the client reads it).
+first request) is refused with ``408`` (slowloris).
 
-Request bodies are bounded by ``directory.edge.read_body``.
+Every close the directory starts while a request may still be arriving is
+a lingering close (:mod:`roomshard.linger`): after a refusal, and after an
+answer given before the request's body was read (``413`` from
+``directory.edge.read_body``, a ``401`` that never looks at the body), the
+connection is half-closed, the response goes out with a FIN, and whatever
+the client still sends is read and dropped until its FIN or a bound
+(``ROOMSHARD_CLOSE_LINGER_*``). Closing at once with unread input would send
+a TCP reset that destroys the response before the client reads it. uvicorn
+sees the transport through :class:`_Transport`, whose ``close`` lingers
+while a request is unfinished.
 
 Accounting is per ``data_received`` chunk (at most one transport read, a
 few hundred KiB): the head is refused once more than ``MAX_HEAD_BYTES``
@@ -31,13 +36,14 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from directory.errors import error_body
+from roomshard.linger import Linger, LingerLimits, LingerPool
 
 #: Longest request head (request line + headers) the directory reads; like the shard's.
 MAX_HEAD_BYTES = 16 * 1024
 #: A request head must be complete this long after its first byte.
 HEAD_TIMEOUT_S = 10.0
-#: After a refusal, how long incoming bytes are drained before the socket closes.
-REFUSED_LINGER_S = 1.0
+#: The directory's default bounds of a lingering close (``ROOMSHARD_CLOSE_LINGER_*``).
+DEFAULT_LINGER = LingerLimits(max=1_000)
 
 #: On every directory response, errors and refusals included (uvicorn's default headers:
 #: no per-request cost). The chat page adds its Content-Security-Policy.
@@ -46,13 +52,35 @@ SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "
 log = logging.getLogger("roomshard.directory")
 
 
-def uvicorn_options() -> dict[str, Any]:
+def uvicorn_options(linger: LingerLimits = DEFAULT_LINGER) -> dict[str, Any]:
     """The ``uvicorn.Config`` options of the directory's HTTP edge.
 
-    httptools bounded in head size and time; no WebSocket routes on the
-    directory, so upgrade requests are plain HTTP requests.
+    httptools bounded in head size and time, closes that linger within
+    ``linger`` (one pool of lingering sockets per call: per server); no
+    WebSocket routes on the directory, so upgrade requests are plain HTTP
+    requests.
     """
-    return {"http": BoundedHttpToolsProtocol, "ws": "none", "headers": SECURITY_HEADERS}
+    protocol = type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,),
+                    {"linger_pool": LingerPool(linger)})
+    return {"http": protocol, "ws": "none", "headers": SECURITY_HEADERS}
+
+
+class _Transport:
+    """The transport as uvicorn sees it: ``close`` lingers while a request is unfinished."""
+
+    __slots__ = ("_protocol", "_transport", "is_closing", "write")
+
+    def __init__(self, transport: asyncio.Transport, protocol: BoundedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.write = transport.write  # the per-response calls skip __getattr__
+        self.is_closing = transport.is_closing
+
+    def close(self) -> None:
+        self._protocol.close_connection()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -73,8 +101,13 @@ def refusal(status: int, code: str, message: str) -> bytes:
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that refuses oversized (431) and slow (408) request heads."""
 
+    linger_pool = LingerPool(DEFAULT_LINGER)  # replaced per server by uvicorn_options
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._raw: asyncio.Transport | None = None
+        self._linger: Linger | None = None
+        self._body_open = False  # the latest request's head is in, its body still arriving
         self._head_open = True  # the next bytes belong to a request head
         self._head_bytes = 0
         self._head_started = False  # a byte of the current head has arrived
@@ -101,18 +134,50 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # only runs after a response, so close it here.
             self.transport.close()
 
+    # -- closing --------------------------------------------------------------
+    def close_connection(self) -> None:
+        """Close; linger when the client may still be sending (see the module docstring)."""
+        raw = self._raw
+        if raw is None or self._linger is not None:
+            return
+        if self._refused or self._body_open or self._head_started:
+            self._start_linger()  # the client is still sending
+        else:
+            raw.close()
+
+    def _start_linger(self) -> None:
+        self._refused = True  # nothing more is parsed
+        self._cancel_head_timer()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        if self._raw is not None and self._linger is None:
+            self._linger = self.linger_pool.start(self._raw)
+
     # -- protocol interface ---------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw = transport
+        super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
         self._arm_head_timer()  # also ends a connection that never sends a byte
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._raw = None  # uvicorn's close() from here on is a no-op
+        if self._linger is not None:
+            self._linger.lost()
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        if self._linger is not None:
+            self._linger.eof()
+            return True
+        return None  # the transport closes
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # draining until the linger ends
+            if self._linger is not None:
+                self._linger.data(len(data))
+            return
         was_open = self._head_open
         super().data_received(data)
         if self._refused or self.transport.is_closing():
@@ -144,7 +209,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = False
         self._head_bytes = 0
         self._cancel_head_timer()
+        self._body_open = True
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_open = False
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (self._body_open and self.cycle is not None and self.cycle.response_complete
+                and not self._refused and self._linger is None):
+            # Answered before the request's body was read (413, 401, ...): the
+            # rest of it is dropped and the connection ends, lingering.
+            self._start_linger()
 
     # -- refusal --------------------------------------------------------------
     def _refuse(self, status: int, code: str, message: str) -> None:
@@ -159,6 +237,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.cycle.disconnected = True
         self.parser = None  # type: ignore[assignment]  # no more parsing on this connection
-        if transport.can_write_eof():
-            transport.write_eof()
-        self.loop.call_later(REFUSED_LINGER_S, transport.close)
+        if self.cycle is None or self.cycle.response_complete:
+            self._start_linger()
+        # else: the pipelined response's end closes the connection (close_connection)

@@ -16,12 +16,14 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from roomshard.config import ConfigError, DirectoryConfig
+from roomshard.config import ConfigError, DirectoryConfig, linger_limits
 
 
 class _Server(uvicorn.Server):
@@ -61,6 +63,21 @@ async def _check_database(cfg: DirectoryConfig) -> None:
         await migrate(engine)
     finally:
         await engine.dispose()
+        await _driver_threads_done()
+
+
+async def _driver_threads_done(bound_s: float = 2.0) -> None:
+    """Let aiosqlite's worker threads finish while this event loop still runs.
+
+    A failed connect leaves its worker thread a last call that answers on
+    the loop; once ``asyncio.run`` has closed the loop, that thread dies with
+    a traceback ("Event loop is closed") after our one-line error.
+    """
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline and any(
+            th.is_alive() and th.name.endswith("(_connection_worker_thread)")
+            for th in threading.enumerate()):
+        await asyncio.sleep(0.005)
 
 
 def _loop_setup() -> str:
@@ -97,7 +114,8 @@ def run(cfg: DirectoryConfig) -> None:
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     from directory.http_server import uvicorn_options
 
-    config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on", **uvicorn_options(),
+    config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on",
+                            **uvicorn_options(linger_limits(cfg)),
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from roomshard import protocol
+from roomshard import linger, protocol
 from roomshard.tickets import parse_secrets
 
 ENV_PREFIX = "ROOMSHARD_"
@@ -121,6 +121,16 @@ def normalize_database_url(url: str) -> str:
     )
 
 
+LINGER_SETTINGS = ("close_linger_time", "close_linger_timeout", "close_linger_bytes",
+                   "close_linger_max")
+
+
+def linger_limits(cfg: DirectoryConfig | ShardConfig) -> linger.LingerLimits:
+    """The lingering-close bounds of a service's settings."""
+    return linger.LingerLimits(time=cfg.close_linger_time, timeout=cfg.close_linger_timeout,
+                               bytes=cfg.close_linger_bytes, max=cfg.close_linger_max)
+
+
 def _check_positive(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
@@ -140,6 +150,10 @@ class DirectoryConfig:
     ticket_ttl: int = setting(protocol.DEFAULT_TICKET_TTL_S, help="ticket lifetime, seconds")
     cluster_secret: str = setting(help="signs tickets and cluster calls (comma list rotates)", secret=True)
     down_after: float = setting(protocol.DEFAULT_DOWN_AFTER_S, help="seconds without heartbeat before an instance is down")
+    close_linger_time: float = setting(linger.DEFAULT_LINGER_TIME_S, help="longest a closed connection is read and dropped before its socket is reset (lingering close)")
+    close_linger_timeout: float = setting(linger.DEFAULT_LINGER_TIMEOUT_S, help="a lingering connection closes after this many seconds without input")
+    close_linger_bytes: int = setting(linger.DEFAULT_LINGER_BYTES, help="a lingering connection is reset after dropping this many bytes")
+    close_linger_max: int = setting(1_000, help="lingering connections at once; past it a connection closes at once")
     default_capacity: int = setting(1000, help="capacity of a shard that does not state one")
     ready_file: str | None = setting(None, help="write {\"url\": ...} here once serving")
     log_level: str = setting("info", help="debug, info, warning, error")
@@ -154,14 +168,13 @@ class DirectoryConfig:
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
         if not self.admin_token.strip():
             raise ConfigError("ROOMSHARD_ADMIN_TOKEN: empty")
-        _check_positive(self, "ticket_ttl", "down_after", "default_capacity")
+        _check_positive(self, "ticket_ttl", "down_after", "default_capacity", *LINGER_SETTINGS)
         if not 0 <= self.port <= 65535:
             raise ConfigError("ROOMSHARD_PORT: must be 0..65535")
 
     @property
     def cluster_secrets(self) -> list[str]:
         return parse_secrets(self.cluster_secret)
-
 
 @dataclass(frozen=True, kw_only=True)
 class ShardConfig:
@@ -190,6 +203,10 @@ class ShardConfig:
     byte_burst: int = setting(protocol.DEFAULT_BYTE_BURST, help="burst of bytes per connection (at least max_frame)")
     max_fragments: int = setting(protocol.DEFAULT_MAX_FRAGMENTS, help="max frames of one fragmented message (over: 1009)")
     max_connections_per_address: int = setting(protocol.DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, help="WebSockets per client address, 0 = no cap (over: 4008)")
+    close_linger_time: float = setting(linger.DEFAULT_LINGER_TIME_S, help="longest a closed connection is read and dropped before its socket is reset (lingering close)")
+    close_linger_timeout: float = setting(linger.DEFAULT_LINGER_TIMEOUT_S, help="a lingering connection closes after this many seconds without input")
+    close_linger_bytes: int = setting(linger.DEFAULT_LINGER_BYTES, help="a lingering connection is reset after dropping this many bytes")
+    close_linger_max: int = setting(10_000, help="lingering connections at once; past it a connection closes at once")
     heartbeat_interval: float = setting(protocol.DEFAULT_HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
     lease: float = setting(6.0, help="stop serving rooms after this many seconds without a heartbeat ack")
     allowed_origins: tuple[str, ...] = setting((), help="comma list of allowed Origin values (empty: any)")
@@ -208,7 +225,8 @@ class ShardConfig:
         _check_positive(self, "history", "max_text", "max_frame", "rate", "rate_burst",
                         "max_connections", "send_queue_bytes", "ping_interval",
                         "ping_timeout", "heartbeat_interval", "lease", "frame_rate",
-                        "frame_burst", "byte_rate", "byte_burst", "max_fragments")
+                        "frame_burst", "byte_rate", "byte_burst", "max_fragments",
+                        *LINGER_SETTINGS)
         if self.max_connections_per_address < 0:
             raise ConfigError("ROOMSHARD_MAX_CONNECTIONS_PER_ADDRESS: must be 0 (off) or positive")
         if self.byte_burst < self.max_frame:
@@ -221,7 +239,6 @@ class ShardConfig:
     @property
     def cluster_secrets(self) -> list[str]:
         return parse_secrets(self.cluster_secret)
-
 
 def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a click command with one option per flag-able field of ``cls``.

@@ -36,18 +36,27 @@ Backpressure policy (slow consumers): a connection may hold at most
 transport's write buffer (the kernel's send buffer is capped at
 :data:`KERNEL_SNDBUF`, so it cannot absorb megabytes first). Over that, at
 flush time, the connection is closed with 4009 at once: its pending frames
-are dropped, the close frame is written, the peer is removed from its room,
-and the socket is aborted after :data:`CLOSE_GRACE_S`. A slow client
-therefore never slows its room or makes the shard buffer without bound; it
-reconnects with ``since``.
+are dropped, the close frame is written and the peer is removed from its
+room. A slow client therefore never slows its room or makes the shard
+buffer without bound; it reconnects with ``since``.
+
+Every close is a lingering close (:mod:`roomshard.linger`): the close frame
+(or an HTTP error answer) goes out after every frame queued before it, then
+the connection is half-closed and whatever the peer still sends is read and
+dropped, unparsed, until its FIN or a bound. A close handshake the peer
+does not answer within :data:`CLOSE_GRACE_S` is given up the same way.
+Closing with unread input would make the kernel reset the connection, and
+the peer would lose what it had not read yet, close frame included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
@@ -60,6 +69,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import OPEN, Protocol, Side
 from websockets.server import ServerProtocol
 
+from roomshard.linger import Linger
 from roomshard.protocol import CloseCode, ErrorCode
 from roomshard.tickets import TicketError
 from shard.frames import (
@@ -129,6 +139,7 @@ class Connection(asyncio.Protocol):
         "_eof_pending",
         "_http_stalled",
         "_idle_timer",
+        "_peer_eof",
         "_request",
         "_unpaid",
         "address",
@@ -145,6 +156,7 @@ class Connection(asyncio.Protocol):
         "frag_count",
         "frag_text",
         "http",
+        "linger",
         "pending",
         "pending_bytes",
         "ping_outstanding",
@@ -201,6 +213,8 @@ class Connection(asyncio.Protocol):
         self._busy = False  # an HTTP request is being handled
         self._http_stalled = False  # an answer waits in the transport: read no next request
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._peer_eof = False  # the peer's FIN arrived
+        self.linger: Linger | None = None  # set once closing: input is read and dropped
 
     # -- asyncio callbacks ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -241,11 +255,15 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.ws is None:
-            if self.http is not None:
+            if self.linger is not None:
+                self.linger.data(len(data))
+            elif self.http is not None:
                 self.http.receive_data(data)
                 self._drive_http()
             return
-        if self.failed:
+        if self.failed:  # nothing more is parsed; a lingering close drops it
+            if self.linger is not None:
+                self.linger.data(len(data))
             return
         # Bytes are charged with the frames they carry: one budget call per read.
         self._unpaid += len(data)
@@ -256,8 +274,14 @@ class Connection(asyncio.Protocol):
             self._spend(0)
 
     def eof_received(self) -> bool | None:
-        if self.ws is None or self.failed:
+        self._peer_eof = True
+        if self.linger is not None:
+            self.linger.eof()
+            return True
+        if self.ws is None:
             return None  # let the transport close
+        if self.failed:
+            return True  # our close frame is still to be written: flush() closes after it
         # Handle what is still buffered first (the work bound may defer it).
         self._eof_pending = True
         if not self._deferred and (self.room is not None or self.closing):
@@ -266,6 +290,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.linger is not None:
+            self.linger.lost()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -281,8 +307,12 @@ class Connection(asyncio.Protocol):
             try:
                 event = http.next_event()
             except h11.RemoteProtocolError as exc:
-                self._respond(error_response(400, "bad_request", f"malformed HTTP: {exc}"),
-                              close=True)
+                if exc.error_status_hint == 431:  # a head over h11's 16 KiB bound
+                    resp = error_response(431, "request_header_too_large",
+                                          "request line and headers over 16384 bytes")
+                else:
+                    resp = error_response(400, "bad_request", f"malformed HTTP: {exc}")
+                self._respond(resp, close=True)
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return  # PAUSED: a request is being answered; h11 holds the rest
@@ -373,7 +403,8 @@ class Connection(asyncio.Protocol):
         if close:
             headers.append(("connection", "close"))
         try:
-            out = http.send(h11.Response(status_code=resp.status, headers=headers))
+            out = http.send(h11.Response(status_code=resp.status, headers=headers,
+                                         reason=_reason(resp.status)))
             out += http.send(h11.Data(data=resp.body)) or b""
             out += http.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
@@ -381,12 +412,12 @@ class Connection(asyncio.Protocol):
             return
         self.transport.write(out or b"")
         if close or http.our_state is h11.MUST_CLOSE:
-            self._close_transport()
+            self._linger()  # the rest of a refused request may still be on its way
             return
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
             http.start_next_cycle()
         else:
-            self._close_transport()
+            self._linger()
 
     # -- WebSocket handshake -------------------------------------------------
     def _upgrade(self, request: HttpRequest, raw: h11.Request) -> None:
@@ -535,12 +566,11 @@ class Connection(asyncio.Protocol):
 
     def _over_budget(self, what: str) -> None:
         cfg = self.server.cfg
-        self.server.stats.rate_limited += 1
+        self.server.stats.wire_budget_closes += 1
         log.info("closing %s (4008): over the wire budget of %s (%g frames/s, %g bytes/s)",
                  self.user or self.address, what, cfg.frame_rate, cfg.byte_rate)
-        if self.closing:  # already closing: the close frame is out, stop here
-            self.failed = True
-            self.abort()
+        if self.closing:  # already closing: the close frame is out; read nothing more
+            self._end_input()
             return
         self.fail(CloseCode.POLICY, "too many frames or bytes")
 
@@ -689,7 +719,7 @@ class Connection(asyncio.Protocol):
             self.pending_bytes = 0
         if self.eof_after_flush:
             self.eof_after_flush = False
-            transport.close()
+            self._linger()
 
     def _slow_consumer(self) -> None:
         self.server.stats.slow_consumer_closes += 1
@@ -700,7 +730,7 @@ class Connection(asyncio.Protocol):
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: send queue overflowed", now=True)
 
     def close(self, code: int, reason: str = "", *, now: bool = False) -> None:
-        """Start the closing handshake with ``code``; abort after a grace period.
+        """Start the closing handshake with ``code``; linger after a grace period.
 
         ``now`` writes the close frame immediately instead of at the end of
         the turn (used when pending frames were dropped).
@@ -720,15 +750,43 @@ class Connection(asyncio.Protocol):
             else:
                 self._take_ws_output()
         self.server.detach(self)
-        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._close_grace_over)
+
+    def _close_grace_over(self) -> None:
+        """The peer did not answer our close frame in time: stop waiting for it, linger."""
+        if not self.closed and self.linger is None:
+            self._end_input()
+
+    def _end_input(self) -> None:
+        """Parse nothing more; once the pending output is written, half-close and linger."""
+        self.failed = self.closing = True
+        self.rbuf = b""
+        self.eof_after_flush = True
+        self.server.mark_dirty(self)
+
+    def _linger(self) -> None:
+        """Half-close after our last byte; read and drop the peer's input until its FIN.
+
+        See :mod:`roomshard.linger`: closing with unread input would reset
+        the connection and destroy what the peer has not read yet.
+        """
+        transport = self.transport
+        if self.closed or transport is None or self.linger is not None:
+            return
+        self.failed = self.closing = True
+        self.rbuf = b""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.linger = self.server.lingering.start(transport, peer_eof=self._peer_eof)
 
     def fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): close frame, then close the TCP connection.
 
-        Nothing more is read from the peer (reading stops at once), so an
-        abusive sender costs no more CPU; the close frame is written at the
-        end of the turn and the socket closed after it (aborted after
-        :data:`CLOSE_GRACE_S` if the peer does not read it).
+        Nothing more is parsed (reading pauses until the close frame is
+        out), so an abusive sender costs no more CPU; the close frame is
+        written at the end of the turn after every frame queued before it,
+        then the connection lingers (see :meth:`_linger`).
         """
         ws, transport = self.ws, self.transport
         if self.closed or self.failed or ws is None or transport is None:
@@ -741,7 +799,7 @@ class Connection(asyncio.Protocol):
         self._take_ws_output()  # the close frame, then EOF: flush() closes the transport
         self.server.detach(self)
         if not was_closing:
-            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._close_grace_over)
 
     def abort(self) -> None:
         if not self.closed and self.transport is not None:
@@ -753,6 +811,14 @@ class Connection(asyncio.Protocol):
 
     def describe(self) -> dict[str, Any]:
         return {"user": self.user, "pending_bytes": self.pending_bytes}
+
+
+@functools.cache
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _content_length(req: h11.Request) -> int | None:

@@ -27,7 +27,8 @@ class Stats:
     messages_out: int = 0  # messages sequenced and broadcast
     deliveries: int = 0  # frames appended for recipients by broadcasts
     rejected: int = 0  # frames answered with bad_request / too_long
-    rate_limited: int = 0
+    rate_limited: int = 0  # messages over the rate (error frames, then the one 4008 close)
+    wire_budget_closes: int = 0  # connections closed with 4008 for frames or bytes
     slow_consumer_closes: int = 0
     ping_timeouts: int = 0
     refused: dict[int, int] = field(default_factory=dict)  # close code -> count
@@ -57,13 +58,32 @@ class _ShardCollector(Collector):
             ("messages_out", "messages sequenced and broadcast", st.messages_out),
             ("deliveries", "message/presence frames queued for recipients", st.deliveries),
             ("frames_rejected", "frames refused with bad_request or too_long", st.rejected),
-            ("rate_limit_hits", "frames refused with rate_limited", st.rate_limited),
+            ("rate_limit_hits", "messages over the rate limit (rate_limited errors, 4008 closes)",
+             st.rate_limited),
+            ("wire_budget_closes", "connections closed with 4008 over the wire budget",
+             st.wire_budget_closes),
             ("slow_consumer_closes", "connections closed with 4009", st.slow_consumer_closes),
             ("ping_timeouts", "connections closed for not answering a ping", st.ping_timeouts),
         ):
             c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
             c.add_metric([inst], value)
             yield c
+        lingering = s.lingering
+        yield _gauge("roomshard_shard_lingering_connections",
+                     "closed connections whose late input is read and dropped", inst,
+                     lingering.active)
+        ends = CounterMetricFamily("roomshard_shard_linger_ends",
+                                   "lingering closes by how they ended (fin, quiet, time, bytes: "
+                                   "as bounded; full: closed at once, too many lingering)",
+                                   labels=["instance", "how"])
+        for how, n in lingering.ends.items():
+            ends.add_metric([inst, how], n)
+        yield ends
+        dropped = CounterMetricFamily("roomshard_shard_linger_dropped_bytes",
+                                      "bytes read and dropped from closed connections",
+                                      labels=["instance"])
+        dropped.add_metric([inst], lingering.dropped_bytes)
+        yield dropped
         refused = CounterMetricFamily("roomshard_shard_refused", "admissions refused, by close code",
                                       labels=["instance", "code"])
         for code, n in sorted(st.refused.items()):

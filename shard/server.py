@@ -44,7 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from roomshard.config import ShardConfig
+from roomshard.config import ShardConfig, linger_limits
+from roomshard.linger import LingerPool
 from roomshard.protocol import CloseCode, valid_room_id
 from roomshard.tickets import Signer, Ticket, TicketError
 from shard import routes
@@ -96,6 +97,7 @@ class ShardServer:
         self.dirty: list[Connection] = []
         self._flush_scheduled = False
         self.ws_conns: set[Connection] = set()
+        self.lingering = LingerPool(linger_limits(cfg))  # connections in a lingering close
         self._next_conn_id = 0
         self.used_tickets: dict[str, float] = {}  # jti -> exp
         self.registered = False

@@ -25,6 +25,7 @@ import uvicorn
 from directory import http_server
 from directory.app import create_app
 from directory.http_server import MAX_HEAD_BYTES, uvicorn_options
+from roomshard.linger import LingerLimits
 from tests.directory.conftest import make_cfg
 from tests.support.procs import Procs
 from tests.support.timing import t, wait_until
@@ -117,7 +118,7 @@ class _Served:
         self.port = self.sock.getsockname()[1]
         # The options `roomshard directory` runs with (directory.main).
         config = uvicorn.Config(create_app(cfg), lifespan="on", log_level="warning",
-                                **uvicorn_options())
+                                **uvicorn_options(LingerLimits(time=2, timeout=0.2, max=50)))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve([self.sock])),
                                        daemon=True)
@@ -141,7 +142,6 @@ class _Served:
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(http_server, "HEAD_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(http_server, "REFUSED_LINGER_S", 0.2)
     with _Served(tmp_path) as s:
         yield s
 
