@@ -3,10 +3,12 @@
 * ``open`` mode: the user id is the body's ``user`` (an input, so a bad one
   is a 400).
 * ``jwt`` mode: ``Authorization: Bearer <JWT>`` signed with HS256 (the
-  configured secret) or RS256/ES256 (the configured PEM public key). The
-  algorithm must match a configured key (``alg: none`` and algorithm
-  confusion are refused), the signature must verify, ``exp``/``nbf`` (when
-  present) must hold against the directory's clock, and ``sub`` must be a
+  configured secret) or, with the configured PEM public key, the algorithms
+  that key verifies (RSA: RS256/384/512 and PS256/384/512; EC: ES256,
+  ES384 or ES512 by its curve; Ed25519/Ed448: EdDSA). A token naming any
+  other algorithm is refused (``alg: none`` and algorithm confusion too),
+  the signature must verify, ``exp``/``nbf`` (when present) must be finite
+  numbers that hold against the directory's clock, and ``sub`` must be a
   string. Any failure is 401. A verified ``sub`` that is not a valid user id
   (``^[A-Za-z0-9_.@-]{1,64}$``) is an input error, 400 ``invalid_user``: the
   credentials are genuine, the id they carry is not usable. ``aud`` is not
@@ -21,17 +23,21 @@
 from __future__ import annotations
 
 import hmac
+import math
 import os
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from directory.errors import Forbidden, Unauthorized
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.tickets import DIRECTORY, Signer, TicketError
 
-ASYMMETRIC_ALGS = ("RS256", "ES256")
+#: The JWT algorithms an EC public key verifies, by curve (RFC 7518 3.4: one curve each).
+_EC_ALGS = {"secp256r1": ("ES256",), "secp384r1": ("ES384",), "secp521r1": ("ES512",)}
+_RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 
 
 def bearer(header: str | None) -> str | None:
@@ -56,6 +62,18 @@ def load_public_key(value: str) -> Any:
         raise ConfigError("ROOMSHARD_JWT_PUBLIC_KEY: not a PEM public key") from exc
 
 
+def algorithms_for(key: Any) -> tuple[str, ...]:
+    """The JWT algorithms ``key`` can verify: a token naming any other is refused (401)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return _RSA_ALGS
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGS:
+        return _EC_ALGS[key.curve.name]
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return ("EdDSA",)
+    raise ConfigError("ROOMSHARD_JWT_PUBLIC_KEY: expected an RSA, EC (P-256, P-384, P-521) "
+                      "or Ed25519/Ed448 public key")
+
+
 class ClientAuth:
     """Verifies application JWTs; construct once per app (it parses the key)."""
 
@@ -66,7 +84,7 @@ class ClientAuth:
             self._keys["HS256"] = cfg.jwt_secret
         if cfg.jwt_public_key:
             key = load_public_key(cfg.jwt_public_key)
-            for alg in ASYMMETRIC_ALGS:
+            for alg in algorithms_for(key):
                 self._keys[alg] = key
 
     def jwt_subject(self, authorization: str | None, *, now: float) -> str:
@@ -83,12 +101,17 @@ class ClientAuth:
                                 options={"verify_exp": False, "verify_nbf": False,
                                          "verify_iat": False, "verify_aud": False,
                                          "require": ["sub"]})
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+            # PyJWT raises more than PyJWTError on some malformed tokens (TypeError
+            # for a key of another type): every one of them is a refused token.
             raise Unauthorized("invalid_token", f"token refused: {exc}") from exc
         exp, nbf = claims.get("exp"), claims.get("nbf")
-        if exp is not None and (not _is_number(exp) or now >= exp):
+        for name, value in (("exp", exp), ("nbf", nbf)):
+            if value is not None and not _is_number(value):
+                raise Unauthorized("invalid_token", f"token {name} is not a finite number")
+        if exp is not None and now >= exp:
             raise Unauthorized("token_expired", "token expired")
-        if nbf is not None and (not _is_number(nbf) or now < nbf):
+        if nbf is not None and now < nbf:
             raise Unauthorized("invalid_token", "token not valid yet")
         sub = claims["sub"]
         if not isinstance(sub, str):
@@ -97,7 +120,9 @@ class ClientAuth:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (``NaN``, ``Infinity`` and ``1e400`` are not a time)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def check_admin(authorization: str | None, admin_token: bytes) -> None:
