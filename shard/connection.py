@@ -162,6 +162,7 @@ class Connection(asyncio.Protocol):
         "ping_outstanding",
         "queue_limit",
         "rbuf",
+        "replaying",
         "room",
         "server",
         "transport",
@@ -178,6 +179,7 @@ class Connection(asyncio.Protocol):
         self.conn_id = 0
         self.user = ""
         self.room: LiveRoom | None = None  # set once joined
+        self.replaying = False  # its welcome/replay is still being written (LiveRoom.refill)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.queue_limit = server.cfg.send_queue_bytes
@@ -237,6 +239,8 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.replaying:  # the client read what we wrote: the next chunk of its replay
+            self.server.mark_dirty(self)
         if self._http_stalled:  # the client read our answer: on to its next request
             self._http_stalled = False
             self._next_http_request()
@@ -717,6 +721,10 @@ class Connection(asyncio.Protocol):
                     transport.write(data[sent:] if sent else data)
             pending.clear()
             self.pending_bytes = 0
+        if self.replaying and not self.write_paused and not self.closing:
+            room = self.room
+            if room is not None:
+                room.refill(self)  # the kernel took everything: the next chunk
         if self.eof_after_flush:
             self.eof_after_flush = False
             self._linger()

@@ -42,7 +42,7 @@ class _ShardCollector(Collector):
         s = self.server
         st = s.stats
         inst = s.cfg.instance
-        joined = sum(len(lr.conns) for lr in s.registry.rooms.values())
+        joined = sum(lr.connection_count() for lr in s.registry.rooms.values())
         yield _gauge("roomshard_shard_connections", "WebSocket connections joined to a room", inst, joined)
         yield _gauge("roomshard_shard_sockets", "WebSocket connections incl. not yet admitted", inst,
                      len(s.ws_conns))

@@ -32,6 +32,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roomshard.shard.rooms")
 
+#: A resume's replay is written in chunks of about this many bytes, the next
+#: one once the client has read the last (the kernel took it all).
+REPLAY_CHUNK_BYTES = 256 * 1024
+#: Presence frames kept for a connection whose replay is still being written;
+#: past this it is closed with 4009 (it does not read fast enough to catch up).
+MAX_DEFERRED_PRESENCE = 10_000
+
+
+class Replay:
+    """A connection catching up after its welcome: the next seq to write, the presence held."""
+
+    __slots__ = ("conn", "next_seq", "presence")
+
+    def __init__(self, conn: Connection, next_seq: int) -> None:
+        self.conn = conn
+        self.next_seq = next_seq
+        self.presence: list[bytes] = []
+
 
 class LiveRoom:
     __slots__ = (
@@ -41,6 +59,7 @@ class LiveRoom:
         "messages",
         "messages_per_s",
         "name",
+        "replaying",
         "room",
         "server",
         "unconfirmed",
@@ -49,7 +68,11 @@ class LiveRoom:
     def __init__(self, room: Room, server: ShardServer) -> None:
         self.name = room.name
         self.room = room
+        # The fan-out: members that get every broadcast. A member whose welcome
+        # or replay is still being written is in ``replaying`` instead and
+        # joins the fan-out once it has caught up (see refill).
         self.conns: dict[int, Connection] = {}
+        self.replaying: dict[int, Replay] = {}
         self.server = server
         self.frozen = False  # mid-move: joins refused (1013), members' reading paused
         # Kept through a lost lease: not served (joins 1013) until a heartbeat's
@@ -60,26 +83,96 @@ class LiveRoom:
         self._last_count = 0
 
     def join(self, conn: Connection, conn_id: int, user: str, since: int | None) -> None:
-        """Add an admitted connection: welcome (+ replay) to it, presence to the others."""
+        """Add an admitted connection: welcome (+ replay) to it, presence to the others.
+
+        A resume's replay is not queued at once: it is written in chunks as
+        the client reads (:meth:`refill`), so however large it is it never
+        counts as a slow consumer; nor does the welcome (its member list can
+        be megabytes in a large room), which is exempt from
+        ``send_queue_bytes``. Until it has caught up, the connection gets no
+        broadcast: the messages come from the history, in seq order, and the
+        presence frames meanwhile are held and follow the replay.
+        """
         server = self.server
+        cfg = server.cfg
         out = self.room.join(conn_id, user, server.clock(), since)
         if out.presence is not None:
-            self.broadcast(out.presence)
-        self.conns[conn_id] = conn
+            self.presence(out.presence)
         conn.queue(out.welcome)
-        for frame in out.replay:
-            conn.queue(frame)
-        cfg = server.cfg
+        if out.replay_from is not None or len(out.welcome) > cfg.send_queue_bytes // 4:
+            conn.queue_limit = cfg.send_queue_bytes + len(out.welcome)
+            first = out.replay_from if out.replay_from is not None else self.room.seq + 1
+            self.replaying[conn_id] = Replay(conn, first)
+            conn.replaying = True
+        else:
+            self.conns[conn_id] = conn
         conn.joined(self, conn_id, user, TokenBucket(cfg.rate, cfg.rate_burst, server.monotonic()))
         if self.frozen and conn.transport is not None:
             conn.transport.pause_reading()
 
-    def leave(self, conn: Connection) -> None:
-        if self.conns.pop(conn.conn_id, None) is None:
+    def refill(self, conn: Connection) -> None:
+        """Queue the next chunk of ``conn``'s replay; called when it has read the last one.
+
+        Once every message up to the room's latest is queued, the held
+        presence frames follow and the connection joins the fan-out (all in
+        one turn, so no message is missed or doubled). A replay the history
+        window has overtaken (the client read too slowly) is closed with 4009:
+        the client resumes again and learns about the gap.
+        """
+        replay = self.replaying.get(conn.conn_id)
+        if replay is None or replay.conn is not conn:
+            conn.replaying = False
             return
-        presence = self.room.leave(conn.conn_id, self.server.clock())
+        conn.queue_limit = self.server.cfg.send_queue_bytes  # the welcome is out
+        chunk = self.room.replay(replay.next_seq, REPLAY_CHUNK_BYTES)
+        if chunk is None:
+            self._fell_behind(replay)
+            return
+        frames, replay.next_seq = chunk
+        for frame in frames:
+            conn.queue(frame)
+        if replay.next_seq > self.room.seq:
+            del self.replaying[conn.conn_id]
+            conn.replaying = False
+            for frame in replay.presence:
+                conn.queue(frame)
+            self.conns[conn.conn_id] = conn
+
+    def _fell_behind(self, replay: Replay) -> None:
+        conn = replay.conn  # closing it makes it leave (and leave() forgets the replay)
+        self.server.stats.slow_consumer_closes += 1
+        log.info("closing %s in room %s (4009): its replay fell behind the history window",
+                 conn.user, self.name)
+        conn.close(CloseCode.SLOW_CONSUMER, "slow consumer: the resume fell behind the room")
+
+    def presence(self, frame: bytes) -> None:
+        """A presence frame: to the fan-out now, to connections still replaying after it."""
+        self.broadcast(frame)
+        for replay in list(self.replaying.values()):
+            replay.presence.append(frame)
+            if len(replay.presence) > MAX_DEFERRED_PRESENCE:
+                self._fell_behind(replay)
+
+    def members_conns(self) -> list[Connection]:
+        """Every connection in the room, caught up or still replaying."""
+        if not self.replaying:
+            return list(self.conns.values())
+        return [*self.conns.values(), *(r.conn for r in self.replaying.values())]
+
+    def connection_count(self) -> int:
+        return len(self.conns) + len(self.replaying)
+
+    def leave(self, conn: Connection) -> None:
+        cid = conn.conn_id
+        if self.conns.pop(cid, None) is None:
+            replay = self.replaying.get(cid)
+            if replay is None or replay.conn is not conn:
+                return
+            del self.replaying[cid]
+            conn.replaying = False
+        presence = self.room.leave(cid, self.server.clock())
         if presence is not None:
-            self.broadcast(presence)
+            self.presence(presence)
 
     def send(self, conn: Connection, msg_id: str, text: str) -> None:
         """Sequence a client's message, fan it out, ack the sender."""
@@ -88,7 +181,19 @@ class LiveRoom:
             self.messages += 1
             self.server.stats.messages_out += 1
             self.broadcast(out.broadcast)
+            if self.replaying:
+                self._check_replays()
         conn.queue(out.ack)
+
+    def _check_replays(self) -> None:
+        """Close the replays the history window has just overtaken (4009)."""
+        history = self.room.history
+        if len(history) < (history.maxlen or 0):
+            return
+        oldest = history[0]["seq"]
+        for replay in list(self.replaying.values()):
+            if replay.next_seq < oldest:
+                self._fell_behind(replay)
 
     def broadcast(self, frame: bytes) -> None:
         """Append one pre-built frame to every member: no per-recipient encoding or await."""
@@ -106,9 +211,12 @@ class LiveRoom:
 
     def close_all(self, code: int, reason: str) -> int:
         """Close every member with ``code``; returns how many were closed."""
-        conns = list(self.conns.values())
+        conns = self.members_conns()
         # Everyone goes at once: no presence leave for each to the rest (O(n^2)).
         self.conns.clear()
+        self.replaying.clear()
+        for c in conns:
+            c.replaying = False
         now = self.server.clock()
         for c in conns:
             self.room.leave(c.conn_id, now)
@@ -118,13 +226,13 @@ class LiveRoom:
     def freeze(self) -> None:
         """Stop reading members' frames (TCP holds them) and refuse joins with 1013."""
         self.frozen = True
-        for c in self.conns.values():
+        for c in self.members_conns():
             if c.transport is not None and not c.closed:
                 c.transport.pause_reading()
 
     def thaw(self) -> None:
         self.frozen = False
-        for c in self.conns.values():
+        for c in self.members_conns():
             c.resume()
 
     def update_rate(self, elapsed: float) -> None:
@@ -133,7 +241,7 @@ class LiveRoom:
             self._last_count = self.messages
 
     def load(self) -> dict[str, Any]:
-        return {"connections": len(self.conns), "members": len(self.room.users),
+        return {"connections": self.connection_count(), "members": len(self.room.users),
                 "seq": self.room.seq, "epoch": self.room.epoch,
                 "messages_per_s": round(self.messages_per_s, 2)}
 
@@ -277,11 +385,12 @@ class RoomRegistry:
     def evict(self, name: str) -> None:
         """Forget an empty room (its next open gets a new epoch from the directory)."""
         live = self.rooms.get(name)
-        if live is not None and not live.conns:
+        if live is not None and not live.connection_count():
             del self.rooms[name]
             log.info("evicted idle room %s at seq %d", name, live.room.seq)
 
     def evict_idle(self, now: float, linger: float) -> None:
         for name in [n for n, lr in self.rooms.items()
-                     if not lr.conns and not lr.frozen and lr.room.evictable(now, linger)]:
+                     if not lr.connection_count() and not lr.frozen
+                     and lr.room.evictable(now, linger)]:
             self.evict(name)

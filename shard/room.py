@@ -6,9 +6,10 @@ A :class:`Room` never awaits, never reads the clock (every call takes
 ``now``, wall-clock seconds) and never touches a socket. The shard's I/O
 layer feeds it joins, leaves and sends and writes out what it returns:
 
-- :meth:`join` -> a :class:`JoinOutcome`: the welcome frame and the replayed
-  messages for the joiner, and a presence frame for the others when this is
-  the user's first connection;
+- :meth:`join` -> a :class:`JoinOutcome`: the welcome frame for the joiner,
+  the first seq of the messages to replay to it (the I/O layer pulls them in
+  chunks with :meth:`replay`, as the client reads), and a presence frame for
+  the others when this is the user's first connection;
 - :meth:`send` -> a :class:`SendOutcome`: the ack for the sender and, unless
   the id was a duplicate, the message frame to broadcast to every member
   (encoded ONCE here: the fan-out appends the same bytes everywhere);
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -47,7 +49,9 @@ SNAPSHOT_VERSION = 1
 @dataclass(frozen=True, slots=True)
 class JoinOutcome:
     welcome: bytes  # the frame for the joiner
-    replay: list[bytes]  # missed messages still in history, in seq order
+    # The first seq to replay after the welcome (every later message still in
+    # history follows, in seq order: see Room.replay); None: nothing to replay.
+    replay_from: int | None
     presence: bytes | None  # presence join for the other connections, if any
 
 
@@ -110,21 +114,54 @@ class Room:
             "seq": self.seq,
             "members": list(self.users),
         }
-        replay: list[bytes] = []
+        replay_from: int | None = None
         if since is not None:
-            missed = self.missed_since(since)
-            welcome["recovered"] = missed is not None
-            if missed is None and 0 <= since < self.seq:
-                # The gap is announced (recovered: false); what history still
-                # holds after ``since`` follows, so a resuming client loses
-                # nothing more than what is really gone.
-                missed = [m for m in self.history if m["seq"] > since]
-            if missed:
-                replay = [text_frame(orjson.dumps(m)) for m in missed]
+            recovered = self._resumable(since)
+            welcome["recovered"] = recovered
+            if 0 <= since < self.seq:
+                # Not recovered: the gap is announced (recovered: false) and
+                # what history still holds after ``since`` follows, so a
+                # resuming client loses nothing more than what is really gone.
+                oldest = self.history[0]["seq"] if self.history else self.seq + 1
+                first_seq = max(since + 1, oldest)
+                replay_from = first_seq if first_seq <= self.seq else None
         presence = None
         if first and len(self.conns) > 1:
             presence = text_frame(orjson.dumps({"type": "presence", "event": "join", "user": user}))
-        return JoinOutcome(text_frame(orjson.dumps(welcome)), replay, presence)
+        return JoinOutcome(text_frame(orjson.dumps(welcome)), replay_from, presence)
+
+    def replay(self, from_seq: int, max_bytes: int) -> tuple[list[bytes], int] | None:
+        """The frames of the messages from ``from_seq`` on, about ``max_bytes`` of them.
+
+        Returns the frames and the next seq to replay (``seq + 1`` once every
+        message is out), or None when ``from_seq`` has left the history
+        window meanwhile (the replay fell behind the room).
+        """
+        if from_seq > self.seq:
+            return [], from_seq
+        history = self.history
+        if not history or from_seq < history[0]["seq"]:
+            return None
+        frames: list[bytes] = []
+        size = 0
+        next_seq = from_seq
+        for message in islice(history, from_seq - history[0]["seq"], None):
+            frame = text_frame(orjson.dumps(message))
+            frames.append(frame)
+            size += len(frame)
+            next_seq = message["seq"] + 1
+            if size >= max_bytes:
+                break
+        return frames, next_seq
+
+    def _resumable(self, since: int) -> bool:
+        """True when every message after ``since`` is still in history (see missed_since)."""
+        if since > self.seq or since < 0:
+            return False
+        if since == self.seq:
+            return True
+        oldest = self.history[0]["seq"] if self.history else self.seq + 1
+        return since + 1 >= oldest and not (self.lost and since < self.seq_base)
 
     def leave(self, conn_id: int, now: float) -> bytes | None:
         """Remove a connection; the presence leave frame when its user's last one went."""

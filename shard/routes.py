@@ -59,7 +59,7 @@ def install(server: ShardServer) -> None:
             return json_response({"room": name, "closed": 0})
         live.room.private = private
         live.room.allowed = frozenset(members) if members is not None else None
-        gone = [c for c in live.conns.values() if not live.room.may_join(c.user)]
+        gone = [c for c in live.members_conns() if not live.room.may_join(c.user)]
         for conn in gone:
             conn.close(CloseCode.TICKET_MISMATCH, "no longer a member of this room")
         return json_response({"room": name, "closed": len(gone)})

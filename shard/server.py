@@ -313,7 +313,7 @@ class ShardServer:
 
     # -- control plane --------------------------------------------------------
     def load(self) -> dict[str, Any]:
-        joined = sum(len(lr.conns) for lr in self.registry.rooms.values())
+        joined = sum(lr.connection_count() for lr in self.registry.rooms.values())
         return {"rooms": len(self.registry), "connections": joined,
                 "messages_per_s": round(self.messages_per_s, 2)}
 
