@@ -187,6 +187,8 @@ class ShardConfig:
     capacity: int | None = setting(None, help="relative capacity (placement weight)")
     cluster_secret: str = setting(help="signs tickets and cluster calls (comma list rotates)", secret=True)
     history: int = setting(protocol.DEFAULT_HISTORY, help="messages kept per room for resume")
+    history_bytes: int = setting(protocol.DEFAULT_HISTORY_BYTES, help="bytes of message history kept per room (oldest leave first)")
+    history_bytes_total: int = setting(protocol.DEFAULT_HISTORY_BYTES_TOTAL, help="bytes of message history kept by the whole shard (its oldest leave first)")
     room_linger: float = setting(protocol.DEFAULT_ROOM_LINGER_S, help="seconds a room stays in memory after its last member leaves")
     idempotency_window: float = setting(protocol.DEFAULT_IDEMPOTENCY_WINDOW_S, help="seconds a client message id is remembered")
     max_text: int = setting(protocol.DEFAULT_MAX_TEXT, help="max characters of a message text")
@@ -222,7 +224,7 @@ class ShardConfig:
             raise ConfigError("ROOMSHARD_DIRECTORY_URL: must be an http:// or https:// URL")
         if not parse_secrets(self.cluster_secret):
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
-        _check_positive(self, "history", "max_text", "max_frame", "rate", "rate_burst",
+        _check_positive(self, "history", "history_bytes", "history_bytes_total", "max_text", "max_frame", "rate", "rate_burst",
                         "max_connections", "send_queue_bytes", "ping_interval",
                         "ping_timeout", "heartbeat_interval", "lease", "frame_rate",
                         "frame_burst", "byte_rate", "byte_burst", "max_fragments",

@@ -68,6 +68,11 @@ DEFAULT_MAX_FRAME = 1 << 20
 DEFAULT_RATE_PER_S = 20.0
 DEFAULT_RATE_BURST = 40
 DEFAULT_HISTORY = 1000
+#: History bytes (message JSON) per room: 1,000 messages of 4,096 characters fit even
+#: at 6 bytes a character (escaped control characters), so the count is what binds.
+DEFAULT_HISTORY_BYTES = 32 << 20
+#: History bytes of every room of one shard together.
+DEFAULT_HISTORY_BYTES_TOTAL = 512 << 20
 DEFAULT_ROOM_LINGER_S = 600.0
 DEFAULT_IDEMPOTENCY_WINDOW_S = 300.0
 DEFAULT_PING_INTERVAL_S = 20.0

@@ -99,8 +99,9 @@ class HandoffWiring:
         return None
 
     def _activate(self, room: str, snapshot: dict[str, Any], epoch: int) -> None:
-        built = Room.from_snapshot(snapshot, instance=self.server.cfg.instance, epoch=epoch,
-                                   owner_epoch=epoch)
+        cfg = self.server.cfg
+        built = Room.from_snapshot(snapshot, instance=cfg.instance, epoch=epoch,
+                                   owner_epoch=epoch, history_bytes_limit=cfg.history_bytes)
         self.server.registry.adopt(built)
         log.info("room %s activated from a handoff at epoch %d (seq %d)", room, epoch, built.seq)
 

@@ -68,6 +68,14 @@ class _ShardCollector(Collector):
             c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
             c.add_metric([inst], value)
             yield c
+        budget = s.registry.history_budget
+        yield _gauge("roomshard_shard_history_bytes",
+                     "bytes of message history in memory, every room together", inst, budget.total)
+        shed = CounterMetricFamily("roomshard_shard_history_shed",
+                                   "messages dropped from memory for the shard-wide history bound",
+                                   labels=["instance"])
+        shed.add_metric([inst], budget.shed)
+        yield shed
         lingering = s.lingering
         yield _gauge("roomshard_shard_lingering_connections",
                      "closed connections whose late input is read and dropped", inst,

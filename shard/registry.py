@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from roomshard.protocol import CloseCode
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.ratelimit import TokenBucket
-from shard.room import Room
+from shard.room import HistoryBudget, Room
 
 if TYPE_CHECKING:
     from shard.connection import Connection
@@ -187,10 +187,7 @@ class LiveRoom:
 
     def _check_replays(self) -> None:
         """Close the replays the history window has just overtaken (4009)."""
-        history = self.room.history
-        if len(history) < (history.maxlen or 0):
-            return
-        oldest = history[0]["seq"]
+        oldest = self.room.oldest_seq()
         for replay in list(self.replaying.values()):
             if replay.next_seq < oldest:
                 self._fell_behind(replay)
@@ -256,6 +253,8 @@ class RoomRegistry:
         self.server = server
         self.directory = directory
         self.rooms: dict[str, LiveRoom] = {}
+        # Every room's history together stays within history_bytes_total.
+        self.history_budget = HistoryBudget(server.cfg.history_bytes_total)
         self._opening: dict[str, asyncio.Task[LiveRoom]] = {}
         # room -> (open_id, since): an open whose answer we never got (timeout, 5xx) is
         # retried under the same id, so the directory grants it once (docs/INTERNALS.md).
@@ -311,7 +310,7 @@ class RoomRegistry:
         cfg = self.server.cfg
         room = Room(name=name, instance=cfg.instance, epoch=grant.epoch, seq_base=grant.seq_base,
                     lost=grant.lost, owner_epoch=grant.owner_epoch, history_limit=cfg.history,
-                    idempotency_window=cfg.idempotency_window, private=grant.private,
+                    history_bytes_limit=cfg.history_bytes, idempotency_window=cfg.idempotency_window, private=grant.private,
                     allowed=frozenset(grant.members) if grant.members is not None else None)
         log.info("opened room %s epoch %d seq_base %d%s", name, grant.epoch, grant.seq_base,
                  " (state lost)" if grant.lost else "")
@@ -323,6 +322,7 @@ class RoomRegistry:
         if old is not None:
             self.close_room(room.name, CloseCode.GOING_AWAY, "room state replaced")
         room.empty_since = self.server.clock()
+        room.use_budget(self.history_budget)
         live = LiveRoom(room, self.server)
         self.rooms[room.name] = live
         return live
@@ -330,7 +330,11 @@ class RoomRegistry:
     def close_room(self, name: str, code: int, reason: str) -> int:
         """Close the room's members with ``code`` and drop it from memory."""
         live = self.rooms.pop(name, None)
-        return live.close_all(code, reason) if live is not None else 0
+        if live is None:
+            return 0
+        closed = live.close_all(code, reason)
+        live.room.release()
+        return closed
 
     def close_all(self, code: int, reason: str) -> int:
         return sum(self.close_room(name, code, reason) for name in list(self.rooms))
@@ -387,6 +391,7 @@ class RoomRegistry:
         live = self.rooms.get(name)
         if live is not None and not live.connection_count():
             del self.rooms[name]
+            live.room.release()
             log.info("evicted idle room %s at seq %d", name, live.room.seq)
 
     def evict_idle(self, now: float, linger: float) -> None:

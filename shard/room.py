@@ -19,7 +19,11 @@ layer feeds it joins, leaves and sends and writes out what it returns:
 Sequence numbers number messages only. A room starts at ``seq_base``: 0 for a
 brand-new room, ``epoch << 32`` when the directory says its state was lost,
 so seq never decreases across a crash or an eviction. The history keeps the
-last ``history_limit`` messages; a resume with ``since`` is ``recovered``
+last ``history_limit`` messages, as the JSON bytes of their frames (what is
+written is what is kept: no second copy of a text), within
+``history_bytes`` bytes per room and, through a :class:`HistoryBudget`
+shared by a shard's rooms, within a bound for the whole shard: past either
+the oldest messages leave memory. A resume with ``since`` is ``recovered``
 only when every message after ``since`` is still there.
 
 The idempotency window remembers ``(user, id) -> seq`` for at least
@@ -40,10 +44,62 @@ from typing import Any
 
 import orjson
 
+from roomshard.protocol import DEFAULT_HISTORY_BYTES
 from shard.frames import text_frame
 
 MAX_IDEMPOTENCY_ENTRIES = 100_000
 SNAPSHOT_VERSION = 1
+
+
+class HistoryBudget:
+    """The history bytes of every room of one shard, bounded by ``limit``.
+
+    Past the limit the shard's oldest messages leave memory, whichever room
+    holds them (each room's own oldest first, so every room keeps a contiguous
+    window). Rooms report what they add (:meth:`added`) and drop
+    (:meth:`removed`); the budget remembers the order messages were added in.
+    """
+
+    __slots__ = ("_live", "_order", "limit", "shed", "total")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0  # bytes of history in memory
+        self.shed = 0  # messages dropped for the shard-wide bound
+        self._live = 0  # messages in memory
+        # (room, seq) in the order added; entries of messages already gone are skipped.
+        self._order: deque[tuple[Room, int]] = deque()
+
+    def added(self, room: Room, seq: int, nbytes: int) -> None:
+        self.total += nbytes
+        self._live += 1
+        self._order.append((room, seq))
+        if self.total > self.limit:
+            self._shed()
+        elif len(self._order) > 2 * self._live + 1024:
+            self._compact()
+
+    def removed(self, nbytes: int, count: int = 1) -> None:
+        self.total -= nbytes
+        self._live -= count
+
+    def _shed(self) -> None:
+        order = self._order
+        for _ in range(len(order)):
+            if self.total <= self.limit:
+                return
+            room, seq = order.popleft()
+            if not room.history or seq < room.oldest_seq():
+                continue  # gone already (its room trimmed or released it)
+            if len(room.history) > 1:
+                room.drop_oldest()
+                self.shed += 1
+            else:
+                order.append((room, seq))  # a room's newest message stays
+
+    def _compact(self) -> None:
+        self._order = deque((room, seq) for room, seq in self._order
+                            if room.history and seq >= room.oldest_seq())
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +129,15 @@ class Room:
     lost: bool = False
     owner_epoch: int = 0
     history_limit: int = 1000
+    history_bytes_limit: int = DEFAULT_HISTORY_BYTES
     idempotency_window: float = 300.0
     private: bool = False
     allowed: frozenset[str] | None = None  # members of a private room
     seq: int = field(init=False)
-    history: deque[dict[str, Any]] = field(init=False)
+    # JSON payloads of the last messages: history[i] has seq oldest_seq() + i.
+    history: deque[bytes] = field(init=False)
+    history_bytes: int = field(init=False)
+    budget: HistoryBudget | None = field(init=False)
     # (user, client id) -> (seq, time accepted); insertion order = age order.
     seen_ids: OrderedDict[tuple[str, str], tuple[int, float]] = field(init=False)
     # connection id -> user, and user -> number of connections.
@@ -87,7 +147,9 @@ class Room:
 
     def __post_init__(self) -> None:
         self.seq = self.seq_base
-        self.history = deque(maxlen=self.history_limit)
+        self.history = deque()
+        self.history_bytes = 0
+        self.budget = None
         self.seen_ids = OrderedDict()
         self.conns = {}
         self.users = {}
@@ -122,8 +184,7 @@ class Room:
                 # Not recovered: the gap is announced (recovered: false) and
                 # what history still holds after ``since`` follows, so a
                 # resuming client loses nothing more than what is really gone.
-                oldest = self.history[0]["seq"] if self.history else self.seq + 1
-                first_seq = max(since + 1, oldest)
+                first_seq = max(since + 1, self.oldest_seq())
                 replay_from = first_seq if first_seq <= self.seq else None
         presence = None
         if first and len(self.conns) > 1:
@@ -139,20 +200,57 @@ class Room:
         """
         if from_seq > self.seq:
             return [], from_seq
-        history = self.history
-        if not history or from_seq < history[0]["seq"]:
+        oldest = self.oldest_seq()
+        if not self.history or from_seq < oldest:
             return None
         frames: list[bytes] = []
         size = 0
         next_seq = from_seq
-        for message in islice(history, from_seq - history[0]["seq"], None):
-            frame = text_frame(orjson.dumps(message))
+        for payload in islice(self.history, from_seq - oldest, None):
+            frame = text_frame(payload)
             frames.append(frame)
             size += len(frame)
-            next_seq = message["seq"] + 1
+            next_seq += 1
             if size >= max_bytes:
                 break
         return frames, next_seq
+
+    def oldest_seq(self) -> int:
+        """The seq of the oldest message in history (``seq + 1`` when it is empty)."""
+        return self.seq - len(self.history) + 1
+
+    # -- history memory ----------------------------------------------------
+    def use_budget(self, budget: HistoryBudget | None) -> None:
+        """Count this room's history against ``budget`` (the shard's), from now on."""
+        self.budget = budget
+        if budget is not None:
+            first = self.oldest_seq()
+            for i, payload in enumerate(self.history):
+                budget.added(self, first + i, len(payload))
+
+    def release(self) -> None:
+        """The room leaves memory: its history no longer counts."""
+        if self.budget is not None:
+            self.budget.removed(self.history_bytes, len(self.history))
+        self.history.clear()
+        self.history_bytes = 0
+
+    def drop_oldest(self) -> None:
+        payload = self.history.popleft()
+        self.history_bytes -= len(payload)
+        if self.budget is not None:
+            self.budget.removed(len(payload))
+
+    def _remember(self, payload: bytes) -> None:
+        """Append a message to history; trim to the room's bounds (the newest always stays)."""
+        history = self.history
+        history.append(payload)
+        self.history_bytes += len(payload)
+        while len(history) > 1 and (len(history) > self.history_limit
+                                    or self.history_bytes > self.history_bytes_limit):
+            self.drop_oldest()
+        if self.budget is not None:
+            self.budget.added(self, self.seq, len(payload))
 
     def _resumable(self, since: int) -> bool:
         """True when every message after ``since`` is still in history (see missed_since)."""
@@ -160,8 +258,7 @@ class Room:
             return False
         if since == self.seq:
             return True
-        oldest = self.history[0]["seq"] if self.history else self.seq + 1
-        return since + 1 >= oldest and not (self.lost and since < self.seq_base)
+        return since + 1 >= self.oldest_seq() and not (self.lost and since < self.seq_base)
 
     def leave(self, conn_id: int, now: float) -> bytes | None:
         """Remove a connection; the presence leave frame when its user's last one went."""
@@ -198,12 +295,12 @@ class Room:
             return None
         if since == self.seq:
             return []
-        oldest = self.history[0]["seq"] if self.history else self.seq + 1
+        oldest = self.oldest_seq()
         if since + 1 < oldest:
             return None
         if self.lost and since < self.seq_base:
             return None
-        return [m for m in self.history if m["seq"] > since]
+        return [orjson.loads(p) for p in islice(self.history, since + 1 - oldest, None)]
 
     def send(self, user: str, msg_id: str, text: str, now: float) -> SendOutcome:
         """Sequence a message (or recognise a retried id) and build its frames."""
@@ -216,11 +313,12 @@ class Room:
         seq = self.seq
         message = {"type": "message", "seq": seq, "id": msg_id, "user": user, "text": text,
                    "ts": round(now, 3)}
-        self.history.append(message)
+        payload = orjson.dumps(message)
+        self._remember(payload)
         self.seen_ids[key] = (seq, now)
         if len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
             self.seen_ids.popitem(last=False)
-        return SendOutcome(ack_frame(msg_id, seq), text_frame(orjson.dumps(message)), seq)
+        return SendOutcome(ack_frame(msg_id, seq), text_frame(payload), seq)
 
     def _expire_ids(self, now: float) -> None:
         horizon = now - self.idempotency_window
@@ -243,7 +341,7 @@ class Room:
             "lost": self.lost,
             "seq": self.seq,
             "history_limit": self.history_limit,
-            "history": list(self.history),
+            "history": [orjson.loads(p) for p in self.history],
             "idempotency_window": self.idempotency_window,
             "idempotency": [[u, i, s, at] for (u, i), (s, at) in self.seen_ids.items()],
             "private": self.private,
@@ -253,7 +351,8 @@ class Room:
 
     @classmethod
     def from_snapshot(cls, snap: dict[str, Any], *, instance: str, epoch: int | None = None,
-                      owner_epoch: int | None = None) -> Room:
+                      owner_epoch: int | None = None,
+                      history_bytes_limit: int | None = None) -> Room:
         """Rebuild a room on its new owner (no members: clients reconnect with ``since``).
 
         ``epoch``/``owner_epoch`` override the snapshot's when the move bumped
@@ -269,12 +368,19 @@ class Room:
             lost=snap["lost"],
             owner_epoch=snap["owner_epoch"] if owner_epoch is None else owner_epoch,
             history_limit=snap["history_limit"],
+            history_bytes_limit=(history_bytes_limit if history_bytes_limit is not None
+                                 else DEFAULT_HISTORY_BYTES),
             idempotency_window=snap["idempotency_window"],
             private=snap["private"],
             allowed=frozenset(snap["allowed"]) if snap["allowed"] is not None else None,
         )
         room.seq = snap["seq"]
-        room.history.extend(snap["history"])
+        for message in snap["history"]:
+            payload = orjson.dumps(message)
+            room.history.append(payload)
+            room.history_bytes += len(payload)
+        while len(room.history) > 1 and room.history_bytes > room.history_bytes_limit:
+            room.drop_oldest()
         for user, msg_id, seq, at in snap["idempotency"]:
             room.seen_ids[(user, msg_id)] = (seq, at)
         return room

@@ -7,6 +7,7 @@ and checks the guarantees of the contract's "Room handoff guarantees".
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,7 +58,7 @@ def run(**drive_kw: object) -> tuple[Cluster, moves.Move, dict[str, SimClient], 
     owners = c.owners()
     assert owners == [c.row.instance] and c.row.state == "active"
     room = c.shards[owners[0]].rooms[ROOM]
-    history = list(room.history)
+    history = [orjson.loads(p) for p in room.history]
     ids = [(m["user"], m["id"]) for m in history]
     assert len(ids) == len(set(ids)), "a message was sequenced twice"
     assert [m["seq"] for m in history] == list(range(1, room.seq + 1)), "seq has a gap"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shard.room import MAX_IDEMPOTENCY_ENTRIES, JoinOutcome, Room
+from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, JoinOutcome, Room
 
 NOW = 1_700_000_000.0
 
@@ -195,9 +195,61 @@ def test_snapshot_round_trip_keeps_seq_history_and_ids():
     assert snap["members"] == ["a"]
     moved = Room.from_snapshot(snap, instance="i2", epoch=5, owner_epoch=5)
     assert (moved.instance, moved.epoch, moved.seq, moved.members()) == ("i2", 5, 7, [])
-    assert [m["seq"] for m in moved.history] == [3, 4, 5, 6, 7]
+    assert [orjson.loads(p)["seq"] for p in moved.history] == [3, 4, 5, 6, 7]
     assert moved.send("a", "m6", "t6", NOW + 8).broadcast is None
     assert moved.send("a", "new", "t", NOW + 8).seq == 8
     assert not moved.may_join("c") and moved.may_join("b")
     with pytest.raises(ValueError):
         Room.from_snapshot({**snap, "version": 99}, instance="i2")
+
+
+# -- history memory -------------------------------------------------------------
+def test_history_is_bounded_in_bytes_per_room_oldest_first():
+    r = room(history_bytes_limit=3000, history_limit=100)
+    for i in range(20):
+        r.send("a", f"m{i}", "x" * 500, NOW)
+    assert r.history_bytes <= 3000 and len(r.history) >= 4
+    assert r.history_bytes == sum(len(p) for p in r.history)
+    assert [orjson.loads(p)["seq"] for p in r.history] == list(range(r.oldest_seq(), 21))
+    # A resume from before the window is told about the gap.
+    assert payload(r.join(1, "b", NOW, since=1).welcome)["recovered"] is False
+    assert payload(r.join(2, "c", NOW, since=r.oldest_seq() - 1).welcome)["recovered"] is True
+
+
+def test_the_newest_message_stays_even_over_the_byte_bound():
+    r = room(history_bytes_limit=100)
+    r.send("a", "m1", "x" * 500, NOW)
+    assert len(r.history) == 1 and r.oldest_seq() == 1
+
+
+def test_the_shard_budget_drops_the_shard_wide_oldest_messages_first():
+    budget = HistoryBudget(limit=10_000)
+    a, b = room(name="a", history_limit=100), room(name="b", history_limit=100)
+    a.use_budget(budget)
+    b.use_budget(budget)
+    for i in range(10):
+        a.send("u", f"a{i}", "x" * 400, NOW)
+    for i in range(20):
+        b.send("u", f"b{i}", "y" * 400, NOW)
+    assert budget.total <= 10_000
+    assert budget.total == a.history_bytes + b.history_bytes
+    # Room a's messages were the oldest: they went first (each room keeps its newest).
+    assert len(a.history) == 1 and a.oldest_seq() == 10
+    assert b.oldest_seq() == 1 and budget.shed == 9
+    for i in range(20, 30):
+        b.send("u", f"b{i}", "y" * 400, NOW)
+    assert budget.total <= 10_000 and budget.total == a.history_bytes + b.history_bytes
+    assert b.oldest_seq() > 1 and a.oldest_seq() == 10
+    assert budget.shed == 9 + b.oldest_seq() - 1
+    b.release()  # b leaves memory
+    assert budget.total == a.history_bytes
+
+
+def test_the_budget_order_stays_bounded_when_rooms_trim_themselves():
+    budget = HistoryBudget(limit=1 << 30)
+    r = room(history_limit=10)
+    r.use_budget(budget)
+    for i in range(50_000):
+        r.send("u", f"m{i}", "t", NOW)
+    assert len(budget._order) <= 2 * 10 + 1024 + 1
+    assert budget.total == r.history_bytes
