@@ -111,8 +111,10 @@ async def run_phase(phase: Phase, urls: list[str], rooms: RoomSource, *, concurr
                 t0 = time.perf_counter()
             if t0 >= deadline:
                 return
-            status, _ = await c.request("POST", f"/v1/rooms/{rooms.next()}/connect",
-                                        b'{"user":"bench-user"}')
+            room = rooms.next()
+            # One user per room: the room-creation budget counts new rooms per user.
+            status, _ = await c.request("POST", f"/v1/rooms/{room}/connect",
+                                        b'{"user":"u-%s"}' % room.encode())
             if status == 200:
                 phase.latencies.append(time.perf_counter() - t0)
             else:

@@ -238,7 +238,8 @@ async def _drain_idle(url: str, http: httpx.AsyncClient, rooms: int,
                       out: dict[str, object] | None = None) -> None:
     """Rooms placed but never opened (no snapshot, no member): the move machinery alone."""
     for n in range(rooms):
-        r = await http.post(f"{url}/v1/rooms/d{n}/connect", json={"user": "m"})
+        # One user per room: the room-creation budget counts new rooms per user.
+        r = await http.post(f"{url}/v1/rooms/d{n}/connect", json={"user": f"m{n}"})
         r.raise_for_status()
     t0 = time.monotonic()
     rep = (await http.post(f"{url}/v1/admin/instances/i1/drain", headers=ADMIN, timeout=600)).json()

@@ -1,7 +1,8 @@
 """``POST /v1/rooms/{room}/connect``: the measured hot path.
 
 Checks run in the contract's order: credentials (401), input (400), access
-(403), availability (503). For a room that already has a live owner this is
+(403), the room-creation budget for a room that has no record yet (429,
+``directory.budget``), availability (503). For a room that already has a live owner this is
 one indexed query (room joined with its instance) plus a ticket signature.
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from directory.budget import CreateBudget, retry_after
 from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
-from directory.errors import ApiError, BadRequest, Forbidden
+from directory.errors import ApiError, BadRequest, Forbidden, TooManyRequests
 from directory.schemas import ConnectBody, ConnectResponse
 from directory.store import Target
 from roomshard.protocol import valid_room_id, valid_user_id
@@ -60,9 +62,16 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     row = await ctx.store.room_target(room)
     if row is not None and row["private"] and user not in (row["members"] or ()):
         raise Forbidden("not_a_member", f"room {room} is private")
-    target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after,
-                                         keep_after=ctx.replace_after(now))
-    if kind != "existing":
+    charged = _charge_creation(ctx, request, user, now) if row is None else ()
+    try:
+        target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after,
+                                             keep_after=ctx.replace_after(now))
+    except BaseException:
+        _refund(charged)
+        raise
+    if kind == "existing":
+        _refund(charged)  # another request created the room first: this one only joins it
+    else:
         ctx.metrics.placements.labels(kind).inc()
     ttl = ctx.cfg.ticket_ttl
     ticket = ctx.signer.issue_ticket(room=room, instance=target.instance, epoch=target.epoch,
@@ -77,9 +86,37 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     }, no_store=True)
 
 
+def _charge_creation(ctx: Directory, request: Request, user: str,
+                     now: float) -> tuple[tuple[CreateBudget, str], ...]:
+    """Charge a room creation to the user's budget (and the address's); 429 when over.
+
+    Returns what was charged, for a refund when no room gets created.
+    """
+    charged: list[tuple[CreateBudget, str]] = []
+    checks = [(ctx.create_budget, user, "user")]
+    if ctx.create_budget_by_address.per_minute > 0 and request.client is not None:
+        checks.append((ctx.create_budget_by_address, request.client.host, "address"))
+    for budget, key, name in checks:
+        wait = budget.take(key, now)
+        if wait > 0:
+            _refund(tuple(charged))
+            ctx.metrics.creates_refused.labels(name).inc()
+            raise TooManyRequests(
+                message=f"over the budget of {budget.per_minute:g} new rooms per minute "
+                        f"per {name}; joining existing rooms is not limited",
+                retry_after=retry_after(wait))
+        charged.append((budget, key))
+    return tuple(charged)
+
+
+def _refund(charged: tuple[tuple[CreateBudget, str], ...]) -> None:
+    for budget, key in charged:
+        budget.give_back(key)
+
+
 ROUTES = [
     ApiRoute("POST", "/v1/rooms/{room:path}/connect", "connect", connect,
              "Get a ready room URL with a single-use ticket; places a new room atomically",
              "clients", auth="client", body=ConnectBody, response=ConnectResponse,
-             errors=(400, 401, 403, 503)),
+             errors=(400, 401, 403, 429, 503)),
 ]

@@ -8,6 +8,7 @@ apps can live in one test process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from directory import api_admin, api_client, api_internal, api_meta, handoff, openapi
 from directory.auth import ClientAuth, check_admin, cluster_subject
+from directory.budget import CreateBudget
 from directory.context import Directory
 from directory.db import make_engine, migrate
 from directory.edge import ApiRoute, endpoint
@@ -45,6 +47,7 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 STALL_CHECK_S = 0.5
 STALL_S = 2.0  # a loop turn this late: heartbeats may have waited unread meanwhile
+SWEEP_BATCH = 500  # unused rooms removed per transaction
 
 
 async def watch_stalls(ctx: Directory) -> None:
@@ -66,6 +69,34 @@ async def watch_stalls(ctx: Directory) -> None:
                         "heartbeats for the next %.0fs", now - last - STALL_CHECK_S,
                         ctx.cfg.down_after)
         last = now
+
+
+async def sweep_unused_rooms(ctx: Directory) -> None:
+    """Remove rooms no member ever joined, older than ``room_unused_ttl`` (0: never).
+
+    Every replica sweeps; a removal is one conditional DELETE per batch
+    (rooms no shard ever opened, not private, not moving), so replicas never
+    conflict and a room that was joined meanwhile stays. At most
+    :data:`SWEEP_BATCH` rooms per transaction, batches back to back while
+    full, then a pause of a quarter of the TTL (at most a minute).
+    """
+    ttl = ctx.cfg.room_unused_ttl
+    if ttl <= 0:
+        return
+    pause = min(60.0, ttl / 4)
+    while True:
+        await asyncio.sleep(pause)
+        try:
+            while True:
+                removed = await ctx.store.remove_unused_rooms(ctx.clock() - ttl, SWEEP_BATCH)
+                if removed:
+                    ctx.metrics.rooms_removed.inc(removed)
+                    log.info("removed %d rooms nobody joined for %.0fs", removed, ttl)
+                if removed < SWEEP_BATCH:
+                    break
+                await asyncio.sleep(0)  # other requests between full batches
+        except Exception as exc:  # noqa: BLE001 - a database outage: try again later
+            log.warning("could not remove unused rooms: %s", exc)
 
 
 def strict(route: Route | Mount) -> Route | Mount:
@@ -127,13 +158,21 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
                                       admin_token=cfg.admin_token.encode(),
-                                      awake_since=clock())
+                                      awake_since=clock(),
+                                      create_budget=CreateBudget(cfg.room_create_rate),
+                                      create_budget_by_address=CreateBudget(
+                                          cfg.room_create_rate_per_address))
             await handoff.start(app.state.ctx)  # recovers moves a dead replica left behind
             watchdog = asyncio.get_running_loop().create_task(watch_stalls(app.state.ctx))
+            sweeper = asyncio.get_running_loop().create_task(sweep_unused_rooms(app.state.ctx))
             yield
         finally:
             if "watchdog" in locals():
                 watchdog.cancel()
+            if "sweeper" in locals():
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             if hasattr(app.state, "ctx"):
                 await handoff.stop(app.state.ctx)
             if store is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from directory.auth import ClientAuth
+from directory.budget import CreateBudget
 from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
@@ -32,6 +33,9 @@ class Directory:
     metrics: Metrics
     client_auth: ClientAuth
     admin_token: bytes
+    # Room creations per user, and per client address (0: off, the default).
+    create_budget: CreateBudget = field(default_factory=lambda: CreateBudget(0))
+    create_budget_by_address: CreateBudget = field(default_factory=lambda: CreateBudget(0))
     # Per-app state of optional modules (the live-move driver: "mover").
     extensions: dict[str, Any] = field(default_factory=dict)
     # When this replica started serving, or last came back from a stalled

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     event,
     false,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -74,6 +75,9 @@ rooms = Table(
     Column("created_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Index("ix_rooms_instance", "instance"),
+    # The unused-room sweep (migration 0004): rooms no shard ever opened, by age.
+    Index("ix_rooms_unused", "created_at", postgresql_where=text("opened_epoch IS NULL"),
+          sqlite_where=text("opened_epoch IS NULL")),
 )
 
 # One row per live move (docs/HANDOFF.md): ``state`` is the authority (commit

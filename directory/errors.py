@@ -67,6 +67,13 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+class TooManyRequests(ApiError):
+    """429 ``rate_limited`` with ``Retry-After``: over a budget (the room-creation budget)."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"

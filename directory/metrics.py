@@ -32,6 +32,13 @@ class Metrics:
         self.handoff_batch_items = Counter("roomshard_directory_handoff_batch_items",
                                            "rooms carried by the batched move steps",
                                            ["step"], registry=self.registry)
+        self.rooms_removed = Counter("roomshard_directory_rooms_removed",
+                                     "rooms removed because no member joined them within "
+                                     "room_unused_ttl", registry=self.registry)
+        self.creates_refused = Counter("roomshard_directory_room_creates_refused",
+                                       "connects refused with 429 for the room-creation budget, "
+                                       "by budget (user, address)", ["budget"],
+                                       registry=self.registry)
         # Label lookups cost more than the increments; cache the children.
         self._req: dict[tuple[str, int], tuple[object, object]] = {}
         self.connect_ok = self.connects.labels("ok")

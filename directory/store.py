@@ -374,6 +374,32 @@ class Store:
             res = await conn.execute(delete(instances).where(instances.c.id == instance))
             return "deleted" if res.rowcount else "missing"
 
+    async def remove_unused_rooms(self, created_before: float, limit: int) -> int:
+        """Delete up to ``limit`` rooms nobody joined, created before ``created_before``.
+
+        Unused: no shard ever opened it (``opened_epoch`` NULL: no member
+        joined, so it holds no message), placed by a connect (an access
+        record made by an admin stays), not private, not moving. The DELETE
+        repeats the conditions, so a room opened meanwhile (by a join on
+        another replica's ticket) stays; ``rooms_assigned`` moves with it.
+        """
+        unused = and_(rooms.c.opened_epoch.is_(None), rooms.c.instance.is_not(None),
+                      rooms.c.state == "active", rooms.c.private == false(),
+                      rooms.c.created_at < created_before)
+        async with self.write() as conn:
+            names = [r.room for r in await conn.execute(
+                select(rooms.c.room).where(unused).limit(limit))]
+            if not names:
+                return 0
+            gone = (await conn.execute(delete(rooms).where(rooms.c.room.in_(names), unused)
+                                       .returning(rooms.c.instance))).all()
+            per_instance: dict[str, int] = {}
+            for row in gone:
+                per_instance[row.instance] = per_instance.get(row.instance, 0) + 1
+            for instance, count in sorted(per_instance.items()):
+                await bump_rooms_assigned(conn, instance, -count)
+        return len(gone)
+
     async def replace_all(self, instance: str, *, now: float, down_after: float) -> int:
         """Re-place every room of ``instance`` (it is down: no snapshot to move)."""
         moved = 0

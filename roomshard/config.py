@@ -155,6 +155,9 @@ class DirectoryConfig:
     close_linger_bytes: int = setting(linger.DEFAULT_LINGER_BYTES, help="a lingering connection is reset after dropping this many bytes")
     close_linger_max: int = setting(1_000, help="lingering connections at once; past it a connection closes at once")
     default_capacity: int = setting(1000, help="capacity of a shard that does not state one")
+    room_create_rate: float = setting(60.0, help="new rooms one user may create per minute, per directory replica (0: no budget)")
+    room_create_rate_per_address: float = setting(0.0, help="new rooms one client address may create per minute (0: no budget; for public open-mode deployments)")
+    room_unused_ttl: float = setting(600.0, help="seconds after which a room no member ever joined is removed (0: never)")
     ready_file: str | None = setting(None, help="write {\"url\": ...} here once serving")
     log_level: str = setting("info", help="debug, info, warning, error")
 
@@ -169,6 +172,9 @@ class DirectoryConfig:
         if not self.admin_token.strip():
             raise ConfigError("ROOMSHARD_ADMIN_TOKEN: empty")
         _check_positive(self, "ticket_ttl", "down_after", "default_capacity", *LINGER_SETTINGS)
+        for name in ("room_create_rate", "room_create_rate_per_address", "room_unused_ttl"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)}: must be 0 (off) or positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError("ROOMSHARD_PORT: must be 0..65535")
 
