@@ -12,6 +12,8 @@ Times are float seconds since the Unix epoch (the API renders ISO 8601).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 metadata = MetaData()
@@ -110,6 +113,7 @@ def is_sqlite(url: str) -> bool:
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """An engine that heals after an outage and fails fast while the database is gone."""
     if is_sqlite(url):
+        _create_private(url)
         engine = create_async_engine(url, pool_pre_ping=True, connect_args={"timeout": 5})
         _sqlite_pragmas(engine)
         return engine
@@ -129,6 +133,21 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         # server turns into a 503 quickly instead of hanging requests.
         connect_args={"timeout": 3, "command_timeout": 10},
     )
+
+
+def _create_private(url: str) -> None:
+    """Create a new SQLite database file readable by its owner alone (0600).
+
+    It holds private rooms' member lists. SQLite gives its -wal and -shm
+    files the main file's permissions. An existing file is left as it is;
+    a directory that does not exist is the open's error to report.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError, FileNotFoundError, NotADirectoryError,
+                             PermissionError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:

@@ -90,6 +90,9 @@ async def test_dev_serves_the_page_and_chat_then_stops_on_ctrl_c(tmp_path: Path,
     page_url = dev.field("chat page")
     token = dev.field("admin token")
     assert (tmp_path / "data" / "logs" / "directory.log").exists()
+    # The database holds private rooms' member lists: owner-only, like the secrets.
+    for private in ("roomshard.db", "secrets.json"):
+        assert (tmp_path / "data" / private).stat().st_mode & 0o777 == 0o600, private
 
     page = httpx.get(page_url, timeout=t(10))
     assert page.status_code == 200 and "roomshard" in page.text and "<script>" in page.text
