@@ -21,7 +21,10 @@ log = logging.getLogger("roomshard.shard")
 
 #: glibc: blocks of at least this size are mapped on their own and given back when freed.
 MMAP_THRESHOLD = 16 * 1024
-_M_MMAP_THRESHOLD = -3  # mallopt parameters (malloc.h)
+#: glibc: free memory at the top of the heap past this is given back (fixing the mmap
+#: threshold would otherwise leave it at 128 KiB: a brk() call in every churn of the heap).
+TRIM_THRESHOLD = 16 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 def bound_allocator() -> bool:
@@ -43,7 +46,8 @@ def bound_allocator() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc: its allocator, its own policy
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def run(cfg: ShardConfig) -> None:
