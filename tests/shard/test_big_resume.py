@@ -75,23 +75,22 @@ async def test_a_resume_of_megabytes_gets_its_welcome_and_every_message(cluster,
     directory, _ = cluster
     room = f"big-{ord(text[0])}"
     async with httpx.AsyncClient() as http:
-        alice = await connect(await room_url(directory, room, "alice", http=http),
-                              open_timeout=t(10), max_size=None, max_queue=None)
-        await recv_until(alice, "welcome")
-        last = await fill(alice, "a", MESSAGES, text)
-        for _ in range(3):
-            welcome, seqs = await read_resume(
-                await room_url(directory, room, "bob", since=0, http=http), last)
-            assert welcome["type"] == "welcome" and welcome["recovered"] is True
-            assert seqs == list(range(1, last + 1))
-        # Live messages during the replay come after it, never before, none twice.
-        url = await room_url(directory, room, "bob", since=0, http=http)
-        resume = asyncio.create_task(read_resume(url, last + 40))
-        live_last = await fill(alice, "b", 40, "live")
-        welcome, seqs = await resume
-        assert welcome["recovered"] is True
-        assert seqs == list(range(1, live_last + 1))
-        await alice.close()
+        async with connect(await room_url(directory, room, "alice", http=http),
+                           open_timeout=t(10), max_size=None, max_queue=None) as alice:
+            await recv_until(alice, "welcome")
+            last = await fill(alice, "a", MESSAGES, text)
+            for _ in range(3):
+                welcome, seqs = await read_resume(
+                    await room_url(directory, room, "bob", since=0, http=http), last)
+                assert welcome["type"] == "welcome" and welcome["recovered"] is True
+                assert seqs == list(range(1, last + 1))
+            # Live messages during the replay come after it, never before, none twice.
+            url = await room_url(directory, room, "bob", since=0, http=http)
+            resume = asyncio.create_task(read_resume(url, last + 40))
+            live_last = await fill(alice, "b", 40, "live")
+            welcome, seqs = await resume
+            assert welcome["recovered"] is True
+            assert seqs == list(range(1, live_last + 1))
 
 
 async def test_a_welcome_larger_than_the_send_queue_is_exempt():
@@ -121,21 +120,20 @@ async def test_a_client_that_stops_reading_its_replay_is_closed_with_4009(cluste
     directory, _ = cluster
     text = "y" * TEXT_CHARS
     async with httpx.AsyncClient() as http:
-        alice = await connect(await room_url(directory, "stall", "alice", http=http),
-                              open_timeout=t(10), max_size=None, max_queue=None)
-        await recv_until(alice, "welcome")
-        await fill(alice, "a", MESSAGES, text)
-        # A resume from 0 that reads nothing: its replay stalls after a chunk or two.
-        stalled = await asyncio.to_thread(
-            RawClient, await room_url(directory, "stall", "bob", since=0, http=http), 4096)
-        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await fill(alice, "b", 300, text)  # 600 > the history of 400: the replay is overtaken
-        frames, code = await asyncio.to_thread(stalled.read_frames_until_close)
-        stalled.close()
-        assert code == 4009
-        welcome, messages = frames[0], [f for f in frames if f["type"] == "message"]
-        assert welcome["type"] == "welcome" and welcome["recovered"] is True
-        # What it got before the close is a gapless prefix.
-        assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
-        assert len(messages) < 600
-        await alice.close()
+        async with connect(await room_url(directory, "stall", "alice", http=http),
+                           open_timeout=t(10), max_size=None, max_queue=None) as alice:
+            await recv_until(alice, "welcome")
+            await fill(alice, "a", MESSAGES, text)
+            # A resume from 0 that reads nothing: its replay stalls after a chunk or two.
+            stalled = await asyncio.to_thread(
+                RawClient, await room_url(directory, "stall", "bob", since=0, http=http), 4096)
+            stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await fill(alice, "b", 300, text)  # 600 > the history of 400: the replay is overtaken
+            frames, code = await asyncio.to_thread(stalled.read_frames_until_close)
+            stalled.close()
+            assert code == 4009
+            welcome, messages = frames[0], [f for f in frames if f["type"] == "message"]
+            assert welcome["type"] == "welcome" and welcome["recovered"] is True
+            # What it got before the close is a gapless prefix.
+            assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+            assert len(messages) < 600

@@ -55,42 +55,44 @@ async def test_history_memory_stays_within_the_shard_bound_under_attack():
             socks = [await connect(await room_url(directory, f"flood{i}", f"u{i}", http=http),
                                    open_timeout=t(10), max_size=None, max_queue=None)
                      for i in range(ROOMS)]
-            for ws in socks:
-                await recv_until(ws, "welcome")
-            rss_before = proc.memory_info().rss
-            peak_history = 0.0
-            for i, ws in enumerate(socks):
-                await attack(ws, f"flood{i}")
-                peak_history = max(peak_history, await metric(shard, "roomshard_shard_history_bytes"))
-            rss_after = proc.memory_info().rss
-            offered = ROOMS * MESSAGES * len(TEXT.encode())
-            assert peak_history <= BOUND
-            assert await metric(shard, "roomshard_shard_history_shed_total") > 0
-            growth = rss_after - rss_before
-            # The bound plus transient frames and texts; unbounded, it was about
-            # 160 MiB here (each text kept twice: as a str and as its UTF-8).
-            assert growth < BOUND + (24 << 20), \
-                f"RSS grew {growth / 2**20:.0f} MiB for {offered / 2**20:.0f} MiB offered"
-            # Steady state: as much again offered, the memory stays where it was.
-            for i, ws in enumerate(socks):
-                await attack(ws, f"again{i}")
-            more = proc.memory_info().rss - rss_after
-            # (shard.main.bound_allocator: without it the heap fragments and grows here)
-            assert more < 8 << 20, f"RSS grew another {more / 2**20:.0f} MiB in round two"
-            assert await metric(shard, "roomshard_shard_history_bytes") <= BOUND
-            # The first room's early messages left memory: its resume says so.
-            first = socks[0]
-            async with connect(await room_url(directory, "flood0", "late", since=0, http=http),
-                               open_timeout=t(10), max_size=None) as late:
-                welcome = orjson.loads(await asyncio.wait_for(late.recv(), t(10)))
-                assert welcome["recovered"] is False
-            last = await attack(socks[-1], "last")
-            async with connect(await room_url(directory, f"flood{ROOMS - 1}", "late",
-                                              since=last - 1, http=http),
-                               open_timeout=t(10), max_size=None) as late:
-                welcome = orjson.loads(await asyncio.wait_for(late.recv(), t(10)))
-                assert welcome["recovered"] is True
-                assert (await recv_until(late, "message"))["seq"] == last
-            for ws in socks:
-                await ws.close()
+            try:
+                for ws in socks:
+                    await recv_until(ws, "welcome")
+                rss_before = proc.memory_info().rss
+                peak_history = 0.0
+                for i, ws in enumerate(socks):
+                    await attack(ws, f"flood{i}")
+                    peak_history = max(peak_history, await metric(shard, "roomshard_shard_history_bytes"))
+                rss_after = proc.memory_info().rss
+                offered = ROOMS * MESSAGES * len(TEXT.encode())
+                assert peak_history <= BOUND
+                assert await metric(shard, "roomshard_shard_history_shed_total") > 0
+                growth = rss_after - rss_before
+                # The bound plus transient frames and texts; unbounded, it was about
+                # 160 MiB here (each text kept twice: as a str and as its UTF-8).
+                assert growth < BOUND + (24 << 20), \
+                    f"RSS grew {growth / 2**20:.0f} MiB for {offered / 2**20:.0f} MiB offered"
+                # Steady state: as much again offered, the memory stays where it was.
+                for i, ws in enumerate(socks):
+                    await attack(ws, f"again{i}")
+                more = proc.memory_info().rss - rss_after
+                # (shard.main.bound_allocator: without it the heap fragments and grows here)
+                assert more < 8 << 20, f"RSS grew another {more / 2**20:.0f} MiB in round two"
+                assert await metric(shard, "roomshard_shard_history_bytes") <= BOUND
+                # The first room's early messages left memory: its resume says so.
+                first = socks[0]
+                async with connect(await room_url(directory, "flood0", "late", since=0, http=http),
+                                   open_timeout=t(10), max_size=None) as late:
+                    welcome = orjson.loads(await asyncio.wait_for(late.recv(), t(10)))
+                    assert welcome["recovered"] is False
+                last = await attack(socks[-1], "last")
+                async with connect(await room_url(directory, f"flood{ROOMS - 1}", "late",
+                                                  since=last - 1, http=http),
+                                   open_timeout=t(10), max_size=None) as late:
+                    welcome = orjson.loads(await asyncio.wait_for(late.recv(), t(10)))
+                    assert welcome["recovered"] is True
+                    assert (await recv_until(late, "message"))["seq"] == last
+            finally:
+                for ws in socks:
+                    await ws.close()
             assert first.close_code is not None
