@@ -450,7 +450,10 @@ class ShardServer:
         round_no = self._ping_rounds
         pinged = []
         for conn in self.ws_conns:
-            if conn.room is not None and not conn.closed and not conn.ping_outstanding:
+            # A closing connection (it may linger for a while) is not pinged: its
+            # close frame is out, and its end is the linger's bounds.
+            if (conn.room is not None and not conn.closing and not conn.closed
+                    and not conn.ping_outstanding):
                 conn.ping_outstanding = round_no
                 conn.queue(_PING_FRAME)
                 pinged.append(conn)
@@ -462,7 +465,7 @@ class ShardServer:
         if self.stopping:
             return
         for conn in pinged:
-            if conn.ping_outstanding == round_no and not conn.closed:
+            if conn.ping_outstanding == round_no and not conn.closing and not conn.closed:
                 self.stats.ping_timeouts += 1
                 log.info("no pong from %s within %.1fs: closing", conn.user, self.cfg.ping_timeout)
                 conn.close(1011, "ping timeout")  # dead peer: nobody reads the frame

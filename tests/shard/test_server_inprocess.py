@@ -176,6 +176,31 @@ async def test_dead_peer_is_closed_after_ping_timeout(shard):
     dead.transport.abort()
 
 
+@pytest.mark.parametrize("shard_overrides", [{"ping_interval": 0.1, "ping_timeout": 0.1}])
+async def test_a_lingering_connection_is_not_pinged_nor_counted_as_a_ping_timeout(shard):
+    """A closed peer that neither reads nor closes lingers to its bound, not to a ping check."""
+    import socket
+
+    url = shard.url("lg", "quiet")
+    hostport, path = url.split("://", 1)[1].split("/", 1)
+    host, port = hostport.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    server = shard.server
+    await await_until(lambda: server.registry.get("lg") is not None
+                      and server.registry.get("lg").connection_count() == 1, 5, "the join")
+    sock.sendall(bytes([0x81, 0x82]) + b"\0\0\0\0" + b"\xff\xfe")  # not UTF-8: 1007
+    await await_until(lambda: server.lingering.active == 1, 5, "the connection to linger")
+    rounds = server._ping_rounds
+    await await_until(lambda: server._ping_rounds >= rounds + 5, 5, "five ping rounds")
+    assert server.stats.ping_timeouts == 0
+    assert server.lingering.active == 1  # still lingering: its bound is 5 s of silence
+    sock.close()
+    await await_until(lambda: server.lingering.active == 0, 5, "the linger to end")
+
+
 async def test_http_routes_and_internal_auth(shard):
     """healthz/readyz/metrics answer; internal routes need the directory's cluster token."""
     s = shard.server
