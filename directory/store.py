@@ -19,6 +19,7 @@ data-modifying CTE; everything else goes through SQLAlchemy.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -393,10 +394,7 @@ class Store:
                 return 0
             gone = (await conn.execute(delete(rooms).where(rooms.c.room.in_(names), unused)
                                        .returning(rooms.c.instance))).all()
-            per_instance: dict[str, int] = {}
-            for row in gone:
-                per_instance[row.instance] = per_instance.get(row.instance, 0) + 1
-            for instance, count in sorted(per_instance.items()):
+            for instance, count in sorted(Counter(row.instance for row in gone).items()):
                 await bump_rooms_assigned(conn, instance, -count)
         return len(gone)
 

@@ -78,7 +78,7 @@ class LingerPool:
 class Linger:
     """One lingering socket; see the module docstring."""
 
-    __slots__ = ("_deadline", "_last", "_loop", "_pool", "_timer", "closing", "dropped", "lost_",
+    __slots__ = ("_deadline", "_last", "_loop", "_pool", "_timer", "closing", "dropped", "is_lost",
                  "transport")
 
     def __init__(self, pool: LingerPool, transport: asyncio.Transport, peer_eof: bool) -> None:
@@ -90,7 +90,7 @@ class Linger:
         self._last = now
         self.dropped = 0
         self.closing = False  # close() was called; waiting for connection_lost
-        self.lost_ = False
+        self.is_lost = False
         pool.active += 1
         transport.write_eof()  # sent after whatever the transport still holds
         self._timer: asyncio.TimerHandle | None = None
@@ -119,9 +119,9 @@ class Linger:
 
     def lost(self) -> None:
         """The transport's ``connection_lost``."""
-        if self.lost_:
+        if self.is_lost:
             return
-        self.lost_ = True
+        self.is_lost = True
         self._pool.active -= 1
         if self._timer is not None:
             self._timer.cancel()
@@ -129,7 +129,7 @@ class Linger:
 
     def _check(self) -> None:
         self._timer = None
-        if self.lost_:
+        if self.is_lost:
             return
         now = self._loop.time()
         if self.closing:  # closed gracefully a while ago but our output is still not read

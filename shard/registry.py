@@ -119,8 +119,8 @@ class LiveRoom:
         window has overtaken (the client read too slowly) is closed with 4009:
         the client resumes again and learns about the gap.
         """
-        replay = self.replaying.get(conn.conn_id)
-        if replay is None or replay.conn is not conn:
+        replay = self.replaying.get(conn.conn_id)  # conn ids are unique on a shard
+        if replay is None:
             conn.replaying = False
             return
         conn.queue_limit = self.server.cfg.send_queue_bytes  # the welcome is out
@@ -165,10 +165,8 @@ class LiveRoom:
     def leave(self, conn: Connection) -> None:
         cid = conn.conn_id
         if self.conns.pop(cid, None) is None:
-            replay = self.replaying.get(cid)
-            if replay is None or replay.conn is not conn:
+            if self.replaying.pop(cid, None) is None:
                 return
-            del self.replaying[cid]
             conn.replaying = False
         presence = self.room.leave(cid, self.server.clock())
         if presence is not None:
@@ -310,7 +308,8 @@ class RoomRegistry:
         cfg = self.server.cfg
         room = Room(name=name, instance=cfg.instance, epoch=grant.epoch, seq_base=grant.seq_base,
                     lost=grant.lost, owner_epoch=grant.owner_epoch, history_limit=cfg.history,
-                    history_bytes_limit=cfg.history_bytes, idempotency_window=cfg.idempotency_window, private=grant.private,
+                    history_bytes_limit=cfg.history_bytes,
+                    idempotency_window=cfg.idempotency_window, private=grant.private,
                     allowed=frozenset(grant.members) if grant.members is not None else None)
         log.info("opened room %s epoch %d seq_base %d%s", name, grant.epoch, grant.seq_base,
                  " (state lost)" if grant.lost else "")

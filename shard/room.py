@@ -243,17 +243,26 @@ class Room:
 
     def _remember(self, payload: bytes) -> None:
         """Append a message to history; trim to the room's bounds (the newest always stays)."""
-        history = self.history
-        history.append(payload)
+        self.history.append(payload)
         self.history_bytes += len(payload)
-        while len(history) > 1 and (len(history) > self.history_limit
-                                    or self.history_bytes > self.history_bytes_limit):
-            self.drop_oldest()
+        self._trim()
         if self.budget is not None:
             self.budget.added(self, self.seq, len(payload))
 
+    def _trim(self) -> None:
+        """Drop the oldest messages past the room's bounds; the newest always stays."""
+        history = self.history
+        while len(history) > 1 and (len(history) > self.history_limit
+                                    or self.history_bytes > self.history_bytes_limit):
+            self.drop_oldest()
+
     def _resumable(self, since: int) -> bool:
-        """True when every message after ``since`` is still in history (see missed_since)."""
+        """True when every message after ``since`` is still in history.
+
+        False when ``since`` is beyond the latest seq (or negative: unreadable),
+        when the history window no longer holds ``since + 1``, or when the
+        room's state was lost and ``since`` predates this epoch's ``seq_base``.
+        """
         if since > self.seq or since < 0:
             return False
         if since == self.seq:
@@ -284,24 +293,6 @@ class Room:
         return self.empty_since is not None and now - self.empty_since >= linger
 
     # -- messages --------------------------------------------------------
-    def missed_since(self, since: int) -> list[dict[str, Any]] | None:
-        """Messages after ``since`` in order, or None when any of them is gone.
-
-        None when ``since`` is beyond the latest seq, when the history window
-        no longer holds ``since + 1``, or when the room's state was lost and
-        ``since`` predates this epoch's ``seq_base``.
-        """
-        if since > self.seq or since < 0:
-            return None
-        if since == self.seq:
-            return []
-        oldest = self.oldest_seq()
-        if since + 1 < oldest:
-            return None
-        if self.lost and since < self.seq_base:
-            return None
-        return [orjson.loads(p) for p in islice(self.history, since + 1 - oldest, None)]
-
     def send(self, user: str, msg_id: str, text: str, now: float) -> SendOutcome:
         """Sequence a message (or recognise a retried id) and build its frames."""
         key = (user, msg_id)
@@ -379,8 +370,7 @@ class Room:
             payload = orjson.dumps(message)
             room.history.append(payload)
             room.history_bytes += len(payload)
-        while len(room.history) > 1 and room.history_bytes > room.history_bytes_limit:
-            room.drop_oldest()
+        room._trim()
         for user, msg_id, seq, at in snap["idempotency"]:
             room.seen_ids[(user, msg_id)] = (seq, at)
         return room

@@ -115,20 +115,24 @@ async def test_a_silent_peer_is_closed_after_the_quiet_period(fast):
     sock.close()
 
 
+def _reset_while_sending(sock: socket.socket, chunk: bytes, times: int, pace: float = 0.0) -> bool:
+    """Send ``chunk`` up to ``times`` times, ``pace`` seconds apart; True once the server
+    reset the connection (the pacing is the input's shape, not a wait for a condition)."""
+    try:
+        for _ in range(times):
+            sock.sendall(chunk)
+            time.sleep(pace)
+    except (BrokenPipeError, ConnectionResetError):
+        return True
+    return False
+
+
 async def test_a_peer_that_keeps_sending_is_reset_at_the_time_cap(fast):
     sock = _client(fast.port)
     started = time.monotonic()
-
-    def trickle() -> bool:
-        try:
-            while time.monotonic() - started < t(5):
-                sock.sendall(b"y" * 100)
-                time.sleep(0.1)  # paced input, faster than the quiet period
-        except (BrokenPipeError, ConnectionResetError):
-            return True
-        return False
-
-    assert await asyncio.to_thread(trickle), "the server never reset the trickling peer"
+    # 100 bytes every 0.1 s (more often than the 0.3 s quiet period) for up to 5 s.
+    reset = await asyncio.to_thread(_reset_while_sending, sock, b"y" * 100, int(t(50)), 0.1)
+    assert reset, "the server never reset the trickling peer"
     sock.close()
     assert fast.pool.ends["time"] == 1
     assert 1.4 < time.monotonic() - started < t(3.0)
@@ -137,16 +141,9 @@ async def test_a_peer_that_keeps_sending_is_reset_at_the_time_cap(fast):
 
 async def test_a_peer_sending_past_the_byte_cap_is_reset(fast):
     sock = _client(fast.port)
-
-    def flood() -> bool:
-        try:
-            for _ in range(200):  # 12.8 MiB at most, the cap is 1 MiB
-                sock.sendall(b"z" * 65536)
-        except (BrokenPipeError, ConnectionResetError):
-            return True
-        return False
-
-    assert await asyncio.to_thread(flood), "the server never reset the flooding peer"
+    # 12.8 MiB at most; the cap is 1 MiB.
+    reset = await asyncio.to_thread(_reset_while_sending, sock, b"z" * 65536, 200)
+    assert reset, "the server never reset the flooding peer"
     sock.close()
     assert fast.pool.ends["bytes"] == 1
     assert fast.pool.dropped_bytes > 1 << 20
