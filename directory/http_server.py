@@ -148,9 +148,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _start_linger(self) -> None:
         self._refused = True  # nothing more is parsed
         self._cancel_head_timer()
-        if self.timeout_keep_alive_task is not None:
-            self.timeout_keep_alive_task.cancel()
-            self.timeout_keep_alive_task = None
+        self._unset_keepalive_if_required()  # uvicorn's: cancels the keep-alive timer
         if self._raw is not None and self._linger is None:
             self._linger = self.linger_pool.start(self._raw)
 
