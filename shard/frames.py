@@ -50,6 +50,12 @@ def text_frame(payload: bytes) -> bytes:
     return server_frame(OP_TEXT, payload)
 
 
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of a frame built by :func:`server_frame` (its header cut off)."""
+    n = frame[1] & 0x7F
+    return frame[2 if n < 126 else 4 if n == 126 else 10:]
+
+
 def json_frame(obj: Any) -> bytes:
     return server_frame(OP_TEXT, orjson.dumps(obj))
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from directory import moves
 from roomshard.protocol import CloseCode
+from shard.frames import frame_payload
 from tests.handoff.sim import ROOM, Cluster, SimClient, Ticket
 
 PRE_COMMIT_CALLS = ["call_freeze", "call_adopt", "commit_db"]
@@ -58,7 +59,7 @@ def run(**drive_kw: object) -> tuple[Cluster, moves.Move, dict[str, SimClient], 
     owners = c.owners()
     assert owners == [c.row.instance] and c.row.state == "active"
     room = c.shards[owners[0]].rooms[ROOM]
-    history = [orjson.loads(p) for p in room.history]
+    history = [orjson.loads(frame_payload(f)) for f in room.history]
     ids = [(m["user"], m["id"]) for m in history]
     assert len(ids) == len(set(ids)), "a message was sequenced twice"
     assert [m["seq"] for m in history] == list(range(1, room.seq + 1)), "seq has a gap"
