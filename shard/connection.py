@@ -1,5 +1,11 @@
 """One TCP connection of the shard: HTTP/1.1 (h11), then a WebSocket.
 
+A connection knows no server: it is given a :class:`ConnectionContext`
+(settings, counters, the writer, the lingering pool) and reports what
+happens to it through :class:`ConnectionEvents` (an upgraded WebSocket to
+admit, a request to answer, a close, the end of the TCP connection); once
+admitted it hands its messages to its room (:class:`RoomLink`).
+
 Why an ``asyncio.Protocol`` and not a framework: a task and an awaited send
 per connection cost ~3x the memory and CPU of the fan-out itself (see
 docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
@@ -12,8 +18,9 @@ docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
   to the sans-I/O ``websockets.protocol.Protocol`` for the rest of the
   connection (pongs, close handshake, 1002, 1009 as before). Both start at
   the same frame boundary, so no frame is seen twice or skipped;
-- outgoing frames are appended to :attr:`Connection.pending`; the shard
-  writes every dirty connection's pending frames once per event-loop turn
+- outgoing frames are appended to :attr:`Connection.pending`, its send
+  queue; the write scheduler (:class:`shard.writer.Writer`) has every dirty
+  connection write its queue once per event-loop turn
   (:meth:`Connection.flush`). A broadcast appends the same ``bytes`` object
   to every member: no per-recipient encoding. While the transport buffers
   nothing (its high-water mark is 0, so it calls ``pause_writing`` as soon
@@ -56,8 +63,11 @@ import functools
 import logging
 import os
 import socket
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -69,9 +79,9 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import OPEN, Protocol, Side
 from websockets.server import ServerProtocol
 
-from roomshard.linger import Linger
+from roomshard.config import ShardConfig
+from roomshard.linger import Linger, LingerPool
 from roomshard.protocol import CloseCode, ErrorCode
-from roomshard.tickets import TicketError
 from shard.frames import (
     HEAD_PONG,
     HEAD_TEXT,
@@ -89,10 +99,8 @@ from shard.http import (
     error_response,
 )
 from shard.ratelimit import TokenBucket, Verdict, WireBudget
-
-if TYPE_CHECKING:
-    from shard.registry import LiveRoom
-    from shard.server import ShardServer
+from shard.stats import Stats
+from shard.writer import Writer
 
 log = logging.getLogger("roomshard.shard.conn")
 # websockets logs every closed connection at INFO; one shared quiet logger.
@@ -127,6 +135,53 @@ _OWN_HEADERS = frozenset(("date", "connection", "content-length", "content-type"
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
 
+class ConnectionEvents(typing.Protocol):
+    """What a connection reports to the server it belongs to (``ShardServer``)."""
+
+    def admit(self, conn: Connection, request: HttpRequest) -> None:
+        """The WebSocket handshake is answered (101): admit ``conn`` to a room, or close it."""
+
+    async def handle_http(self, request: HttpRequest) -> HttpResponse:
+        """Answer a plain HTTP request."""
+
+    def detach(self, conn: Connection) -> None:
+        """``conn`` is closing: take it out of its room (idempotent)."""
+
+    def forget(self, conn: Connection) -> None:
+        """The TCP connection is gone."""
+
+
+class RoomLink(typing.Protocol):
+    """The room a joined connection is in (``shard.registry.LiveRoom``)."""
+
+    name: str
+    frozen: bool  # mid-move: the connection's input waits unread
+
+    def send(self, conn: Connection, msg_id: str, text: str) -> None:
+        """Sequence a message from ``conn``, fan it out, ack it."""
+
+    def refill(self, conn: Connection) -> None:
+        """``conn`` wrote everything queued: queue the next chunk of its replay."""
+
+    def leave(self, conn: Connection) -> None:
+        """``conn`` leaves the room (presence to the others when its user's last went)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """What every connection of a shard shares: settings, counters, writer, reports."""
+
+    cfg: ShardConfig
+    stats: Stats
+    writer: Writer
+    lingering: LingerPool
+    events: ConnectionEvents
+    monotonic: Callable[[], float]
+    # True for a bearer token that is the directory's cluster token for this shard
+    # (such requests may carry larger bodies: the internal routes).
+    trusted: Callable[[str], bool]
+
+
 class Connection(asyncio.Protocol):
     """See the module docstring. ``pending``/``pending_bytes`` are the fan-out's fast path."""
 
@@ -148,6 +203,7 @@ class Connection(asyncio.Protocol):
         "closed",
         "closing",
         "conn_id",
+        "ctx",
         "eof_after_flush",
         "failed",
         "fast",
@@ -164,25 +220,24 @@ class Connection(asyncio.Protocol):
         "rbuf",
         "replaying",
         "room",
-        "server",
         "transport",
         "user",
         "write_paused",
         "ws",
     )
 
-    def __init__(self, server: ShardServer) -> None:
-        self.server = server
+    def __init__(self, ctx: ConnectionContext) -> None:
+        self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.http: h11.Connection | None = h11.Connection(h11.SERVER)
         self.ws: Protocol | None = None
         self.conn_id = 0
         self.user = ""
-        self.room: LiveRoom | None = None  # set once joined
+        self.room: RoomLink | None = None  # set once joined
         self.replaying = False  # its welcome/replay is still being written (LiveRoom.refill)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
-        self.queue_limit = server.cfg.send_queue_bytes
+        self.queue_limit = ctx.cfg.send_queue_bytes
         # True while the transport buffers data (see connection_made): only
         # then is its buffer size worth asking for.
         self.write_paused = False
@@ -240,7 +295,7 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.replaying:  # the client read what we wrote: the next chunk of its replay
-            self.server.mark_dirty(self)
+            self.ctx.writer.mark_dirty(self)
         if self._http_stalled:  # the client read our answer: on to its next request
             self._http_stalled = False
             self._next_http_request()
@@ -301,7 +356,7 @@ class Connection(asyncio.Protocol):
             self._idle_timer = None
         self.pending.clear()
         self.pending_bytes = 0
-        self.server.forget(self)
+        self.ctx.events.forget(self)
 
     # -- HTTP phase -------------------------------------------------------
     def _drive_http(self) -> None:
@@ -347,13 +402,9 @@ class Connection(asyncio.Protocol):
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 if scheme.lower() == "bearer" and token.strip():
-                    try:
-                        self.server.signer.verify_cluster_token(
-                            token.strip(), receiver=self.server.cfg.instance,
-                            now=self.server.clock())
-                    except TicketError:
-                        break
-                    return MAX_BODY_BYTES
+                    if self.ctx.trusted(token.strip()):
+                        return MAX_BODY_BYTES
+                    break
         return MAX_UNAUTHENTICATED_BODY_BYTES
 
     def _too_large(self) -> None:
@@ -374,7 +425,7 @@ class Connection(asyncio.Protocol):
             return
         self.transport.pause_reading()  # one request at a time per connection
         self._busy = True
-        task = asyncio.get_running_loop().create_task(self.server.handle_http(request))
+        task = asyncio.get_running_loop().create_task(self.ctx.events.handle_http(request))
         task.add_done_callback(self._http_done)
 
     def _http_done(self, task: asyncio.Task[HttpResponse]) -> None:
@@ -435,7 +486,7 @@ class Connection(asyncio.Protocol):
         """
         http, transport = self.http, self.transport
         assert http is not None and transport is not None
-        cfg = self.server.cfg
+        cfg = self.ctx.cfg
         handshake = ServerProtocol(max_size=cfg.max_frame, logger=_WS_LOGGER)
         response = handshake.accept(WsRequest(
             raw.target.decode("latin-1"),
@@ -460,16 +511,16 @@ class Connection(asyncio.Protocol):
             self._idle_timer = None
         self.ws = Protocol(Side.SERVER, state=OPEN, max_size=cfg.max_frame, logger=_WS_LOGGER)
         self.budget = WireBudget(cfg.frame_rate, cfg.frame_burst, cfg.byte_rate, cfg.byte_burst,
-                                 self.server.monotonic())
+                                 self.ctx.monotonic())
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
         transport.pause_reading()  # until admitted; frames wait in the kernel
         self.fast = True
         self.rbuf = bytes(trailing)
         self._unpaid = len(self.rbuf)
-        self.server.admit(self, request)
+        self.ctx.events.admit(self, request)
 
-    def joined(self, room: LiveRoom, conn_id: int, user: str, bucket: TokenBucket) -> None:
+    def joined(self, room: RoomLink, conn_id: int, user: str, bucket: TokenBucket) -> None:
         """Called by the server once the room accepted this connection."""
         self.room, self.conn_id, self.user, self.bucket = room, conn_id, user, bucket
         if self.transport is not None and not self.closed and not self.failed:
@@ -489,7 +540,7 @@ class Connection(asyncio.Protocol):
         if self.fast:
             buf = self.rbuf
             if not self.closing:
-                frames, used, slow = read_client_frames(buf, self.server.cfg.max_frame, left)
+                frames, used, slow = read_client_frames(buf, self.ctx.cfg.max_frame, left)
                 if frames:
                     if not self._spend(len(frames)):
                         return
@@ -530,7 +581,7 @@ class Connection(asyncio.Protocol):
             ws.receive_eof()
             self._after_ws_input()
             self.eof_after_flush = True  # the peer is gone: close once our frames are out
-            self.server.mark_dirty(self)
+            self.ctx.writer.mark_dirty(self)
 
     def _defer(self) -> None:
         """Pause reading; handle the rest of ``rbuf`` on the next loop turn."""
@@ -563,14 +614,14 @@ class Connection(asyncio.Protocol):
         """Charge ``frames`` and the unpaid bytes to the wire budget; False (and failed) when over."""
         budget, nbytes = self.budget, self._unpaid
         self._unpaid = 0
-        if budget is None or budget.take(frames, nbytes, self.server.monotonic()):
+        if budget is None or budget.take(frames, nbytes, self.ctx.monotonic()):
             return True
         self._over_budget("frames or bytes")
         return False
 
     def _over_budget(self, what: str) -> None:
-        cfg = self.server.cfg
-        self.server.stats.wire_budget_closes += 1
+        cfg = self.ctx.cfg
+        self.ctx.stats.wire_budget_closes += 1
         log.info("closing %s (4008): over the wire budget of %s (%g frames/s, %g bytes/s)",
                  self.user or self.address, what, cfg.frame_rate, cfg.byte_rate)
         if self.closing:  # already closing: the close frame is out; read nothing more
@@ -615,7 +666,7 @@ class Connection(asyncio.Protocol):
 
     def _fragments_fit(self, frag: bytearray) -> bool:
         """Bound one fragmented message: fragment count and payload + per-fragment overhead."""
-        cfg = self.server.cfg
+        cfg = self.ctx.cfg
         if (self.frag_count <= cfg.max_fragments
                 and len(frag) + self.frag_count * FRAGMENT_OVERHEAD_BYTES <= cfg.max_frame):
             return True
@@ -633,19 +684,19 @@ class Connection(asyncio.Protocol):
                 self._push(data)
             else:
                 self.eof_after_flush = True
-                self.server.mark_dirty(self)
+                self.ctx.writer.mark_dirty(self)
         if ws.close_expected():
             self.closing = True
         if self.closing and self.room is not None:
-            self.server.detach(self)
+            self.ctx.events.detach(self)
 
     def _on_message(self, payload: bytes, is_text: bool) -> None:
-        server = self.server
-        stats = server.stats
+        ctx = self.ctx
+        stats = ctx.stats
         stats.messages_in += 1
         room = self.room
         assert room is not None and self.bucket is not None
-        verdict = self.bucket.take(server.monotonic())
+        verdict = self.bucket.take(ctx.monotonic())
         if verdict is not Verdict.OK:
             stats.rate_limited += 1
             if verdict is Verdict.CLOSE:
@@ -659,10 +710,10 @@ class Connection(asyncio.Protocol):
                 self.fail(WsCloseCode.INVALID_DATA, str(exc))
                 return
             self.queue(error_frame(ErrorCode.RATE_LIMITED,
-                                   f"over {server.cfg.rate:g} messages/s", msg_id))
+                                   f"over {ctx.cfg.rate:g} messages/s", msg_id))
             return
         try:
-            send = parse_client_frame(payload, is_text=is_text, max_text=server.cfg.max_text)
+            send = parse_client_frame(payload, is_text=is_text, max_text=ctx.cfg.max_text)
         except FrameRejected as exc:
             stats.rejected += 1
             self.queue(exc.frame())
@@ -687,7 +738,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         if not self.pending:
-            self.server.mark_dirty(self)
+            self.ctx.writer.mark_dirty(self)
         self.pending.append(frame)
         self.pending_bytes += len(frame)
 
@@ -730,7 +781,7 @@ class Connection(asyncio.Protocol):
             self._linger()
 
     def _slow_consumer(self) -> None:
-        self.server.stats.slow_consumer_closes += 1
+        self.ctx.stats.slow_consumer_closes += 1
         log.info("closing slow consumer %s in room %s (4009)", self.user,
                  self.room.name if self.room else "-")
         self.pending.clear()
@@ -757,7 +808,7 @@ class Connection(asyncio.Protocol):
                         transport.write(data)
             else:
                 self._take_ws_output()
-        self.server.detach(self)
+        self.ctx.events.detach(self)
         asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._close_grace_over)
 
     def _close_grace_over(self) -> None:
@@ -770,7 +821,7 @@ class Connection(asyncio.Protocol):
         self.failed = self.closing = True
         self.rbuf = b""
         self.eof_after_flush = True
-        self.server.mark_dirty(self)
+        self.ctx.writer.mark_dirty(self)
 
     def _linger(self) -> None:
         """Half-close after our last byte; read and drop the peer's input until its FIN.
@@ -786,7 +837,7 @@ class Connection(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        self.linger = self.server.lingering.start(transport, peer_eof=self._peer_eof)
+        self.linger = self.ctx.lingering.start(transport, peer_eof=self._peer_eof)
 
     def fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): close frame, then close the TCP connection.
@@ -805,7 +856,7 @@ class Connection(asyncio.Protocol):
         was_closing, self.closing = self.closing, True
         ws.fail(code, reason)
         self._take_ws_output()  # the close frame, then EOF: flush() closes the transport
-        self.server.detach(self)
+        self.ctx.events.detach(self)
         if not was_closing:
             asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._close_grace_over)
 

@@ -335,9 +335,3 @@ class Handoffs:
         del self.adopted[room]
         return True
 
-
-def install(server: Any) -> Any:
-    """``shard.main.install_extensions`` hook: the I/O wiring lives in shard/handoff_routes.py."""
-    from shard.handoff_routes import install as install_routes
-
-    return install_routes(server)

@@ -15,24 +15,27 @@ the live registry (docs/HANDOFF.md, "Shard wiring"):
   activates it with ``Room.from_snapshot``;
 - every join with a valid ticket first goes through ``Handoffs.admit``.
 
-Installed by ``shard.handoff.install(server)`` (``shard.main.install_extensions``).
+Built by ``ShardServer``: it calls :meth:`HandoffWiring.gate` for every join
+with a valid ticket, :meth:`HandoffWiring.tick` every slow tick and
+:meth:`HandoffWiring.leave_with_drain` on SIGTERM; :meth:`HandoffWiring.install`
+adds the routes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from roomshard.config import ShardConfig
 from roomshard.protocol import CloseCode, instance_number, valid_room_id
 from roomshard.tickets import Ticket
-from shard.directory_client import DirectoryError
+from shard.directory_client import DirectoryClient, DirectoryError
 from shard.handoff import Admission, HandoffError, Handoffs
-from shard.http import HttpError, HttpRequest, HttpResponse, json_response
+from shard.http import HttpError, HttpRequest, HttpResponse, Router, json_response
+from shard.registry import RoomRegistry
 from shard.room import SNAPSHOT_VERSION, Room
-from shard.routes import require_directory, room_param
-
-if TYPE_CHECKING:
-    from shard.server import ShardServer
+from shard.routes import DirectoryAuth, room_param
 
 log = logging.getLogger("roomshard.shard.handoff")
 # What Room.from_snapshot reads: checked at adopt time (building the room there would cost
@@ -72,16 +75,31 @@ MAX_BATCH = 256
 class HandoffWiring:
     """One per shard process: the :class:`Handoffs` table and its effects on the registry."""
 
-    def __init__(self, server: ShardServer) -> None:
-        self.server = server
-        self.handoffs = Handoffs(server.cfg.instance)
+    def __init__(self, cfg: ShardConfig, registry: RoomRegistry, directory: DirectoryClient,
+                 auth: DirectoryAuth, clock: Callable[[], float]) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.directory = directory
+        self.auth = auth
+        self.clock = clock
+        self.handoffs = Handoffs(cfg.instance)
+
+    def install(self, router: Router) -> None:
+        """Add the handoff routes."""
+        for kind in FIELDS:
+            router.add("POST", f"/internal/rooms/{{room}}/{kind}", self.route(kind))
+        router.add("POST", "/internal/handoffs/{kind}", self.batch)
+        router.add("GET", "/internal/handoffs", self.state)
 
     # -- joins ---------------------------------------------------------------
     def gate(self, ticket: Ticket) -> tuple[int, str] | None:
-        """``server.join_gates`` entry: runs before the room is looked up."""
+        """Every join with a valid ticket, before the room is looked up.
+
+        None: proceed; else ``(close_code, reason)`` to refuse the join with.
+        """
         if not self.handoffs.frozen and not self.handoffs.adopted and not self.handoffs.tombstones:
             return None
-        adm = self.handoffs.admit(ticket.room, ticket.epoch, self.server.clock())
+        adm = self.handoffs.admit(ticket.room, ticket.epoch, self.clock())
         if adm.kind == "proceed":
             return None
         if adm.kind == "refuse":
@@ -95,18 +113,18 @@ class HandoffWiring:
         elif adm.kind == "unfrozen":
             self._unfreeze(ticket.room, adm)
         elif adm.kind == "stale":
-            self.server.registry.close_room(ticket.room, CloseCode.ROOM_MOVED, "room state is stale")
+            self.registry.close_room(ticket.room, CloseCode.ROOM_MOVED, "room state is stale")
         return None
 
     def _activate(self, room: str, snapshot: dict[str, Any], epoch: int) -> None:
-        cfg = self.server.cfg
+        cfg = self.cfg
         built = Room.from_snapshot(snapshot, instance=cfg.instance, epoch=epoch,
                                    owner_epoch=epoch, history_bytes_limit=cfg.history_bytes)
-        self.server.registry.adopt(built)
+        self.registry.adopt(built)
         log.info("room %s activated from a handoff at epoch %d (seq %d)", room, epoch, built.seq)
 
     def _unfreeze(self, room: str, adm: Admission) -> None:
-        live = self.server.registry.get(room)
+        live = self.registry.get(room)
         if live is None:
             return
         if adm.epoch is not None:
@@ -119,7 +137,7 @@ class HandoffWiring:
         op = getattr(self, kind)
 
         async def one(req: HttpRequest) -> HttpResponse:
-            require_directory(self.server, req)
+            self.auth.require(req)
             name = room_param(req)
             return json_response(op(name, _fields(req.json(), FIELDS[kind])))
 
@@ -131,7 +149,7 @@ class HandoffWiring:
 
         ``{"results": [{"status": 200, "body": {...}} | {"status": 4xx, "error": {...}}]}``,
         in item order; a bad item fails alone."""
-        require_directory(self.server, req)
+        self.auth.require(req)
         kind = req.params["kind"]
         if kind not in FIELDS:
             raise HttpError(404, "not_found", f"no handoff call {kind!r}")
@@ -160,13 +178,13 @@ class HandoffWiring:
             # here: the adoption was committed, no member has come back yet. Serve it.
             self.handoffs.commit(name, adopted.move_id)
             self._activate(name, adopted.snapshot, adopted.epoch)
-        live = self.server.registry.get(name)
+        live = self.registry.get(name)
         snapshot = live.room.snapshot() if live is not None and not live.frozen else None
         if live is not None and live.frozen and name not in self.handoffs.frozen:
             raise HttpError(409, "moving", f"room {name} is frozen")
         try:
             snap = self.handoffs.freeze(name, body["move_id"], body["epoch"], snapshot,
-                                        self.server.clock())
+                                        self.clock())
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if live is not None:
@@ -180,8 +198,8 @@ class HandoffWiring:
                             + (f" (missing {', '.join(sorted(missing))})" if missing else ""))
         try:
             self.handoffs.adopt(name, body["move_id"], body["epoch"], body["snapshot"],
-                                loaded=self.server.registry.get(name) is not None,
-                                now=self.server.clock())
+                                loaded=self.registry.get(name) is not None,
+                                now=self.clock())
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         return {}
@@ -195,16 +213,16 @@ class HandoffWiring:
     def release(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         if instance_number(body["to"]) is None:
             raise HttpError(400, "bad_request", "to must be an instance id")
-        live = self.server.registry.get(name)
+        live = self.registry.get(name)
         try:
             held = self.handoffs.release(name, body["move_id"], body["to"], body["epoch"],
-                                         self.server.clock(),
+                                         self.clock(),
                                          loaded_epoch=live.room.epoch if live is not None else None)
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if held is None:
             return {"closed": 0, "stale": True}
-        closed = self.server.registry.close_room(name, CloseCode.ROOM_MOVED,
+        closed = self.registry.close_room(name, CloseCode.ROOM_MOVED,
                                                  f"room moved to {body['to']}")
         return {"closed": closed}
 
@@ -223,7 +241,7 @@ class HandoffWiring:
     async def leave_with_drain(self, budget: float) -> None:
         """SIGTERM: ask the directory to live-move every room away while we still serve."""
         try:
-            report = await self.server.directory.leave(drain=True, timeout=max(0.5, budget))
+            report = await self.directory.leave(drain=True, timeout=max(0.5, budget))
         except DirectoryError as exc:
             log.warning("drain before stopping did not finish: %s", exc)
             return
@@ -232,7 +250,7 @@ class HandoffWiring:
 
     async def state(self, req: HttpRequest) -> HttpResponse:
         """What is mid-move here (operators, tests): frozen and adopted rooms, tombstones."""
-        require_directory(self.server, req)
+        self.auth.require(req)
         h = self.handoffs
         return json_response({
             "frozen": {r: {"move_id": f.move_id, "epoch": f.epoch} for r, f in h.frozen.items()},
@@ -241,17 +259,3 @@ class HandoffWiring:
 
     def tick(self, now: float) -> None:
         self.handoffs.expire(now)
-
-
-def install(server: ShardServer) -> HandoffWiring:
-    """Add the handoff routes, the join gate and the tick hook to ``server``."""
-    wiring = HandoffWiring(server)
-    r = server.router
-    for kind in FIELDS:
-        r.add("POST", f"/internal/rooms/{{room}}/{kind}", wiring.route(kind))
-    r.add("POST", "/internal/handoffs/{kind}", wiring.batch)
-    r.add("GET", "/internal/handoffs", wiring.state)
-    server.join_gates.append(wiring.gate)
-    server.tick_hooks.append(wiring.tick)
-    server.handoff = wiring  # type: ignore[attr-defined]  # for tests and metrics
-    return wiring

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import importlib
 import logging
 import signal
 import sys
@@ -84,7 +83,6 @@ async def serve(cfg: ShardConfig) -> None:
 
     directory = DirectoryClient(cfg.directory_url, cfg.instance, Signer(cfg.cluster_secrets))
     server = ShardServer(cfg, directory)
-    install_extensions(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,15 +93,3 @@ async def serve(cfg: ShardConfig) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(server.shutdown(), cfg.shutdown_timeout + 1)
 
-
-def install_extensions(server: ShardServer) -> None:
-    """Let optional modules (the live handoff) add routes: ``shard.handoff.install(server)``."""
-    try:
-        handoff = importlib.import_module("shard.handoff")
-    except ModuleNotFoundError as exc:
-        if exc.name != "shard.handoff":
-            raise
-        return
-    install = getattr(handoff, "install", None)
-    if install is not None:
-        install(server)

@@ -1,56 +1,57 @@
 """Prometheus metrics of one shard, read from plain counters at scrape time.
 
-The hot path only bumps ints on :class:`Stats` (a prometheus ``Counter.inc``
-takes a lock, too costly once per delivery); a custom collector on a
-per-server registry turns them into metrics when ``/metrics`` is scraped.
+The hot path only bumps ints on :class:`shard.stats.Stats` (a prometheus
+``Counter.inc`` takes a lock, too costly once per delivery); a custom
+collector on a per-server registry turns them into metrics when ``/metrics``
+is scraped, from the sources it is given (:class:`MetricsSources`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from shard.server import ShardServer
+from roomshard.linger import LingerPool
+from shard.connection import Connection
+from shard.registry import RoomRegistry
+from shard.stats import Stats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@dataclass(slots=True)
-class Stats:
-    messages_in: int = 0  # data frames received from clients
-    messages_out: int = 0  # messages sequenced and broadcast
-    deliveries: int = 0  # frames appended for recipients by broadcasts
-    rejected: int = 0  # frames answered with bad_request / too_long
-    rate_limited: int = 0  # messages over the rate (error frames, then the one 4008 close)
-    wire_budget_closes: int = 0  # connections closed with 4008 for frames or bytes
-    slow_consumer_closes: int = 0
-    ping_timeouts: int = 0
-    refused: dict[int, int] = field(default_factory=dict)  # close code -> count
+@dataclass(frozen=True, slots=True)
+class MetricsSources:
+    """What /metrics reads, at scrape time."""
+
+    instance: str
+    stats: Stats
+    registry: RoomRegistry
+    sockets: Collection[Connection]  # every WebSocket, admitted or not
+    lingering: LingerPool
+    ready: Callable[[], bool]
 
 
 class _ShardCollector(Collector):
-    def __init__(self, server: ShardServer) -> None:
-        self.server = server
+    def __init__(self, sources: MetricsSources) -> None:
+        self.sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        s = self.server
+        s = self.sources
         st = s.stats
-        inst = s.cfg.instance
+        inst = s.instance
         joined = sum(lr.connection_count() for lr in s.registry.rooms.values())
         yield _gauge("roomshard_shard_connections", "WebSocket connections joined to a room", inst, joined)
         yield _gauge("roomshard_shard_sockets", "WebSocket connections incl. not yet admitted", inst,
-                     len(s.ws_conns))
+                     len(s.sockets))
         yield _gauge("roomshard_shard_rooms", "rooms in memory", inst, len(s.registry))
         yield _gauge("roomshard_shard_ready", "1 when registered and holding a lease", inst,
                      1 if s.ready() else 0)
         depth = sum(c.pending_bytes + (c.transport.get_write_buffer_size() if c.transport else 0)
-                    for c in s.ws_conns if not c.closed)
+                    for c in s.sockets if not c.closed)
         yield _gauge("roomshard_shard_send_queue_bytes", "bytes waiting to be written to clients",
                      inst, depth)
         for name, doc, value in (
@@ -106,9 +107,9 @@ def _gauge(name: str, doc: str, instance: str, value: float) -> GaugeMetricFamil
 
 
 class ShardMetrics:
-    def __init__(self, server: ShardServer) -> None:
+    def __init__(self, sources: MetricsSources) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_ShardCollector(server))
+        self.registry.register(_ShardCollector(sources))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,7 +3,7 @@
 :class:`LiveRoom` pairs a pure :class:`shard.room.Room` with the connections
 that are in it and does the fan-out: the room builds a frame once and
 :meth:`LiveRoom.broadcast` appends that same ``bytes`` object to every
-member's pending list (written once per loop turn by the server).
+member's send queue (:class:`shard.writer.Writer`, written once per loop turn).
 
 :class:`RoomRegistry` is the one place rooms enter and leave memory:
 ``get`` / ``open`` (asks the directory once; concurrent joiners of one room
@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from roomshard.config import ShardConfig
 from roomshard.protocol import CloseCode
+from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.ratelimit import TokenBucket
 from shard.room import HistoryBudget, Room
-
-if TYPE_CHECKING:
-    from shard.connection import Connection
-    from shard.server import ShardServer
+from shard.stats import Stats
+from shard.writer import Writer
 
 log = logging.getLogger("roomshard.shard.rooms")
 
@@ -38,6 +40,17 @@ REPLAY_CHUNK_BYTES = 256 * 1024
 #: Presence frames kept for a connection whose replay is still being written;
 #: past this it is closed with 4009 (it does not read fast enough to catch up).
 MAX_DEFERRED_PRESENCE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RoomContext:
+    """What the rooms of a shard share: settings, counters, the writer, the clocks."""
+
+    cfg: ShardConfig
+    stats: Stats
+    writer: Writer
+    clock: Callable[[], float]  # wall-clock seconds (history timestamps, idempotency)
+    monotonic: Callable[[], float]
 
 
 class Replay:
@@ -55,17 +68,17 @@ class LiveRoom:
     __slots__ = (
         "_last_count",
         "conns",
+        "ctx",
         "frozen",
         "messages",
         "messages_per_s",
         "name",
         "replaying",
         "room",
-        "server",
         "unconfirmed",
     )
 
-    def __init__(self, room: Room, server: ShardServer) -> None:
+    def __init__(self, room: Room, ctx: RoomContext) -> None:
         self.name = room.name
         self.room = room
         # The fan-out: members that get every broadcast. A member whose welcome
@@ -73,7 +86,7 @@ class LiveRoom:
         # joins the fan-out once it has caught up (see refill).
         self.conns: dict[int, Connection] = {}
         self.replaying: dict[int, Replay] = {}
-        self.server = server
+        self.ctx = ctx
         self.frozen = False  # mid-move: joins refused (1013), members' reading paused
         # Kept through a lost lease: not served (joins 1013) until a heartbeat's
         # answer confirms the directory still assigns it here at this epoch.
@@ -93,9 +106,9 @@ class LiveRoom:
         broadcast: the messages come from the history, in seq order, and the
         presence frames meanwhile are held and follow the replay.
         """
-        server = self.server
-        cfg = server.cfg
-        out = self.room.join(conn_id, user, server.clock(), since)
+        ctx = self.ctx
+        cfg = ctx.cfg
+        out = self.room.join(conn_id, user, ctx.clock(), since)
         if out.presence is not None:
             self.presence(out.presence)
         conn.queue(out.welcome)
@@ -106,7 +119,7 @@ class LiveRoom:
             conn.replaying = True
         else:
             self.conns[conn_id] = conn
-        conn.joined(self, conn_id, user, TokenBucket(cfg.rate, cfg.rate_burst, server.monotonic()))
+        conn.joined(self, conn_id, user, TokenBucket(cfg.rate, cfg.rate_burst, ctx.monotonic()))
         if self.frozen and conn.transport is not None:
             conn.transport.pause_reading()
 
@@ -123,7 +136,7 @@ class LiveRoom:
         if replay is None:
             conn.replaying = False
             return
-        conn.queue_limit = self.server.cfg.send_queue_bytes  # the welcome is out
+        conn.queue_limit = self.ctx.cfg.send_queue_bytes  # the welcome is out
         chunk = self.room.replay(replay.next_seq, REPLAY_CHUNK_BYTES)
         if chunk is None:
             self._fell_behind(replay)
@@ -140,7 +153,7 @@ class LiveRoom:
 
     def _fell_behind(self, replay: Replay) -> None:
         conn = replay.conn  # closing it makes it leave (and leave() forgets the replay)
-        self.server.stats.slow_consumer_closes += 1
+        self.ctx.stats.slow_consumer_closes += 1
         log.info("closing %s in room %s (4009): its replay fell behind the history window",
                  conn.user, self.name)
         conn.close(CloseCode.SLOW_CONSUMER, "slow consumer: the resume fell behind the room")
@@ -168,16 +181,16 @@ class LiveRoom:
             if self.replaying.pop(cid, None) is None:
                 return
             conn.replaying = False
-        presence = self.room.leave(cid, self.server.clock())
+        presence = self.room.leave(cid, self.ctx.clock())
         if presence is not None:
             self.presence(presence)
 
     def send(self, conn: Connection, msg_id: str, text: str) -> None:
         """Sequence a client's message, fan it out, ack the sender."""
-        out = self.room.send(conn.user, msg_id, text, self.server.clock())
+        out = self.room.send(conn.user, msg_id, text, self.ctx.clock())
         if out.broadcast is not None:
             self.messages += 1
-            self.server.stats.messages_out += 1
+            self.ctx.stats.messages_out += 1
             self.broadcast(out.broadcast)
             if self.replaying:
                 self._check_replays()
@@ -192,17 +205,8 @@ class LiveRoom:
 
     def broadcast(self, frame: bytes) -> None:
         """Append one pre-built frame to every member: no per-recipient encoding or await."""
-        n = len(frame)
-        server = self.server
-        dirty = server.dirty
-        for c in self.conns.values():
-            p = c.pending
-            if not p:
-                dirty.append(c)
-            p.append(frame)
-            c.pending_bytes += n
-        server.stats.deliveries += len(self.conns)
-        server.schedule_flush()
+        ctx = self.ctx
+        ctx.stats.deliveries += ctx.writer.fan_out(self.conns.values(), frame)
 
     def close_all(self, code: int, reason: str) -> int:
         """Close every member with ``code``; returns how many were closed."""
@@ -212,7 +216,7 @@ class LiveRoom:
         self.replaying.clear()
         for c in conns:
             c.replaying = False
-        now = self.server.clock()
+        now = self.ctx.clock()
         for c in conns:
             self.room.leave(c.conn_id, now)
             c.close(code, reason)
@@ -247,12 +251,14 @@ OPEN_ID_TTL_S = 300.0
 
 
 class RoomRegistry:
-    def __init__(self, server: ShardServer, directory: DirectoryClient) -> None:
-        self.server = server
+    def __init__(self, ctx: RoomContext, directory: DirectoryClient,
+                 ready: Callable[[], bool]) -> None:
+        self.ctx = ctx
         self.directory = directory
+        self._ready = ready  # the shard holds its lease (see ShardServer.ready)
         self.rooms: dict[str, LiveRoom] = {}
         # Every room's history together stays within history_bytes_total.
-        self.history_budget = HistoryBudget(server.cfg.history_bytes_total)
+        self.history_budget = HistoryBudget(ctx.cfg.history_bytes_total)
         self._opening: dict[str, asyncio.Task[LiveRoom]] = {}
         # room -> (open_id, since): an open whose answer we never got (timeout, 5xx) is
         # retried under the same id, so the directory grants it once (docs/INTERNALS.md).
@@ -278,7 +284,7 @@ class RoomRegistry:
 
     def _open_id(self, name: str) -> str:
         """This room's pending open id, or a new one (old pending ids are dropped)."""
-        now = self.server.clock()
+        now = self.ctx.clock()
         pending = self._open_ids.get(name)
         if pending is not None:
             return pending[0]
@@ -299,13 +305,13 @@ class RoomRegistry:
             raise
         finally:
             self._opening.pop(name, None)
-        if not self.server.ready():
+        if not self._ready():
             # The lease ran out while we asked: holding the room now could
             # serve it after the directory has placed it elsewhere. (The id stays:
             # the grant was not used, a retry may have it again.)
             raise DirectoryUnavailable("lease lost while opening the room")
         self._open_ids.pop(name, None)  # the room exists now: a later open is a new copy
-        cfg = self.server.cfg
+        cfg = self.ctx.cfg
         room = Room(name=name, instance=cfg.instance, epoch=grant.epoch, seq_base=grant.seq_base,
                     lost=grant.lost, owner_epoch=grant.owner_epoch, history_limit=cfg.history,
                     history_bytes_limit=cfg.history_bytes,
@@ -320,9 +326,9 @@ class RoomRegistry:
         old = self.rooms.get(room.name)
         if old is not None:
             self.close_room(room.name, CloseCode.GOING_AWAY, "room state replaced")
-        room.empty_since = self.server.clock()
+        room.empty_since = self.ctx.clock()
         room.use_budget(self.history_budget)
-        live = LiveRoom(room, self.server)
+        live = LiveRoom(room, self.ctx)
         self.rooms[room.name] = live
         return live
 

@@ -9,52 +9,85 @@ contract's order: credentials, input, then the room.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from roomshard.protocol import CloseCode, valid_room_id, valid_user_id
-from roomshard.tickets import DIRECTORY, TicketError
-from shard.http import HttpError, HttpRequest, HttpResponse, error_response, json_response
+from roomshard.tickets import DIRECTORY, Signer, TicketError
+from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
 from shard.metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from shard.server import ShardServer
+from shard.registry import RoomRegistry
 
 
-def install(server: ShardServer) -> None:
-    """Register the shard's own routes on ``server.router``."""
-    r = server.router
+@dataclass(frozen=True, slots=True)
+class DirectoryAuth:
+    """Checks that a caller holds the directory's cluster token for this instance."""
+
+    signer: Signer
+    instance: str
+    clock: Callable[[], float]
+
+    def require(self, req: HttpRequest) -> None:
+        """Raise 401/403 unless the caller holds the directory's cluster token for this instance."""
+        token = req.bearer()
+        if token is None:
+            raise HttpError(401, "unauthorized", "missing cluster token")
+        try:
+            subject = self.signer.verify_cluster_token(token, receiver=self.instance,
+                                                       now=self.clock())
+        except TicketError as exc:
+            raise HttpError(401, "unauthorized", f"invalid cluster token: {exc}") from None
+        if subject != DIRECTORY:
+            raise HttpError(403, "forbidden", "only the directory may call this route")
+
+    def trusted(self, token: str) -> bool:
+        """True for a valid cluster token made for this instance (any subject)."""
+        try:
+            self.signer.verify_cluster_token(token, receiver=self.instance, now=self.clock())
+        except TicketError:
+            return False
+        return True
+
+
+def install(router: Router, *, instance: str, auth: DirectoryAuth,
+            not_ready: Callable[[], str | None], render_metrics: Callable[[], bytes],
+            registry: RoomRegistry) -> None:
+    """Register the shard's own routes.
+
+    ``not_ready`` says why the shard is not ready (None: it is).
+    """
 
     async def healthz(req: HttpRequest) -> HttpResponse:
-        return json_response({"status": "ok", "instance": server.cfg.instance})
+        return json_response({"status": "ok", "instance": instance})
 
     async def readyz(req: HttpRequest) -> HttpResponse:
-        if server.ready():
-            return json_response({"status": "ready", "instance": server.cfg.instance})
-        why = ("stopping" if server.stopping else "lease lost" if server.fenced
-               else "not registered with the directory" if not server.registered else "lease expired")
-        return error_response(503, "not_ready", f"shard {server.cfg.instance} not ready: {why}",
+        why = not_ready()
+        if why is None:
+            return json_response({"status": "ready", "instance": instance})
+        return error_response(503, "not_ready", f"shard {instance} not ready: {why}",
                               [("retry-after", "1")])
 
     async def metrics(req: HttpRequest) -> HttpResponse:
-        return HttpResponse(200, server.metrics.render(), CONTENT_TYPE)
+        return HttpResponse(200, render_metrics(), CONTENT_TYPE)
 
     async def list_rooms(req: HttpRequest) -> HttpResponse:
-        require_directory(server, req)
-        return json_response({"rooms": {n: lr.load() for n, lr in server.registry.rooms.items()}})
+        auth.require(req)
+        return json_response({"rooms": {n: lr.load() for n, lr in registry.rooms.items()}})
 
     async def get_room(req: HttpRequest) -> HttpResponse:
-        require_directory(server, req)
+        auth.require(req)
         name = room_param(req)
-        live = server.registry.get(name)
+        live = registry.get(name)
         if live is None:
             raise HttpError(404, "room_not_loaded", f"room {name} is not in memory on this shard")
         return json_response({"room": name, **live.load()})
 
     async def set_access(req: HttpRequest) -> HttpResponse:
-        require_directory(server, req)
+        auth.require(req)
         name = room_param(req)
         private, members = parse_access(req.json())
-        live = server.registry.get(name)
+        live = registry.get(name)
         if live is None:
             return json_response({"room": name, "closed": 0})
         live.room.private = private
@@ -64,26 +97,12 @@ def install(server: ShardServer) -> None:
             conn.close(CloseCode.TICKET_MISMATCH, "no longer a member of this room")
         return json_response({"room": name, "closed": len(gone)})
 
-    r.add("GET", "/healthz", healthz)
-    r.add("GET", "/readyz", readyz)
-    r.add("GET", "/metrics", metrics)
-    r.add("GET", "/internal/rooms", list_rooms)
-    r.add("GET", "/internal/rooms/{room}", get_room)
-    r.add("POST", "/internal/rooms/{room}/access", set_access)
-
-
-def require_directory(server: ShardServer, req: HttpRequest) -> None:
-    """Raise 401/403 unless the caller holds the directory's cluster token for this instance."""
-    token = req.bearer()
-    if token is None:
-        raise HttpError(401, "unauthorized", "missing cluster token")
-    try:
-        subject = server.signer.verify_cluster_token(token, receiver=server.cfg.instance,
-                                                     now=server.clock())
-    except TicketError as exc:
-        raise HttpError(401, "unauthorized", f"invalid cluster token: {exc}") from None
-    if subject != DIRECTORY:
-        raise HttpError(403, "forbidden", "only the directory may call this route")
+    router.add("GET", "/healthz", healthz)
+    router.add("GET", "/readyz", readyz)
+    router.add("GET", "/metrics", metrics)
+    router.add("GET", "/internal/rooms", list_rooms)
+    router.add("GET", "/internal/rooms/{room}", get_room)
+    router.add("POST", "/internal/rooms/{room}/access", set_access)
 
 
 def room_param(req: HttpRequest) -> str:

@@ -1,4 +1,4 @@
-"""The shard server: admission, the write flush, timers, the lease, the HTTP routes.
+"""The shard server: builds the parts, admits joins, runs the timers and the lease.
 
 Lifecycle: :meth:`ShardServer.start` binds the port and starts heartbeating;
 the shard is *ready* (``/readyz`` 200, joins admitted) once a heartbeat
@@ -19,15 +19,16 @@ heartbeat is retried within ~0.25 s, so a directory restart shorter than the
 lease costs nothing at all.
 
 Timers are plain loop callbacks, not tasks: one tick (lease, linger
-eviction, the used-ticket set, rates) and one ping round for all
-connections.
+eviction, the used-ticket set, the live handoff's expiries, rates) and one
+ping round for all connections.
 
-Extension points (for ``shard/handoff.py``, installed by
-``shard.main.install_extensions``): ``router.add(...)`` for its routes,
-``join_gates`` (each called with a valid ticket before the room is looked
-up; it may adjust the registry, e.g. activate an adopted room, and returns
-``None`` to proceed or ``(close_code, reason)`` to refuse) and
-``tick_hooks`` (called with wall-clock ``now`` every slow tick, ~2 s).
+This module is the shard's composition root: it builds the parts and hands
+each the state it needs (nothing below imports it). Connections report to
+the server through :class:`shard.connection.ConnectionEvents`; the rooms
+write through the :class:`shard.writer.Writer`; the live handoff
+(:class:`shard.handoff_routes.HandoffWiring`) sees every join with a valid
+ticket first (:meth:`HandoffWiring.gate`: it may activate an adopted room,
+or refuse the join with a close code).
 """
 
 from __future__ import annotations
@@ -37,24 +38,30 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from websockets.frames import CloseCode as WsCloseCode
+from websockets.frames import Opcode
+
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
-from roomshard.protocol import CloseCode, valid_room_id
-from roomshard.tickets import Signer, Ticket, TicketError
+from roomshard.protocol import CloseCode
+from roomshard.tickets import Signer, Ticket
 from shard import routes
-from shard.connection import Connection
+from shard.admission import Admission, Refused
+from shard.connection import Connection, ConnectionContext
 from shard.directory_client import DirectoryClient, DirectoryError, DirectoryRefused
 from shard.frames import server_frame
+from shard.handoff_routes import HandoffWiring
 from shard.http import HttpRequest, HttpResponse, Router
-from shard.metrics import ShardMetrics, Stats
-from shard.registry import LiveRoom, RoomRegistry
+from shard.metrics import MetricsSources, ShardMetrics
+from shard.registry import LiveRoom, RoomContext, RoomRegistry
+from shard.stats import Stats
+from shard.writer import Writer
 
 log = logging.getLogger("roomshard.shard")
 
@@ -64,17 +71,7 @@ HEARTBEAT_RETRY_S = 0.25  # after a failed heartbeat, the next one within 0.25-0
 # lease + this <= the directory's down_after (default 6 + 2 <= 10): the margin for
 # clock rates, a heartbeat in flight and the close of every member.
 MIN_LEASE_MARGIN_S = 2.0
-_PING_FRAME = server_frame(0x9, b"roomshard")
-_SINCE_RE = re.compile(r"[0-9]{1,20}")  # ASCII digits only ("²".isdigit() is true)
-
-
-class Refused(Exception):
-    """An admission refusal: the WebSocket is closed with ``code`` after the 101."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+_PING_FRAME = server_frame(Opcode.PING, b"roomshard")
 
 
 class ShardServer:
@@ -86,20 +83,27 @@ class ShardServer:
         self.monotonic = monotonic
         self.signer = Signer(cfg.cluster_secrets)
         self.directory = directory
-        self.registry = RoomRegistry(self, directory)
         self.stats = Stats()
-        self.metrics = ShardMetrics(self)
+        self.writer = Writer()
+        self.ws_conns: set[Connection] = set()
+        self.lingering = LingerPool(linger_limits(cfg))  # connections in a lingering close
+        self.registry = RoomRegistry(RoomContext(cfg, self.stats, self.writer, clock, monotonic),
+                                     directory, self.ready)
+        auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)
+        self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
+                                           monotonic, auth.trusted)
+        self.metrics = ShardMetrics(MetricsSources(cfg.instance, self.stats, self.registry,
+                                                   self.ws_conns, self.lingering, self.ready))
         self.router = Router()
-        routes.install(self)
+        routes.install(self.router, instance=cfg.instance, auth=auth, not_ready=self.not_ready,
+                       render_metrics=self.metrics.render, registry=self.registry)
+        self.handoff = HandoffWiring(cfg, self.registry, directory, auth, clock)
+        self.handoff.install(self.router)
         self.started_at = clock()
         self.boot_id = secrets.token_hex(8)
         self.url = ""
-        self.dirty: list[Connection] = []
-        self._flush_scheduled = False
-        self.ws_conns: set[Connection] = set()
-        self.lingering = LingerPool(linger_limits(cfg))  # connections in a lingering close
         self._next_conn_id = 0
-        self.used_tickets: dict[str, float] = {}  # jti -> exp
+        self.admission = Admission(cfg, self.signer, self.started_at)
         self.registered = False
         self.lease_until = 0.0
         self.fenced = False
@@ -114,13 +118,11 @@ class ShardServer:
         self._hb_failures = 0
         self._ping_rounds = 0  # the number of the latest ping round
         self.conns_per_address: dict[str, int] = {}  # WebSockets per peer address (when capped)
-        self.join_gates: list[Callable[[Ticket], tuple[int, str] | None]] = []
-        self.tick_hooks: list[Callable[[float], None]] = []
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), self.cfg.host,
+        self._server = await loop.create_server(lambda: Connection(self._conn_ctx), self.cfg.host,
                                                 self.cfg.port, backlog=4096)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
@@ -133,11 +135,18 @@ class ShardServer:
         return self.registered and not self.fenced and not self.stopping \
             and self.monotonic() < self.lease_until
 
+    def not_ready(self) -> str | None:
+        """Why the shard is not ready (``/readyz``); None when it is."""
+        if self.ready():
+            return None
+        return ("stopping" if self.stopping else "lease lost" if self.fenced
+                else "not registered with the directory" if not self.registered
+                else "lease expired")
+
     async def shutdown(self) -> None:
         """Stop accepting, close clients with 1001, leave the directory; bounded by shutdown_timeout."""
-        handoff = getattr(self, "handoff", None)  # live handoff installed: rooms move away first
-        if handoff is not None and self.registered:
-            await handoff.leave_with_drain(self.cfg.shutdown_timeout / 2)
+        if self.registered:  # rooms move away first, live
+            await self.handoff.leave_with_drain(self.cfg.shutdown_timeout / 2)
         self.stopping = True
         deadline = self.monotonic() + self.cfg.shutdown_timeout
         if self._server is not None:
@@ -167,22 +176,6 @@ class ShardServer:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # -- writes: one flush per loop turn ---------------------------------------
-    def mark_dirty(self, conn: Connection) -> None:
-        self.dirty.append(conn)
-        self.schedule_flush()
-
-    def schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        dirty, self.dirty = self.dirty, []
-        for conn in dirty:
-            conn.flush()
-
     # -- admission ---------------------------------------------------------
     def admit(self, conn: Connection, request: HttpRequest) -> None:
         """Decide about a WebSocket that just got its 101; closes it with a code or joins it."""
@@ -190,61 +183,22 @@ class ShardServer:
         if self.cfg.max_connections_per_address:
             self.conns_per_address[conn.address] = self.conns_per_address.get(conn.address, 0) + 1
         try:
-            ticket, since = self._check(request, conn.address)
+            admitted = self.admission.check(
+                request, now=self.clock(), ready=self.ready(), sockets=len(self.ws_conns),
+                from_address=self.conns_per_address.get(conn.address, 0), address=conn.address)
         except Refused as r:
             self._refuse(conn, r)
             return
-        for gate in self.join_gates:
-            verdict = gate(ticket)
-            if verdict is not None:
-                self._refuse(conn, Refused(*verdict))
-                return
+        ticket, since = admitted.ticket, admitted.since
+        verdict = self.handoff.gate(ticket)
+        if verdict is not None:
+            self._refuse(conn, Refused(*verdict))
+            return
         live = self.registry.get(ticket.room)
         if live is not None and ticket.epoch <= live.room.epoch:
             self._join(conn, live, ticket, since)
         else:
             self._spawn(self._open_and_join(conn, ticket, since))
-
-    def _check(self, request: HttpRequest, address: str) -> tuple[Ticket, int | None]:
-        cfg = self.cfg
-        parts = request.path.split("/")
-        if len(parts) != 4 or parts[0] or parts[2] != "room" or parts[1] != cfg.instance:
-            raise Refused(CloseCode.NOT_OWNER, f"not a room path of instance {cfg.instance}")
-        room = parts[3]
-        if not valid_room_id(room):
-            raise Refused(CloseCode.NOT_OWNER, "invalid room id")
-        if cfg.allowed_origins and request.headers.get("origin") not in cfg.allowed_origins:
-            raise Refused(CloseCode.POLICY, "origin not allowed")
-        if not self.ready():
-            raise Refused(CloseCode.TRY_AGAIN_LATER, "shard not ready")
-        token = request.query.get("ticket")
-        if not token:
-            raise Refused(CloseCode.TICKET_INVALID, "missing ticket")
-        now = self.clock()
-        try:
-            ticket = self.signer.verify_ticket(token, now=now)
-        except TicketError as exc:
-            raise Refused(CloseCode.TICKET_INVALID, f"invalid ticket: {exc}") from None
-        # Issued before this process started: it may have been used on our
-        # previous incarnation, whose used-ticket set is gone.
-        if ticket.iat < self.started_at:
-            raise Refused(CloseCode.TICKET_INVALID, "ticket predates this shard process")
-        if ticket.jti in self.used_tickets:
-            raise Refused(CloseCode.TICKET_INVALID, "ticket already used")
-        if ticket.room != room or ticket.instance != cfg.instance:
-            raise Refused(CloseCode.TICKET_MISMATCH, "ticket is for another room or instance")
-        self.used_tickets[ticket.jti] = ticket.exp
-        if len(self.ws_conns) > cfg.max_connections:
-            raise Refused(CloseCode.TRY_AGAIN_LATER, "shard at max connections")
-        per_address = cfg.max_connections_per_address
-        if per_address and self.conns_per_address.get(address, 0) > per_address:
-            raise Refused(CloseCode.POLICY, f"over {per_address} connections from {address}")
-        raw_since = request.query.get("since")
-        since: int | None = None
-        if raw_since is not None:
-            # An unreadable since cannot be honoured: answer recovered false.
-            since = int(raw_since) if _SINCE_RE.fullmatch(raw_since) else -1
-        return ticket, since
 
     async def _open_and_join(self, conn: Connection, ticket: Ticket, since: int | None) -> None:
         live = self.registry.get(ticket.room)
@@ -420,10 +374,8 @@ class ShardServer:
             return
         now = self.clock()
         self.registry.evict_idle(now, self.cfg.room_linger)
-        for hook in self.tick_hooks:
-            hook(now)
-        if self.used_tickets:
-            self.used_tickets = {j: exp for j, exp in self.used_tickets.items() if exp > now}
+        self.handoff.tick(now)
+        self.admission.forget_expired(now)
         mono = self.monotonic()
         elapsed = mono - self._last_rate_at
         self._last_rate_at = mono
@@ -468,5 +420,5 @@ class ShardServer:
             if conn.ping_outstanding == round_no and not conn.closing and not conn.closed:
                 self.stats.ping_timeouts += 1
                 log.info("no pong from %s within %.1fs: closing", conn.user, self.cfg.ping_timeout)
-                conn.close(1011, "ping timeout")  # dead peer: nobody reads the frame
+                conn.close(WsCloseCode.INTERNAL_ERROR, "ping timeout")  # nobody reads it
                 conn.abort()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import httpx
 
-from shard.handoff_routes import MAX_BATCH, install
+from shard.handoff_routes import MAX_BATCH
 from tests.shard.conftest import close_code, recv_json
 
 
 async def test_batch_freeze_and_release_answer_each_item_and_close_with_4010(shard):
     """A batch freezes and releases loaded rooms; bad items fail alone with the contract's error."""
     s = shard.server
-    install(s)
     a, _ = await shard.join("ra", "alice")
     b, _ = await shard.join("rb", "bob")
     await a.send('{"type": "send", "id": "m1", "text": "hi"}')
@@ -53,7 +52,6 @@ async def test_batch_freeze_and_release_answer_each_item_and_close_with_4010(sha
 async def test_batch_route_refuses_bad_requests_whole(shard):
     """Unknown kind 404, no token 401, a non-list or oversized batch 400: JSON error bodies."""
     s = shard.server
-    install(s)
     auth = {"authorization": "Bearer " + s.signer.cluster_token("directory", to=s.cfg.instance, now=s.clock())}
     async with httpx.AsyncClient(base_url=s.url) as http:
         r = await http.post("/internal/handoffs/freeze", json={"items": []})

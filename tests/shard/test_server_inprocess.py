@@ -270,18 +270,19 @@ async def test_unreachable_directory_at_start_keeps_retrying_and_not_ready():
             assert set(fake.heartbeats[0]["load"]) == {"rooms", "connections", "messages_per_s"}
     finally:
         await server.shutdown()
-    assert fake.leaves == [{"drain": False}]
+    # As every shard: ask for a live drain of its rooms first, then leave.
+    assert fake.leaves == [{"drain": True}, {"drain": False}]
 
 
-async def test_join_gate_can_refuse_before_the_room_is_opened(shard):
-    """An installed join gate sees the ticket first and its close code wins."""
+async def test_join_gate_can_refuse_before_the_room_is_opened(shard, monkeypatch):
+    """The handoff's join gate sees the ticket first and its close code wins."""
     seen = []
 
     def gate(ticket):
         seen.append((ticket.room, ticket.user))
         return (4010, "room moved") if ticket.room == "gone" else None
 
-    shard.server.join_gates.append(gate)
+    monkeypatch.setattr(shard.server.handoff, "gate", gate)
     assert await close_code(await connect(shard.url("gone", "alice"))) == 4010
     ws, welcome = await shard.join("here", "bob")
     assert welcome["type"] == "welcome" and seen == [("gone", "alice"), ("here", "bob")]

@@ -1,0 +1,106 @@
+"""The import graph of the installed packages: no cycle anywhere, and imports point one way.
+
+The graph is grimp's (every ``import`` statement, those under
+``if TYPE_CHECKING:`` and inside functions included). docs/ARCHITECTURE.md
+states the rule: composition on top, I/O adapters below it, the pure core at
+the bottom; a module imports its own layer and the layers below, never above.
+"""
+
+from __future__ import annotations
+
+import grimp
+import pytest
+
+PACKAGES = ("roomshard", "shard", "directory", "router_rules", "client")
+
+#: The shard's layers, top first (docs/ARCHITECTURE.md).
+SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
+    # composition: builds the parts and hands each the state it needs
+    ("shard.main", "shard.server"),
+    # the parts that hold the shard's state, given what they need
+    ("shard.registry", "shard.metrics", "shard.routes", "shard.handoff_routes"),
+    # I/O: sockets, the write scheduler, the directory client
+    ("shard.connection", "shard.writer", "shard.directory_client"),
+    # pure: never awaits, never reads the clock, never touches a socket
+    ("shard.room", "shard.frames", "shard.ratelimit", "shard.handoff", "shard.stats",
+     "shard.http", "shard.admission"),
+)
+
+
+@pytest.fixture(scope="module")
+def graph() -> grimp.ImportGraph:
+    return grimp.build_graph(*PACKAGES, cache_dir=None)
+
+
+def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    edges = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            node, i = work.pop()
+            if i == 0:
+                index[node] = low[node] = len(index)
+                stack.append(node)
+                on_stack.add(node)
+            targets = edges.get(node, [])
+            if i < len(targets):
+                work.append((node, i + 1))
+                target = targets[i]
+                if target not in index:
+                    work.append((target, 0))
+                elif target in on_stack:
+                    low[node] = min(low[node], index[target])
+                continue
+            if work:  # back in the caller: pass the low link up
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle_behind_type_checking():
+    g = grimp.ImportGraph()
+    for m in ("p", "p.a", "p.b", "p.c", "p.d"):
+        g.add_module(m)
+    g.add_import(importer="p.a", imported="p.b")
+    g.add_import(importer="p.b", imported="p.c")
+    g.add_import(importer="p.c", imported="p.a")  # e.g. under `if TYPE_CHECKING:`
+    g.add_import(importer="p.d", imported="p.a")
+    assert cycles(g) == [["p.a", "p.b", "p.c"]]
+    g.remove_import(importer="p.c", imported="p.a")
+    assert cycles(g) == []
+
+
+def test_no_import_cycle_in_any_package(graph):
+    assert cycles(graph) == []
+
+
+def test_every_shard_module_has_a_layer(graph):
+    placed = {m for layer in SHARD_LAYERS for m in layer}
+    modules = {m for m in graph.find_descendants("shard")}
+    assert modules - placed == set(), "put the new module in a layer of SHARD_LAYERS"
+    assert placed - modules == set()
+
+
+def test_shard_imports_point_down(graph):
+    rank = {m: i for i, layer in enumerate(SHARD_LAYERS) for m in layer}
+    upward = [(m, imported) for m in rank for imported in graph.find_modules_directly_imported_by(m)
+              if imported in rank and rank[imported] < rank[m]]
+    assert upward == [], "a shard module imports a layer above its own"
