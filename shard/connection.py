@@ -4,7 +4,8 @@ A connection knows no server: it is given a :class:`ConnectionContext`
 (settings, counters, the writer, the lingering pool) and reports what
 happens to it through :class:`ConnectionEvents` (an upgraded WebSocket to
 admit, a request to answer, a close, the end of the TCP connection); once
-admitted it hands its messages to its room (:class:`RoomLink`).
+admitted it hands each complete data message to its room
+(:class:`RoomLink`), which rate-limits, parses and answers it.
 
 Why an ``asyncio.Protocol`` and not a framework: a task and an awaited send
 per connection cost ~3x the memory and CPU of the fan-out itself (see
@@ -73,7 +74,6 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
-from websockets.frames import CloseCode as WsCloseCode
 from websockets.frames import Opcode
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import OPEN, Protocol, Side
@@ -81,16 +81,8 @@ from websockets.server import ServerProtocol
 
 from roomshard.config import ShardConfig
 from roomshard.linger import Linger, LingerPool
-from roomshard.protocol import CloseCode, ErrorCode
-from shard.frames import (
-    HEAD_PONG,
-    HEAD_TEXT,
-    FrameRejected,
-    InvalidUtf8,
-    error_frame,
-    parse_client_frame,
-    read_client_frames,
-)
+from roomshard.protocol import CloseCode
+from shard.frames import HEAD_PONG, HEAD_TEXT, read_client_frames
 from shard.http import (
     MAX_BODY_BYTES,
     MAX_UNAUTHENTICATED_BODY_BYTES,
@@ -98,7 +90,7 @@ from shard.http import (
     HttpResponse,
     error_response,
 )
-from shard.ratelimit import TokenBucket, Verdict, WireBudget
+from shard.ratelimit import TokenBucket, WireBudget
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -157,8 +149,8 @@ class RoomLink(typing.Protocol):
     name: str
     frozen: bool  # mid-move: the connection's input waits unread
 
-    def send(self, conn: Connection, msg_id: str, text: str) -> None:
-        """Sequence a message from ``conn``, fan it out, ack it."""
+    def receive(self, conn: Connection, payload: bytes, is_text: bool) -> None:
+        """A complete data message from ``conn`` (the room checks, parses and answers it)."""
 
     def refill(self, conn: Connection) -> None:
         """``conn`` wrote everything queued: queue the next chunk of its replay."""
@@ -242,7 +234,7 @@ class Connection(asyncio.Protocol):
         # then is its buffer size worth asking for.
         self.write_paused = False
         self.fd = -1  # the socket's descriptor, for flush()'s direct writes
-        self.bucket: TokenBucket | None = None
+        self.bucket: TokenBucket | None = None  # its message rate, kept for its room (receive)
         self.budget: WireBudget | None = None  # every frame and byte, from the upgrade on
         self.address = ""  # the peer's IP address, for the per-address cap
         # The ping round whose ping is unanswered (0: none); a pong clears it.
@@ -544,13 +536,15 @@ class Connection(asyncio.Protocol):
                 if frames:
                     if not self._spend(len(frames)):
                         return
+                    room = self.room
+                    assert room is not None  # not closing: admitted (see data_received)
                     for head, payload in frames:
                         if self.closing:  # an earlier frame closed us (4008): the rest is dropped
                             break
                         if head == HEAD_PONG:
                             self.ping_outstanding = 0
                         else:
-                            self._on_message(payload, head == HEAD_TEXT)
+                            room.receive(self, payload, head == HEAD_TEXT)
                     if self.failed:
                         return
                     left -= len(frames)
@@ -634,7 +628,8 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         assert ws is not None
         events = ws.events_received()
-        if events and self.room is not None and not self.closing:
+        room = self.room
+        if events and room is not None and not self.closing:
             if not self._spend(len(events)):
                 return len(events)
             for frame in events:
@@ -643,7 +638,7 @@ class Connection(asyncio.Protocol):
                 op = frame.opcode
                 if op is _TEXT or op is _BINARY:
                     if frame.fin:
-                        self._on_message(frame.data, op is _TEXT)
+                        room.receive(self, frame.data, op is _TEXT)
                     else:
                         self.frag, self.frag_count = bytearray(frame.data), 1
                         self.frag_text = op is _TEXT
@@ -656,7 +651,7 @@ class Connection(asyncio.Protocol):
                             break
                         if frame.fin:
                             self.frag = None
-                            self._on_message(bytes(frag), self.frag_text)
+                            room.receive(self, bytes(frag), self.frag_text)
                 elif op is _PONG:
                     self.ping_outstanding = 0
         elif events and self.closing and not self._spend(len(events)):
@@ -689,40 +684,6 @@ class Connection(asyncio.Protocol):
             self.closing = True
         if self.closing and self.room is not None:
             self.ctx.events.detach(self)
-
-    def _on_message(self, payload: bytes, is_text: bool) -> None:
-        ctx = self.ctx
-        stats = ctx.stats
-        stats.messages_in += 1
-        room = self.room
-        assert room is not None and self.bucket is not None
-        verdict = self.bucket.take(ctx.monotonic())
-        if verdict is not Verdict.OK:
-            stats.rate_limited += 1
-            if verdict is Verdict.CLOSE:
-                self.close(CloseCode.POLICY, "rate limit exceeded")
-                return
-            try:
-                msg_id = parse_client_frame(payload, is_text=is_text, max_text=1 << 30).id
-            except FrameRejected as exc:
-                msg_id = exc.msg_id
-            except InvalidUtf8 as exc:
-                self.fail(WsCloseCode.INVALID_DATA, str(exc))
-                return
-            self.queue(error_frame(ErrorCode.RATE_LIMITED,
-                                   f"over {ctx.cfg.rate:g} messages/s", msg_id))
-            return
-        try:
-            send = parse_client_frame(payload, is_text=is_text, max_text=ctx.cfg.max_text)
-        except FrameRejected as exc:
-            stats.rejected += 1
-            self.queue(exc.frame())
-            return
-        except InvalidUtf8 as exc:
-            stats.rejected += 1
-            self.fail(WsCloseCode.INVALID_DATA, str(exc))  # RFC 6455 8.1
-            return
-        room.send(self, send.id, send.text)
 
     # -- output -------------------------------------------------------------
     def queue(self, frame: bytes) -> None:

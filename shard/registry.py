@@ -23,11 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from websockets.frames import CloseCode as WsCloseCode
+
 from roomshard.config import ShardConfig
-from roomshard.protocol import CloseCode
+from roomshard.protocol import CloseCode, ErrorCode
 from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
-from shard.ratelimit import TokenBucket
+from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame
+from shard.ratelimit import TokenBucket, Verdict
 from shard.room import HistoryBudget, Room
 from shard.stats import Stats
 from shard.writer import Writer
@@ -184,6 +187,47 @@ class LiveRoom:
         presence = self.room.leave(cid, self.ctx.clock())
         if presence is not None:
             self.presence(presence)
+
+    def receive(self, conn: Connection, payload: bytes, is_text: bool) -> None:
+        """A data message from a member: rate-limit it, parse it, then :meth:`send` it.
+
+        Over the rate: an error frame (``rate_limited``, with the message's id
+        when it has one), and past the burst the 4008 close; a frame that is
+        not a valid ``send``: its error frame (``bad_request`` / ``too_long``);
+        text that is not UTF-8: the connection fails with 1007 (RFC 6455 8.1).
+        """
+        ctx = self.ctx
+        stats = ctx.stats
+        stats.messages_in += 1
+        bucket = conn.bucket
+        assert bucket is not None  # set at join
+        verdict = bucket.take(ctx.monotonic())
+        if verdict is not Verdict.OK:
+            stats.rate_limited += 1
+            if verdict is Verdict.CLOSE:
+                conn.close(CloseCode.POLICY, "rate limit exceeded")
+                return
+            try:
+                msg_id = parse_client_frame(payload, is_text=is_text, max_text=1 << 30).id
+            except FrameRejected as exc:
+                msg_id = exc.msg_id
+            except InvalidUtf8 as exc:
+                conn.fail(WsCloseCode.INVALID_DATA, str(exc))
+                return
+            conn.queue(error_frame(ErrorCode.RATE_LIMITED,
+                                   f"over {ctx.cfg.rate:g} messages/s", msg_id))
+            return
+        try:
+            send = parse_client_frame(payload, is_text=is_text, max_text=ctx.cfg.max_text)
+        except FrameRejected as exc:
+            stats.rejected += 1
+            conn.queue(exc.frame())
+            return
+        except InvalidUtf8 as exc:
+            stats.rejected += 1
+            conn.fail(WsCloseCode.INVALID_DATA, str(exc))
+            return
+        self.send(conn, send.id, send.text)
 
     def send(self, conn: Connection, msg_id: str, text: str) -> None:
         """Sequence a client's message, fan it out, ack the sender."""

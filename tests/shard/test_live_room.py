@@ -33,6 +33,8 @@ class Member:
         self.user = ""
         self.transport = None
         self.closed: int | None = None
+        self.failed: int | None = None
+        self.bucket: object = None
         self.frames: list[bytes] = []  # written, in order
         self.largest_write = 0
 
@@ -53,7 +55,10 @@ class Member:
             self.room.refill(self)  # as Connection.flush: everything was taken
 
     def joined(self, room: LiveRoom, conn_id: int, user: str, bucket: object) -> None:
-        self.room, self.conn_id, self.user = room, conn_id, user
+        self.room, self.conn_id, self.user, self.bucket = room, conn_id, user, bucket
+
+    def fail(self, code: int, reason: str) -> None:
+        self.failed = code
 
     def close(self, code: int, reason: str = "") -> None:
         self.closed = code
@@ -73,9 +78,10 @@ class Fixture:
     def __init__(self, **room_kw) -> None:
         self.stats = Stats()
         self.writer = Writer()
+        self.mono = 0.0  # the monotonic clock the rate limit reads
         self.room = Room(name="r", instance="i1", epoch=1, **room_kw)
         self.live = LiveRoom(self.room, RoomContext(CFG, self.stats, self.writer,
-                                                    lambda: NOW, lambda: 0.0))
+                                                    lambda: NOW, lambda: self.mono))
         self.ids = 0
 
     def join(self, user: str, since: int | None = None) -> Member:
@@ -144,3 +150,39 @@ async def test_a_replay_the_history_window_overtakes_is_closed_4009():
     assert bob.closed == CloseCode.SLOW_CONSUMER
     assert f.stats.slow_consumer_closes == 1
     assert bob.conn_id not in f.live.replaying and f.live.connection_count() == 1
+
+
+async def test_a_received_frame_is_parsed_and_every_refusal_answered():
+    f = Fixture()
+    alice = f.join("alice")
+    receive = f.live.receive
+    receive(alice, b'{"type":"send","id":"m1","text":"hi"}', True)  # type: ignore[arg-type]
+    receive(alice, b'{"type":"nope"}', True)  # type: ignore[arg-type]
+    receive(alice, b'{"type":"send","id":"m2","text":"' + b"x" * 5000 + b'"}', True)  # type: ignore[arg-type]
+    await turns()
+    got = alice.messages()[1:]
+    assert [m["type"] for m in got] == ["message", "ack", "error", "error"]
+    assert got[2]["code"] == "bad_request"
+    assert got[3]["code"] == "too_long" and got[3]["id"] == "m2"
+    assert f.stats.messages_in == 3 and f.stats.rejected == 2 and f.room.seq == 1
+    receive(alice, b'{"type":"send","id":"m3","text":"\xff"}', True)  # type: ignore[arg-type]
+    assert alice.failed == 1007 and f.room.seq == 1  # not UTF-8 (RFC 6455 8.1)
+
+
+async def test_over_the_rate_a_message_gets_rate_limited_and_a_flood_the_4008_close():
+    f = Fixture()
+    alice = f.join("alice")
+    for i in range(CFG.rate_burst + 1):  # the burst, then one over it (no time passes)
+        f.live.receive(alice, b'{"type":"send","id":"r%d","text":"t"}' % i, True)  # type: ignore[arg-type]
+    await turns()
+    last = alice.messages()[-1]
+    assert last == {"type": "error", "code": "rate_limited",
+                    "message": f"over {CFG.rate:g} messages/s", "id": f"r{CFG.rate_burst}"}
+    assert f.room.seq == CFG.rate_burst and alice.closed is None
+    for i in range(3 * CFG.rate_burst):  # hammering on: 3 x burst strikes close it
+        f.live.receive(alice, b'{"type":"send","id":"x","text":"t"}', True)  # type: ignore[arg-type]
+    assert alice.closed == CloseCode.POLICY
+    f.mono += 10.0  # a well-behaved client after a pause is fine again
+    bob = f.join("bob")
+    f.live.receive(bob, b'{"type":"send","id":"b1","text":"t"}', True)  # type: ignore[arg-type]
+    assert f.room.seq == CFG.rate_burst + 1
