@@ -11,14 +11,10 @@ Why an ``asyncio.Protocol`` and not a framework: a task and an awaited send
 per connection cost ~3x the memory and CPU of the fan-out itself (see
 docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
 
-- incoming bytes go to h11 until the WebSocket handshake. Then the common
-  frames (complete, unfragmented, masked text/binary/pong frames) are cut
-  and unmasked by :func:`shard.frames.read_client_frames`, a few integer
-  operations per frame; the first frame of any other kind (ping, close,
-  fragment, protocol error, over ``max_frame``) and everything after it goes
-  to the sans-I/O ``websockets.protocol.Protocol`` for the rest of the
-  connection (pongs, close handshake, 1002, 1009 as before). Both start at
-  the same frame boundary, so no frame is seen twice or skipped;
+- incoming bytes go to h11 until the WebSocket handshake, then to the
+  connection's :class:`shard.reader.FrameReader` (sans I/O: a fast path for
+  the common frames, the ``websockets`` protocol for the rest), which
+  reports messages and pongs back (:meth:`on_message`, :meth:`on_pong`);
 - outgoing frames are appended to :attr:`Connection.pending`, its send
   queue; the write scheduler (:class:`shard.writer.Writer`) has every dirty
   connection write its queue once per event-loop turn
@@ -34,10 +30,11 @@ Input is bounded per connection (docs/PROTOCOL.md, "Abuse limits"): a
 :class:`shard.ratelimit.WireBudget` of frames and bytes over everything the
 peer sends (control frames and fragments included; overdrawn: fail with
 4008), and a work bound per loop turn: at most :data:`MAX_FRAMES_PER_TURN`
-frames are handled, the websockets parser is fed :data:`WS_FEED_SLICE` bytes
-at a time, and what is left waits in ``rbuf`` with reading paused until the
-next turn, so timers and heartbeats run whatever one peer sends. The
-handshake is decided by websockets' ``ServerProtocol.accept``.
+frames are handled (the websockets parser is fed
+:data:`shard.reader.WS_FEED_SLICE` bytes at a time), and what is left waits
+in the reader with reading paused until the next turn, so timers and
+heartbeats run whatever one peer sends. The handshake is decided by
+websockets' ``ServerProtocol.accept``.
 
 Backpressure policy (slow consumers): a connection may hold at most
 ``send_queue_bytes`` of outgoing data, counting its pending frames plus the
@@ -74,15 +71,13 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
-from websockets.frames import Opcode
 from websockets.http11 import Request as WsRequest
-from websockets.protocol import OPEN, Protocol, Side
+from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from roomshard.config import ShardConfig
 from roomshard.linger import Linger, LingerPool
 from roomshard.protocol import CloseCode
-from shard.frames import HEAD_PONG, HEAD_TEXT, read_client_frames
 from shard.http import (
     MAX_BODY_BYTES,
     MAX_UNAUTHENTICATED_BODY_BYTES,
@@ -91,13 +86,11 @@ from shard.http import (
     error_response,
 )
 from shard.ratelimit import TokenBucket, WireBudget
+from shard.reader import WS_LOGGER, FrameReader
 from shard.stats import Stats
 from shard.writer import Writer
 
 log = logging.getLogger("roomshard.shard.conn")
-# websockets logs every closed connection at INFO; one shared quiet logger.
-_WS_LOGGER = logging.getLogger("roomshard.shard.ws")
-_WS_LOGGER.setLevel(logging.WARNING)
 
 # Requested kernel send buffer per connection (Linux doubles it): bounds what
 # a stalled peer holds in the kernel on top of ``send_queue_bytes``.
@@ -111,20 +104,11 @@ HTTP_IDLE_TIMEOUT_S = 30.0
 # one connection cannot keep the loop from its timers, heartbeats and other
 # sockets (the wire budget then closes a flooder with 4008).
 MAX_FRAMES_PER_TURN = 64
-# The websockets parser gets the input in slices of this size: a slice holds
-# at most WS_FEED_SLICE / 6 frames (the smallest masked frame), so a turn
-# parses a bounded number of frames whatever the sender packs in one read.
-WS_FEED_SLICE = 2048
-# What a fragment of a fragmented message is charged against ``max_frame`` on
-# top of its payload (its frame object and header), so many tiny fragments
-# cannot hold more than a large message would.
-FRAGMENT_OVERHEAD_BYTES = 64
 # HTTP statuses of a refused WebSocket handshake -> the error body's code.
 _HANDSHAKE_ERRORS = {400: "bad_request", 403: "forbidden", 405: "method_not_allowed",
                      426: "upgrade_required", 505: "http_version_not_supported"}
 # Headers of websockets' refusal we replace with our own JSON body's.
 _OWN_HEADERS = frozenset(("date", "connection", "content-length", "content-type"))
-_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
 
 class ConnectionEvents(typing.Protocol):
@@ -198,31 +182,26 @@ class Connection(asyncio.Protocol):
         "ctx",
         "eof_after_flush",
         "failed",
-        "fast",
         "fd",
-        "frag",
-        "frag_count",
-        "frag_text",
         "http",
         "linger",
         "pending",
         "pending_bytes",
         "ping_outstanding",
         "queue_limit",
-        "rbuf",
+        "reader",
         "replaying",
         "room",
         "transport",
         "user",
         "write_paused",
-        "ws",
     )
 
     def __init__(self, ctx: ConnectionContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.http: h11.Connection | None = h11.Connection(h11.SERVER)
-        self.ws: Protocol | None = None
+        self.reader: FrameReader | None = None  # set by the WebSocket upgrade
         self.conn_id = 0
         self.user = ""
         self.room: RoomLink | None = None  # set once joined
@@ -243,18 +222,9 @@ class Connection(asyncio.Protocol):
         self.closing = False  # we sent (or are sending) a close frame: no more data frames
         self.failed = False  # failed (RFC 6455 7.1.7): nothing more is read
         self.eof_after_flush = False
-        self.frag: bytearray | None = None  # the fragmented message being reassembled
-        self.frag_count = 0
-        self.frag_text = False
-        # True while incoming frames go through read_client_frames. rbuf is
-        # the input not handled yet: in fast mode it starts at a frame
-        # boundary; otherwise it is what the websockets parser has not been
-        # fed (kept over a loop turn by the per-turn work bound).
-        self.fast = False
-        self.rbuf = b""
         self._deferred = False  # reading paused by the work bound; resumes next turn
-        self._eof_pending = False  # the peer half-closed; handled once rbuf is
-        self._unpaid = 0  # bytes read but not charged to the budget yet (see _spend)
+        self._eof_pending = False  # the peer half-closed; handled once the reader's input is
+        self._unpaid = 0  # bytes read but not charged to the budget yet (see charge)
         self._body: list[bytes] = []
         self._body_size = 0
         self._body_limit = MAX_UNAUTHENTICATED_BODY_BYTES
@@ -301,11 +271,11 @@ class Connection(asyncio.Protocol):
 
     def _idle_timeout(self) -> None:
         self._idle_timer = None
-        if self.ws is None and not self._busy:
+        if self.reader is None and not self._busy:
             self._close_transport()
 
     def data_received(self, data: bytes) -> None:
-        if self.ws is None:
+        if self.reader is None:
             if self.linger is not None:
                 self.linger.data(len(data))
             elif self.http is not None:
@@ -318,18 +288,19 @@ class Connection(asyncio.Protocol):
             return
         # Bytes are charged with the frames they carry: one budget call per read.
         self._unpaid += len(data)
-        self.rbuf = self.rbuf + data if self.rbuf else data
+        reader = self.reader
+        reader.feed(data)
         if self.room is not None or self.closing:  # else admission pending: kept for joined()
             self._pump()
         if self._unpaid and not self.failed:  # no complete frame in this read
-            self._spend(0)
+            self.charge(0)
 
     def eof_received(self) -> bool | None:
         self._peer_eof = True
         if self.linger is not None:
             self.linger.eof()
             return True
-        if self.ws is None:
+        if self.reader is None:
             return None  # let the transport close
         if self.failed:
             return True  # our close frame is still to be written: flush() closes after it
@@ -479,7 +450,7 @@ class Connection(asyncio.Protocol):
         http, transport = self.http, self.transport
         assert http is not None and transport is not None
         cfg = self.ctx.cfg
-        handshake = ServerProtocol(max_size=cfg.max_frame, logger=_WS_LOGGER)
+        handshake = ServerProtocol(max_size=cfg.max_frame, logger=WS_LOGGER)
         response = handshake.accept(WsRequest(
             raw.target.decode("latin-1"),
             Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw.headers),
@@ -501,15 +472,13 @@ class Connection(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        self.ws = Protocol(Side.SERVER, state=OPEN, max_size=cfg.max_frame, logger=_WS_LOGGER)
+        self.reader = FrameReader(cfg.max_frame, cfg.max_fragments, bytes(trailing))
         self.budget = WireBudget(cfg.frame_rate, cfg.frame_burst, cfg.byte_rate, cfg.byte_burst,
                                  self.ctx.monotonic())
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
         transport.pause_reading()  # until admitted; frames wait in the kernel
-        self.fast = True
-        self.rbuf = bytes(trailing)
-        self._unpaid = len(self.rbuf)
+        self._unpaid = len(trailing)
         self.ctx.events.admit(self, request)
 
     def joined(self, room: RoomLink, conn_id: int, user: str, bucket: TokenBucket) -> None:
@@ -521,64 +490,31 @@ class Connection(asyncio.Protocol):
 
     # -- WebSocket phase -------------------------------------------------
     def _pump(self) -> None:
-        """Handle buffered input, at most MAX_FRAMES_PER_TURN frames; see the module docstring.
+        """Handle buffered input, at most MAX_FRAMES_PER_TURN frames (:class:`FrameReader`).
 
-        While fast: the common frames at the start of ``rbuf``. From the first
-        other frame on (and once closing), the websockets parser, fed in
-        slices. What the bound leaves waits, with reading paused, for the
-        next loop turn (:meth:`_resume_input`).
+        What the bound leaves waits, with reading paused, for the next loop
+        turn (:meth:`_resume_input`); the peer's EOF is handled once every
+        byte before it was.
         """
-        left = MAX_FRAMES_PER_TURN
-        if self.fast:
-            buf = self.rbuf
-            if not self.closing:
-                frames, used, slow = read_client_frames(buf, self.ctx.cfg.max_frame, left)
-                if frames:
-                    if not self._spend(len(frames)):
-                        return
-                    room = self.room
-                    assert room is not None  # not closing: admitted (see data_received)
-                    for head, payload in frames:
-                        if self.closing:  # an earlier frame closed us (4008): the rest is dropped
-                            break
-                        if head == HEAD_PONG:
-                            self.ping_outstanding = 0
-                        else:
-                            room.receive(self, payload, head == HEAD_TEXT)
-                    if self.failed:
-                        return
-                    left -= len(frames)
-                buf = buf[used:] if used else buf
-                if not (slow or self.closing or self._eof_pending):
-                    self.rbuf = buf
-                    if buf and not left:
-                        self._defer()  # complete frames wait for the next turn
-                    return
-            # The websockets parser takes over for the rest of the connection
-            # (another kind of frame, the closing handshake, or the peer's EOF).
-            self.rbuf, self.fast = buf, False
-        ws = self.ws
-        assert ws is not None
-        data, pos, n = self.rbuf, 0, len(self.rbuf)
-        while pos < n and left > 0 and not self.failed:
-            ws.receive_data(data[pos:pos + WS_FEED_SLICE])
-            pos += WS_FEED_SLICE
-            left -= self._after_ws_input()
+        reader = self.reader
+        assert reader is not None
+        left = reader.read(self, MAX_FRAMES_PER_TURN, eof=self._eof_pending)
         if self.failed:
-            self.rbuf = b""
             return
-        self.rbuf = data[pos:] if pos < n else b""
-        if self.rbuf:
+        if reader.fast:  # what is left is an incomplete frame, or frames past the bound
+            if reader.buf and not left:
+                self._defer()
+            return
+        if reader.buf:
             self._defer()
         elif self._eof_pending:
             self._eof_pending = False
-            ws.receive_eof()
-            self._after_ws_input()
+            reader.end(self)
             self.eof_after_flush = True  # the peer is gone: close once our frames are out
             self.ctx.writer.mark_dirty(self)
 
     def _defer(self) -> None:
-        """Pause reading; handle the rest of ``rbuf`` on the next loop turn."""
+        """Pause reading; handle the rest of the reader's input on the next loop turn."""
         if not self._deferred and self.transport is not None:
             self._deferred = True
             self.transport.pause_reading()
@@ -599,12 +535,12 @@ class Connection(asyncio.Protocol):
         """Read again after a pause by the room (a move's freeze ended without a release)."""
         if self.closed or self.failed or self.transport is None or self._deferred:
             return
-        if self.rbuf:
+        if self.reader is not None and self.reader.buf:
             self._resume_input()  # what a deferred turn left: handle it, then read
         else:
             self.transport.resume_reading()
 
-    def _spend(self, frames: int) -> bool:
+    def charge(self, frames: int) -> bool:
         """Charge ``frames`` and the unpaid bytes to the wire budget; False (and failed) when over."""
         budget, nbytes = self.budget, self._unpaid
         self._unpaid = 0
@@ -623,57 +559,19 @@ class Connection(asyncio.Protocol):
             return
         self.fail(CloseCode.POLICY, "too many frames or bytes")
 
-    def _after_ws_input(self) -> int:
-        """Handle the frames the websockets parser produced; their count (for the work bound)."""
-        ws = self.ws
-        assert ws is not None
-        events = ws.events_received()
+    # -- what the frame reader reports (FrameSink) ----------------------------
+    def on_message(self, payload: bytes, is_text: bool) -> None:
         room = self.room
-        if events and room is not None and not self.closing:
-            if not self._spend(len(events)):
-                return len(events)
-            for frame in events:
-                if self.closing:  # an earlier frame of this batch closed us (4008)
-                    break
-                op = frame.opcode
-                if op is _TEXT or op is _BINARY:
-                    if frame.fin:
-                        room.receive(self, frame.data, op is _TEXT)
-                    else:
-                        self.frag, self.frag_count = bytearray(frame.data), 1
-                        self.frag_text = op is _TEXT
-                elif op is _CONT:
-                    frag = self.frag
-                    if frag is not None:
-                        frag += frame.data
-                        self.frag_count += 1
-                        if not self._fragments_fit(frag):
-                            break
-                        if frame.fin:
-                            self.frag = None
-                            room.receive(self, bytes(frag), self.frag_text)
-                elif op is _PONG:
-                    self.ping_outstanding = 0
-        elif events and self.closing and not self._spend(len(events)):
-            return len(events)
-        self._take_ws_output()
-        return len(events)
+        assert room is not None  # not closing: admitted (see data_received)
+        room.receive(self, payload, is_text)
 
-    def _fragments_fit(self, frag: bytearray) -> bool:
-        """Bound one fragmented message: fragment count and payload + per-fragment overhead."""
-        cfg = self.ctx.cfg
-        if (self.frag_count <= cfg.max_fragments
-                and len(frag) + self.frag_count * FRAGMENT_OVERHEAD_BYTES <= cfg.max_frame):
-            return True
-        self.frag = None
-        self.fail(CloseCode.MESSAGE_TOO_BIG,
-                  f"over {cfg.max_fragments} fragments or {cfg.max_frame} bytes in one message")
-        return False
+    def on_pong(self) -> None:
+        self.ping_outstanding = 0
 
-    def _take_ws_output(self) -> None:
+    def take_output(self) -> None:
         """Queue what the sans-I/O protocol wants to write (pongs, close frames, EOF)."""
-        ws = self.ws
-        assert ws is not None
+        assert self.reader is not None
+        ws = self.reader.protocol
         for data in ws.data_to_send():
             if data:
                 self._push(data)
@@ -755,9 +653,10 @@ class Connection(asyncio.Protocol):
         ``now`` writes the close frame immediately instead of at the end of
         the turn (used when pending frames were dropped).
         """
-        ws, transport = self.ws, self.transport
-        if self.closed or ws is None or transport is None:
+        reader, transport = self.reader, self.transport
+        if self.closed or reader is None or transport is None:
             return
+        ws = reader.protocol
         if not transport.is_reading() and not self.failed and not self._deferred:
             transport.resume_reading()  # to read the peer's close frame
         self.closing = True
@@ -768,7 +667,7 @@ class Connection(asyncio.Protocol):
                     if data:
                         transport.write(data)
             else:
-                self._take_ws_output()
+                self.take_output()
         self.ctx.events.detach(self)
         asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._close_grace_over)
 
@@ -780,7 +679,7 @@ class Connection(asyncio.Protocol):
     def _end_input(self) -> None:
         """Parse nothing more; once the pending output is written, half-close and linger."""
         self.failed = self.closing = True
-        self.rbuf = b""
+        self._discard_input()
         self.eof_after_flush = True
         self.ctx.writer.mark_dirty(self)
 
@@ -794,7 +693,7 @@ class Connection(asyncio.Protocol):
         if self.closed or transport is None or self.linger is not None:
             return
         self.failed = self.closing = True
-        self.rbuf = b""
+        self._discard_input()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -808,18 +707,22 @@ class Connection(asyncio.Protocol):
         written at the end of the turn after every frame queued before it,
         then the connection lingers (see :meth:`_linger`).
         """
-        ws, transport = self.ws, self.transport
-        if self.closed or self.failed or ws is None or transport is None:
+        reader, transport = self.reader, self.transport
+        if self.closed or self.failed or reader is None or transport is None:
             return
         self.failed = True
-        self.rbuf = b""
+        reader.discard()
         transport.pause_reading()
         was_closing, self.closing = self.closing, True
-        ws.fail(code, reason)
-        self._take_ws_output()  # the close frame, then EOF: flush() closes the transport
+        reader.protocol.fail(code, reason)
+        self.take_output()  # the close frame, then EOF: flush() closes the transport
         self.ctx.events.detach(self)
         if not was_closing:
             asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._close_grace_over)
+
+    def _discard_input(self) -> None:
+        if self.reader is not None:
+            self.reader.discard()
 
     def abort(self) -> None:
         if not self.closed and self.transport is not None:

@@ -207,6 +207,7 @@ class LiveRoom:
             if verdict is Verdict.CLOSE:
                 conn.close(CloseCode.POLICY, "rate limit exceeded")
                 return
+            msg_id: str | None
             try:
                 msg_id = parse_client_frame(payload, is_text=is_text, max_text=1 << 30).id
             except FrameRejected as exc:

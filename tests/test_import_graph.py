@@ -23,7 +23,7 @@ SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
     ("shard.connection", "shard.writer", "shard.directory_client"),
     # pure: never awaits, never reads the clock, never touches a socket
     ("shard.room", "shard.frames", "shard.ratelimit", "shard.handoff", "shard.stats",
-     "shard.http", "shard.admission"),
+     "shard.http", "shard.admission", "shard.reader"),
 )
 
 
