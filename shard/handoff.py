@@ -13,11 +13,13 @@ are SERVING (or simply not loaded); the table holds only the exceptions::
                                               |
                                               +--discard(m)--> (absent)   (target side)
 
-- FROZEN: the room takes no sends (they are *held*, neither acked nor
-  broadcast) and refuses joins with 1013. ``abort`` hands the held sends back
-  to be sequenced normally; ``release`` drops them -- their senders are
-  closed with 4010 and resend the same ids to the new owner, where the
-  idempotency window (which travelled in the snapshot) makes that safe.
+- FROZEN: the room takes no sends and refuses joins with 1013. The shard
+  stops reading its members' sockets (``LiveRoom.freeze``), so their sends
+  wait unread in TCP buffers, neither acked nor broadcast. ``abort`` thaws
+  the room and they are sequenced normally; ``release`` drops the room --
+  its members are closed with 4010 and resend the unacked ids to the new
+  owner, where the idempotency window (which travelled in the snapshot)
+  makes that safe.
 - ADOPTED: the room exists here at ``E+1`` but is not served: the directory
   has not committed yet. A ticket that names this instance at exactly
   ``E+1`` proves the commit (the directory issues those only after it), so
@@ -54,7 +56,6 @@ from typing import Any
 from roomshard.protocol import CloseCode
 
 DEFAULT_TOMBSTONE_TTL_S = 3600.0  # > ticket TTL: no ticket from before a move outlives it
-DEFAULT_MAX_HELD = 1000  # sends held per frozen room before the sender is told to retry
 
 
 class Phase(str, Enum):
@@ -81,7 +82,6 @@ class Frozen:
     epoch: int  # the epoch the move reserved
     snapshot: dict[str, Any] | None  # None: the room was not in memory
     since: float
-    held: list[Any] = field(default_factory=list)  # opaque send items, in arrival order
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,17 +107,16 @@ class Admission:
     ``kind``: ``proceed`` (the normal path: serve if loaded, else ask the
     directory to open), ``activate`` (build the room from ``snapshot`` at
     ``epoch`` and serve it), ``unfrozen`` (the rollback is proven: set the
-    room's epoch to ``epoch``, sequence the ``held`` sends, then serve),
-    ``stale`` (drop the in-memory room, close its connections with
-    ``close_code`` 4010 -- the ``held`` sends are resent by their clients --
-    then take the normal path) or ``refuse`` (close with ``close_code``).
+    room's epoch to ``epoch`` and thaw it: the sends waiting unread are
+    sequenced, then serve), ``stale`` (drop the in-memory room, close its
+    connections with ``close_code`` 4010 -- they resend their unacked sends
+    -- then take the normal path) or ``refuse`` (close with ``close_code``).
     """
 
     kind: str
     close_code: int | None = None
     snapshot: dict[str, Any] | None = None
     epoch: int | None = None
-    held: list[Any] = field(default_factory=list)
 
 
 PROCEED = Admission("proceed")
@@ -129,7 +128,6 @@ class Handoffs:
 
     instance: str
     tombstone_ttl: float = DEFAULT_TOMBSTONE_TTL_S
-    max_held: int = DEFAULT_MAX_HELD
     frozen: dict[str, Frozen] = field(default_factory=dict)
     adopted: dict[str, Adopted] = field(default_factory=dict)
     tombstones: dict[str, Tombstone] = field(default_factory=dict)
@@ -158,33 +156,18 @@ class Handoffs:
             del self.tombstones[r]
         return len(gone)
 
-    def hold(self, room: str, item: Any) -> bool | None:
-        """Park a send that arrived while frozen.
-
-        None: the room is not frozen (sequence it normally). True: held, no
-        ack yet. False: the hold is full -- close the sender with 1013 so it
-        resends after reconnecting (nothing acked is at stake).
-        """
-        f = self.frozen.get(room)
-        if f is None:
-            return None
-        if len(f.held) >= self.max_held:
-            return False
-        f.held.append(item)
-        return True
-
     def admit(self, room: str, ticket_epoch: int, now: float) -> Admission:
         """Decide a join whose ticket is otherwise valid (signature, room, instance, once)."""
         f = self.frozen.get(room)
         if f is not None:
             if ticket_epoch == f.epoch:  # a ticket for us at the reserved epoch: rolled back
                 del self.frozen[room]
-                return Admission("unfrozen", epoch=ticket_epoch, held=f.held)
+                return Admission("unfrozen", epoch=ticket_epoch)
             if ticket_epoch > f.epoch:
                 # The room was placed here again since (after a loss elsewhere): this
                 # frozen copy is older than what others may have sequenced. Drop it.
                 del self.frozen[room]
-                return Admission("stale", close_code=int(CloseCode.ROOM_MOVED), held=f.held)
+                return Admission("stale", close_code=int(CloseCode.ROOM_MOVED))
             return Admission("refuse", close_code=int(CloseCode.TRY_AGAIN_LATER))
         a = self.adopted.get(room)
         if a is not None:
@@ -236,14 +219,13 @@ class Handoffs:
                 raise HandoffError("directory", "moved",
                                    f"room {room} left for {stone.to} at epoch {stone.epoch}")
             del self.tombstones[room]
-        held = f.held if f is not None else []
-        self.frozen[room] = Frozen(move_id, epoch, snapshot, now, held)
+        self.frozen[room] = Frozen(move_id, epoch, snapshot, now)
         return snapshot
 
     def abort(self, room: str, move_id: str, epoch: int) -> Admission:
         """Unfreeze after a rollback; the room serves on at ``epoch`` (the burnt one).
 
-        Returns ``unfrozen`` with the held sends to sequence now, or
+        Returns ``unfrozen`` (thaw the room), or
         ``proceed`` when there is nothing to undo (already aborted, never
         frozen, or frozen by a newer move). Raises HandoffError when this move
         was already released here: the directory committed it.
@@ -251,7 +233,7 @@ class Handoffs:
         f = self.frozen.get(room)
         if f is not None and f.move_id == move_id:
             del self.frozen[room]
-            return Admission("unfrozen", epoch=epoch, held=f.held)
+            return Admission("unfrozen", epoch=epoch)
         stone = self.tombstones.get(room)
         if stone is not None and stone.move_id == move_id:
             raise HandoffError("directory", "already_released",
@@ -259,13 +241,13 @@ class Handoffs:
         return PROCEED
 
     def release(self, room: str, move_id: str, to: str, epoch: int, now: float, *,
-                loaded_epoch: int | None = None) -> list[Any] | None:
+                loaded_epoch: int | None = None) -> bool:
         """The move committed: drop the room here and leave a tombstone.
 
-        Returns the held sends (dropped: their senders resend to the new
-        owner, possibly empty): the wiring closes the room's clients with
-        4010 and drops it if loaded. Returns None for a stale release (a later
-        move already touched the room here): do nothing. A repeat, or a
+        True: released -- the wiring closes the room's clients with 4010 (they
+        resend their unacked sends to the new owner) and drops it if loaded.
+        False for a stale release (a later move already touched the room
+        here): do nothing. A repeat, or a
         restarted shard that never had the room, just gets the tombstone.
         ``loaded_epoch`` is the epoch of the room this shard has in memory, if
         any: a room served here at the move's epoch or later (placed here
@@ -279,15 +261,15 @@ class Handoffs:
                                f"move {move_id} releases room {room} on its own target")
         stone = self.tombstone(room, now)
         if stone is not None and stone.epoch > epoch:
-            return None
+            return False
         f = self.frozen.get(room)
         if f is not None and f.move_id != move_id and f.epoch > epoch:
-            return None
+            return False
         if f is None and loaded_epoch is not None and loaded_epoch >= epoch:
-            return None
+            return False
         self.frozen.pop(room, None)
         self.tombstones[room] = Tombstone(move_id, to, epoch, now + self.tombstone_ttl)
-        return list(f.held) if f is not None else []
+        return True
 
     # -- target side -----------------------------------------------------
     def adopt(self, room: str, move_id: str, epoch: int, snapshot: dict[str, Any],

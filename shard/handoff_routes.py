@@ -215,12 +215,12 @@ class HandoffWiring:
             raise HttpError(400, "bad_request", "to must be an instance id")
         live = self.registry.get(name)
         try:
-            held = self.handoffs.release(name, body["move_id"], body["to"], body["epoch"],
-                                         self.clock(),
-                                         loaded_epoch=live.room.epoch if live is not None else None)
+            released = self.handoffs.release(
+                name, body["move_id"], body["to"], body["epoch"], self.clock(),
+                loaded_epoch=live.room.epoch if live is not None else None)
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
-        if held is None:
+        if not released:
             return {"closed": 0, "stale": True}
         closed = self.registry.close_room(name, CloseCode.ROOM_MOVED,
                                                  f"room moved to {body['to']}")

@@ -58,6 +58,8 @@ class SimShard:
         self.cluster = cluster
         self.handoffs = Handoffs(instance, tombstone_ttl=600.0)
         self.rooms: dict[str, Room] = {}
+        # Sends of a frozen room's members, unread (the real shard leaves them in TCP buffers).
+        self.unread: list[tuple[int, str, str]] = []
         self.conns: dict[int, SimClient] = {}
 
     # -- control calls ---------------------------------------------------------
@@ -74,11 +76,12 @@ class SimShard:
 
     def release(self, p: dict[str, Any]) -> dict[str, Any]:
         live = self.rooms.get(p["room"])
-        held = self.handoffs.release(p["room"], p["move_id"], p["to"], p["epoch"],
-                                     self.cluster.now,
-                                     loaded_epoch=live.epoch if live is not None else None)
-        if held is not None:
+        released = self.handoffs.release(p["room"], p["move_id"], p["to"], p["epoch"],
+                                         self.cluster.now,
+                                         loaded_epoch=live.epoch if live is not None else None)
+        if released:
             self.rooms.pop(p["room"], None)
+            self.unread.clear()  # their senders are closed: they resend to the new owner
             for conn_id, client in list(self.conns.items()):
                 del self.conns[conn_id]
                 client.closed(int(CloseCode.ROOM_MOVED))
@@ -87,26 +90,28 @@ class SimShard:
     def abort(self, p: dict[str, Any]) -> dict[str, Any]:
         adm = self.handoffs.abort(p["room"], p["move_id"], p["epoch"])
         if adm.kind == "unfrozen":
-            self._unfreeze(p["room"], adm.epoch, adm.held)
+            self._unfreeze(p["room"], adm.epoch)
         return {}
 
     def discard(self, p: dict[str, Any]) -> dict[str, Any]:
         self.handoffs.discard(p["room"], p["move_id"])
         return {}
 
-    def _unfreeze(self, name: str, epoch: int | None, held: list[Any]) -> None:
+    def _unfreeze(self, name: str, epoch: int | None) -> None:
         room = self.rooms.get(name)
         if room is None:
             return
         if epoch is not None:
             room.epoch = max(room.epoch, epoch)
-        for conn_id, msg_id, text in held:
+        unread, self.unread = self.unread, []
+        for conn_id, msg_id, text in unread:  # read at last, in order
             self._sequence(room, conn_id, msg_id, text)
 
     def crash(self) -> None:
         """A process restart: every in-memory thing is gone, clients see 1001."""
         self.handoffs = Handoffs(self.instance, tombstone_ttl=600.0)
         self.rooms.clear()
+        self.unread.clear()
         for conn_id, client in list(self.conns.items()):
             del self.conns[conn_id]
             client.closed(int(CloseCode.GOING_AWAY))
@@ -128,9 +133,10 @@ class SimShard:
             self.rooms[ticket.room] = Room.from_snapshot(
                 adm.snapshot, instance=self.instance, epoch=adm.epoch, owner_epoch=adm.epoch)
         elif adm.kind == "unfrozen":
-            self._unfreeze(ticket.room, adm.epoch, adm.held)
+            self._unfreeze(ticket.room, adm.epoch)
         elif adm.kind == "stale":
             self.rooms.pop(ticket.room, None)
+            self.unread.clear()
             for conn_id, other in list(self.conns.items()):
                 del self.conns[conn_id]
                 other.closed(int(adm.close_code or CloseCode.ROOM_MOVED))
@@ -150,10 +156,12 @@ class SimShard:
         return None
 
     def send(self, client: SimClient, msg_id: str, text: str) -> None:
-        held = self.handoffs.hold(ROOM, (client.conn_id, msg_id, text))
-        if held is None:
+        if ROOM in self.handoffs.frozen:
+            # The real shard stops reading a frozen room's sockets: the send waits
+            # unread in the TCP buffer, neither acked nor broadcast.
+            self.unread.append((client.conn_id, msg_id, text))
+        else:
             self._sequence(self.rooms[ROOM], client.conn_id, msg_id, text)
-        assert held is not False
 
     def _sequence(self, room: Room, conn_id: int, msg_id: str, text: str) -> None:
         client = self.conns.get(conn_id)

@@ -17,17 +17,16 @@ def room_with_messages() -> Room:
     return room
 
 
-def test_freeze_holds_sends_and_is_idempotent() -> None:
-    """Freeze returns the snapshot, holds sends; a repeat returns the same snapshot."""
+def test_freeze_is_idempotent() -> None:
+    """Freeze returns the snapshot; a repeat returns the same snapshot."""
     h = Handoffs("i1")
     room = room_with_messages()
     snap = h.freeze("r1", "m1", 5, room.snapshot(), now=10.0)
     assert snap is not None and snap["seq"] == 2
     assert h.phase("r1", 10.0) is Phase.FROZEN
-    assert h.hold("r1", ("conn", "a3", "three")) is True
     again = h.freeze("r1", "m1", 5, {"room": "r1", "changed": True}, now=11.0)
     assert again is snap
-    assert h.hold("other-room", "x") is None  # not frozen: sequence normally
+    assert h.phase("other-room", 10.0) is Phase.SERVING
 
 
 def test_a_delayed_freeze_of_a_settled_move_is_refused() -> None:
@@ -43,33 +42,23 @@ def test_a_delayed_freeze_of_a_settled_move_is_refused() -> None:
     assert h.freeze("r1", "m2", 6, room.snapshot(), now=2.0) is not None
 
 
-def test_hold_is_bounded() -> None:
-    """Past max_held the shard is told to close the sender (it will resend)."""
-    h = Handoffs("i1", max_held=2)
-    h.freeze("r1", "m1", 5, None, now=0.0)
-    assert h.hold("r1", 1) and h.hold("r1", 2)
-    assert h.hold("r1", 3) is False
-
-
 def test_freeze_by_another_move_is_refused_unless_newer() -> None:
     """A second move at the same epoch is refused; a newer epoch supersedes a leftover."""
     h = Handoffs("i1")
     h.freeze("r1", "m1", 5, None, now=0.0)
-    h.hold("r1", "held")
     with pytest.raises(HandoffError) as err:
         h.freeze("r1", "m2", 5, None, now=0.0)
     assert err.value.code == "moving" and err.value.who == "directory"
     h.freeze("r1", "m3", 6, None, now=0.0)
-    assert h.frozen["r1"].move_id == "m3" and h.frozen["r1"].held == ["held"]
+    assert h.frozen["r1"].move_id == "m3" and h.frozen["r1"].epoch == 6
 
 
-def test_abort_unfreezes_at_the_burnt_epoch_and_returns_held_sends() -> None:
-    """abort() gives back the held sends and the epoch to serve at; repeats are no-ops."""
+def test_abort_unfreezes_at_the_burnt_epoch() -> None:
+    """abort() gives the epoch to serve at (the room is thawed); repeats are no-ops."""
     h = Handoffs("i1")
     h.freeze("r1", "m1", 5, None, now=0.0)
-    h.hold("r1", "s1")
     adm = h.abort("r1", "m1", 5)
-    assert adm.kind == "unfrozen" and adm.epoch == 5 and adm.held == ["s1"]
+    assert adm.kind == "unfrozen" and adm.epoch == 5
     assert h.phase("r1", 0.0) is Phase.SERVING
     assert h.abort("r1", "m1", 5).kind == "proceed"
 
@@ -78,9 +67,8 @@ def test_release_tombstones_and_stale_tickets_get_4004() -> None:
     """After release the room is gone; tickets below the move's epoch are refused until expiry."""
     h = Handoffs("i1", tombstone_ttl=100.0)
     h.freeze("r1", "m1", 5, None, now=0.0)
-    h.hold("r1", "s1")
-    assert h.release("r1", "m1", "i2", 5, now=1.0) == ["s1"]
-    assert h.release("r1", "m1", "i2", 5, now=2.0) == []  # repeat: nothing left to drop
+    assert h.release("r1", "m1", "i2", 5, now=1.0) is True
+    assert h.release("r1", "m1", "i2", 5, now=2.0) is True  # a repeat: the same tombstone
     assert h.phase("r1", 2.0) is Phase.RELEASED
     adm = h.admit("r1", 4, now=50.0)
     assert adm.kind == "refuse" and adm.close_code == CloseCode.NOT_OWNER
@@ -101,7 +89,7 @@ def test_abort_after_release_blames_the_directory() -> None:
 def test_release_on_a_restarted_source_still_leaves_a_tombstone() -> None:
     """A shard that never had the room records the tombstone anyway."""
     h = Handoffs("i1")
-    assert h.release("r1", "m1", "i2", 5, now=0.0) == []
+    assert h.release("r1", "m1", "i2", 5, now=0.0) is True
     assert h.admit("r1", 4, now=1.0).close_code == CloseCode.NOT_OWNER
 
 
@@ -152,19 +140,17 @@ def test_frozen_room_refuses_joins_until_a_ticket_proves_the_rollback() -> None:
     """A join at the old epoch gets 1013; a ticket at the reserved epoch unfreezes."""
     h = Handoffs("i1")
     h.freeze("r1", "m1", 5, None, now=0.0)
-    h.hold("r1", "s1")
     assert h.admit("r1", 4, now=0.0).close_code == CloseCode.TRY_AGAIN_LATER
     adm = h.admit("r1", 5, now=0.0)
-    assert adm.kind == "unfrozen" and adm.held == ["s1"] and adm.epoch == 5
+    assert adm.kind == "unfrozen" and adm.epoch == 5
 
 
 def test_frozen_copy_is_dropped_when_a_newer_epoch_places_the_room_here() -> None:
     """A ticket above the reserved epoch means the frozen copy is stale: drop it, 4010."""
     h = Handoffs("i1")
     h.freeze("r1", "m1", 5, None, now=0.0)
-    h.hold("r1", "s1")
     adm = h.admit("r1", 7, now=0.0)
-    assert adm.kind == "stale" and adm.close_code == CloseCode.ROOM_MOVED and adm.held == ["s1"]
+    assert adm.kind == "stale" and adm.close_code == CloseCode.ROOM_MOVED
     assert h.phase("r1", 0.0) is Phase.SERVING
 
 
