@@ -16,6 +16,7 @@ from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view
 from roomshard.protocol import valid_room_id
+from roomshard.wire import internal
 
 OPEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CONFIRM = 100_000  # rooms one heartbeat may ask to confirm (a shard's max)
@@ -48,7 +49,7 @@ async def leave(request: Request, ctx: Directory) -> Response:
     subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
     instance = instance_param(request.path_params["instance"])
     check_acting_for(subject, instance)
-    body = decode(await read_body(request), schemas.LeaveBody, empty_ok=True)
+    body = decode(await read_body(request), internal.LeaveBody, empty_ok=True)
     if await ctx.store.get_instance(instance) is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
     drain = body.drain and handoff.has_drain()
@@ -67,7 +68,7 @@ async def open_room(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
     subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
     room = room_param(request.path_params["room"])
-    body = decode(await read_body(request), schemas.OpenBody)
+    body = decode(await read_body(request), internal.OpenBody)
     instance = instance_param(body.instance)
     check_acting_for(subject, instance)
     if body.open_id is not None and not OPEN_ID_RE.fullmatch(body.open_id):
@@ -80,16 +81,16 @@ async def open_room(request: Request, ctx: Directory) -> Response:
                 and body.ticket_epoch >= current["owner_epoch"] and current["state"] == "moving"):
             raise Conflict("moving", f"room {room} is moving")
         raise Conflict("not_owner", f"{instance} does not own room {room} at that epoch")
-    return json_response({
-        "room": row["room"],
-        "instance": row["instance"],
-        "epoch": row["epoch"],
-        "owner_epoch": row["owner_epoch"],
-        "seq_base": row["seq_base"],
-        "lost": row["seq_base"] != 0,
-        "private": bool(row["private"]),
-        "members": list(row["members"]) if row["members"] is not None else None,
-    })
+    return json_response(internal.OpenGrant(
+        room=row["room"],
+        instance=row["instance"],
+        epoch=row["epoch"],
+        owner_epoch=row["owner_epoch"],
+        seq_base=row["seq_base"],
+        lost=row["seq_base"] != 0,
+        private=bool(row["private"]),
+        members=list(row["members"]) if row["members"] is not None else None,
+    ))
 
 
 _I = "/v1/internal/instances/{instance:path}"
@@ -100,9 +101,9 @@ ROUTES = [
              errors=(400, 401, 403, 409)),
     ApiRoute("POST", _I + "/leave", "leave", leave,
              "A shard stops cleanly: no new placements, optionally drain", "internal",
-             auth="cluster", body=schemas.LeaveBody, response=schemas.DrainReport,
+             auth="cluster", body=internal.LeaveBody, response=schemas.DrainReport,
              errors=(400, 401, 403, 404)),
     ApiRoute("POST", "/v1/internal/rooms/{room:path}/open", "open_room", open_room,
              "A shard asks before it creates a room in memory", "internal", auth="cluster",
-             body=schemas.OpenBody, response=schemas.OpenResponse, errors=(400, 401, 403, 409)),
+             body=internal.OpenBody, response=internal.OpenGrant, errors=(400, 401, 403, 409)),
 ]

@@ -54,8 +54,8 @@ async def openapi(request: Request, ctx: Directory) -> Response:
     return Response(doc, media_type="application/json")
 
 
-_INLINE = {"script": re.compile(r"<script>(.*?)</script>", re.S),
-           "style": re.compile(r"<style>(.*?)</style>", re.S)}
+_INLINE = {"script": re.compile(r"<script>(.*?)</script>", re.DOTALL),
+           "style": re.compile(r"<style>(.*?)</style>", re.DOTALL)}
 
 
 def content_security_policy(page: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
-I = TypeVar("I")  # noqa: E741  # an item
+I = TypeVar("I")  # an item
 
 RunBatch = Callable[[K, list[I]], Awaitable[list[Any]]]
 

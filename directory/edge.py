@@ -61,7 +61,8 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 def json_response(data: Any, status: int = 200, *, no_store: bool = False) -> Response:
     """``no_store`` for bodies carrying a credential (a ticket must not sit in a cache)."""
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+    return Response(orjson.dumps(data, default=msgspec.to_builtins), status_code=status,
+                    media_type="application/json",
                     headers=_NO_STORE if no_store else None)
 
 

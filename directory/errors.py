@@ -18,8 +18,9 @@ at the HTTP boundary (see ``directory.edge``), never shown as a traceback.
 
 from __future__ import annotations
 
-import orjson
 from starlette.responses import Response
+
+from roomshard.wire.errors import error_body
 
 RETRY_AFTER_S = 1
 
@@ -86,10 +87,6 @@ class Unavailable(ApiError):
 class NotImplementedYet(ApiError):
     status = 501
     code = "not_implemented"
-
-
-def error_body(code: str, message: str) -> bytes:
-    return orjson.dumps({"error": {"code": code, "message": message}})
 
 
 def error_response(status: int, code: str, message: str, *,

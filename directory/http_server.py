@@ -35,8 +35,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from directory.errors import error_body
 from roomshard.linger import Linger, LingerLimits, LingerPool
+from roomshard.wire.errors import error_body
 
 #: Longest request head (request line + headers) the directory reads; like the shard's.
 MAX_HEAD_BYTES = 16 * 1024

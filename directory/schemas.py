@@ -7,7 +7,9 @@ document's JSON Schemas. Responses are built as plain dicts on the hot path
 (encoded with orjson); tests check that every response converts to its Struct.
 
 Internal (shard -> directory) bodies ignore unknown fields so that shards and
-directories can be upgraded one at a time.
+directories can be upgraded one at a time; those the shard builds or reads
+too are defined once in :mod:`roomshard.wire.internal` (the error body in
+:mod:`roomshard.wire.errors`).
 
 ``internal_url`` and ``public_base`` are checked at decoding, in the admin
 PUT and in a shard's heartbeat alike (``roomshard.urls``: scheme, host, port
@@ -35,16 +37,6 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Lenient(msgspec.Struct, kw_only=True):
     pass
-
-
-# -- errors ------------------------------------------------------------------
-class ErrorDetail(Lenient):
-    code: str
-    message: str
-
-
-class ErrorBody(Lenient):
-    error: ErrorDetail
 
 
 # -- clients -----------------------------------------------------------------
@@ -217,28 +209,6 @@ class HeartbeatResponse(Lenient):
     down_after: float
     # Of the body's ``confirm``: the rooms still assigned to this instance at that epoch.
     owned: list[str] | None = None
-
-
-class LeaveBody(Lenient):
-    drain: bool = False
-
-
-class OpenBody(Lenient):
-    instance: str
-    ticket_epoch: int
-    # Same id on a retry of an open whose answer was lost: the same grant, no new epoch.
-    open_id: str | None = None
-
-
-class OpenResponse(Lenient):
-    room: str
-    instance: str
-    epoch: int
-    owner_epoch: int
-    seq_base: int
-    lost: bool
-    private: bool
-    members: list[str] | None
 
 
 # -- everyone ----------------------------------------------------------------

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 
 from roomshard.tickets import DIRECTORY, Signer
+from roomshard.wire.internal import LeaveBody, OpenBody, OpenGrant
 
 REQUEST_TIMEOUT_S = 3.0
 
@@ -41,19 +42,6 @@ class DirectoryRefused(DirectoryError):
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class OpenGrant:
-    """The directory's answer to ``open``: who owns the room and where its seq starts."""
-
-    room: str
-    epoch: int
-    owner_epoch: int
-    seq_base: int
-    lost: bool
-    private: bool
-    members: list[str] | None
 
 
 class DirectoryClient:
@@ -92,22 +80,17 @@ class DirectoryClient:
         """Ask to create ``room`` in memory; raises :class:`DirectoryError`.
 
         ``open_id``: the same on a retry of an open whose answer was lost."""
-        body: dict[str, Any] = {"instance": self.instance, "ticket_epoch": ticket_epoch}
-        if open_id is not None:
-            body["open_id"] = open_id
-        data = await self._call("POST", f"/v1/internal/rooms/{room}/open", body)
+        body = OpenBody(instance=self.instance, ticket_epoch=ticket_epoch, open_id=open_id)
+        data = await self._call("POST", f"/v1/internal/rooms/{room}/open", msgspec.to_builtins(body))
         try:
-            return OpenGrant(room=data["room"], epoch=int(data["epoch"]),
-                             owner_epoch=int(data["owner_epoch"]), seq_base=int(data["seq_base"]),
-                             lost=bool(data["lost"]), private=bool(data.get("private", False)),
-                             members=data.get("members"))
-        except (KeyError, TypeError, ValueError) as exc:
+            return msgspec.convert(data, OpenGrant)
+        except msgspec.ValidationError as exc:
             raise DirectoryUnavailable(f"malformed open answer: {exc}") from exc
 
     async def leave(self, *, drain: bool, timeout: float | None = None) -> dict[str, Any]:
         """Tell the directory this instance stops; raises :class:`DirectoryError`."""
         return await self._call("POST", f"/v1/internal/instances/{self.instance}/leave",
-                                {"drain": drain}, timeout)
+                                msgspec.to_builtins(LeaveBody(drain=drain)), timeout)
 
     async def _call(self, method: str, path: str, body: dict[str, Any],
                     timeout: float | None = None) -> dict[str, Any]:

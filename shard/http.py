@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from roomshard.wire.errors import error_body
+
 log = logging.getLogger("roomshard.shard.http")
 
 MAX_BODY_BYTES = 8 << 20  # a handoff snapshot of 1,000 long messages fits
@@ -77,8 +79,7 @@ def json_response(obj: Any, status: int = 200) -> HttpResponse:
 
 def error_response(status: int, code: str, message: str,
                    headers: list[tuple[str, str]] | None = None) -> HttpResponse:
-    return HttpResponse(status, orjson.dumps({"error": {"code": code, "message": message}}),
-                        headers=list(headers or []))
+    return HttpResponse(status, error_body(code, message), headers=list(headers or []))
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]

@@ -104,3 +104,23 @@ def test_shard_imports_point_down(graph):
     upward = [(m, imported) for m in rank for imported in graph.find_modules_directly_imported_by(m)
               if imported in rank and rank[imported] < rank[m]]
     assert upward == [], "a shard module imports a layer above its own"
+
+
+def test_the_wire_package_is_the_bottom(graph):
+    """What crosses the wire is defined below both services: it imports none of ours."""
+    wire = {"roomshard.wire", *graph.find_descendants("roomshard.wire")}
+    assert len(wire) >= 3
+    outside = [(m, imported) for m in wire for imported in graph.find_modules_directly_imported_by(m)
+               if imported not in wire]
+    assert outside == []
+
+
+def test_both_services_use_the_wire_definitions(graph):
+    """One definition per body: the shard and the directory both import them."""
+    assert graph.direct_import_exists(importer="shard.directory_client",
+                                      imported="roomshard.wire.internal")
+    assert graph.direct_import_exists(importer="directory.api_internal",
+                                      imported="roomshard.wire.internal")
+    assert graph.direct_import_exists(importer="shard.http", imported="roomshard.wire.errors")
+    assert graph.direct_import_exists(importer="directory.errors",
+                                      imported="roomshard.wire.errors")

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from directory import schemas
+from roomshard.wire import internal
 from tests.directory.conftest import ADMIN, Harness, cluster_headers
 
 
@@ -113,7 +114,7 @@ async def test_open_first_then_lost_state_bumps_epoch(h: Harness) -> None:
     await h.connect("r")
     r = await open_room(h, "r", "i1", 1)
     assert r.status_code == 200, r.text
-    body = msgspec.convert(r.json(), schemas.OpenResponse)
+    body = msgspec.convert(r.json(), internal.OpenGrant)
     assert (body.epoch, body.owner_epoch, body.seq_base, body.lost) == (1, 1, 0, False)
     again = (await open_room(h, "r", "i1", 1)).json()
     assert (again["epoch"], again["owner_epoch"], again["seq_base"], again["lost"]) == (2, 1, 2 << 32, True)

@@ -6,12 +6,8 @@ import httpx
 import pytest
 
 from roomshard.tickets import Signer
-from shard.directory_client import (
-    DirectoryClient,
-    DirectoryRefused,
-    DirectoryUnavailable,
-    OpenGrant,
-)
+from roomshard.wire.internal import OpenGrant
+from shard.directory_client import DirectoryClient, DirectoryRefused, DirectoryUnavailable
 
 SECRET = "s3cret"
 
@@ -37,7 +33,8 @@ async def test_open_sends_instance_epoch_and_cluster_token():
     dc = client(handler)
     grant = await dc.open_room("r", 3)
     await dc.aclose()
-    assert grant == OpenGrant("r", 4, 3, 4 << 32, True, False, None)
+    assert grant == OpenGrant(room="r", instance="i3", epoch=4, owner_epoch=3, seq_base=4 << 32,
+                              lost=True, private=False, members=None)
     assert seen == {"path": "/v1/internal/rooms/r/open",
                     "body": b'{"instance":"i3","ticket_epoch":3}', "sub": "i3"}
 
