@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any
 
 import httpx
+import msgspec
 import orjson
 from sqlalchemy import exc as sa_exc
 
@@ -54,8 +55,10 @@ from directory.moves import (
     recover,
     report,
 )
+from roomshard.wire.internal import HANDOFF_CALLS, HandoffBatch, HandoffCall
 
 log = logging.getLogger("roomshard.directory.moves")
+_encode = msgspec.json.Encoder().encode
 
 CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per try
 # A driver's lease on its moves, renewed every RENEW_EVERY_S while it drives them: a few
@@ -87,7 +90,7 @@ class Mover:
         self.db: Batcher[str, Any] = Batcher(
             self._db_batch, max_batch=DB_BATCH,
             on_batch=lambda kind, n: metrics.batch(f"db_{kind}", n))
-        self.calls: Batcher[tuple[str, str], dict[str, Any]] = Batcher(
+        self.calls: Batcher[tuple[str, str], HandoffCall] = Batcher(
             self._call_batch, max_batch=lambda key: ADOPT_BATCH if key[1] == "adopt" else CALL_BATCH,
             on_batch=lambda key, n: metrics.batch(key[1], n))
 
@@ -230,7 +233,7 @@ class Mover:
     async def _perform(self, move: Move, a: Action) -> Event:
         if a.delay_s:
             await asyncio.sleep(a.delay_s)
-        p, tok, now = a.payload, a.token, self.ctx.clock()
+        p, tok = a.payload, a.token
         try:
             if a.call == "commit_db":
                 ok = await self.db.submit("commit", move)
@@ -242,15 +245,11 @@ class Mover:
             kind = "commit" if a.call == "commit_db" else "rollback"
             return Event(f"{kind}_failed", tok, {"error": f"database: {exc.__class__.__name__}"})
         kind = a.call.removeprefix("call_")
-        body: dict[str, Any] = {"move_id": p["move_id"]}
-        if kind in ("freeze", "adopt", "release", "abort"):
-            body["epoch"] = p["epoch"]
-        if kind == "adopt":
-            body["snapshot"] = p["snapshot"]
-        if kind == "release":
-            body["to"] = p["to"]
+        spec = HANDOFF_CALLS[kind]
+        # The call's fields from the action's payload (the room goes in the batch item).
+        call = spec(room=p["room"], **{f: p[f] for f in spec.__struct_fields__ if f != "room"})
         assert a.instance is not None
-        status, answer = await self._shard_call(a.instance, p["room"], kind, body)
+        status, answer = await self._shard_call(a.instance, kind, call)
         if status == 200:
             return Event(f"{kind}_ok", tok, answer if isinstance(answer, dict) else {})
         if kind == "release" and await self._gone(a.instance):
@@ -280,13 +279,12 @@ class Mover:
             url = self._urls[instance] = row["internal_url"]
         return url
 
-    async def _shard_call(self, instance: str, room: str, kind: str,
-                          body: dict[str, Any]) -> tuple[int, Any]:
+    async def _shard_call(self, instance: str, kind: str, call: HandoffCall) -> tuple[int, Any]:
         """One handoff call, batched with the same calls of this loop turn: (status, answer)."""
-        answer: tuple[int, Any] = await self.calls.submit((instance, kind), {"room": room, **body})
+        answer: tuple[int, Any] = await self.calls.submit((instance, kind), call)
         return answer
 
-    async def _call_batch(self, key: tuple[str, str], items: list[dict[str, Any]]
+    async def _call_batch(self, key: tuple[str, str], items: list[HandoffCall]
                           ) -> list[tuple[int, Any]]:
         """``POST /internal/handoffs/<kind>`` with every item; per-room calls to a shard
         without that route (an older version mid-upgrade)."""
@@ -299,7 +297,8 @@ class Mover:
             return [(0, "instance not registered")] * len(items)
         if base not in self._no_batch:
             status, answer = await self._post(instance, f"{base}/internal/handoffs/{kind}",
-                                              {"items": items}, CALL_TIMEOUT_S + 0.02 * len(items))
+                                              HandoffBatch(items=list(items)),
+                                              CALL_TIMEOUT_S + 0.02 * len(items))
             if status == 200:
                 return _batch_answers(answer, len(items))
             if status != 404:
@@ -307,19 +306,19 @@ class Mover:
             self._no_batch.add(base)
             log.info("shard %s has no batch handoff route: calling room by room", instance)
 
-        async def one(item: dict[str, Any]) -> tuple[int, Any]:
-            body = {k: v for k, v in item.items() if k != "room"}
-            return await self._post(instance, f"{base}/internal/rooms/{item['room']}/{kind}",
+        async def one(item: HandoffCall) -> tuple[int, Any]:
+            body = msgspec.structs.replace(item, room=None)  # the room goes in the path
+            return await self._post(instance, f"{base}/internal/rooms/{item.room}/{kind}",
                                     body, CALL_TIMEOUT_S)
 
         return list(await asyncio.gather(*(one(i) for i in items)))
 
-    async def _post(self, instance: str, url: str, body: dict[str, Any],
+    async def _post(self, instance: str, url: str, body: HandoffCall | HandoffBatch,
                     timeout: float) -> tuple[int, Any]:
         try:
-            # orjson both ways: a snapshot carries up to the whole history (1,000 messages).
+            # Encoded in one pass (a snapshot carries up to the whole history), no copy first.
             resp = await self.ctx.shards.http.post(
-                url, content=orjson.dumps(body), timeout=timeout,
+                url, content=_encode(body), timeout=timeout,
                 headers={**self.ctx.shards.headers(instance), "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now,

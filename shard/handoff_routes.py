@@ -25,11 +25,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from roomshard.config import ShardConfig
 from roomshard.protocol import CloseCode, instance_number, valid_room_id
 from roomshard.tickets import Ticket
+from roomshard.wire.internal import (
+    HANDOFF_CALLS,
+    Abort,
+    Adopt,
+    Commit,
+    Discard,
+    Freeze,
+    HandoffBatch,
+    HandoffCall,
+    Release,
+)
 from shard.directory_client import DirectoryClient, DirectoryError
 from shard.handoff import Admission, HandoffError, Handoffs
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, json_response
@@ -38,6 +51,7 @@ from shard.room import SNAPSHOT_VERSION, Room
 from shard.routes import DirectoryAuth, room_param
 
 log = logging.getLogger("roomshard.shard.handoff")
+C = TypeVar("C", bound=HandoffCall | HandoffBatch)
 # What Room.from_snapshot reads: checked at adopt time (building the room there would cost
 # the pause a second full copy of the history).
 SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "seq",
@@ -45,29 +59,14 @@ SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "
                            "private", "allowed"})
 
 
-def _fields(body: Any, required: dict[str, type], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Check one call's JSON object: no unknown fields, every required one of its type."""
-    if not isinstance(body, dict):
-        raise HttpError(400, "bad_request", "body must be a JSON object")
-    unknown = set(body) - set(required) - set(optional)
-    if unknown:
-        raise HttpError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
-    for name, kind in required.items():
-        value = body.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-            raise HttpError(400, "bad_request", f"{name} must be a {kind.__name__}")
-    return body
+def _decode(body: Any, kind: type[C]) -> C:
+    """One call's JSON object as its typed body; HttpError 400 when it is not one."""
+    try:
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as exc:
+        raise HttpError(400, "bad_request", str(exc)) from None
 
 
-#: Each call's body fields (the room comes from the path, or ``room`` in a batch item).
-FIELDS: dict[str, dict[str, type]] = {
-    "freeze": {"move_id": str, "epoch": int},
-    "adopt": {"move_id": str, "epoch": int, "snapshot": dict},
-    "commit": {"move_id": str},
-    "release": {"move_id": str, "to": str, "epoch": int},
-    "abort": {"move_id": str, "epoch": int},
-    "discard": {"move_id": str},
-}
 #: Items per batch request: a drain's calls arrive in groups of its parallelism.
 MAX_BATCH = 256
 
@@ -86,7 +85,7 @@ class HandoffWiring:
 
     def install(self, router: Router) -> None:
         """Add the handoff routes."""
-        for kind in FIELDS:
+        for kind in HANDOFF_CALLS:
             router.add("POST", f"/internal/rooms/{{room}}/{kind}", self.route(kind))
         router.add("POST", "/internal/handoffs/{kind}", self.batch)
         router.add("GET", "/internal/handoffs", self.state)
@@ -139,7 +138,10 @@ class HandoffWiring:
         async def one(req: HttpRequest) -> HttpResponse:
             self.auth.require(req)
             name = room_param(req)
-            return json_response(op(name, _fields(req.json(), FIELDS[kind])))
+            call = _decode(req.json(), HANDOFF_CALLS[kind])
+            if call.room is not None:  # the room is the path's
+                raise HttpError(400, "bad_request", "Object contains unknown field `room`")
+            return json_response(op(name, call))
 
         return one
 
@@ -151,29 +153,29 @@ class HandoffWiring:
         in item order; a bad item fails alone."""
         self.auth.require(req)
         kind = req.params["kind"]
-        if kind not in FIELDS:
+        spec = HANDOFF_CALLS.get(kind)
+        if spec is None:
             raise HttpError(404, "not_found", f"no handoff call {kind!r}")
-        body = _fields(req.json(), {"items": list})
-        items = body["items"]
+        items = _decode(req.json(), HandoffBatch).items
         if len(items) > MAX_BATCH:
             raise HttpError(400, "bad_request", f"at most {MAX_BATCH} items per batch")
-        op, spec = getattr(self, kind), FIELDS[kind]
+        op = getattr(self, kind)
         results: list[dict[str, Any]] = []
         for item in items:
             try:
-                fields = dict(_fields(item, spec, ("room",)))
-                name = fields.pop("room", None)
-                if not isinstance(name, str) or not valid_room_id(name):
+                call = _decode(item, spec)
+                name = call.room
+                if name is None or not valid_room_id(name):
                     raise HttpError(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
-                results.append({"status": 200, "body": op(name, fields)})
+                results.append({"status": 200, "body": op(name, call)})
             except HttpError as exc:
                 results.append({"status": exc.status,
                                 "error": {"code": exc.code, "message": exc.message}})
         return json_response({"results": results})
 
-    def freeze(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    def freeze(self, name: str, body: Freeze) -> dict[str, Any]:
         adopted = self.handoffs.adopted.get(name)
-        if adopted is not None and body["epoch"] > adopted.epoch:
+        if adopted is not None and body.epoch > adopted.epoch:
             # The directory reserves a later epoch for a room here only once it owns it
             # here: the adoption was committed, no member has come back yet. Serve it.
             self.handoffs.commit(name, adopted.move_id)
@@ -183,7 +185,7 @@ class HandoffWiring:
         if live is not None and live.frozen and name not in self.handoffs.frozen:
             raise HttpError(409, "moving", f"room {name} is frozen")
         try:
-            snap = self.handoffs.freeze(name, body["move_id"], body["epoch"], snapshot,
+            snap = self.handoffs.freeze(name, body.move_id, body.epoch, snapshot,
                                         self.clock())
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
@@ -191,52 +193,52 @@ class HandoffWiring:
             live.freeze()  # same loop turn as the snapshot: nothing is sequenced in between
         return {"snapshot": snap}
 
-    def adopt(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        missing = SNAPSHOT_KEYS - set(body["snapshot"])
-        if body["snapshot"].get("version") != SNAPSHOT_VERSION or missing:
+    def adopt(self, name: str, body: Adopt) -> dict[str, Any]:
+        missing = SNAPSHOT_KEYS - set(body.snapshot)
+        if body.snapshot.get("version") != SNAPSHOT_VERSION or missing:
             raise HttpError(400, "bad_snapshot", f"not a version {SNAPSHOT_VERSION} room snapshot"
                             + (f" (missing {', '.join(sorted(missing))})" if missing else ""))
         try:
-            self.handoffs.adopt(name, body["move_id"], body["epoch"], body["snapshot"],
+            self.handoffs.adopt(name, body.move_id, body.epoch, body.snapshot,
                                 loaded=self.registry.get(name) is not None,
                                 now=self.clock())
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         return {}
 
-    def commit(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        adopted = self.handoffs.commit(name, body["move_id"])
+    def commit(self, name: str, body: Commit) -> dict[str, Any]:
+        adopted = self.handoffs.commit(name, body.move_id)
         if adopted is not None:
             self._activate(name, adopted.snapshot, adopted.epoch)
         return {"activated": adopted is not None}
 
-    def release(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        if instance_number(body["to"]) is None:
+    def release(self, name: str, body: Release) -> dict[str, Any]:
+        if instance_number(body.to) is None:
             raise HttpError(400, "bad_request", "to must be an instance id")
         live = self.registry.get(name)
         try:
             released = self.handoffs.release(
-                name, body["move_id"], body["to"], body["epoch"], self.clock(),
+                name, body.move_id, body.to, body.epoch, self.clock(),
                 loaded_epoch=live.room.epoch if live is not None else None)
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if not released:
             return {"closed": 0, "stale": True}
         closed = self.registry.close_room(name, CloseCode.ROOM_MOVED,
-                                                 f"room moved to {body['to']}")
+                                                 f"room moved to {body.to}")
         return {"closed": closed}
 
-    def abort(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    def abort(self, name: str, body: Abort) -> dict[str, Any]:
         try:
-            adm = self.handoffs.abort(name, body["move_id"], body["epoch"])
+            adm = self.handoffs.abort(name, body.move_id, body.epoch)
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if adm.kind == "unfrozen":
             self._unfreeze(name, adm)
         return {"unfrozen": adm.kind == "unfrozen"}
 
-    def discard(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"discarded": self.handoffs.discard(name, body["move_id"])}
+    def discard(self, name: str, body: Discard) -> dict[str, Any]:
+        return {"discarded": self.handoffs.discard(name, body.move_id)}
 
     async def leave_with_drain(self, budget: float) -> None:
         """SIGTERM: ask the directory to live-move every room away while we still serve."""

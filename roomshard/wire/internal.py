@@ -8,6 +8,8 @@ decoding error on the reading side.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -44,3 +46,55 @@ class LeaveBody(Body):
     """``POST /v1/internal/instances/{id}/leave``: the shard stops (``drain``: move rooms first)."""
 
     drain: bool = False
+
+
+# -- directory -> shard: the live handoff (docs/HANDOFF.md) ------------------------
+class HandoffCall(Body, forbid_unknown_fields=True, omit_defaults=True):
+    """One handoff call: ``POST /internal/rooms/{room}/<kind>`` with the room in the path,
+    or an item of ``POST /internal/handoffs/<kind>`` with ``room`` set.
+
+    A shard refuses fields it does not know (400): a call it misread could
+    move a room wrongly.
+    """
+
+    move_id: str
+    room: str | None = None  # in a batch item only
+
+
+class Freeze(HandoffCall, kw_only=True):
+    epoch: int  # the epoch the move reserved
+
+
+class Adopt(HandoffCall, kw_only=True):
+    epoch: int
+    snapshot: dict[str, Any]  # Room.snapshot() of the source
+
+
+class Commit(HandoffCall):
+    pass
+
+
+class Release(HandoffCall, kw_only=True):
+    to: str  # the instance the room moved to
+    epoch: int
+
+
+class Abort(HandoffCall, kw_only=True):
+    epoch: int  # the burnt epoch the room serves on at
+
+
+class Discard(HandoffCall):
+    pass
+
+
+#: The calls by the name in their route.
+HANDOFF_CALLS: dict[str, type[HandoffCall]] = {
+    "freeze": Freeze, "adopt": Adopt, "commit": Commit, "release": Release, "abort": Abort,
+    "discard": Discard,
+}
+
+
+class HandoffBatch(Body):
+    """``POST /internal/handoffs/<kind>``: many calls of one kind (items decoded one by one)."""
+
+    items: list[Any]
