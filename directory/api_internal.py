@@ -27,7 +27,8 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
     subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
     instance = instance_param(request.path_params["instance"])
     check_acting_for(subject, instance)
-    body = decode(await read_body(request), schemas.HeartbeatBody)
+    body = decode(await read_body(request), internal.HeartbeatBody)
+    schemas.check_urls(body.internal_url, body.public_base)
 
     def decide(row: Any) -> dict[str, Any]:
         return registry.heartbeat_changes(row, body, instance=instance, now=now,
@@ -97,7 +98,7 @@ _I = "/v1/internal/instances/{instance:path}"
 ROUTES = [
     ApiRoute("PUT", _I + "/heartbeat", "heartbeat", heartbeat,
              "A shard registers itself and reports its load", "internal", auth="cluster",
-             body=schemas.HeartbeatBody, response=schemas.HeartbeatResponse,
+             body=internal.HeartbeatBody, response=internal.HeartbeatResponse,
              errors=(400, 401, 403, 409)),
     ApiRoute("POST", _I + "/leave", "leave", leave,
              "A shard stops cleanly: no new placements, optionally drain", "internal",

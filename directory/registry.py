@@ -26,7 +26,8 @@ from msgspec import UNSET
 
 from directory import placement
 from directory.errors import BadRequest, Conflict
-from directory.schemas import HeartbeatBody, InstancePut
+from directory.schemas import InstancePut
+from roomshard.wire.internal import HeartbeatBody
 
 REASON_ADMIN = "admin"
 REASON_SHUTDOWN = "shutdown"

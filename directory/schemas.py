@@ -26,9 +26,9 @@ from msgspec import UNSET, UnsetType, field
 
 from directory.errors import BadRequest
 from roomshard import urls
+from roomshard.wire.internal import InstanceView
 
 AdminState = Literal["active", "draining", "disabled"]
-State = Literal["active", "draining", "down", "disabled"]
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -67,25 +67,6 @@ def check_urls(internal_url: object, public_base: object) -> None:
             urls.check_public_base(public_base)
         except urls.UrlError as exc:
             raise BadRequest("invalid_public_base", str(exc)) from None
-
-
-class InstanceLoad(Lenient):
-    rooms: int = 0
-    connections: int = 0
-    messages_per_s: float = 0.0
-
-
-class InstanceView(Lenient):
-    id: str
-    state: State
-    state_reason: str | None
-    capacity: int
-    internal_url: str
-    public_base: str | None
-    last_heartbeat: str | None  # ISO 8601 UTC
-    registered_at: str
-    rooms_assigned: int
-    load: InstanceLoad
 
 
 class InstanceList(Lenient):
@@ -191,26 +172,6 @@ class DrainReport(Lenient):
 
 
 # -- shard -> directory (internal) --------------------------------------------
-class HeartbeatBody(Lenient):
-    internal_url: str
-    boot_id: str
-    public_base: str | None = None
-    capacity: int | None = None
-    load: InstanceLoad = field(default_factory=InstanceLoad)
-    # Rooms the shard kept in memory through a lost lease -> their epochs.
-    confirm: dict[str, int] | None = None
-
-    def __post_init__(self) -> None:
-        check_urls(self.internal_url, self.public_base)
-
-
-class HeartbeatResponse(Lenient):
-    instance: InstanceView
-    down_after: float
-    # Of the body's ``confirm``: the rooms still assigned to this instance at that epoch.
-    owned: list[str] | None = None
-
-
 # -- everyone ----------------------------------------------------------------
 class Status(Lenient):
     status: str

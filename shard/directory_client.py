@@ -22,7 +22,14 @@ import httpx
 import msgspec
 
 from roomshard.tickets import DIRECTORY, Signer
-from roomshard.wire.internal import LeaveBody, OpenBody, OpenGrant
+from roomshard.wire.internal import (
+    HeartbeatBody,
+    HeartbeatResponse,
+    InstanceLoad,
+    LeaveBody,
+    OpenBody,
+    OpenGrant,
+)
 
 REQUEST_TIMEOUT_S = 3.0
 
@@ -59,21 +66,24 @@ class DirectoryClient:
         await self._http.aclose()
 
     async def heartbeat(self, *, internal_url: str, public_base: str | None,
-                        capacity: int | None, boot_id: str, load: dict[str, Any],
+                        capacity: int | None, boot_id: str, load: InstanceLoad,
                         confirm: dict[str, int] | None = None,
-                        timeout: float | None = None) -> dict[str, Any]:
+                        timeout: float | None = None) -> HeartbeatResponse:
         """Register/refresh this instance; raises :class:`DirectoryError`.
 
         ``confirm``: rooms this shard kept in memory through a lost lease, with
         their epochs; the answer's ``owned`` lists those the directory still
         assigns to this instance at exactly that epoch (docs/INTERNALS.md).
         """
-        body: dict[str, Any] = {"internal_url": internal_url, "public_base": public_base,
-                                "capacity": capacity, "boot_id": boot_id, "load": load}
-        if confirm:
-            body["confirm"] = confirm
-        return await self._call("PUT", f"/v1/internal/instances/{self.instance}/heartbeat", body,
-                                timeout)
+        body = HeartbeatBody(internal_url=internal_url, public_base=public_base,
+                             capacity=capacity, boot_id=boot_id, load=load,
+                             confirm=confirm or None)
+        data = await self._call("PUT", f"/v1/internal/instances/{self.instance}/heartbeat",
+                                msgspec.to_builtins(body), timeout)
+        try:
+            return msgspec.convert(data, HeartbeatResponse)
+        except msgspec.ValidationError as exc:
+            raise DirectoryUnavailable(f"malformed heartbeat answer: {exc}") from exc
 
     async def open_room(self, room: str, ticket_epoch: int, *,
                         open_id: str | None = None) -> OpenGrant:

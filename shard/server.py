@@ -51,6 +51,7 @@ from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
 from roomshard.protocol import CloseCode
 from roomshard.tickets import Signer, Ticket
+from roomshard.wire.internal import InstanceLoad
 from shard import routes
 from shard.admission import Admission, Refused
 from shard.connection import Connection, ConnectionContext
@@ -266,10 +267,10 @@ class ShardServer:
         return await self.router.dispatch(request)
 
     # -- control plane --------------------------------------------------------
-    def load(self) -> dict[str, Any]:
+    def load(self) -> InstanceLoad:
         joined = sum(lr.connection_count() for lr in self.registry.rooms.values())
-        return {"rooms": len(self.registry), "connections": joined,
-                "messages_per_s": round(self.messages_per_s, 2)}
+        return InstanceLoad(rooms=len(self.registry), connections=joined,
+                            messages_per_s=round(self.messages_per_s, 2))
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat every ``heartbeat_interval``; after a failure, retry within ~0.25 s.
@@ -318,9 +319,7 @@ class ShardServer:
             self._hb_failures = 0
             self.lease_until = sent_at + cfg.lease
             if confirm:
-                owned = answer.get("owned")
-                owned_set = set(owned) if isinstance(owned, list) else set()
-                kept, dropped = self.registry.confirm(confirm, owned_set)
+                kept, dropped = self.registry.confirm(confirm, set(answer.owned or ()))
                 log.warning("the directory confirmed %d kept rooms, %d were placed elsewhere",
                             kept, dropped)
             if self.fenced:
@@ -329,8 +328,8 @@ class ShardServer:
             if not self.registered:
                 self.registered = True
                 log.warning("registered with the directory at %s", cfg.directory_url)
-                down_after = answer.get("down_after")
-                if isinstance(down_after, (int, float)) and down_after - cfg.lease < MIN_LEASE_MARGIN_S:
+                down_after = answer.down_after
+                if down_after - cfg.lease < MIN_LEASE_MARGIN_S:
                     # The contract's rule needs the shard to stop before the directory
                     # calls it down; say so loudly (the directory's setting may be on purpose).
                     log.error("ROOMSHARD_LEASE (%.1fs) leaves less than %.1fs before the "

@@ -8,7 +8,7 @@ decoding error on the reading side.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -17,7 +17,58 @@ class Body(msgspec.Struct, kw_only=True):
     """Base of the internal bodies (unknown fields are ignored when decoding)."""
 
 
+#: An instance's state as the directory reports it (``down``: no heartbeat for
+#: ``down_after``; the others are set by operators and shutdowns).
+State = Literal["active", "draining", "down", "disabled"]
+
+
 # -- shard -> directory ----------------------------------------------------------
+class InstanceLoad(Body):
+    """What a shard holds, reported with every heartbeat."""
+
+    rooms: int = 0
+    connections: int = 0
+    messages_per_s: float = 0.0
+
+
+class HeartbeatBody(Body):
+    """``PUT /v1/internal/instances/{id}/heartbeat``: a shard registers and renews its lease.
+
+    ``internal_url`` and ``public_base`` reach generated load balancer
+    configuration: the directory checks them (``roomshard.urls``) once decoded.
+    """
+
+    internal_url: str
+    boot_id: str  # new on every process start: the directory tells a restart from a renewal
+    public_base: str | None = None
+    capacity: int | None = None
+    load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
+    # Rooms the shard kept in memory through a lost lease -> their epochs.
+    confirm: dict[str, int] | None = None
+
+
+class InstanceView(Body):
+    """An instance as the directory sees it (heartbeat answers and the admin API)."""
+
+    id: str
+    state: State
+    state_reason: str | None
+    capacity: int
+    internal_url: str
+    public_base: str | None
+    last_heartbeat: str | None  # ISO 8601 UTC
+    registered_at: str
+    rooms_assigned: int
+    load: InstanceLoad
+
+
+class HeartbeatResponse(Body):
+    instance: InstanceView
+    down_after: float  # the directory calls an instance down after this long without one
+    # Of the body's ``confirm``: the rooms still assigned to this instance at that epoch.
+    owned: list[str] | None = None
+
+
 class OpenBody(Body, omit_defaults=True):
     """``POST /v1/internal/rooms/{room}/open``: the shard asks to hold ``room`` in memory.
 

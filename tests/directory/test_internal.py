@@ -22,7 +22,7 @@ async def test_heartbeat_registers_and_answers_down_after(h: Harness) -> None:
     r = await h.heartbeat("i4", capacity=200, public_base="wss://x.example.com",
                           load={"rooms": 1, "connections": 2, "messages_per_s": 0.0})
     assert r.status_code == 200, r.text
-    body = msgspec.convert(r.json(), schemas.HeartbeatResponse)
+    body = msgspec.convert(r.json(), internal.HeartbeatResponse)
     assert body.down_after == 10.0
     assert (body.instance.id, body.instance.state, body.instance.capacity) == ("i4", "active", 200)
     assert body.instance.last_heartbeat is not None

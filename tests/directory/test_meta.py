@@ -96,7 +96,7 @@ async def test_chat_page_has_a_csp_that_allows_only_its_own_inline_code(h: Harne
     assert csp["connect-src"].split() == ["'self'", "ws:", "wss:"]
     assert "unsafe-inline" not in r.headers["content-security-policy"]
     for kind in ("script", "style"):
-        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", r.text, re.S)
+        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", r.text, re.DOTALL)
         assert blocks
         for block in blocks:
             digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()

@@ -9,7 +9,8 @@ import pytest
 from directory import placement, registry
 from directory.errors import BadRequest, Conflict
 from directory.placement import Candidate
-from directory.schemas import HeartbeatBody, InstancePut
+from directory.schemas import InstancePut
+from roomshard.wire.internal import HeartbeatBody
 
 NOW = 1000.0
 

@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import msgspec
 
 from roomshard.protocol import seq_base_for_lost_state
 from roomshard.tickets import Signer
+from roomshard.wire.internal import HeartbeatResponse, InstanceLoad, InstanceView
 
 SECRET = "test-cluster-secret"
 
@@ -57,7 +59,13 @@ class FakeDirectory:
         if parts[:3] == ["v1", "internal", "instances"] and parts[4] == "heartbeat":
             assert subject == parts[3]
             self.heartbeats.append(body)
-            answer: dict = {"instance": {"id": parts[3]}, "down_after": 10}
+            view = InstanceView(
+                id=parts[3], state="active", state_reason=None,
+                capacity=body.get("capacity") or 1000, internal_url=body["internal_url"],
+                public_base=body.get("public_base"), last_heartbeat="2026-12-06T00:00:00Z",
+                registered_at="2026-12-06T00:00:00Z", rooms_assigned=len(self.rooms),
+                load=msgspec.convert(body.get("load") or {}, InstanceLoad))
+            answer: dict = msgspec.to_builtins(HeartbeatResponse(instance=view, down_after=10))
             if body.get("confirm") is not None:  # rooms kept through a lost lease
                 answer["owned"] = [r for r, e in body["confirm"].items()
                                    if (rec := self.rooms.get(r)) is not None

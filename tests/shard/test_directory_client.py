@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import msgspec
 import pytest
 
 from roomshard.tickets import Signer
-from roomshard.wire.internal import OpenGrant
+from roomshard.wire.internal import InstanceLoad, OpenGrant
 from shard.directory_client import DirectoryClient, DirectoryRefused, DirectoryUnavailable
 
 SECRET = "s3cret"
@@ -65,18 +66,31 @@ async def test_refusals_and_failures_are_translated():
 
 
 async def test_heartbeat_and_leave_bodies():
-    """heartbeat and leave hit the instance's routes with the documented bodies."""
+    """heartbeat and leave hit the instance's routes with the wire package's bodies; the
+    heartbeat's answer is read as its typed body, and one that is not is a failure."""
     calls = []
+    view = {"id": "i3", "state": "active", "state_reason": None, "capacity": 5,
+            "internal_url": "http://h:1", "public_base": None, "last_heartbeat": None,
+            "registered_at": "2026-12-06T00:00:00Z", "rooms_assigned": 1,
+            "load": {"rooms": 1, "connections": 2, "messages_per_s": 0.5}}
+    answers = iter([{"instance": view, "down_after": 10, "owned": ["r"]}, {"ok": True}])
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append((request.method, request.url.path, request.content))
-        return httpx.Response(200, json={"ok": True})
+        return httpx.Response(200, json=next(answers, {}))
 
     dc = client(handler)
-    await dc.heartbeat(internal_url="http://h:1", public_base=None, capacity=5, boot_id="b",
-                       load={"rooms": 1, "connections": 2, "messages_per_s": 0.5})
+    load = InstanceLoad(rooms=1, connections=2, messages_per_s=0.5)
+    answer = await dc.heartbeat(internal_url="http://h:1", public_base=None, capacity=5,
+                                boot_id="b", load=load, confirm={"r": 4})
+    assert answer.down_after == 10 and answer.owned == ["r"] and answer.instance.capacity == 5
+    with pytest.raises(DirectoryUnavailable):  # {"ok": true} is no heartbeat answer
+        await dc.heartbeat(internal_url="http://h:1", public_base=None, capacity=5,
+                           boot_id="b", load=load)
     await dc.leave(drain=False)
     await dc.aclose()
     assert calls[0][:2] == ("PUT", "/v1/internal/instances/i3/heartbeat")
-    assert b'"boot_id":"b"' in calls[0][2] and b'"capacity":5' in calls[0][2]
-    assert calls[1] == ("POST", "/v1/internal/instances/i3/leave", b'{"drain":false}')
+    assert msgspec.json.decode(calls[0][2]) == {
+        "internal_url": "http://h:1", "boot_id": "b", "public_base": None, "capacity": 5,
+        "load": {"rooms": 1, "connections": 2, "messages_per_s": 0.5}, "confirm": {"r": 4}}
+    assert calls[2] == ("POST", "/v1/internal/instances/i3/leave", b'{"drain":false}')
