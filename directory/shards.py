@@ -14,8 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgspec
 
 from roomshard.tickets import DIRECTORY, Signer
+from roomshard.wire.internal import (
+    AccessBody,
+    AccessResult,
+    LiveLoad,
+    LiveRoomAnswer,
+    LiveRoomsAnswer,
+)
 
 SHARD_CALL_TIMEOUT_S = 1.0
 log = logging.getLogger("roomshard.directory.shards")
@@ -64,21 +72,22 @@ class ShardClient:
         if resp is None or resp.status_code != 200:
             return None
         try:
-            rooms = resp.json()["rooms"]
-            return {str(k): _normalise(v) for k, v in rooms.items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
+            answer = msgspec.json.decode(resp.content, type=LiveRoomsAnswer)
+        except msgspec.DecodeError:
             return None
+        return {name: _loaded(load) for name, load in answer.rooms.items()}
 
     async def push_access(self, instance: str, internal_url: str, room: str, private: bool,
                           members: list[str]) -> int | None:
         """Tell the owner the new access list; returns how many it closed with 4003."""
         resp = await self._call(instance, "POST", f"{internal_url}/internal/rooms/{room}/access",
-                                json={"private": private, "members": members})
+                                json=msgspec.to_builtins(AccessBody(private=private,
+                                                                    members=members)))
         if resp is None or resp.status_code != 200:
             return None
         try:
-            return int(resp.json()["closed"])
-        except (ValueError, KeyError, TypeError):
+            return msgspec.json.decode(resp.content, type=AccessResult).closed
+        except msgspec.DecodeError:
             return None
 
 
@@ -86,17 +95,12 @@ def _room_load(resp: httpx.Response) -> dict[str, Any] | None:
     if resp.status_code != 200:
         return None
     try:
-        body = resp.json()
-        return _normalise(body.get("load", body))
-    except (ValueError, TypeError, AttributeError):
+        return _loaded(msgspec.json.decode(resp.content, type=LiveRoomAnswer))
+    except msgspec.DecodeError:
         return None
 
 
-def _normalise(raw: Any) -> dict[str, Any]:
-    return {
-        "loaded": True,
-        "connections": int(raw.get("connections", 0)),
-        "members": int(raw.get("members", 0)),
-        "seq": int(raw["seq"]) if raw.get("seq") is not None else None,
-        "messages_per_s": float(raw.get("messages_per_s", 0.0)),
-    }
+def _loaded(load: LiveLoad) -> dict[str, Any]:
+    """A shard's report as the admin API's room load (``loaded``: it is in memory)."""
+    return {"loaded": True, "connections": load.connections, "members": load.members,
+            "seq": load.seq, "messages_per_s": load.messages_per_s}

@@ -51,7 +51,7 @@ from shard.room import SNAPSHOT_VERSION, Room
 from shard.routes import DirectoryAuth, room_param
 
 log = logging.getLogger("roomshard.shard.handoff")
-C = TypeVar("C", bound=HandoffCall | HandoffBatch)
+C = TypeVar("C", bound=HandoffCall)
 # What Room.from_snapshot reads: checked at adopt time (building the room there would cost
 # the pause a second full copy of the history).
 SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "seq",
@@ -59,10 +59,10 @@ SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "
                            "private", "allowed"})
 
 
-def _decode(body: Any, kind: type[C]) -> C:
-    """One call's JSON object as its typed body; HttpError 400 when it is not one."""
+def _decode(item: Any, kind: type[C]) -> C:
+    """One batch item as its typed call; HttpError 400 saying why when it is not one."""
     try:
-        return msgspec.convert(body, kind)
+        return msgspec.convert(item, kind)
     except msgspec.ValidationError as exc:
         raise HttpError(400, "bad_request", str(exc)) from None
 
@@ -138,7 +138,7 @@ class HandoffWiring:
         async def one(req: HttpRequest) -> HttpResponse:
             self.auth.require(req)
             name = room_param(req)
-            call = _decode(req.json(), HANDOFF_CALLS[kind])
+            call = req.decode(HANDOFF_CALLS[kind])
             if call.room is not None:  # the room is the path's
                 raise HttpError(400, "bad_request", "Object contains unknown field `room`")
             return json_response(op(name, call))
@@ -156,7 +156,7 @@ class HandoffWiring:
         spec = HANDOFF_CALLS.get(kind)
         if spec is None:
             raise HttpError(404, "not_found", f"no handoff call {kind!r}")
-        items = _decode(req.json(), HandoffBatch).items
+        items = req.decode(HandoffBatch).items
         if len(items) > MAX_BATCH:
             raise HttpError(400, "bad_request", f"at most {MAX_BATCH} items per batch")
         op = getattr(self, kind)

@@ -14,14 +14,16 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import orjson
 
 from roomshard.wire.errors import error_body
 
 log = logging.getLogger("roomshard.shard.http")
 
+T = TypeVar("T")
 MAX_BODY_BYTES = 8 << 20  # a handoff snapshot of 1,000 long messages fits
 # A request without a valid cluster token (only the internal routes take
 # one, and they need it) may not make the shard buffer more than this.
@@ -43,6 +45,13 @@ class HttpRequest:
             return orjson.loads(self.body or b"null")
         except orjson.JSONDecodeError:
             raise HttpError(400, "bad_request", "body is not valid JSON") from None
+
+    def decode(self, kind: type[T]) -> T:
+        """The body as the wire Struct ``kind``; :class:`HttpError` 400 saying why when not."""
+        try:
+            return msgspec.convert(self.json(), kind)
+        except msgspec.ValidationError as exc:
+            raise HttpError(400, "bad_request", str(exc)) from None
 
     def bearer(self) -> str | None:
         auth = self.headers.get("authorization", "")
@@ -74,7 +83,8 @@ class HttpError(Exception):
 
 
 def json_response(obj: Any, status: int = 200) -> HttpResponse:
-    return HttpResponse(status, orjson.dumps(obj))
+    """``obj`` as JSON: plain data, or wire Structs (``roomshard.wire``)."""
+    return HttpResponse(status, orjson.dumps(obj, default=msgspec.to_builtins))
 
 
 def error_response(status: int, code: str, message: str,

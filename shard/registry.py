@@ -21,12 +21,12 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from websockets.frames import CloseCode as WsCloseCode
 
 from roomshard.config import ShardConfig
 from roomshard.protocol import CloseCode, ErrorCode
+from roomshard.wire.internal import LiveLoad
 from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame
@@ -284,10 +284,10 @@ class LiveRoom:
             self.messages_per_s = (self.messages - self._last_count) / elapsed
             self._last_count = self.messages
 
-    def load(self) -> dict[str, Any]:
-        return {"connections": self.connection_count(), "members": len(self.room.users),
-                "seq": self.room.seq, "epoch": self.room.epoch,
-                "messages_per_s": round(self.messages_per_s, 2)}
+    def load(self) -> LiveLoad:
+        return LiveLoad(connections=self.connection_count(), members=len(self.room.users),
+                        seq=self.room.seq, epoch=self.room.epoch,
+                        messages_per_s=round(self.messages_per_s, 2))
 
 
 MAX_CONFIRM_PER_HEARTBEAT = 10_000  # kept rooms one heartbeat asks the directory about

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+import msgspec
 
 from roomshard.protocol import CloseCode, valid_room_id, valid_user_id
 from roomshard.tickets import DIRECTORY, Signer, TicketError
+from roomshard.wire.internal import AccessBody, AccessResult, LiveRoomAnswer, LiveRoomsAnswer
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
 from shard.metrics import CONTENT_TYPE
 from shard.registry import RoomRegistry
@@ -73,7 +75,7 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
 
     async def list_rooms(req: HttpRequest) -> HttpResponse:
         auth.require(req)
-        return json_response({"rooms": {n: lr.load() for n, lr in registry.rooms.items()}})
+        return json_response(LiveRoomsAnswer(rooms={n: lr.load() for n, lr in registry.rooms.items()}))
 
     async def get_room(req: HttpRequest) -> HttpResponse:
         auth.require(req)
@@ -81,21 +83,22 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
         live = registry.get(name)
         if live is None:
             raise HttpError(404, "room_not_loaded", f"room {name} is not in memory on this shard")
-        return json_response({"room": name, **live.load()})
+        load = live.load()
+        return json_response(LiveRoomAnswer(room=name, **msgspec.structs.asdict(load)))
 
     async def set_access(req: HttpRequest) -> HttpResponse:
         auth.require(req)
         name = room_param(req)
-        private, members = parse_access(req.json())
+        private, members = parse_access(req)
         live = registry.get(name)
         if live is None:
-            return json_response({"room": name, "closed": 0})
+            return json_response(AccessResult(room=name, closed=0))
         live.room.private = private
         live.room.allowed = frozenset(members) if members is not None else None
         gone = [c for c in live.members_conns() if not live.room.may_join(c.user)]
         for conn in gone:
             conn.close(CloseCode.TICKET_MISMATCH, "no longer a member of this room")
-        return json_response({"room": name, "closed": len(gone)})
+        return json_response(AccessResult(room=name, closed=len(gone)))
 
     router.add("GET", "/healthz", healthz)
     router.add("GET", "/readyz", readyz)
@@ -112,18 +115,9 @@ def room_param(req: HttpRequest) -> str:
     return name
 
 
-def parse_access(body: Any) -> tuple[bool, list[str] | None]:
-    """Validate ``{"private": bool, "members": [user, ...] | null}``; raises HttpError 400."""
-    if not isinstance(body, dict):
-        raise HttpError(400, "bad_request", "body must be a JSON object")
-    unknown = set(body) - {"private", "members"}
-    if unknown:
-        raise HttpError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
-    private = body.get("private", False)
-    if not isinstance(private, bool):
-        raise HttpError(400, "bad_request", "private must be a boolean")
-    members = body.get("members")
-    if members is not None and (not isinstance(members, list)
-                                or not all(isinstance(m, str) and valid_user_id(m) for m in members)):
+def parse_access(req: HttpRequest) -> tuple[bool, list[str] | None]:
+    """The access body (``AccessBody``) with valid user ids; raises HttpError 400."""
+    body = req.decode(AccessBody)
+    if body.members is not None and not all(valid_user_id(m) for m in body.members):
         raise HttpError(400, "bad_request", "members must be a list of user ids")
-    return private, members
+    return body.private, body.members

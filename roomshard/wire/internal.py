@@ -149,3 +149,38 @@ class HandoffBatch(Body):
     """``POST /internal/handoffs/<kind>``: many calls of one kind (items decoded one by one)."""
 
     items: list[Any]
+
+
+# -- directory -> shard: rooms in memory, their access ------------------------------
+class LiveLoad(Body):
+    """A room's load as the shard holding it reports it."""
+
+    connections: int = 0
+    members: int = 0  # distinct users
+    seq: int | None = None
+    epoch: int | None = None
+    messages_per_s: float = 0.0
+
+
+class LiveRoomAnswer(LiveLoad, kw_only=True):
+    """``GET /internal/rooms/{room}`` (404 ``room_not_loaded`` when not in memory)."""
+
+    room: str
+
+
+class LiveRoomsAnswer(Body):
+    """``GET /internal/rooms``: every room the shard holds, by id."""
+
+    rooms: dict[str, LiveLoad]
+
+
+class AccessBody(Body, forbid_unknown_fields=True):
+    """``POST /internal/rooms/{room}/access``: the room's new access list."""
+
+    private: bool = False
+    members: list[str] | None = None  # a private room's members
+
+
+class AccessResult(Body):
+    room: str
+    closed: int  # members closed with 4003 (no longer allowed in)

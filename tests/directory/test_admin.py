@@ -32,9 +32,9 @@ class FakeShards:
             return httpx.Response(200, json={"rooms": self.rooms})
         room = path.split("/")[3]
         if path.endswith("/access"):
-            return httpx.Response(200, json={"closed": 1})
+            return httpx.Response(200, json={"room": room, "closed": 1})
         if room in self.rooms:
-            return httpx.Response(200, json=self.rooms[room])
+            return httpx.Response(200, json={"room": room, **self.rooms[room]})
         return httpx.Response(404, json={"error": {"code": "room_not_loaded", "message": "-"}})
 
     def transport(self) -> httpx.MockTransport:
