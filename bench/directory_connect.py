@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 
 
 class RawHttp:

@@ -15,8 +15,13 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from client.errors import (ClientError, ConnectRefused, DirectoryUnavailable, SendRefused,
-                           SessionClosed)
+from client.errors import (
+    ClientError,
+    ConnectRefused,
+    DirectoryUnavailable,
+    SendRefused,
+    SessionClosed,
+)
 from client.inbox import Gap, Message, Presence
 from client.reconnect import Backoff
 from client.session import ServerError, Session, State, StateChange

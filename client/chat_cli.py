@@ -14,8 +14,18 @@ import threading
 
 import click
 
-from client import (ConnectRefused, Gap, Message, Presence, SendRefused, ServerError, Session,
-                    SessionClosed, State, StateChange)
+from client import (
+    ConnectRefused,
+    Gap,
+    Message,
+    Presence,
+    SendRefused,
+    ServerError,
+    Session,
+    SessionClosed,
+    State,
+    StateChange,
+)
 
 
 def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
@@ -79,7 +89,7 @@ async def _chat(directory_url: str, room: str, user: str, token: str | None) -> 
         if session.state is not State.CLOSED:
             try:
                 await session.flush(timeout=5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _out(f"~ {len(session.outbox)} message(s) not acked yet; leaving anyway")
     finally:
         await session.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 
 #: Close code the client sends when the user closes the session.
 NORMAL_CLOSURE = 1000

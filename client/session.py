@@ -34,8 +34,13 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from client.directory_api import resolve, with_since
-from client.errors import (ClientError, ConnectRefused, DirectoryUnavailable, SendRefused,
-                           SessionClosed)
+from client.errors import (
+    ClientError,
+    ConnectRefused,
+    DirectoryUnavailable,
+    SendRefused,
+    SessionClosed,
+)
 from client.inbox import Gap, Inbox, Message, Presence
 from client.outbox import Outbox
 from client.reconnect import Action, Backoff, Decision, decide
@@ -168,7 +173,7 @@ class Session:
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(self._task, 5)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
                     await self._task
@@ -315,7 +320,7 @@ class Session:
                 return ws.close_code
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else 1006
-        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
             log.info("could not open %s: %r", url.split("?")[0], exc)
             return None
         finally:

@@ -20,7 +20,7 @@ from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view, room_view
-from roomshard.protocol import instance_number, valid_room_id, valid_user_id
+from roomshard.wire.protocol import instance_number, valid_room_id, valid_user_id
 
 MAX_DRAIN_PARALLELISM = 256
 

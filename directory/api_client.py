@@ -17,7 +17,7 @@ from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import ApiError, BadRequest, Forbidden, TooManyRequests
 from directory.schemas import ConnectBody, ConnectResponse
 from directory.store import Target
-from roomshard.protocol import valid_room_id, valid_user_id
+from roomshard.wire.protocol import valid_room_id, valid_user_id
 
 
 def ws_base(url: str) -> str:

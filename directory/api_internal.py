@@ -15,8 +15,8 @@ from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view
-from roomshard.protocol import valid_room_id
 from roomshard.wire import internal
+from roomshard.wire.protocol import valid_room_id
 
 OPEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CONFIRM = 100_000  # rooms one heartbeat may ask to confirm (a shard's max)

@@ -35,7 +35,7 @@ from directory.shards import ShardClient
 from directory.store import Store
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 
 log = logging.getLogger("roomshard.directory")
 _MANGLED_CONNECT = re.compile(r"/v1(/rooms)?/*connect/*")

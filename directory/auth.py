@@ -14,7 +14,7 @@
   credentials are genuine, the id they carry is not usable. ``aud`` is not
   checked (no audience is configured).
 * Operators: ``Authorization: Bearer <admin token>``, compared in constant time.
-* Shards: a cluster token (``roomshard.tickets``) made for the directory,
+* Shards: a cluster token (``roomshard.wire.tickets``) made for the directory,
   ``sub`` = their instance. An unbound token of an older shard (no receiver
   in ``aud``) is still accepted here during a rolling upgrade; one whose
   ``aud`` names another receiver (a directory -> shard token) never is.
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from directory.errors import Forbidden, Unauthorized
 from roomshard.config import ConfigError, DirectoryConfig
-from roomshard.tickets import DIRECTORY, Signer, TicketError
+from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 
 #: The JWT algorithms an EC public key verifies, by curve (RFC 7518 3.4: one curve each).
 _EC_ALGS = {"secp256r1": ("ES256",), "secp384r1": ("ES384",), "secp521r1": ("ES512",)}

@@ -20,7 +20,7 @@ from directory.metrics import Metrics
 from directory.shards import ShardClient
 from directory.store import Store
 from roomshard.config import DirectoryConfig
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 
 from directory.edge import ApiRoute
-from roomshard.protocol import INSTANCE_ID_RE, ROOM_ID_RE, USER_ID_RE
 from roomshard.wire.errors import ErrorBody
+from roomshard.wire.protocol import INSTANCE_ID_RE, ROOM_ID_RE, USER_ID_RE
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 _STATUS_TEXT = {400: "Invalid input", 401: "Missing or bad credentials", 403: "Not allowed",

@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import msgspec
 
-from roomshard.tickets import DIRECTORY, Signer
 from roomshard.wire.internal import (
     AccessBody,
     AccessResult,
@@ -24,6 +23,7 @@ from roomshard.wire.internal import (
     LiveRoomAnswer,
     LiveRoomsAnswer,
 )
+from roomshard.wire.tickets import DIRECTORY, Signer
 
 SHARD_CALL_TIMEOUT_S = 1.0
 log = logging.getLogger("roomshard.directory.shards")

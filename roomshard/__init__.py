@@ -1,8 +1,8 @@
 """roomshard: room-sharded WebSocket chat.
 
 Shared pieces used by both the directory and the shards live in this package:
-the wire protocol constants (:mod:`roomshard.protocol`), ticket and cluster
-token signing (:mod:`roomshard.tickets`), configuration
+what crosses the wire (:mod:`roomshard.wire`: the protocol constants, ticket
+and cluster token signing, the error body, the directory <-> shard bodies), configuration
 (:mod:`roomshard.config`) and the command line (:mod:`roomshard.cli`).
 """
 

@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from roomshard import linger, protocol
-from roomshard.tickets import parse_secrets
+from roomshard import linger
+from roomshard.wire import protocol
+from roomshard.wire.tickets import parse_secrets
 
 ENV_PREFIX = "ROOMSHARD_"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///roomshard.db"

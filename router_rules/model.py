@@ -59,7 +59,7 @@ DEREGISTRATION_DELAY_S = 10
 DEFAULT_RESERVED_TARGET_GROUPS = 1
 #: Rules infra/ puts on the default ALB: the directory's and the /v1/internal/* block.
 DEFAULT_RESERVED_RULES = 2
-#: Shards ping every 20 s by default (``roomshard.protocol``). A proxy that
+#: Shards ping every 20 s by default (``roomshard.wire.protocol``). A proxy that
 #: times out an idle connection sooner than the next ping would cut healthy
 #: WebSockets; we use 3 pings' worth and never less than a minute.
 MIN_IDLE_TIMEOUT_S = 60

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from roomshard import urls
-from roomshard.protocol import instance_number
+from roomshard.wire.protocol import instance_number
 
 
 class RegistryError(ValueError):

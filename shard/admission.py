@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass, field
 
 from roomshard.config import ShardConfig
-from roomshard.protocol import CloseCode, valid_room_id
-from roomshard.tickets import Signer, Ticket, TicketError
+from roomshard.wire.protocol import CloseCode, valid_room_id
+from roomshard.wire.tickets import Signer, Ticket, TicketError
 from shard.http import HttpRequest
 
 _SINCE_RE = re.compile(r"[0-9]{1,20}")  # ASCII digits only ("²".isdigit() is true)

@@ -77,7 +77,7 @@ from websockets.server import ServerProtocol
 
 from roomshard.config import ShardConfig
 from roomshard.linger import Linger, LingerPool
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.http import (
     MAX_BODY_BYTES,
     MAX_UNAUTHENTICATED_BODY_BYTES,

@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import msgspec
 
-from roomshard.tickets import DIRECTORY, Signer
 from roomshard.wire.internal import (
     HeartbeatBody,
     HeartbeatResponse,
@@ -30,6 +29,7 @@ from roomshard.wire.internal import (
     OpenBody,
     OpenGrant,
 )
+from roomshard.wire.tickets import DIRECTORY, Signer
 
 REQUEST_TIMEOUT_S = 3.0
 

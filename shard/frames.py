@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from websockets.frames import apply_mask  # the C version when websockets has its speedups
 
-from roomshard.protocol import MAX_CLIENT_MESSAGE_ID, ErrorCode
+from roomshard.wire.protocol import MAX_CLIENT_MESSAGE_ID, ErrorCode
 
 OP_TEXT = 0x1
 OP_CLOSE = 0x8

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 
 DEFAULT_TOMBSTONE_TTL_S = 3600.0  # > ticket TTL: no ticket from before a move outlives it
 

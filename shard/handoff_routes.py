@@ -30,8 +30,6 @@ from typing import Any, TypeVar
 import msgspec
 
 from roomshard.config import ShardConfig
-from roomshard.protocol import CloseCode, instance_number, valid_room_id
-from roomshard.tickets import Ticket
 from roomshard.wire.internal import (
     HANDOFF_CALLS,
     Abort,
@@ -43,6 +41,8 @@ from roomshard.wire.internal import (
     HandoffCall,
     Release,
 )
+from roomshard.wire.protocol import CloseCode, instance_number, valid_room_id
+from roomshard.wire.tickets import Ticket
 from shard.directory_client import DirectoryClient, DirectoryError
 from shard.handoff import Admission, HandoffError, Handoffs
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, json_response

@@ -79,7 +79,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def serve(cfg: ShardConfig) -> None:
-    from roomshard.tickets import Signer
+    from roomshard.wire.tickets import Signer
 
     directory = DirectoryClient(cfg.directory_url, cfg.instance, Signer(cfg.cluster_secrets))
     server = ShardServer(cfg, directory)

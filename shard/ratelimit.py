@@ -55,7 +55,7 @@ class WireBudget:
     counts every frame (data, continuation, ping, pong, close) and every byte
     read from the socket. A client cannot be told "too many pings", so
     overdrawing either bucket is abuse and closes the connection with 4008;
-    the defaults (``roomshard.protocol``) are far above any well-behaved
+    the defaults (``roomshard.wire.protocol``) are far above any well-behaved
     client, which the message rate limit keeps to 20/s anyway.
     """
 

@@ -34,7 +34,7 @@ from typing import cast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol, Side
 
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.frames import HEAD_PONG, HEAD_TEXT, read_client_frames
 
 # websockets logs every closed connection at INFO; one shared quiet logger.

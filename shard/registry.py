@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from websockets.frames import CloseCode as WsCloseCode
 
 from roomshard.config import ShardConfig
-from roomshard.protocol import CloseCode, ErrorCode
 from roomshard.wire.internal import LiveLoad
+from roomshard.wire.protocol import CloseCode, ErrorCode
 from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame

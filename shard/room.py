@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from roomshard.protocol import DEFAULT_HISTORY_BYTES
+from roomshard.wire.protocol import DEFAULT_HISTORY_BYTES
 from shard.frames import frame_payload, text_frame
 
 MAX_IDEMPOTENCY_ENTRIES = 100_000

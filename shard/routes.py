@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from roomshard.protocol import CloseCode, valid_room_id, valid_user_id
-from roomshard.tickets import DIRECTORY, Signer, TicketError
 from roomshard.wire.internal import AccessBody, AccessResult, LiveRoomAnswer, LiveRoomsAnswer
+from roomshard.wire.protocol import CloseCode, valid_room_id, valid_user_id
+from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
 from shard.metrics import CONTENT_TYPE
 from shard.registry import RoomRegistry

@@ -49,9 +49,9 @@ from websockets.frames import Opcode
 
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
-from roomshard.protocol import CloseCode
-from roomshard.tickets import Signer, Ticket
 from roomshard.wire.internal import InstanceLoad
+from roomshard.wire.protocol import CloseCode
+from roomshard.wire.tickets import Signer, Ticket
 from shard import routes
 from shard.admission import Admission, Refused
 from shard.connection import Connection, ConnectionContext

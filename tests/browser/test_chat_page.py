@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.procs import Procs
 from tests.browser.conftest import wait_js
+from tests.support.procs import Procs
 from tests.support.timing import t
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]

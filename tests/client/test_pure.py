@@ -8,7 +8,7 @@ from client.directory_api import with_since
 from client.inbox import Gap, Inbox
 from client.outbox import Outbox
 from client.reconnect import POLICY_FLOOR_S, TRY_AGAIN_FLOOR_S, Action, Backoff, decide
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 
 
 @pytest.mark.parametrize("code", [4001, 4003, 4004, 4009, 1001])

@@ -44,7 +44,7 @@ class DevRun:
         return "\n".join(self.lines)
 
     def field(self, label: str) -> str:
-        m = re.search(rf"^\s*{re.escape(label)}:\s+(\S+)", self.output, re.M)
+        m = re.search(rf"^\s*{re.escape(label)}:\s+(\S+)", self.output, re.MULTILINE)
         assert m, f"{label!r} not printed:\n{self.output}"
         return m.group(1)
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from roomshard.devcluster import (banner, child_env, dev_secrets, nginx_binary, nginx_main_conf,
-                                  plan_ports, port_in_use)
+from roomshard.devcluster import (
+    banner,
+    child_env,
+    dev_secrets,
+    nginx_binary,
+    nginx_main_conf,
+    plan_ports,
+    port_in_use,
+)
 
 
 def test_ports_follow_the_contract_layout() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from directory.app import create_app
 from roomshard.config import DirectoryConfig
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}

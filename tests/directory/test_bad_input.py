@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from tests.directory.conftest import ADMIN, T0, Harness
 from tests.support.procs import TEST_CLUSTER_SECRET
 

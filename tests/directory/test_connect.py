@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from directory.schemas import ConnectResponse
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from tests.directory.conftest import ADMIN, Harness
 from tests.support.procs import TEST_CLUSTER_SECRET
 

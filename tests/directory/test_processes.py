@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from tests.support.pg import PgServer
 from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
 from tests.support.timing import await_until, t

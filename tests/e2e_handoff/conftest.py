@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from roomshard.tickets import DIRECTORY, Signer
+from roomshard.wire.tickets import DIRECTORY, Signer
 from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
 from tests.support.timing import t, wait_until
 

@@ -11,7 +11,7 @@ import httpx
 import orjson
 from websockets.sync.client import connect as ws_connect
 
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from tests.e2e_handoff.conftest import Cluster
 from tests.support.procs import TEST_CLUSTER_SECRET
 from tests.support.timing import t, wait_until

@@ -15,7 +15,7 @@ from typing import Any
 
 from client.outbox import Outbox
 from directory import moves
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.handoff import Handoffs
 from shard.room import Room
 

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from roomshard.tickets import CLUSTER_AUDIENCE, CLUSTER_TOKEN_TTL_S, DIRECTORY, Signer, _key
+from roomshard.wire.tickets import CLUSTER_AUDIENCE, CLUSTER_TOKEN_TTL_S, DIRECTORY, Signer, _key
 from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
 from tests.support.timing import t
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from directory import moves
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.frames import frame_payload
 from tests.handoff.sim import ROOM, Cluster, SimClient, Ticket
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.handoff import HandoffError, Handoffs, Phase
 from shard.room import Room
 

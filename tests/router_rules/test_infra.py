@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from roomshard.protocol import DEFAULT_PING_INTERVAL_S
+from roomshard.wire.protocol import DEFAULT_PING_INTERVAL_S
 from router_rules.model import RULE_PRIORITY_BASE
 from tests.router_rules.nginx_proc import Nginx
 from tests.support.procs import TEST_ADMIN_TOKEN, Procs

@@ -12,7 +12,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from roomshard.config import ShardConfig
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from shard.directory_client import DirectoryClient
 from shard.server import ShardServer
 from tests.shard.fakedir import SECRET, FakeDirectory

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import httpx
 import msgspec
 
-from roomshard.protocol import seq_base_for_lost_state
-from roomshard.tickets import Signer
 from roomshard.wire.internal import HeartbeatResponse, InstanceLoad, InstanceView
+from roomshard.wire.protocol import seq_base_for_lost_state
+from roomshard.wire.tickets import Signer
 
 SECRET = "test-cluster-secret"
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from roomshard.config import ShardConfig
-from roomshard.protocol import CloseCode
-from roomshard.tickets import Signer
+from roomshard.wire.protocol import CloseCode
+from roomshard.wire.tickets import Signer
 from shard.admission import Admission, Refused
 from shard.http import HttpRequest
 

@@ -12,7 +12,7 @@ from websockets.frames import Frame, Opcode
 
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.connection import Connection, ConnectionContext
 from shard.frames import text_frame
 from shard.http import HttpRequest, HttpResponse, json_response

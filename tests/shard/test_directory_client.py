@@ -6,8 +6,8 @@ import httpx
 import msgspec
 import pytest
 
-from roomshard.tickets import Signer
 from roomshard.wire.internal import InstanceLoad, OpenGrant
+from roomshard.wire.tickets import Signer
 from shard.directory_client import DirectoryClient, DirectoryRefused, DirectoryUnavailable
 
 SECRET = "s3cret"

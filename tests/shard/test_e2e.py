@@ -12,7 +12,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from roomshard.tickets import Signer
+from roomshard.wire.tickets import Signer
 from tests.shard.conftest import close_code, recv_json, recv_until
 from tests.shard.e2e import metric, room_url
 from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from roomshard.config import ShardConfig
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.registry import REPLAY_CHUNK_BYTES, LiveRoom, RoomContext
 from shard.room import Room
 from shard.stats import Stats

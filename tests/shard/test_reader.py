@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode
 
-from roomshard.protocol import CloseCode
+from roomshard.wire.protocol import CloseCode
 from shard.reader import FRAGMENT_OVERHEAD_BYTES, FrameReader
 
 MAX_FRAME = 1 << 20

@@ -245,7 +245,7 @@ async def test_unreachable_directory_at_start_keeps_retrying_and_not_ready():
     """A shard whose directory is down at start serves /readyz 503 and registers once it is up."""
     import dataclasses
 
-    from roomshard.tickets import Signer
+    from roomshard.wire.tickets import Signer
     from shard.directory_client import DirectoryClient
     from shard.server import ShardServer
     from tests.shard.conftest import BASE_CFG

@@ -55,7 +55,7 @@ class Procs:
             **(base_env or {}),
         }
 
-    def __enter__(self) -> "Procs":
+    def __enter__(self) -> Procs:
         return self
 
     def __exit__(self, *exc: object) -> None:
