@@ -20,7 +20,12 @@ from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view, room_view
-from roomshard.wire.protocol import instance_number, valid_room_id, valid_user_id
+from roomshard.wire.protocol import (
+    INVALID_ROOM_ID,
+    instance_number,
+    valid_room_id,
+    valid_user_id,
+)
 
 MAX_DRAIN_PARALLELISM = 256
 
@@ -42,7 +47,7 @@ def instance_param(value: str) -> str:
 
 def room_param(value: str) -> str:
     if not valid_room_id(value):
-        raise BadRequest("invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+        raise BadRequest("invalid_room", INVALID_ROOM_ID)
     return value
 
 

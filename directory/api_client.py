@@ -17,7 +17,7 @@ from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import ApiError, BadRequest, Forbidden, TooManyRequests
 from directory.schemas import ConnectBody, ConnectResponse
 from directory.store import Target
-from roomshard.wire.protocol import valid_room_id, valid_user_id
+from roomshard.wire.protocol import INVALID_ROOM_ID, valid_room_id, valid_user_id
 
 
 def ws_base(url: str) -> str:
@@ -50,7 +50,7 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     if jwt_mode:
         user = ctx.client_auth.jwt_subject(request.headers.get("authorization"), now=now)
     if not valid_room_id(room):
-        raise BadRequest("invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+        raise BadRequest("invalid_room", INVALID_ROOM_ID)
     body = decode(await read_body(request), ConnectBody, empty_ok=jwt_mode)
     if not jwt_mode:
         user = body.user

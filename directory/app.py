@@ -8,7 +8,6 @@ apps can live in one test process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -35,6 +34,7 @@ from directory.shards import ShardClient
 from directory.store import Store
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
+from roomshard.wire.protocol import INVALID_ROOM_ID
 from roomshard.wire.tickets import Signer
 
 log = logging.getLogger("roomshard.directory")
@@ -152,6 +152,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
         engine = make_engine(cfg.database_url)
         shards = ShardClient(signer, clock, shard_transport)
         store: Store | None = None
+        background: list[asyncio.Task[None]] = []
         try:
             await migrate(engine)
             store = Store(engine)
@@ -163,16 +164,14 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                                       create_budget_by_address=CreateBudget(
                                           cfg.room_create_rate_per_address))
             await handoff.start(app.state.ctx)  # recovers moves a dead replica left behind
-            watchdog = asyncio.get_running_loop().create_task(watch_stalls(app.state.ctx))
-            sweeper = asyncio.get_running_loop().create_task(sweep_unused_rooms(app.state.ctx))
+            loop = asyncio.get_running_loop()
+            background = [loop.create_task(watch_stalls(app.state.ctx)),
+                          loop.create_task(sweep_unused_rooms(app.state.ctx))]
             yield
         finally:
-            if "watchdog" in locals():
-                watchdog.cancel()
-            if "sweeper" in locals():
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             if hasattr(app.state, "ctx"):
                 await handoff.stop(app.state.ctx)
             if store is not None:
@@ -188,7 +187,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
         if exc.status_code == 404 and _MANGLED_CONNECT.fullmatch(request.url.path):
             # "/v1/rooms/../connect" arrives as "/v1/connect" once a client
             # normalises dot segments: it is a bad room id, not a missing route.
-            return error_response(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+            return error_response(400, "invalid_room", INVALID_ROOM_ID)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         response = error_response(exc.status_code, code, str(exc.detail) or code)
         if exc.headers:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
-
-import msgspec
+from typing import Any
 
 from roomshard.config import ShardConfig
 from roomshard.wire.internal import (
@@ -38,33 +36,23 @@ from roomshard.wire.internal import (
     Discard,
     Freeze,
     HandoffBatch,
-    HandoffCall,
     Release,
 )
-from roomshard.wire.protocol import CloseCode, instance_number, valid_room_id
+from roomshard.wire.protocol import CloseCode, instance_number
 from roomshard.wire.tickets import Ticket
 from shard.directory_client import DirectoryClient, DirectoryError
 from shard.handoff import Admission, HandoffError, Handoffs
-from shard.http import HttpError, HttpRequest, HttpResponse, Router, json_response
+from shard.http import HttpError, HttpRequest, HttpResponse, Router, convert, json_response
 from shard.registry import RoomRegistry
 from shard.room import SNAPSHOT_VERSION, Room
-from shard.routes import DirectoryAuth, room_param
+from shard.routes import DirectoryAuth, room_id, room_param
 
 log = logging.getLogger("roomshard.shard.handoff")
-C = TypeVar("C", bound=HandoffCall)
 # What Room.from_snapshot reads: checked at adopt time (building the room there would cost
 # the pause a second full copy of the history).
 SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "seq",
                            "history_limit", "history", "idempotency_window", "idempotency",
                            "private", "allowed"})
-
-
-def _decode(item: Any, kind: type[C]) -> C:
-    """One batch item as its typed call; HttpError 400 saying why when it is not one."""
-    try:
-        return msgspec.convert(item, kind)
-    except msgspec.ValidationError as exc:
-        raise HttpError(400, "bad_request", str(exc)) from None
 
 
 #: Items per batch request: a drain's calls arrive in groups of its parallelism.
@@ -163,10 +151,8 @@ class HandoffWiring:
         results: list[dict[str, Any]] = []
         for item in items:
             try:
-                call = _decode(item, spec)
-                name = call.room
-                if name is None or not valid_room_id(name):
-                    raise HttpError(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+                call = convert(item, spec)
+                name = room_id(call.room)
                 results.append({"status": 200, "body": op(name, call)})
             except HttpError as exc:
                 results.append({"status": exc.status,

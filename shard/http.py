@@ -48,10 +48,7 @@ class HttpRequest:
 
     def decode(self, kind: type[T]) -> T:
         """The body as the wire Struct ``kind``; :class:`HttpError` 400 saying why when not."""
-        try:
-            return msgspec.convert(self.json(), kind)
-        except msgspec.ValidationError as exc:
-            raise HttpError(400, "bad_request", str(exc)) from None
+        return convert(self.json(), kind)
 
     def bearer(self) -> str | None:
         auth = self.headers.get("authorization", "")
@@ -80,6 +77,14 @@ class HttpError(Exception):
 
     def response(self) -> HttpResponse:
         return error_response(self.status, self.code, self.message, self.headers)
+
+
+def convert(data: Any, kind: type[T]) -> T:
+    """Parsed JSON as the wire Struct ``kind``; :class:`HttpError` 400 saying why when not."""
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise HttpError(400, "bad_request", str(exc)) from None
 
 
 def json_response(obj: Any, status: int = 200) -> HttpResponse:

@@ -192,7 +192,8 @@ class LiveRoom:
         """A data message from a member: rate-limit it, parse it, then :meth:`send` it.
 
         Over the rate: an error frame (``rate_limited``, with the message's id
-        when it has one), and past the burst the 4008 close; a frame that is
+        when it has one), and for a sender that keeps on (3 x the burst in
+        refusals, net of what drains) the 4008 close; a frame that is
         not a valid ``send``: its error frame (``bad_request`` / ``too_long``);
         text that is not UTF-8: the connection fails with 1007 (RFC 6455 8.1).
         """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from roomshard.wire.internal import AccessBody, AccessResult, LiveRoomAnswer, LiveRoomsAnswer
-from roomshard.wire.protocol import CloseCode, valid_room_id, valid_user_id
+from roomshard.wire.protocol import INVALID_ROOM_ID, CloseCode, valid_room_id, valid_user_id
 from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
 from shard.metrics import CONTENT_TYPE
@@ -109,9 +109,13 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
 
 
 def room_param(req: HttpRequest) -> str:
-    name = req.params["room"]
-    if not valid_room_id(name):
-        raise HttpError(400, "invalid_room", "room id must match ^[A-Za-z0-9_-]{1,64}$")
+    return room_id(req.params["room"])
+
+
+def room_id(name: str | None) -> str:
+    """``name`` when it is a room id; else HttpError 400 ``invalid_room``."""
+    if name is None or not valid_room_id(name):
+        raise HttpError(400, "invalid_room", INVALID_ROOM_ID)
     return name
 
 

@@ -13,6 +13,8 @@ from enum import IntEnum
 ROOM_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 INSTANCE_ID_RE = re.compile(r"i([1-9][0-9]{0,3})")
+#: What a refused room id is told (400 ``invalid_room``), everywhere.
+INVALID_ROOM_ID = f"room id must match ^{ROOM_ID_RE.pattern}$"
 # A client message id: 1..64 characters, any text.
 MAX_CLIENT_MESSAGE_ID = 64
 
