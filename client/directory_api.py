@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import httpx
+import msgspec
 
 from client.errors import ConnectRefused, DirectoryUnavailable
+from roomshard.wire.errors import ErrorBody
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +28,10 @@ class Route:
 
 def _error_of(resp: httpx.Response) -> tuple[str, str]:
     try:
-        err = resp.json()["error"]
-        return str(err["code"]), str(err["message"])
-    except Exception:  # not the contract's body (a proxy page, a 501 stub...)
+        err = msgspec.json.decode(resp.content, type=ErrorBody).error
+    except msgspec.DecodeError:  # not the contract's body (a proxy page, a 501 stub...)
         return f"http_{resp.status_code}", resp.reason_phrase or resp.text[:200]
+    return err.code, err.message
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -7,7 +7,8 @@ The transport is injectable, so tests replace the network with
 Errors::
 
     DirectoryError            any failed control call
-      DirectoryUnavailable    network error, timeout or 5xx: retry later (close 1013)
+      DirectoryUnavailable    network error, timeout, 5xx or an answer that is not the
+                              directory's: retry later (close 1013)
       DirectoryRefused        a 4xx with the directory's error code, e.g.
                               ``not_owner`` (close 4004) or ``moving`` (1013)
 """
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from roomshard.wire.errors import ErrorBody
 from roomshard.wire.internal import (
     HeartbeatBody,
     HeartbeatResponse,
@@ -113,14 +115,17 @@ class DirectoryClient:
             raise DirectoryUnavailable(f"{method} {path}: {exc!r}") from exc
         if resp.status_code >= 500:
             raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code}")
+        if resp.status_code >= 400:
+            try:
+                err = msgspec.json.decode(resp.content, type=ErrorBody).error
+            except msgspec.DecodeError:  # not the directory's answer (a proxy in between)
+                raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code} "
+                                           "without the error body") from None
+            raise DirectoryRefused(resp.status_code, err.code, err.message)
         try:
             data = resp.json()
         except ValueError as exc:
             raise DirectoryUnavailable(f"{method} {path}: non-JSON answer") from exc
-        if resp.status_code >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise DirectoryRefused(resp.status_code, str(err.get("code", "unknown")),
-                                   str(err.get("message", "")))
         if not isinstance(data, dict):
             raise DirectoryUnavailable(f"{method} {path}: unexpected answer")
         return data

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from client.directory_api import with_since
+from client.directory_api import resolve, with_since
+from client.errors import ConnectRefused, DirectoryUnavailable
 from client.inbox import Gap, Inbox
 from client.outbox import Outbox
 from client.reconnect import POLICY_FLOOR_S, TRY_AGAIN_FLOOR_S, Action, Backoff, decide
+from roomshard.wire.errors import error_body
 from roomshard.wire.protocol import CloseCode
 
 
@@ -147,3 +150,30 @@ def test_with_since_appends_to_the_ticket_query() -> None:
     """since is added to the room URL's query string."""
     assert with_since("ws://h/i1/room/r?ticket=x", 4) == "ws://h/i1/room/r?ticket=x&since=4"
     assert with_since("ws://h/i1/room/r", None) == "ws://h/i1/room/r"
+
+
+async def test_resolve_reads_the_error_body_and_survives_a_page_that_is_not_it():
+    """A 4xx with the contract's body is ConnectRefused with its code; a 429 or 5xx is
+    retryable (with Retry-After); a proxy's HTML page gives http_<status>, not a traceback."""
+    answers = iter([
+        httpx.Response(403, content=error_body("forbidden", "not a member"),
+                       headers={"content-type": "application/json"}),
+        httpx.Response(429, content=error_body("rate_limited", "too many rooms"),
+                       headers={"retry-after": "7"}),
+        httpx.Response(502, content=b"<html>Bad Gateway</html>"),
+        httpx.Response(404, content=b"{\"error\": \"no\"}"),
+    ])
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: next(answers)))
+    async with http:
+        with pytest.raises(ConnectRefused) as refused:
+            await resolve(http, "http://dir.test", "r", "alice", None)
+        assert (refused.value.status, refused.value.code) == (403, "forbidden")
+        with pytest.raises(DirectoryUnavailable) as busy:
+            await resolve(http, "http://dir.test", "r", "alice", None)
+        assert busy.value.retry_after == 7.0 and "rate_limited" in str(busy.value)
+        with pytest.raises(DirectoryUnavailable) as proxy:
+            await resolve(http, "http://dir.test", "r", "alice", None)
+        assert str(proxy.value).startswith("http_502: Bad Gateway")
+        with pytest.raises(ConnectRefused) as odd:
+            await resolve(http, "http://dir.test", "r", "alice", None)
+        assert (odd.value.status, odd.value.code) == (404, "http_404")

@@ -47,6 +47,7 @@ async def test_refusals_and_failures_are_translated():
         httpx.Response(503, json={"error": {"code": "unavailable", "message": "db"}}),
         httpx.Response(200, content=b"not json"),
         httpx.Response(200, json={"room": "r"}),
+        httpx.Response(404, content=b"<html>not found</html>"),  # a proxy's page, not ours
     ])
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -59,7 +60,7 @@ async def test_refusals_and_failures_are_translated():
     with pytest.raises(DirectoryRefused) as refused:
         await dc.open_room("r", 1)
     assert (refused.value.status, refused.value.code) == (409, "moving")
-    for _ in range(4):  # 503, non-JSON, malformed answer, connection error
+    for _ in range(5):  # 503, non-JSON, malformed answer, a proxy's 404, connection error
         with pytest.raises(DirectoryUnavailable):
             await dc.open_room("r", 1)
     await dc.aclose()
