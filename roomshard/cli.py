@@ -21,7 +21,7 @@ LAZY_COMMANDS = {
     "dev": ("roomshard.devcluster", "dev"),
     "rules": ("router_rules.cli", "rules"),
     "admin": ("roomshard.admin_cli", "admin"),
-    "chat": ("client.chat_cli", "chat"),
+    "chat": ("roomshard.client.chat_cli", "chat"),
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grimp
 import pytest
 
-PACKAGES = ("roomshard", "shard", "directory", "router_rules", "client")
+PACKAGES = ("roomshard", "shard", "directory", "router_rules")
 
 #: The shard's layers, top first (docs/ARCHITECTURE.md).
 SHARD_LAYERS: tuple[tuple[str, ...], ...] = (

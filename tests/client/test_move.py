@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-import client
-from client import Gap, Message, Session, State, StateChange
+from roomshard import client
+from roomshard.client import Gap, Message, Session, State, StateChange
 from tests.support.procs import TEST_ADMIN_TOKEN, Procs
 from tests.support.timing import await_until, t
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from client.directory_api import resolve, with_since
-from client.errors import ConnectRefused, DirectoryUnavailable
-from client.inbox import Gap, Inbox
-from client.outbox import Outbox
-from client.reconnect import POLICY_FLOOR_S, TRY_AGAIN_FLOOR_S, Action, Backoff, decide
+from roomshard.client.directory_api import resolve, with_since
+from roomshard.client.errors import ConnectRefused, DirectoryUnavailable
+from roomshard.client.inbox import Gap, Inbox
+from roomshard.client.outbox import Outbox
+from roomshard.client.reconnect import POLICY_FLOOR_S, TRY_AGAIN_FLOOR_S, Action, Backoff, decide
 from roomshard.wire.errors import error_body
 from roomshard.wire.protocol import CloseCode
 

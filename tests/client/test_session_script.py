@@ -19,7 +19,7 @@ import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from client import Message, Session, SessionClosed, State, StateChange
+from roomshard.client import Message, Session, SessionClosed, State, StateChange
 from tests.support.timing import await_until, t
 
 
@@ -162,7 +162,7 @@ async def test_frame_too_big_ends_the_session(peer: Peer) -> None:
 
 async def test_too_long_refusal_fails_only_that_send(peer: Peer) -> None:
     """An error frame with the send's id fails its future with SendRefused; the session stays open."""
-    from client import SendRefused
+    from roomshard.client import SendRefused
 
     async def only(ws: ServerConnection, frames: list[dict]) -> None:
         await ws.send(welcome(0, ["alice"]))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 
-import client
+from roomshard import client
 from roomshard.cli import main
 from tests.support.procs import TEST_ADMIN_TOKEN, Procs
 from tests.support.timing import t

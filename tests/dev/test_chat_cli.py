@@ -8,7 +8,7 @@ import sys
 import pexpect
 import pytest
 
-import client
+from roomshard import client
 from tests.support.procs import Procs
 from tests.support.timing import t
 

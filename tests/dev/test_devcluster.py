@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-import client
+from roomshard import client
 from tests.support.timing import t, wait_until
 
 pytestmark = pytest.mark.e2e

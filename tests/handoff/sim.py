@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.outbox import Outbox
+from roomshard.client.outbox import Outbox
 from directory import moves
 from roomshard.wire.protocol import CloseCode
 from shard.handoff import Handoffs

@@ -2,12 +2,12 @@
 
 The session runs one task that loops: ask the directory for the room's URL,
 open the WebSocket (with ``since`` = last seq seen), read frames until the
-connection ends, then let :func:`client.reconnect.decide` and the
-:class:`~client.reconnect.Backoff` say how long to wait before asking
-again. Unacked sends stay in the :class:`~client.outbox.Outbox` and are
+connection ends, then let :func:`roomshard.client.reconnect.decide` and the
+:class:`~roomshard.client.reconnect.Backoff` say how long to wait before asking
+again. Unacked sends stay in the :class:`~roomshard.client.outbox.Outbox` and are
 written again, same id, after every welcome; received messages pass through
-the :class:`~client.inbox.Inbox` so the application sees each one once, in
-order, and a :class:`~client.inbox.Gap` when the server could not recover.
+the :class:`~roomshard.client.inbox.Inbox` so the application sees each one once, in
+order, and a :class:`~roomshard.client.inbox.Gap` when the server could not recover.
 
 Events are queued without a bound: a chat client that stops reading its
 events keeps them in memory. Iterate ``async for item in session`` for
@@ -33,17 +33,17 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from client.directory_api import resolve, with_since
-from client.errors import (
+from roomshard.client.directory_api import resolve, with_since
+from roomshard.client.errors import (
     ClientError,
     ConnectRefused,
     DirectoryUnavailable,
     SendRefused,
     SessionClosed,
 )
-from client.inbox import Gap, Inbox, Message, Presence
-from client.outbox import Outbox
-from client.reconnect import Action, Backoff, Decision, decide
+from roomshard.client.inbox import Gap, Inbox, Message, Presence
+from roomshard.client.outbox import Outbox
+from roomshard.client.reconnect import Action, Backoff, Decision, decide
 
 log = logging.getLogger("roomshard.client")
 
@@ -84,7 +84,7 @@ _END = object()
 
 
 class Session:
-    """A reconnecting session; build it with :func:`client.connect`."""
+    """A reconnecting session; build it with :func:`roomshard.client.connect`."""
 
     def __init__(self, directory_url: str, room: str, user: str | None, *,
                  since: int | None = None, token: str | None = None,

@@ -14,7 +14,7 @@ import threading
 
 import click
 
-from client import (
+from roomshard.client import (
     ConnectRefused,
     Gap,
     Message,

@@ -7,7 +7,7 @@
         async for item in s:          # Message or Gap, each message once, in seq order
             print(item)
 
-See :mod:`client.session` for the reconnect behaviour.
+See :mod:`roomshard.client.session` for the reconnect behaviour.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from client.errors import (
+from roomshard.client.errors import (
     ClientError,
     ConnectRefused,
     DirectoryUnavailable,
     SendRefused,
     SessionClosed,
 )
-from client.inbox import Gap, Message, Presence
-from client.reconnect import Backoff
-from client.session import ServerError, Session, State, StateChange
+from roomshard.client.inbox import Gap, Message, Presence
+from roomshard.client.reconnect import Backoff
+from roomshard.client.session import ServerError, Session, State, StateChange
 
 __all__ = [
     "Backoff", "ClientError", "ConnectRefused", "DirectoryUnavailable", "Gap", "Message",

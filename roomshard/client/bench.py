@@ -1,4 +1,4 @@
-"""``python -m client.bench``: end-to-end latency through the client library.
+"""``python -m roomshard.client.bench``: end-to-end latency through the client library.
 
 ``--senders`` sessions each send at ``--rate`` messages/s (under the shard's
 per-connection limit) into one room for ``--seconds``; one more session
@@ -7,7 +7,7 @@ the delivered rate, and checks that the receiver got every acked message
 once, in seq order. Run it against any service, e.g. one from
 ``roomshard dev --port 0``::
 
-    python -m client.bench --directory-url http://127.0.0.1:8080 --senders 10 --seconds 10
+    python -m roomshard.client.bench --directory-url http://127.0.0.1:8080 --senders 10 --seconds 10
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import uuid
 
 import click
 
-from client import Message, Session, connect
+from roomshard.client import Message, Session, connect
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from client.errors import ConnectRefused, DirectoryUnavailable
+from roomshard.client.errors import ConnectRefused, DirectoryUnavailable
 from roomshard.wire.errors import ErrorBody
 
 
