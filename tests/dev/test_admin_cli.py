@@ -175,7 +175,7 @@ def test_error_line_reads_the_contract_body_or_falls_back_to_the_status() -> Non
     """The contract's error body gives `code: message`; anything else (a proxy's HTML) gives the status."""
     import httpx
 
-    from roomshard.admin_cli import error_line
+    from roomshard.cli.admin import error_line
 
     body = {"error": {"code": "instance_not_active", "message": "i2 is draining"}}
     assert error_line(httpx.Response(409, json=body)) == "instance_not_active: i2 is draining"
@@ -186,7 +186,7 @@ def test_error_line_reads_the_contract_body_or_falls_back_to_the_status() -> Non
 
 def test_a_report_with_failed_rooms_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     """A drain/rebalance report listing failed rooms prints them and exits 1; a complete one does not."""
-    from roomshard.admin_cli import _exit_on_failures
+    from roomshard.cli.admin import _exit_on_failures
 
     _exit_on_failures("drain of i1", {"moves": [], "failed": [], "complete": True})
     with pytest.raises(SystemExit) as exc:

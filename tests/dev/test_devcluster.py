@@ -146,7 +146,7 @@ def test_dev_stops_everything_when_a_child_dies(tmp_path: Path, run_dev: list[De
 @pytest.mark.nginx
 async def test_dev_behind_nginx_answers_on_one_port(tmp_path: Path, run_dev: list[DevRun]) -> None:
     """With --router nginx the page, the API and every room URL go through nginx on one port."""
-    from roomshard.devcluster import nginx_binary
+    from roomshard.cli.dev import nginx_binary
 
     if nginx_binary() is None:
         if os.environ.get("CI"):

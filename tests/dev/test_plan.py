@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from roomshard.devcluster import (
+from roomshard.cli.dev import (
     banner,
     child_env,
     dev_secrets,
@@ -93,7 +93,7 @@ def test_nginx_binary_is_looked_up_on_the_path(tmp_path: Path) -> None:
 
 def test_banner_names_a_project_venv_script_by_its_path(tmp_path: Path) -> None:
     """A roomshard script in ./.venv is shown as .venv/bin/roomshard (not on the user's PATH)."""
-    from roomshard.devcluster import roomshard_command
+    from roomshard.cli.dev import roomshard_command
 
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)

@@ -1,14 +1,15 @@
-"""The ``roomshard`` command line.
+"""The ``roomshard`` command line: the top of the stack.
 
-Subcommands live next to the code they drive and are imported lazily, so
-``roomshard rules`` does not pay for the shard's imports and a broken optional
-dependency of one command cannot break the others.
+``roomshard directory`` and ``roomshard shard`` run one process each; the
+other commands live next to this module (``dev``, ``admin``, ``chat``) or
+with the code they drive (``rules``). Every command is imported when it is
+called, so ``roomshard shard`` does not pay for boto3 (``rules``) or rich
+(``admin``).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from typing import Any
@@ -17,29 +18,23 @@ import click
 
 from roomshard.config import ConfigError, DirectoryConfig, ShardConfig, click_options, load
 
+#: name -> (module, attribute) of the commands imported when called.
 LAZY_COMMANDS = {
-    "dev": ("roomshard.devcluster", "dev"),
+    "dev": ("roomshard.cli.dev", "dev"),
     "rules": ("router_rules.cli", "rules"),
-    "admin": ("roomshard.admin_cli", "admin"),
-    "chat": ("roomshard.client.chat_cli", "chat"),
+    "admin": ("roomshard.cli.admin", "admin"),
+    "chat": ("roomshard.cli.chat", "chat"),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = [n for n in LAZY_COMMANDS if importlib.util.find_spec(LAZY_COMMANDS[n][0]) is not None]
-        return sorted([*super().list_commands(ctx), *names])
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS:
             module, attr = LAZY_COMMANDS[name]
-            try:
-                mod = importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise
-                return None  # not built into this installation
-            cmd: click.Command = getattr(mod, attr)
+            cmd: click.Command = getattr(importlib.import_module(module), attr)
             return cmd
         return super().get_command(ctx, name)
 
