@@ -7,7 +7,7 @@ directory URLs. Each phase runs ``--concurrency`` connections; with
 latency is measured from the *scheduled* send time (no coordinated omission),
 otherwise each connection sends back-to-back (closed loop, max throughput).
 
-By default it starts a throwaway PostgreSQL (tests/support/pg.py) and two
+By default it starts a throwaway PostgreSQL (roomshard/testing/pg.py) and two
 ``roomshard directory`` processes on it; ``--url`` (repeatable) targets
 running directories instead (give ``--admin-token``/``--cluster-secret``).
 Three fake instances are registered and kept alive by heartbeats.
@@ -256,8 +256,8 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         runner = asyncio.run
     if args.url:
         return runner(bench(args, args.url))
-    from tests.support.pg import PgServer
-    from tests.support.procs import Procs
+    from roomshard.testing.pg import PgServer
+    from roomshard.testing.procs import Procs
 
     env = {"ROOMSHARD_ADMIN_TOKEN": args.admin_token, "ROOMSHARD_CLUSTER_SECRET": args.cluster_secret,
            "ROOMSHARD_LOG_LEVEL": "warning"}

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.directory_connect import cpu_seconds
-from tests.e2e_handoff.chatter import Chatter
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.chatter import Chatter
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 # One client process hosts every member: under a 1,000-join presence storm its pongs come
@@ -129,7 +129,7 @@ async def bench_drain(rooms: int, postgres: bool, idle: bool,
                       out: dict[str, object] | None = None) -> None:
     pg = None
     if postgres:
-        from tests.support.pg import PgServer
+        from roomshard.testing.pg import PgServer
 
         pg = PgServer()
         pg.start()

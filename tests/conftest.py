@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.pg import PgServer
-from tests.support.procs import Procs
+from roomshard.testing.pg import PgServer
+from roomshard.testing.procs import Procs
 
 
 def _have_postgres() -> bool:

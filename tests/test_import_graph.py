@@ -12,6 +12,14 @@ import grimp
 import pytest
 
 PACKAGES = ("roomshard", "shard", "directory", "router_rules")
+SERVICES = ("shard", "directory", "router_rules")
+
+#: Composition roots: processes and their wiring. Only composition imports them.
+COMPOSITION = ("roomshard.__main__", "roomshard.cli", "directory.main", "directory.app",
+               "shard.main", "shard.server", "router_rules.cli")
+
+#: What the services may use of ``roomshard``: the shared bottom (and the lingering close).
+SHARED_BOTTOM = ("roomshard.wire", "roomshard.config", "roomshard.urls", "roomshard.linger")
 
 #: The shard's layers, top first (docs/ARCHITECTURE.md).
 SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
@@ -124,3 +132,51 @@ def test_both_services_use_the_wire_definitions(graph):
     assert graph.direct_import_exists(importer="shard.http", imported="roomshard.wire.errors")
     assert graph.direct_import_exists(importer="directory.errors",
                                       imported="roomshard.wire.errors")
+
+
+def _within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _ours(module: str) -> bool:
+    return _within(module, PACKAGES)
+
+
+def test_nothing_imports_a_composition_root(graph):
+    assert all(m in graph.modules for m in COMPOSITION)
+    upward = [(m, imported) for m in graph.modules if not _within(m, COMPOSITION)
+              for imported in graph.find_modules_directly_imported_by(m)
+              if _within(imported, COMPOSITION)]
+    assert upward == [], "only the command line and the app factories import a composition root"
+
+
+def test_the_services_use_only_the_shared_bottom_of_roomshard(graph):
+    used = [(m, imported) for m in graph.modules if _within(m, SERVICES)
+            for imported in graph.find_modules_directly_imported_by(m)
+            if _within(imported, ("roomshard",)) and not _within(imported, SHARED_BOTTOM)]
+    assert used == [], "a service imports the client, the CLI or the test helpers"
+
+
+def test_the_shared_bottom_imports_no_service(graph):
+    up = [(m, imported) for m in graph.modules if _within(m, SHARED_BOTTOM)
+          for imported in graph.find_modules_directly_imported_by(m)
+          if _ours(imported) and not _within(imported, SHARED_BOTTOM)]
+    assert up == []
+
+
+@pytest.mark.parametrize("package", ["roomshard.client", "roomshard.testing"])
+def test_the_client_and_the_test_helpers_speak_only_the_wire(graph, package):
+    """They reach the services over the network and through processes, never by import."""
+    reached = [(m, imported) for m in graph.modules if _within(m, (package,))
+               for imported in graph.find_modules_directly_imported_by(m)
+               if _ours(imported) and not _within(imported, (package, "roomshard.wire"))]
+    assert reached == []
+
+
+def test_bench_and_tests_share_helpers_through_roomshard_testing():
+    """``bench/`` never imports ``tests/`` (the shared helpers live in roomshard.testing)."""
+    g = grimp.build_graph("bench", "tests", *PACKAGES, cache_dir=None)
+    assert "bench.handoff" in g.modules and "tests.conftest" in g.modules
+    found = [(m, imported) for m in g.find_descendants("bench")
+             for imported in g.find_modules_directly_imported_by(m) if _within(imported, ("tests",))]
+    assert found == []

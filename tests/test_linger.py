@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from roomshard.linger import Linger, LingerLimits, LingerPool
-from tests.support.timing import await_until, t
+from roomshard.testing.timing import await_until, t
 
 ANSWER = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\n{}"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.timing import t, wait_until
+from roomshard.testing.timing import t, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_MODULES = ROOT / "bench" / "node" / "node_modules"

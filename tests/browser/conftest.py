@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.timing import wait_until
+from roomshard.testing.timing import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

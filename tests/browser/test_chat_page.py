@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import t
 from tests.browser.conftest import wait_js
-from tests.support.procs import Procs
-from tests.support.timing import t
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -135,7 +135,7 @@ def test_page_shows_why_it_was_removed_from_a_private_room(procs: Procs, browser
     directory's reason; alice's page stays open and sees him leave."""
     import httpx
 
-    from tests.support.procs import TEST_ADMIN_TOKEN
+    from roomshard.testing.procs import TEST_ADMIN_TOKEN
 
     d = procs.directory()
     procs.shard("i1", d.url)

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import t
 from tests.browser.conftest import wait_js
 from tests.browser.test_chat_page import join, members, say, shown
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import t
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -9,8 +9,8 @@ import pytest
 
 from roomshard import client
 from roomshard.client import Gap, Message, Session, State
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import await_until, t
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import await_until, t
 
 pytestmark = pytest.mark.e2e
 

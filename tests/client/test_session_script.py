@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from roomshard.client import Message, Session, SessionClosed, State, StateChange
-from tests.support.timing import await_until, t
+from roomshard.testing.timing import await_until, t
 
 
 @dataclass

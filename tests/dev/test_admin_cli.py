@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from roomshard import client
 from roomshard.cli import main
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import t
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import t
 
 pytestmark = pytest.mark.e2e
 

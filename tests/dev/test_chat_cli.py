@@ -9,8 +9,8 @@ import pexpect
 import pytest
 
 from roomshard import client
-from tests.support.procs import Procs
-from tests.support.timing import t
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import t
 
 pytestmark = pytest.mark.e2e
 

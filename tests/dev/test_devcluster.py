@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from roomshard import client
-from tests.support.timing import t, wait_until
+from roomshard.testing.timing import t, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ import pytest
 
 from directory.app import create_app
 from roomshard.config import DirectoryConfig
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET
 from roomshard.wire.tickets import Signer
-from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 T0 = 1_800_000_000.0

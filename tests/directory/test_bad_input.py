@@ -9,9 +9,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from roomshard.testing.procs import TEST_CLUSTER_SECRET
 from roomshard.wire.tickets import Signer
 from tests.directory.conftest import ADMIN, T0, Harness
-from tests.support.procs import TEST_CLUSTER_SECRET
 
 SECRET = "app-secret-for-tests-0123456789abcdef"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

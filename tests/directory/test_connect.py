@@ -8,9 +8,9 @@ from typing import Any
 import msgspec
 
 from directory.schemas import ConnectResponse
+from roomshard.testing.procs import TEST_CLUSTER_SECRET
 from roomshard.wire.tickets import Signer
 from tests.directory.conftest import ADMIN, Harness
-from tests.support.procs import TEST_CLUSTER_SECRET
 
 
 def ticket_of(body: dict[str, Any], now: float) -> Any:

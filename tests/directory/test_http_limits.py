@@ -26,9 +26,9 @@ from directory import http_server
 from directory.app import create_app
 from directory.http_server import MAX_HEAD_BYTES, uvicorn_options
 from roomshard.linger import LingerLimits
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import t, wait_until
 from tests.directory.conftest import make_cfg
-from tests.support.procs import Procs
-from tests.support.timing import t, wait_until
 
 CHUNK = b"a" * 65536
 #: What the endless header sends at most before the test gives up: a 431 must come long before.

@@ -154,8 +154,8 @@ async def test_heartbeat_refuses_a_token_made_for_a_shard(h: Harness) -> None:
     an unbound token of an older shard (the rolling upgrade) is still accepted."""
     import jwt
 
+    from roomshard.testing.procs import TEST_CLUSTER_SECRET
     from roomshard.wire.tickets import CLUSTER_AUDIENCE, Signer, _key
-    from tests.support.procs import TEST_CLUSTER_SECRET
 
     url = "/v1/internal/instances/i1/heartbeat"
     body = {"internal_url": "http://s", "boot_id": "b"}

@@ -21,8 +21,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.support.procs import Proc, Procs
-from tests.support.timing import t
+from roomshard.testing.procs import Proc, Procs
+from roomshard.testing.timing import t
 
 pytestmark = pytest.mark.e2e
 

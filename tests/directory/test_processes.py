@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from roomshard.testing.pg import PgServer
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
+from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
-from tests.support.pg import PgServer
-from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
-from tests.support.timing import await_until, t
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 pytestmark = pytest.mark.e2e

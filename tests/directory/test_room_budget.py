@@ -20,9 +20,9 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
+from roomshard.testing.timing import await_until, t
 from tests.shard.conftest import recv_until
-from tests.support.procs import TEST_ADMIN_TOKEN, Proc, Procs
-from tests.support.timing import await_until, t
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
+from roomshard.testing.timing import t, wait_until
 from roomshard.wire.tickets import DIRECTORY, Signer
-from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
-from tests.support.timing import t, wait_until
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 # Heartbeats every 0.5 s, lease 3 s, down after 4.5 s: a crash is noticed quickly, and a

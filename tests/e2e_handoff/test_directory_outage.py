@@ -17,11 +17,11 @@ import signal
 import httpx
 import pytest
 
-from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.pg import free_port
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import await_until, t
 from tests.e2e_handoff.conftest import ADMIN
-from tests.support.pg import free_port
-from tests.support.procs import Procs
-from tests.support.timing import await_until, t
 
 
 async def _chat(directory_url: str, http: httpx.AsyncClient, n: int = 3) -> list[Chatter]:

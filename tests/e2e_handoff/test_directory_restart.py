@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import await_until, t
 from tests.e2e_handoff.conftest import ADMIN, directory_auth
-from tests.support.procs import Procs
-from tests.support.timing import await_until, t
 
 # The shards must outlive the directory's restart without fencing (lease) and the
 # restarted directory must not call them down meanwhile.

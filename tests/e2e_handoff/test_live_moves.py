@@ -13,9 +13,9 @@ import random
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter, check_logs
+from roomshard.testing.chatter import Chatter, check_logs
+from roomshard.testing.timing import await_until, t
 from tests.e2e_handoff.conftest import Cluster
-from tests.support.timing import await_until, t
 
 ROOMS = int(os.environ.get("ROOMSHARD_E2E_ROOMS", "30"))
 CLIENTS = int(os.environ.get("ROOMSHARD_E2E_CLIENTS", "4"))

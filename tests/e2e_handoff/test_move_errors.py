@@ -11,10 +11,10 @@ import httpx
 import orjson
 from websockets.sync.client import connect as ws_connect
 
+from roomshard.testing.procs import TEST_CLUSTER_SECRET
+from roomshard.testing.timing import t, wait_until
 from roomshard.wire.tickets import Signer
 from tests.e2e_handoff.conftest import Cluster
-from tests.support.procs import TEST_CLUSTER_SECRET
-from tests.support.timing import t, wait_until
 
 
 def _connect(cluster: Cluster, room: str, user: str = "alice") -> dict:

@@ -16,10 +16,10 @@ import time
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import await_until, t
 from tests.e2e_handoff.conftest import ADMIN, directory_auth
-from tests.support.procs import Procs
-from tests.support.timing import await_until, t
 
 # Shards outlive the directory's absence (lease) and are not called down meanwhile.
 SHARD_ENV = {"ROOMSHARD_HEARTBEAT_INTERVAL": "0.5", "ROOMSHARD_LEASE": "15"}

@@ -6,10 +6,10 @@ import asyncio
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter
+from roomshard.testing.chatter import Chatter
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import await_until, t
 from tests.e2e_handoff.conftest import Cluster, start_cluster
-from tests.support.procs import Procs
-from tests.support.timing import await_until, t
 
 ROOMS = 40
 

@@ -7,10 +7,10 @@ import time
 
 import httpx
 
-from tests.e2e_handoff.chatter import Chatter, check_logs
+from roomshard.testing.chatter import Chatter, check_logs
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import await_until, t
 from tests.e2e_handoff.conftest import Cluster, start_cluster
-from tests.support.procs import Procs
-from tests.support.timing import await_until, t
 
 ROOMS = 6
 CLIENTS = 3

@@ -11,9 +11,9 @@ import jwt
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
+from roomshard.testing.timing import t
 from roomshard.wire.tickets import CLUSTER_AUDIENCE, CLUSTER_TOKEN_TTL_S, DIRECTORY, Signer, _key
-from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
-from tests.support.timing import t
 
 
 def bearer(token: str) -> dict[str, str]:

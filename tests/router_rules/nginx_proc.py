@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.timing import t, wait_until
+from roomshard.testing.timing import t, wait_until
 
 NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx")
 

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
+from roomshard.testing.timing import t
 from router_rules import aws
 from router_rules.model import DEFAULT_GROUP, build, empty_group
 from router_rules.plan import PlanError, plan
 from tests.router_rules.albsim import DEFAULT_404, SimRule, route
 from tests.router_rules.conftest import registry
 from tests.router_rules.moto_env import FakeAws
-from tests.support.timing import t
 
 
 def _sim(elb, listener: str) -> list[SimRule]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import t
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import t
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "fixtures" / "instances.json"

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from roomshard.testing.timing import t
 from router_rules.cloudformation import render_cloudformation
 from router_rules.model import build
 from tests.router_rules.albsim import DEFAULT_404, SimRule, route
 from tests.router_rules.conftest import registry
 from tests.router_rules.moto_env import FakeAws
-from tests.support.timing import t
 
 HERE = Path(__file__).parent
 INFRA_TEMPLATE = HERE.parents[1] / "infra" / "cloudformation" / "base.yaml"

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import await_until, t
 from router_rules.nginx import render_nginx
 from tests.router_rules.nginx_proc import Nginx, free_port
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import await_until, t
 
 pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
 

@@ -13,11 +13,11 @@ import httpx
 import pytest
 import yaml
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import t
 from roomshard.wire.protocol import DEFAULT_PING_INTERVAL_S
 from router_rules.model import RULE_PRIORITY_BASE
 from tests.router_rules.nginx_proc import Nginx
-from tests.support.procs import TEST_ADMIN_TOKEN, Procs
-from tests.support.timing import t
 
 INFRA = Path(__file__).parents[2] / "infra"
 TF = INFRA / "terraform"

@@ -13,10 +13,10 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from roomshard.testing.timing import t
 from router_rules.nginx import render_nginx
 from router_rules.registry import RegistryError
 from tests.router_rules.nginx_proc import Nginx, free_port
-from tests.support.timing import t
 
 pytestmark = pytest.mark.nginx
 

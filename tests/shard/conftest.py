@@ -12,11 +12,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from roomshard.config import ShardConfig
+from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
 from shard.directory_client import DirectoryClient
 from shard.server import ShardServer
 from tests.shard.fakedir import SECRET, FakeDirectory
-from tests.support.timing import await_until, t
 
 BASE_CFG = ShardConfig(instance="i1", port=0, directory_url="http://directory.test",
                        cluster_secret=SECRET, heartbeat_interval=0.1, lease=1.0)

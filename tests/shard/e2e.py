@@ -11,8 +11,8 @@ import struct
 import httpx
 import orjson
 
-from tests.support.procs import Proc
-from tests.support.timing import t
+from roomshard.testing.procs import Proc
+from roomshard.testing.timing import t
 
 
 async def room_url(directory: Proc, room: str, user: str, since: int | None = None,

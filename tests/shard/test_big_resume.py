@@ -22,10 +22,10 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from roomshard.testing.procs import Proc, Procs
+from roomshard.testing.timing import t
 from tests.shard.conftest import recv_until
 from tests.shard.e2e import RawClient, room_url
-from tests.support.procs import Proc, Procs
-from tests.support.timing import t
 
 pytestmark = pytest.mark.e2e
 

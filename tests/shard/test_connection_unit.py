@@ -12,6 +12,7 @@ from websockets.frames import Frame, Opcode
 
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
+from roomshard.testing.timing import await_until, t
 from roomshard.wire.protocol import CloseCode
 from shard.connection import Connection, ConnectionContext
 from shard.frames import text_frame
@@ -19,7 +20,6 @@ from shard.http import HttpRequest, HttpResponse, json_response
 from shard.ratelimit import TokenBucket
 from shard.stats import Stats
 from shard.writer import Writer
-from tests.support.timing import await_until, t
 
 CFG = ShardConfig(instance="i1", port=0, directory_url="http://directory.test",
                   cluster_secret="s" * 32)

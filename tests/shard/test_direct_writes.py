@@ -9,8 +9,8 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from roomshard.testing.timing import await_until, t
 from tests.shard.conftest import recv_json, recv_until
-from tests.support.timing import await_until, t
 
 MESSAGES = 300
 TEXT = "x" * 3000

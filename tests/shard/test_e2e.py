@@ -12,11 +12,11 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
+from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
 from tests.shard.conftest import close_code, recv_json, recv_until
 from tests.shard.e2e import metric, room_url
-from tests.support.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
-from tests.support.timing import await_until, t
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol, Side
 
+from roomshard.testing.timing import t
 from shard.frames import HEAD_PONG, MAX_FAST_PARTIAL, read_client_frames
 from tests.shard.conftest import close_code, recv_json, recv_until
-from tests.support.timing import t
 
 
 def client_frame(opcode: Opcode, data: bytes, fin: bool = True, rsv1: bool = False) -> bytes:

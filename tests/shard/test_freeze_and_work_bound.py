@@ -14,8 +14,8 @@ import os
 import orjson
 import pytest
 
+from roomshard.testing.timing import await_until
 from tests.shard.conftest import recv_until
-from tests.support.timing import await_until
 
 
 def masked_send(i: int) -> bytes:

@@ -20,10 +20,10 @@ import psutil
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from roomshard.testing.procs import Procs
+from roomshard.testing.timing import t
 from tests.shard.conftest import recv_until
 from tests.shard.e2e import metric, room_url
-from tests.support.procs import Procs
-from tests.support.timing import t
 
 pytestmark = pytest.mark.e2e
 

@@ -29,9 +29,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from roomshard.testing.procs import Proc, Procs
+from roomshard.testing.timing import await_until, t
 from tests.shard.e2e import metric, room_url
-from tests.support.procs import Proc, Procs
-from tests.support.timing import await_until, t
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from roomshard.testing.timing import await_until, t
 from tests.shard.conftest import close_code, recv_json, recv_until
-from tests.support.timing import await_until, t
 
 
 async def test_welcome_presence_and_broadcast(shard):

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from roomshard.testing.timing import await_until, t
 from tests.shard.e2e import RawClient, metric, room_url, wait_closed_by_server
 from tests.shard.test_e2e import recv_json
-from tests.support.timing import await_until, t
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from websockets.frames import Frame, Opcode
 
+from roomshard.testing.timing import await_until, t
 from tests.shard.e2e import RawClient, wait_closed_by_server
-from tests.support.timing import await_until, t
 
 
 def masked(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from tests.support.timing import t, wait_until
+from roomshard.testing.timing import t, wait_until
 
 
 def _pg_bin(name: str) -> str:

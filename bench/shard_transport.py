@@ -1,6 +1,6 @@
 """Quick transport measurement: shard vs a bare ``websockets.broadcast`` server, 100 rooms x 20.
 
-    python -m tests.shard.bench_transport [--rates 1000,2000] [--step-seconds 5] [--rounds 2]
+    python -m bench.shard_transport [--rates 1000,2000] [--step-seconds 5] [--rounds 2]
 
 Reuses the benchmark harness (``bench/cluster.py`` starts the servers pinned
 to CPU 1, ``bench/loadgen/loadgen.js`` is the same Node client for both,

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.timing import t, wait_until
+from roomshard.testing.timing import t, wait_until
 
 TEST_ADMIN_TOKEN = "test-admin-token"
 TEST_CLUSTER_SECRET = "test-cluster-secret"

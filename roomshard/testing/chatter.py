@@ -20,7 +20,7 @@ import orjson
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from tests.support.timing import await_until
+from roomshard.testing.timing import await_until
 
 RETRY_S = 0.05
 

@@ -1,1 +1,0 @@
-"""Shared test support: real PostgreSQL, real processes, bounded waits."""
