@@ -2,7 +2,8 @@
 
 Live load comes from the owning shard with a short timeout; when the shard
 cannot be asked the load is ``null`` (never a 500). Moves, drains of live
-instances and rebalancing go through ``directory.handoff``.
+instances and rebalancing are the directory's operations: ``Directory.mover``
+(``directory.move_driver``), ``directory.drain``, ``directory.rebalance_driver``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from directory import handoff, placement, registry, schemas
+from directory import drain as drains
+from directory import placement, rebalance_driver, registry, schemas
 from directory.auth import check_admin
 from directory.context import Directory
 from directory.edge import ApiRoute, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
+from directory.moves import DRAIN_PARALLELISM
 from directory.views import instance_view, room_view
 from roomshard.wire.protocol import (
     INVALID_ROOM_ID,
@@ -111,8 +114,9 @@ async def drain(request: Request, ctx: Directory) -> Response:
         raise NotFound("instance_not_found", f"no instance {instance}")
     now = ctx.clock()
     if _state(ctx, row, now) != placement.DOWN:
-        return json_response(await handoff.drain_instance(
-            ctx, instance=instance, reason=registry.REASON_ADMIN, parallelism=body.parallelism))
+        return json_response(await drains.drain_instance(
+            ctx, instance=instance, reason=registry.REASON_ADMIN,
+            parallelism=body.parallelism or DRAIN_PARALLELISM))
     # A down instance has nothing to hand over: re-place its rooms now (their
     # next welcome says recovered: false) and park it disabled.
     await ctx.store.upsert_instance(instance, lambda _row: {
@@ -215,7 +219,7 @@ async def move(request: Request, ctx: Directory) -> Response:
         raise Conflict("instance_not_active", f"{to} is not active")
     if row["state"] == "moving":
         raise Conflict("already_moving", f"room {room} is already moving")
-    return json_response(await handoff.move_room(ctx, room=room, source=row["instance"], to=to))
+    return json_response(await ctx.mover.move_room(room=room, source=row["instance"], to=to))
 
 
 async def rebalance(request: Request, ctx: Directory) -> Response:
@@ -223,8 +227,8 @@ async def rebalance(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), schemas.RebalanceBody, empty_ok=True)
     if body.max_moves < 0:
         raise BadRequest("invalid_max_moves", "max_moves must be >= 0")
-    return json_response(await handoff.rebalance(ctx, dry_run=body.dry_run,
-                                                 max_moves=body.max_moves))
+    return json_response(await rebalance_driver.rebalance(ctx, dry_run=body.dry_run,
+                                                          max_moves=body.max_moves))
 
 
 _I = "/v1/admin/instances/{instance:path}"
@@ -235,7 +239,7 @@ ROUTES = [
              response=schemas.InstanceList, errors=(401,)),
     ApiRoute("POST", _I + "/drain", "drain_instance", drain,
              "Live-move every room off the instance, then mark it disabled", "operators",
-             auth="admin", body=schemas.DrainBody, response=schemas.DrainReport, errors=(400, 401, 404, 409, 501)),
+             auth="admin", body=schemas.DrainBody, response=schemas.DrainReport, errors=(400, 401, 404, 409)),
     ApiRoute("PUT", _I, "put_instance", put_instance, "Register or update an instance",
              "operators", auth="admin", body=schemas.InstancePut, response=schemas.InstanceView,
              errors=(400, 401)),
@@ -255,11 +259,11 @@ ROUTES = [
              body=schemas.AccessPut, response=schemas.AccessView, errors=(400, 401)),
     ApiRoute("POST", _R + "/move", "move_room", move, "Live handoff of a room to another instance",
              "operators", auth="admin", body=schemas.MoveBody, response=schemas.MoveReport,
-             errors=(400, 401, 404, 409, 501)),
+             errors=(400, 401, 404, 409)),
     ApiRoute("GET", _R, "get_room", get_room, "One room's assignment and live load",
              "operators", auth="admin", response=schemas.RoomView, errors=(400, 401, 404)),
     ApiRoute("POST", "/v1/admin/rebalance", "rebalance", rebalance,
              "Plan (and unless dry_run, perform) the fewest moves that even out load",
              "operators", auth="admin", body=schemas.RebalanceBody,
-             response=schemas.RebalanceReport, errors=(400, 401, 501)),
+             response=schemas.RebalanceReport, errors=(400, 401)),
 ]

@@ -8,7 +8,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from directory import handoff, placement, registry, schemas
+from directory import drain as drains
+from directory import placement, registry, schemas
 from directory.api_admin import instance_param, room_param
 from directory.auth import check_acting_for, cluster_subject
 from directory.context import Directory
@@ -53,14 +54,13 @@ async def leave(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), internal.LeaveBody, empty_ok=True)
     if await ctx.store.get_instance(instance) is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
-    drain = body.drain and handoff.has_drain()
     # From this moment on no new room goes there (see registry.leave_changes).
-    await ctx.store.upsert_instance(instance, lambda _row: registry.leave_changes(drain=drain))
-    if drain:
-        return json_response(await handoff.drain_instance(ctx, instance=instance,
-                                                          reason=registry.REASON_SHUTDOWN))
-    # No drain asked, or no live handoff in this build: the rooms are
-    # re-placed on their next connect (their welcome says recovered: false).
+    await ctx.store.upsert_instance(instance, lambda _row: registry.leave_changes(drain=body.drain))
+    if body.drain:
+        return json_response(await drains.drain_instance(ctx, instance=instance,
+                                                         reason=registry.REASON_SHUTDOWN))
+    # No drain asked: the rooms are re-placed on their next connect (their
+    # welcome says recovered: false).
     state = placement.DISABLED
     return json_response({"instance": instance, "state": state, "moves": [], "replaced": 0})
 

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from directory import api_admin, api_client, api_internal, api_meta, handoff, openapi
+from directory import api_admin, api_client, api_internal, api_meta, openapi
 from directory.auth import ClientAuth, check_admin, cluster_subject
 from directory.budget import CreateBudget
 from directory.context import Directory
@@ -30,6 +30,7 @@ from directory.db import make_engine, migrate
 from directory.edge import ApiRoute, endpoint
 from directory.errors import ApiError, error_response
 from directory.metrics import Metrics
+from directory.move_driver import Mover
 from directory.shards import ShardClient
 from directory.store import Store
 from roomshard import urls
@@ -152,18 +153,20 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
         engine = make_engine(cfg.database_url)
         shards = ShardClient(signer, clock, shard_transport)
         store: Store | None = None
+        mover: Mover | None = None
         background: list[asyncio.Task[None]] = []
         try:
             await migrate(engine)
             store = Store(engine)
+            mover = Mover(store, shards, metrics, clock, down_after=cfg.down_after)
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
-                                      admin_token=cfg.admin_token.encode(),
+                                      admin_token=cfg.admin_token.encode(), mover=mover,
                                       awake_since=clock(),
                                       create_budget=CreateBudget(cfg.room_create_rate),
                                       create_budget_by_address=CreateBudget(
                                           cfg.room_create_rate_per_address))
-            await handoff.start(app.state.ctx)  # recovers moves a dead replica left behind
+            mover.start()  # and recover the moves a dead replica left behind
             loop = asyncio.get_running_loop()
             background = [loop.create_task(watch_stalls(app.state.ctx)),
                           loop.create_task(sweep_unused_rooms(app.state.ctx))]
@@ -172,8 +175,8 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if hasattr(app.state, "ctx"):
-                await handoff.stop(app.state.ctx)
+            if mover is not None:
+                await mover.stop()
             if store is not None:
                 store.close()
             await shards.aclose()

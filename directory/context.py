@@ -1,10 +1,9 @@
 """The per-app state every route reads: built in the lifespan, stored on ``app.state.ctx``.
 
 Nothing here is global: two apps in one process have two contexts. The
-handoff modules (``directory.moves``, ``directory.rebalance``) receive this
-object too: ``store`` for SQL (``store.engine``, ``store.write()``,
-``directory.store.reassign``), ``shards.http`` for calls to shards (with
-``shards`` headers), ``signer`` for cluster tokens, ``clock`` for ``now``.
+operations over the whole directory (``directory.drain``,
+``directory.rebalance_driver``) receive this object too; the move driver
+(``mover``) is built from the parts it uses.
 """
 
 from __future__ import annotations
@@ -12,11 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from directory.auth import ClientAuth
 from directory.budget import CreateBudget
 from directory.metrics import Metrics
+from directory.move_driver import Mover
 from directory.shards import ShardClient
 from directory.store import Store
 from roomshard.config import DirectoryConfig
@@ -33,11 +32,10 @@ class Directory:
     metrics: Metrics
     client_auth: ClientAuth
     admin_token: bytes
+    mover: Mover
     # Room creations per user, and per client address (0: off, the default).
     create_budget: CreateBudget = field(default_factory=lambda: CreateBudget(0))
     create_budget_by_address: CreateBudget = field(default_factory=lambda: CreateBudget(0))
-    # Per-app state of optional modules (the live-move driver: "mover").
-    extensions: dict[str, Any] = field(default_factory=dict)
     # When this replica started serving, or last came back from a stalled
     # event loop (``directory.app.watch_stalls``): see :meth:`replace_after`.
     awake_since: float = 0.0

@@ -3,7 +3,7 @@
 ``rebalance.plan_drain`` picks a target per room (largest rooms first, each
 to the least loaded active instance); ``moves.DrainProgress`` hands out at
 most ``parallelism`` moves at a time and requeues a rolled-back one once;
-``move_driver.move_room`` performs each. A move that fails marks its target
+``Mover.move_room`` (``directory.move_driver``) performs each. A move that fails marks its target
 bad for the rest of the drain and is retargeted to another active instance
 (those that heartbeated within ``FRESH_S`` first), so a target that died just
 before the drain -- still ``active`` until ``down_after`` -- costs one failed
@@ -20,13 +20,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from directory import move_driver, placement, registry
+from directory import placement, registry
 from directory.context import Directory
 from directory.errors import ApiError, Conflict
-from directory.moves import DrainProgress
+from directory.moves import DRAIN_PARALLELISM, DrainProgress
 from directory.rebalance import plan_drain
 
-DRAIN_PARALLELISM = 32  # the admin drain's default (its body may say otherwise)
 MAX_ROOMS = 10_000_000
 # A target that heartbeated within this many seconds is preferred when a move is retargeted.
 FRESH_S = 3.0
@@ -81,7 +80,7 @@ async def run_moves(ctx: Directory, progress: DrainProgress,
     while True:
         for room, to in progress.next_moves():
             task = asyncio.ensure_future(
-                move_driver.move_room(ctx, room=room, source=sources[room], to=to))
+                ctx.mover.move_room(room=room, source=sources[room], to=to))
             running[task] = room
         if not running:
             return

@@ -10,7 +10,6 @@ with the status carried by the exception::
       NotFound              404
       Conflict              409
       Unavailable           503  always with Retry-After
-      NotImplementedYet     501  a feature this build does not ship
 
 Database driver errors are translated to ``Unavailable("database_unavailable")``
 at the HTTP boundary (see ``directory.edge``), never shown as a traceback.
@@ -82,11 +81,6 @@ class Unavailable(ApiError):
     def __init__(self, code: str | None = None, message: str = "", *,
                  retry_after: int = RETRY_AFTER_S) -> None:
         super().__init__(code, message, retry_after=retry_after)
-
-
-class NotImplementedYet(ApiError):
-    status = 501
-    code = "not_implemented"
 
 
 def error_response(status: int, code: str, message: str, *,

@@ -17,8 +17,8 @@ move timeout. The lease only decides who drives (a slow renewal at worst
 lets two replicas drive one move, which the conditional commit/rollback
 settle one way); it never decides the move.
 
-One :class:`Mover` per app (``ctx.extensions["mover"]``), started and stopped
-by the app's lifespan through ``directory.handoff``. Drains live in
+One :class:`Mover` per app (``Directory.mover``), built from the parts it
+uses and started and stopped by the app's lifespan. Drains live in
 ``directory.drain`` and rebalancing in ``directory.rebalance_driver``.
 """
 
@@ -30,17 +30,15 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-import httpx
-import msgspec
-import orjson
 from sqlalchemy import exc as sa_exc
 
 from directory import move_store, placement, registry
 from directory.batching import Batcher
-from directory.context import Directory
 from directory.errors import Conflict
+from directory.metrics import Metrics
 from directory.moves import (
     DEFAULT_MOVE_TIMEOUT_S,
     PRE_COMMIT,
@@ -55,12 +53,12 @@ from directory.moves import (
     recover,
     report,
 )
-from roomshard.wire.internal import HANDOFF_CALLS, HandoffBatch, HandoffCall
+from directory.shards import Outcome, ShardClient
+from directory.store import Store
+from roomshard.wire.internal import HANDOFF_CALLS, HandoffCall
 
 log = logging.getLogger("roomshard.directory.moves")
-_encode = msgspec.json.Encoder().encode
 
-CALL_TIMEOUT_S = 3.0  # one shard call; a SIGSTOPped shard costs this much per try
 # A driver's lease on its moves, renewed every RENEW_EVERY_S while it drives them: a few
 # missed renewals (a stalled database, a busy loop) before another replica may take over.
 LEASE_S = 4.0
@@ -75,18 +73,21 @@ ADOPT_BATCH = 16  # adopts carry whole histories (up to 1,000 messages each)
 class Mover:
     """Drives this replica's moves and recovers orphaned ones."""
 
-    def __init__(self, ctx: Directory) -> None:
-        self.ctx = ctx
+    def __init__(self, store: Store, shards: ShardClient, metrics: Metrics,
+                 clock: Callable[[], float], *, down_after: float) -> None:
+        self.store = store
+        self.shards = shards
+        self.metrics = metrics
+        self.clock = clock
+        self.down_after = down_after
         self.owner = f"dir-{secrets.token_hex(6)}"
         self.driving: dict[str, asyncio.Task[Move]] = {}
         self.current: dict[str, Move] = {}
         self._recovery: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._urls: dict[str, str] = {}  # instance -> internal_url, dropped on a failed call
-        self._no_batch: set[str] = set()  # shard URLs without the batch route (older shards)
         # A drain's moves walk the protocol in step: their database writes and shard calls
         # go out as one transaction / one request per step (directory/batching.py).
-        metrics = ctx.metrics
         self.db: Batcher[str, Any] = Batcher(
             self._db_batch, max_batch=DB_BATCH,
             on_batch=lambda kind, n: metrics.batch(f"db_{kind}", n))
@@ -127,13 +128,13 @@ class Mover:
 
     async def renew_once(self) -> int:
         """Extend the lease of every move this replica drives; how many were renewed."""
-        return await move_store.renew_leases(self.ctx.store, list(self.driving), owner=self.owner,
-                                             now=self.ctx.clock(), lease_s=LEASE_S)
+        return await move_store.renew_leases(self.store, list(self.driving), owner=self.owner,
+                                             now=self.clock(), lease_s=LEASE_S)
 
     async def recover_once(self) -> int:
         """Claim and finish every unfinished move whose driver is gone; returns how many."""
-        now = self.ctx.clock()
-        orphans = await move_store.claim_orphans(self.ctx.store, owner=self.owner, now=now,
+        now = self.clock()
+        orphans = await move_store.claim_orphans(self.store, owner=self.owner, now=now,
                                                  lease_s=LEASE_S)
         for persisted in orphans:
             if persisted.move_id in self.driving:
@@ -147,7 +148,7 @@ class Mover:
     # -- one move --------------------------------------------------------------
     async def start_move(self, *, room: str, source: str, to: str) -> asyncio.Task[Move]:
         """Reserve the move (409 ``already_moving``) and start driving it."""
-        now = self.ctx.clock()
+        now = self.clock()
         move_id = secrets.token_hex(8)
 
         def make(from_epoch: int) -> tuple[Move, list[Action]]:
@@ -157,6 +158,20 @@ class Mover:
         move, actions = await self.db.submit(
             "reserve", move_store.Reservation(room=room, source=source, to=to, make=make))
         return self._spawn(move, actions, persist_first=False)
+
+    async def move_room(self, *, room: str, source: str, to: str) -> dict[str, Any]:
+        """Move one room and wait for it; the contract's move report, 409 when it rolled back."""
+        task = await self.start_move(room=room, source=source, to=to)
+        started = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), MOVE_WAIT_S)
+        move = task.result() if task.done() else self.current.get(task.get_name())
+        if move is not None and move.state in (State.COMMITTED, State.RELEASED):
+            return report(move)
+        why = move.reason if move is not None else "unknown"
+        log.warning("move of %s to %s did not commit after %.1fs: %s", room, to,
+                    time.monotonic() - started, why)
+        raise Conflict("move_rolled_back", f"room {room} stayed on {source}: {why}")
 
     def _spawn(self, move: Move, actions: list[Action], *, persist_first: bool) -> asyncio.Task[Move]:
         self.current[move.move_id] = move
@@ -191,13 +206,13 @@ class Mover:
             action = queue.popleft()
             if action.call == "finished":
                 break
-            if move.state in PRE_COMMIT and self.ctx.clock() > deadline:
+            if move.state in PRE_COMMIT and self.clock() > deadline:
                 event = Event("timeout")
             else:
                 event = await self._perform(move, action)
             before = move
             try:
-                move, new = handle(move, event, self.ctx.clock())
+                move, new = handle(move, event, self.clock())
             except MoveRuleError as exc:
                 log.error("move %s: %s", move.move_id, exc)
                 continue
@@ -224,9 +239,9 @@ class Mover:
         log.info("move %s of room %s %s -> %s: %s%s", move.move_id, move.room, move.source,
                  move.target, move.state.value, f" ({move.reason})" if move.reason else "")
         if move.state in TERMINAL:
-            self.ctx.metrics.moves.labels(move.state.value).inc()
+            self.metrics.moves.labels(move.state.value).inc()
         if move.committed_at is not None and move.state is State.RELEASED:
-            self.ctx.metrics.move_pause.observe(max(0.0, move.committed_at - move.started_at))
+            self.metrics.move_pause.observe(max(0.0, move.committed_at - move.started_at))
         return move
 
     # -- actions ---------------------------------------------------------------
@@ -258,7 +273,7 @@ class Mover:
 
     async def _db_batch(self, kind: str, items: list[Any]) -> list[Any]:
         """One transaction for every write of ``kind`` queued in this loop turn."""
-        store, now = self.ctx.store, self.ctx.clock()
+        store, now = self.store, self.clock()
         if kind == "reserve":
             return await move_store.reserve_many(store, items, owner=self.owner, now=now,
                                                  lease_s=LEASE_S)
@@ -273,21 +288,19 @@ class Mover:
     async def _shard_url(self, instance: str) -> str | None:
         url = self._urls.get(instance)
         if url is None:
-            row = await self.ctx.store.get_instance(instance)
+            row = await self.store.get_instance(instance)
             if row is None:
                 return None
             url = self._urls[instance] = row["internal_url"]
         return url
 
-    async def _shard_call(self, instance: str, kind: str, call: HandoffCall) -> tuple[int, Any]:
+    async def _shard_call(self, instance: str, kind: str, call: HandoffCall) -> Outcome:
         """One handoff call, batched with the same calls of this loop turn: (status, answer)."""
-        answer: tuple[int, Any] = await self.calls.submit((instance, kind), call)
+        answer: Outcome = await self.calls.submit((instance, kind), call)
         return answer
 
-    async def _call_batch(self, key: tuple[str, str], items: list[HandoffCall]
-                          ) -> list[tuple[int, Any]]:
-        """``POST /internal/handoffs/<kind>`` with every item; per-room calls to a shard
-        without that route (an older version mid-upgrade)."""
+    async def _call_batch(self, key: tuple[str, str], items: list[HandoffCall]) -> list[Outcome]:
+        """Every call of one kind to one shard queued in this loop turn, in one request."""
         instance, kind = key
         try:
             base = await self._shard_url(instance)
@@ -295,94 +308,19 @@ class Mover:
             return [(0, f"database: {exc.__class__.__name__}")] * len(items)
         if base is None:
             return [(0, "instance not registered")] * len(items)
-        if base not in self._no_batch:
-            status, answer = await self._post(instance, f"{base}/internal/handoffs/{kind}",
-                                              HandoffBatch(items=list(items)),
-                                              CALL_TIMEOUT_S + 0.02 * len(items))
-            if status == 200:
-                return _batch_answers(answer, len(items))
-            if status != 404:
-                return [(status, answer)] * len(items)
-            self._no_batch.add(base)
-            log.info("shard %s has no batch handoff route: calling room by room", instance)
-
-        async def one(item: HandoffCall) -> tuple[int, Any]:
-            body = msgspec.structs.replace(item, room=None)  # the room goes in the path
-            return await self._post(instance, f"{base}/internal/rooms/{item.room}/{kind}",
-                                    body, CALL_TIMEOUT_S)
-
-        return list(await asyncio.gather(*(one(i) for i in items)))
-
-    async def _post(self, instance: str, url: str, body: HandoffCall | HandoffBatch,
-                    timeout: float) -> tuple[int, Any]:
-        try:
-            # Encoded in one pass (a snapshot carries up to the whole history), no copy first.
-            resp = await self.ctx.shards.http.post(
-                url, content=_encode(body), timeout=timeout,
-                headers={**self.ctx.shards.headers(instance), "Content-Type": "application/json"})
-        except httpx.HTTPError as exc:
-            self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now,
-            self._no_batch.clear()  # or run a newer version: try the batch route again
-            return 0, f"unreachable ({exc.__class__.__name__})"
-        try:
-            answer = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
-            answer = resp.text[:200]
-        if resp.status_code != 200 and isinstance(answer, dict):
-            answer = answer.get("error", answer)
-        return resp.status_code, answer
+        outcomes = await self.shards.handoffs(instance, base, kind, items)
+        if any(status == 0 for status, _ in outcomes):
+            self._urls.pop(instance, None)  # a restarted shard may listen elsewhere now
+        return outcomes
 
     async def _gone(self, instance: str) -> bool:
         """The source is down: a restarted shard holds no room state, nothing to release."""
         try:
-            row = await self.ctx.store.get_instance(instance)
+            row = await self.store.get_instance(instance)
         except sa_exc.SQLAlchemyError:
             return False  # unknown: keep retrying the release
         if row is None:
             return True
-        state = placement.effective_state(row["state"], registry.seen_at(row), now=self.ctx.clock(),
-                                          down_after=self.ctx.cfg.down_after)
+        state = placement.effective_state(row["state"], registry.seen_at(row), now=self.clock(),
+                                          down_after=self.down_after)
         return state == placement.DOWN
-
-
-def _batch_answers(answer: Any, n: int) -> list[tuple[int, Any]]:
-    """A batch reply's ``results`` as (status, body or error) per item; a reply that is not
-    one result per item fails every item (the moves retry, nothing is assumed done)."""
-    results = answer.get("results") if isinstance(answer, dict) else None
-    if not isinstance(results, list) or len(results) != n \
-            or not all(isinstance(r, dict) and isinstance(r.get("status"), int) for r in results):
-        return [(0, "malformed batch answer")] * n
-    return [(r["status"], r.get("body") if r["status"] == 200 else r.get("error", r))
-            for r in results]
-
-
-def mover(ctx: Directory) -> Mover:
-    m = ctx.extensions.get("mover")
-    if m is None:
-        m = ctx.extensions["mover"] = Mover(ctx)
-    return m
-
-
-async def start(ctx: Directory) -> None:
-    mover(ctx).start()
-
-
-async def stop(ctx: Directory) -> None:
-    m = ctx.extensions.pop("mover", None)
-    if m is not None:
-        await m.stop()
-
-
-async def move_room(ctx: Directory, *, room: str, source: str, to: str) -> dict[str, Any]:
-    """Move one room and wait for it; the contract's move report, 409 when it rolled back."""
-    task = await mover(ctx).start_move(room=room, source=source, to=to)
-    started = time.monotonic()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(task), MOVE_WAIT_S)
-    move = task.result() if task.done() else mover(ctx).current.get(task.get_name())
-    if move is not None and move.state in (State.COMMITTED, State.RELEASED):
-        return report(move)
-    why = move.reason if move is not None else "unknown"
-    log.warning("move of %s to %s did not commit after %.1fs: %s", room, to,
-                time.monotonic() - started, why)
-    raise Conflict("move_rolled_back", f"room {room} stayed on {source}: {why}")

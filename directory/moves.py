@@ -86,6 +86,8 @@ BACKOFF_CAP_S = 5.0
 #: The driver sends ``timeout`` this long after begin() unless committed: it bounds
 #: how long a room stays frozen (clients' sends wait unacked meanwhile).
 DEFAULT_MOVE_TIMEOUT_S = 10.0
+#: Moves of one drain (or rebalance) in flight at once, unless the drain's body says otherwise.
+DRAIN_PARALLELISM = 32
 
 
 class MoveRuleError(Exception):
@@ -392,7 +394,7 @@ class DrainProgress:
 
     instance: str
     plan: list[tuple[str, str]]
-    parallelism: int = 4
+    parallelism: int = DRAIN_PARALLELISM
     max_attempts: int = 2
     pending: list[tuple[str, str]] = field(init=False)
     in_flight: dict[str, str] = field(init=False, default_factory=dict)

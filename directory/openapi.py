@@ -20,7 +20,7 @@ from roomshard.wire.protocol import INSTANCE_ID_RE, ROOM_ID_RE, USER_ID_RE
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 _STATUS_TEXT = {400: "Invalid input", 401: "Missing or bad credentials", 403: "Not allowed",
-                404: "Not found", 409: "Conflict", 501: "Not available in this build",
+                404: "Not found", 409: "Conflict",
                 503: "Unavailable (see Retry-After)"}
 # Path and query parameters that are ids: the same patterns the handlers fullmatch.
 ID_SCHEMAS: dict[str, dict[str, Any]] = {

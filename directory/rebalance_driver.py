@@ -14,14 +14,8 @@ from typing import Any
 
 from directory import placement
 from directory.context import Directory
-from directory.drain import (
-    DRAIN_PARALLELISM,
-    MAX_ROOMS,
-    effective_instances,
-    room_weights,
-    run_moves,
-)
-from directory.moves import DrainProgress
+from directory.drain import MAX_ROOMS, effective_instances, room_weights, run_moves
+from directory.moves import DRAIN_PARALLELISM, DrainProgress
 from directory.rebalance import plan
 
 

@@ -1,24 +1,32 @@
-"""Calls from the directory to shards (``docs/INTERNALS.md``), all best effort.
+"""Every call from the directory to a shard (``docs/INTERNALS.md``), in one client.
 
 The httpx transport is the seam: tests pass an ``httpx.ASGITransport`` of a
 fake shard app or an ``httpx.MockTransport``; production uses the network.
-Every call is short (``SHARD_CALL_TIMEOUT_S``) and never raises: an
-unreachable or confused shard yields ``None`` and the caller reports the
-value as unknown (``null``) instead of failing the admin request.
+Every call carries a fresh cluster token for its instance and never raises.
+The load and access calls are short (``SHARD_CALL_TIMEOUT_S``) and best
+effort: an unreachable or confused shard yields ``None`` and the caller
+reports the value as unknown (``null``). The handoff calls of a live move
+(:meth:`ShardClient.handoffs`) answer ``(status, body or error)`` per room,
+status 0 when the shard could not be asked; the move driver decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import msgspec
+import orjson
 
 from roomshard.wire.internal import (
     AccessBody,
     AccessResult,
+    HandoffBatch,
+    HandoffCall,
+    HandoffResults,
     LiveLoad,
     LiveRoomAnswer,
     LiveRoomsAnswer,
@@ -26,6 +34,12 @@ from roomshard.wire.internal import (
 from roomshard.wire.tickets import DIRECTORY, Signer
 
 SHARD_CALL_TIMEOUT_S = 1.0
+HANDOFF_CALL_TIMEOUT_S = 3.0  # one handoff call; a SIGSTOPped shard costs this much per try
+HANDOFF_ITEM_S = 0.02  # more time per item of a batched handoff call
+_encode = msgspec.json.Encoder().encode
+#: One handoff call's outcome: (HTTP status, the answer's body or its error); status 0 when
+#: the shard could not be asked or answered nonsense.
+Outcome = tuple[int, Any]
 log = logging.getLogger("roomshard.directory.shards")
 
 NOT_LOADED: dict[str, Any] = {"loaded": False, "connections": 0, "members": 0, "seq": None,
@@ -38,6 +52,7 @@ class ShardClient:
         self._signer = signer
         self._clock = clock
         self.http = httpx.AsyncClient(transport=transport, timeout=SHARD_CALL_TIMEOUT_S)
+        self._no_batch: set[str] = set()  # shard URLs without the batch route (older shards)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -89,6 +104,62 @@ class ShardClient:
             return msgspec.json.decode(resp.content, type=AccessResult).closed
         except msgspec.DecodeError:
             return None
+
+
+    # -- the handoff calls of a live move ------------------------------------------
+    async def handoffs(self, instance: str, internal_url: str, kind: str,
+                       items: list[HandoffCall]) -> list[Outcome]:
+        """``POST /internal/handoffs/<kind>`` with every item, one outcome per item in order;
+        room by room (``/internal/rooms/{room}/<kind>``) on a shard without the batch route
+        (an older version mid-upgrade)."""
+        if internal_url not in self._no_batch:
+            status, answer = await self._post(instance, f"{internal_url}/internal/handoffs/{kind}",
+                                              HandoffBatch(items=list(items)),
+                                              HANDOFF_CALL_TIMEOUT_S + HANDOFF_ITEM_S * len(items))
+            if status == 200:
+                return _batch_outcomes(answer, len(items))
+            if status != 404:
+                return [(status, answer)] * len(items)
+            self._no_batch.add(internal_url)
+            log.info("shard %s has no batch handoff route: calling room by room", instance)
+
+        async def one(item: HandoffCall) -> Outcome:
+            body = msgspec.structs.replace(item, room=None)  # the room goes in the path
+            return await self._post(instance, f"{internal_url}/internal/rooms/{item.room}/{kind}",
+                                    body, HANDOFF_CALL_TIMEOUT_S)
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
+
+    async def _post(self, instance: str, url: str, body: HandoffCall | HandoffBatch,
+                    timeout: float) -> tuple[int, Any]:
+        try:
+            # Encoded in one pass (a snapshot carries up to the whole history), no copy first.
+            resp = await self.http.post(
+                url, content=_encode(body), timeout=timeout,
+                headers={**self.headers(instance), "Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            self._no_batch.clear()  # a restarted shard may run a newer version: try the batch route
+            return 0, f"unreachable ({exc.__class__.__name__})"
+        try:
+            answer = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            answer = resp.text[:200]
+        if resp.status_code != 200 and isinstance(answer, dict):
+            answer = answer.get("error", answer)
+        return resp.status_code, answer
+
+
+def _batch_outcomes(answer: Any, n: int) -> list[Outcome]:
+    """A batch reply as one outcome per item; a reply that is not one result per item fails
+    every item (the moves retry, nothing is assumed done)."""
+    try:
+        results = msgspec.convert(answer, HandoffResults).results
+    except msgspec.ValidationError:
+        results = []
+    if len(results) != n:
+        return [(0, "malformed batch answer")] * n
+    return [(r.status, r.body if r.status == 200 else msgspec.to_builtins(r.error or r))
+            for r in results]
 
 
 def _room_load(resp: httpx.Response) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from roomshard.config import ShardConfig
+from roomshard.wire.errors import ErrorDetail
 from roomshard.wire.internal import (
     HANDOFF_CALLS,
     Abort,
@@ -36,6 +37,8 @@ from roomshard.wire.internal import (
     Discard,
     Freeze,
     HandoffBatch,
+    HandoffResult,
+    HandoffResults,
     Release,
 )
 from roomshard.wire.protocol import CloseCode, instance_number
@@ -148,16 +151,16 @@ class HandoffWiring:
         if len(items) > MAX_BATCH:
             raise HttpError(400, "bad_request", f"at most {MAX_BATCH} items per batch")
         op = getattr(self, kind)
-        results: list[dict[str, Any]] = []
+        results: list[HandoffResult] = []
         for item in items:
             try:
                 call = convert(item, spec)
                 name = room_id(call.room)
-                results.append({"status": 200, "body": op(name, call)})
+                results.append(HandoffResult(status=200, body=op(name, call)))
             except HttpError as exc:
-                results.append({"status": exc.status,
-                                "error": {"code": exc.code, "message": exc.message}})
-        return json_response({"results": results})
+                results.append(HandoffResult(status=exc.status, error=ErrorDetail(
+                    code=exc.code, message=exc.message)))
+        return json_response(HandoffResults(results=results))
 
     def freeze(self, name: str, body: Freeze) -> dict[str, Any]:
         adopted = self.handoffs.adopted.get(name)

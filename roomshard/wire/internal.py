@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from roomshard.wire.errors import ErrorDetail
+
 
 class Body(msgspec.Struct, kw_only=True):
     """Base of the internal bodies (unknown fields are ignored when decoding)."""
@@ -149,6 +151,20 @@ class HandoffBatch(Body):
     """``POST /internal/handoffs/<kind>``: many calls of one kind (items decoded one by one)."""
 
     items: list[Any]
+
+
+class HandoffResult(Body, omit_defaults=True):
+    """One item's answer in a batch: 200 and the call's answer, or the error of that item."""
+
+    status: int
+    body: dict[str, Any] | None = None
+    error: ErrorDetail | None = None
+
+
+class HandoffResults(Body):
+    """The answer to a :class:`HandoffBatch`: one result per item, in item order."""
+
+    results: list[HandoffResult]
 
 
 # -- directory -> shard: rooms in memory, their access ------------------------------

@@ -83,11 +83,11 @@ async def test_drain_moves_every_room_with_batched_or_per_room_calls(harness_fac
 
 def test_a_malformed_batch_answer_fails_every_item() -> None:
     """Only one well-formed result per item counts; anything else fails each item, never succeeds."""
-    from directory.move_driver import _batch_answers
+    from directory.shards import _batch_outcomes
 
     ok = {"results": [{"status": 200, "body": {"closed": 1}},
                       {"status": 409, "error": {"code": "moving", "message": "m"}}]}
-    assert _batch_answers(ok, 2) == [(200, {"closed": 1}), (409, {"code": "moving", "message": "m"})]
+    assert _batch_outcomes(ok, 2) == [(200, {"closed": 1}), (409, {"code": "moving", "message": "m"})]
     for bad in ({"results": ok["results"][:1]}, {"results": [{"body": {}}, {"status": "200"}]},
                 {"nope": 1}, ["results"], "text"):
-        assert _batch_answers(bad, 2) == [(0, "malformed batch answer")] * 2
+        assert _batch_outcomes(bad, 2) == [(0, "malformed batch answer")] * 2
