@@ -1,4 +1,5 @@
-"""Shard -> directory routes (``docs/INTERNALS.md``), cluster-token authenticated."""
+"""Shard -> directory routes (``docs/INTERNALS.md``): ``auth="cluster"``, the edge checks
+the cluster token; a shard acts only for the instance its token names."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from starlette.responses import Response
 from directory import drain as drains
 from directory import placement, registry, schemas
 from directory.api_admin import instance_param, room_param
-from directory.auth import check_acting_for, cluster_subject
+from directory.auth import check_acting_for
 from directory.context import Directory
-from directory.edge import ApiRoute, decode, json_response, read_body
+from directory.edge import ApiRoute, cluster_caller, decode, json_response, read_body
 from directory.errors import BadRequest, Conflict, NotFound
 from directory.views import instance_view
 from roomshard.wire import internal
@@ -25,7 +26,7 @@ MAX_CONFIRM = 100_000  # rooms one heartbeat may ask to confirm (a shard's max)
 
 async def heartbeat(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
-    subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
+    subject = cluster_caller(request)
     instance = instance_param(request.path_params["instance"])
     check_acting_for(subject, instance)
     body = decode(await read_body(request), internal.HeartbeatBody)
@@ -47,8 +48,7 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
 
 
 async def leave(request: Request, ctx: Directory) -> Response:
-    now = ctx.clock()
-    subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
+    subject = cluster_caller(request)
     instance = instance_param(request.path_params["instance"])
     check_acting_for(subject, instance)
     body = decode(await read_body(request), internal.LeaveBody, empty_ok=True)
@@ -67,7 +67,7 @@ async def leave(request: Request, ctx: Directory) -> Response:
 
 async def open_room(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
-    subject = cluster_subject(request.headers.get("authorization"), ctx.signer, now=now)
+    subject = cluster_caller(request)
     room = room_param(request.path_params["room"])
     body = decode(await read_body(request), internal.OpenBody)
     instance = instance_param(body.instance)

@@ -23,12 +23,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from directory import api_admin, api_client, api_internal, api_meta, openapi
-from directory.auth import ClientAuth, check_admin, cluster_subject
+from directory.auth import ClientAuth
 from directory.budget import CreateBudget
 from directory.context import Directory
 from directory.db import make_engine, migrate
-from directory.edge import ApiRoute, endpoint
-from directory.errors import ApiError, error_response
+from directory.edge import ApiRoute, authenticate, endpoint, error_of, error_response
+from directory.errors import ApiError
 from directory.metrics import Metrics
 from directory.move_driver import Mover
 from directory.shards import ShardClient
@@ -120,14 +120,13 @@ def _unrouted_control_chars(request: Request) -> Response | None:
     if not _CONTROL_CHARS.search(path):
         return None
     ctx: Directory = request.app.state.ctx
-    authorization = request.headers.get("authorization")
     try:
         if path.startswith("/v1/admin/"):
-            check_admin(authorization, ctx.admin_token)
+            authenticate("admin", request, ctx)
         elif path.startswith("/v1/internal/"):
-            cluster_subject(authorization, ctx.signer, now=ctx.clock())
+            authenticate("cluster", request, ctx)
     except ApiError as exc:
-        return exc.response()
+        return error_of(exc)
     return error_response(400, "invalid_path", "the path must not contain control characters")
 
 

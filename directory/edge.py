@@ -1,11 +1,13 @@
 """The HTTP edge: route specs, the endpoint wrapper, body decoding, JSON responses.
 
-Each route is an :class:`ApiRoute`: its handler plus the request/response
-types and statuses that ``directory.openapi`` publishes. :func:`endpoint`
-wraps a handler so that every outcome is the contract's JSON (errors
-included), database outages become 503 ``database_unavailable`` with
-``Retry-After``, unexpected exceptions become a logged 500 JSON body (never a
-traceback to the client), and each request is counted in the app's metrics.
+Each route is an :class:`ApiRoute`: its handler, who may call it (``auth``),
+and the request/response types and statuses that ``directory.openapi``
+publishes. :func:`endpoint` wraps a handler: it checks the route's ``auth``
+before the handler runs (401 otherwise), and makes every outcome the
+contract's JSON (errors included, :func:`error_response`): database outages
+become 503 ``database_unavailable`` with ``Retry-After``, unexpected
+exceptions a logged 500 JSON body (never a traceback to the client); each
+request is counted in the app's metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import orjson
@@ -23,8 +25,10 @@ from sqlalchemy import exc as sa_exc
 from starlette.requests import Request
 from starlette.responses import Response
 
+from directory.auth import check_admin, cluster_subject
 from directory.context import Directory
-from directory.errors import ApiError, BadRequest, Unavailable, error_response
+from directory.errors import ApiError, BadRequest, Unavailable
+from roomshard.wire.errors import error_body
 
 log = logging.getLogger("roomshard.directory")
 
@@ -39,6 +43,14 @@ _DB_DOWN_ERRORS = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutE
                    OSError, TimeoutError)
 
 
+#: Who may call a route, checked by :func:`endpoint` before its handler runs:
+#: ``admin``: the operator's bearer token; ``cluster``: a shard's cluster token (the
+#: instance it names: :func:`cluster_caller`); ``client``: an application user, whom the
+#: handler identifies (open mode: the body's ``user``; jwt mode: the bearer JWT, verified
+#: before anything else); ``none``: anyone.
+Auth = Literal["none", "admin", "cluster", "client"]
+
+
 @dataclass(frozen=True)
 class ApiRoute:
     method: str
@@ -47,7 +59,7 @@ class ApiRoute:
     handler: Handler
     summary: str
     tag: str
-    auth: str = "none"  # none | admin | cluster | client
+    auth: Auth = "none"
     body: type | None = None
     response: type | None = None
     errors: tuple[int, ...] = field(default=(400,))
@@ -57,6 +69,33 @@ class ApiRoute:
 
 
 _NO_STORE = {"Cache-Control": "no-store"}
+
+
+def error_response(status: int, code: str, message: str, *,
+                   retry_after: int | None = None) -> Response:
+    """The contract's error body (``roomshard.wire.errors``) as a response."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return Response(error_body(code, message), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def error_of(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
+
+
+def authenticate(auth: Auth, request: Request, ctx: Directory) -> None:
+    """Refuse (:class:`~directory.errors.Unauthorized`) a caller that ``auth`` does not admit."""
+    if auth == "admin":
+        check_admin(request.headers.get("authorization"), ctx.admin_token)
+    elif auth == "cluster":
+        request.state.cluster_caller = cluster_subject(request.headers.get("authorization"),
+                                                       ctx.signer, now=ctx.clock())
+
+
+def cluster_caller(request: Request) -> str:
+    """The instance whose cluster token authenticated this request (``auth="cluster"``)."""
+    caller: str = request.state.cluster_caller
+    return caller
 
 
 def json_response(data: Any, status: int = 200, *, no_store: bool = False) -> Response:
@@ -122,22 +161,23 @@ def decode(body: bytes, kind: type[T], *, empty_ok: bool = False) -> T:
 
 
 def endpoint(route: ApiRoute) -> Callable[[Request], Awaitable[Response]]:
-    handler, name = route.handler, route.name
+    handler, name, auth = route.handler, route.name, route.auth
 
     async def run(request: Request) -> Response:
         ctx: Directory = request.app.state.ctx
         started = time.perf_counter()
         try:
+            authenticate(auth, request, ctx)
             response = await handler(request, ctx)
         except ApiError as exc:
-            response = exc.response()
+            response = error_of(exc)
         except _BUG_ERRORS:
             log.exception("%s %s failed", request.method, request.url.path)
             response = error_response(500, "internal_error", "internal error")
         except _DB_DOWN_ERRORS as exc:
             log.warning("database unavailable during %s %s: %s", request.method,
                         request.url.path, exc.__class__.__name__)
-            response = Unavailable("database_unavailable", "the database is unreachable").response()
+            response = error_of(Unavailable("database_unavailable", "the database is unreachable"))
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)
             response = error_response(500, "internal_error", "internal error")

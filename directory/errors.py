@@ -1,7 +1,9 @@
-"""The directory's error tree and the contract's JSON error body.
+"""The directory's error tree: what went wrong, with the status and code the contract gives it.
 
-Every error a client or operator sees is ``{"error": {"code", "message"}}``
-with the status carried by the exception::
+Plain exceptions (no HTTP framework): the domain, the stores and the
+operations raise them; the HTTP edge (``directory.edge.error_response``)
+turns one into the contract's body ``{"error": {"code", "message"}}`` with
+the status carried by the exception::
 
     ApiError(status, code, message, retry_after=None)
       Unauthorized          401  credentials missing or wrong
@@ -16,10 +18,6 @@ at the HTTP boundary (see ``directory.edge``), never shown as a traceback.
 """
 
 from __future__ import annotations
-
-from starlette.responses import Response
-
-from roomshard.wire.errors import error_body
 
 RETRY_AFTER_S = 1
 
@@ -37,9 +35,6 @@ class ApiError(Exception):
             self.status = status
         self.message = message or self.code.replace("_", " ")
         self.retry_after = retry_after
-
-    def response(self) -> Response:
-        return error_response(self.status, self.code, self.message, retry_after=self.retry_after)
 
 
 class Unauthorized(ApiError):
@@ -82,9 +77,3 @@ class Unavailable(ApiError):
                  retry_after: int = RETRY_AFTER_S) -> None:
         super().__init__(code, message, retry_after=retry_after)
 
-
-def error_response(status: int, code: str, message: str, *,
-                   retry_after: int | None = None) -> Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return Response(error_body(code, message), status_code=status,
-                    media_type="application/json", headers=headers)

@@ -130,7 +130,7 @@ def test_both_services_use_the_wire_definitions(graph):
     assert graph.direct_import_exists(importer="directory.api_internal",
                                       imported="roomshard.wire.internal")
     assert graph.direct_import_exists(importer="shard.http", imported="roomshard.wire.errors")
-    assert graph.direct_import_exists(importer="directory.errors",
+    assert graph.direct_import_exists(importer="directory.edge",
                                       imported="roomshard.wire.errors")
 
 

@@ -82,3 +82,34 @@ async def test_the_issue_examples(h: Harness) -> None:
     assert_error(await h.client.get("/static/index.html%0A"), 400, "invalid_path")
     assert_error(await h.client.get("/v1/admin/rooms?instance=i1%0A", headers=ADMIN), 400,
                  "invalid_instance")
+
+
+def test_every_route_under_admin_and_internal_names_its_caller() -> None:
+    """The edge checks ``ApiRoute.auth``: a route under /v1/admin or /v1/internal without it
+    would serve anyone."""
+    for route in all_routes():
+        if route.path.startswith("/v1/admin"):
+            assert route.auth == "admin", route.name
+        elif route.path.startswith("/v1/internal"):
+            assert route.auth == "cluster", route.name
+        else:
+            assert route.auth in ("none", "client"), route.name
+
+
+GUARDED = [r for r in all_routes() if r.auth in ("admin", "cluster")]
+
+
+@pytest.mark.parametrize("route", GUARDED, ids=[r.name for r in GUARDED])
+async def test_every_guarded_route_refuses_a_caller_without_its_credentials(
+        h: Harness, route: ApiRoute) -> None:
+    """No credentials, and the other kind's credentials: 401 before the handler runs
+    (nothing is read, nothing changes)."""
+    await h.put_instance("i1", "http://127.0.0.1:9")
+    before = (await h.client.get("/v1/admin/instances/i1", headers=ADMIN)).json()
+    other = cluster_headers("i1") if route.auth == "admin" else ADMIN
+    for headers in ({}, other, {"Authorization": "Bearer wrong"}):
+        r = await h.client.request(route.method, with_params(route), headers=headers,
+                                   content=b'{"to": "i1", "internal_url": "http://127.0.0.1:9"}')
+        assert_error(r, 401)
+    after = (await h.client.get("/v1/admin/instances/i1", headers=ADMIN)).json()
+    assert after["state"] == before["state"] and after["capacity"] == before["capacity"]
