@@ -1,4 +1,4 @@
-"""Benchmark: the rebalance planner (directory/rebalance.py) on large clusters.
+"""Benchmark: the rebalance planner (directory/domain/rebalance.py) on large clusters.
 
 Builds a balanced cluster the way the directory places rooms (each room on
 the least loaded instance; weights 1 + lognormal connections), then plans
@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from directory.rebalance import plan
+from directory.domain.rebalance import plan
 
 
 def cluster(n_inst: int, n_rooms: int, seed: int, sigma: float) -> list[dict[str, Any]]:

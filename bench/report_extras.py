@@ -161,7 +161,7 @@ CASES = {"add_empty_instance": "add one empty instance", "skewed_third": "skewed
 def planner_table(rec: dict[str, Any]) -> list[str]:
     res = rec.get("result")
     lines = _head("Rebalance planner", rec, (
-        "`directory/rebalance.py` `plan()` in one process: rooms weighted 1 + lognormal(1, 1) "
+        "`directory/domain/rebalance.py` `plan()` in one process: rooms weighted 1 + lognormal(1, 1) "
         "connections placed on the least loaded instance, then one empty instance added, or a "
         "third of the instances carrying 1.5x their share. Time is the best of the repeats."))
     if not res:

@@ -22,17 +22,17 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from directory import api_admin, api_client, api_internal, api_meta, openapi
-from directory.auth import ClientAuth
-from directory.budget import CreateBudget
 from directory.context import Directory
-from directory.db import make_engine, migrate
-from directory.edge import ApiRoute, authenticate, endpoint, error_of, error_response
-from directory.errors import ApiError
+from directory.db.engine import make_engine, migrate
+from directory.db.store import Store
+from directory.domain.auth import ClientAuth
+from directory.domain.budget import CreateBudget
+from directory.domain.errors import ApiError
+from directory.http import admin, connect, internal, meta, openapi
+from directory.http.edge import ApiRoute, authenticate, endpoint, error_of, error_response
 from directory.metrics import Metrics
-from directory.move_driver import Mover
+from directory.ops.mover import Mover
 from directory.shards import ShardClient
-from directory.store import Store
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.wire.protocol import INVALID_ROOM_ID
@@ -131,7 +131,7 @@ def _unrouted_control_chars(request: Request) -> Response | None:
 
 
 def all_routes() -> list[ApiRoute]:
-    return [*api_client.ROUTES, *api_admin.ROUTES, *api_internal.ROUTES, *api_meta.ROUTES]
+    return [*connect.ROUTES, *admin.ROUTES, *internal.ROUTES, *meta.ROUTES]
 
 
 def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
@@ -201,12 +201,12 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
 
     routes: list[Route | Mount] = [strict(Route(s.path, endpoint(s), methods=[s.method], name=s.name))
                                    for s in specs]
-    routes.append(strict(Mount("/static", app=StaticFiles(directory=api_meta.STATIC_DIR,
+    routes.append(strict(Mount("/static", app=StaticFiles(directory=meta.STATIC_DIR,
                                                           check_dir=False), name="static")))
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.router.redirect_slashes = False
-    app.state.openapi = api_meta.encode_openapi(
-        openapi.build(specs, version=api_meta.package_version()))
+    app.state.openapi = meta.encode_openapi(
+        openapi.build(specs, version=meta.package_version()))
     app.state.metrics = metrics
     return app

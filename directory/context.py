@@ -1,8 +1,8 @@
 """The per-app state every route reads: built in the lifespan, stored on ``app.state.ctx``.
 
 Nothing here is global: two apps in one process have two contexts. The
-operations over the whole directory (``directory.drain``,
-``directory.rebalance_driver``) receive this object too; the move driver
+operations over the whole directory (``directory.ops.drain``,
+``directory.ops.rebalance``) receive this object too; the move driver
 (``mover``) is built from the parts it uses.
 """
 
@@ -12,12 +12,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from directory.auth import ClientAuth
-from directory.budget import CreateBudget
+from directory.db.store import Store
+from directory.domain.auth import ClientAuth
+from directory.domain.budget import CreateBudget
 from directory.metrics import Metrics
-from directory.move_driver import Mover
+from directory.ops.mover import Mover
 from directory.shards import ShardClient
-from directory.store import Store
 from roomshard.config import DirectoryConfig
 from roomshard.wire.tickets import Signer
 

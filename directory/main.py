@@ -56,7 +56,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def _check_database(cfg: DirectoryConfig) -> None:
-    from directory.db import make_engine, migrate
+    from directory.db.engine import make_engine, migrate
 
     engine = make_engine(cfg.database_url, pool_size=1)
     try:
@@ -112,7 +112,7 @@ def run(cfg: DirectoryConfig) -> None:
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-    from directory.http_server import uvicorn_options
+    from directory.http.server import uvicorn_options
 
     config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on",
                             **uvicorn_options(linger_limits(cfg)),

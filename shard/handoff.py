@@ -25,7 +25,7 @@ are SERVING (or simply not loaded); the table holds only the exceptions::
   ``E+1`` proves the commit (the directory issues those only after it), so
   the first such join activates the room from the snapshot without asking
   the directory (asking ``open`` would call the state lost).
-- A rollback burns ``E+1`` (see directory/moves.py): a ticket for this
+- A rollback burns ``E+1`` (see directory/domain/moves.py): a ticket for this
   source at ``>= E+1`` proves the rollback, so a source whose ``abort`` never
   arrived unfreezes on the next join at exactly ``E+1``, and a target whose
   ``discard`` never arrived never activates the leftover adoption (no such

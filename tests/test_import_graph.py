@@ -34,6 +34,26 @@ SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
      "shard.http", "shard.admission", "shard.reader"),
 )
 
+#: The directory's layers, top first, by package or module (docs/ARCHITECTURE.md).
+DIRECTORY_LAYERS: tuple[tuple[str, ...], ...] = (
+    # composition: the app factory and the process
+    ("directory.main", "directory.app"),
+    # the HTTP edge: routes, the caller checks, responses
+    ("directory.http",),
+    # the per-app state every route reads
+    ("directory.context",),
+    # operations: the move driver, drains, rebalances
+    ("directory.ops",),
+    # I/O adapters: the database, the shard client, metrics
+    ("directory.db", "directory.shards", "directory.metrics"),
+    # pure: placement, instance rules, moves, plans, budgets, errors, the API's bodies
+    ("directory.domain",),
+)
+
+#: Libraries that do I/O: the pure layers never import them (websockets is used sans I/O there).
+IO_LIBRARIES = ("asyncio", "sqlalchemy", "httpx", "starlette", "uvicorn", "socket", "alembic",
+                "asyncpg", "aiosqlite", "boto3", "subprocess")
+
 
 @pytest.fixture(scope="module")
 def graph() -> grimp.ImportGraph:
@@ -127,10 +147,10 @@ def test_both_services_use_the_wire_definitions(graph):
     """One definition per body: the shard and the directory both import them."""
     assert graph.direct_import_exists(importer="shard.directory_client",
                                       imported="roomshard.wire.internal")
-    assert graph.direct_import_exists(importer="directory.api_internal",
+    assert graph.direct_import_exists(importer="directory.http.internal",
                                       imported="roomshard.wire.internal")
     assert graph.direct_import_exists(importer="shard.http", imported="roomshard.wire.errors")
-    assert graph.direct_import_exists(importer="directory.edge",
+    assert graph.direct_import_exists(importer="directory.http.edge",
                                       imported="roomshard.wire.errors")
 
 
@@ -179,4 +199,39 @@ def test_bench_and_tests_share_helpers_through_roomshard_testing():
     assert "bench.handoff" in g.modules and "tests.conftest" in g.modules
     found = [(m, imported) for m in g.find_descendants("bench")
              for imported in g.find_modules_directly_imported_by(m) if _within(imported, ("tests",))]
+    assert found == []
+
+
+def _directory_rank(module: str) -> int | None:
+    for i, layer in enumerate(DIRECTORY_LAYERS):
+        if _within(module, layer):
+            return i
+    return None
+
+
+def test_every_directory_module_has_a_layer(graph):
+    modules = {m for m in graph.find_descendants("directory")}
+    assert modules, "the directory package is empty?"
+    assert {m for m in modules if _directory_rank(m) is None} == set(), \
+        "put the new module in a layer of DIRECTORY_LAYERS"
+
+
+def test_directory_imports_point_down(graph):
+    upward = []
+    for m in graph.find_descendants("directory"):
+        rank = _directory_rank(m)
+        for imported in graph.find_modules_directly_imported_by(m):
+            theirs = _directory_rank(imported)
+            if rank is not None and theirs is not None and theirs < rank:
+                upward.append((m, imported))
+    assert upward == [], "a directory module imports a layer above its own"
+
+
+def test_the_pure_layers_import_no_io_library():
+    g = grimp.build_graph(*PACKAGES, cache_dir=None, include_external_packages=True)
+    pure = [m for m in g.modules if _within(m, ("directory.domain", "roomshard.wire"))
+            or m in SHARD_LAYERS[-1]]
+    assert len(pure) > 15
+    found = [(m, imported) for m in pure for imported in g.find_modules_directly_imported_by(m)
+             if imported.split(".")[0] in IO_LIBRARIES]
     assert found == []

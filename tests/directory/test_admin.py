@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from directory import schemas
+from directory.domain import schemas
 from tests.directory.conftest import ADMIN, Clock, Harness
 
 

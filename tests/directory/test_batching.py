@@ -1,4 +1,4 @@
-"""directory.batching.Batcher: concurrent calls of one key go out as one batch."""
+"""directory.ops.batching.Batcher: concurrent calls of one key go out as one batch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from directory.batching import Batcher
+from directory.ops.batching import Batcher
 
 
 class Recorder:

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from directory.schemas import ConnectResponse
+from directory.domain.schemas import ConnectResponse
 from roomshard.testing.procs import TEST_CLUSTER_SECRET
 from roomshard.wire.tickets import Signer
 from tests.directory.conftest import ADMIN, Harness

@@ -22,9 +22,9 @@ import httpx
 import pytest
 import uvicorn
 
-from directory import http_server
 from directory.app import create_app
-from directory.http_server import MAX_HEAD_BYTES, uvicorn_options
+from directory.http import server as http_server
+from directory.http.server import MAX_HEAD_BYTES, uvicorn_options
 from roomshard.linger import LingerLimits
 from roomshard.testing.procs import Procs
 from roomshard.testing.timing import t, wait_until
@@ -214,7 +214,7 @@ def test_keep_alive_requests_after_a_big_body_are_still_served(served: _Served) 
 
 
 def test_trickled_body_is_408(served: _Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    from directory import edge
+    from directory.http import edge
 
     monkeypatch.setattr(edge, "BODY_TIMEOUT_S", 0.5)
     sock = served.raw(b"POST /v1/rooms/r/connect HTTP/1.1\r\nHost: x\r\n"

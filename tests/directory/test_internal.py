@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from directory import schemas
+from directory.domain import schemas
 from roomshard.wire import internal
 from tests.directory.conftest import ADMIN, Harness, cluster_headers
 

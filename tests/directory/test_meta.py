@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from directory import api_meta
 from directory.app import all_routes
+from directory.http import meta
 from tests.directory.conftest import Harness
 
 
@@ -52,7 +52,7 @@ async def test_openapi_describes_every_route_with_schemas(h: Harness) -> None:
 async def test_index_page_or_not_installed_notice(h: Harness, monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Any) -> None:
     """GET / serves directory/static/index.html, or a small page saying the chat page is not installed."""
-    monkeypatch.setattr(api_meta, "STATIC_DIR", tmp_path)
+    monkeypatch.setattr(meta, "STATIC_DIR", tmp_path)
     r = await h.client.get("/")
     assert r.status_code == 200 and "not installed" in r.text
     (tmp_path / "index.html").write_text("<title>chat</title>")

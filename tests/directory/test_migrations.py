@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from directory.db import make_engine, metadata, migrate
+from directory.db.engine import make_engine, metadata, migrate
 
 
 async def test_migrations_match_metadata_and_are_idempotent(db_url: str) -> None:

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from directory.app import all_routes
-from directory.edge import ApiRoute
+from directory.http.edge import ApiRoute
 from tests.directory.conftest import ADMIN, Harness, cluster_headers
 from tests.directory.test_bad_input import assert_error
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from directory import placement, registry
-from directory.errors import BadRequest, Conflict
-from directory.placement import Candidate
-from directory.schemas import InstancePut
+from directory.domain import instances, placement
+from directory.domain.errors import BadRequest, Conflict
+from directory.domain.placement import Candidate
+from directory.domain.schemas import InstancePut
 from roomshard.wire.internal import HeartbeatBody
 
 NOW = 1000.0
@@ -69,7 +69,7 @@ def hb(**kw: Any) -> HeartbeatBody:
 
 
 def changes(r: dict[str, Any] | None, body: HeartbeatBody) -> dict[str, Any]:
-    return registry.heartbeat_changes(r, body, instance="i1", now=NOW, down_after=10,
+    return instances.heartbeat_changes(r, body, instance="i1", now=NOW, down_after=10,
                                       default_capacity=1000)
 
 
@@ -101,11 +101,11 @@ def test_heartbeat_url_takeover_rules() -> None:
 def test_admin_put_rules() -> None:
     """Admins may not set down; creating needs internal_url; states carry the admin reason."""
     with pytest.raises(BadRequest):
-        registry.admin_put_changes(row(), InstancePut(state="down"), instance="i1", now=NOW,
+        instances.admin_put_changes(row(), InstancePut(state="down"), instance="i1", now=NOW,
                                    default_capacity=10)
     with pytest.raises(BadRequest):
-        registry.admin_put_changes(None, InstancePut(capacity=5), instance="i1", now=NOW,
+        instances.admin_put_changes(None, InstancePut(capacity=5), instance="i1", now=NOW,
                                    default_capacity=10)
-    c = registry.admin_put_changes(row(), InstancePut(state="draining"), instance="i1", now=NOW,
+    c = instances.admin_put_changes(row(), InstancePut(state="draining"), instance="i1", now=NOW,
                                    default_capacity=10)
     assert c == {"state": "draining", "state_reason": "admin"}

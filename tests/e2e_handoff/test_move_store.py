@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select
 
-from directory import move_store
-from directory.db import instances, make_engine, migrate, rooms
-from directory.errors import Conflict
-from directory.moves import begin
-from directory.store import Store
+from directory.db import move_store
+from directory.db.engine import instances, make_engine, migrate, rooms
+from directory.db.store import Store
+from directory.domain.errors import Conflict
+from directory.domain.moves import begin
 
 NOW = 1_000_000.0
 

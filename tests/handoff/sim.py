@@ -3,7 +3,7 @@
 The directory row and its conditional updates model what ``directory/`` does
 in SQL; the shard wiring models what ``shard/`` does around the real
 ``shard.room.Room`` and ``shard.handoff.Handoffs``; the driver is the loop a
-directory runs around ``directory.moves``. Faults are injected per call:
+directory runs around ``directory.domain.moves``. Faults are injected per call:
 ``drop_request`` (never delivered) or ``drop_reply`` (delivered, answer
 lost), listed per attempt.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from directory.domain import moves
 from roomshard.client.outbox import Outbox
-from directory import moves
 from roomshard.wire.protocol import CloseCode
 from shard.handoff import Handoffs
 from shard.room import Room

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from directory import moves
-from directory.moves import Event, Move, MoveRuleError, State
+from directory.domain import moves
+from directory.domain.moves import Event, Move, MoveRuleError, State
 
 
 def start() -> tuple[Move, list[moves.Action]]:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from directory import moves
+from directory.domain import moves
 from roomshard.wire.protocol import CloseCode
 from shard.frames import frame_payload
 from tests.handoff.sim import ROOM, Cluster, SimClient, Ticket

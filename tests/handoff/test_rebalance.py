@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from directory.rebalance import plan, plan_drain
+from directory.domain.rebalance import plan, plan_drain
 
 
 def balanced_cluster(seed: int, n_inst: int, n_rooms: int,

@@ -12,26 +12,26 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from directory import placement
-from directory.context import Directory
-from directory.drain import MAX_ROOMS, effective_instances, room_weights, run_moves
-from directory.moves import DRAIN_PARALLELISM, DrainProgress
-from directory.rebalance import plan
+from directory.domain import placement
+from directory.domain.moves import DRAIN_PARALLELISM, DrainProgress
+from directory.domain.rebalance import plan
+from directory.ops.drain import MAX_ROOMS, effective_instances, room_weights, run_moves
+from directory.ops.mover import Mover
 
 
-async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[str, Any]:
+async def rebalance(mover: Mover, *, dry_run: bool, max_moves: int) -> dict[str, Any]:
     # An instance that never heartbeated never answered: it neither gives nor takes rooms.
-    instances = [i for i in await effective_instances(ctx)
+    instances = [i for i in await effective_instances(mover)
                  if i["state"] == placement.ACTIVE and i["heartbeated"]]
     by_id = {i["id"]: i for i in instances}
-    rows = [r for r in await ctx.store.list_rooms(None, MAX_ROOMS)
+    rows = [r for r in await mover.store.list_rooms(None, MAX_ROOMS)
             if r["instance"] in by_id and r["state"] == "active"]
     per_instance: dict[str, list[Any]] = {}
     for r in rows:
         per_instance.setdefault(r["instance"], []).append(r)
     names = sorted(per_instance)
     weights: dict[str, float] = {}
-    for part in await asyncio.gather(*(room_weights(ctx, by_id[n], per_instance[n])
+    for part in await asyncio.gather(*(room_weights(mover, by_id[n], per_instance[n])
                                        for n in names)):
         weights.update(part)
     result = plan(instances, [{"room": r["room"], "instance": r["instance"],
@@ -42,7 +42,7 @@ async def rebalance(ctx: Directory, *, dry_run: bool, max_moves: int) -> dict[st
         return result
     progress = DrainProgress("rebalance", [(m["room"], m["to"]) for m in result["moves"]],
                              parallelism=DRAIN_PARALLELISM, max_attempts=1)
-    await run_moves(ctx, progress, {m["room"]: m["from"] for m in result["moves"]},
+    await run_moves(mover, progress, {m["room"]: m["from"] for m in result["moves"]},
                     retarget_failed=False)  # a failed move leaves the room where it was
     done = progress.report()
     result["performed"] = done["moves"]

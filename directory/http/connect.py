@@ -2,7 +2,7 @@
 
 Checks run in the contract's order: credentials (401), input (400), access
 (403), the room-creation budget for a room that has no record yet (429,
-``directory.budget``), availability (503). For a room that already has a live owner this is
+``directory.domain.budget``), availability (503). For a room that already has a live owner this is
 one indexed query (room joined with its instance) plus a ticket signature.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from directory.budget import CreateBudget, retry_after
 from directory.context import Directory
-from directory.edge import ApiRoute, decode, json_response, read_body
-from directory.errors import ApiError, BadRequest, Forbidden, TooManyRequests
-from directory.schemas import ConnectBody, ConnectResponse
-from directory.store import Target
+from directory.db.store import Target
+from directory.domain.budget import CreateBudget, retry_after
+from directory.domain.errors import ApiError, BadRequest, Forbidden, TooManyRequests
+from directory.domain.schemas import ConnectBody, ConnectResponse
+from directory.http.edge import ApiRoute, decode, json_response, read_body
 from roomshard.wire.protocol import INVALID_ROOM_ID, valid_room_id, valid_user_id
 
 

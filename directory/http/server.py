@@ -13,7 +13,7 @@ first request) is refused with ``408`` (slowloris).
 Every close the directory starts while a request may still be arriving is
 a lingering close (:mod:`roomshard.linger`): after a refusal, and after an
 answer given before the request's body was read (``413`` from
-``directory.edge.read_body``, a ``401`` that never looks at the body), the
+``directory.http.edge.read_body``, a ``401`` that never looks at the body), the
 connection is half-closed, the response goes out with a FIN, and whatever
 the client still sends is read and dropped until its FIN or a bound
 (``ROOMSHARD_CLOSE_LINGER_*``). Closing at once with unread input would send

@@ -10,7 +10,7 @@ Assignment changes are atomic in the database, never read-then-write:
 * ``rooms_assigned`` counters move in the same transaction as the rows.
 
 Reads run in autocommit on PostgreSQL (one round trip, no BEGIN/ROLLBACK);
-writes on SQLite begin IMMEDIATE (see ``directory.db``). On PostgreSQL the two
+writes on SQLite begin IMMEDIATE (see ``directory.db.engine``). On PostgreSQL the two
 statements of the measured connect path (room lookup; new room) run on the
 pooled asyncpg connection directly (``Store._raw``), the new room as one
 data-modifying CTE; everything else goes through SQLAlchemy.
@@ -31,9 +31,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from directory import placement
-from directory.db import instances, rooms
-from directory.errors import Unavailable
+from directory.db.engine import instances, rooms
+from directory.domain import placement
+from directory.domain.errors import Unavailable
 
 T = TypeVar("T")
 SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)

@@ -3,7 +3,7 @@
 SQLAlchemy Core tables (no ORM: the connect path is measured and Core keeps it
 to one compiled statement per query). The same schema runs on SQLite (embedded
 default) and PostgreSQL (production); Alembic migrations in
-``directory/migrations`` create it and run at start-up. Several replicas may
+``directory/db/migrations`` create it and run at start-up. Several replicas may
 start together on one PostgreSQL, so the upgrade runs under a transaction-level
 advisory lock: the first replica migrates, the others wait and find ``head``.
 

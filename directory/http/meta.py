@@ -12,10 +12,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from directory import schemas
 from directory.context import Directory
-from directory.edge import ApiRoute, json_response
-from directory.errors import Unavailable
+from directory.domain import schemas
+from directory.domain.errors import Unavailable
+from directory.http.edge import ApiRoute, json_response
 
 STATIC_DIR = Path(__file__).with_name("static")
 NOT_INSTALLED_PAGE = """<!doctype html>

@@ -1,7 +1,7 @@
 """The HTTP edge: route specs, the endpoint wrapper, body decoding, JSON responses.
 
 Each route is an :class:`ApiRoute`: its handler, who may call it (``auth``),
-and the request/response types and statuses that ``directory.openapi``
+and the request/response types and statuses that ``directory.http.openapi``
 publishes. :func:`endpoint` wraps a handler: it checks the route's ``auth``
 before the handler runs (401 otherwise), and makes every outcome the
 contract's JSON (errors included, :func:`error_response`): database outages
@@ -25,10 +25,11 @@ from sqlalchemy import exc as sa_exc
 from starlette.requests import Request
 from starlette.responses import Response
 
-from directory.auth import check_admin, cluster_subject
 from directory.context import Directory
-from directory.errors import ApiError, BadRequest, Unavailable
+from directory.domain.auth import check_admin, cluster_subject
+from directory.domain.errors import ApiError, BadRequest, Unavailable
 from roomshard.wire.errors import error_body
+from roomshard.wire.protocol import INVALID_ROOM_ID, instance_number, valid_room_id
 
 log = logging.getLogger("roomshard.directory")
 
@@ -63,7 +64,7 @@ class ApiRoute:
     body: type | None = None
     response: type | None = None
     errors: tuple[int, ...] = field(default=(400,))
-    # (name, JSON type or JSON Schema, description); ids get their pattern in directory.openapi
+    # (name, JSON type or JSON Schema, description); ids get their pattern in directory.http.openapi
     query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()
     content_type: str = "application/json"
 
@@ -84,7 +85,7 @@ def error_of(exc: ApiError) -> Response:
 
 
 def authenticate(auth: Auth, request: Request, ctx: Directory) -> None:
-    """Refuse (:class:`~directory.errors.Unauthorized`) a caller that ``auth`` does not admit."""
+    """Refuse (:class:`~directory.domain.errors.Unauthorized`) a caller that ``auth`` does not admit."""
     if auth == "admin":
         check_admin(request.headers.get("authorization"), ctx.admin_token)
     elif auth == "cluster":
@@ -144,6 +145,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(message=f"request body over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def instance_param(value: str) -> str:
+    """An instance id from a path or a body (400 ``invalid_instance`` otherwise)."""
+    if instance_number(value) is None:
+        raise BadRequest("invalid_instance", "instance id must be i1..i9999")
+    return value
+
+
+def room_param(value: str) -> str:
+    """A room id from a path (400 ``invalid_room`` otherwise)."""
+    if not valid_room_id(value):
+        raise BadRequest("invalid_room", INVALID_ROOM_ID)
+    return value
 
 
 def decode(body: bytes, kind: type[T], *, empty_ok: bool = False) -> T:

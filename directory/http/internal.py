@@ -9,14 +9,21 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from directory import drain as drains
-from directory import placement, registry, schemas
-from directory.api_admin import instance_param, room_param
-from directory.auth import check_acting_for
 from directory.context import Directory
-from directory.edge import ApiRoute, cluster_caller, decode, json_response, read_body
-from directory.errors import BadRequest, Conflict, NotFound
-from directory.views import instance_view
+from directory.domain import instances, placement, schemas
+from directory.domain.auth import check_acting_for
+from directory.domain.errors import BadRequest, Conflict, NotFound
+from directory.http.edge import (
+    ApiRoute,
+    cluster_caller,
+    decode,
+    instance_param,
+    json_response,
+    read_body,
+    room_param,
+)
+from directory.http.views import instance_view
+from directory.ops import drain as drains
 from roomshard.wire import internal
 from roomshard.wire.protocol import valid_room_id
 
@@ -33,7 +40,7 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
     schemas.check_urls(body.internal_url, body.public_base)
 
     def decide(row: Any) -> dict[str, Any]:
-        return registry.heartbeat_changes(row, body, instance=instance, now=now,
+        return instances.heartbeat_changes(row, body, instance=instance, now=now,
                                           down_after=ctx.cfg.down_after,
                                           default_capacity=ctx.cfg.default_capacity)
 
@@ -54,11 +61,11 @@ async def leave(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), internal.LeaveBody, empty_ok=True)
     if await ctx.store.get_instance(instance) is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
-    # From this moment on no new room goes there (see registry.leave_changes).
-    await ctx.store.upsert_instance(instance, lambda _row: registry.leave_changes(drain=body.drain))
+    # From this moment on no new room goes there (see instances.leave_changes).
+    await ctx.store.upsert_instance(instance, lambda _row: instances.leave_changes(drain=body.drain))
     if body.drain:
-        return json_response(await drains.drain_instance(ctx, instance=instance,
-                                                         reason=registry.REASON_SHUTDOWN))
+        return json_response(await drains.drain_instance(ctx.mover, instance=instance,
+                                                         reason=instances.REASON_SHUTDOWN))
     # No drain asked: the rooms are re-placed on their next connect (their
     # welcome says recovered: false).
     state = placement.DISABLED

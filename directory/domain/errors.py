@@ -1,7 +1,7 @@
 """The directory's error tree: what went wrong, with the status and code the contract gives it.
 
 Plain exceptions (no HTTP framework): the domain, the stores and the
-operations raise them; the HTTP edge (``directory.edge.error_response``)
+operations raise them; the HTTP edge (``directory.http.edge.error_response``)
 turns one into the contract's body ``{"error": {"code", "message"}}`` with
 the status carried by the exception::
 
@@ -14,7 +14,7 @@ the status carried by the exception::
       Unavailable           503  always with Retry-After
 
 Database driver errors are translated to ``Unavailable("database_unavailable")``
-at the HTTP boundary (see ``directory.edge``), never shown as a traceback.
+at the HTTP boundary (see ``directory.http.edge``), never shown as a traceback.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from directory.edge import ApiRoute
+from directory.http.edge import ApiRoute
 from roomshard.wire.errors import ErrorBody
 from roomshard.wire.protocol import INSTANCE_ID_RE, ROOM_ID_RE, USER_ID_RE
 

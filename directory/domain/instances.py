@@ -1,6 +1,6 @@
 """Instance registry rules: pure functions from (stored row, request, now) to column changes.
 
-The SQL lives in ``directory.store``; the decisions live here so they are
+The SQL lives in ``directory.db.store``; the decisions live here so they are
 tested without a database. Rules (``docs/INTERNALS.md``):
 
 * A heartbeat registers an unknown instance as ``active``.
@@ -24,9 +24,9 @@ from typing import Any
 
 from msgspec import UNSET
 
-from directory import placement
-from directory.errors import BadRequest, Conflict
-from directory.schemas import InstancePut
+from directory.domain import placement
+from directory.domain.errors import BadRequest, Conflict
+from directory.domain.schemas import InstancePut
 from roomshard.wire.internal import HeartbeatBody
 
 REASON_ADMIN = "admin"

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from directory import placement
-from directory.registry import seen_at
+from directory.domain import placement
+from directory.domain.instances import seen_at
 
 
 def iso(ts: float | None) -> str | None:

@@ -1,6 +1,6 @@
 """Drives live moves: performs the coordinator's actions against the database and shards.
 
-``directory.moves`` decides (pure); this module does the I/O: it reserves a
+``directory.domain.moves`` decides (pure); this module does the I/O: it reserves a
 move (``move_store.reserve``), then loops *perform action -> event ->
 moves.handle -> persist -> next actions* until the move is finished. The
 record is persisted after every change (conditional on the lease and on the
@@ -19,7 +19,7 @@ settle one way); it never decides the move.
 
 One :class:`Mover` per app (``Directory.mover``), built from the parts it
 uses and started and stopped by the app's lifespan. Drains live in
-``directory.drain`` and rebalancing in ``directory.rebalance_driver``.
+``directory.ops.drain`` and rebalancing in ``directory.ops.rebalance``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
-from directory import move_store, placement, registry
-from directory.batching import Batcher
-from directory.errors import Conflict
-from directory.metrics import Metrics
-from directory.moves import (
+from directory.db import move_store
+from directory.db.store import Store
+from directory.domain import instances, placement
+from directory.domain.errors import Conflict
+from directory.domain.moves import (
     DEFAULT_MOVE_TIMEOUT_S,
     PRE_COMMIT,
     TERMINAL,
@@ -53,8 +53,9 @@ from directory.moves import (
     recover,
     report,
 )
+from directory.metrics import Metrics
+from directory.ops.batching import Batcher
 from directory.shards import Outcome, ShardClient
-from directory.store import Store
 from roomshard.wire.internal import HANDOFF_CALLS, HandoffCall
 
 log = logging.getLogger("roomshard.directory.moves")
@@ -87,7 +88,7 @@ class Mover:
         self._renewal: asyncio.Task[None] | None = None
         self._urls: dict[str, str] = {}  # instance -> internal_url, dropped on a failed call
         # A drain's moves walk the protocol in step: their database writes and shard calls
-        # go out as one transaction / one request per step (directory/batching.py).
+        # go out as one transaction / one request per step (directory/ops/batching.py).
         self.db: Batcher[str, Any] = Batcher(
             self._db_batch, max_batch=DB_BATCH,
             on_batch=lambda kind, n: metrics.batch(f"db_{kind}", n))
@@ -321,6 +322,6 @@ class Mover:
             return False  # unknown: keep retrying the release
         if row is None:
             return True
-        state = placement.effective_state(row["state"], registry.seen_at(row), now=self.clock(),
+        state = placement.effective_state(row["state"], instances.seen_at(row), now=self.clock(),
                                           down_after=self.down_after)
         return state == placement.DOWN

@@ -18,10 +18,10 @@ from typing import Any
 from sqlalchemy import and_, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from directory.db import moves, rooms
-from directory.errors import ApiError, Conflict, NotFound
-from directory.moves import Action, Move, State
-from directory.store import Store, bump_rooms_assigned
+from directory.db.engine import moves, rooms
+from directory.db.store import Store, bump_rooms_assigned
+from directory.domain.errors import ApiError, Conflict, NotFound
+from directory.domain.moves import Action, Move, State
 
 UNDECIDED = ("reserved", "frozen", "adopted", "aborting")
 FINISHED = ("released", "aborted")

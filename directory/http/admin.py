@@ -4,7 +4,7 @@ the edge before a handler runs: every route here is ``auth="admin"``).
 Live load comes from the owning shard with a short timeout; when the shard
 cannot be asked the load is ``null`` (never a 500). Moves, drains of live
 instances and rebalancing are the directory's operations: ``Directory.mover``
-(``directory.move_driver``), ``directory.drain``, ``directory.rebalance_driver``.
+(``directory.ops.mover``), ``directory.ops.drain``, ``directory.ops.rebalance``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,22 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from directory import drain as drains
-from directory import placement, rebalance_driver, registry, schemas
 from directory.context import Directory
-from directory.edge import ApiRoute, decode, json_response, read_body
-from directory.errors import BadRequest, Conflict, NotFound
-from directory.moves import DRAIN_PARALLELISM
-from directory.views import instance_view, room_view
+from directory.domain import instances, placement, schemas
+from directory.domain.errors import BadRequest, Conflict, NotFound
+from directory.domain.moves import DRAIN_PARALLELISM
+from directory.http.edge import (
+    ApiRoute,
+    decode,
+    instance_param,
+    json_response,
+    read_body,
+    room_param,
+)
+from directory.http.views import instance_view, room_view
+from directory.ops import drain as drains
+from directory.ops import rebalance as rebalancing
 from roomshard.wire.protocol import (
-    INVALID_ROOM_ID,
-    instance_number,
-    valid_room_id,
     valid_user_id,
 )
 
@@ -38,20 +43,8 @@ MAX_ROOM_LIST_LIMIT = 100_000
 _DIGITS_RE = re.compile(r"[0-9]{1,9}")
 
 
-def instance_param(value: str) -> str:
-    if instance_number(value) is None:
-        raise BadRequest("invalid_instance", "instance id must be i1..i9999")
-    return value
-
-
-def room_param(value: str) -> str:
-    if not valid_room_id(value):
-        raise BadRequest("invalid_room", INVALID_ROOM_ID)
-    return value
-
-
 def _state(ctx: Directory, row: Any, now: float) -> str:
-    return placement.effective_state(row["state"], registry.seen_at(row), now=now,
+    return placement.effective_state(row["state"], instances.seen_at(row), now=now,
                                      down_after=ctx.cfg.down_after)
 
 
@@ -69,7 +62,7 @@ async def put_instance(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
 
     def decide(row: Any) -> dict[str, Any]:
-        return registry.admin_put_changes(row, body, instance=instance, now=now,
+        return instances.admin_put_changes(row, body, instance=instance, now=now,
                                           default_capacity=ctx.cfg.default_capacity)
 
     row = await ctx.store.upsert_instance(instance, decide)
@@ -106,12 +99,12 @@ async def drain(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
     if _state(ctx, row, now) != placement.DOWN:
         return json_response(await drains.drain_instance(
-            ctx, instance=instance, reason=registry.REASON_ADMIN,
+            ctx.mover, instance=instance, reason=instances.REASON_ADMIN,
             parallelism=body.parallelism or DRAIN_PARALLELISM))
     # A down instance has nothing to hand over: re-place its rooms now (their
     # next welcome says recovered: false) and park it disabled.
     await ctx.store.upsert_instance(instance, lambda _row: {
-        "state": placement.DISABLED, "state_reason": registry.REASON_ADMIN})
+        "state": placement.DISABLED, "state_reason": instances.REASON_ADMIN})
     replaced = await ctx.store.replace_all(instance, now=now, down_after=ctx.cfg.down_after)
     return json_response({"instance": instance, "state": placement.DISABLED, "moves": [],
                           "replaced": replaced})
@@ -213,7 +206,7 @@ async def rebalance(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), schemas.RebalanceBody, empty_ok=True)
     if body.max_moves < 0:
         raise BadRequest("invalid_max_moves", "max_moves must be >= 0")
-    return json_response(await rebalance_driver.rebalance(ctx, dry_run=body.dry_run,
+    return json_response(await rebalancing.rebalance(ctx.mover, dry_run=body.dry_run,
                                                           max_moves=body.max_moves))
 
 

@@ -31,7 +31,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from directory.errors import Forbidden, Unauthorized
+from directory.domain.errors import Forbidden, Unauthorized
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 

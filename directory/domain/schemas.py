@@ -2,7 +2,7 @@
 
 These types are the single source of truth: request bodies are decoded and
 validated against them once at the edge (unknown fields refused with 400 on
-the public API), and ``directory.openapi`` turns them into the OpenAPI
+the public API), and ``directory.http.openapi`` turns them into the OpenAPI
 document's JSON Schemas. Responses are built as plain dicts on the hot path
 (encoded with orjson); tests check that every response converts to its Struct.
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType, field
 
-from directory.errors import BadRequest
+from directory.domain.errors import BadRequest
 from roomshard import urls
 from roomshard.wire.internal import InstanceView
 
@@ -160,7 +160,7 @@ class RebalanceReport(Lenient):
 
 class DrainBody(Strict):
     # Moves in flight at once: more drains faster, each room's pause grows with its batch.
-    # None: the drain module's default (directory.drain.DRAIN_PARALLELISM).
+    # None: the drain module's default (directory.ops.drain.DRAIN_PARALLELISM).
     parallelism: int | None = None
 
 

@@ -1,0 +1,1 @@
+"""The directory's database: the engine and its migrations, the tables, the stores (SQL)."""

@@ -1,0 +1,1 @@
+"""The directory's operations: the move driver, drains and rebalances (database and shards)."""
