@@ -128,7 +128,7 @@ class ConnectionEvents(typing.Protocol):
 
 
 class RoomLink(typing.Protocol):
-    """The room a joined connection is in (``shard.registry.LiveRoom``)."""
+    """The room a joined connection is in (``shard.live_rooms.LiveRoom``)."""
 
     name: str
     frozen: bool  # mid-move: the connection's input waits unread

@@ -1,7 +1,7 @@
 """The shard's live-handoff wiring: internal routes, the join gate, the tick hook.
 
 ``shard.handoff.Handoffs`` decides (pure); this module applies its answers to
-the live registry (docs/HANDOFF.md, "Shard wiring"):
+the live rooms (docs/HANDOFF.md, "Shard wiring"):
 
 - ``freeze`` snapshots the room and :meth:`LiveRoom.freeze` stops reading its
   members' sockets in the same loop turn, so no send is sequenced after the
@@ -46,7 +46,7 @@ from roomshard.wire.tickets import Ticket
 from shard.directory_client import DirectoryClient, DirectoryError
 from shard.handoff import Admission, HandoffError, Handoffs
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, convert, json_response
-from shard.registry import RoomRegistry
+from shard.live_rooms import LiveRooms
 from shard.room import SNAPSHOT_VERSION, Room
 from shard.routes import DirectoryAuth, room_id, room_param
 
@@ -63,12 +63,12 @@ MAX_BATCH = 256
 
 
 class HandoffWiring:
-    """One per shard process: the :class:`Handoffs` table and its effects on the registry."""
+    """One per shard process: the :class:`Handoffs` table and its effects on the live_rooms."""
 
-    def __init__(self, cfg: ShardConfig, registry: RoomRegistry, directory: DirectoryClient,
+    def __init__(self, cfg: ShardConfig, live_rooms: LiveRooms, directory: DirectoryClient,
                  auth: DirectoryAuth, clock: Callable[[], float]) -> None:
         self.cfg = cfg
-        self.registry = registry
+        self.live_rooms = live_rooms
         self.directory = directory
         self.auth = auth
         self.clock = clock
@@ -103,18 +103,18 @@ class HandoffWiring:
         elif adm.kind == "unfrozen":
             self._unfreeze(ticket.room, adm)
         elif adm.kind == "stale":
-            self.registry.close_room(ticket.room, CloseCode.ROOM_MOVED, "room state is stale")
+            self.live_rooms.close_room(ticket.room, CloseCode.ROOM_MOVED, "room state is stale")
         return None
 
     def _activate(self, room: str, snapshot: dict[str, Any], epoch: int) -> None:
         cfg = self.cfg
         built = Room.from_snapshot(snapshot, instance=cfg.instance, epoch=epoch,
                                    owner_epoch=epoch, history_bytes_limit=cfg.history_bytes)
-        self.registry.adopt(built)
+        self.live_rooms.adopt(built)
         log.info("room %s activated from a handoff at epoch %d (seq %d)", room, epoch, built.seq)
 
     def _unfreeze(self, room: str, adm: Admission) -> None:
-        live = self.registry.get(room)
+        live = self.live_rooms.get(room)
         if live is None:
             return
         if adm.epoch is not None:
@@ -169,7 +169,7 @@ class HandoffWiring:
             # here: the adoption was committed, no member has come back yet. Serve it.
             self.handoffs.commit(name, adopted.move_id)
             self._activate(name, adopted.snapshot, adopted.epoch)
-        live = self.registry.get(name)
+        live = self.live_rooms.get(name)
         snapshot = live.room.snapshot() if live is not None and not live.frozen else None
         if live is not None and live.frozen and name not in self.handoffs.frozen:
             raise HttpError(409, "moving", f"room {name} is frozen")
@@ -189,7 +189,7 @@ class HandoffWiring:
                             + (f" (missing {', '.join(sorted(missing))})" if missing else ""))
         try:
             self.handoffs.adopt(name, body.move_id, body.epoch, body.snapshot,
-                                loaded=self.registry.get(name) is not None,
+                                loaded=self.live_rooms.get(name) is not None,
                                 now=self.clock())
         except HandoffError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
@@ -204,7 +204,7 @@ class HandoffWiring:
     def release(self, name: str, body: Release) -> dict[str, Any]:
         if instance_number(body.to) is None:
             raise HttpError(400, "bad_request", "to must be an instance id")
-        live = self.registry.get(name)
+        live = self.live_rooms.get(name)
         try:
             released = self.handoffs.release(
                 name, body.move_id, body.to, body.epoch, self.clock(),
@@ -213,7 +213,7 @@ class HandoffWiring:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if not released:
             return {"closed": 0, "stale": True}
-        closed = self.registry.close_room(name, CloseCode.ROOM_MOVED,
+        closed = self.live_rooms.close_room(name, CloseCode.ROOM_MOVED,
                                                  f"room moved to {body.to}")
         return {"closed": closed}
 

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from roomshard.linger import LingerPool
 from shard.connection import Connection
-from shard.registry import RoomRegistry
+from shard.live_rooms import LiveRooms
 from shard.stats import Stats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,7 +29,7 @@ class MetricsSources:
 
     instance: str
     stats: Stats
-    registry: RoomRegistry
+    live_rooms: LiveRooms
     sockets: Collection[Connection]  # every WebSocket, admitted or not
     lingering: LingerPool
     ready: Callable[[], bool]
@@ -43,11 +43,11 @@ class _ShardCollector(Collector):
         s = self.sources
         st = s.stats
         inst = s.instance
-        joined = sum(lr.connection_count() for lr in s.registry.rooms.values())
+        joined = sum(lr.connection_count() for lr in s.live_rooms.rooms.values())
         yield _gauge("roomshard_shard_connections", "WebSocket connections joined to a room", inst, joined)
         yield _gauge("roomshard_shard_sockets", "WebSocket connections incl. not yet admitted", inst,
                      len(s.sockets))
-        yield _gauge("roomshard_shard_rooms", "rooms in memory", inst, len(s.registry))
+        yield _gauge("roomshard_shard_rooms", "rooms in memory", inst, len(s.live_rooms))
         yield _gauge("roomshard_shard_ready", "1 when registered and holding a lease", inst,
                      1 if s.ready() else 0)
         depth = sum(c.pending_bytes + (c.transport.get_write_buffer_size() if c.transport else 0)
@@ -69,7 +69,7 @@ class _ShardCollector(Collector):
             c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
             c.add_metric([inst], value)
             yield c
-        budget = s.registry.history_budget
+        budget = s.live_rooms.history_budget
         yield _gauge("roomshard_shard_history_bytes",
                      "bytes of message history in memory, every room together", inst, budget.total)
         shed = CounterMetricFamily("roomshard_shard_history_shed",

@@ -19,7 +19,7 @@ from roomshard.wire.protocol import INVALID_ROOM_ID, CloseCode, valid_room_id, v
 from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
 from shard.metrics import CONTENT_TYPE
-from shard.registry import RoomRegistry
+from shard.live_rooms import LiveRooms
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ class DirectoryAuth:
 
 def install(router: Router, *, instance: str, auth: DirectoryAuth,
             not_ready: Callable[[], str | None], render_metrics: Callable[[], bytes],
-            registry: RoomRegistry) -> None:
+            live_rooms: LiveRooms) -> None:
     """Register the shard's own routes.
 
     ``not_ready`` says why the shard is not ready (None: it is).
@@ -75,12 +75,12 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
 
     async def list_rooms(req: HttpRequest) -> HttpResponse:
         auth.require(req)
-        return json_response(LiveRoomsAnswer(rooms={n: lr.load() for n, lr in registry.rooms.items()}))
+        return json_response(LiveRoomsAnswer(rooms={n: lr.load() for n, lr in live_rooms.rooms.items()}))
 
     async def get_room(req: HttpRequest) -> HttpResponse:
         auth.require(req)
         name = room_param(req)
-        live = registry.get(name)
+        live = live_rooms.get(name)
         if live is None:
             raise HttpError(404, "room_not_loaded", f"room {name} is not in memory on this shard")
         load = live.load()
@@ -90,7 +90,7 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
         auth.require(req)
         name = room_param(req)
         private, members = parse_access(req)
-        live = registry.get(name)
+        live = live_rooms.get(name)
         if live is None:
             return json_response(AccessResult(room=name, closed=0))
         live.room.private = private

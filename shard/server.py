@@ -60,7 +60,7 @@ from shard.frames import server_frame
 from shard.handoff_routes import HandoffWiring
 from shard.http import HttpRequest, HttpResponse, Router
 from shard.metrics import MetricsSources, ShardMetrics
-from shard.registry import LiveRoom, RoomContext, RoomRegistry
+from shard.live_rooms import LiveRoom, RoomContext, LiveRooms
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -88,17 +88,17 @@ class ShardServer:
         self.writer = Writer()
         self.ws_conns: set[Connection] = set()
         self.lingering = LingerPool(linger_limits(cfg))  # connections in a lingering close
-        self.registry = RoomRegistry(RoomContext(cfg, self.stats, self.writer, clock, monotonic),
+        self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic),
                                      directory, self.ready)
         auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)
         self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
                                            monotonic, auth.trusted)
-        self.metrics = ShardMetrics(MetricsSources(cfg.instance, self.stats, self.registry,
+        self.metrics = ShardMetrics(MetricsSources(cfg.instance, self.stats, self.live_rooms,
                                                    self.ws_conns, self.lingering, self.ready))
         self.router = Router()
         routes.install(self.router, instance=cfg.instance, auth=auth, not_ready=self.not_ready,
-                       render_metrics=self.metrics.render, registry=self.registry)
-        self.handoff = HandoffWiring(cfg, self.registry, directory, auth, clock)
+                       render_metrics=self.metrics.render, live_rooms=self.live_rooms)
+        self.handoff = HandoffWiring(cfg, self.live_rooms, directory, auth, clock)
         self.handoff.install(self.router)
         self.started_at = clock()
         self.boot_id = secrets.token_hex(8)
@@ -152,7 +152,7 @@ class ShardServer:
         deadline = self.monotonic() + self.cfg.shutdown_timeout
         if self._server is not None:
             self._server.close()
-        closed = self.registry.close_all(CloseCode.GOING_AWAY, "shard shutting down")
+        closed = self.live_rooms.close_all(CloseCode.GOING_AWAY, "shard shutting down")
         for conn in list(self.ws_conns):
             conn.close(CloseCode.GOING_AWAY, "shard shutting down")
         log.warning("shutting down: closed %d clients", closed)
@@ -195,23 +195,23 @@ class ShardServer:
         if verdict is not None:
             self._refuse(conn, Refused(*verdict))
             return
-        live = self.registry.get(ticket.room)
+        live = self.live_rooms.get(ticket.room)
         if live is not None and ticket.epoch <= live.room.epoch:
             self._join(conn, live, ticket, since)
         else:
             self._spawn(self._open_and_join(conn, ticket, since))
 
     async def _open_and_join(self, conn: Connection, ticket: Ticket, since: int | None) -> None:
-        live = self.registry.get(ticket.room)
+        live = self.live_rooms.get(ticket.room)
         if live is not None and ticket.epoch > live.room.epoch:
             # The room changed hands while we held an old copy: ours is stale.
             log.warning("room %s in memory at epoch %d is stale (ticket epoch %d)",
                         ticket.room, live.room.epoch, ticket.epoch)
-            self.registry.close_room(ticket.room, CloseCode.GOING_AWAY, "room state is stale")
+            self.live_rooms.close_room(ticket.room, CloseCode.GOING_AWAY, "room state is stale")
         elif live is not None:  # another join's open finished since admit() looked: no second
             return self._join(conn, live, ticket, since)  # open (it would call the state lost)
         try:
-            live = await self.registry.open(ticket.room, ticket.epoch)
+            live = await self.live_rooms.open(ticket.room, ticket.epoch)
         except DirectoryRefused as exc:
             code = CloseCode.TRY_AGAIN_LATER if exc.code == "moving" else CloseCode.NOT_OWNER
             self._refuse(conn, Refused(code, f"directory: {exc.code}"))
@@ -268,8 +268,8 @@ class ShardServer:
 
     # -- control plane --------------------------------------------------------
     def load(self) -> InstanceLoad:
-        joined = sum(lr.connection_count() for lr in self.registry.rooms.values())
-        return InstanceLoad(rooms=len(self.registry), connections=joined,
+        joined = sum(lr.connection_count() for lr in self.live_rooms.rooms.values())
+        return InstanceLoad(rooms=len(self.live_rooms), connections=joined,
                             messages_per_s=round(self.messages_per_s, 2))
 
     async def _heartbeat_loop(self) -> None:
@@ -285,7 +285,7 @@ class ShardServer:
         internal_url = cfg.advertise_url or self.url
         while not self.stopping:
             sent_at = self.monotonic()
-            confirm = self.registry.unconfirmed()
+            confirm = self.live_rooms.unconfirmed()
             try:
                 answer = await self.directory.heartbeat(
                     internal_url=internal_url, public_base=cfg.public_base,
@@ -301,7 +301,7 @@ class ShardServer:
                     log.warning("the directory refused to confirm kept rooms (%s): dropping "
                                 "%d rooms", exc, len(confirm))
                     for name in confirm:
-                        self.registry.close_room(name, CloseCode.GOING_AWAY, "room not confirmed")
+                        self.live_rooms.close_room(name, CloseCode.GOING_AWAY, "room not confirmed")
                     continue
                 self._hb_failures += 1
                 log.warning("heartbeat refused by the directory: %s", exc)
@@ -319,7 +319,7 @@ class ShardServer:
             self._hb_failures = 0
             self.lease_until = sent_at + cfg.lease
             if confirm:
-                kept, dropped = self.registry.confirm(confirm, set(answer.owned or ()))
+                kept, dropped = self.live_rooms.confirm(confirm, set(answer.owned or ()))
                 log.warning("the directory confirmed %d kept rooms, %d were placed elsewhere",
                             kept, dropped)
             if self.fenced:
@@ -355,10 +355,10 @@ class ShardServer:
         directory confirms it never placed them elsewhere.
         """
         self.fenced = True
-        closed = self.registry.suspend_all(CloseCode.GOING_AWAY, "shard lost its lease")
+        closed = self.live_rooms.suspend_all(CloseCode.GOING_AWAY, "shard lost its lease")
         log.warning("no heartbeat acknowledged for %.1fs: lease lost, stopped serving %d rooms "
                     "(%d clients closed); their state is kept until the directory confirms it",
-                    self.cfg.lease, len(self.registry), closed)
+                    self.cfg.lease, len(self.live_rooms), closed)
 
     # -- timers ---------------------------------------------------------------
     def _tick(self) -> None:
@@ -372,7 +372,7 @@ class ShardServer:
         if self._ticks % SLOW_TICKS:
             return
         now = self.clock()
-        self.registry.evict_idle(now, self.cfg.room_linger)
+        self.live_rooms.evict_idle(now, self.cfg.room_linger)
         self.handoff.tick(now)
         self.admission.forget_expired(now)
         mono = self.monotonic()
@@ -381,7 +381,7 @@ class ShardServer:
         if elapsed > 0:
             self.messages_per_s = (self.stats.messages_out - self._last_messages) / elapsed
             self._last_messages = self.stats.messages_out
-            for live in self.registry.rooms.values():
+            for live in self.live_rooms.rooms.values():
                 live.update_rate(elapsed)
 
     def _ping_round(self) -> None:

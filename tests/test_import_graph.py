@@ -26,7 +26,7 @@ SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
     # composition: builds the parts and hands each the state it needs
     ("shard.main", "shard.server"),
     # the parts that hold the shard's state, given what they need
-    ("shard.registry", "shard.metrics", "shard.routes", "shard.handoff_routes"),
+    ("shard.live_rooms", "shard.metrics", "shard.routes", "shard.handoff_routes"),
     # I/O: sockets, the write scheduler, the directory client
     ("shard.connection", "shard.writer", "shard.directory_client"),
     # pure: never awaits, never reads the clock, never touches a socket

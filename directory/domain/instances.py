@@ -59,6 +59,11 @@ def seen_at(row: Mapping[str, Any]) -> float:
     return float(hb if hb is not None else row["registered_at"])
 
 
+def state_of(row: Mapping[str, Any], *, now: float, down_after: float) -> str:
+    """An instance row's effective state (``down`` once silent for ``down_after``)."""
+    return placement.effective_state(row["state"], seen_at(row), now=now, down_after=down_after)
+
+
 def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, instance: str,
                       now: float, down_after: float, default_capacity: int) -> dict[str, Any]:
     """Column values to write for a heartbeat; raises Conflict/BadRequest."""

@@ -44,8 +44,7 @@ _DIGITS_RE = re.compile(r"[0-9]{1,9}")
 
 
 def _state(ctx: Directory, row: Any, now: float) -> str:
-    return placement.effective_state(row["state"], instances.seen_at(row), now=now,
-                                     down_after=ctx.cfg.down_after)
+    return instances.state_of(row, now=now, down_after=ctx.cfg.down_after)
 
 
 # -- instances ---------------------------------------------------------------

@@ -80,7 +80,7 @@ async def open_room(request: Request, ctx: Directory) -> Response:
     instance = instance_param(body.instance)
     check_acting_for(subject, instance)
     if body.open_id is not None and not OPEN_ID_RE.fullmatch(body.open_id):
-        raise BadRequest("invalid_open_id", "open_id must match ^[A-Za-z0-9_-]{1,64}$")
+        raise BadRequest("invalid_open_id", f"open_id must match ^{OPEN_ID_RE.pattern}$")
     row = await ctx.store.open_room(room, instance, body.ticket_epoch, now=now,
                                     open_id=body.open_id)
     if row is None:

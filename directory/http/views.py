@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from directory.domain import placement
-from directory.domain.instances import seen_at
+from directory.domain.instances import state_of
 
 
 def iso(ts: float | None) -> str | None:
@@ -20,8 +19,7 @@ def iso(ts: float | None) -> str | None:
 def instance_view(row: Mapping[str, Any], *, now: float, down_after: float) -> dict[str, Any]:
     return {
         "id": row["id"],
-        "state": placement.effective_state(row["state"], seen_at(row), now=now,
-                                           down_after=down_after),
+        "state": state_of(row, now=now, down_after=down_after),
         "state_reason": row["state_reason"],
         "capacity": row["capacity"],
         "internal_url": row["internal_url"],

@@ -35,8 +35,7 @@ async def effective_instances(mover: Mover) -> list[dict[str, Any]]:
     """Every registered instance with its effective state and its load (rooms + connections)."""
     now = mover.clock()
     return [{"id": r["id"], "capacity": r["capacity"], "internal_url": r["internal_url"],
-             "state": placement.effective_state(r["state"], instances.seen_at(r), now=now,
-                                                down_after=mover.down_after),
+             "state": instances.state_of(r, now=now, down_after=mover.down_after),
              "load": r["rooms_assigned"] + r["load_connections"],
              "heartbeated": r["last_heartbeat"] is not None, "seen_at": instances.seen_at(r)}
             for r in await mover.store.list_instances()]

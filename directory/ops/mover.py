@@ -322,6 +322,4 @@ class Mover:
             return False  # unknown: keep retrying the release
         if row is None:
             return True
-        state = placement.effective_state(row["state"], instances.seen_at(row), now=self.clock(),
-                                          down_after=self.down_after)
-        return state == placement.DOWN
+        return instances.state_of(row, now=self.clock(), down_after=self.down_after) == placement.DOWN

@@ -32,7 +32,7 @@ def shard_overrides() -> dict:
 
 async def test_deferred_input_is_not_sequenced_while_frozen(shard):
     ws, _ = await shard.join("frz", "alice")
-    live = shard.server.registry.get("frz")
+    live = shard.server.live_rooms.get("frz")
     (conn,) = live.conns.values()
     conn.data_received(b"".join(masked_send(i) for i in range(200)))  # one read, 200 frames
     assert live.room.seq == 64  # the bound: the rest waits for the next turn

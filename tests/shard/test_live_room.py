@@ -8,7 +8,7 @@ import orjson
 
 from roomshard.config import ShardConfig
 from roomshard.wire.protocol import CloseCode
-from shard.registry import REPLAY_CHUNK_BYTES, LiveRoom, RoomContext
+from shard.live_rooms import REPLAY_CHUNK_BYTES, LiveRoom, RoomContext
 from shard.room import Room
 from shard.stats import Stats
 from shard.writer import Writer

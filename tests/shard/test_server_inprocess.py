@@ -49,7 +49,7 @@ async def test_lease_loss_closes_rooms_with_1001_and_refuses_with_1013(shard):
     assert code_a == 1001 and all(f["type"] != "presence" for f in frames_a)
     assert (await frames_until_close(b))[1] == 1001
     assert not shard.server.ready()
-    assert shard.server.registry.unconfirmed() == {"r": 1}  # kept, not served
+    assert shard.server.live_rooms.unconfirmed() == {"r": 1}  # kept, not served
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{shard.server.url}/readyz")).status_code == 503
     ws = await connect(shard.url("r", "bob"))
@@ -72,7 +72,7 @@ async def test_lease_loss_drops_a_room_the_directory_placed_elsewhere(shard):
     shard.fake.rooms["moved"].instance, shard.fake.rooms["moved"].epoch = "i2", 2
     shard.fake.reachable = True
     await await_until(shard.server.ready, 5, "the lease to come back")
-    assert shard.server.registry.get("moved") is None
+    assert shard.server.live_rooms.get("moved") is None
 
 
 async def frames_until_close(ws) -> tuple[list[dict], int | None]:
@@ -113,7 +113,7 @@ async def test_newer_ticket_epoch_replaces_stale_room(shard):
 async def test_stale_ticket_epoch_is_4004(shard):
     """A ticket older than the room's owner_epoch is a stale route: 4004."""
     a, _ = await shard.join("old", "alice")
-    room = shard.server.registry.get("old").room
+    room = shard.server.live_rooms.get("old").room
     room.epoch = room.owner_epoch = 3  # it was moved here at epoch 3
     assert await close_code(await connect(shard.url("old", "bob", epoch=2))) == 4004
     await a.close()
@@ -135,7 +135,7 @@ async def test_idle_room_is_evicted_and_reopens_with_new_epoch(shard):
     await a.send('{"type":"send","id":"1","text":"x"}')
     await recv_until(a, "ack")
     await a.close()
-    await await_until(lambda: shard.server.registry.get("ev") is None, 10, "eviction")
+    await await_until(lambda: shard.server.live_rooms.get("ev") is None, 10, "eviction")
     b, wb = await shard.join("ev", "bob", since=1)
     assert wb["epoch"] == 2 and wb["seq"] == 2 << 32 and wb["recovered"] is False
     await b.close()
@@ -153,7 +153,7 @@ async def test_an_open_whose_answer_was_lost_is_retried_under_the_same_id(shard)
     await a.send('{"type":"send","id":"1","text":"x"}')
     await recv_until(a, "ack")
     await a.close()
-    await await_until(lambda: shard.server.registry.get("lost") is None, 10, "eviction")
+    await await_until(lambda: shard.server.live_rooms.get("lost") is None, 10, "eviction")
     b, wb = await shard.join("lost", "bob", since=1)  # the evicted copy is gone: a new one
     assert (wb["epoch"], wb["recovered"]) == (2, False)
     assert shard.fake.open_ids[2] not in (None, first)
@@ -169,7 +169,7 @@ async def test_dead_peer_is_closed_after_ping_timeout(shard):
     # Stop the dead client's transport from reading: its pongs never come.
     dead.transport.pause_reading()
     await await_until(lambda: shard.server.stats.ping_timeouts >= 1, 10, "a ping timeout")
-    assert len(shard.server.registry.get("p").conns) == 1
+    assert len(shard.server.live_rooms.get("p").conns) == 1
     await alive.send('{"type":"send","id":"k","text":"still here"}')
     assert (await recv_until(alive, "ack"))["seq"] == 1
     await alive.close()
@@ -189,8 +189,8 @@ async def test_a_lingering_connection_is_not_pinged_nor_counted_as_a_ping_timeou
                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
     server = shard.server
-    await await_until(lambda: server.registry.get("lg") is not None
-                      and server.registry.get("lg").connection_count() == 1, 5, "the join")
+    await await_until(lambda: server.live_rooms.get("lg") is not None
+                      and server.live_rooms.get("lg").connection_count() == 1, 5, "the join")
     sock.sendall(bytes([0x81, 0x82]) + b"\0\0\0\0" + b"\xff\xfe")  # not UTF-8: 1007
     await await_until(lambda: server.lingering.active == 1, 5, "the connection to linger")
     rounds = server._ping_rounds
@@ -293,7 +293,7 @@ async def test_join_gate_can_refuse_before_the_room_is_opened(shard, monkeypatch
 async def test_frozen_room_refuses_joins_1013_and_holds_sends_until_thaw(shard):
     """Mid-move (frozen) a room refuses joins with 1013; members' sends wait in TCP until thaw."""
     a, _ = await shard.join("mv2", "alice")
-    live = shard.server.registry.get("mv2")
+    live = shard.server.live_rooms.get("mv2")
     live.freeze()
     assert await close_code(await connect(shard.url("mv2", "bob"))) == 1013
     await a.send('{"type":"send","id":"held","text":"wait"}')
@@ -316,7 +316,7 @@ async def test_adopted_snapshot_continues_seq_history_and_ids(shard):
         src.send("alice", f"m{i}", f"t{i}", time.time())
     shard.fake.ticket("moved", "x")
     shard.fake.rooms["moved"].epoch = shard.fake.rooms["moved"].owner_epoch = 4
-    shard.server.registry.adopt(Room.from_snapshot(src.snapshot(), instance="i1", epoch=4,
+    shard.server.live_rooms.adopt(Room.from_snapshot(src.snapshot(), instance="i1", epoch=4,
                                                    owner_epoch=4))
     a, welcome = await shard.join("moved", "alice", since=1)
     assert (welcome["epoch"], welcome["seq"], welcome["recovered"]) == (4, 3, True)
@@ -369,7 +369,7 @@ async def test_kept_rooms_are_confirmed_in_bounded_batches(shard):
     shard.fake.reachable = False
     for ws in socks:
         assert (await frames_until_close(ws))[1] == 1001
-    registry = shard.server.registry
-    assert len(registry.unconfirmed(limit=2)) == 2 and len(registry.unconfirmed()) == 3
-    kept, dropped = registry.confirm(registry.unconfirmed(limit=2), owned={"k0", "k1", "k2"})
-    assert (kept, dropped) == (2, 0) and len(registry.unconfirmed()) == 1
+    live_rooms = shard.server.live_rooms
+    assert len(live_rooms.unconfirmed(limit=2)) == 2 and len(live_rooms.unconfirmed()) == 3
+    kept, dropped = live_rooms.confirm(live_rooms.unconfirmed(limit=2), owned={"k0", "k1", "k2"})
+    assert (kept, dropped) == (2, 0) and len(live_rooms.unconfirmed()) == 1

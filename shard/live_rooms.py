@@ -5,7 +5,7 @@ that are in it and does the fan-out: the room builds a frame once and
 :meth:`LiveRoom.broadcast` appends that same ``bytes`` object to every
 member's send queue (:class:`shard.writer.Writer`, written once per loop turn).
 
-:class:`RoomRegistry` is the one place rooms enter and leave memory:
+:class:`LiveRooms` is the one place rooms enter and leave memory:
 ``get`` / ``open`` (asks the directory once; concurrent joiners of one room
 share that call) / ``adopt`` (a room rebuilt from a handoff snapshot) /
 ``close_room`` and ``close_all`` (close the members with a code, drop the
@@ -296,7 +296,7 @@ MAX_PENDING_OPEN_IDS = 10_000  # then ids older than the TTL are dropped
 OPEN_ID_TTL_S = 300.0
 
 
-class RoomRegistry:
+class LiveRooms:
     def __init__(self, ctx: RoomContext, directory: DirectoryClient,
                  ready: Callable[[], bool]) -> None:
         self.ctx = ctx
