@@ -76,15 +76,13 @@ class FrameSink(typing.Protocol):
 class FrameReader:
     """See the module docstring. ``buf`` is the input not handled yet."""
 
-    __slots__ = ("buf", "fast", "frag", "frag_count", "frag_text", "max_fragments", "max_frame",
-                 "protocol")
+    __slots__ = ("_protocol", "buf", "fast", "frag", "frag_count", "frag_text", "max_fragments",
+                 "max_frame")
 
     def __init__(self, max_frame: int, max_fragments: int, buffered: bytes = b"") -> None:
         self.max_frame = max_frame
         self.max_fragments = max_fragments
-        # The websockets protocol: the parser after the hand-over, and the writer of
-        # every control frame (pongs, close frames) from the start.
-        self.protocol = Protocol(Side.SERVER, state=OPEN, max_size=max_frame, logger=WS_LOGGER)
+        self._protocol: Protocol | None = None  # see :attr:`protocol`
         # In fast mode buf starts at a frame boundary; after the hand-over it is
         # what the websockets parser has not been fed yet.
         self.buf = buffered
@@ -92,6 +90,18 @@ class FrameReader:
         self.frag: bytearray | None = None  # the fragmented message being reassembled
         self.frag_count = 0
         self.frag_text = False
+
+    @property
+    def protocol(self) -> Protocol:
+        """The websockets protocol: the parser after the hand-over, and the writer of every
+        control frame (pongs, close frames). Made on first use: most connections only ever
+        send and receive data frames, and the protocol object is about 1 KiB of each idle
+        connection's memory."""
+        protocol = self._protocol
+        if protocol is None:
+            protocol = self._protocol = Protocol(Side.SERVER, state=OPEN, max_size=self.max_frame,
+                                                 logger=WS_LOGGER)
+        return protocol
 
     def feed(self, data: bytes) -> None:
         """Input read from the socket."""

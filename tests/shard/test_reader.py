@@ -114,6 +114,12 @@ def test_common_frames_stay_on_the_fast_path():
     reader.feed(b"".join(STREAM[:4]))
     assert reader.read(sink, 64) == 60
     assert reader.fast and sink.messages == EXPECTED[:3] and sink.pongs == 1
+    # Data frames and pongs never make the websockets protocol (~1 KiB per connection)...
+    assert reader._protocol is None
+    reader.feed(STREAM[4])
+    reader.read(sink, 64)
+    # ... the first other frame (here a ping) does, and it answers it.
+    assert not reader.fast and reader._protocol is not None
 
 
 def test_a_call_handles_at_most_limit_frames_and_keeps_the_rest():
