@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from directory.context import Directory
-from directory.db.engine import make_engine, migrate
+from directory.db.engine import migrate
 from directory.db.store import Store
 from directory.domain.auth import ClientAuth
 from directory.domain.budget import CreateBudget
@@ -35,6 +35,7 @@ from directory.ops.mover import Mover
 from directory.shards import ShardClient
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
+from roomshard.sql import make_engine
 from roomshard.wire.protocol import INVALID_ROOM_ID
 from roomshard.wire.tickets import Signer
 

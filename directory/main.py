@@ -56,7 +56,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def _check_database(cfg: DirectoryConfig) -> None:
-    from directory.db.engine import make_engine, migrate
+    from directory.db.engine import migrate
+    from roomshard.sql import make_engine
 
     engine = make_engine(cfg.database_url, pool_size=1)
     try:

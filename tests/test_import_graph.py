@@ -18,8 +18,10 @@ SERVICES = ("shard", "directory", "router_rules")
 COMPOSITION = ("roomshard.__main__", "roomshard.cli", "directory.main", "directory.app",
                "shard.main", "shard.server", "router_rules.cli")
 
-#: What the services may use of ``roomshard``: the shared bottom (and the lingering close).
-SHARED_BOTTOM = ("roomshard.wire", "roomshard.config", "roomshard.urls", "roomshard.linger")
+#: What the services may use of ``roomshard``: the shared bottom, and the adapters both
+#: services use (the lingering close, the SQL engine, the message store).
+SHARED_BOTTOM = ("roomshard.wire", "roomshard.config", "roomshard.urls", "roomshard.linger",
+                 "roomshard.sql", "roomshard.store")
 
 #: The shard's layers, top first (docs/ARCHITECTURE.md).
 SHARD_LAYERS: tuple[tuple[str, ...], ...] = (

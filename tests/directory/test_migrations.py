@@ -8,7 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from directory.db.engine import make_engine, metadata, migrate
+from directory.db.engine import metadata, migrate
+from roomshard.sql import make_engine
 
 
 async def test_migrations_match_metadata_and_are_idempotent(db_url: str) -> None:

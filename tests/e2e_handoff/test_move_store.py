@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import insert, select
 
 from directory.db import move_store
-from directory.db.engine import instances, make_engine, migrate, rooms
+from directory.db.engine import instances, migrate, rooms
 from directory.db.store import Store
 from directory.domain.errors import Conflict
 from directory.domain.moves import begin
+from roomshard.sql import make_engine
 
 NOW = 1_000_000.0
 

@@ -1,0 +1,90 @@
+"""The async SQLAlchemy engine both services use: SQLite embedded, PostgreSQL in production.
+
+The directory's registry (``directory.db``) and the message store
+(``roomshard.store``) open their databases here, so both heal after an
+outage the same way and treat SQLite the same way (a private file, WAL, a
+busy timeout, write transactions that take the lock at ``BEGIN``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+#: SQLite's ``synchronous``: NORMAL keeps every commit through a crash of the process
+#: (WAL); FULL also through a crash of the machine (one fsync per commit).
+Synchronous = Literal["NORMAL", "FULL"]
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str, *, pool_size: int = 10,
+                synchronous: Synchronous = "NORMAL") -> AsyncEngine:
+    """An engine that heals after an outage and fails fast while the database is gone."""
+    if is_sqlite(url):
+        _create_private(url)
+        engine = create_async_engine(url, pool_pre_ping=True, connect_args={"timeout": 5})
+        _sqlite_pragmas(engine, synchronous)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=2 * pool_size,
+        # No pre-ping: it costs a round trip per checkout on the hot path.
+        # Healing instead: a connection that fails with a disconnect error is
+        # invalidated with every older pooled connection (SQLAlchemy's
+        # disconnect handling; the directory's ``Store`` does the same for its raw reads), and
+        # idempotent reads retry once on a fresh connection.
+        pool_pre_ping=False,
+        pool_timeout=5,
+        pool_recycle=1800,
+        # asyncpg: bound the connect and every statement so an unreachable
+        # server turns into a 503 quickly instead of hanging requests.
+        connect_args={"timeout": 3, "command_timeout": 10},
+    )
+
+
+def _create_private(url: str) -> None:
+    """Create a new SQLite database file readable by its owner alone (0600).
+
+    It holds private rooms' member lists (the directory) or messages (the store). SQLite gives its -wal and -shm
+    files the main file's permissions. An existing file is left as it is;
+    a directory that does not exist is the open's error to report.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError, FileNotFoundError, NotADirectoryError,
+                             PermissionError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _sqlite_pragmas(engine: AsyncEngine, synchronous: Synchronous) -> None:
+    """WAL + busy_timeout, and write transactions that take the write lock at BEGIN.
+
+    A deferred SQLite transaction that reads and then writes can fail at once
+    with SQLITE_BUSY when another writer got there first (busy_timeout does
+    not apply to that upgrade). Connections opened with the ``immediate``
+    execution option begin with ``BEGIN IMMEDIATE`` and simply wait instead.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=5000")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get("immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,110 @@
+"""Reads and writes of the message store (SQLAlchemy Core; SQLite or PostgreSQL).
+
+Every call is one statement or one transaction; none holds a connection
+between calls. A write is a batch: the messages of a group commit go in
+one transaction (``INSERT`` with many rows), so one commit (one fsync) is
+paid per batch, not per message. Reads are range scans of the primary key
+``(room, seq)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+from sqlalchemy import and_, delete, func, insert, select, tuple_
+
+from roomshard.sql import make_engine
+from roomshard.store.tables import messages, migrate
+
+
+class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored message: its key, its id, user and time, and its ``message`` frame's JSON."""
+
+    room: str
+    seq: int
+    id: str
+    user: str
+    ts: float
+    payload: str  # {"type": "message", "seq", "id", "user", "text", "ts"}
+
+
+_COLUMNS = (messages.c.room, messages.c.seq, messages.c.id, messages.c.user, messages.c.ts,
+            messages.c.payload)
+
+
+def _rows(result: Sequence[tuple[str, int, str, str, float, str]]) -> list[StoredMessage]:
+    return [StoredMessage(room=r[0], seq=r[1], id=r[2], user=r[3], ts=r[4], payload=r[5])
+            for r in result]
+
+
+class MessageStore:
+    """The store behind ``ROOMSHARD_HISTORY_URL``; :meth:`open` before use, :meth:`close` after."""
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        # FULL on SQLite: a stored message survives a crash of the machine too.
+        self.engine = make_engine(url, pool_size=pool_size, synchronous="FULL")
+
+    async def open(self) -> None:
+        """Create or upgrade the schema (safe when several processes start at once)."""
+        await migrate(self.engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- writes ----------------------------------------------------------------
+    async def write(self, batch: Sequence[StoredMessage]) -> None:
+        """Store ``batch`` in one transaction; all or nothing.
+
+        Raises SQLAlchemy's ``IntegrityError`` when a ``(room, seq)`` is
+        already stored: another writer stored a message under that seq, and
+        none of the batch is.
+        """
+        if not batch:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(messages), [msgspec.structs.asdict(m) for m in batch])
+
+    async def expire(self, older_than: float, limit: int) -> int:
+        """Delete at most ``limit`` messages stored before ``older_than``; how many went."""
+        oldest = (select(messages.c.room, messages.c.seq).where(messages.c.ts < older_than)
+                  .order_by(messages.c.ts).limit(limit))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(messages).where(tuple_(messages.c.room, messages.c.seq).in_(oldest)))
+        return int(result.rowcount or 0)
+
+    # -- reads -----------------------------------------------------------------
+    async def last_seq(self, room: str) -> int | None:
+        """The highest stored seq of ``room`` (None: nothing stored)."""
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(select(func.max(messages.c.seq)).where(messages.c.room == room))
+        return None if value is None else int(value)
+
+    async def tail(self, room: str, limit: int) -> list[StoredMessage]:
+        """The latest ``limit`` messages of ``room``, oldest first."""
+        return await self.before(room, None, limit)
+
+    async def before(self, room: str, before: int | None, limit: int) -> list[StoredMessage]:
+        """The latest ``limit`` messages with seq < ``before`` (no bound: None), oldest first."""
+        where = messages.c.room == room
+        if before is not None:
+            where = and_(where, messages.c.seq < before)
+        query = select(*_COLUMNS).where(where).order_by(messages.c.seq.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            result = (await conn.execute(query)).all()
+        return _rows([tuple(r) for r in reversed(result)])
+
+    async def after(self, room: str, since: int, limit: int) -> list[StoredMessage]:
+        """At most ``limit`` messages with seq > ``since``, oldest first."""
+        query = (select(*_COLUMNS).where(and_(messages.c.room == room, messages.c.seq > since))
+                 .order_by(messages.c.seq).limit(limit))
+        async with self.engine.connect() as conn:
+            result = (await conn.execute(query)).all()
+        return _rows([tuple(r) for r in result])
+
+    async def oldest_seq(self, room: str) -> int | None:
+        """The lowest stored seq of ``room`` (None: nothing stored)."""
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(select(func.min(messages.c.seq)).where(messages.c.room == room))
+        return None if value is None else int(value)
