@@ -49,8 +49,16 @@ def alembic_config(connection: Any = None) -> Any:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Upgrade the store's schema to head; safe when several processes start at once."""
+    """Upgrade the store's schema to head; safe when several processes start at once.
+
+    Alembic is imported and its scripts are read before the write lock is
+    taken: a cold import under load can take seconds, and on SQLite the
+    other openers wait for the lock only as long as the busy timeout.
+    """
     from alembic import command
+    from alembic.script import ScriptDirectory
+
+    ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     def upgrade(sync_conn: Any) -> None:
         command.upgrade(alembic_config(sync_conn), "head")
