@@ -105,7 +105,7 @@ def load(cls: type[T], flags: Mapping[str, Any] | None = None,
     return obj
 
 
-def normalize_database_url(url: str) -> str:
+def normalize_database_url(url: str, setting_name: str = "ROOMSHARD_DATABASE_URL") -> str:
     """Plain ``sqlite://`` and ``postgresql://`` mean their async drivers."""
     for plain, async_ in (
         ("sqlite://", "sqlite+aiosqlite://"),
@@ -117,7 +117,7 @@ def normalize_database_url(url: str) -> str:
     if url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         return url
     raise ConfigError(
-        f"ROOMSHARD_DATABASE_URL: unsupported database URL {url.split(':', 1)[0]!r} "
+        f"{setting_name}: unsupported database URL {url.split(':', 1)[0]!r} "
         "(use sqlite+aiosqlite:// or postgresql+asyncpg://)"
     )
 
@@ -196,6 +196,9 @@ class ShardConfig:
     history: int = setting(protocol.DEFAULT_HISTORY, help="messages kept per room for resume")
     history_bytes: int = setting(protocol.DEFAULT_HISTORY_BYTES, help="bytes of message history kept per room (oldest leave first)")
     history_bytes_total: int = setting(protocol.DEFAULT_HISTORY_BYTES_TOTAL, help="bytes of message history kept by the whole shard (its oldest leave first)")
+    history_url: str = setting("memory", help="message store: a SQLAlchemy URL (sqlite or postgresql; messages are stored before they are acked) or memory")
+    store_queue_bytes: int = setting(16 << 20, help="bytes of messages waiting for the store past which sends are refused (unavailable)")
+    store_wait: float = setting(5.0, help="seconds a message may wait for the store before new sends are refused (unavailable)")
     room_linger: float = setting(protocol.DEFAULT_ROOM_LINGER_S, help="seconds a room stays in memory after its last member leaves")
     idempotency_window: float = setting(protocol.DEFAULT_IDEMPOTENCY_WINDOW_S, help="seconds a client message id is remembered")
     max_text: int = setting(protocol.DEFAULT_MAX_TEXT, help="max characters of a message text")
@@ -231,7 +234,9 @@ class ShardConfig:
             raise ConfigError("ROOMSHARD_DIRECTORY_URL: must be an http:// or https:// URL")
         if not parse_secrets(self.cluster_secret):
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
-        _check_positive(self, "history", "history_bytes", "history_bytes_total", "max_text", "max_frame", "rate", "rate_burst",
+        if self.history_url != "memory":
+            object.__setattr__(self, "history_url", normalize_database_url(self.history_url, "ROOMSHARD_HISTORY_URL"))
+        _check_positive(self, "history", "history_bytes", "history_bytes_total", "store_queue_bytes", "store_wait", "max_text", "max_frame", "rate", "rate_burst",
                         "max_connections", "send_queue_bytes", "ping_interval",
                         "ping_timeout", "heartbeat_interval", "lease", "frame_rate",
                         "frame_burst", "byte_rate", "byte_burst", "max_fragments",

@@ -25,9 +25,14 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, *, pool_size: int = 10,
-                synchronous: Synchronous = "NORMAL") -> AsyncEngine:
-    """An engine that heals after an outage and fails fast while the database is gone."""
+def make_engine(url: str, *, pool_size: int = 10, synchronous: Synchronous = "NORMAL",
+                pre_ping: bool = False) -> AsyncEngine:
+    """An engine that heals after an outage and fails fast while the database is gone.
+
+    ``pre_ping``: test a pooled PostgreSQL connection before each use (one round trip):
+    for a caller that checks out once per batch, so a connection the server closed
+    (a restart) is replaced instead of failing every retry.
+    """
     if is_sqlite(url):
         _create_private(url)
         engine = create_async_engine(url, pool_pre_ping=True, connect_args={"timeout": 5})
@@ -37,12 +42,12 @@ def make_engine(url: str, *, pool_size: int = 10,
         url,
         pool_size=pool_size,
         max_overflow=2 * pool_size,
-        # No pre-ping: it costs a round trip per checkout on the hot path.
+        # No pre-ping by default: it costs a round trip per checkout on the hot path.
         # Healing instead: a connection that fails with a disconnect error is
         # invalidated with every older pooled connection (SQLAlchemy's
         # disconnect handling; the directory's ``Store`` does the same for its raw reads), and
         # idempotent reads retry once on a fresh connection.
-        pool_pre_ping=False,
+        pool_pre_ping=pre_ping,
         pool_timeout=5,
         pool_recycle=1800,
         # asyncpg: bound the connect and every statement so an unreachable

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from websockets.frames import CloseCode as WsCloseCode
 
 from roomshard.config import ShardConfig
+from roomshard.store.commit import GroupCommit
+from roomshard.store.messages import StoredMessage
 from roomshard.wire.internal import LiveLoad
 from roomshard.wire.protocol import CloseCode, ErrorCode
 from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
-from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame
+from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame, text_frame
 from shard.ratelimit import TokenBucket, Verdict
-from shard.room import HistoryBudget, Room
+from shard.room import HistoryBudget, Room, ack_frame
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -54,6 +56,31 @@ class RoomContext:
     writer: Writer
     clock: Callable[[], float]  # wall-clock seconds (history timestamps, idempotency)
     monotonic: Callable[[], float]
+    # With a message store: its group commit (a message is broadcast and acked once stored).
+    commit: GroupCommit[Pending] | None = None
+
+
+class Pending:
+    """A sequenced message on its way to the store: who sent it, and what to do once stored."""
+
+    __slots__ = ("conn", "frame", "live", "message")
+
+    def __init__(self, live: LiveRoom, conn: Connection, frame: bytes,
+                 message: StoredMessage) -> None:
+        self.live = live
+        self.conn = conn
+        self.frame = frame
+        self.message = message
+
+
+def deliver_stored(batch: list[Pending]) -> None:
+    """A batch is stored: each message becomes its room's, is broadcast and acked, in order."""
+    for p in batch:
+        p.live.stored(p)
+
+
+#: What a message costs in the group commit's byte bound besides its text (ids, JSON).
+STORE_OVERHEAD_BYTES = 200
 
 
 class Replay:
@@ -79,6 +106,7 @@ class LiveRoom:
         "replaying",
         "room",
         "unconfirmed",
+        "waiting",
     )
 
     def __init__(self, room: Room, ctx: RoomContext) -> None:
@@ -94,6 +122,8 @@ class LiveRoom:
         # Kept through a lost lease: not served (joins 1013) until a heartbeat's
         # answer confirms the directory still assigns it here at this epoch.
         self.unconfirmed = False
+        # With a store: resends of a message still being stored, by seq: (connection, id).
+        self.waiting: dict[int, list[tuple[Connection, str]]] = {}
         self.messages = 0
         self.messages_per_s = 0.0
         self._last_count = 0
@@ -233,6 +263,9 @@ class LiveRoom:
 
     def send(self, conn: Connection, msg_id: str, text: str) -> None:
         """Sequence a client's message, fan it out, ack the sender."""
+        if self.ctx.commit is not None:
+            self._send_to_store(conn, msg_id, text, self.ctx.commit)
+            return
         out = self.room.send(conn.user, msg_id, text, self.ctx.clock())
         if out.broadcast is not None:
             self.messages += 1
@@ -241,6 +274,47 @@ class LiveRoom:
             if self.replaying:
                 self._check_replays()
         conn.queue(out.ack)
+
+    def _send_to_store(self, conn: Connection, msg_id: str, text: str,
+                       commit: GroupCommit[Pending]) -> None:
+        """With a store: sequence the message and hand it to the group commit; it is
+        broadcast and acked once stored (:meth:`stored`). A resend of a stored id is acked
+        at once, of one still being stored once it is; past the commit's bounds the send is
+        refused with ``unavailable`` (no seq taken: the client sends it again later)."""
+        room, now = self.room, self.ctx.clock()
+        seq = room.known(conn.user, msg_id, now)
+        if seq is not None:
+            if seq <= room.seq:
+                conn.queue(ack_frame(msg_id, seq))
+            else:
+                self.waiting.setdefault(seq, []).append((conn, msg_id))
+            return
+        if not commit.admit(len(text) + STORE_OVERHEAD_BYTES):
+            self.ctx.stats.store_refused += 1
+            conn.queue(error_frame(ErrorCode.UNAVAILABLE,
+                                   "the message store is unavailable: send it again later",
+                                   msg_id))
+            return
+        seq, payload = room.sequence(conn.user, msg_id, text, now)
+        frame = text_frame(payload)
+        commit.submit(Pending(self, conn, frame, StoredMessage(
+            room=self.name, seq=seq, id=msg_id, user=conn.user, ts=round(now, 3),
+            payload=payload.decode())), len(frame) + STORE_OVERHEAD_BYTES)
+
+    def stored(self, p: Pending) -> None:
+        """``p`` is stored: the room's latest message now; broadcast it, ack its sender
+        (and whoever resent its id meanwhile)."""
+        seq = p.message.seq
+        self.room.stored(seq, p.frame)
+        self.messages += 1
+        self.ctx.stats.messages_out += 1
+        self.broadcast(p.frame)
+        if self.replaying:
+            self._check_replays()
+        ack = ack_frame(p.message.id, seq)
+        p.conn.queue(ack)
+        for conn, msg_id in self.waiting.pop(seq, ()):
+            conn.queue(ack if msg_id == p.message.id else ack_frame(msg_id, seq))
 
     def _check_replays(self) -> None:
         """Close the replays the history window has just overtaken (4009)."""

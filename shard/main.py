@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from roomshard.config import ShardConfig
+from roomshard.store.messages import MessageStore
 from shard.directory_client import DirectoryClient
 from shard.server import ShardServer
 
@@ -82,7 +83,8 @@ async def serve(cfg: ShardConfig) -> None:
     from roomshard.wire.tickets import Signer
 
     directory = DirectoryClient(cfg.directory_url, cfg.instance, Signer(cfg.cluster_secrets))
-    server = ShardServer(cfg, directory)
+    store = None if cfg.history_url == "memory" else MessageStore(cfg.history_url)
+    server = ShardServer(cfg, directory, store=store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

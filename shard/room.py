@@ -150,7 +150,8 @@ class Room:
     idempotency_window: float = 300.0
     private: bool = False
     allowed: frozenset[str] | None = None  # members of a private room
-    seq: int = field(init=False)
+    seq: int = field(init=False)  # the latest message's (with a store: the latest stored)
+    assigned: int = field(init=False)  # with a store: the latest seq given, stored or not
     # The frames of the last messages: history[i] has seq oldest_seq() + i.
     history: deque[bytes] = field(init=False)
     history_bytes: int = field(init=False)
@@ -163,7 +164,7 @@ class Room:
     empty_since: float | None = None
 
     def __post_init__(self) -> None:
-        self.seq = self.seq_base
+        self.seq = self.assigned = self.seq_base
         self.history = deque()
         self.history_bytes = 0
         self.budget = None
@@ -315,7 +316,14 @@ class Room:
         # One frame for history and every member; orjson's own buffer is freed at
         # once and reused by the next message (kept, its blocks fragmented the heap).
         frame = text_frame(orjson.dumps(message))
-        # Into history (inline: this runs for every message); trimmed past the room's bounds.
+        self._remember(seq, frame)
+        self.seen_ids[key] = (seq, now)
+        if len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
+            self.seen_ids.popitem(last=False)
+        return SendOutcome(ack_frame(msg_id, seq), frame, seq)
+
+    def _remember(self, seq: int, frame: bytes) -> None:
+        """Into history; trimmed past the room's bounds."""
         history = self.history
         history.append(frame)
         size = len(frame)
@@ -324,10 +332,34 @@ class Room:
             self._trim()
         if self.budget is not None:
             self.budget.added(self, seq, size)
-        self.seen_ids[key] = (seq, now)
+
+    # -- messages, with a store: sequenced first, the room's once stored ----------
+    def known(self, user: str, msg_id: str, now: float) -> int | None:
+        """The seq of the message ``user`` already sent with ``msg_id`` (within the
+        idempotency window), stored (``<= seq``) or still being stored; None if new."""
+        self._expire_ids(now)
+        known = self.seen_ids.get((user, msg_id))
+        return None if known is None else known[0]
+
+    def sequence(self, user: str, msg_id: str, text: str, now: float) -> tuple[int, bytes]:
+        """Give a new message its seq (after every seq given) and build its payload.
+
+        The message is not the room's yet: no member sees it and ``seq`` does
+        not move until :meth:`stored` says it is stored. Its id is in the
+        idempotency window at once, so a resend is recognised meanwhile.
+        """
+        seq = self.assigned = max(self.seq, self.assigned) + 1
+        payload = orjson.dumps({"type": "message", "seq": seq, "id": msg_id, "user": user,
+                                "text": text, "ts": round(now, 3)})
+        self.seen_ids[(user, msg_id)] = (seq, now)
         if len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
             self.seen_ids.popitem(last=False)
-        return SendOutcome(ack_frame(msg_id, seq), frame, seq)
+        return seq, payload
+
+    def stored(self, seq: int, frame: bytes) -> None:
+        """A sequenced message is stored: it is the room's latest (call in seq order)."""
+        self.seq = seq
+        self._remember(seq, frame)
 
     def _expire_ids(self, now: float) -> None:
         horizon = now - self.idempotency_window

@@ -18,8 +18,8 @@ from roomshard.wire.internal import AccessBody, AccessResult, LiveRoomAnswer, Li
 from roomshard.wire.protocol import INVALID_ROOM_ID, CloseCode, valid_room_id, valid_user_id
 from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
-from shard.metrics import CONTENT_TYPE
 from shard.live_rooms import LiveRooms
+from shard.metrics import CONTENT_TYPE
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,11 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from websockets.frames import CloseCode as WsCloseCode
 from websockets.frames import Opcode
 
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
+from roomshard.store.commit import GroupCommit
+from roomshard.store.messages import MessageStore
 from roomshard.wire.internal import InstanceLoad
 from roomshard.wire.protocol import CloseCode
 from roomshard.wire.tickets import Signer, Ticket
@@ -59,8 +62,8 @@ from shard.directory_client import DirectoryClient, DirectoryError, DirectoryRef
 from shard.frames import server_frame
 from shard.handoff_routes import HandoffWiring
 from shard.http import HttpRequest, HttpResponse, Router
+from shard.live_rooms import LiveRoom, LiveRooms, Pending, RoomContext, deliver_stored
 from shard.metrics import MetricsSources, ShardMetrics
-from shard.live_rooms import LiveRoom, RoomContext, LiveRooms
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -77,6 +80,7 @@ _PING_FRAME = server_frame(Opcode.PING, b"roomshard")
 
 class ShardServer:
     def __init__(self, cfg: ShardConfig, directory: DirectoryClient, *,
+                 store: MessageStore | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
@@ -88,8 +92,16 @@ class ShardServer:
         self.writer = Writer()
         self.ws_conns: set[Connection] = set()
         self.lingering = LingerPool(linger_limits(cfg))  # connections in a lingering close
-        self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic),
-                                     directory, self.ready)
+        # With a message store, a message is stored before it is broadcast and acked.
+        self.store = store
+        self.commit: GroupCommit[Pending] | None = None
+        if store is not None:
+            self.commit = GroupCommit(self._store, deliver_stored, rejected=self._not_stored,
+                                      permanent=(sa_exc.IntegrityError,),
+                                      max_bytes=cfg.store_queue_bytes, max_age=cfg.store_wait,
+                                      clock=monotonic)
+        self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic,
+                                                self.commit), directory, self.ready)
         auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)
         self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
                                            monotonic, auth.trusted)
@@ -123,6 +135,8 @@ class ShardServer:
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.store is not None:
+            await self.store.open()
         self._server = await loop.create_server(lambda: Connection(self._conn_ctx), self.cfg.host,
                                                 self.cfg.port, backlog=4096)
         host, port = self._server.sockets[0].getsockname()[:2]
@@ -152,6 +166,9 @@ class ShardServer:
         deadline = self.monotonic() + self.cfg.shutdown_timeout
         if self._server is not None:
             self._server.close()
+        if self.commit is not None and not await self.commit.flush(self.cfg.shutdown_timeout / 3):
+            log.warning("shutting down with messages not stored: their senders were not acked "
+                        "and send them again")
         closed = self.live_rooms.close_all(CloseCode.GOING_AWAY, "shard shutting down")
         for conn in list(self.ws_conns):
             conn.close(CloseCode.GOING_AWAY, "shard shutting down")
@@ -169,7 +186,25 @@ class ShardServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.commit is not None:
+            await self.commit.close()
+        if self.store is not None:
+            await self.store.close()
         await self.directory.aclose()
+
+    async def _store(self, batch: list[Pending]) -> None:
+        assert self.store is not None
+        await self.store.write([p.message for p in batch])
+
+    def _not_stored(self, batch: list[Pending], error: Exception) -> None:
+        """The store refused a batch for good (a seq another shard stored first: the room
+        was placed elsewhere meanwhile): its rooms' members ask the directory again."""
+        for live in {id(p.live): p.live for p in batch}.values():
+            if self.live_rooms.get(live.name) is live:
+                log.warning("closing room %s: its messages could not be stored (%s)", live.name,
+                            error.__class__.__name__)
+                self.live_rooms.close_room(live.name, CloseCode.TRY_AGAIN_LATER,
+                                           "the room's messages could not be stored")
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

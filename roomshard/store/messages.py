@@ -42,8 +42,10 @@ class MessageStore:
     """The store behind ``ROOMSHARD_HISTORY_URL``; :meth:`open` before use, :meth:`close` after."""
 
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
-        # FULL on SQLite: a stored message survives a crash of the machine too.
-        self.engine = make_engine(url, pool_size=pool_size, synchronous="FULL")
+        # FULL on SQLite: a stored message survives a crash of the machine too. Pre-ping
+        # (one round trip per batch): after a restart of the database the retried write
+        # gets a live connection.
+        self.engine = make_engine(url, pool_size=pool_size, synchronous="FULL", pre_ping=True)
 
     async def open(self) -> None:
         """Create or upgrade the schema (safe when several processes start at once)."""

@@ -39,7 +39,10 @@ def free_port() -> int:
 class PgServer:
     """One PostgreSQL cluster; ``stop()``/``start()`` simulate an outage."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """``durable``: commits reach the WAL before they are acknowledged
+        (``synchronous_commit = on``), so an immediate stop (a crash of the server)
+        keeps every committed transaction; the default trades that for speed."""
         self.root = Path(tempfile.mkdtemp(prefix="roomshard-pg-"))
         self.datadir = self.root / "data"
         self.port = free_port()
@@ -54,7 +57,8 @@ class PgServer:
             conf.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                 f"unix_socket_directories = '{self.root}'\nfsync = off\n"
-                "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n"
+                f"synchronous_commit = {'on' if durable else 'off'}\nfull_page_writes = off\n"
+                "max_connections = 300\n"
             )
 
     def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:

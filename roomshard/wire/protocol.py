@@ -62,6 +62,7 @@ class ErrorCode:
     BAD_REQUEST = "bad_request"
     TOO_LONG = "too_long"
     RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"  # the message store cannot take it now: send it again later
 
 
 # Defaults of the shard's limits (all configurable).

@@ -12,6 +12,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from roomshard.config import ShardConfig
+from roomshard.store.messages import MessageStore
 from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
 from shard.directory_client import DirectoryClient
@@ -67,11 +68,12 @@ async def close_code(ws: ClientConnection, timeout: float = 5) -> int | None:
     return ws.close_code
 
 
-async def start_shard(fake: FakeDirectory, **overrides) -> ShardServer:
+async def start_shard(fake: FakeDirectory, *, store: MessageStore | None = None,
+                      **overrides) -> ShardServer:
     cfg = dataclasses.replace(BASE_CFG, **overrides)
     directory = DirectoryClient(cfg.directory_url, cfg.instance, Signer([SECRET]),
                                 transport=fake.transport())
-    server = ShardServer(cfg, directory)
+    server = ShardServer(cfg, directory, store=store)
     await server.start()
     await await_until(server.ready, 5, "the shard to register")
     return server
