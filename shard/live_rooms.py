@@ -22,18 +22,19 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy import exc as sa_exc
 from websockets.frames import CloseCode as WsCloseCode
 
 from roomshard.config import ShardConfig
 from roomshard.store.commit import GroupCommit
-from roomshard.store.messages import StoredMessage
+from roomshard.store.messages import MessageStore, StoredMessage
 from roomshard.wire.internal import LiveLoad
 from roomshard.wire.protocol import CloseCode, ErrorCode
 from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame, text_frame
 from shard.ratelimit import TokenBucket, Verdict
-from shard.room import HistoryBudget, Room, ack_frame
+from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, Room, ack_frame
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -77,6 +78,12 @@ def deliver_stored(batch: list[Pending]) -> None:
     """A batch is stored: each message becomes its room's, is broadcast and acked, in order."""
     for p in batch:
         p.live.stored(p)
+
+
+class StoreUnavailable(DirectoryUnavailable):
+    """A room cannot open now: the message store holding its state did not answer
+    (the joiner is refused with 1013, like when the directory does not answer; the
+    directory's grant is kept for the retry)."""
 
 
 #: What a message costs in the group commit's byte bound besides its text (ids, JSON).
@@ -372,9 +379,10 @@ OPEN_ID_TTL_S = 300.0
 
 class LiveRooms:
     def __init__(self, ctx: RoomContext, directory: DirectoryClient,
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], store: MessageStore | None = None) -> None:
         self.ctx = ctx
         self.directory = directory
+        self.store = store  # a room that opens takes its state from it
         self._ready = ready  # the shard holds its lease (see ShardServer.ready)
         self.rooms: dict[str, LiveRoom] = {}
         # Every room's history together stays within history_bytes_total.
@@ -418,6 +426,7 @@ class LiveRooms:
     async def _open(self, name: str, ticket_epoch: int) -> LiveRoom:
         try:
             grant = await self.directory.open_room(name, ticket_epoch, open_id=self._open_id(name))
+            recovered = await self._from_store(name) if self.store is not None else None
         except DirectoryUnavailable:
             raise  # the directory may have granted it: retry under the same id
         except BaseException:
@@ -437,9 +446,24 @@ class LiveRooms:
                     history_bytes_limit=cfg.history_bytes,
                     idempotency_window=cfg.idempotency_window, private=grant.private,
                     allowed=frozenset(grant.members) if grant.members is not None else None)
-        log.info("opened room %s epoch %d seq_base %d%s", name, grant.epoch, grant.seq_base,
-                 " (state lost)" if grant.lost else "")
+        if recovered is not None:
+            room.recover(*recovered)
+        log.info("opened room %s epoch %d seq %d%s", name, grant.epoch, room.seq,
+                 " (state lost)" if room.lost else "")
         return self.adopt(room)
+
+    async def _from_store(self, name: str) -> tuple[list[tuple[int, bytes]],
+                                                    list[tuple[str, str, int, float]]]:
+        """A room's latest stored messages and its idempotency window's ids."""
+        assert self.store is not None
+        cfg = self.ctx.cfg
+        try:
+            tail = await self.store.tail(name, cfg.history)
+            ids = await self.store.recent_ids(name, self.ctx.clock() - cfg.idempotency_window,
+                                              MAX_IDEMPOTENCY_ENTRIES)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(f"message store: {exc.__class__.__name__}") from exc
+        return [(m.seq, m.payload.encode()) for m in tail], ids
 
     def adopt(self, room: Room) -> LiveRoom:
         """Install ``room`` (new, or rebuilt from a snapshot); replaces a stale copy."""

@@ -56,6 +56,7 @@ def run(cfg: ShardConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the message store's migrations
     if cfg.permessage_deflate:
         # Broadcast frames are built once and shared by every member; a
         # per-connection compression context would defeat that. Not offered.

@@ -356,6 +356,32 @@ class Room:
             self.seen_ids.popitem(last=False)
         return seq, payload
 
+    def recover(self, tail: list[tuple[int, bytes]],
+                ids: list[tuple[str, str, int, float]]) -> None:
+        """Take the room's state from the message store: its latest stored messages
+        (``(seq, payload)``, oldest first) and the ids of its idempotency window.
+
+        The store decides: ``seq`` continues after its last message (nobody saw
+        a message the store does not hold, so no seq a client saw is given
+        again) and the room's state is no longer lost. Only the run of
+        consecutive seqs that ends the tail enters history.
+        """
+        if tail:
+            last = tail[-1][0]
+            run = len(tail)
+            for i in range(len(tail) - 1, 0, -1):
+                if tail[i - 1][0] != tail[i][0] - 1:
+                    run = len(tail) - i
+                    break
+            self.seq = self.assigned = last
+            self.lost = False
+            for seq, payload in tail[len(tail) - run:]:
+                self._remember(seq, text_frame(payload))
+        for user, msg_id, seq, at in ids:
+            self.seen_ids[(user, msg_id)] = (seq, at)
+        while len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
+            self.seen_ids.popitem(last=False)
+
     def stored(self, seq: int, frame: bytes) -> None:
         """A sequenced message is stored: it is the room's latest (call in seq order)."""
         self.seq = seq

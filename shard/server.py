@@ -101,7 +101,7 @@ class ShardServer:
                                       max_bytes=cfg.store_queue_bytes, max_age=cfg.store_wait,
                                       clock=monotonic)
         self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic,
-                                                self.commit), directory, self.ready)
+                                                self.commit), directory, self.ready, store)
         auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)
         self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
                                            monotonic, auth.trusted)

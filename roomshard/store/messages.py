@@ -105,6 +105,17 @@ class MessageStore:
             result = (await conn.execute(query)).all()
         return _rows([tuple(r) for r in result])
 
+    async def recent_ids(self, room: str, since_ts: float,
+                         limit: int) -> list[tuple[str, str, int, float]]:
+        """``(user, id, seq, ts)`` of the messages stored at or after ``since_ts`` (at most
+        ``limit``, the latest), oldest first: a recovered room's idempotency window."""
+        query = (select(messages.c.user, messages.c.id, messages.c.seq, messages.c.ts)
+                 .where(and_(messages.c.room == room, messages.c.ts >= since_ts))
+                 .order_by(messages.c.seq.desc()).limit(limit))
+        async with self.engine.connect() as conn:
+            result = (await conn.execute(query)).all()
+        return [(r[0], r[1], int(r[2]), float(r[3])) for r in reversed(result)]
+
     async def oldest_seq(self, room: str) -> int | None:
         """The lowest stored seq of ``room`` (None: nothing stored)."""
         async with self.engine.connect() as conn:

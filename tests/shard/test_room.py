@@ -271,3 +271,24 @@ def test_history_leaves_nothing_for_the_garbage_collector_to_track():
     gc.collect()  # also untracks the tuples that hold only strings and numbers
     assert len(gc.get_objects()) - before < 100
     assert len(r.history) == 5_000
+
+
+def test_recover_takes_seq_history_and_ids_from_the_store():
+    room = Room(name="r", instance="i1", epoch=3, seq_base=3 << 32, lost=True, history_limit=10)
+    payload = lambda seq: orjson.dumps({"type": "message", "seq": seq, "id": f"m{seq}",
+                                        "user": "u", "text": "t", "ts": 1.0})
+    # seqs 3, 4 then a hole, then 7..9: only the run that ends the tail is history
+    room.recover([(s, payload(s)) for s in (3, 4, 7, 8, 9)], [("u", "m9", 9, 100.0)])
+    assert room.seq == 9 and not room.lost and room.oldest_seq() == 7
+    assert room.join(1, "v", 100.0, since=6).replay_from == 7
+    assert room.known("u", "m9", 100.0) == 9
+    frames, nxt = room.replay(7, 1 << 20)
+    assert nxt == 10 and [orjson.loads(f[2:])["seq"] for f in frames] == [7, 8, 9]
+    seq, _ = room.sequence("u", "m10", "t", 101.0)
+    assert seq == 10
+
+
+def test_recover_with_an_empty_store_keeps_the_directory_s_grant():
+    room = Room(name="r", instance="i1", epoch=3, seq_base=3 << 32, lost=True)
+    room.recover([], [])
+    assert room.seq == 3 << 32 and room.lost

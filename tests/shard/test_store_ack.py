@@ -120,3 +120,37 @@ async def _outage(h: Harness, pg: PgServer, url: str) -> None:
             (1, "before"), (2, "during"), (3, "refused")]
     finally:
         await store.close()
+
+
+async def test_a_room_that_opens_again_takes_its_state_from_the_store(tmp_path: Path) -> None:
+    """A new shard process (here: a second server on the same store) opens the room with
+    its stored messages: seq continues, a resume is recovered, a stored id is not resent."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    fake = FakeDirectory()
+    first = await started(url)
+    fake = first.fake
+    try:
+        alice, _ = await first.join("r", "alice")
+        for i in range(10):
+            await send(alice, f"m{i}", f"text {i}")
+        assert [(await recv_until(alice, "ack"))["seq"] for _ in range(10)] == list(range(1, 11))
+    finally:
+        await first.server.shutdown()
+    second = Harness(await start_shard(fake, store=MessageStore(url)), fake)
+    try:
+        bob, welcome = await second.join("r", "bob", since=5)
+        assert welcome["seq"] == 10 and welcome["recovered"] is True
+        replayed = [await recv_until(bob, "message") for _ in range(5)]
+        assert [(m["seq"], m["id"], m["text"]) for m in replayed] == [
+            (s, f"m{s - 1}", f"text {s - 1}") for s in range(6, 11)]
+        alice, welcome = await second.join("r", "alice")
+        assert welcome["seq"] == 10
+        await send(alice, "m9")  # acked before the restart: the original ack, not sent again
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "m9", "seq": 10}
+        await send(alice, "after")
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "after", "seq": 11}
+        nxt = await recv_until(bob, "message")
+        assert (nxt["seq"], nxt["id"]) == (11, "after")
+        assert [m[0] for m in await stored_rows(url, "r")] == list(range(1, 12))
+    finally:
+        await second.server.shutdown()
