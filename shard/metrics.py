@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from roomshard.linger import LingerPool
+from roomshard.store.commit import GroupCommit
 from shard.connection import Connection
 from shard.live_rooms import LiveRooms
 from shard.stats import Stats
@@ -33,6 +35,7 @@ class MetricsSources:
     sockets: Collection[Connection]  # every WebSocket, admitted or not
     lingering: LingerPool
     ready: Callable[[], bool]
+    commit: GroupCommit[Any] | None = None  # with a message store
 
 
 class _ShardCollector(Collector):
@@ -93,6 +96,8 @@ class _ShardCollector(Collector):
                                       labels=["instance"])
         dropped.add_metric([inst], lingering.dropped_bytes)
         yield dropped
+        if s.commit is not None:
+            yield from _store_metrics(inst, st, s.commit)
         refused = CounterMetricFamily("roomshard_shard_refused", "admissions refused, by close code",
                                       labels=["instance", "code"])
         for code, n in sorted(st.refused.items()):
@@ -113,3 +118,25 @@ class ShardMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _store_metrics(inst: str, st: Stats, commit: GroupCommit[Any]) -> Iterator[Metric]:
+    """The message store's group commit (only with ``ROOMSHARD_HISTORY_URL``)."""
+    for name, doc, value in (
+        ("store_batches", "batches written to the message store (one transaction each)",
+         commit.batches),
+        ("store_messages", "messages written to the message store", commit.items),
+        ("store_failures", "failed writes to the message store (retried)", commit.failures),
+        ("store_rejections", "batches the store refused for good (their rooms closed, 1013)",
+         commit.rejections),
+        ("store_refused", "sends refused with unavailable: too much waiting for the store",
+         st.store_refused),
+    ):
+        c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
+        c.add_metric([inst], value)
+        yield c
+    yield _gauge("roomshard_shard_store_waiting_bytes",
+                 "bytes of messages waiting for the message store", inst, commit.waiting_bytes)
+    yield _gauge("roomshard_shard_store_oldest_wait_seconds",
+                 "how long the oldest message waiting for the store has waited", inst,
+                 commit.oldest_age())

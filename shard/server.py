@@ -106,7 +106,8 @@ class ShardServer:
         self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
                                            monotonic, auth.trusted)
         self.metrics = ShardMetrics(MetricsSources(cfg.instance, self.stats, self.live_rooms,
-                                                   self.ws_conns, self.lingering, self.ready))
+                                                   self.ws_conns, self.lingering, self.ready,
+                                                   self.commit))
         self.router = Router()
         routes.install(self.router, instance=cfg.instance, auth=auth, not_ready=self.not_ready,
                        render_metrics=self.metrics.render, live_rooms=self.live_rooms)

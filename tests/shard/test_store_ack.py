@@ -72,6 +72,11 @@ async def test_every_acked_message_is_in_the_store_once_and_members_see_it_in_or
     assert (await recv_until(bob, "message"))["id"] == "last"
     assert len(await stored_rows(url, "r")) == 31
     assert h.server.commit is not None and h.server.commit.batches < 31  # grouped
+    metrics = h.server.metrics.render().decode()
+    assert 'roomshard_shard_store_messages_total{instance="i1"} 31.0' in metrics
+    assert 'roomshard_shard_store_refused_total{instance="i1"} 0.0' in metrics
+    assert f'roomshard_shard_store_batches_total{{instance="i1"}} {h.server.commit.batches}.0' \
+        in metrics
 
 
 @pytest.mark.postgres
@@ -106,6 +111,9 @@ async def _outage(h: Harness, pg: PgServer, url: str) -> None:
     error = await recv_json(alice)
     assert error["type"] == "error" and error["code"] == "unavailable" and error["id"] == "refused"
     assert h.server.stats.store_refused == 1
+    metrics = h.server.metrics.render().decode()
+    assert 'roomshard_shard_store_refused_total{instance="i1"} 1.0' in metrics
+    assert 'roomshard_shard_store_failures_total{instance="i1"} 0.0' not in metrics
     await asyncio.to_thread(pg.start)
     acks = [await recv_until(alice, "ack", timeout=10) for _ in range(2)]
     assert acks == [{"type": "ack", "id": "during", "seq": 2}] * 2
