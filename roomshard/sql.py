@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 #: SQLite's ``synchronous``: NORMAL keeps every commit through a crash of the process
 #: (WAL); FULL also through a crash of the machine (one fsync per commit).
@@ -93,3 +95,40 @@ def _sqlite_pragmas(engine: AsyncEngine, synchronous: Synchronous) -> None:
     def _on_begin(conn: Any) -> None:
         immediate = conn.get_execution_options().get("immediate", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+async def upgrade_schema(engine: AsyncEngine, migrations: Path, *, lock_key: int,
+                         then: Callable[[AsyncConnection], Awaitable[None]] | None = None) -> None:
+    """Run the Alembic migrations in ``migrations`` up to head, then ``then`` in the same
+    transaction; safe when several processes start at once.
+
+    The upgrade holds the write lock (``BEGIN IMMEDIATE`` on SQLite, a
+    transaction-level advisory lock ``lock_key`` on PostgreSQL): the first
+    process migrates, the others wait and find head. Alembic is imported and
+    its scripts read before the lock is taken: a cold import under load can
+    take seconds, and on SQLite the others wait only as long as the busy
+    timeout.
+    """
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    def config(connection: Any = None) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    ScriptDirectory.from_config(config()).get_current_head()
+
+    def upgrade(sync_conn: Any) -> None:
+        command.upgrade(config(sync_conn), "head")
+
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(immediate=True)
+        async with conn.begin():
+            if engine.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
+            await conn.run_sync(upgrade)
+            if then is not None:
+                await then(conn)

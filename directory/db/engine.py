@@ -13,7 +13,6 @@ Times are float seconds since the Unix epoch (the API renders ISO 8601).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -31,6 +30,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from roomshard.sql import upgrade_schema
 
 metadata = MetaData()
 
@@ -102,31 +103,10 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 MIGRATION_LOCK_KEY = 7_263_711_105
 
 
-def alembic_config(connection: Any = None) -> Any:
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    return cfg
-
-
 async def migrate(engine: AsyncEngine) -> None:
-    """Upgrade the schema to head; safe when several replicas start at once."""
-    from alembic import command
-
-    def upgrade(sync_conn: Any) -> None:
-        command.upgrade(alembic_config(sync_conn), "head")
-
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(immediate=True)
-        async with conn.begin():
-            if engine.dialect.name == "postgresql":
-                from sqlalchemy import text
-
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
-            await conn.run_sync(upgrade)
-            await _recount(conn)
+    """Upgrade the schema to head and re-derive the room counts; safe when several replicas
+    start at once."""
+    await upgrade_schema(engine, MIGRATIONS_DIR, lock_key=MIGRATION_LOCK_KEY, then=_recount)
 
 
 async def _recount(conn: AsyncConnection) -> None:

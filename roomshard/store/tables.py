@@ -12,10 +12,11 @@ directory's database next to the registry.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import BigInteger, Column, Double, Index, MetaData, String, Table, Text, text
+from sqlalchemy import BigInteger, Column, Double, Index, MetaData, String, Table, Text
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from roomshard.sql import upgrade_schema
 
 metadata = MetaData()
 
@@ -39,34 +40,6 @@ VERSION_TABLE = "roomshard_store_version"
 MIGRATION_LOCK_KEY = 7_263_711_106
 
 
-def alembic_config(connection: Any = None) -> Any:
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    return cfg
-
-
 async def migrate(engine: AsyncEngine) -> None:
-    """Upgrade the store's schema to head; safe when several processes start at once.
-
-    Alembic is imported and its scripts are read before the write lock is
-    taken: a cold import under load can take seconds, and on SQLite the
-    other openers wait for the lock only as long as the busy timeout.
-    """
-    from alembic import command
-    from alembic.script import ScriptDirectory
-
-    ScriptDirectory.from_config(alembic_config()).get_current_head()
-
-    def upgrade(sync_conn: Any) -> None:
-        command.upgrade(alembic_config(sync_conn), "head")
-
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(immediate=True)
-        async with conn.begin():
-            if engine.dialect.name == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"),
-                                   {"k": MIGRATION_LOCK_KEY})
-            await conn.run_sync(upgrade)
+    """Upgrade the store's schema to head; safe when several processes start at once."""
+    await upgrade_schema(engine, MIGRATIONS_DIR, lock_key=MIGRATION_LOCK_KEY)
