@@ -69,9 +69,7 @@ class _ShardCollector(Collector):
             ("slow_consumer_closes", "connections closed with 4009", st.slow_consumer_closes),
             ("ping_timeouts", "connections closed for not answering a ping", st.ping_timeouts),
         ):
-            c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
-            c.add_metric([inst], value)
-            yield c
+            yield _counter(name, doc, inst, value)
         budget = s.live_rooms.history_budget
         yield _gauge("roomshard_shard_history_bytes",
                      "bytes of message history in memory, every room together", inst, budget.total)
@@ -120,6 +118,12 @@ class ShardMetrics:
         return generate_latest(self.registry)
 
 
+def _counter(name: str, doc: str, inst: str, value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
+    c.add_metric([inst], value)
+    return c
+
+
 def _store_metrics(inst: str, st: Stats, commit: GroupCommit[Any]) -> Iterator[Metric]:
     """The message store's group commit (only with ``ROOMSHARD_HISTORY_URL``)."""
     for name, doc, value in (
@@ -132,9 +136,7 @@ def _store_metrics(inst: str, st: Stats, commit: GroupCommit[Any]) -> Iterator[M
         ("store_refused", "sends refused with unavailable: too much waiting for the store",
          st.store_refused),
     ):
-        c = CounterMetricFamily(f"roomshard_shard_{name}", doc, labels=["instance"])
-        c.add_metric([inst], value)
-        yield c
+        yield _counter(name, doc, inst, value)
     yield _gauge("roomshard_shard_store_waiting_bytes",
                  "bytes of messages waiting for the message store", inst, commit.waiting_bytes)
     yield _gauge("roomshard_shard_store_oldest_wait_seconds",

@@ -249,6 +249,7 @@ class Room:
         """The room leaves memory: its history no longer counts."""
         if self.budget is not None:
             self.budget.removed(self.history_bytes, len(self.history))
+            self.budget = None  # a message stored after the room left memory does not count
         self.history.clear()
         self.history_bytes = 0
 

@@ -13,9 +13,14 @@ from collections.abc import Sequence
 
 import msgspec
 from sqlalchemy import and_, delete, func, insert, select, tuple_
+from sqlalchemy import exc as sa_exc
 
 from roomshard.sql import make_engine
 from roomshard.store.tables import messages, migrate
+
+
+class StoreUnreachable(OSError):
+    """The store could not be opened (unreachable, no such file, refused credentials)."""
 
 
 class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,8 +53,15 @@ class MessageStore:
         self.engine = make_engine(url, pool_size=pool_size, synchronous="FULL", pre_ping=True)
 
     async def open(self) -> None:
-        """Create or upgrade the schema (safe when several processes start at once)."""
-        await migrate(self.engine)
+        """Create or upgrade the schema (safe when several processes start at once); raises
+        :class:`StoreUnreachable` with one line for the operator when the store cannot be used."""
+        try:
+            await migrate(self.engine)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            cause = getattr(exc, "orig", None) or exc
+            reason = (str(cause).splitlines() or [cause.__class__.__name__])[0]
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise StoreUnreachable(f"cannot open the message store {url}: {reason}") from exc
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -292,3 +292,13 @@ def test_recover_with_an_empty_store_keeps_the_directory_s_grant():
     room = Room(name="r", instance="i1", epoch=3, seq_base=3 << 32, lost=True)
     room.recover([], [])
     assert room.seq == 3 << 32 and room.lost
+
+
+def test_a_message_stored_after_its_room_left_memory_does_not_count_in_the_budget():
+    budget = HistoryBudget(1 << 20)
+    r = room()
+    r.use_budget(budget)
+    seq, _ = r.sequence("u", "m1", "hi", 1.0)
+    r.release()  # the room left memory while its message was being stored
+    r.stored(seq, b"\x81\x02hi")
+    assert budget.total == 0

@@ -10,7 +10,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 
 from roomshard.sql import make_engine
-from roomshard.store.messages import MessageStore, StoredMessage
+from roomshard.store.messages import MessageStore, StoredMessage, StoreUnreachable
 from roomshard.store.tables import VERSION_TABLE
 
 
@@ -77,3 +77,15 @@ async def test_the_schema_has_its_own_version_table_next_to_others(store_url: st
     finally:
         await engine.dispose()
     assert {"messages", VERSION_TABLE} <= tables and "alembic_version" not in tables
+
+
+async def test_a_store_that_cannot_be_opened_says_so_in_one_line(tmp_path) -> None:
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'dir' / 'store.db'}",
+                "postgresql+asyncpg://postgres:secret@127.0.0.1:1/none"):
+        store = MessageStore(url)
+        with pytest.raises(StoreUnreachable) as caught:
+            await store.open()
+        await store.close()
+        message = str(caught.value)
+        assert message.startswith("cannot open the message store ") and "\n" not in message
+        assert "secret" not in message  # the password is not printed
