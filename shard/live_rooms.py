@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
 from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame, text_frame
 from shard.ratelimit import TokenBucket, Verdict
-from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, Room, ack_frame
+from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, Room, StoredRun, ack_frame
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -43,6 +44,8 @@ log = logging.getLogger("roomshard.shard.rooms")
 #: A resume's replay is written in chunks of about this many bytes, the next
 #: one once the client has read the last (the kernel took it all).
 REPLAY_CHUNK_BYTES = 256 * 1024
+#: A resume from before the history window reads the store this many messages at a time.
+STORE_REPLAY_ROWS = 500
 #: Presence frames kept for a connection whose replay is still being written;
 #: past this it is closed with 4009 (it does not read fast enough to catch up).
 MAX_DEFERRED_PRESENCE = 10_000
@@ -59,6 +62,8 @@ class RoomContext:
     monotonic: Callable[[], float]
     # With a message store: its group commit (a message is broadcast and acked once stored).
     commit: GroupCommit[Pending] | None = None
+    # With a message store: a resume from before the history window replays from it.
+    store: MessageStore | None = None
 
 
 class Pending:
@@ -91,14 +96,29 @@ STORE_OVERHEAD_BYTES = 200
 
 
 class Replay:
-    """A connection catching up after its welcome: the next seq to write, the presence held."""
+    """A connection catching up after its welcome: the next seq to write, the presence held.
 
-    __slots__ = ("conn", "next_seq", "presence")
+    A replay that starts before the history window reads the message store:
+    ``fetch`` is the read in flight, ``fetched`` what it read and is not written
+    yet (written in chunks like memory's), ``whole`` that the welcome promised
+    every message (a gap found on the way is not written over: 4009, the client
+    resumes again and hears of it).
+    """
 
-    def __init__(self, conn: Connection, next_seq: int) -> None:
+    __slots__ = ("conn", "fetch", "fetched", "next_seq", "presence", "whole")
+
+    def __init__(self, conn: Connection, next_seq: int, whole: bool = False) -> None:
         self.conn = conn
         self.next_seq = next_seq
         self.presence: list[bytes] = []
+        self.whole = whole
+        self.fetch: asyncio.Task[None] | None = None
+        self.fetched: deque[tuple[int, bytes]] = deque()
+
+    def stop(self) -> None:
+        if self.fetch is not None:
+            self.fetch.cancel()
+            self.fetch = None
 
 
 class LiveRoom:
@@ -135,7 +155,8 @@ class LiveRoom:
         self.messages_per_s = 0.0
         self._last_count = 0
 
-    def join(self, conn: Connection, conn_id: int, user: str, since: int | None) -> None:
+    def join(self, conn: Connection, conn_id: int, user: str, since: int | None,
+             stored: StoredRun | None = None) -> None:
         """Add an admitted connection: welcome (+ replay) to it, presence to the others.
 
         A resume's replay is not queued at once: it is written in chunks as
@@ -144,18 +165,20 @@ class LiveRoom:
         be megabytes in a large room), which is exempt from
         ``send_queue_bytes``. Until it has caught up, the connection gets no
         broadcast: the messages come from the history, in seq order, and the
-        presence frames meanwhile are held and follow the replay.
+        presence frames meanwhile are held and follow the replay. ``stored``: for a
+        resume from before the history window, what the message store holds there
+        (:meth:`LiveRooms.stored_run`); the replay then starts in the store.
         """
         ctx = self.ctx
         cfg = ctx.cfg
-        out = self.room.join(conn_id, user, ctx.clock(), since)
+        out = self.room.join(conn_id, user, ctx.clock(), since, stored)
         if out.presence is not None:
             self.presence(out.presence)
         conn.queue(out.welcome)
         if out.replay_from is not None or len(out.welcome) > cfg.send_queue_bytes // 4:
             conn.queue_limit = cfg.send_queue_bytes + len(out.welcome)
             first = out.replay_from if out.replay_from is not None else self.room.seq + 1
-            self.replaying[conn_id] = Replay(conn, first)
+            self.replaying[conn_id] = Replay(conn, first, stored is not None and stored.whole)
             conn.replaying = True
         else:
             self.conns[conn_id] = conn
@@ -177,9 +200,16 @@ class LiveRoom:
             conn.replaying = False
             return
         conn.queue_limit = self.ctx.cfg.send_queue_bytes  # the welcome is out
+        if replay.fetched:
+            self._write_fetched(replay)
+            return
         chunk = self.room.replay(replay.next_seq, REPLAY_CHUNK_BYTES)
         if chunk is None:
-            self._fell_behind(replay)
+            if self.ctx.store is None:
+                self._fell_behind(replay)
+            elif replay.fetch is None:  # before the history window: from the store
+                replay.fetch = asyncio.get_running_loop().create_task(
+                    self._fetch(replay, self.ctx.store))
             return
         frames, replay.next_seq = chunk
         for frame in frames:
@@ -190,6 +220,51 @@ class LiveRoom:
             for frame in replay.presence:
                 conn.queue(frame)
             self.conns[conn.conn_id] = conn
+
+    async def _fetch(self, replay: Replay, store: MessageStore) -> None:
+        """Read the next messages of a replay from the store, then write the first chunk."""
+        conn = replay.conn
+        try:
+            rows = await store.after(self.name, replay.next_seq - 1, STORE_REPLAY_ROWS)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            replay.fetch = None
+            log.warning("closing %s in room %s (1013): its replay could not be read from "
+                        "the message store (%s)", conn.user, self.name, exc.__class__.__name__)
+            conn.close(CloseCode.TRY_AGAIN_LATER, "message store unavailable")
+            return
+        replay.fetch = None
+        if self.replaying.get(conn.conn_id) is not replay:
+            return  # it left meanwhile
+        upto = self.room.oldest_seq()  # memory serves the rest
+        expect = replay.next_seq
+        for m in rows:
+            if m.seq >= upto:
+                break
+            if replay.whole and m.seq != expect:
+                break
+            replay.fetched.append((m.seq, text_frame(m.payload.encode())))
+            expect = m.seq + 1
+        if replay.whole and not replay.fetched and expect < upto:
+            # Promised whole, and the store no longer holds it (expired since).
+            log.info("closing %s in room %s (4009): the store no longer holds seq %d",
+                     conn.user, self.name, expect)
+            self.ctx.stats.slow_consumer_closes += 1
+            conn.close(CloseCode.SLOW_CONSUMER, "the resume's messages expired meanwhile")
+            return
+        if not replay.fetched:
+            replay.next_seq = max(replay.next_seq, upto)  # a gap (announced): memory on
+        if not conn.pending and not conn.write_paused and not conn.closing:
+            self.refill(conn)  # the client read everything meanwhile: the next chunk now
+
+    def _write_fetched(self, replay: Replay) -> None:
+        """Write about a chunk of what the store gave a replay."""
+        conn, fetched = replay.conn, replay.fetched
+        size = 0
+        while fetched and size < REPLAY_CHUNK_BYTES:
+            seq, frame = fetched.popleft()
+            conn.queue(frame)
+            size += len(frame)
+            replay.next_seq = seq + 1
 
     def _fell_behind(self, replay: Replay) -> None:
         conn = replay.conn  # closing it makes it leave (and leave() forgets the replay)
@@ -218,8 +293,10 @@ class LiveRoom:
     def leave(self, conn: Connection) -> None:
         cid = conn.conn_id
         if self.conns.pop(cid, None) is None:
-            if self.replaying.pop(cid, None) is None:
+            replay = self.replaying.pop(cid, None)
+            if replay is None:
                 return
+            replay.stop()
             conn.replaying = False
         presence = self.room.leave(cid, self.ctx.clock())
         if presence is not None:
@@ -325,6 +402,8 @@ class LiveRoom:
 
     def _check_replays(self) -> None:
         """Close the replays the history window has just overtaken (4009)."""
+        if self.ctx.store is not None:
+            return  # a replay the window overtook goes on from the store
         oldest = self.room.oldest_seq()
         for replay in list(self.replaying.values()):
             if replay.next_seq < oldest:
@@ -340,6 +419,8 @@ class LiveRoom:
         conns = self.members_conns()
         # Everyone goes at once: no presence leave for each to the rest (O(n^2)).
         self.conns.clear()
+        for replay in self.replaying.values():
+            replay.stop()
         self.replaying.clear()
         for c in conns:
             c.replaying = False
@@ -379,10 +460,10 @@ OPEN_ID_TTL_S = 300.0
 
 class LiveRooms:
     def __init__(self, ctx: RoomContext, directory: DirectoryClient,
-                 ready: Callable[[], bool], store: MessageStore | None = None) -> None:
+                 ready: Callable[[], bool]) -> None:
         self.ctx = ctx
         self.directory = directory
-        self.store = store  # a room that opens takes its state from it
+        self.store = ctx.store  # a room that opens takes its state from it
         self._ready = ready  # the shard holds its lease (see ShardServer.ready)
         self.rooms: dict[str, LiveRoom] = {}
         # Every room's history together stays within history_bytes_total.
@@ -464,6 +545,17 @@ class LiveRooms:
         except (sa_exc.SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(f"message store: {exc.__class__.__name__}") from exc
         return [(m.seq, m.payload.encode()) for m in tail], ids
+
+    async def stored_run(self, room: Room, since: int) -> StoredRun:
+        """What the store holds of ``room`` after ``since``, before its history window
+        (for a resume memory cannot serve alone); raises :class:`StoreUnavailable`."""
+        assert self.store is not None
+        upto = room.oldest_seq()
+        try:
+            first, count = await self.store.span(room.name, since, upto)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(f"message store: {exc.__class__.__name__}") from exc
+        return StoredRun(first, first == since + 1 and count == upto - since - 1)
 
     def adopt(self, room: Room) -> LiveRoom:
         """Install ``room`` (new, or rebuilt from a snapshot); replaces a stale copy."""

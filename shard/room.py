@@ -129,6 +129,15 @@ class JoinOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredRun:
+    """What the message store holds of a room after a resume's ``since``, before the
+    history window (read by the I/O layer for a resume memory cannot serve alone)."""
+
+    first: int | None  # the lowest stored seq after ``since`` (None: none before the window)
+    whole: bool  # every message from ``since + 1`` to the window is stored
+
+
+@dataclass(frozen=True, slots=True)
 class SendOutcome:
     ack: bytes  # the frame for the sender
     broadcast: bytes | None  # the message frame for every member; None for a duplicate
@@ -177,8 +186,14 @@ class Room:
         """False when the room is private and the user is not a member (close 4003)."""
         return not self.private or (self.allowed is not None and user in self.allowed)
 
-    def join(self, conn_id: int, user: str, now: float, since: int | None = None) -> JoinOutcome:
-        """Add a connection; raises ValueError if ``conn_id`` is already a member."""
+    def join(self, conn_id: int, user: str, now: float, since: int | None = None,
+             stored: StoredRun | None = None) -> JoinOutcome:
+        """Add a connection; raises ValueError if ``conn_id`` is already a member.
+
+        ``stored``: for a resume from before the history window (:meth:`before_window`),
+        what the message store holds there: the resume is recovered when the store holds
+        every message memory no longer does, and the replay starts in the store.
+        """
         if conn_id in self.conns:
             raise ValueError(f"connection {conn_id} already joined")
         self.conns[conn_id] = user
@@ -196,13 +211,17 @@ class Room:
         }
         replay_from: int | None = None
         if since is not None:
-            recovered = self._resumable(since)
+            recovered = self._resumable(since) or (
+                stored is not None and stored.whole and 0 <= since <= self.seq)
             welcome["recovered"] = recovered
             if 0 <= since < self.seq:
                 # Not recovered: the gap is announced (recovered: false) and
-                # what history still holds after ``since`` follows, so a
-                # resuming client loses nothing more than what is really gone.
+                # what history (or the store) still holds after ``since``
+                # follows, so a resuming client loses nothing more than what
+                # is really gone.
                 first_seq = max(since + 1, self.oldest_seq())
+                if stored is not None and stored.first is not None:
+                    first_seq = min(first_seq, max(since + 1, stored.first))
                 replay_from = first_seq if first_seq <= self.seq else None
         presence = None
         if first and len(self.conns) > 1:
@@ -231,6 +250,10 @@ class Room:
             if size >= max_bytes:
                 break
         return frames, next_seq
+
+    def before_window(self, since: int) -> bool:
+        """True when a resume after ``since`` needs messages history no longer holds."""
+        return 0 <= since < self.seq and since + 1 < self.oldest_seq()
 
     def oldest_seq(self) -> int:
         """The seq of the oldest message in history (``seq + 1`` when it is empty)."""

@@ -62,8 +62,16 @@ from shard.directory_client import DirectoryClient, DirectoryError, DirectoryRef
 from shard.frames import server_frame
 from shard.handoff_routes import HandoffWiring
 from shard.http import HttpRequest, HttpResponse, Router
-from shard.live_rooms import LiveRoom, LiveRooms, Pending, RoomContext, deliver_stored
+from shard.live_rooms import (
+    LiveRoom,
+    LiveRooms,
+    Pending,
+    RoomContext,
+    StoreUnavailable,
+    deliver_stored,
+)
 from shard.metrics import MetricsSources, ShardMetrics
+from shard.room import StoredRun
 from shard.stats import Stats
 from shard.writer import Writer
 
@@ -101,7 +109,7 @@ class ShardServer:
                                       max_bytes=cfg.store_queue_bytes, max_age=cfg.store_wait,
                                       clock=monotonic)
         self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic,
-                                                self.commit), directory, self.ready, store)
+                                                self.commit, store), directory, self.ready)
         auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)
         self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
                                            monotonic, auth.trusted)
@@ -261,9 +269,12 @@ class ShardServer:
             return
         self._join(conn, live, ticket, since)
 
-    def _join(self, conn: Connection, live: LiveRoom, ticket: Ticket, since: int | None) -> None:
+    def _join(self, conn: Connection, live: LiveRoom, ticket: Ticket, since: int | None,
+              stored: StoredRun | None = None) -> None:
         if conn.closed:
             return
+        if self.live_rooms.get(live.name) is not live:  # closed or replaced while we read
+            return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "room is reopening"))
         if live.frozen:
             return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "room is moving"))
         if live.unconfirmed:
@@ -273,8 +284,25 @@ class ShardServer:
             return self._refuse(conn, Refused(CloseCode.NOT_OWNER, "stale ticket epoch"))
         if not live.room.may_join(ticket.user):
             return self._refuse(conn, Refused(CloseCode.TICKET_MISMATCH, "not a member of this room"))
+        if (stored is None and since is not None and self.store is not None
+                and live.room.before_window(since)):
+            self._spawn(self._join_from_store(conn, live, ticket, since))
+            return None
         self._next_conn_id += 1
-        live.join(conn, self._next_conn_id, ticket.user, since)
+        live.join(conn, self._next_conn_id, ticket.user, since, stored)
+        return None
+
+    async def _join_from_store(self, conn: Connection, live: LiveRoom, ticket: Ticket,
+                               since: int) -> None:
+        """A resume from before the history window: ask the store what it holds there
+        first (the welcome says whether the resume is recovered)."""
+        try:
+            stored = await self.live_rooms.stored_run(live.room, since)
+        except StoreUnavailable as exc:
+            log.warning("could not resume in room %s: %s", ticket.room, exc)
+            self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "message store unavailable"))
+            return
+        self._join(conn, live, ticket, since, stored)
 
     def _refuse(self, conn: Connection, refusal: Refused) -> None:
         self.stats.refused[refusal.code] = self.stats.refused.get(refusal.code, 0) + 1

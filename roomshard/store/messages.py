@@ -117,6 +117,15 @@ class MessageStore:
             result = (await conn.execute(query)).all()
         return _rows([tuple(r) for r in result])
 
+    async def span(self, room: str, after: int, before: int) -> tuple[int | None, int]:
+        """The lowest stored seq of ``room`` in ``(after, before)`` and how many are stored
+        there: the range is whole when that is ``(after + 1, before - after - 1)``."""
+        where = and_(messages.c.room == room, messages.c.seq > after, messages.c.seq < before)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(func.min(messages.c.seq), func.count())
+                                      .select_from(messages).where(where))).one()
+        return (None if row[0] is None else int(row[0])), int(row[1])
+
     async def recent_ids(self, room: str, since_ts: float,
                          limit: int) -> list[tuple[str, str, int, float]]:
         """``(user, id, seq, ts)`` of the messages stored at or after ``since_ts`` (at most

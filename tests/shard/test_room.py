@@ -7,7 +7,7 @@ import gc
 import orjson
 import pytest
 
-from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, JoinOutcome, Room
+from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, JoinOutcome, Room, StoredRun
 
 NOW = 1_700_000_000.0
 
@@ -121,6 +121,23 @@ def test_resume_with_gap_beyond_history_is_not_recovered():
     assert payload(r.join(2, "c", NOW, since=3).welcome)["recovered"] is True
     out = r.join(3, "d", NOW, since=3)
     assert replayed(r, out) == [4, 5, 6]
+
+
+def test_a_resume_before_the_window_is_recovered_when_the_store_holds_the_rest():
+    r = room(history_limit=3)
+    for i in range(6):
+        r.send("a", f"m{i}", "t", NOW)
+    assert r.before_window(2) and r.before_window(0)
+    assert not r.before_window(3) and not r.before_window(6) and not r.before_window(-1)
+    whole = r.join(1, "b", NOW, since=1, stored=StoredRun(first=2, whole=True))
+    assert payload(whole.welcome)["recovered"] is True
+    assert whole.replay_from == 2  # the store first, then history
+    part = r.join(2, "c", NOW, since=0, stored=StoredRun(first=2, whole=False))
+    assert payload(part.welcome)["recovered"] is False
+    assert part.replay_from == 2  # what the store holds, from its first
+    none = r.join(3, "d", NOW, since=0, stored=StoredRun(first=None, whole=False))
+    assert payload(none.welcome)["recovered"] is False
+    assert none.replay_from == 4  # history's
 
 
 def test_resume_since_beyond_seq_is_not_recovered():

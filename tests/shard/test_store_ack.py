@@ -12,12 +12,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection
+from sqlalchemy import delete
+from websockets.asyncio.client import ClientConnection, connect
 
-from roomshard.store.messages import MessageStore
+from roomshard.store.messages import MessageStore, StoredMessage
+from roomshard.store.tables import messages
 from roomshard.testing.pg import PgServer
 from roomshard.testing.timing import await_until
-from tests.shard.conftest import Harness, recv_json, recv_until, start_shard
+from tests.shard.conftest import Harness, close_code, recv_json, recv_until, start_shard
 from tests.shard.fakedir import FakeDirectory
 
 
@@ -162,3 +164,120 @@ async def test_a_room_that_opens_again_takes_its_state_from_the_store(tmp_path: 
         assert [m[0] for m in await stored_rows(url, "r")] == list(range(1, 12))
     finally:
         await second.server.shutdown()
+
+
+def stored_message(room: str, seq: int, user: str = "alice") -> StoredMessage:
+    payload = orjson.dumps({"type": "message", "seq": seq, "id": f"m{seq}", "user": user,
+                            "text": f"text {seq}", "ts": 1000.0 + seq}).decode()
+    return StoredMessage(room=room, seq=seq, id=f"m{seq}", user=user, ts=1000.0 + seq,
+                         payload=payload)
+
+
+async def fill_store(url: str, room: str, seqs: range | list[int]) -> None:
+    store = MessageStore(url)
+    await store.open()
+    try:
+        await store.write([stored_message(room, s) for s in seqs])
+    finally:
+        await store.close()
+
+
+async def read_messages(ws: ClientConnection, upto: int, timeout: float = 10) -> list[int]:
+    """The seqs of the message frames ``ws`` gets until seq ``upto``."""
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < upto:
+        frame = await recv_json(ws, timeout)
+        if frame["type"] == "message":
+            seqs.append(frame["seq"])
+    return seqs
+
+
+async def test_a_resume_from_before_the_history_window_replays_from_the_store(
+        tmp_path: Path) -> None:
+    """Memory holds the last 10 messages; the store holds 1,200: a resume from seq 0 is
+    recovered and gets every message once, in order, also those sent during its replay."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    await fill_store(url, "r", range(1, 1201))
+    h = await started(url, history=10, rate=1000, rate_burst=1000)
+    try:
+        alice, welcome = await h.join("r", "alice")
+        assert welcome["seq"] == 1200
+        bob, welcome = await h.join("r", "bob", since=0)
+        assert welcome["seq"] == 1200 and welcome["recovered"] is True
+        for i in range(30):  # the window moves on while bob's replay is read from the store
+            await send(alice, f"live{i}")
+        assert [(await recv_until(alice, "ack"))["seq"] for _ in range(30)] == list(
+            range(1201, 1231))
+        assert await read_messages(bob, 1230) == list(range(1, 1231))
+        carol, welcome = await h.join("r", "carol", since=1195)  # memory serves this one
+        assert welcome["recovered"] is True
+        assert await read_messages(carol, 1230) == list(range(1196, 1231))
+    finally:
+        await h.server.shutdown()
+
+
+async def test_a_resume_across_a_gap_in_the_store_is_not_recovered_and_gets_what_is_there(
+        tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    await fill_store(url, "r", [*range(5, 20), *range(26, 101)])  # 1-4 expired, 20-25 gone
+    h = await started(url, history=10)
+    try:
+        bob, welcome = await h.join("r", "bob", since=10)
+        assert welcome["seq"] == 100 and welcome["recovered"] is False
+        assert await read_messages(bob, 100) == [*range(11, 20), *range(26, 101)]
+        carol, welcome = await h.join("r", "carol", since=2)  # before the retained window
+        assert welcome["recovered"] is False
+        assert (await read_messages(carol, 100))[:2] == [5, 6]
+        dave, welcome = await h.join("r", "dave", since=30)
+        assert welcome["recovered"] is True
+        assert await read_messages(dave, 100) == list(range(31, 101))
+    finally:
+        await h.server.shutdown()
+
+
+class ExpiringStore(MessageStore):
+    """Retention expiry that strikes right after a resume was promised its messages."""
+
+    async def span(self, room: str, after: int, before: int) -> tuple[int | None, int]:
+        answer = await super().span(room, after, before)
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(messages).where(messages.c.seq <= after + 3))
+        return answer
+
+
+async def test_a_resume_whose_messages_expire_before_they_are_read_is_closed_not_gapped(
+        tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    await fill_store(url, "r", range(1, 101))
+    fake = FakeDirectory()
+    h = Harness(await start_shard(fake, store=ExpiringStore(url), history=10), fake)
+    try:
+        bob, welcome = await h.join("r", "bob", since=0)
+        assert welcome["recovered"] is True  # 1..90 were stored when it was asked
+        assert await close_code(bob) == 4009  # then 1..3 went: no silent gap
+        bob, welcome = await h.join("r", "bob", since=0)
+        assert welcome["recovered"] is False  # the resume again hears of the gap
+        assert await read_messages(bob, 100) == list(range(4, 101))  # what is left, in order
+    finally:
+        await h.server.shutdown()
+
+
+class UnreachableStore(MessageStore):
+    async def span(self, room: str, after: int, before: int) -> tuple[int | None, int]:
+        raise OSError("connection refused")
+
+
+async def test_a_resume_the_store_cannot_answer_is_refused_with_1013(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    await fill_store(url, "r", range(1, 101))
+    fake = FakeDirectory()
+    h = Harness(await start_shard(fake, store=UnreachableStore(url), history=10), fake)
+    try:
+        alice, welcome = await h.join("r", "alice", since=95)  # memory serves it
+        assert welcome["recovered"] is True
+        bob = await connect(h.url("r", "bob", since=50), open_timeout=5)
+        assert await close_code(bob) == 1013
+        await send(alice, "still")  # the room is unharmed
+        assert (await recv_until(alice, "ack"))["seq"] == 101
+    finally:
+        await h.server.shutdown()

@@ -34,6 +34,14 @@ async def test_a_batch_is_stored_and_read_back_in_seq_order(store: MessageStore)
     assert [m.room for m in await store.tail("other", 10)] == ["other"]
 
 
+async def test_span_tells_whether_a_range_of_seqs_is_whole(store: MessageStore) -> None:
+    await store.write([msg("r", s) for s in (1, 2, 3, 5, 6)] + [msg("other", 4)])
+    assert await store.span("r", 0, 4) == (1, 3)  # 1..3: whole
+    assert await store.span("r", 2, 7) == (3, 3)  # 3..6 holds 3 of 4: 4 is missing
+    assert await store.span("r", 6, 100) == (None, 0)
+    assert await store.span("never", 0, 10) == (None, 0)
+
+
 async def test_a_seq_is_stored_once_and_a_clashing_batch_stores_nothing(store: MessageStore) -> None:
     """(room, seq) is the key: a second writer of a seq fails, and its whole batch with it."""
     await store.write([msg("r", 1), msg("r", 2)])
