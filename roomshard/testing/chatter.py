@@ -4,7 +4,9 @@ Unlike ``client.Session`` it deduplicates nothing: it keeps every message
 frame as received, so a duplicate or a gap shows in the log. It does what
 the contract tells a client to do: ask the directory, connect with
 ``since`` = the last seq seen, resend unacked ids after every welcome,
-reconnect after 4010/1001/1013/4004 (and after a dead connection).
+reconnect after 4010/1001/1013/4004 (and after a dead connection), and
+resend a send refused with ``unavailable`` (the message store is down) a
+little later.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from roomshard.testing.timing import await_until
 
 RETRY_S = 0.05
+RESEND_S = 0.2  # a send refused with unavailable goes again after this
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Chatter:
     welcomes: list[Welcome] = field(default_factory=list)
     closes: list[int | None] = field(default_factory=list)
     ack_conflicts: list[tuple[str, int, int]] = field(default_factory=list)
+    unavailable: int = 0  # sends refused with unavailable (resent later)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     open_timeout: float = 5.0  # a 1,000-member room's joins (O(n^2) presence) take longer
     # Shared by many chatters: bounds the directory calls in flight (httpcore's pool is
@@ -125,6 +129,10 @@ class Chatter:
                         self.log.append(frame)
                     elif kind == "ack":
                         self._on_ack(frame["id"], frame["seq"])
+                    elif kind == "error" and frame.get("code") == "unavailable":
+                        self.unavailable += 1
+                        asyncio.get_running_loop().call_later(
+                            RESEND_S, self._resend, ws, frame.get("id"))
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
         except (TimeoutError, OSError, InvalidHandshake):
@@ -132,6 +140,14 @@ class Chatter:
         finally:
             self._ws = None
         return None
+
+    def _resend(self, ws: Any, msg_id: str | None) -> None:
+        """Send a refused message again (on the same connection; a new one resends anyway)."""
+        if msg_id in self.unacked and ws is self._ws:
+            text = self.unacked[msg_id]
+            task = asyncio.get_running_loop().create_task(ws.send(orjson.dumps(
+                {"type": "send", "id": msg_id, "text": text}).decode()))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _on_welcome(self, frame: dict[str, Any], url: str) -> None:
         since = int(url.rsplit("since=", 1)[1]) if "since=" in url else None

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from roomshard.testing.timing import t, wait_until
 
@@ -55,7 +56,7 @@ class Procs:
             **(base_env or {}),
         }
 
-    def __enter__(self) -> Procs:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,11 +95,15 @@ class Procs:
         return self.start(instance, ["shard", "--instance", instance, "--port", "0",
                                      "--directory-url", directory_url, *(extra or [])], env=env)
 
-    def restart(self, proc: Proc, timeout: float = 30) -> Proc:
-        """Start the same command again (after ``kill``/``terminate``)."""
+    def restart(self, proc: Proc, timeout: float = 30, *, same_port: bool = False) -> Proc:
+        """Start the same command again (after ``kill``/``terminate``); ``same_port``:
+        on the port it had (its clients know that address)."""
         self.procs.remove(proc)
         args = proc.argv[3:]
         args = args[: args.index("--ready-file")]
+        if same_port:
+            at = args.index("--port") + 1
+            args = [*args[:at], str(proc.port), *args[at + 1:]]
         return self.start(proc.name, args, env=proc.env, timeout=timeout)
 
     def kill(self, proc: Proc) -> None:
