@@ -1,6 +1,7 @@
 """Live handoff benchmark: pause per move by room size, drain rate, the full-size scenario.
 
     python bench/handoff.py pause [--members 10,100,1000] [--moves 20] [--history 1000]
+                                  [--store memory|sqlite|postgres]
     python bench/handoff.py drain [--rooms 600] [--postgres] [--idle]
     python bench/handoff.py scenario [--rooms 200] [--clients 10]
 
@@ -11,7 +12,9 @@ room, so every move pays for the members it has).
 - ``pause``: one room with N members and a full history is moved back and
   forth between two shards; per move the directory's ``pause_ms`` (freeze
   request -> commit: how long the room takes no send) and, per member, the
-  time from its 4010 to its welcome on the new shard (reconnect).
+  time from its 4010 to its welcome on the new shard (reconnect). ``--store``:
+  the shards share a message store (a SQLite file, or a throwaway
+  PostgreSQL with synchronous commits) instead of memory only.
 - ``drain``: rooms with one member each spread over three shards; one
   instance is drained (the admin drain's default: 32 moves at once) and the
   report's rooms/s printed, with the CPU each process group spent per move.
@@ -75,54 +78,72 @@ async def fill_history(members: list[Chatter], total: int) -> None:
 
 
 async def bench_pause(sizes: list[int], moves: int, history: int,
-                      out: list[dict[str, object]] | None = None) -> None:
-    with Procs() as procs:
-        d = procs.directory(env=DIRECTORY_ENV)
-        for i in ("i1", "i2"):
-            procs.shard(i, d.url, env=SHARD_ENV)
-        limits = httpx.Limits(max_connections=2000)
-        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
-            print("| members | moves | pause_ms p50 | pause_ms p99 | max | reconnect p50 ms | reconnect p99 ms |")
-            print("| --- | --- | --- | --- | --- | --- | --- |")
-            for n in sizes:
-                room = f"bench{n}"
-                gate = asyncio.Semaphore(64)
-                members = [Chatter(d.url, room, f"m{k}", http, open_timeout=60, gate=gate)
-                           for k in range(n)]
-                for c in members:
-                    c.start()
-                await wait(lambda ms=members: all(c.opened.is_set() for c in ms), 600, "members in")
-                await fill_history(members, history)
-                settled = {id(c): len(c.welcomes) for c in members}  # before the first move
-                pauses: list[float] = []
-                reconnects: list[float] = []
-                count = moves if n < 1000 else max(3, moves // 4)  # each costs a 1,000-join storm
-                for k in range(count):
-                    src = (await http.get(f"{d.url}/v1/admin/rooms/{room}", headers=ADMIN)).json()
-                    to = "i2" if src["instance"] == "i1" else "i1"
-                    marks = {id(c): len(c.welcomes) for c in members}
-                    t0 = time.monotonic()
-                    r = await http.post(f"{d.url}/v1/admin/rooms/{room}/move", json={"to": to},
-                                        headers=ADMIN)
-                    if r.status_code != 200:
-                        raise SystemExit(f"move failed: {r.text}")
-                    pauses.append(r.json()["pause_ms"])
-                    await wait(lambda ms=members, mk=marks: all(len(c.welcomes) > mk[id(c)] for c in ms),
-                               600, "members to follow")
-                    reconnects.append((time.monotonic() - t0) * 1000)
-                    await members[k % n].send()
-                print(f"| {n} | {count} | {pct(pauses, .5):.1f} | {pct(pauses, .99):.1f} | "
-                      f"{max(pauses):.1f} | {statistics.median(reconnects):.0f} | "
-                      f"{pct(reconnects, .99):.0f} |", flush=True)
-                if out is not None:  # --json: the same numbers, machine-readable
-                    out.append({"members": n, "moves": count, "history": history,
-                                "pause_ms": pauses, "reconnect_ms": reconnects})
-                bad = [w for c in members for w in c.welcomes[settled[id(c)]:]
-                       if w.recovered is not True]
-                if bad:
-                    raise SystemExit(f"{len(bad)} reconnects were not recovered")
-                for c in members:
-                    await c.stop()
+                      out: list[dict[str, object]] | None = None, store: str = "memory") -> None:
+    pg = None
+    if store == "postgres":
+        from roomshard.testing.pg import PgServer
+
+        pg = PgServer(durable=True)
+        pg.start()
+    try:
+        with Procs() as procs:
+            url = {"memory": "memory", "sqlite": f"sqlite+aiosqlite:///{procs.dir / 'store.db'}",
+                   "postgres": pg.create_database() if pg is not None else ""}[store]
+            await _pause(procs, sizes, moves, history, out, url)
+    finally:
+        if pg is not None:
+            pg.destroy()
+
+
+async def _pause(procs: Procs, sizes: list[int], moves: int, history: int,
+                 out: list[dict[str, object]] | None, store_url: str) -> None:
+    d = procs.directory(env=DIRECTORY_ENV)
+    for i in ("i1", "i2"):
+        procs.shard(i, d.url, env={**SHARD_ENV, "ROOMSHARD_HISTORY_URL": store_url})
+    limits = httpx.Limits(max_connections=2000)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        print("| members | moves | pause_ms p50 | pause_ms p99 | max | reconnect p50 ms | reconnect p99 ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for n in sizes:
+            room = f"bench{n}"
+            gate = asyncio.Semaphore(64)
+            members = [Chatter(d.url, room, f"m{k}", http, open_timeout=60, gate=gate)
+                       for k in range(n)]
+            for c in members:
+                c.start()
+            await wait(lambda ms=members: all(c.opened.is_set() for c in ms), 600, "members in")
+            await fill_history(members, history)
+            settled = {id(c): len(c.welcomes) for c in members}  # before the first move
+            pauses: list[float] = []
+            reconnects: list[float] = []
+            count = moves if n < 1000 else max(3, moves // 4)  # each costs a 1,000-join storm
+            for k in range(count):
+                src = (await http.get(f"{d.url}/v1/admin/rooms/{room}", headers=ADMIN)).json()
+                to = "i2" if src["instance"] == "i1" else "i1"
+                marks = {id(c): len(c.welcomes) for c in members}
+                t0 = time.monotonic()
+                r = await http.post(f"{d.url}/v1/admin/rooms/{room}/move", json={"to": to},
+                                    headers=ADMIN)
+                if r.status_code != 200:
+                    raise SystemExit(f"move failed: {r.text}")
+                pauses.append(r.json()["pause_ms"])
+                await wait(lambda ms=members, mk=marks: all(len(c.welcomes) > mk[id(c)] for c in ms),
+                           600, "members to follow")
+                reconnects.append((time.monotonic() - t0) * 1000)
+                await members[k % n].send()
+            print(f"| {n} | {count} | {pct(pauses, .5):.1f} | {pct(pauses, .99):.1f} | "
+                  f"{max(pauses):.1f} | {statistics.median(reconnects):.0f} | "
+                  f"{pct(reconnects, .99):.0f} |", flush=True)
+            if out is not None:  # --json: the same numbers, machine-readable
+                out.append({"members": n, "moves": count, "history": history,
+                            "store": store_url.split(":", 1)[0],
+                            "pause_ms": pauses, "reconnect_ms": reconnects})
+            bad = [w for c in members for w in c.welcomes[settled[id(c)]:]
+                   if w.recovered is not True]
+            if bad:
+                raise SystemExit(f"{len(bad)} reconnects were not recovered")
+            for c in members:
+                await c.stop()
 
 
 async def bench_drain(rooms: int, postgres: bool, idle: bool,
@@ -276,6 +297,8 @@ def main() -> None:
     a.add_argument("--members", default="10,100,1000")
     a.add_argument("--moves", type=int, default=20)
     a.add_argument("--history", type=int, default=1000)
+    a.add_argument("--store", choices=("memory", "sqlite", "postgres"), default="memory",
+                   help="the shards' message store")
     a.add_argument("--json", help="also write the measured numbers to this file")
     b = sub.add_parser("drain")
     b.add_argument("--rooms", type=int, default=600)
@@ -289,7 +312,7 @@ def main() -> None:
     if args.cmd == "pause":
         sizes: list[dict[str, object]] = []
         asyncio.run(bench_pause([int(x) for x in args.members.split(",")], args.moves,
-                                args.history, sizes))
+                                args.history, sizes, args.store))
         if args.json:
             Path(args.json).write_text(json.dumps({"pause": sizes}))
     elif args.cmd == "drain":

@@ -5,7 +5,12 @@ the live rooms (docs/HANDOFF.md, "Shard wiring"):
 
 - ``freeze`` snapshots the room and :meth:`LiveRoom.freeze` stops reading its
   members' sockets in the same loop turn, so no send is sequenced after the
-  snapshot: unread sends wait in TCP buffers, unacked (that is the "hold");
+  snapshot: unread sends wait in TCP buffers, unacked (that is the "hold").
+  With a message store a room may have messages sequenced and not yet
+  stored: it is frozen first, and snapshotted once they are stored (so the
+  snapshot's seq is the last one given; the new owner goes on after it);
+  if the store does not take them within the bound the freeze is refused
+  (503 ``unavailable``, the room thawed) and the directory rolls back;
 - ``release`` closes the room's clients with 4010 and drops the room (the
   unread sends are resent by the clients to the new owner, where the
   idempotency window from the snapshot answers retries of acked ids);
@@ -23,6 +28,7 @@ adds the routes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +66,9 @@ SNAPSHOT_KEYS = frozenset({"room", "epoch", "owner_epoch", "seq_base", "lost", "
 
 #: Items per batch request: a drain's calls arrive in groups of its parallelism.
 MAX_BATCH = 256
+#: A freeze waits at most this long (and at most ``store_wait``) for a room's messages to be
+#: stored: well within the directory's call timeout, so a refusal arrives as an answer.
+MAX_SETTLE_S = 2.0
 
 
 class HandoffWiring:
@@ -73,6 +82,8 @@ class HandoffWiring:
         self.auth = auth
         self.clock = clock
         self.handoffs = Handoffs(cfg.instance)
+        # Rooms frozen while their messages reach the store, before their freeze: the wait.
+        self._settling: dict[str, asyncio.Future[bool]] = {}
 
     def install(self, router: Router) -> None:
         """Add the handoff routes."""
@@ -132,6 +143,9 @@ class HandoffWiring:
             call = req.decode(HANDOFF_CALLS[kind])
             if call.room is not None:  # the room is the path's
                 raise HttpError(400, "bad_request", "Object contains unknown field `room`")
+            if isinstance(call, Freeze):
+                settled = await self._settle([name])
+                return json_response(self.freeze(name, call, settled=settled[name]))
             return json_response(op(name, call))
 
         return one
@@ -151,18 +165,74 @@ class HandoffWiring:
         if len(items) > MAX_BATCH:
             raise HttpError(400, "bad_request", f"at most {MAX_BATCH} items per batch")
         op = getattr(self, kind)
+        settled: dict[str, bool | None] = {}
+        if kind == "freeze":
+            settled = await self._settle([item["room"] for item in items
+                                          if isinstance(item, dict)
+                                          and isinstance(item.get("room"), str)])
         results: list[HandoffResult] = []
         for item in items:
             try:
                 call = convert(item, spec)
                 name = room_id(call.room)
-                results.append(HandoffResult(status=200, body=op(name, call)))
+                body = (self.freeze(name, call, settled=settled.get(name))
+                        if isinstance(call, Freeze) else op(name, call))
+                results.append(HandoffResult(status=200, body=body))
             except HttpError as exc:
                 results.append(HandoffResult(status=exc.status, error=ErrorDetail(
                     code=exc.code, message=exc.message)))
         return json_response(HandoffResults(results=results))
 
-    def freeze(self, name: str, body: Freeze) -> dict[str, Any]:
+    async def _settle(self, names: list[str]) -> dict[str, bool | None]:
+        """Before their freeze, rooms with messages on their way to the store: frozen now,
+        then waited for until those are stored. Per room: None (nothing to wait for),
+        True (frozen here, every message stored: snapshot it in this turn) or False (the
+        store did not take them in time: thawed again, refuse the freeze)."""
+        out: dict[str, bool | None] = dict.fromkeys(names)
+        waits: dict[str, asyncio.Future[bool]] = {}
+        for name in names:
+            fut = self._settling.get(name)
+            if fut is None:
+                live = self.live_rooms.get(name)
+                if live is None or live.frozen or not live.storing():
+                    continue
+                live.freeze()  # nothing more is sequenced: the wait ends
+                fut = asyncio.ensure_future(
+                    live.settle(min(self.cfg.store_wait, MAX_SETTLE_S)))
+                self._settling[name] = fut
+                fut.add_done_callback(self._settled_callback(name))
+            waits[name] = fut
+        if waits:
+            done = await asyncio.gather(*(asyncio.shield(f) for f in waits.values()))
+            out.update(zip(waits, done, strict=True))
+        return out
+
+    def _settled_callback(self, name: str) -> Callable[[asyncio.Future[bool]], None]:
+        def done(_: asyncio.Future[bool]) -> None:
+            self._settling.pop(name, None)
+
+        return done
+
+    def _thaw_unless_frozen(self, name: str) -> None:
+        """Undo a freeze of :meth:`_settle` (unless a move froze the room meanwhile)."""
+        live = self.live_rooms.get(name)
+        if live is not None and live.frozen and name not in self.handoffs.frozen:
+            live.thaw()
+
+    def freeze(self, name: str, body: Freeze, *, settled: bool | None = None) -> dict[str, Any]:
+        if settled is not None and (settled is False or (
+                (live := self.live_rooms.get(name)) is not None and live.storing())):
+            self._thaw_unless_frozen(name)
+            raise HttpError(503, "unavailable",
+                            f"room {name}: its messages could not be stored in time")
+        try:
+            return self._freeze(name, body, settled=settled is True)
+        except HttpError:
+            if settled:
+                self._thaw_unless_frozen(name)
+            raise
+
+    def _freeze(self, name: str, body: Freeze, *, settled: bool) -> dict[str, Any]:
         adopted = self.handoffs.adopted.get(name)
         if adopted is not None and body.epoch > adopted.epoch:
             # The directory reserves a later epoch for a room here only once it owns it
@@ -170,8 +240,10 @@ class HandoffWiring:
             self.handoffs.commit(name, adopted.move_id)
             self._activate(name, adopted.snapshot, adopted.epoch)
         live = self.live_rooms.get(name)
-        snapshot = live.room.snapshot() if live is not None and not live.frozen else None
-        if live is not None and live.frozen and name not in self.handoffs.frozen:
+        # ``settled``: frozen by _settle for this freeze, not by a move.
+        unfrozen = live is not None and (not live.frozen or settled)
+        snapshot = live.room.snapshot() if live is not None and unfrozen else None
+        if live is not None and not unfrozen and name not in self.handoffs.frozen:
             raise HttpError(409, "moving", f"room {name} is frozen")
         try:
             snap = self.handoffs.freeze(name, body.move_id, body.epoch, snapshot,

@@ -132,6 +132,7 @@ class LiveRoom:
         "name",
         "replaying",
         "room",
+        "settled",
         "unconfirmed",
         "waiting",
     )
@@ -151,6 +152,8 @@ class LiveRoom:
         self.unconfirmed = False
         # With a store: resends of a message still being stored, by seq: (connection, id).
         self.waiting: dict[int, list[tuple[Connection, str]]] = {}
+        # With a store: set once every sequenced message is stored (see settle).
+        self.settled: asyncio.Future[None] | None = None
         self.messages = 0
         self.messages_per_s = 0.0
         self._last_count = 0
@@ -399,6 +402,32 @@ class LiveRoom:
         p.conn.queue(ack)
         for conn, msg_id in self.waiting.pop(seq, ()):
             conn.queue(ack if msg_id == p.message.id else ack_frame(msg_id, seq))
+        if self.settled is not None and not self.storing():
+            self._wake_settled()
+
+    def storing(self) -> bool:
+        """True while a message sequenced here is on its way to the store."""
+        return self.room.assigned > self.room.seq
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until every message sequenced so far is stored (or the room closed);
+        False after ``timeout`` seconds. A move calls it with the room frozen: its
+        snapshot must carry every seq given (the new owner goes on after them)."""
+        if not self.storing():
+            return True
+        if self.settled is None:
+            self.settled = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.settled), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _wake_settled(self) -> None:
+        if self.settled is not None:
+            if not self.settled.done():
+                self.settled.set_result(None)
+            self.settled = None
 
     def _check_replays(self) -> None:
         """Close the replays the history window has just overtaken (4009)."""
@@ -416,6 +445,7 @@ class LiveRoom:
 
     def close_all(self, code: int, reason: str) -> int:
         """Close every member with ``code``; returns how many were closed."""
+        self._wake_settled()
         conns = self.members_conns()
         # Everyone goes at once: no presence leave for each to the rest (O(n^2)).
         self.conns.clear()

@@ -38,6 +38,7 @@ class Cluster:
     procs: Procs
     directory: Proc
     shards: dict[str, Proc] = field(default_factory=dict)
+    shard_env: dict[str, str] = field(default_factory=dict)  # on top of SHARD_ENV
 
     @property
     def url(self) -> str:
@@ -47,7 +48,8 @@ class Cluster:
         return httpx.request(method, self.url + path, json=body, headers=ADMIN, timeout=t(timeout))
 
     def add_shard(self, instance: str) -> Proc:
-        self.shards[instance] = self.procs.shard(instance, self.url, env=SHARD_ENV)
+        self.shards[instance] = self.procs.shard(instance, self.url,
+                                                 env={**SHARD_ENV, **self.shard_env})
         return self.shards[instance]
 
     def states(self) -> dict[str, str]:
@@ -65,9 +67,10 @@ class Cluster:
         self.directory = self.procs.restart(self.directory)
 
 
-def start_cluster(procs: Procs, shards: int, **_: Any) -> Cluster:
+def start_cluster(procs: Procs, shards: int, shard_env: dict[str, str] | None = None,
+                  **_: Any) -> Cluster:
     directory = procs.directory(env=DIRECTORY_ENV)
-    cluster = Cluster(procs, directory)
+    cluster = Cluster(procs, directory, shard_env=shard_env or {})
     for n in range(1, shards + 1):
         cluster.add_shard(f"i{n}")
     return cluster

@@ -12,10 +12,13 @@ import os
 import random
 
 import httpx
+import pytest
 
+from roomshard.store.messages import MessageStore
 from roomshard.testing.chatter import Chatter, check_logs
+from roomshard.testing.procs import Procs
 from roomshard.testing.timing import await_until, t
-from tests.e2e_handoff.conftest import Cluster
+from tests.e2e_handoff.conftest import Cluster, start_cluster
 
 ROOMS = int(os.environ.get("ROOMSHARD_E2E_ROOMS", "30"))
 CLIENTS = int(os.environ.get("ROOMSHARD_E2E_CLIENTS", "4"))
@@ -48,9 +51,22 @@ async def _chat(chatters: list[Chatter], stop: asyncio.Event) -> int:
     return sent
 
 
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+def cluster(request: pytest.FixtureRequest, procs: Procs) -> Cluster:
+    """Three shards without a message store, or sharing one on a real PostgreSQL."""
+    if request.param == "memory":
+        return start_cluster(procs, 3)
+    store_url = request.getfixturevalue("pg_url")
+    return start_cluster(procs, 3, shard_env={"ROOMSHARD_HISTORY_URL": store_url})
+
+
 async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> None:
-    """Moves of 20% of the rooms and a drain mid-chat: every acked message reaches every member once, in order, gap-free, recovered: true."""
+    """Moves of 20% of the rooms (with a store: 20 moves) and a drain mid-chat: every acked
+    message reaches every member once, in order, gap-free, recovered: true; with a store,
+    every acked message is stored once under its seq."""
     rooms = [f"room{n}" for n in range(ROOMS)]
+    store_url = cluster.shard_env.get("ROOMSHARD_HISTORY_URL")
+    moves = 20 if store_url else max(1, ROOMS // 5)
     gate = asyncio.Semaphore(64)
     async with httpx.AsyncClient(timeout=t(10)) as http:
         chatters = {r: [Chatter(cluster.url, r, f"u{k}", http, gate=gate) for k in range(CLIENTS)]
@@ -65,8 +81,12 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
             # Traffic flowing before the first move: every chatter has an ack.
             await await_until(lambda: all(c.acks for c in everyone), 30, "first acks")
             moved = []
-            for room in rooms[: max(1, ROOMS // 5)]:
+            for room in rooms * 2:  # between i1 and i2: i3's rooms are left for the drain
+                if len(moved) == moves:
+                    break
                 src = (await _admin(cluster, "GET", f"/v1/admin/rooms/{room}")).json()["instance"]
+                if src == "i3":
+                    continue
                 to = "i1" if src != "i1" else "i2"
                 r = await _admin(cluster, "POST", f"/v1/admin/rooms/{room}/move", {"to": to})
                 assert r.status_code == 200, r.text
@@ -108,7 +128,7 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
     assert sum(len(c.acks) for c in everyone) == sent
     reconnects = [w for c in everyone for w in c.welcomes[1:]]
     moved_rooms = {m["room"] for m in moved} | {m["room"] for m in drain["moves"]}
-    assert len(moved_rooms) >= ROOMS // 5 + 1
+    assert len(moved) == moves and len(moved_rooms) > len({m["room"] for m in moved})
     assert len(reconnects) >= len(moved_rooms) * CLIENTS  # each member of a moved room came back
     assert all(w.recovered is True for w in reconnects), [w for w in reconnects if not w.recovered]
     assert {c.closes[0] for cs in (chatters[r] for r in moved_rooms) for c in cs} == {4010}
@@ -116,3 +136,13 @@ async def test_moves_and_a_drain_under_load_lose_nothing(cluster: Cluster) -> No
     assert states["i3"] == "disabled"
     owners = {r: cluster.room(r)["instance"] for r in rooms}
     assert "i3" not in owners.values()
+    if store_url:
+        store = MessageStore(store_url)
+        try:
+            for room, cs in chatters.items():
+                stored = {m.seq: m.id for m in await store.tail(room, 100_000)}
+                acked = {seq: msg_id for c in cs for msg_id, seq in c.acks.items()}
+                assert {s: stored.get(s) for s in acked} == acked, room
+                assert len(set(stored.values())) == len(stored), room
+        finally:
+            await store.close()

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import delete
@@ -280,4 +281,89 @@ async def test_a_resume_the_store_cannot_answer_is_refused_with_1013(tmp_path: P
         await send(alice, "still")  # the room is unharmed
         assert (await recv_until(alice, "ack"))["seq"] == 101
     finally:
+        await h.server.shutdown()
+
+
+class GatedStore(MessageStore):
+    """A store whose writes wait for ``gate`` (a slow or stuck database, made precise)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.writing = asyncio.Event()
+
+    async def write(self, batch) -> None:
+        self.writing.set()
+        await self.gate.wait()
+        await super().write(batch)
+
+
+def cluster_auth(h: Harness) -> dict[str, str]:
+    s = h.server
+    return {"authorization": "Bearer " + s.signer.cluster_token("directory", to=s.cfg.instance,
+                                                                now=s.clock())}
+
+
+async def test_a_freeze_waits_for_messages_on_their_way_to_the_store(tmp_path: Path) -> None:
+    """The snapshot carries every seq given: a message sequenced before the freeze is stored
+    (and acked) before the freeze answers, its seq in the snapshot; nothing is sequenced
+    after it (the new owner goes on after the snapshot's seq without a clash)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    store = GatedStore(url)
+    fake = FakeDirectory()
+    h = Harness(await start_shard(fake, store=store), fake)
+    try:
+        alice, _ = await h.join("r", "alice")
+        await send(alice, "first")
+        assert (await recv_until(alice, "ack"))["seq"] == 1
+        store.gate.clear()
+        store.writing.clear()
+        await send(alice, "in-flight")
+        await asyncio.wait_for(store.writing.wait(), 5)  # sequenced (seq 2), not stored
+        async with httpx.AsyncClient(base_url=h.server.url, headers=cluster_auth(h)) as http:
+            freeze = asyncio.ensure_future(http.post("/internal/handoffs/freeze", json={
+                "items": [{"room": "r", "move_id": "m1", "epoch": 2}]}))
+            await await_until(lambda: h.server.live_rooms.get("r").frozen, 5, "the room frozen")
+            await send(alice, "after-freeze")  # unread while frozen: not sequenced
+            assert not freeze.done()
+            store.gate.set()
+            answer = (await freeze).json()["results"][0]
+        assert answer["status"] == 200
+        snapshot = answer["body"]["snapshot"]
+        assert snapshot["seq"] == 2
+        assert [m["id"] for m in snapshot["history"]] == ["first", "in-flight"]
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "in-flight", "seq": 2}
+        assert [m[0] for m in await stored_rows(url, "r")] == [1, 2]
+    finally:
+        store.gate.set()
+        await h.server.shutdown()
+
+
+async def test_a_freeze_the_store_cannot_settle_is_refused_and_the_room_serves_on(
+        tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    store = GatedStore(url)
+    fake = FakeDirectory()
+    h = Harness(await start_shard(fake, store=store, store_wait=0.3), fake)
+    try:
+        alice, _ = await h.join("r", "alice")
+        store.gate.clear()
+        await send(alice, "stuck")
+        await asyncio.wait_for(store.writing.wait(), 5)
+        async with httpx.AsyncClient(base_url=h.server.url, headers=cluster_auth(h)) as http:
+            r = await http.post("/internal/rooms/r/freeze", json={"move_id": "m1", "epoch": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            assert not h.server.live_rooms.get("r").frozen  # thawed: it serves on
+            state = (await http.get("/internal/handoffs")).json()
+            assert state["frozen"] == {}
+        await send(alice, "refused")  # read again (past store_wait: refused, not lost)
+        error = await recv_until(alice, "error")
+        assert (error["code"], error["id"]) == ("unavailable", "refused")
+        store.gate.set()
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "stuck", "seq": 1}
+        await send(alice, "refused")
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "refused", "seq": 2}
+    finally:
+        store.gate.set()
         await h.server.shutdown()
