@@ -22,7 +22,9 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+import orjson
 from sqlalchemy import exc as sa_exc
 from websockets.frames import CloseCode as WsCloseCode
 
@@ -33,7 +35,14 @@ from roomshard.wire.internal import LiveLoad
 from roomshard.wire.protocol import CloseCode, ErrorCode
 from shard.connection import Connection
 from shard.directory_client import DirectoryClient, DirectoryUnavailable
-from shard.frames import FrameRejected, InvalidUtf8, error_frame, parse_client_frame, text_frame
+from shard.frames import (
+    FrameRejected,
+    InvalidUtf8,
+    error_frame,
+    frame_payload,
+    parse_client_frame,
+    text_frame,
+)
 from shard.ratelimit import TokenBucket, Verdict
 from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, Room, StoredRun, ack_frame
 from shard.stats import Stats
@@ -66,12 +75,37 @@ class RoomContext:
     store: MessageStore | None = None
 
 
+class Sender(Protocol):
+    """Who sent a message and gets its ack (or its refusal): a member's
+    :class:`~shard.connection.Connection`, or a :class:`Publication`."""
+
+    user: str
+
+    def queue(self, frame: bytes) -> None: ...
+
+
+class Publication:
+    """A message from the server API (``POST /internal/rooms/{room}/publish``): sent like
+    a member's, with ``answer`` resolved by its ack (or its refusal) instead of a socket."""
+
+    __slots__ = ("answer", "user")
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.answer: asyncio.Future[dict[str, object]] = \
+            asyncio.get_running_loop().create_future()
+
+    def queue(self, frame: bytes) -> None:
+        if not self.answer.done():
+            self.answer.set_result(orjson.loads(frame_payload(frame)))
+
+
 class Pending:
     """A sequenced message on its way to the store: who sent it, and what to do once stored."""
 
     __slots__ = ("conn", "frame", "live", "message")
 
-    def __init__(self, live: LiveRoom, conn: Connection, frame: bytes,
+    def __init__(self, live: LiveRoom, conn: Sender, frame: bytes,
                  message: StoredMessage) -> None:
         self.live = live
         self.conn = conn
@@ -151,7 +185,7 @@ class LiveRoom:
         # answer confirms the directory still assigns it here at this epoch.
         self.unconfirmed = False
         # With a store: resends of a message still being stored, by seq: (connection, id).
-        self.waiting: dict[int, list[tuple[Connection, str]]] = {}
+        self.waiting: dict[int, list[tuple[Sender, str]]] = {}
         # With a store: set once every sequenced message is stored (see settle).
         self.settled: asyncio.Future[None] | None = None
         self.messages = 0
@@ -348,8 +382,8 @@ class LiveRoom:
             return
         self.send(conn, send.id, send.text)
 
-    def send(self, conn: Connection, msg_id: str, text: str) -> None:
-        """Sequence a client's message, fan it out, ack the sender."""
+    def send(self, conn: Sender, msg_id: str, text: str) -> None:
+        """Sequence a member's (or the server API's) message, fan it out, ack the sender."""
         if self.ctx.commit is not None:
             self._send_to_store(conn, msg_id, text, self.ctx.commit)
             return
@@ -362,7 +396,7 @@ class LiveRoom:
                 self._check_replays()
         conn.queue(out.ack)
 
-    def _send_to_store(self, conn: Connection, msg_id: str, text: str,
+    def _send_to_store(self, conn: Sender, msg_id: str, text: str,
                        commit: GroupCommit[Pending]) -> None:
         """With a store: sequence the message and hand it to the group commit; it is
         broadcast and acked once stored (:meth:`stored`). A resend of a stored id is acked

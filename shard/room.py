@@ -251,6 +251,17 @@ class Room:
                 break
         return frames, next_seq
 
+    def page(self, before: int | None, limit: int) -> tuple[list[bytes], bool]:
+        """The JSON payloads of the latest ``limit`` messages in history with seq <
+        ``before`` (no bound: None), oldest first, and whether history holds older ones."""
+        oldest = self.oldest_seq()
+        upto = self.seq + 1 if before is None else min(before, self.seq + 1)
+        first = max(oldest, upto - limit)
+        if first >= upto:
+            return [], False
+        frames = islice(self.history, first - oldest, upto - oldest)
+        return [frame_payload(f) for f in frames], first > oldest
+
     def before_window(self, since: int) -> bool:
         """True when a resume after ``since`` needs messages history no longer holds."""
         return 0 <= since < self.seq and since + 1 < self.oldest_seq()

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from sqlalchemy import exc as sa_exc
 from websockets.frames import CloseCode as WsCloseCode
 from websockets.frames import Opcode
@@ -52,8 +53,14 @@ from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
 from roomshard.store.commit import GroupCommit
 from roomshard.store.messages import MessageStore
-from roomshard.wire.internal import InstanceLoad
-from roomshard.wire.protocol import CloseCode
+from roomshard.wire.internal import (
+    HistoryMessage,
+    HistoryPage,
+    InstanceLoad,
+    PublishCall,
+    Published,
+)
+from roomshard.wire.protocol import MAX_CLIENT_MESSAGE_ID, CloseCode, valid_user_id
 from roomshard.wire.tickets import Signer, Ticket
 from shard import routes
 from shard.admission import Admission, Refused
@@ -61,11 +68,12 @@ from shard.connection import Connection, ConnectionContext
 from shard.directory_client import DirectoryClient, DirectoryError, DirectoryRefused
 from shard.frames import server_frame
 from shard.handoff_routes import HandoffWiring
-from shard.http import HttpRequest, HttpResponse, Router
+from shard.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from shard.live_rooms import (
     LiveRoom,
     LiveRooms,
     Pending,
+    Publication,
     RoomContext,
     StoreUnavailable,
     deliver_stored,
@@ -76,6 +84,25 @@ from shard.stats import Stats
 from shard.writer import Writer
 
 log = logging.getLogger("roomshard.shard")
+
+#: A publish waits at most this long for its message to be stored (the directory's own
+#: bound on a publish is the contract's 5 s; the message may still be stored later, and a
+#: retry with the same id then gets its seq).
+PUBLISH_WAIT_S = 4.0
+#: The largest page of the history API.
+MAX_HISTORY_PAGE = 500
+
+
+def _int_query(req: HttpRequest, name: str, low: int, high: int | None) -> int | None:
+    """An integer query parameter within ``[low, high]``; None when absent; 400 otherwise."""
+    raw = req.query.get(name)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or int(raw) < low or (
+            high is not None and int(raw) > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise HttpError(400, "bad_request", f"{name} must be an integer {bound}")
+    return int(raw)
 
 TICK_S = 0.25
 SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
@@ -121,6 +148,9 @@ class ShardServer:
                        render_metrics=self.metrics.render, live_rooms=self.live_rooms)
         self.handoff = HandoffWiring(cfg, self.live_rooms, directory, auth, clock)
         self.handoff.install(self.router)
+        self._auth = auth
+        self.router.add("POST", "/internal/rooms/{room}/publish", self._publish_route)
+        self.router.add("GET", "/internal/rooms/{room}/messages", self._history_route)
         self.started_at = clock()
         self.boot_id = secrets.token_hex(8)
         self.url = ""
@@ -246,42 +276,56 @@ class ShardServer:
             self._spawn(self._open_and_join(conn, ticket, since))
 
     async def _open_and_join(self, conn: Connection, ticket: Ticket, since: int | None) -> None:
-        live = self.live_rooms.get(ticket.room)
-        if live is not None and ticket.epoch > live.room.epoch:
-            # The room changed hands while we held an old copy: ours is stale.
-            log.warning("room %s in memory at epoch %d is stale (ticket epoch %d)",
-                        ticket.room, live.room.epoch, ticket.epoch)
-            self.live_rooms.close_room(ticket.room, CloseCode.GOING_AWAY, "room state is stale")
-        elif live is not None:  # another join's open finished since admit() looked: no second
-            return self._join(conn, live, ticket, since)  # open (it would call the state lost)
         try:
-            live = await self.live_rooms.open(ticket.room, ticket.epoch)
-        except DirectoryRefused as exc:
-            code = CloseCode.TRY_AGAIN_LATER if exc.code == "moving" else CloseCode.NOT_OWNER
-            self._refuse(conn, Refused(code, f"directory: {exc.code}"))
-            return
-        except DirectoryError as exc:
-            log.warning("could not open room %s: %s", ticket.room, exc)
-            self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "directory unavailable"))
-            return
-        if not self.ready():
-            self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "shard not ready"))
+            live = await self._load(ticket.room, ticket.epoch)
+        except Refused as refusal:
+            self._refuse(conn, refusal)
             return
         self._join(conn, live, ticket, since)
+
+    async def _load(self, name: str, epoch: int) -> LiveRoom:
+        """The room in memory for a caller that holds ``epoch`` (a ticket's, a publish's):
+        opened (asking the directory) when it is not in memory, a stale copy replaced.
+        Raises :class:`Refused` with the close code to answer."""
+        live = self.live_rooms.get(name)
+        if live is not None and epoch > live.room.epoch:
+            # The room changed hands while we held an old copy: ours is stale.
+            log.warning("room %s in memory at epoch %d is stale (ticket epoch %d)",
+                        name, live.room.epoch, epoch)
+            self.live_rooms.close_room(name, CloseCode.GOING_AWAY, "room state is stale")
+        elif live is not None:  # another open finished meanwhile: no second one
+            return live  # (it would call the state lost)
+        try:
+            live = await self.live_rooms.open(name, epoch)
+        except DirectoryRefused as exc:
+            code = CloseCode.TRY_AGAIN_LATER if exc.code == "moving" else CloseCode.NOT_OWNER
+            raise Refused(code, f"directory: {exc.code}") from None
+        except DirectoryError as exc:
+            log.warning("could not open room %s: %s", name, exc)
+            raise Refused(CloseCode.TRY_AGAIN_LATER, "directory unavailable") from None
+        if not self.ready():
+            raise Refused(CloseCode.TRY_AGAIN_LATER, "shard not ready")
+        return live
+
+    def _serving(self, live: LiveRoom, epoch: int) -> Refused | None:
+        """Why a caller holding ``epoch`` may not use ``live`` now (None: it may)."""
+        if self.live_rooms.get(live.name) is not live:  # closed or replaced while we read
+            return Refused(CloseCode.TRY_AGAIN_LATER, "room is reopening")
+        if live.frozen:
+            return Refused(CloseCode.TRY_AGAIN_LATER, "room is moving")
+        if live.unconfirmed:
+            return Refused(CloseCode.TRY_AGAIN_LATER, "room not confirmed by the directory yet")
+        if epoch < live.room.owner_epoch:
+            return Refused(CloseCode.NOT_OWNER, "stale ticket epoch")
+        return None
 
     def _join(self, conn: Connection, live: LiveRoom, ticket: Ticket, since: int | None,
               stored: StoredRun | None = None) -> None:
         if conn.closed:
             return
-        if self.live_rooms.get(live.name) is not live:  # closed or replaced while we read
-            return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "room is reopening"))
-        if live.frozen:
-            return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "room is moving"))
-        if live.unconfirmed:
-            return self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER,
-                                              "room not confirmed by the directory yet"))
-        if ticket.epoch < live.room.owner_epoch:
-            return self._refuse(conn, Refused(CloseCode.NOT_OWNER, "stale ticket epoch"))
+        refusal = self._serving(live, ticket.epoch)
+        if refusal is not None:
+            return self._refuse(conn, refusal)
         if not live.room.may_join(ticket.user):
             return self._refuse(conn, Refused(CloseCode.TICKET_MISMATCH, "not a member of this room"))
         if (stored is None and since is not None and self.store is not None
@@ -303,6 +347,63 @@ class ShardServer:
             self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "message store unavailable"))
             return
         self._join(conn, live, ticket, since, stored)
+
+    # -- the server API: messages from application backends, history in memory -------------
+    async def _publish_route(self, req: HttpRequest) -> HttpResponse:
+        """``POST /internal/rooms/{room}/publish`` (:class:`PublishCall`): the directory hands
+        a message of the server API to the room's owner; answered once it has its seq (with
+        a store: once stored). 409 ``moving`` / ``not_owner`` and 503 tell the directory to
+        try again (after a move, at the new owner)."""
+        self._auth.require(req)
+        name = routes.room_param(req)
+        call = req.decode(PublishCall)
+        if not 1 <= len(call.id) <= MAX_CLIENT_MESSAGE_ID:
+            raise HttpError(400, "bad_request",
+                            f"id must be a string of 1..{MAX_CLIENT_MESSAGE_ID} characters")
+        if not valid_user_id(call.user):
+            raise HttpError(400, "invalid_user", "user id must match ^[A-Za-z0-9_.@-]{1,64}$")
+        if len(call.text) > self.cfg.max_text:
+            raise HttpError(400, "too_long", f"text is over {self.cfg.max_text} characters")
+        if not self.ready():
+            raise HttpError(503, "not_ready", f"shard {self.cfg.instance}: {self.not_ready()}")
+        verdict = self.handoff.gate(Ticket(room=name, instance=self.cfg.instance,
+                                           epoch=call.epoch, user=call.user, jti="", iat=0.0,
+                                           exp=0.0))
+        try:
+            if verdict is not None:
+                raise Refused(*verdict)
+            live = await self._load(name, call.epoch)
+            refusal = self._serving(live, call.epoch)
+            if refusal is not None:
+                raise refusal
+        except Refused as r:
+            code = "moving" if r.code == CloseCode.TRY_AGAIN_LATER else "not_owner"
+            raise HttpError(409, code, f"room {name}: {r.reason}") from None
+        publication = Publication(call.user)
+        live.send(publication, call.id, call.text)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(publication.answer), PUBLISH_WAIT_S)
+        except TimeoutError:
+            raise HttpError(503, "unavailable", "the message store did not store it in time; "
+                            "send it again (same id)") from None
+        if answer.get("type") != "ack":
+            raise HttpError(503, str(answer.get("code", "unavailable")),
+                            str(answer.get("message", "not sent")))
+        return json_response(Published(room=name, seq=int(str(answer["seq"])), id=call.id))
+
+    async def _history_route(self, req: HttpRequest) -> HttpResponse:
+        """``GET /internal/rooms/{room}/messages?before=SEQ&limit=N``: the room's messages in
+        memory (the history API without a store); empty for a room not in memory."""
+        self._auth.require(req)
+        name = routes.room_param(req)
+        before = _int_query(req, "before", 1, None)
+        limit = _int_query(req, "limit", 1, MAX_HISTORY_PAGE)
+        live = self.live_rooms.get(name)
+        if live is None:
+            return json_response(HistoryPage(room=name, messages=[], more=False))
+        payloads, more = live.room.page(before, limit if limit is not None else 50)
+        messages = [msgspec.json.decode(p, type=HistoryMessage) for p in payloads]
+        return json_response(HistoryPage(room=name, messages=messages, more=more))
 
     def _refuse(self, conn: Connection, refusal: Refused) -> None:
         self.stats.refused[refusal.code] = self.stats.refused.get(refusal.code, 0) + 1

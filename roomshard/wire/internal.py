@@ -200,3 +200,43 @@ class AccessBody(Body, forbid_unknown_fields=True):
 class AccessResult(Body):
     room: str
     closed: int  # members closed with 4003 (no longer allowed in)
+
+
+# -- directory -> shard: the server API's messages ------------------------------------
+class PublishCall(Body, forbid_unknown_fields=True):
+    """``POST /internal/rooms/{room}/publish``: a message from the server API, sent by
+    ``user`` into the room the directory placed here at ``epoch``."""
+
+    epoch: int
+    id: str
+    user: str
+    text: str
+
+
+class Published(Body):
+    """The answer to a publish, once the message has its seq (and, with a store, is stored);
+    also the server API's answer (``POST /v1/rooms/{room}/messages``)."""
+
+    room: str
+    seq: int
+    id: str
+
+
+class HistoryMessage(Body):
+    """One message of a room's history as the history API returns it."""
+
+    seq: int
+    id: str
+    user: str
+    text: str
+    ts: float
+
+
+class HistoryPage(Body):
+    """``GET /internal/rooms/{room}/messages`` (what the shard holds in memory) and the
+    history API (``GET /v1/rooms/{room}/messages``): the latest ``limit`` messages with
+    seq < ``before``, oldest first; ``more``: older ones exist."""
+
+    room: str
+    messages: list[HistoryMessage]
+    more: bool
