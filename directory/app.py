@@ -28,7 +28,7 @@ from directory.db.store import Store
 from directory.domain.auth import ClientAuth
 from directory.domain.budget import CreateBudget
 from directory.domain.errors import ApiError
-from directory.http import admin, connect, internal, meta, openapi
+from directory.http import admin, connect, internal, messages, meta, openapi
 from directory.http.edge import ApiRoute, authenticate, endpoint, error_of, error_response
 from directory.metrics import Metrics
 from directory.ops.mover import Mover
@@ -36,6 +36,7 @@ from directory.shards import ShardClient
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
 from roomshard.sql import make_engine
+from roomshard.store.messages import MessageStore
 from roomshard.wire.protocol import INVALID_ROOM_ID
 from roomshard.wire.tickets import Signer
 
@@ -132,7 +133,7 @@ def _unrouted_control_chars(request: Request) -> Response | None:
 
 
 def all_routes() -> list[ApiRoute]:
-    return [*connect.ROUTES, *admin.ROUTES, *internal.ROUTES, *meta.ROUTES]
+    return [*connect.ROUTES, *messages.ROUTES, *admin.ROUTES, *internal.ROUTES, *meta.ROUTES]
 
 
 def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
@@ -154,14 +155,19 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
         shards = ShardClient(signer, clock, shard_transport)
         store: Store | None = None
         mover: Mover | None = None
+        message_store = None if cfg.history_url == "memory" else MessageStore(cfg.history_url)
         background: list[asyncio.Task[None]] = []
         try:
             await migrate(engine)
+            if message_store is not None:
+                await message_store.open()
             store = Store(engine)
             mover = Mover(store, shards, metrics, clock, down_after=cfg.down_after)
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
                                       admin_token=cfg.admin_token.encode(), mover=mover,
+                                      api_keys=tuple(k.encode() for k in cfg.server_api_keys),
+                                      messages=message_store,
                                       awake_since=clock(),
                                       create_budget=CreateBudget(cfg.room_create_rate),
                                       create_budget_by_address=CreateBudget(
@@ -179,6 +185,8 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                 await mover.stop()
             if store is not None:
                 store.close()
+            if message_store is not None:
+                await message_store.close()
             await shards.aclose()
             await engine.dispose()
 

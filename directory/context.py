@@ -19,6 +19,7 @@ from directory.metrics import Metrics
 from directory.ops.mover import Mover
 from directory.shards import ShardClient
 from roomshard.config import DirectoryConfig
+from roomshard.store.messages import MessageStore
 from roomshard.wire.tickets import Signer
 
 
@@ -33,6 +34,10 @@ class Directory:
     client_auth: ClientAuth
     admin_token: bytes
     mover: Mover
+    # The server API's bearer keys (ROOMSHARD_API_KEYS); the admin token works too.
+    api_keys: tuple[bytes, ...] = ()
+    # The message store the history API reads (None: ask the room's owner).
+    messages: MessageStore | None = None
     # Room creations per user, and per client address (0: off, the default).
     create_budget: CreateBudget = field(default_factory=lambda: CreateBudget(0))
     create_budget_by_address: CreateBudget = field(default_factory=lambda: CreateBudget(0))

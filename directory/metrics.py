@@ -40,6 +40,9 @@ class Metrics:
                                        "by budget (user, address)", ["budget"],
                                        registry=self.registry)
         # Label lookups cost more than the increments; cache the children.
+        self.published = Counter("roomshard_directory_published",
+                                 "messages the server API delivered to their rooms",
+                                 registry=self.registry)
         self._req: dict[tuple[str, int], tuple[object, object]] = {}
         self.connect_ok = self.connects.labels("ok")
 

@@ -27,9 +27,11 @@ from roomshard.wire.internal import (
     HandoffBatch,
     HandoffCall,
     HandoffResults,
+    HistoryPage,
     LiveLoad,
     LiveRoomAnswer,
     LiveRoomsAnswer,
+    PublishCall,
 )
 from roomshard.wire.tickets import DIRECTORY, Signer
 
@@ -106,6 +108,28 @@ class ShardClient:
             return None
 
 
+    # -- the server API -----------------------------------------------------------
+    async def publish(self, instance: str, internal_url: str, room: str, call: PublishCall,
+                      timeout: float) -> Outcome:
+        """Hand a message of the server API to the room's owner: ``(status, answer or
+        error)``, status 0 when the shard could not be asked (the caller retries)."""
+        return await self._post(instance, f"{internal_url}/internal/rooms/{room}/publish",
+                                call, timeout)
+
+    async def history(self, instance: str, internal_url: str, room: str, before: int | None,
+                      limit: int) -> HistoryPage | None:
+        """What the owner holds of ``room`` in memory (no message store); None when it could
+        not be asked."""
+        params = f"?limit={limit}" + (f"&before={before}" if before is not None else "")
+        resp = await self._call(instance, "GET",
+                                f"{internal_url}/internal/rooms/{room}/messages{params}")
+        if resp is None or resp.status_code != 200:
+            return None
+        try:
+            return msgspec.json.decode(resp.content, type=HistoryPage)
+        except msgspec.DecodeError:
+            return None
+
     # -- the handoff calls of a live move ------------------------------------------
     async def handoffs(self, instance: str, internal_url: str, kind: str,
                        items: list[HandoffCall]) -> list[Outcome]:
@@ -130,7 +154,7 @@ class ShardClient:
 
         return list(await asyncio.gather(*(one(i) for i in items)))
 
-    async def _post(self, instance: str, url: str, body: HandoffCall | HandoffBatch,
+    async def _post(self, instance: str, url: str, body: HandoffCall | HandoffBatch | PublishCall,
                     timeout: float) -> tuple[int, Any]:
         try:
             # Encoded in one pass (a snapshot carries up to the whole history), no copy first.

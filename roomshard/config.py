@@ -159,11 +159,15 @@ class DirectoryConfig:
     room_create_rate: float = setting(60.0, help="new rooms one user may create per minute, per directory replica (0: no budget)")
     room_create_rate_per_address: float = setting(0.0, help="new rooms one client address may create per minute (0: no budget; for public open-mode deployments)")
     room_unused_ttl: float = setting(600.0, help="seconds after which a room no member ever joined is removed (0: never)")
+    history_url: str = setting("memory", help="message store the history API reads (the shards' ROOMSHARD_HISTORY_URL) or memory (ask the owning shard)")
+    api_keys: str | None = setting(None, help="comma-separated bearer keys of the server API (publish); the admin token works too", secret=True)
     ready_file: str | None = setting(None, help="write {\"url\": ...} here once serving")
     log_level: str = setting("info", help="debug, info, warning, error")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "database_url", normalize_database_url(self.database_url))
+        if self.history_url != "memory":
+            object.__setattr__(self, "history_url", normalize_database_url(self.history_url, "ROOMSHARD_HISTORY_URL"))
         if self.auth not in ("open", "jwt"):
             raise ConfigError(f"ROOMSHARD_AUTH: must be 'open' or 'jwt', got {self.auth!r}")
         if self.auth == "jwt" and not (self.jwt_secret or self.jwt_public_key):
@@ -182,6 +186,10 @@ class DirectoryConfig:
     @property
     def cluster_secrets(self) -> list[str]:
         return parse_secrets(self.cluster_secret)
+
+    @property
+    def server_api_keys(self) -> list[str]:
+        return parse_secrets(self.api_keys or "")
 
 @dataclass(frozen=True, kw_only=True)
 class ShardConfig:

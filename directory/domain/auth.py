@@ -131,6 +131,25 @@ def check_admin(authorization: str | None, admin_token: bytes) -> None:
         raise Unauthorized("unauthorized", "admin token required: Authorization: Bearer <token>")
 
 
+def is_admin(authorization: str | None, admin_token: bytes) -> bool:
+    token = bearer(authorization)
+    return token is not None and hmac.compare_digest(token.encode(), admin_token)
+
+
+def check_server_key(authorization: str | None, admin_token: bytes,
+                     api_keys: tuple[bytes, ...]) -> None:
+    """The server API's caller: the admin token or one of ``ROOMSHARD_API_KEYS``."""
+    token = bearer(authorization)
+    ok = False
+    if token is not None:
+        given = token.encode()
+        for key in (admin_token, *api_keys):
+            ok |= hmac.compare_digest(given, key)  # every key compared: no timing hint
+    if not ok:
+        raise Unauthorized("unauthorized",
+                           "an API key or the admin token required: Authorization: Bearer <key>")
+
+
 def cluster_subject(authorization: str | None, signer: Signer, *, now: float) -> str:
     token = bearer(authorization)
     if token is None:

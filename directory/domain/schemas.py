@@ -54,6 +54,15 @@ class ConnectResponse(Lenient):
     expires_in: int
 
 
+class PublishBody(Strict):
+    """``POST /v1/rooms/{room}/messages``: a message from an application backend, sent as
+    ``user`` (ids as a client's ``send``: the same ``(user, id)`` is one message)."""
+
+    id: str
+    user: str
+    text: str
+
+
 # -- instances ---------------------------------------------------------------
 def check_urls(internal_url: object, public_base: object) -> None:
     """Raise ``BadRequest`` unless both are clean URLs (``UNSET``/``None``/``""`` pass)."""

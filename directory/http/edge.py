@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from directory.context import Directory
-from directory.domain.auth import check_admin, cluster_subject
+from directory.domain.auth import check_admin, check_server_key, cluster_subject
 from directory.domain.errors import ApiError, BadRequest, Unavailable
 from roomshard.wire.errors import error_body
 from roomshard.wire.protocol import INVALID_ROOM_ID, instance_number, valid_room_id
@@ -48,8 +48,9 @@ _DB_DOWN_ERRORS = (sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutE
 #: ``admin``: the operator's bearer token; ``cluster``: a shard's cluster token (the
 #: instance it names: :func:`cluster_caller`); ``client``: an application user, whom the
 #: handler identifies (open mode: the body's ``user``; jwt mode: the bearer JWT, verified
-#: before anything else); ``none``: anyone.
-Auth = Literal["none", "admin", "cluster", "client"]
+#: before anything else); ``server``: an application backend (one of ``ROOMSHARD_API_KEYS``,
+#: or the admin token); ``none``: anyone.
+Auth = Literal["none", "admin", "cluster", "client", "server"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def authenticate(auth: Auth, request: Request, ctx: Directory) -> None:
     """Refuse (:class:`~directory.domain.errors.Unauthorized`) a caller that ``auth`` does not admit."""
     if auth == "admin":
         check_admin(request.headers.get("authorization"), ctx.admin_token)
+    elif auth == "server":
+        check_server_key(request.headers.get("authorization"), ctx.admin_token, ctx.api_keys)
     elif auth == "cluster":
         request.state.cluster_caller = cluster_subject(request.headers.get("authorization"),
                                                        ctx.signer, now=ctx.clock())

@@ -20,7 +20,7 @@ from roomshard.wire.protocol import INSTANCE_ID_RE, ROOM_ID_RE, USER_ID_RE
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 _STATUS_TEXT = {400: "Invalid input", 401: "Missing or bad credentials", 403: "Not allowed",
-                404: "Not found", 409: "Conflict",
+                404: "Not found", 409: "Conflict", 429: "Too many requests (see Retry-After)",
                 503: "Unavailable (see Retry-After)"}
 # Path and query parameters that are ids: the same patterns the handlers fullmatch.
 ID_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -31,8 +31,8 @@ ID_SCHEMAS: dict[str, dict[str, Any]] = {
     "user": {"type": "string", "pattern": f"^{USER_ID_RE.pattern}$", "minLength": 1,
              "maxLength": 64},
 }
-_SECURITY = {"admin": [{"adminToken": []}], "cluster": [{"clusterToken": []}],
-             "client": [{}, {"clientJwt": []}]}
+_SECURITY: dict[str, list[dict[str, list[str]]]] = {"admin": [{"adminToken": []}], "cluster": [{"clusterToken": []}],
+             "client": [{}, {"clientJwt": []}], "server": [{"apiKey": []}, {"adminToken": []}]}
 
 
 def build(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]:
@@ -87,6 +87,8 @@ def build(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]:
                                  "description": "cluster token signed with ROOMSHARD_CLUSTER_SECRET"},
                 "clientJwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                               "description": "application JWT (auth mode jwt); sub = user id"},
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "one of ROOMSHARD_API_KEYS (the server API)"},
             },
         },
     }

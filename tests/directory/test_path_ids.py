@@ -24,7 +24,7 @@ CODES = {"room": "invalid_room", "instance": "invalid_instance"}
 
 
 def credentials(route: ApiRoute) -> dict[str, str]:
-    if route.auth == "admin":
+    if route.auth in ("admin", "server"):  # the server API takes the admin token too
         return ADMIN
     if route.auth == "cluster":
         return cluster_headers("i1")
@@ -46,7 +46,7 @@ async def test_control_characters_in_any_path_id_are_401_then_400(
         h: Harness, route: ApiRoute, param: str, bad: str) -> None:
     await h.put_instance("i1", "http://127.0.0.1:9")
     path = with_params(route, bad, param)
-    if route.auth in ("admin", "cluster"):
+    if route.auth in ("admin", "cluster", "server"):
         r = await h.client.request(route.method, path, content=b"{}")
         assert_error(r, 401)
     r = await h.client.request(route.method, path, content=b'{"user": "alice"}',
@@ -92,11 +92,13 @@ def test_every_route_under_admin_and_internal_names_its_caller() -> None:
             assert route.auth == "admin", route.name
         elif route.path.startswith("/v1/internal"):
             assert route.auth == "cluster", route.name
+        elif route.name == "publish":
+            assert route.auth == "server", route.name
         else:
             assert route.auth in ("none", "client"), route.name
 
 
-GUARDED = [r for r in all_routes() if r.auth in ("admin", "cluster")]
+GUARDED = [r for r in all_routes() if r.auth in ("admin", "cluster", "server")]
 
 
 @pytest.mark.parametrize("route", GUARDED, ids=[r.name for r in GUARDED])
@@ -106,7 +108,7 @@ async def test_every_guarded_route_refuses_a_caller_without_its_credentials(
     (nothing is read, nothing changes)."""
     await h.put_instance("i1", "http://127.0.0.1:9")
     before = (await h.client.get("/v1/admin/instances/i1", headers=ADMIN)).json()
-    other = cluster_headers("i1") if route.auth == "admin" else ADMIN
+    other = ADMIN if route.auth == "cluster" else cluster_headers("i1")
     for headers in ({}, other, {"Authorization": "Bearer wrong"}):
         r = await h.client.request(route.method, with_params(route), headers=headers,
                                    content=b'{"to": "i1", "internal_url": "http://127.0.0.1:9"}')
