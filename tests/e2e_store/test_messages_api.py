@@ -120,7 +120,7 @@ async def test_publishes_and_member_sends_share_one_seq_order_and_history_pages_
         got = await pages(http, cluster, "talk", limit=20)
         seen = [m["seq"] for page in reversed(got) for m in page["messages"]]
         assert seen == sorted(seen) and len(seen) == len(set(seen))
-        assert set(m["id"] for page in got for m in page["messages"]) >= set(ids)
+        assert {m["id"] for page in got for m in page["messages"]} >= set(ids)
         if cluster.store_url != "memory":
             assert seen == list(range(1, top + 1))  # every stored message exactly once
         first = got[0]["messages"][-1]
