@@ -164,6 +164,62 @@ def room(api: Api, room_id: str) -> None:
     _console().print(table(f"room {room_id}", ["field", "value"], sorted(doc.items())))
 
 
+@admin.command()
+@click.argument("room_id", metavar="ROOM")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True,
+              help="messages per page")
+@click.option("--before", type=click.IntRange(min=1), default=None,
+              help="only messages with a lower seq")
+@click.option("--all", "every", is_flag=True, help="every retained message (page back to the first)")
+@click.pass_obj
+def history(api: Api, room_id: str, limit: int, before: int | None, every: bool) -> None:
+    """Show ROOM's latest messages (with a message store: every stored one; without: what
+    its shard holds in memory), oldest first."""
+    shown: list[list[Any]] = []
+    more = False
+    try:
+        while True:
+            params = {"limit": str(limit), **({"before": str(before)} if before else {})}
+            page = api.call("GET", f"/v1/rooms/{room_id}/messages", params=params)
+            shown[:0] = [[m.get("seq"), _when(m.get("ts")), m.get("user"), m.get("text")]
+                         for m in page.get("messages", [])]
+            more = bool(page.get("more"))
+            if not (every and more and page.get("messages")):
+                break
+            before = page["messages"][0]["seq"]
+    except AdminError as exc:
+        _fail(exc)
+    title = f"{room_id}: {len(shown)} message(s)" + (", older ones exist" if more else "")
+    _console().print(table(title, ["seq", "time (UTC)", "user", "text"], shown))
+
+
+def _when(ts: Any) -> str:
+    import datetime
+
+    if not isinstance(ts, (int, float)):
+        return ""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@admin.command()
+@click.argument("room_id", metavar="ROOM")
+@click.argument("text")
+@click.option("--user", required=True, help="the user the message is from")
+@click.option("--id", "msg_id", default=None,
+              help="the message's id (default: a new one); the same id again is the same message")
+@click.pass_obj
+def publish(api: Api, room_id: str, text: str, user: str, msg_id: str | None) -> None:
+    """Send TEXT into ROOM as --user (the server API); prints its seq."""
+    import uuid
+
+    body = {"id": msg_id or uuid.uuid4().hex, "user": user, "text": text}
+    try:
+        doc = api.call("POST", f"/v1/rooms/{room_id}/messages", json=body)
+    except AdminError as exc:
+        _fail(exc)
+    click.echo(f"published to {doc.get('room')}: seq {doc.get('seq')} (id {doc.get('id')})")
+
+
 @admin.group()
 def instance() -> None:
     """Change one instance in the registry."""

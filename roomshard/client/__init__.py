@@ -7,7 +7,9 @@
         async for item in s:          # Message or Gap, each message once, in seq order
             print(item)
 
-See :mod:`roomshard.client.session` for the reconnect behaviour.
+See :mod:`roomshard.client.session` for the reconnect behaviour, and
+:mod:`roomshard.client.messages` for a room's history (``history``) and the
+server API for backends (``Publisher``).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from roomshard.client.errors import (
     SessionClosed,
 )
 from roomshard.client.inbox import Gap, Message, Presence
+from roomshard.client.messages import HistoryMessage, HistoryPage, Published, Publisher, history
 from roomshard.client.reconnect import Backoff
 from roomshard.client.session import ServerError, Session, State, StateChange
 
 __all__ = [
-    "Backoff", "ClientError", "ConnectRefused", "DirectoryUnavailable", "Gap", "Message",
-    "Presence", "SendRefused", "ServerError", "Session", "SessionClosed", "State", "StateChange",
-    "connect",
+    "Backoff", "ClientError", "ConnectRefused", "DirectoryUnavailable", "Gap", "HistoryMessage",
+    "HistoryPage", "Message", "Presence", "Published", "Publisher", "SendRefused", "ServerError",
+    "Session", "SessionClosed", "State", "StateChange", "connect", "history",
 ]
 
 

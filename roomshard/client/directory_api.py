@@ -1,8 +1,9 @@
-"""The one directory call a client makes: ``POST /v1/rooms/{room}/connect``.
+"""The directory call a client session makes: ``POST /v1/rooms/{room}/connect``.
 
-Translates HTTP outcomes into the client's errors at this boundary: a 4xx is
-final (:class:`ConnectRefused`), a 5xx or a network error is retryable
-(:class:`DirectoryUnavailable`, carrying ``Retry-After``).
+Translates HTTP outcomes into the client's errors at this boundary (also for
+:mod:`roomshard.client.messages`): a 4xx is final (:class:`ConnectRefused`),
+a 5xx, a 429 or a network error is retryable (:class:`DirectoryUnavailable`,
+carrying ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Route:
     expires_in: float
 
 
-def _error_of(resp: httpx.Response) -> tuple[str, str]:
+def error_of(resp: httpx.Response) -> tuple[str, str]:
     try:
         err = msgspec.json.decode(resp.content, type=ErrorBody).error
     except msgspec.DecodeError:  # not the contract's body (a proxy page, a 501 stub...)
@@ -34,12 +35,22 @@ def _error_of(resp: httpx.Response) -> tuple[str, str]:
     return err.code, err.message
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def retry_after(resp: httpx.Response) -> float | None:
     raw = resp.headers.get("retry-after")
     try:
         return float(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def check(resp: httpx.Response) -> None:
+    """Raise the client's error for an answer that is not a 200."""
+    if resp.status_code == 200:
+        return
+    code, message = error_of(resp)
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise DirectoryUnavailable(f"{code}: {message}", retry_after(resp))
+    raise ConnectRefused(resp.status_code, code, message)
 
 
 def with_since(url: str, since: int | None) -> str:
@@ -59,12 +70,7 @@ async def resolve(http: httpx.AsyncClient, directory_url: str, room: str, user: 
         resp = await http.post(url, json=body, headers=headers)
     except httpx.HTTPError as exc:
         raise DirectoryUnavailable(f"directory unreachable: {exc!r}") from exc
-    if resp.status_code >= 500 or resp.status_code == 429:
-        code, message = _error_of(resp)
-        raise DirectoryUnavailable(f"{code}: {message}", _retry_after(resp))
-    if resp.status_code != 200:
-        code, message = _error_of(resp)
-        raise ConnectRefused(resp.status_code, code, message)
+    check(resp)
     try:
         data = resp.json()
         return Route(room=str(data["room"]), instance=str(data["instance"]),

@@ -42,6 +42,7 @@ from roomshard.client.errors import (
     SessionClosed,
 )
 from roomshard.client.inbox import Gap, Inbox, Message, Presence
+from roomshard.client.messages import HistoryPage, history
 from roomshard.client.outbox import Outbox
 from roomshard.client.reconnect import Action, Backoff, Decision, decide
 
@@ -52,6 +53,9 @@ log = logging.getLogger("roomshard.client")
 RATE_LIMITED_RETRY_S = 0.25
 PACED_INTERVAL_S = 0.06
 PACED_FOR_S = 3.0
+#: After an ``unavailable`` refusal (the shard's message store is down): write it again
+#: after this long (the shard heals by itself once the store is back).
+UNAVAILABLE_RETRY_S = 1.0
 _UNAVAILABLE = Decision(Action.RETRY, 0.0, True, False, "directory unavailable")
 
 
@@ -186,6 +190,16 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # -- history ----------------------------------------------------------
+
+    async def history(self, before: int | None = None, limit: int = 50) -> HistoryPage:
+        """The room's latest ``limit`` messages with seq < ``before``, oldest first (from
+        the message store, or what the room's shard holds in memory); page back with
+        ``before=page.messages[0].seq`` while ``page.more``."""
+        return await history(self.directory_url, self.room,
+                             user=self.user if self.token is None else None,
+                             token=self.token, before=before, limit=limit, http=self._http)
 
     # -- sending ----------------------------------------------------------
 
@@ -358,12 +372,14 @@ class Session:
         message = str(frame.get("message", ""))
         if msg_id is not None and str(msg_id) in self.outbox:
             msg_id = str(msg_id)
-            if code == "rate_limited":
+            if code in ("rate_limited", "unavailable"):
                 # Still ours to deliver: hold every write a little, then write it again
-                # (going on at full speed would get the connection closed with 4008).
+                # (going on at full speed would get the connection closed with 4008; a
+                # store that is down needs a moment to come back).
                 self.outbox.mark_unsent(msg_id)
                 now = asyncio.get_running_loop().time()
-                self._hold_until = now + RATE_LIMITED_RETRY_S
+                self._hold_until = now + (RATE_LIMITED_RETRY_S if code == "rate_limited"
+                                          else UNAVAILABLE_RETRY_S)
                 self._pace_until = now + PACED_FOR_S
                 self._wake_writer.set()
                 return

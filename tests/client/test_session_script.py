@@ -184,3 +184,27 @@ async def test_too_long_refusal_fails_only_that_send(peer: Peer) -> None:
         assert s.state is State.OPEN and len(s.outbox) == 0
     finally:
         await s.close()
+
+
+async def test_an_unavailable_refusal_is_sent_again_later_with_the_same_id(peer: Peer) -> None:
+    """The shard's message store is down: the send is refused with ``unavailable``; the
+    session writes it again (same id) a moment later and its future gets the seq."""
+    async def only(ws: ServerConnection, frames: list[dict]) -> None:
+        await ws.send(welcome(0, ["alice"]))
+        first = await recv_send(ws, frames)
+        await ws.send(json.dumps({"type": "error", "id": first["id"], "code": "unavailable",
+                                  "message": "the message store is unavailable"}))
+        again = await recv_send(ws, frames)
+        assert again == first
+        await ws.send(json.dumps({"type": "ack", "id": again["id"], "seq": 1}))
+        await ws.wait_closed()
+
+    peer.scripts = [only]
+    s = session_for(peer, [])
+    await s.start(timeout=t(10))
+    try:
+        assert await asyncio.wait_for(s.send("stored later"), t(10)) == 1
+        sent = peer.received[0]
+        assert len(sent) == 2 and sent[0] == sent[1]
+    finally:
+        await s.close()

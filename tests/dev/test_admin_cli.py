@@ -195,3 +195,25 @@ def test_a_report_with_failed_rooms_exits_1(capsys: pytest.CaptureFixture[str]) 
     assert exc.value.code == 1
     out = capsys.readouterr()
     assert "r9" in out.out and "drain of i1 incomplete: 1 room(s) failed" in out.err
+
+
+def test_publish_and_history(procs: Procs) -> None:
+    """`publish` sends as a user (idempotent by --id), `history` pages the room back."""
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    for i in range(1, 4):
+        res = admin(d.url, "publish", "news", "--user", "bot", "--id", f"n{i}", f"line {i}")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == f"published to news: seq {i} (id n{i})"
+    res = admin(d.url, "publish", "news", "--user", "bot", "--id", "n2", "line 2")
+    assert res.stdout.strip() == "published to news: seq 2 (id n2)"  # the same message
+    res = admin(d.url, "history", "news", "--limit", "2")
+    assert res.returncode == 0 and "news: 2 message(s), older ones exist" in res.stdout
+    assert "line 3" in res.stdout and "line 1" not in res.stdout
+    res = admin(d.url, "history", "news", "--limit", "2", "--all")
+    assert "news: 3 message(s)" in res.stdout and "older" not in res.stdout
+    assert res.stdout.index("line 1") < res.stdout.index("line 2") < res.stdout.index("line 3")
+    res = admin(d.url, "publish", "news", "--user", "not valid", "x")
+    assert res.returncode == 1 and "invalid_user" in one_error_line(res)
+    res = admin(d.url, "history", "never")
+    assert res.returncode == 1 and "room_not_found" in one_error_line(res)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from roomshard.client import ConnectRefused, DirectoryUnavailable, Publisher, connect, history
 from roomshard.testing.chatter import Chatter, check_logs, start_chatting
 from roomshard.testing.pg import PgServer
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
@@ -217,3 +218,38 @@ async def test_a_publish_waits_out_a_move(cluster: Cluster) -> None:
         for m in members:
             published = [f["seq"] for f in m.log if f["id"].startswith("m")]
             assert published == [s for s in seqs if s > m.welcomes[0].seq]
+
+
+async def test_the_python_client_pages_history_and_publishes(cluster: Cluster) -> None:
+    async with Publisher(cluster.url, API_KEY) as pub:
+        sent = [await pub.publish("client-room", "announcer", f"line {i}") for i in range(7)]
+        assert [p.seq for p in sent] == sorted(p.seq for p in sent) and len({p.id for p in sent}) == 7
+        again = await pub.publish("client-room", "announcer", "line 0", msg_id=sent[0].id)
+        assert again == sent[0]  # the same (user, id): the same message
+        with pytest.raises(ConnectRefused) as refused:
+            await pub.publish("client-room", "bad user", "x")
+        assert refused.value.status == 400 and refused.value.code == "invalid_user"
+    page = await history(cluster.url, "client-room", limit=4)
+    assert [m.text for m in page.messages] == [f"line {i}" for i in range(3, 7)] and page.more
+    older = await history(cluster.url, "client-room", limit=4, before=page.messages[0].seq)
+    assert [m.text for m in older.messages] == [f"line {i}" for i in range(3)] and not older.more
+    with pytest.raises(ConnectRefused) as refused:
+        await history(cluster.url, "no-such-room")
+    assert refused.value.status == 404 and refused.value.code == "room_not_found"
+    async with connect(cluster.url, "client-room", "reader") as session:
+        page = await session.history(limit=2)
+        assert [m.text for m in page.messages] == ["line 5", "line 6"]
+        assert page.messages[-1].user == "announcer"
+
+
+async def test_a_publisher_retries_what_cannot_be_delivered_then_says_so(procs: Procs) -> None:
+    """No shard at all: 503 with Retry-After, retried with the same id until the patience ends."""
+    directory = procs.directory(env={"ROOMSHARD_API_KEYS": API_KEY})
+    async with httpx.AsyncClient(timeout=t(10)) as http:
+        r = await http.post(f"{directory.url}/v1/rooms/r/messages", headers=SERVER,
+                            json={"id": "a", "user": "bot", "text": "hi"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "unavailable"
+    async with Publisher(directory.url, API_KEY, patience=2.5) as pub:
+        with pytest.raises(DirectoryUnavailable):
+            await pub.publish("r", "bot", "hi")
