@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from roomshard.testing.procs import Procs
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 from roomshard.testing.timing import t
 from tests.browser.conftest import wait_js
 
@@ -155,3 +156,41 @@ def test_page_shows_why_it_was_removed_from_a_private_room(procs: Procs, browser
     finally:
         ctx_a.close()
         ctx_b.close()
+
+
+def test_page_shows_what_was_said_before_and_loads_older_messages_when_scrolled_up(
+        procs: Procs, browser: Any) -> None:
+    """120 messages before the page joins: it shows the latest page, scrolling to the top loads
+    the older ones page by page until the room's beginning; every message once, in seq order,
+    live ones after them."""
+    store = f"sqlite+aiosqlite:///{procs.dir / 'messages.db'}"
+    d = procs.directory(env={"ROOMSHARD_HISTORY_URL": store})
+    procs.shard("i1", d.url, env={"ROOMSHARD_HISTORY_URL": store})
+    headers = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+    with httpx.Client(timeout=t(10)) as http:
+        for i in range(1, 121):
+            r = http.post(f"{d.url}/v1/rooms/archive/messages", headers=headers,
+                          json={"id": f"m{i}", "user": "bot", "text": f"line {i}"})
+            assert r.status_code == 200 and r.json()["seq"] == i
+    ctx = browser.new_context(viewport={"width": 1000, "height": 700})
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        join(page, d.url, "archive", "carol")
+        wait_js(page, "document.querySelectorAll('#messages .msg[data-seq]').length >= 50", 10)
+        first = [tuple(m) for m in shown(page)]
+        assert first[-1] == (120, "line 120") and [s for s, _ in first] == list(
+            range(121 - len(first), 121))
+        while not page.query_selector("#messages .note.start"):
+            count = len(shown(page))
+            page.eval_on_selector("#messages", "box => { box.scrollTop = 0; }")
+            wait_js(page, f"document.querySelectorAll('#messages .msg[data-seq]').length > {count}"
+                          " || document.querySelector('#messages .note.start') !== null", 10)
+        assert [tuple(m) for m in shown(page)] == [(i, f"line {i}") for i in range(1, 121)]
+        say(page, "and now live")
+        wait_js(page, "document.querySelectorAll('#messages .msg[data-seq]').length === 121", 10)
+        assert tuple(shown(page)[-1]) == (121, "and now live")
+        assert errors == []
+    finally:
+        ctx.close()
