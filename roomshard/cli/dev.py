@@ -102,12 +102,21 @@ def dev_secrets(env: Mapping[str, str], stored: Mapping[str, str],
 
 
 def child_env(base: dict[str, str], *, data_dir: Path, creds: dict[str, str],
-              public_url: str | None) -> dict[str, str]:
-    """The children's environment: the dev defaults under anything the user set."""
+              public_url: str | None, history: str | None = None) -> dict[str, str]:
+    """The children's environment: the dev defaults under anything the user set.
+
+    ``history`` (``--history``): the message store every process uses; by default
+    ``ROOMSHARD_HISTORY_URL`` if set, else a SQLite file in the data dir (chats survive
+    restarts); ``memory`` for none.
+    """
     env = dict(base)
     env.update(creds)
     env.setdefault("ROOMSHARD_AUTH", "open")
     env.setdefault("ROOMSHARD_DATABASE_URL", f"sqlite+aiosqlite:///{(data_dir / 'roomshard.db').resolve()}")
+    if history is not None:
+        env["ROOMSHARD_HISTORY_URL"] = history
+    env.setdefault("ROOMSHARD_HISTORY_URL",
+                   f"sqlite+aiosqlite:///{(data_dir / 'messages.db').resolve()}")
     env.setdefault("ROOMSHARD_SHUTDOWN_TIMEOUT", DEV_SHUTDOWN_TIMEOUT_S)
     if public_url:
         env["ROOMSHARD_PUBLIC_URL"] = public_url
@@ -126,7 +135,8 @@ def roomshard_command(executable: str, cwd: Path) -> str:
 
 
 def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], admin_token: str,
-           data_dir: Path, router_url: str | None, cmd: str = "roomshard") -> str:
+           data_dir: Path, router_url: str | None, cmd: str = "roomshard",
+           history_url: str = "memory") -> str:
     q = shlex.quote
     lines = [
         "roomshard dev: the service is up.",
@@ -139,6 +149,9 @@ def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], adm
         f"  chat page:   {page_url}",
         f"  admin token: {admin_token}",
         f"  data & logs: {data_dir}",
+        "  messages:    " + ("in memory only (--history memory): a restart loses them"
+                             if history_url == "memory" else
+                             f"stored before they are acked, in {_plain(history_url)}"),
         "",
         "Try:",
         f"  curl -s -X POST {page_url}v1/rooms/lobby/connect -H 'content-type: application/json' -d '{{\"user\": \"alice\"}}'",
@@ -150,6 +163,15 @@ def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], adm
 
 
 # -- processes ----------------------------------------------------------------
+
+
+def _plain(url: str) -> str:
+    """A store URL for the banner: a SQLite file by its path, others without a password."""
+    if url.startswith("sqlite"):
+        return url.split(":///", 1)[-1]
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -345,7 +367,8 @@ def _store(data_dir: Path, creds: dict[str, str]) -> None:
     path.write_text(json.dumps(creds, indent=2) + "\n")
 
 
-def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, cluster: Cluster) -> None:
+def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, cluster: Cluster,
+         history: str | None = None) -> None:
     plan = plan_ports(port, shards, router is not None)
     busy = [p for p in plan.fixed() if port_in_use(host, p)]
     if busy:
@@ -361,7 +384,8 @@ def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, 
     public_url = f"ws://{host}:{router_port}" if router_port else None
     creds = dev_secrets(dict(os.environ), _load_stored(data_dir))
     _store(data_dir, creds)
-    cluster.env = child_env(dict(os.environ), data_dir=data_dir, creds=creds, public_url=public_url)
+    cluster.env = child_env(dict(os.environ), data_dir=data_dir, creds=creds, public_url=public_url,
+                            history=history)
     me = [sys.executable, "-m", "roomshard"]
 
     click.echo(f"roomshard dev: starting the directory and {shards} shard(s); logs in {data_dir / 'logs'}")
@@ -381,7 +405,8 @@ def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, 
         page_url = f"{router_url}/"
     click.echo(banner(page_url=page_url, directory_url=directory_url, shard_urls=shard_urls,
                       admin_token=token, data_dir=data_dir, router_url=router_url,
-                      cmd=roomshard_command(sys.executable, Path.cwd())))
+                      cmd=roomshard_command(sys.executable, Path.cwd()),
+                      history_url=cluster.env["ROOMSHARD_HISTORY_URL"]))
     while not cluster.stop_requested.is_set():
         if (c := cluster.dead()) is not None:
             raise DevError(f"{c.name} exited with code {c.popen.returncode}; stopping everything. "
@@ -405,7 +430,11 @@ def _answers(url: str) -> bool:
               help="SQLite database, logs and generated secrets")
 @click.option("--router", type=click.Choice(["nginx"]), default=None,
               help="put a real nginx in front: the whole service on --port")
-def dev(host: str, port: int, shards: int, data_dir: str, router: str | None) -> None:
+@click.option("--history", default=None, metavar="URL|memory",
+              help="message store: a SQLAlchemy URL, or memory for none [default: "
+                   "ROOMSHARD_HISTORY_URL, else DATA_DIR/messages.db]")
+def dev(host: str, port: int, shards: int, data_dir: str, router: str | None,
+        history: str | None) -> None:
     """Run the directory and N shards on this machine until Ctrl-C."""
     path = Path(data_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -414,7 +443,7 @@ def dev(host: str, port: int, shards: int, data_dir: str, router: str | None) ->
                 for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
-        _run(host, port, shards, path, router, cluster)
+        _run(host, port, shards, path, router, cluster, history)
         click.echo("roomshard dev: stopping...")
     except KeyboardInterrupt:
         click.echo("roomshard dev: stopping...")

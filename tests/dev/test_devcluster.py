@@ -91,7 +91,7 @@ async def test_dev_serves_the_page_and_chat_then_stops_on_ctrl_c(tmp_path: Path,
     token = dev.field("admin token")
     assert (tmp_path / "data" / "logs" / "directory.log").exists()
     # The database holds private rooms' member lists: owner-only, like the secrets.
-    for private in ("roomshard.db", "secrets.json"):
+    for private in ("roomshard.db", "messages.db", "secrets.json"):
         assert (tmp_path / "data" / private).stat().st_mode & 0o777 == 0o600, private
 
     page = httpx.get(page_url, timeout=t(10))
@@ -113,6 +113,40 @@ async def test_dev_serves_the_page_and_chat_then_stops_on_ctrl_c(tmp_path: Path,
     assert dev.popen.wait(timeout=t(15)) == 0
     assert "stopped." in dev.output
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_dev_keeps_the_chat_across_a_restart(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """By default the messages are stored in the data dir: a restarted `roomshard dev` has
+    them (history, resume, seq going on); `--history memory` says it keeps none."""
+    data = str(tmp_path / "data")
+    dev = DevRun(["--port", "0", "--shards", "1", "--data-dir", data])
+    run_dev.append(dev)
+    dev.wait_up()
+    assert "stored before they are acked, in" in dev.output and "messages.db" in dev.output
+    base = dev.field("chat page").rstrip("/")
+    async with client.connect(base, "kept", "alice") as a:
+        seqs = [await a.send(f"before restart {i}") for i in range(3)]
+    dev.stop()
+    again = DevRun(["--port", "0", "--shards", "1", "--data-dir", data])
+    run_dev.append(again)
+    again.wait_up()
+    base = again.field("chat page").rstrip("/")
+    page = await client.history(base, "kept")
+    assert [(m.seq, m.text) for m in page.messages] == [
+        (s, f"before restart {i}") for i, s in enumerate(seqs)]
+    async with client.connect(base, "kept", "bob", since=seqs[0]) as b:
+        got = []
+        async for m in b:
+            got.append((m.seq, m.text))  # a resume after the restart: recovered, no gap
+            if len(got) == 2:
+                break
+        assert got == [(seqs[1], "before restart 1"), (seqs[2], "before restart 2")]
+        assert await b.send("after restart") == seqs[-1] + 1
+    again.stop()
+    memory = DevRun(["--port", "0", "--shards", "1", "--data-dir", data, "--history", "memory"])
+    run_dev.append(memory)
+    memory.wait_up()
+    assert "in memory only (--history memory)" in memory.output
 
 
 def test_dev_with_a_busy_port_says_so_and_exits_2(tmp_path: Path, run_dev: list[DevRun]) -> None:

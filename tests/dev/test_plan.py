@@ -53,6 +53,14 @@ def test_child_env_defaults_to_open_auth_and_sqlite_under_the_data_dir(tmp_path:
     assert "ROOMSHARD_PUBLIC_URL" not in env
     env = child_env({"ROOMSHARD_AUTH": "jwt"}, data_dir=tmp_path, creds=creds, public_url="ws://h:1")
     assert env["ROOMSHARD_AUTH"] == "jwt" and env["ROOMSHARD_PUBLIC_URL"] == "ws://h:1"
+    # The message store: a SQLite file in the data dir unless told otherwise.
+    assert env["ROOMSHARD_HISTORY_URL"] == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'messages.db'}"
+    env = child_env({"ROOMSHARD_HISTORY_URL": "postgresql://db/x"}, data_dir=tmp_path,
+                    creds=creds, public_url=None)
+    assert env["ROOMSHARD_HISTORY_URL"] == "postgresql://db/x"
+    env = child_env({"ROOMSHARD_HISTORY_URL": "postgresql://db/x"}, data_dir=tmp_path,
+                    creds=creds, public_url=None, history="memory")
+    assert env["ROOMSHARD_HISTORY_URL"] == "memory"
 
 
 def test_banner_names_the_page_the_token_and_next_steps(tmp_path: Path) -> None:
