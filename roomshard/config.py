@@ -105,6 +105,10 @@ def load(cls: type[T], flags: Mapping[str, Any] | None = None,
     return obj
 
 
+#: ROOMSHARD_HISTORY_RETENTION's default: 30 days.
+DEFAULT_HISTORY_RETENTION_S = 30 * 24 * 3600.0
+
+
 def normalize_database_url(url: str, setting_name: str = "ROOMSHARD_DATABASE_URL") -> str:
     """Plain ``sqlite://`` and ``postgresql://`` mean their async drivers."""
     for plain, async_ in (
@@ -160,6 +164,7 @@ class DirectoryConfig:
     room_create_rate_per_address: float = setting(0.0, help="new rooms one client address may create per minute (0: no budget; for public open-mode deployments)")
     room_unused_ttl: float = setting(600.0, help="seconds after which a room no member ever joined is removed (0: never)")
     history_url: str = setting("memory", help="message store the history API reads (the shards' ROOMSHARD_HISTORY_URL) or memory (ask the owning shard)")
+    history_retention: float = setting(DEFAULT_HISTORY_RETENTION_S, help="seconds a stored message is kept: the history API returns none older")
     api_keys: str | None = setting(None, help="comma-separated bearer keys of the server API (publish); the admin token works too", secret=True)
     ready_file: str | None = setting(None, help="write {\"url\": ...} here once serving")
     log_level: str = setting("info", help="debug, info, warning, error")
@@ -176,7 +181,8 @@ class DirectoryConfig:
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
         if not self.admin_token.strip():
             raise ConfigError("ROOMSHARD_ADMIN_TOKEN: empty")
-        _check_positive(self, "ticket_ttl", "down_after", "default_capacity", *LINGER_SETTINGS)
+        _check_positive(self, "ticket_ttl", "down_after", "default_capacity", "history_retention",
+                        *LINGER_SETTINGS)
         for name in ("room_create_rate", "room_create_rate_per_address", "room_unused_ttl"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}: must be 0 (off) or positive")
@@ -207,6 +213,7 @@ class ShardConfig:
     history_url: str = setting("memory", help="message store: a SQLAlchemy URL (sqlite or postgresql; messages are stored before they are acked) or memory")
     store_queue_bytes: int = setting(16 << 20, help="bytes of messages waiting for the store past which sends are refused (unavailable)")
     store_wait: float = setting(5.0, help="seconds a message may wait for the store before new sends are refused (unavailable)")
+    history_retention: float = setting(DEFAULT_HISTORY_RETENTION_S, help="seconds a stored message is kept (expired in bounded batches off the hot path)")
     room_linger: float = setting(protocol.DEFAULT_ROOM_LINGER_S, help="seconds a room stays in memory after its last member leaves")
     idempotency_window: float = setting(protocol.DEFAULT_IDEMPOTENCY_WINDOW_S, help="seconds a client message id is remembered")
     max_text: int = setting(protocol.DEFAULT_MAX_TEXT, help="max characters of a message text")
@@ -244,7 +251,7 @@ class ShardConfig:
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
         if self.history_url != "memory":
             object.__setattr__(self, "history_url", normalize_database_url(self.history_url, "ROOMSHARD_HISTORY_URL"))
-        _check_positive(self, "history", "history_bytes", "history_bytes_total", "store_queue_bytes", "store_wait", "max_text", "max_frame", "rate", "rate_burst",
+        _check_positive(self, "history", "history_bytes", "history_bytes_total", "store_queue_bytes", "store_wait", "history_retention", "max_text", "max_frame", "rate", "rate_burst",
                         "max_connections", "send_queue_bytes", "ping_interval",
                         "ping_timeout", "heartbeat_interval", "lease", "frame_rate",
                         "frame_burst", "byte_rate", "byte_burst", "max_fragments",

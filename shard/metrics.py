@@ -135,6 +135,8 @@ def _store_metrics(inst: str, st: Stats, commit: GroupCommit[Any]) -> Iterator[M
          commit.rejections),
         ("store_refused", "sends refused with unavailable: too much waiting for the store",
          st.store_refused),
+        ("store_expired", "messages past ROOMSHARD_HISTORY_RETENTION deleted from the store",
+         st.store_expired),
     ):
         yield _counter(name, doc, inst, value)
     yield _gauge("roomshard_shard_store_waiting_bytes",

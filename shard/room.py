@@ -293,6 +293,14 @@ class Room:
         if self.budget is not None:
             self.budget.removed(len(frame))
 
+    def expire(self, horizon: float) -> int:
+        """Drop the messages sent before ``horizon`` (retention); how many went."""
+        dropped = 0
+        while self.history and orjson.loads(frame_payload(self.history[0]))["ts"] < horizon:
+            self.drop_oldest()
+            dropped += 1
+        return dropped
+
     def _trim(self) -> None:
         """Drop the oldest messages past the room's bounds; the newest always stays."""
         history = self.history

@@ -91,6 +91,10 @@ log = logging.getLogger("roomshard.shard")
 PUBLISH_WAIT_S = 4.0
 #: The largest page of the history API.
 MAX_HISTORY_PAGE = 500
+#: Retention: how often a shard deletes expired messages (jittered, so shards sharing a
+#: store take turns), and how many one transaction deletes.
+EXPIRE_EVERY_S = 60.0
+EXPIRE_BATCH = 1000
 
 
 def _int_query(req: HttpRequest, name: str, low: int, high: int | None) -> int | None:
@@ -182,6 +186,8 @@ class ShardServer:
         self.url = f"http://{host}:{port}"
         log.warning("roomshard shard %s listening on %s", self.cfg.instance, self.url)
         self._spawn(self._heartbeat_loop())
+        if self.store is not None:
+            self._spawn(self._expire_loop())
         self._timers["tick"] = loop.call_later(TICK_S, self._tick)
         self._timers["ping"] = loop.call_later(self.cfg.ping_interval, self._ping_round)
 
@@ -347,6 +353,37 @@ class ShardServer:
             self._refuse(conn, Refused(CloseCode.TRY_AGAIN_LATER, "message store unavailable"))
             return
         self._join(conn, live, ticket, since, stored)
+
+    # -- retention ----------------------------------------------------------------------
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S * random.uniform(0.8, 1.2))
+            await self.expire_once()
+
+    async def expire_once(self) -> int:
+        """Delete the stored messages older than ``history_retention``, ``EXPIRE_BATCH`` per
+        transaction (so no write of a live room waits long behind it), and drop them from
+        the rooms' history in memory; how many were deleted. A store that does not answer
+        is tried again next time."""
+        assert self.store is not None
+        horizon = self.clock() - self.cfg.history_retention
+        for live in self.live_rooms.rooms.values():
+            live.room.expire(horizon)
+        deleted = 0
+        try:
+            while True:
+                n = await self.store.expire(horizon, EXPIRE_BATCH)
+                deleted += n
+                self.stats.store_expired += n
+                if n < EXPIRE_BATCH:
+                    break
+                await asyncio.sleep(0.01)  # the next batch after the writes that queued meanwhile
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            log.warning("expiring old messages failed (tried again later): %s",
+                        exc.__class__.__name__)
+        if deleted:
+            log.info("expired %d messages stored before %.0f", deleted, horizon)
+        return deleted
 
     # -- the server API: messages from application backends, history in memory -------------
     async def _publish_route(self, req: HttpRequest) -> HttpResponse:

@@ -17,6 +17,7 @@ class Stats:
     deliveries: int = 0  # frames appended for recipients by broadcasts
     rejected: int = 0  # frames answered with bad_request / too_long
     rate_limited: int = 0  # messages over the rate (error frames, then the one 4008 close)
+    store_expired: int = 0  # messages the shard's retention runs deleted from the store
     store_refused: int = 0  # sends refused with unavailable: the message store's queue was full
     wire_budget_closes: int = 0  # connections closed with 4008 for frames or bytes
     slow_consumer_closes: int = 0

@@ -77,7 +77,8 @@ async def history(request: Request, ctx: Directory) -> Response:
         raise Forbidden("not_a_member", f"room {room} is private"
                         + ("" if reader is not None else ": name the reader (user=...)"))
     if ctx.messages is not None:
-        stored = await ctx.messages.before(room, before, limit + 1)
+        stored = await ctx.messages.before(room, before, limit + 1,
+                                           newer_than=ctx.clock() - ctx.cfg.history_retention)
         more = len(stored) > limit
         page = HistoryPage(room=room, messages=[_view(m) for m in stored[-limit:]], more=more)
     else:

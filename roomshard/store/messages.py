@@ -99,11 +99,15 @@ class MessageStore:
         """The latest ``limit`` messages of ``room``, oldest first."""
         return await self.before(room, None, limit)
 
-    async def before(self, room: str, before: int | None, limit: int) -> list[StoredMessage]:
-        """The latest ``limit`` messages with seq < ``before`` (no bound: None), oldest first."""
+    async def before(self, room: str, before: int | None, limit: int, *,
+                     newer_than: float | None = None) -> list[StoredMessage]:
+        """The latest ``limit`` messages with seq < ``before`` (no bound: None), oldest first;
+        with ``newer_than``, none stored before that time (retention, ahead of expiry)."""
         where = messages.c.room == room
         if before is not None:
             where = and_(where, messages.c.seq < before)
+        if newer_than is not None:
+            where = and_(where, messages.c.ts >= newer_than)
         query = select(*_COLUMNS).where(where).order_by(messages.c.seq.desc()).limit(limit)
         async with self.engine.connect() as conn:
             result = (await conn.execute(query)).all()

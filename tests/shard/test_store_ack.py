@@ -167,11 +167,12 @@ async def test_a_room_that_opens_again_takes_its_state_from_the_store(tmp_path: 
         await second.server.shutdown()
 
 
-def stored_message(room: str, seq: int, user: str = "alice") -> StoredMessage:
+def stored_message(room: str, seq: int, user: str = "alice",
+                   ts: float | None = None) -> StoredMessage:
+    ts = 1000.0 + seq if ts is None else ts
     payload = orjson.dumps({"type": "message", "seq": seq, "id": f"m{seq}", "user": user,
-                            "text": f"text {seq}", "ts": 1000.0 + seq}).decode()
-    return StoredMessage(room=room, seq=seq, id=f"m{seq}", user=user, ts=1000.0 + seq,
-                         payload=payload)
+                            "text": f"text {seq}", "ts": ts}).decode()
+    return StoredMessage(room=room, seq=seq, id=f"m{seq}", user=user, ts=ts, payload=payload)
 
 
 async def fill_store(url: str, room: str, seqs: range | list[int]) -> None:
@@ -366,4 +367,43 @@ async def test_a_freeze_the_store_cannot_settle_is_refused_and_the_room_serves_o
         assert await recv_until(alice, "ack") == {"type": "ack", "id": "refused", "seq": 2}
     finally:
         store.gate.set()
+        await h.server.shutdown()
+
+
+async def test_retention_deletes_old_messages_in_batches_and_from_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages older than history_retention leave the store (in transactions of
+    EXPIRE_BATCH) and the room's memory; a resume from before them is not recovered."""
+    import time
+
+    import shard.server
+
+    monkeypatch.setattr(shard.server, "EXPIRE_BATCH", 7)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    now = time.time()
+    old = [stored_message("r", s, ts=now - 7200) for s in range(1, 21)]
+    new = [stored_message("r", s, ts=now - 10) for s in range(21, 26)]
+    store = MessageStore(url)
+    await store.open()
+    try:
+        await store.write(old + new)
+    finally:
+        await store.close()
+    h = await started(url, history=100, history_retention=3600)
+    try:
+        alice, welcome = await h.join("r", "alice")
+        assert welcome["seq"] == 25 and len(h.server.live_rooms.get("r").room.history) == 25
+        assert await h.server.expire_once() == 20
+        assert h.server.stats.store_expired == 20
+        assert len(h.server.live_rooms.get("r").room.history) == 5
+        assert [m[0] for m in await stored_rows(url, "r")] == list(range(21, 26))
+        assert 'roomshard_shard_store_expired_total{instance="i1"} 20.0' in \
+            h.server.metrics.render().decode()
+        bob, welcome = await h.join("r", "bob", since=5)  # before the retained window
+        assert welcome["recovered"] is False
+        assert await read_messages(bob, 25) == list(range(21, 26))
+        carol, welcome = await h.join("r", "carol", since=20)
+        assert welcome["recovered"] is True
+        assert await h.server.expire_once() == 0
+    finally:
         await h.server.shutdown()
