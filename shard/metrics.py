@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from roomshard.linger import LingerPool
@@ -139,6 +144,18 @@ def _store_metrics(inst: str, st: Stats, commit: GroupCommit[Any]) -> Iterator[M
          st.store_expired),
     ):
         yield _counter(name, doc, inst, value)
+    for name, doc, buckets in (
+        ("roomshard_shard_store_write_seconds",
+         "time to write one batch to the message store (one transaction)", commit.write_seconds),
+        ("roomshard_shard_store_batch_size", "messages per batch written to the message store",
+         commit.batch_sizes),
+    ):
+        h = HistogramMetricFamily(name, doc, labels=["instance"])
+        h.add_metric([inst], buckets.cumulative(), sum_value=buckets.sum)
+        yield h
+    yield _gauge("roomshard_shard_store_waiting_messages",
+                 "messages waiting for the message store (queued and being written)", inst,
+                 commit.waiting_items)
     yield _gauge("roomshard_shard_store_waiting_bytes",
                  "bytes of messages waiting for the message store", inst, commit.waiting_bytes)
     yield _gauge("roomshard_shard_store_oldest_wait_seconds",

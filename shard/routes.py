@@ -54,10 +54,15 @@ class DirectoryAuth:
 
 def install(router: Router, *, instance: str, auth: DirectoryAuth,
             not_ready: Callable[[], str | None], render_metrics: Callable[[], bytes],
-            live_rooms: LiveRooms) -> None:
+            live_rooms: LiveRooms,
+            store_state: Callable[[], dict[str, object] | None] = lambda: None) -> None:
     """Register the shard's own routes.
 
-    ``not_ready`` says why the shard is not ready (None: it is).
+    ``not_ready`` says why the shard is not ready (None: it is); ``store_state`` how its
+    message store fares (None: it has none), reported by ``/readyz``. A store that fails
+    does not make the shard unready: it still serves its rooms (resumes, presence, what
+    was stored), and every shard shares that store, so taking them all out of a load
+    balancer would cut every room; sends are refused with ``unavailable`` meanwhile.
     """
 
     async def healthz(req: HttpRequest) -> HttpResponse:
@@ -66,7 +71,11 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
     async def readyz(req: HttpRequest) -> HttpResponse:
         why = not_ready()
         if why is None:
-            return json_response({"status": "ready", "instance": instance})
+            body: dict[str, object] = {"status": "ready", "instance": instance}
+            store = store_state()
+            if store is not None:
+                body["store"] = store
+            return json_response(body)
         return error_response(503, "not_ready", f"shard {instance} not ready: {why}",
                               [("retry-after", "1")])
 

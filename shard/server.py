@@ -149,7 +149,8 @@ class ShardServer:
                                                    self.commit))
         self.router = Router()
         routes.install(self.router, instance=cfg.instance, auth=auth, not_ready=self.not_ready,
-                       render_metrics=self.metrics.render, live_rooms=self.live_rooms)
+                       render_metrics=self.metrics.render, live_rooms=self.live_rooms,
+                       store_state=self.store_state)
         self.handoff = HandoffWiring(cfg, self.live_rooms, directory, auth, clock)
         self.handoff.install(self.router)
         self._auth = auth
@@ -194,6 +195,15 @@ class ShardServer:
     def ready(self) -> bool:
         return self.registered and not self.fenced and not self.stopping \
             and self.monotonic() < self.lease_until
+
+    def store_state(self) -> dict[str, object] | None:
+        """How the message store fares (``/readyz``); None without one."""
+        commit = self.commit
+        if commit is None:
+            return None
+        return {"state": "failing" if commit.failing else "ok",
+                "waiting_messages": commit.waiting_items,
+                "oldest_wait_s": round(commit.oldest_age(), 3)}
 
     def not_ready(self) -> str | None:
         """Why the shard is not ready (``/readyz``); None when it is."""

@@ -38,6 +38,42 @@ RETRY_INITIAL_S = 0.05
 RETRY_MAX_S = 2.0
 
 
+#: Bucket bounds of the write-time histogram (seconds) and of the batch-size one (items).
+WRITE_SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_SIZE_BOUNDS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class Buckets:
+    """A histogram kept as plain counts (``counts[i]``: observations <= ``bounds[i]``, not
+    cumulative; the last is +Inf), read by the metrics at scrape time."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        for bound in self.bounds:  # a dozen bounds: a scan beats bisect's call
+            if value <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, count of observations <= le)`` pairs, Prometheus' way, +Inf last."""
+        out, total = [], 0
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
 class GroupCommit(Generic[T]):
     """See the module docstring."""
 
@@ -62,6 +98,7 @@ class GroupCommit(Generic[T]):
         self._queue_bytes = 0
         self._queue_since: float | None = None  # when the oldest queued item arrived
         self._flight_bytes = 0
+        self._flight_items = 0
         self._flight_since: float | None = None  # when the oldest item in flight arrived
         self._task: asyncio.Task[None] | None = None
         # Counters for metrics: batches and items written, failed writes, rejected batches.
@@ -70,12 +107,20 @@ class GroupCommit(Generic[T]):
         self.failures = 0
         self.rejections = 0
         self.failing = False  # the last write failed and is being retried
+        # Every stored batch: how long its write took (the last, successful try) and its size.
+        self.write_seconds = Buckets(WRITE_SECONDS_BOUNDS)
+        self.batch_sizes = Buckets(BATCH_SIZE_BOUNDS)
 
     # -- the caller's side (never awaits) ----------------------------------------
     @property
     def waiting_bytes(self) -> int:
         """Bytes of the items queued and in flight."""
         return self._queue_bytes + self._flight_bytes
+
+    @property
+    def waiting_items(self) -> int:
+        """Items queued and in flight."""
+        return len(self._queue) + self._flight_items
 
     def oldest_age(self) -> float:
         """How long the oldest waiting item has waited (0 when none waits)."""
@@ -103,8 +148,9 @@ class GroupCommit(Generic[T]):
                 batch, self._queue = self._queue, []
                 self._flight_bytes, self._queue_bytes = self._queue_bytes, 0
                 self._flight_since, self._queue_since = self._queue_since, None
+                self._flight_items = len(batch)
                 refused = await self._write_until_stored(batch)
-                self._flight_bytes, self._flight_since = 0, None
+                self._flight_bytes, self._flight_since, self._flight_items = 0, None, 0
                 try:
                     if refused is None:
                         self.batches += 1
@@ -123,6 +169,7 @@ class GroupCommit(Generic[T]):
         """None once stored; the error when the store refuses the batch for good."""
         delay = self._retry_initial
         while True:
+            started = self._clock()
             try:
                 await self._write(batch)
             except asyncio.CancelledError:
@@ -139,6 +186,8 @@ class GroupCommit(Generic[T]):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max)
                 continue
+            self.write_seconds.observe(self._clock() - started)
+            self.batch_sizes.observe(len(batch))
             if self.failing:
                 log.warning("the message store is back: %d messages stored", len(batch))
             self.failing = False

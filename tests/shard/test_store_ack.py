@@ -80,6 +80,15 @@ async def test_every_acked_message_is_in_the_store_once_and_members_see_it_in_or
     assert 'roomshard_shard_store_refused_total{instance="i1"} 0.0' in metrics
     assert f'roomshard_shard_store_batches_total{{instance="i1"}} {h.server.commit.batches}.0' \
         in metrics
+    batches = h.server.commit.batches
+    assert f'roomshard_shard_store_write_seconds_count{{instance="i1"}} {batches}.0' in metrics
+    assert f'roomshard_shard_store_batch_size_sum{{instance="i1"}} 31.0' in metrics
+    assert f'roomshard_shard_store_batch_size_bucket{{instance="i1",le="+Inf"}} {batches}.0' \
+        in metrics
+    assert 'roomshard_shard_store_waiting_messages{instance="i1"} 0.0' in metrics
+    async with httpx.AsyncClient(base_url=h.server.url) as http:
+        ready = (await http.get("/readyz")).json()
+    assert ready["store"] == {"state": "ok", "waiting_messages": 0, "oldest_wait_s": 0.0}
 
 
 @pytest.mark.postgres
@@ -108,6 +117,11 @@ async def _outage(h: Harness, pg: PgServer, url: str) -> None:
     await asyncio.to_thread(pg.stop, "immediate")
     await send(alice, "during")  # admitted: it waits for the store, unacked, unseen
     await await_until(lambda: commit.failing, 10, "the write to fail")
+    async with httpx.AsyncClient(base_url=h.server.url) as http:
+        ready = await http.get("/readyz")
+    assert ready.status_code == 200  # still serving its rooms: every shard shares the store
+    assert ready.json()["store"]["state"] == "failing"
+    assert ready.json()["store"]["waiting_messages"] == 1
     await send(alice, "during")  # a resend while it waits: acked once it is stored
     await await_until(lambda: commit.oldest_age() >= 0.5, 10, "the store_wait bound")
     await send(alice, "refused")

@@ -118,3 +118,13 @@ async def test_a_batch_the_store_refuses_for_good_is_rejected_and_the_next_goes_
     assert rejected == [([1, 2], "IntegrityError")] and done == [3]
     assert gc.rejections == 1 and gc.failures == 0
     assert [m.seq for m in await store.tail("r", 10)] == [2, 3]
+
+
+def test_buckets_count_each_observation_once_and_read_cumulatively() -> None:
+    from roomshard.store.commit import Buckets
+
+    b = Buckets((1, 10))
+    for v in (0.5, 1, 3, 10, 11, 500):
+        b.observe(v)
+    assert b.counts == [2, 2, 2] and b.count == 6 and b.sum == 525.5
+    assert b.cumulative() == [("1", 2), ("10", 4), ("+Inf", 6)]
