@@ -44,6 +44,9 @@ class Running:
     targets: list[str] = field(default_factory=list)  # ws:// bases (raw, socketio)
     directory: str | None = None  # http:// base (roomshard)
     pids: list[int] = field(default_factory=list)  # every server process, redis included
+    # The message store's database server (roomshard with PostgreSQL): its CPU is reported
+    # beside the servers', not in it (the comparison is the shard's work per delivery).
+    database_pids: list[int] = field(default_factory=list)
     processes: dict[str, int] = field(default_factory=dict)  # role -> pid, for the report
     metrics_urls: dict[str, str] = field(default_factory=dict)  # role -> GET /metrics (roomshard)
 
@@ -97,6 +100,7 @@ class Launcher:
         self.roomshard_tree = roomshard_tree or ROOT
         self.dir = Path(tempfile.mkdtemp(prefix="roomshard-bench-"))
         self.popens: list[subprocess.Popen[bytes]] = []
+        self.cleanups: list[Callable[[], None]] = []  # after the processes (a database)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
               ready: bool = True, timeout: float = 60, cwd: Path = ROOT) -> tuple[int, str | None]:
@@ -140,6 +144,9 @@ class Launcher:
                 os.killpg(popen.pid, signal.SIGKILL)
                 popen.wait(timeout=10)
         self.popens.clear()
+        for cleanup in reversed(self.cleanups):
+            cleanup()
+        self.cleanups.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -215,10 +222,31 @@ def roomshard_env(db: Path) -> dict[str, str]:
     }
 
 
-def start_roomshard(launcher: Launcher, shards: int) -> Running:
-    run = Running(f"roomshard-{shards}", "roomshard")
+def start_store(launcher: Launcher, store: str, run: Running) -> str:
+    """The message store of a ``roomshard-1-<store>`` target: a SQLite file, or a throwaway
+    PostgreSQL as production runs it (synchronous commits, fsync on), pinned to the
+    servers' CPU; returns its URL."""
+    if store == "sqlite":
+        return f"sqlite+aiosqlite:///{launcher.dir / 'messages.db'}"
+    from roomshard.testing.pg import PgServer
+
+    pg = PgServer(durable=True, fsync=True)
+    pg.start()
+    launcher.cleanups.append(pg.destroy)
+    pid = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+    subprocess.run(["taskset", "-a", "-p", "-c", launcher.server_cpus, str(pid)],
+                   check=False, capture_output=True)
+    run.database_pids.append(pid)
+    run.processes["postgres"] = pid
+    return pg.create_database()
+
+
+def start_roomshard(launcher: Launcher, shards: int, store: str | None = None) -> Running:
+    run = Running(f"roomshard-{shards}" + (f"-{store}" if store else ""), "roomshard")
     tree = launcher.roomshard_tree
     env = {**roomshard_env(launcher.dir / "directory.db"), "PYTHONPATH": str(tree)}
+    if store is not None:
+        env["ROOMSHARD_HISTORY_URL"] = start_store(launcher, store, run)
     pid, url = launcher.spawn("directory", [sys.executable, "-m", "roomshard", "directory",
                                             "--port", "0"], env=env, cwd=tree)
     run.directory = url
@@ -267,4 +295,6 @@ STARTERS: dict[str, Callable[[Launcher], Running]] = {
     "socketio-2-redis": lambda la: start_socketio(la, 2),
     "roomshard-1": lambda la: start_roomshard(la, 1),
     "roomshard-2": lambda la: start_roomshard(la, 2),
+    "roomshard-1-sqlite": lambda la: start_roomshard(la, 1, "sqlite"),
+    "roomshard-1-pg": lambda la: start_roomshard(la, 1, "pg"),
 }

@@ -103,6 +103,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
         config = workloads.loadgen_config(
             workload, profile, running.protocol, targets=running.targets,
             directory=running.directory, pids=running.pids, rates=rates,
+            database_pids=running.database_pids,
             room_prefix=f"{workload.name}{repeat}", clk_tck=os.sysconf("SC_CLK_TCK"))
         budget = 180 + len(rates) * (profile.step_seconds + profile.drain_seconds + 2)
         record["result"] = run_loadgen(config, args.loadgen_cpu, timeout=budget, nice=args.nice)

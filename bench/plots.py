@@ -16,7 +16,7 @@ from bench.workloads import workloads_of
 COLORS = {
     "roomshard-1": "#d62728", "roomshard-2": "#ff9896", "socketio-1": "#1f77b4",
     "socketio-2-redis": "#aec7e8", "python-socketio": "#2ca02c", "bare-websockets": "#9467bd",
-    "ws-node": "#7f7f7f",
+    "ws-node": "#7f7f7f", "roomshard-1-sqlite": "#e377c2", "roomshard-1-pg": "#8c564b",
 }
 
 

@@ -35,6 +35,8 @@ LABELS = {
     "python-socketio": "python-socketio on uvicorn",
     "bare-websockets": "bare websockets.broadcast (Python ceiling)",
     "ws-node": "bare Node ws (load generator ceiling)",
+    "roomshard-1-sqlite": "roomshard, 1 shard, every message stored in SQLite first",
+    "roomshard-1-pg": "roomshard, 1 shard, every message stored in PostgreSQL first",
 }
 ORDER = list(LABELS)
 
@@ -124,6 +126,27 @@ def scaling_table(fan: dict[str, LadderSummary]) -> list[str]:
     return out
 
 
+def store_table(fan: dict[str, LadderSummary], ref_deliveries: int) -> list[str]:
+    """roomshard with a message store next to memory mode, at the common rung."""
+    out = [(f"| setup | deliveries per shard CPU-s at {ref_deliveries:,}/s | vs memory "
+            f"| p99 ms at {ref_deliveries:,}/s | database CPU ms per 1,000 deliveries "
+            "| max sustained deliveries/s |"),
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    base = fan.get("roomshard-1")
+    for name in ("roomshard-1", "roomshard-1-sqlite", "roomshard-1-pg"):
+        if name not in fan:
+            out.append(f"| {LABELS[name]} | not measured | | | | |")
+            continue
+        s = fan[name]
+        r = summary._ratio(s.per_cpu_second_at_ref, base.per_cpu_second_at_ref if base else None)
+        db = ("in the shard" if name == "roomshard-1-sqlite"
+              else "–" if name == "roomshard-1" else fmt(s.database_cpu_ms_per_1k_at_ref, digits=1))
+        out.append(f"| {LABELS[name]} | {fmt(s.per_cpu_second_at_ref)} "
+                   f"| {'' if r is None else f'{r:.2f}x'} | {fmt(s.p99_ref_ms, digits=1)} "
+                   f"| {db} | {fmt(s.max_deliveries_per_s)}{' ≥' if s.topped_out else ''} |")
+    return out
+
+
 def labels_with_runs(doc: dict[str, Any], workload: str) -> dict[str, str]:
     """Server labels, with '(N runs)' where a target ran fewer times than the profile's repeats."""
     out = dict(LABELS)
@@ -180,6 +203,14 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
                   ("(server RSS with all connected − RSS before the first connection) / connections, "
                   "summed over the target's processes (roomshard: directory + shard)."), "",
                   *idle_table(idle_rows, labels_with_runs(doc, "idle")), ""]
+    if any(t in fan for t in ("roomshard-1-sqlite", "roomshard-1-pg")):
+        ref = (wl["fanout"].reference_rate or 0) * wl["fanout"].members
+        lines += ["### With a message store (fan-out workload)", "",
+                  ("Every message is stored (one transaction per batch: group commit) before "
+                  "it is broadcast and acked. SQLite runs inside the shard process (its CPU is "
+                  "the shard's); PostgreSQL runs beside it, pinned to the same CPU, with "
+                  "synchronous commits and fsync on, its CPU reported apart."), "",
+                  *store_table(fan, ref), ""]
     if fan:
         lines += ["### 1 vs 2 processes (fan-out workload)", "",
                   ("Every server process of a target shares CPU 1 (the load generator needs CPU 0), "

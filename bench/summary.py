@@ -46,6 +46,9 @@ class LadderSummary:
     p99_max_ms: Spread | None = None
     server_cpu_at_max: Spread | None = None
     loadgen_cpu_at_max: Spread | None = None
+    # The message store's database server at the reference rung: CPU-seconds per 1,000
+    # deliveries (None: no database, or not measured).
+    database_cpu_ms_per_1k_at_ref: Spread | None = None
     topped_out: bool = False  # some repeat never failed: the max is a lower bound
     loadgen_bound: bool = False  # the load generator was busy at the max step
     unsustained_repeats: int = 0  # repeats whose lowest rung already failed
@@ -107,6 +110,9 @@ def ladder(doc: dict[str, Any], target: str, workload: str, reference_rate: int 
     out.per_cpu_second_at_ref = Spread.of(r["deliveries_per_cpu_second"] for r in real_refs)
     out.p50_ref_ms = Spread.of(r["p50_ms"] for r in real_refs)
     out.p99_ref_ms = Spread.of(r["p99_ms"] for r in real_refs)
+    out.database_cpu_ms_per_1k_at_ref = Spread.of(
+        1e6 * r["database_cpu_seconds"] / r["delivered"] if r.get("database_cpu_seconds")
+        is not None and r.get("delivered") else None for r in real_refs)
     return out
 
 
@@ -190,6 +196,19 @@ def goals(fan: dict[str, LadderSummary], idle_by: dict[str, IdleSummary]) -> lis
                         "" if two is None else f"; measured {two:.2f}x deliveries/s, "
                         + ("" if eff2 is None else f"{eff2:.2f}x deliveries per CPU-s")),
                     None))
+    for stored, what in (("roomshard-1-sqlite", "SQLite"), ("roomshard-1-pg", "PostgreSQL")):
+        st = fan.get(stored)
+        if st is None:
+            continue
+        r = _ratio(st.per_cpu_second_at_ref, rs.per_cpu_second_at_ref if rs else None)
+        out.append(Goal(f"with a message store on {what}: deliveries per shard CPU-second "
+                        ">= 0.8x memory mode's",
+                        "not measured" if r is None else f"{r:.2f}x at the common rung",
+                        None if r is None else r >= 0.8))
+        p99 = st.p99_ref_ms
+        out.append(Goal(f"with a message store on {what}: p99 delivery latency < 50 ms at the "
+                        "common rung", "not measured" if p99 is None else f"{p99.median:.1f} ms",
+                        None if p99 is None else p99.median < 50))
     s1, s2 = fan.get("socketio-1"), fan.get("socketio-2-redis")
     sio = _ratio(s2.per_cpu_second_at_ref if s2 else None, s1.per_cpu_second_at_ref if s1 else None)
     out.append(Goal("Socket.IO + Redis on 2 nodes delivers less per CPU-second than 1 node",

@@ -20,7 +20,10 @@ MIN_DELIVERED = 0.99
 MAX_P99_MS = 200.0
 
 SINGLE = ("ws-node", "bare-websockets", "python-socketio", "socketio-1", "roomshard-1")
-ALL_TARGETS = (*SINGLE, "socketio-2-redis", "roomshard-2")
+#: roomshard with a message store (every message stored before it is broadcast and acked):
+#: the fan-out workload only, next to roomshard-1 (memory).
+STORED = ("roomshard-1-sqlite", "roomshard-1-pg")
+ALL_TARGETS = (*SINGLE, "socketio-2-redis", "roomshard-2", *STORED)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class Profile:
 #: roomshard's headline comparison (roomshard-1 vs socketio-1), so that the
 #: whole run, handoff and directory parts included, fits in 20 minutes.
 PEERS_TWICE = (("roomshard-2", 2), ("socketio-2-redis", 2), ("python-socketio", 2),
-               ("bare-websockets", 2), ("ws-node", 2))
+               ("bare-websockets", 2), ("ws-node", 2), ("roomshard-1-sqlite", 2),
+               ("roomshard-1-pg", 2))
 
 FULL = Profile(
     name="full",
@@ -154,7 +158,8 @@ def ladder_for_repeat(workload: Workload, previous_max: int | None, back: int = 
 
 def loadgen_config(workload: Workload, profile: Profile, protocol: str, *,
                    targets: Sequence[str], directory: str | None, pids: Sequence[int],
-                   rates: Sequence[int], room_prefix: str, clk_tck: int) -> dict[str, Any]:
+                   rates: Sequence[int], room_prefix: str, clk_tck: int,
+                   database_pids: Sequence[int] = ()) -> dict[str, Any]:
     """The JSON document ``bench/loadgen/loadgen.js`` takes."""
     return {
         "protocol": protocol,
@@ -171,6 +176,7 @@ def loadgen_config(workload: Workload, profile: Profile, protocol: str, *,
         "maxP99Ms": MAX_P99_MS,
         "maxConsecutiveFailures": MAX_CONSECUTIVE_FAILURES,
         "pids": list(pids),
+        "databasePids": list(database_pids),
         "clkTck": clk_tck,
         "connectConcurrency": 50,
         "settleSeconds": 2 if workload.mode == "idle" else 1,

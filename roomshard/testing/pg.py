@@ -39,10 +39,12 @@ def free_port() -> int:
 class PgServer:
     """One PostgreSQL cluster; ``stop()``/``start()`` simulate an outage."""
 
-    def __init__(self, *, durable: bool = False) -> None:
+    def __init__(self, *, durable: bool = False, fsync: bool = False) -> None:
         """``durable``: commits reach the WAL before they are acknowledged
         (``synchronous_commit = on``), so an immediate stop (a crash of the server)
-        keeps every committed transaction; the default trades that for speed."""
+        keeps every committed transaction; the default trades that for speed.
+        ``fsync``: and the WAL is flushed to the disk at each commit, as in
+        production (benchmarks); tests leave it off (the machine does not crash)."""
         self.root = Path(tempfile.mkdtemp(prefix="roomshard-pg-"))
         self.datadir = self.root / "data"
         self.port = free_port()
@@ -56,8 +58,9 @@ class PgServer:
         with open(self.datadir / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
-                f"unix_socket_directories = '{self.root}'\nfsync = off\n"
-                f"synchronous_commit = {'on' if durable else 'off'}\nfull_page_writes = off\n"
+                f"unix_socket_directories = '{self.root}'\nfsync = {'on' if fsync else 'off'}\n"
+                f"synchronous_commit = {'on' if durable else 'off'}\n"
+                f"full_page_writes = {'on' if fsync else 'off'}\n"
                 "max_connections = 300\n"
             )
 
