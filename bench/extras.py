@@ -11,7 +11,10 @@ file. ``report_extras.py`` turns them into tables.
 - ``planner``: ``bench/planner.py``, the rebalance planner on 100k rooms x
   100 and x 1,000 instances;
 - ``drain``: ``bench/handoff.py drain --postgres``, rooms/s of an instance drain;
-- ``pause``: ``bench/handoff.py pause``, pause per move by room size.
+- ``pause``: ``bench/handoff.py pause``, pause per move by room size;
+- ``store-pause``: the same for a 100-member room whose messages are stored in
+  PostgreSQL;
+- ``publish``: ``bench/publish.py``, the server API's publishes/s with a store.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ FULL_EXTRAS = (
     # (each of those is a 1,000-join reconnect storm in one client process).
     Extra("pause", ("bench/handoff.py", "pause", "--members", "10,100,1000", "--moves", "12",
                     "--history", "1000"), timeout_s=900),
+    Extra("store-pause", ("bench/handoff.py", "pause", "--members", "100", "--moves", "12",
+                          "--history", "1000", "--store", "postgres"), timeout_s=300),
+    Extra("publish", ("bench/publish.py", "--store", "postgres", "--duration", "10",
+                      "--concurrency", "16"), timeout_s=180),
 )
 
 #: The same code paths at toy sizes (seconds each), for ``bench/compare --quick``.
@@ -61,6 +68,10 @@ QUICK_EXTRAS = (
     Extra("drain", ("bench/handoff.py", "drain", "--rooms", "30", "--postgres"), timeout_s=180),
     Extra("pause", ("bench/handoff.py", "pause", "--members", "10,100", "--moves", "4",
                     "--history", "50"), timeout_s=180),
+    Extra("store-pause", ("bench/handoff.py", "pause", "--members", "10", "--moves", "4",
+                          "--history", "50", "--store", "postgres"), timeout_s=180),
+    Extra("publish", ("bench/publish.py", "--store", "postgres", "--duration", "2",
+                      "--concurrency", "8", "--rooms", "20"), timeout_s=120),
 )
 
 EXTRAS = {"full": FULL_EXTRAS, "quick": QUICK_EXTRAS}

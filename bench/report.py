@@ -183,7 +183,9 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
                   "(2 = both cores busy; the benchmark itself accounts for up to 2)."), ""]
     fan: dict[str, LadderSummary] = {}
     for name, title in (("fanout", "Fan-out: 100 rooms x 20 members"),
-                        ("bigroom", "One big room: 1 room x 1,000 members")):
+                        ("bigroom", "One big room: 1 room x 1,000 members"),
+                        ("store", ("Messages one shard sequences (and stores): 1,000 rooms x 1 "
+                                  "member, deliveries/s = messages/s"))):
         if name not in wl:
             continue
         w = wl[name]

@@ -110,9 +110,35 @@ def directory_table(rec: dict[str, Any]) -> list[str]:
     return [*lines, *_goal_line(directory_goal(res)), ""]
 
 
-def pause_table(rec: dict[str, Any]) -> list[str]:
+def store_pause_table(rec: dict[str, Any]) -> list[str]:
+    return pause_table(rec, "Move pause with a message store (PostgreSQL)", (
+        "As above, with every message of the room stored in PostgreSQL before it is broadcast "
+        "(synchronous commits, fsync on): a freeze waits for the room's messages still on their "
+        "way to the store (docs/STORE.md)."))
+
+
+def publish_table(rec: dict[str, Any]) -> list[str]:
     res = rec.get("result")
-    lines = _head("Move pause per room size", rec, (
+    lines = _head("The server API: publishes/s", rec, (
+        "`POST /v1/rooms/{room}/messages` with an API key against one `roomshard directory` and "
+        "one shard, each publish answered once the shard gave it its seq and stored it; closed "
+        "loop over keep-alive connections, one run. CPU per publish by process group."))
+    if not res:
+        return lines
+    errors = ", ".join(f"{k}: {v}" for k, v in res.get("errors", {}).items()) or "none"
+    cpu = ", ".join(f"{k} {v:,}" for k, v in res["cpu_us_per_publish"].items())
+    lines += [("| store | connections | rooms | publishes/s | p50 ms | p99 ms | CPU µs per publish "
+              "| errors |"), "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+              (f"| {res['store']} | {res['concurrency']} | {res['rooms']} "
+               f"| {res['publishes_per_s']:,} | {res['p50_ms']:g} | {res['p99_ms']:g} | {cpu} "
+               f"| {errors} |")]
+    return [*lines, ""]
+
+
+def pause_table(rec: dict[str, Any], title: str = "Move pause per room size",
+                more: str = "") -> list[str]:
+    res = rec.get("result")
+    lines = _head(title, rec, more or (
         "One room with N real WebSocket members (one client process) and a history of the given "
         "length is moved "
         "back and forth between two shards (directory on SQLite). `pause_ms` is the directory's "
@@ -176,8 +202,9 @@ def planner_table(rec: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-RENDERERS = (("directory", directory_table), ("pause", pause_table), ("drain", drain_table),
-             ("planner", planner_table))
+RENDERERS = (("directory", directory_table), ("pause", pause_table),
+             ("store-pause", store_pause_table), ("publish", publish_table),
+             ("drain", drain_table), ("planner", planner_table))
 
 
 def render(doc: dict[str, Any]) -> list[str]:

@@ -89,6 +89,12 @@ FULL = Profile(
         # barely moves between repeats: two each).
         Workload("idle", "idle", 250, 20, targets=SINGLE,
                  repeats_by_target=tuple((t, 2) for t in SINGLE)),
+        # 1,000 rooms x 1 member: each message is one delivery (to its sender), so the max
+        # is the messages/s one shard can sequence and, with a store, store.
+        Workload("store", "ladder", 1000, 1,
+                 rates=(1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 15000),
+                 reference_rate=2000, targets=("roomshard-1", *STORED),
+                 repeats_by_target=tuple((t, 2) for t in ("roomshard-1", *STORED))),
     ),
 )
 
@@ -103,6 +109,8 @@ QUICK = Profile(
         Workload("bigroom", "ladder", 1, 1000, rates=(5, 10, 20, 40), reference_rate=20,
                  targets=SINGLE),
         Workload("idle", "idle", 50, 20, targets=SINGLE),
+        Workload("store", "ladder", 200, 1, rates=(500, 1000, 2000), reference_rate=1000,
+                 targets=("roomshard-1", *STORED)),
     ),
 )
 

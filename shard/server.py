@@ -52,7 +52,7 @@ from websockets.frames import Opcode
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
 from roomshard.store.commit import GroupCommit
-from roomshard.store.messages import MessageStore
+from roomshard.store.messages import MessageStore, SeqTaken
 from roomshard.wire.internal import (
     HistoryMessage,
     HistoryPage,
@@ -136,9 +136,9 @@ class ShardServer:
         self.commit: GroupCommit[Pending] | None = None
         if store is not None:
             self.commit = GroupCommit(self._store, deliver_stored, rejected=self._not_stored,
-                                      permanent=(sa_exc.IntegrityError,),
+                                      permanent=(SeqTaken,),
                                       max_bytes=cfg.store_queue_bytes, max_age=cfg.store_wait,
-                                      clock=monotonic)
+                                      clock=monotonic, linger=cfg.store_linger)
         self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic,
                                                 self.commit, store), directory, self.ready)
         auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)

@@ -7,7 +7,9 @@ the shard, broadcasts and acks the batch's messages in seq order, in one
 loop turn). Meanwhile new items queue up behind it and become the next
 batch. So a busy store is written once per commit time with everything
 that arrived, never once per item, and items are written and done in the
-order they were submitted.
+order they were submitted. After a quiet spell the writer waits ``linger``
+seconds before its first write, so that a batch gathers even at a low rate
+(each later batch gathers while the previous one is written).
 
 A failed write is retried, the same batch first, with a backoff doubling
 from ``retry_initial`` to ``retry_max``, until the store is back; nothing
@@ -84,7 +86,8 @@ class GroupCommit(Generic[T]):
                  max_bytes: int = DEFAULT_MAX_BYTES,
                  max_age: float = DEFAULT_MAX_AGE_S,
                  clock: Callable[[], float] = time.monotonic,
-                 retry_initial: float = RETRY_INITIAL_S, retry_max: float = RETRY_MAX_S) -> None:
+                 retry_initial: float = RETRY_INITIAL_S, retry_max: float = RETRY_MAX_S,
+                 linger: float = 0.0) -> None:
         self._write = write
         self._done = done
         self._rejected = rejected
@@ -94,6 +97,9 @@ class GroupCommit(Generic[T]):
         self._clock = clock
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        # Seconds the writer waits after the first item of a quiet spell before it writes:
+        # at a low rate each batch would hold one item (a transaction per message).
+        self.linger = linger
         self._queue: list[T] = []
         self._queue_bytes = 0
         self._queue_since: float | None = None  # when the oldest queued item arrived
@@ -144,6 +150,8 @@ class GroupCommit(Generic[T]):
     # -- the writer --------------------------------------------------------------
     async def _run(self) -> None:
         try:
+            if self.linger > 0:  # the first item of a quiet spell: let a batch gather
+                await asyncio.sleep(self.linger)
             while self._queue:
                 batch, self._queue = self._queue, []
                 self._flight_bytes, self._queue_bytes = self._queue_bytes, 0

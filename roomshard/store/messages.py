@@ -1,9 +1,10 @@
-"""Reads and writes of the message store (SQLAlchemy Core; SQLite or PostgreSQL).
+"""Reads and writes of the message store (SQLite or PostgreSQL).
 
-Every call is one statement or one transaction; none holds a connection
-between calls. A write is a batch: the messages of a group commit go in
-one transaction (``INSERT`` with many rows), so one commit (one fsync) is
-paid per batch, not per message. Reads are range scans of the primary key
+Reads and expiry go through SQLAlchemy Core; every one is one statement or one
+transaction and holds no connection between calls. A write is a batch: the
+messages of a group commit go in one statement and one commit (one fsync per
+batch, not per message), on the writer's own connection
+(``roomshard.store.writers``). Reads are range scans of the primary key
 ``(room, seq)``.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
-from sqlalchemy import and_, delete, func, insert, select, tuple_
+from sqlalchemy import and_, delete, func, select, tuple_
 from sqlalchemy import exc as sa_exc
 
 from roomshard.sql import make_engine
 from roomshard.store.tables import messages, migrate
+from roomshard.store.writers import SeqTaken, batch_writer
+
+__all__ = ["MessageStore", "SeqTaken", "StoreUnreachable", "StoredMessage"]
 
 
 class StoreUnreachable(OSError):
@@ -51,6 +55,7 @@ class MessageStore:
         # (one round trip per batch): after a restart of the database the retried write
         # gets a live connection.
         self.engine = make_engine(url, pool_size=pool_size, synchronous="FULL", pre_ping=True)
+        self._writer = batch_writer(url)
 
     async def open(self) -> None:
         """Create or upgrade the schema (safe when several processes start at once); raises
@@ -64,20 +69,20 @@ class MessageStore:
             raise StoreUnreachable(f"cannot open the message store {url}: {reason}") from exc
 
     async def close(self) -> None:
+        await self._writer.close()
         await self.engine.dispose()
 
     # -- writes ----------------------------------------------------------------
     async def write(self, batch: Sequence[StoredMessage]) -> None:
-        """Store ``batch`` in one transaction; all or nothing.
+        """Store ``batch`` in one transaction; all or nothing (``roomshard.store.writers``:
+        one statement on a connection of the writer's own; call it one batch at a time).
 
-        Raises SQLAlchemy's ``IntegrityError`` when a ``(room, seq)`` is
-        already stored: another writer stored a message under that seq, and
-        none of the batch is.
+        Raises :class:`SeqTaken` when a ``(room, seq)`` is already stored: another writer
+        stored a message under that seq, and none of the batch is.
         """
         if not batch:
             return
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(messages), [msgspec.structs.asdict(m) for m in batch])
+        await self._writer.write([(m.room, m.seq, m.id, m.user, m.ts, m.payload) for m in batch])
 
     async def expire(self, older_than: float, limit: int) -> int:
         """Delete at most ``limit`` messages stored before ``older_than``; how many went."""

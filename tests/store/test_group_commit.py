@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from roomshard.store.commit import GroupCommit
-from roomshard.store.messages import MessageStore, StoredMessage
+from roomshard.store.messages import MessageStore, SeqTaken, StoredMessage
 from roomshard.testing.timing import await_until
 
 
@@ -101,21 +101,19 @@ async def test_flush_gives_up_after_its_timeout_and_close_stops_the_writer() -> 
 async def test_a_batch_the_store_refuses_for_good_is_rejected_and_the_next_goes_on(
         store: MessageStore) -> None:
     """A seq another writer stored first is no outage: retrying would never end."""
-    from sqlalchemy import exc as sa_exc
-
     await store.write([msg(2)])
     done: list[int] = []
     rejected: list[tuple[list[int], str]] = []
     gc = GroupCommit(store.write, lambda batch: done.extend(m.seq for m in batch),
                      rejected=lambda batch, e: rejected.append(([m.seq for m in batch],
                                                                 e.__class__.__name__)),
-                     permanent=(sa_exc.IntegrityError,))
+                     permanent=(SeqTaken,))
     gc.submit(msg(1), 1)
     gc.submit(msg(2), 1)  # the same batch as 1: both refused
     assert await gc.flush(5)
     gc.submit(msg(3), 1)
     assert await gc.flush(5)
-    assert rejected == [([1, 2], "IntegrityError")] and done == [3]
+    assert rejected == [([1, 2], "SeqTaken")] and done == [3]
     assert gc.rejections == 1 and gc.failures == 0
     assert [m.seq for m in await store.tail("r", 10)] == [2, 3]
 
@@ -128,3 +126,22 @@ def test_buckets_count_each_observation_once_and_read_cumulatively() -> None:
         b.observe(v)
     assert b.counts == [2, 2, 2] and b.count == 6 and b.sum == 525.5
     assert b.cumulative() == [("1", 2), ("10", 4), ("+Inf", 6)]
+
+
+async def test_after_a_quiet_spell_a_batch_gathers_for_the_linger() -> None:
+    """With ``linger`` the writer waits after the first item, so items arriving within it
+    (a low rate) share one write instead of a transaction each."""
+    written: list[list[int]] = []
+
+    async def write(batch: list[int]) -> None:
+        written.append(list(batch))
+
+    gc: GroupCommit[int] = GroupCommit(write, lambda batch: None, linger=0.2)
+    gc.submit(1, 1)
+    await asyncio.sleep(0)  # the writer has started: it waits out the linger
+    gc.submit(2, 1)  # within the linger: the same batch
+    assert await gc.flush(5)
+    gc.submit(3, 1)
+    assert await gc.flush(5)
+    assert written == [[1, 2], [3]]
+    assert gc.batch_sizes.count == 2 and gc.batch_sizes.sum == 3

@@ -6,11 +6,10 @@ import asyncio
 
 import orjson
 import pytest
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 
 from roomshard.sql import make_engine
-from roomshard.store.messages import MessageStore, StoredMessage, StoreUnreachable
+from roomshard.store.messages import MessageStore, SeqTaken, StoredMessage, StoreUnreachable
 from roomshard.store.tables import VERSION_TABLE
 
 
@@ -45,7 +44,7 @@ async def test_span_tells_whether_a_range_of_seqs_is_whole(store: MessageStore) 
 async def test_a_seq_is_stored_once_and_a_clashing_batch_stores_nothing(store: MessageStore) -> None:
     """(room, seq) is the key: a second writer of a seq fails, and its whole batch with it."""
     await store.write([msg("r", 1), msg("r", 2)])
-    with pytest.raises(sa_exc.IntegrityError):
+    with pytest.raises(SeqTaken):
         await store.write([msg("r", 3), msg("r", 2, user="mallory")])
     assert [(m.seq, m.user) for m in await store.tail("r", 10)] == [(1, "alice"), (2, "alice")]
     await store.write([msg("r", 3)])  # the store is fine afterwards
