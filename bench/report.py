@@ -184,7 +184,7 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
     fan: dict[str, LadderSummary] = {}
     for name, title in (("fanout", "Fan-out: 100 rooms x 20 members"),
                         ("bigroom", "One big room: 1 room x 1,000 members"),
-                        ("store", ("Messages one shard sequences (and stores): 1,000 rooms x 1 "
+                        ("store", ("Messages one shard sequences (and stores): 2,000 rooms x 1 "
                                   "member, deliveries/s = messages/s"))):
         if name not in wl:
             continue

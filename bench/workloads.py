@@ -89,10 +89,10 @@ FULL = Profile(
         # barely moves between repeats: two each).
         Workload("idle", "idle", 250, 20, targets=SINGLE,
                  repeats_by_target=tuple((t, 2) for t in SINGLE)),
-        # 1,000 rooms x 1 member: each message is one delivery (to its sender), so the max
+        # 2,000 rooms x 1 member: each message is one delivery (to its sender), so the max
         # is the messages/s one shard can sequence and, with a store, store.
-        Workload("store", "ladder", 1000, 1,
-                 rates=(1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 15000),
+        Workload("store", "ladder", 2000, 1,
+                 rates=(2000, 5000, 10000, 15000, 20000, 25000, 30000, 35000, 40000),
                  reference_rate=2000, targets=("roomshard-1", *STORED),
                  repeats_by_target=tuple((t, 2) for t in ("roomshard-1", *STORED))),
     ),

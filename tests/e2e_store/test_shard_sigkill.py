@@ -111,8 +111,11 @@ def store_env(store_url: str) -> dict[str, str]:
     return {**SHARD_ENV, "ROOMSHARD_HISTORY_URL": store_url, "ROOMSHARD_RATE_BURST": "1000"}
 
 
-async def test_sigkill_of_a_shard_loses_no_acked_message(procs: Procs) -> None:
-    store_url = f"sqlite+aiosqlite:///{procs.dir / 'messages.db'}"
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_sigkill_of_a_shard_loses_no_acked_message(procs: Procs, store: str,
+                                                         request: pytest.FixtureRequest) -> None:
+    store_url = (f"sqlite+aiosqlite:///{procs.dir / 'messages.db'}" if store == "sqlite"
+                 else request.getfixturevalue("durable_pg").create_database())
     directory = procs.directory(env=DIRECTORY_ENV)
     shards = {i: procs.shard(i, directory.url, env=store_env(store_url)) for i in ("i1", "i2")}
     async with chatting(directory.url) as rooms:
