@@ -45,6 +45,10 @@ GUESSES: dict[str, tuple[float, str]] = {
     "python bench/handoff.py pause --members 10,100,1000 --moves 12 --history 1000": (
         200, ("timed in two pieces at nice 19 on a shared machine (load average 3-5), "
               "2026-11-21: 171 s for --members 1000, 31 s for --members 10,100")),
+    "python bench/handoff.py pause --members 100 --moves 12 --history 1000 --store postgres": (
+        15, "timed: 11.6 s, 2026-12-06"),
+    "python bench/publish.py --store postgres --duration 10 --concurrency 16": (
+        16, "timed: 13.8 s, 2026-12-06"),
 }
 
 
