@@ -3,6 +3,7 @@
     python -m bench.shard_profile --revs HEAD~1,worktree --rate 1000 --steps 3 --rounds 3
     python -m bench.shard_profile --revs worktree --pyspy /tmp/shard.raw   # + a py-spy profile
     python -m bench.shard_profile --revs worktree --perf /tmp/shard.perf   # + perf record -g
+    python -m bench.shard_profile --revs HEAD,HEAD@pg,HEAD@sqlite --paired   # with a store
 
 The fan-out workload of ``bench/compare`` (100 rooms x 20 members, the Node
 load generator on CPU 0, servers on CPU 1, started by ``bench/cluster.py``)
@@ -10,8 +11,10 @@ but one rung only, repeated ``--steps`` times per start, and with the CPU of
 each process kept apart: the shard's user and system time, and the
 directory's (``bench/compare`` sums both). Each ``--revs`` entry is a git
 revision exported with ``git archive`` (or ``worktree``: the files as they
-are); ``bare-websockets`` (the Python ceiling) and ``socketio-1`` measure a
-peer server instead.
+are), with ``@pg`` or ``@sqlite`` after it for a shard that stores every
+message first (``bench/cluster.py``'s ``roomshard-1-pg``/``-sqlite``: the
+database's CPU is not the shard's); ``bare-websockets`` (the Python ceiling)
+and ``socketio-1`` measure a peer server instead.
 Rounds interleave the entries so background load hits them alike. Prints a
 line per step and, at the end, the median and min-max of deliveries per
 CPU-second of the shard alone and of shard + directory per entry.
@@ -56,7 +59,8 @@ def start_target(entry: str, tree: Path | None, args: argparse.Namespace
         if entry in PEERS:
             running = cluster.STARTERS[entry](launcher)
             return launcher, running, running.pids[0], None
-        running = cluster.STARTERS["roomshard-1"](launcher)
+        store = entry.partition("@")[2]
+        running = cluster.STARTERS["roomshard-1" + (f"-{store}" if store else "")](launcher)
         return launcher, running, running.processes["i1"], running.processes["directory"]
     except BaseException:
         launcher.stop_all()
@@ -208,12 +212,13 @@ def main() -> None:
     trees: dict[str, Path | None] = {}
     tmp = Path(tempfile.mkdtemp(prefix="shard-profile-"))
     for i, entry in enumerate(entries):
-        if entry == "worktree" or entry in PEERS:
+        rev = entry.partition("@")[0]
+        if rev == "worktree" or entry in PEERS:
             trees[entry] = None
-        elif Path(entry).is_dir():  # a copy of a tree made by hand (e.g. a change in progress)
-            trees[entry] = Path(entry)
+        elif Path(rev).is_dir():  # a copy of a tree made by hand (e.g. a change in progress)
+            trees[entry] = Path(rev)
         else:
-            commit = cluster.export_tree(entry, tmp / f"t{i}")
+            commit = cluster.export_tree(rev, tmp / f"t{i}")
             print(f"{entry} = {commit}", flush=True)
             trees[entry] = tmp / f"t{i}"
     rows: list[dict[str, Any]] = []

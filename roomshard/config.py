@@ -214,7 +214,7 @@ class ShardConfig:
     store_queue_bytes: int = setting(16 << 20, help="bytes of messages waiting for the store past which sends are refused (unavailable)")
     store_wait: float = setting(5.0, help="seconds a message may wait for the store before new sends are refused (unavailable)")
     history_retention: float = setting(DEFAULT_HISTORY_RETENTION_S, help="seconds a stored message is kept (expired in bounded batches off the hot path)")
-    store_linger: float = setting(0.005, help="seconds the store's writer lets a batch gather after a quiet spell (adds at most this to a message's latency)")
+    store_linger: float = setting(0.010, help="seconds the store's writer lets a batch gather after a quiet spell (adds at most this to a message's latency)")
     room_linger: float = setting(protocol.DEFAULT_ROOM_LINGER_S, help="seconds a room stays in memory after its last member leaves")
     idempotency_window: float = setting(protocol.DEFAULT_IDEMPOTENCY_WINDOW_S, help="seconds a client message id is remembered")
     max_text: int = setting(protocol.DEFAULT_MAX_TEXT, help="max characters of a message text")

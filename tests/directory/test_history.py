@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jwt
 import orjson
 
 from roomshard.store.messages import MessageStore, StoredMessage
@@ -39,3 +40,39 @@ async def test_history_pages_the_store_and_hides_what_retention_expired(
         assert [m["seq"] for m in page["messages"]] == [6, 7, 8] and page["more"] is False
         page = (await h.client.get("/v1/rooms/r/messages", headers=ADMIN)).json()
         assert [m["seq"] for m in page["messages"]] == list(range(6, 13))
+
+
+JWT_SECRET = "app-secret-for-tests-0123456789abcdef"
+
+
+def bearer(sub: str, **claims: Any) -> dict[str, str]:
+    token = jwt.encode({"sub": sub, **claims}, JWT_SECRET, algorithm="HS256")
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_history_in_jwt_mode_reads_as_the_token_s_user(harness_factory: Any,
+                                                             db_url: str) -> None:
+    """jwt mode: the bearer JWT names the reader (a private room's members only), a bad or
+    missing token is a 401 (never a 500), the admin token reads any room."""
+    async with harness_factory(auth="jwt", jwt_secret=JWT_SECRET, history_url=db_url) as h:
+        await h.heartbeat("i1")
+        r = await h.client.post("/v1/rooms/club/connect", headers=bearer("alice"))
+        assert r.status_code == 200, r.text
+        r = await h.client.put("/v1/admin/rooms/club/access", headers=ADMIN,
+                               json={"private": True, "members": ["alice"]})
+        assert r.status_code == 200, r.text
+        url = "/v1/rooms/club/messages"
+        r = await h.client.get(url, headers=bearer("alice"))
+        assert r.status_code == 200 and r.json() == {"room": "club", "messages": [], "more": False}
+        r = await h.client.get(url, headers=bearer("bob"))
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "not_a_member")
+        r = await h.client.get(url, params={"user": "alice"})  # no token: user= is ignored
+        assert r.status_code == 401
+        for headers in (bearer("alice", exp=T0 - 10), {"Authorization": "Bearer not.a.jwt"},
+                        {"Authorization": "Bearer " + jwt.encode({"sub": "alice"}, "other-key",
+                                                                 algorithm="HS256")}):
+            r = await h.client.get(url, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] in (
+                "invalid_token", "missing_credentials"), r.text
+        r = await h.client.get(url, headers=ADMIN)
+        assert r.status_code == 200

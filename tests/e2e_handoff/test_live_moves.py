@@ -51,12 +51,14 @@ async def _chat(chatters: list[Chatter], stop: asyncio.Event) -> int:
     return sent
 
 
-@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def cluster(request: pytest.FixtureRequest, procs: Procs) -> Cluster:
-    """Three shards without a message store, or sharing one on a real PostgreSQL."""
+    """Three shards without a message store, or sharing one (a SQLite file, a real
+    PostgreSQL)."""
     if request.param == "memory":
         return start_cluster(procs, 3)
-    store_url = request.getfixturevalue("pg_url")
+    store_url = (f"sqlite+aiosqlite:///{procs.dir / 'messages.db'}" if request.param == "sqlite"
+                 else request.getfixturevalue("pg_url"))
     return start_cluster(procs, 3, shard_env={"ROOMSHARD_HISTORY_URL": store_url})
 
 

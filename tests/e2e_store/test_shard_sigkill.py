@@ -137,12 +137,13 @@ async def test_sigkill_of_a_shard_loses_no_acked_message(procs: Procs, store: st
         await assert_nothing_acked_is_lost(rooms, store_url)
 
 
-@pytest.mark.postgres
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_killing_every_roomshard_process_loses_no_acked_message(
-        procs: Procs, durable_pg: PgServer) -> None:
+        procs: Procs, store: str, request: pytest.FixtureRequest) -> None:
     """SIGKILL of the directory and every shard at once, then all started again (the
-    directory on its address): every room reopens from the store on PostgreSQL."""
-    store_url = durable_pg.create_database()
+    directory on its address): every room reopens from the store."""
+    store_url = (f"sqlite+aiosqlite:///{procs.dir / 'messages.db'}" if store == "sqlite"
+                 else request.getfixturevalue("durable_pg").create_database())
     directory = procs.directory(env=DIRECTORY_ENV)
     shards = [procs.shard(i, directory.url, env=store_env(store_url)) for i in ("i1", "i2")]
     async with chatting(directory.url) as rooms:
