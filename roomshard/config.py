@@ -259,6 +259,8 @@ class ShardConfig:
                         *LINGER_SETTINGS)
         if self.max_connections_per_address < 0:
             raise ConfigError("ROOMSHARD_MAX_CONNECTIONS_PER_ADDRESS: must be 0 (off) or positive")
+        if self.store_linger < 0:
+            raise ConfigError("ROOMSHARD_STORE_LINGER: must be 0 (write at once) or positive")
         if self.byte_burst < self.max_frame:
             raise ConfigError("ROOMSHARD_BYTE_BURST: must be at least ROOMSHARD_MAX_FRAME")
         if self.lease <= self.heartbeat_interval:
