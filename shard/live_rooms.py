@@ -22,15 +22,14 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import exc as sa_exc
 from websockets.frames import CloseCode as WsCloseCode
 
 from roomshard.config import ShardConfig
 from roomshard.store.commit import GroupCommit
-from roomshard.store.messages import MessageStore, StoredMessage
+from roomshard.store.messages import STORE_ERRORS, MessageStore, StoredMessage
 from roomshard.wire.internal import LiveLoad
 from roomshard.wire.protocol import CloseCode, ErrorCode
 from shard.connection import Connection
@@ -92,8 +91,8 @@ class Publication:
 
     def __init__(self, user: str) -> None:
         self.user = user
-        self.answer: asyncio.Future[dict[str, object]] = \
-            asyncio.get_running_loop().create_future()
+        # The ack ({"type": "ack", "seq", ...}) or the refusal ({"type": "error", "code", ...}).
+        self.answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def queue(self, frame: bytes) -> None:
         if not self.answer.done():
@@ -263,13 +262,13 @@ class LiveRoom:
         conn = replay.conn
         try:
             rows = await store.after(self.name, replay.next_seq - 1, STORE_REPLAY_ROWS)
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
-            replay.fetch = None
+        except STORE_ERRORS as exc:
             log.warning("closing %s in room %s (1013): its replay could not be read from "
                         "the message store (%s)", conn.user, self.name, exc.__class__.__name__)
             conn.close(CloseCode.TRY_AGAIN_LATER, "message store unavailable")
             return
-        replay.fetch = None
+        finally:
+            replay.fetch = None
         if self.replaying.get(conn.conn_id) is not replay:
             return  # it left meanwhile
         upto = self.room.oldest_seq()  # memory serves the rest
@@ -606,7 +605,7 @@ class LiveRooms:
             tail = await self.store.tail(name, cfg.history)
             ids = await self.store.recent_ids(name, self.ctx.clock() - cfg.idempotency_window,
                                               MAX_IDEMPOTENCY_ENTRIES)
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(f"message store: {exc.__class__.__name__}") from exc
         return [(m.seq, m.payload.encode()) for m in tail], ids
 
@@ -617,7 +616,7 @@ class LiveRooms:
         upto = room.oldest_seq()
         try:
             first, count = await self.store.span(room.name, since, upto)
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailable(f"message store: {exc.__class__.__name__}") from exc
         return StoredRun(first, first == since + 1 and count == upto - since - 1)
 

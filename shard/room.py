@@ -347,23 +347,29 @@ class Room:
     # -- messages --------------------------------------------------------
     def send(self, user: str, msg_id: str, text: str, now: float) -> SendOutcome:
         """Sequence a message (or recognise a retried id) and build its frames."""
-        key = (user, msg_id)
-        self._expire_ids(now)
-        known = self.seen_ids.get(key)
+        known = self.known(user, msg_id, now)
         if known is not None:
-            return SendOutcome(ack_frame(msg_id, known[0]), None, known[0])
-        self.seq += 1
-        seq = self.seq
-        message = {"type": "message", "seq": seq, "id": msg_id, "user": user, "text": text,
-                   "ts": round(now, 3)}
+            return SendOutcome(ack_frame(msg_id, known), None, known)
+        seq = self.seq = self.seq + 1
         # One frame for history and every member; orjson's own buffer is freed at
         # once and reused by the next message (kept, its blocks fragmented the heap).
-        frame = text_frame(orjson.dumps(message))
+        frame = text_frame(self._payload(seq, user, msg_id, text, now))
         self._remember(seq, frame)
-        self.seen_ids[key] = (seq, now)
-        if len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
-            self.seen_ids.popitem(last=False)
+        self._note_id(user, msg_id, seq, now)
         return SendOutcome(ack_frame(msg_id, seq), frame, seq)
+
+    @staticmethod
+    def _payload(seq: int, user: str, msg_id: str, text: str, now: float) -> bytes:
+        """The ``message`` frame's JSON: built once, for history, every member and the store."""
+        return orjson.dumps({"type": "message", "seq": seq, "id": msg_id, "user": user,
+                             "text": text, "ts": round(now, 3)})
+
+    def _note_id(self, user: str, msg_id: str, seq: int, now: float) -> None:
+        """Into the idempotency window (bounded by MAX_IDEMPOTENCY_ENTRIES)."""
+        ids = self.seen_ids
+        ids[(user, msg_id)] = (seq, now)
+        if len(ids) > MAX_IDEMPOTENCY_ENTRIES:
+            ids.popitem(last=False)
 
     def _remember(self, seq: int, frame: bytes) -> None:
         """Into history; trimmed past the room's bounds."""
@@ -392,11 +398,8 @@ class Room:
         idempotency window at once, so a resend is recognised meanwhile.
         """
         seq = self.assigned = max(self.seq, self.assigned) + 1
-        payload = orjson.dumps({"type": "message", "seq": seq, "id": msg_id, "user": user,
-                                "text": text, "ts": round(now, 3)})
-        self.seen_ids[(user, msg_id)] = (seq, now)
-        if len(self.seen_ids) > MAX_IDEMPOTENCY_ENTRIES:
-            self.seen_ids.popitem(last=False)
+        payload = self._payload(seq, user, msg_id, text, now)
+        self._note_id(user, msg_id, seq, now)
         return seq, payload
 
     def recover(self, tail: list[tuple[int, bytes]],

@@ -45,14 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from sqlalchemy import exc as sa_exc
 from websockets.frames import CloseCode as WsCloseCode
 from websockets.frames import Opcode
 
 from roomshard.config import ShardConfig, linger_limits
 from roomshard.linger import LingerPool
 from roomshard.store.commit import GroupCommit
-from roomshard.store.messages import MessageStore, SeqTaken
+from roomshard.store.messages import STORE_ERRORS, MessageStore, SeqTaken
 from roomshard.wire.internal import (
     HistoryMessage,
     HistoryPage,
@@ -60,7 +59,16 @@ from roomshard.wire.internal import (
     PublishCall,
     Published,
 )
-from roomshard.wire.protocol import MAX_CLIENT_MESSAGE_ID, CloseCode, valid_user_id
+from roomshard.wire.protocol import (
+    HISTORY_PAGE,
+    INVALID_USER_ID,
+    MAX_CLIENT_MESSAGE_ID,
+    MAX_HISTORY_PAGE,
+    CloseCode,
+    bounded_int,
+    valid_message_id,
+    valid_user_id,
+)
 from roomshard.wire.tickets import Signer, Ticket
 from shard import routes
 from shard.admission import Admission, Refused
@@ -89,8 +97,6 @@ log = logging.getLogger("roomshard.shard")
 #: bound on a publish is the contract's 5 s; the message may still be stored later, and a
 #: retry with the same id then gets its seq).
 PUBLISH_WAIT_S = 4.0
-#: The largest page of the history API.
-MAX_HISTORY_PAGE = 500
 #: Retention: how often a shard deletes expired messages (jittered, so shards sharing a
 #: store take turns), and how many one transaction deletes.
 EXPIRE_EVERY_S = 60.0
@@ -102,11 +108,12 @@ def _int_query(req: HttpRequest, name: str, low: int, high: int | None) -> int |
     raw = req.query.get(name)
     if raw is None:
         return None
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or int(raw) < low or (
-            high is not None and int(raw) > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise HttpError(400, "bad_request", f"{name} must be an integer {bound}")
-    return int(raw)
+    value = bounded_int(raw, low, high)
+    if value is None:
+        bound = f"{low}..{high}" if high is not None else f"at least {low}"
+        raise HttpError(400, "bad_request", f"{name} must be an integer, {bound}")
+    return value
+
 
 TICK_S = 0.25
 SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
@@ -388,7 +395,7 @@ class ShardServer:
                 if n < EXPIRE_BATCH:
                     break
                 await asyncio.sleep(0.01)  # the next batch after the writes that queued meanwhile
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("expiring old messages failed (tried again later): %s",
                         exc.__class__.__name__)
         if deleted:
@@ -404,11 +411,11 @@ class ShardServer:
         self._auth.require(req)
         name = routes.room_param(req)
         call = req.decode(PublishCall)
-        if not 1 <= len(call.id) <= MAX_CLIENT_MESSAGE_ID:
+        if not valid_message_id(call.id):
             raise HttpError(400, "bad_request",
                             f"id must be a string of 1..{MAX_CLIENT_MESSAGE_ID} characters")
         if not valid_user_id(call.user):
-            raise HttpError(400, "invalid_user", "user id must match ^[A-Za-z0-9_.@-]{1,64}$")
+            raise HttpError(400, "invalid_user", INVALID_USER_ID)
         if len(call.text) > self.cfg.max_text:
             raise HttpError(400, "too_long", f"text is over {self.cfg.max_text} characters")
         if not self.ready():
@@ -436,7 +443,7 @@ class ShardServer:
         if answer.get("type") != "ack":
             raise HttpError(503, str(answer.get("code", "unavailable")),
                             str(answer.get("message", "not sent")))
-        return json_response(Published(room=name, seq=int(str(answer["seq"])), id=call.id))
+        return json_response(Published(room=name, seq=answer["seq"], id=call.id))
 
     async def _history_route(self, req: HttpRequest) -> HttpResponse:
         """``GET /internal/rooms/{room}/messages?before=SEQ&limit=N``: the room's messages in
@@ -448,7 +455,7 @@ class ShardServer:
         live = self.live_rooms.get(name)
         if live is None:
             return json_response(HistoryPage(room=name, messages=[], more=False))
-        payloads, more = live.room.page(before, limit if limit is not None else 50)
+        payloads, more = live.room.page(before, limit or HISTORY_PAGE)
         messages = [msgspec.json.decode(p, type=HistoryMessage) for p in payloads]
         return json_response(HistoryPage(room=name, messages=messages, more=more))
 

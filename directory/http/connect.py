@@ -17,7 +17,7 @@ from directory.domain.budget import CreateBudget, retry_after
 from directory.domain.errors import ApiError, BadRequest, Forbidden, TooManyRequests
 from directory.domain.schemas import ConnectBody, ConnectResponse
 from directory.http.edge import ApiRoute, decode, json_response, read_body
-from roomshard.wire.protocol import INVALID_ROOM_ID, valid_room_id, valid_user_id
+from roomshard.wire.protocol import INVALID_ROOM_ID, INVALID_USER_ID, valid_room_id, valid_user_id
 
 
 def ws_base(url: str) -> str:
@@ -58,7 +58,7 @@ async def _connect(request: Request, ctx: Directory) -> Response:
             raise BadRequest("missing_user", 'body must be {"user": "<id>"}')
     assert user is not None
     if not valid_user_id(user):
-        raise BadRequest("invalid_user", "user id must match ^[A-Za-z0-9_.@-]{1,64}$")
+        raise BadRequest("invalid_user", INVALID_USER_ID)
     row = await ctx.store.room_target(room)
     if row is not None and row["private"] and user not in (row["members"] or ()):
         raise Forbidden("not_a_member", f"room {room} is private")

@@ -18,6 +18,7 @@ the same message.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -33,23 +34,28 @@ from directory.domain.schemas import PublishBody
 from directory.http.edge import ApiRoute, decode, json_response, read_body, room_param
 from roomshard.store.messages import StoredMessage
 from roomshard.wire.internal import HistoryMessage, HistoryPage, PublishCall, Published
-from roomshard.wire.protocol import MAX_CLIENT_MESSAGE_ID, valid_user_id
+from roomshard.wire.protocol import (
+    HISTORY_PAGE,
+    INVALID_USER_ID,
+    MAX_CLIENT_MESSAGE_ID,
+    MAX_HISTORY_PAGE,
+    bounded_int,
+    valid_message_id,
+    valid_user_id,
+)
 
 #: The contract: a publish that cannot be delivered within this long is a 503.
 PUBLISH_DEADLINE_S = 5.0
 #: Between two tries of a publish (a move's pause is tens of milliseconds).
 PUBLISH_RETRY_S = (0.02, 0.05, 0.1, 0.2)
-DEFAULT_PAGE = 50
-MAX_PAGE = 500
-_INVALID_USER = "user id must match ^[A-Za-z0-9_.@-]{1,64}$"
 
 
 def _int_param(request: Request, name: str, low: int, high: int | None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return None
-    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else None
-    if value is None or value < low or (high is not None and value > high):
+    value = bounded_int(raw, low, high)
+    if value is None:
         bound = f"{low}..{high}" if high is not None else f"at least {low}"
         raise BadRequest("invalid_parameter", f"{name} must be an integer, {bound}")
     return value
@@ -67,9 +73,9 @@ async def history(request: Request, ctx: Directory) -> Response:
     if not admin and ctx.client_auth.mode != "jwt":
         reader = request.query_params.get("user")
         if reader is not None and not valid_user_id(reader):
-            raise BadRequest("invalid_user", _INVALID_USER)
+            raise BadRequest("invalid_user", INVALID_USER_ID)
     before = _int_param(request, "before", 1, None)
-    limit = _int_param(request, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
+    limit = _int_param(request, "limit", 1, MAX_HISTORY_PAGE) or HISTORY_PAGE
     row = await ctx.store.room_target(room)
     if row is None:
         raise NotFound("room_not_found", f"room {room} was never created")
@@ -107,41 +113,48 @@ async def publish(request: Request, ctx: Directory) -> Response:
     """Deliver one message to the room's owner; 200 once it has its seq (and is stored)."""
     room = room_param(request.path_params["room"])
     body = decode(await read_body(request), PublishBody)
-    if not 1 <= len(body.id) <= MAX_CLIENT_MESSAGE_ID:
+    if not valid_message_id(body.id):
         raise BadRequest("invalid_id", f"id must be 1..{MAX_CLIENT_MESSAGE_ID} characters")
     if not valid_user_id(body.user):
-        raise BadRequest("invalid_user", _INVALID_USER)
+        raise BadRequest("invalid_user", INVALID_USER_ID)
+    call = PublishCall(epoch=0, id=body.id, user=body.user, text=body.text)
     deadline = time.monotonic() + PUBLISH_DEADLINE_S
-    why = "no shard answered"
-    for attempt in range(10_000):
-        if attempt:
-            pause = PUBLISH_RETRY_S[min(attempt - 1, len(PUBLISH_RETRY_S) - 1)]
-            if time.monotonic() + pause >= deadline:
-                break
-            await asyncio.sleep(pause)
-        try:
-            target = await _placed(ctx, room)
-        except ApiError as exc:  # no shard to place it on (yet): try again until the deadline
-            why = exc.message
-            continue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        status, answer = await ctx.shards.publish(
-            target.instance, target.internal_url, room,
-            PublishCall(epoch=target.epoch, id=body.id, user=body.user, text=body.text),
-            timeout=left)
-        if status == 200 and isinstance(answer, dict):
+    pauses = itertools.chain(PUBLISH_RETRY_S, itertools.repeat(PUBLISH_RETRY_S[-1]))
+    while True:
+        outcome = await _deliver(ctx, room, call, deadline)
+        if isinstance(outcome, Published):
             ctx.metrics.published.inc()
-            return json_response(msgspec.convert(answer, Published))
-        if status == 400 and isinstance(answer, dict):
-            raise BadRequest(str(answer.get("code", "bad_request")),
-                             str(answer.get("message", "refused by the shard")))
-        why = (f"{target.instance}: {answer.get('message')}" if isinstance(answer, dict)
-               else f"{target.instance}: {answer}")
-    raise Unavailable("unavailable", f"could not deliver the message within "
-                      f"{PUBLISH_DEADLINE_S:g} s ({why}); send it again with the same id",
-                      retry_after=1)
+            return json_response(outcome)
+        pause = next(pauses)
+        if time.monotonic() + pause >= deadline:
+            raise Unavailable("unavailable", f"could not deliver the message within "
+                              f"{PUBLISH_DEADLINE_S:g} s ({outcome}); send it again with the "
+                              "same id", retry_after=1)
+        await asyncio.sleep(pause)
+
+
+async def _deliver(ctx: Directory, room: str, call: PublishCall,
+                   deadline: float) -> Published | str:
+    """One try: the answer of the room's owner, or why there was none (to try again).
+    Raises BadRequest when the owner refuses the message itself (too long, ...)."""
+    try:
+        target = await _placed(ctx, room)
+    except ApiError as exc:  # no shard to place it on (yet)
+        return exc.message
+    status, answer = await ctx.shards.publish(
+        target.instance, target.internal_url, room,
+        msgspec.structs.replace(call, epoch=target.epoch),
+        timeout=max(0.1, deadline - time.monotonic()))
+    if status == 400 and isinstance(answer, dict):
+        raise BadRequest(str(answer.get("code", "bad_request")),
+                         str(answer.get("message", "refused by the shard")))
+    if status == 200:
+        try:
+            return msgspec.convert(answer, Published)
+        except msgspec.ValidationError as exc:
+            return f"{target.instance} answered nonsense: {exc}"
+    reason = answer.get("message") if isinstance(answer, dict) else answer
+    return f"{target.instance}: {reason}"
 
 
 async def _placed(ctx: Directory, room: str) -> Target:
@@ -156,7 +169,8 @@ async def _placed(ctx: Directory, room: str) -> Target:
 
 _HISTORY_QUERY: tuple[tuple[str, str | dict[str, Any], str], ...] = (
     ("before", {"type": "integer", "minimum": 1}, "only messages with a lower seq"),
-    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+    ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY_PAGE,
+               "default": HISTORY_PAGE},
      "how many messages (the latest of them)"),
     ("user", "string", "open auth mode: the reader (required for private rooms)"),
 )

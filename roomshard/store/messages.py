@@ -20,7 +20,12 @@ from roomshard.sql import make_engine
 from roomshard.store.tables import messages, migrate
 from roomshard.store.writers import SeqTaken, batch_writer
 
-__all__ = ["MessageStore", "SeqTaken", "StoreUnreachable", "StoredMessage"]
+__all__ = ["STORE_ERRORS", "MessageStore", "SeqTaken", "StoreUnreachable", "StoredMessage"]
+
+
+#: What a read, an expiry or an open raises when the store's database is gone or failing
+#: (SQLAlchemy's errors, and the OS's for a file or a socket): the caller answers "later".
+STORE_ERRORS: tuple[type[Exception], ...] = (sa_exc.SQLAlchemyError, OSError)
 
 
 class StoreUnreachable(OSError):
@@ -62,7 +67,7 @@ class MessageStore:
         :class:`StoreUnreachable` with one line for the operator when the store cannot be used."""
         try:
             await migrate(self.engine)
-        except (sa_exc.SQLAlchemyError, OSError) as exc:
+        except STORE_ERRORS as exc:
             cause = getattr(exc, "orig", None) or exc
             reason = (str(cause).splitlines() or [cause.__class__.__name__])[0]
             url = self.engine.url.render_as_string(hide_password=True)

@@ -15,8 +15,13 @@ USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 INSTANCE_ID_RE = re.compile(r"i([1-9][0-9]{0,3})")
 #: What a refused room id is told (400 ``invalid_room``), everywhere.
 INVALID_ROOM_ID = f"room id must match ^{ROOM_ID_RE.pattern}$"
+#: What a refused user id is told (400 ``invalid_user``), everywhere.
+INVALID_USER_ID = f"user id must match ^{USER_ID_RE.pattern}$"
 # A client message id: 1..64 characters, any text.
 MAX_CLIENT_MESSAGE_ID = 64
+#: The history API's pages: ``limit`` defaults to this many messages, at most the max.
+HISTORY_PAGE = 50
+MAX_HISTORY_PAGE = 500
 
 #: A room whose state was lost restarts its sequence above anything issued
 #: before: the first seq of epoch E is ``E << SEQ_EPOCH_SHIFT`` (+1). Live
@@ -30,6 +35,18 @@ def valid_room_id(room: str) -> bool:
 
 def valid_user_id(user: str) -> bool:
     return USER_ID_RE.fullmatch(user) is not None
+
+
+def valid_message_id(msg_id: str) -> bool:
+    return 1 <= len(msg_id) <= MAX_CLIENT_MESSAGE_ID
+
+
+def bounded_int(raw: str, low: int, high: int | None = None) -> int | None:
+    """The integer ``raw`` spells in decimal digits, within ``[low, high]``; else None."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
+        return None
+    value = int(raw)
+    return value if value >= low and (high is None or value <= high) else None
 
 
 def instance_number(instance: str) -> int | None:
