@@ -11,7 +11,10 @@ Why an ``asyncio.Protocol`` and not a framework: a task and an awaited send
 per connection cost ~3x the memory and CPU of the fan-out itself (see
 docs/benchmarks/shard-transport.md). Here nothing awaits on the hot path:
 
-- incoming bytes go to h11 until the WebSocket handshake, then to the
+- a connection's first read, when it is one whole ordinary WebSocket
+  handshake (nearly always), is answered by :mod:`shard.handshake` in one
+  httptools pass; otherwise incoming bytes go to h11 until the WebSocket
+  handshake (websockets' ``ServerProtocol.accept`` decides it), then to the
   connection's :class:`shard.reader.FrameReader` (sans I/O: a fast path for
   the common frames, the ``websockets`` protocol for the rest), which
   reports messages and pongs back (:meth:`on_message`, :meth:`on_pong`);
@@ -33,8 +36,7 @@ peer sends (control frames and fragments included; overdrawn: fail with
 frames are handled (the websockets parser is fed
 :data:`shard.reader.WS_FEED_SLICE` bytes at a time), and what is left waits
 in the reader with reading paused until the next turn, so timers and
-heartbeats run whatever one peer sends. The handshake is decided by
-websockets' ``ServerProtocol.accept``.
+heartbeats run whatever one peer sends.
 
 Backpressure policy (slow consumers): a connection may hold at most
 ``send_queue_bytes`` of outgoing data, counting its pending frames plus the
@@ -78,6 +80,7 @@ from websockets.server import ServerProtocol
 from roomshard.config import ShardConfig
 from roomshard.linger import Linger, LingerPool
 from roomshard.wire.protocol import CloseCode
+from shard.handshake import parse_upgrade
 from shard.http import (
     MAX_BODY_BYTES,
     MAX_UNAUTHENTICATED_BODY_BYTES,
@@ -168,6 +171,7 @@ class Connection(asyncio.Protocol):
         "_busy",
         "_deferred",
         "_eof_pending",
+        "_fresh",
         "_http_stalled",
         "_idle_timer",
         "_peer_eof",
@@ -200,7 +204,9 @@ class Connection(asyncio.Protocol):
     def __init__(self, ctx: ConnectionContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
-        self.http: h11.Connection | None = h11.Connection(h11.SERVER)
+        # h11, made on the first read that is not a whole ordinary handshake.
+        self.http: h11.Connection | None = None
+        self._fresh = True  # no byte read yet
         self.reader: FrameReader | None = None  # set by the WebSocket upgrade
         self.conn_id = 0
         self.user = ""
@@ -278,6 +284,15 @@ class Connection(asyncio.Protocol):
         if self.reader is None:
             if self.linger is not None:
                 self.linger.data(len(data))
+            elif self._fresh:
+                self._fresh = False
+                upgrade = parse_upgrade(data)
+                if upgrade is not None:
+                    self._accept(upgrade.request, upgrade.response, upgrade.rest)
+                    return
+                self.http = h11.Connection(h11.SERVER)
+                self.http.receive_data(data)
+                self._drive_http()
             elif self.http is not None:
                 self.http.receive_data(data)
                 self._drive_http()
@@ -467,12 +482,19 @@ class Connection(asyncio.Protocol):
                           close=True)
             return
         trailing, _ = http.trailing_data
-        transport.write(response.serialize())
+        self._accept(request, response.serialize(), bytes(trailing))
+
+    def _accept(self, request: HttpRequest, response: bytes, trailing: bytes) -> None:
+        """Write the 101 and become a WebSocket whose admission the server decides."""
+        transport = self.transport
+        assert transport is not None
+        cfg = self.ctx.cfg
+        transport.write(response)
         self.http = None  # h11's buffers are not kept for the connection's life
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        self.reader = FrameReader(cfg.max_frame, cfg.max_fragments, bytes(trailing))
+        self.reader = FrameReader(cfg.max_frame, cfg.max_fragments, trailing)
         self.budget = WireBudget(cfg.frame_rate, cfg.frame_burst, cfg.byte_rate, cfg.byte_burst,
                                  self.ctx.monotonic())
         peer = transport.get_extra_info("peername")

@@ -4,6 +4,14 @@ The transport is injectable, so tests replace the network with
 ``httpx.MockTransport``. Every call carries a fresh cluster token with
 ``sub`` = this instance.
 
+Opens are batched (``roomshard.batching``): the opens asked for while one
+is on its way go out together as the next ``POST /v1/internal/opens``, one
+call and one directory transaction for all of them. A connect storm's first
+joins of hundreds of rooms are then a few calls, not hundreds of concurrent
+ones (each its own SQLite write, and the HTTP pool's bookkeeping growing
+with the square of the requests in flight). A directory without the batch
+route (404/405, an older version) gets single ``open`` calls from then on.
+
 Errors::
 
     DirectoryError            any failed control call
@@ -15,6 +23,7 @@ Errors::
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,18 +31,24 @@ from typing import Any
 import httpx
 import msgspec
 
+from roomshard.batching import Batcher
 from roomshard.wire.errors import ErrorBody
 from roomshard.wire.internal import (
     HeartbeatBody,
     HeartbeatResponse,
     InstanceLoad,
     LeaveBody,
+    OpenBatch,
+    OpenBatchBody,
     OpenBody,
     OpenGrant,
+    OpenItem,
 )
 from roomshard.wire.tickets import DIRECTORY, Signer
 
 REQUEST_TIMEOUT_S = 3.0
+#: Rooms per ``opens`` call (the directory takes up to 1,000).
+MAX_OPEN_BATCH = 500
 
 
 class DirectoryError(Exception):
@@ -63,8 +78,12 @@ class DirectoryClient:
         self._clock = clock
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), transport=transport,
                                        timeout=timeout)
+        self._opens: Batcher[None, OpenItem] = Batcher(self._open_batch, MAX_OPEN_BATCH)
+        self._batch_opens = True  # False once the directory turned out not to have the route
+        self.open_calls = 0  # calls made to open rooms (batches and single opens), for tests
 
     async def aclose(self) -> None:
+        await self._opens.aclose()
         await self._http.aclose()
 
     async def heartbeat(self, *, internal_url: str, public_base: str | None,
@@ -91,13 +110,62 @@ class DirectoryClient:
                         open_id: str | None = None) -> OpenGrant:
         """Ask to create ``room`` in memory; raises :class:`DirectoryError`.
 
-        ``open_id``: the same on a retry of an open whose answer was lost."""
-        body = OpenBody(instance=self.instance, ticket_epoch=ticket_epoch, open_id=open_id)
-        data = await self._call("POST", f"/v1/internal/rooms/{room}/open", msgspec.to_builtins(body))
+        ``open_id``: the same on a retry of an open whose answer was lost.
+        Concurrent opens share one call (see the module docstring)."""
+        item = OpenItem(room=room, ticket_epoch=ticket_epoch, open_id=open_id)
+        if not self._batch_opens:
+            return await self._open_one(item)
+        grant: OpenGrant = await self._opens.submit(None, item)
+        return grant
+
+    async def _open_one(self, item: OpenItem) -> OpenGrant:
+        body = OpenBody(instance=self.instance, ticket_epoch=item.ticket_epoch,
+                        open_id=item.open_id)
+        self.open_calls += 1
+        data = await self._call("POST", f"/v1/internal/rooms/{item.room}/open",
+                                msgspec.to_builtins(body))
         try:
             return msgspec.convert(data, OpenGrant)
         except msgspec.ValidationError as exc:
             raise DirectoryUnavailable(f"malformed open answer: {exc}") from exc
+
+    async def _open_batch(self, _key: None, items: list[OpenItem]) -> list[OpenGrant | DirectoryError]:
+        """One ``opens`` call: per item its grant or its refusal (raised to that caller)."""
+        if not self._batch_opens:
+            return await self._open_each(items)
+        body = OpenBatchBody(instance=self.instance, rooms=items)
+        self.open_calls += 1
+        try:
+            data = await self._call("POST", "/v1/internal/opens", msgspec.to_builtins(body))
+        except DirectoryRefused as exc:
+            if exc.status not in (404, 405):
+                raise
+            self._batch_opens = False  # a directory from before the batch route
+            return await self._open_each(items)
+        try:
+            answer = msgspec.convert(data, OpenBatch)
+        except msgspec.ValidationError as exc:
+            raise DirectoryUnavailable(f"malformed opens answer: {exc}") from exc
+        if [r.room for r in answer.results] != [i.room for i in items]:
+            raise DirectoryUnavailable("the opens answer does not match the rooms asked for")
+        out: list[OpenGrant | DirectoryError] = []
+        for result in answer.results:
+            if result.grant is not None:
+                out.append(result.grant)
+            elif result.error is not None:
+                out.append(DirectoryRefused(409, result.error.code, result.error.message))
+            else:
+                out.append(DirectoryUnavailable(f"no grant nor error for room {result.room}"))
+        return out
+
+    async def _open_each(self, items: list[OpenItem]) -> list[OpenGrant | DirectoryError]:
+        async def one(item: OpenItem) -> OpenGrant | DirectoryError:
+            try:
+                return await self._open_one(item)
+            except DirectoryError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
 
     async def leave(self, *, drain: bool, timeout: float | None = None) -> dict[str, Any]:
         """Tell the directory this instance stops; raises :class:`DirectoryError`."""

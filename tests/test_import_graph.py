@@ -21,6 +21,7 @@ COMPOSITION = ("roomshard.__main__", "roomshard.cli", "directory.main", "directo
 #: What the services may use of ``roomshard``: the shared bottom, and the adapters both
 #: services use (the lingering close, the SQL engine, the message store).
 SHARED_BOTTOM = ("roomshard.wire", "roomshard.config", "roomshard.urls", "roomshard.linger",
+                 "roomshard.batching",
                  "roomshard.sql", "roomshard.store")
 
 #: The shard's layers, top first (docs/ARCHITECTURE.md).
@@ -33,7 +34,7 @@ SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
     ("shard.connection", "shard.writer", "shard.directory_client"),
     # pure: never awaits, never reads the clock, never touches a socket
     ("shard.room", "shard.frames", "shard.ratelimit", "shard.handoff", "shard.stats",
-     "shard.http", "shard.admission", "shard.reader"),
+     "shard.http", "shard.handshake", "shard.admission", "shard.reader"),
 )
 
 #: The directory's layers, top first, by package or module (docs/ARCHITECTURE.md).

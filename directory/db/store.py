@@ -10,7 +10,14 @@ Assignment changes are atomic in the database, never read-then-write:
 * ``rooms_assigned`` counters move in the same transaction as the rows.
 
 Reads run in autocommit on PostgreSQL (one round trip, no BEGIN/ROLLBACK);
-writes on SQLite begin IMMEDIATE (see ``directory.db.engine``). On PostgreSQL the two
+writes on SQLite begin IMMEDIATE (see ``roomshard.sql``) and, within one
+process, take turns on an asyncio lock first: SQLite has one writer at a
+time anyway, and writers queued in the event loop hand the lock on at once,
+where writers queued in SQLite's busy handler sleep and poll (up to 100 ms
+a turn), and one that polls past the busy timeout fails with "database is
+locked". A write that cannot start within :data:`SQLITE_WRITE_WAIT_S` is
+refused with 503 ``overloaded`` and ``Retry-After``, not
+``database_unavailable``: the database is there, only busy. On PostgreSQL the two
 statements of the measured connect path (room lookup; new room) run on the
 pooled asyncpg connection directly (``Store._raw``), the new room as one
 data-modifying CTE; everything else goes through SQLAlchemy.
@@ -18,6 +25,7 @@ data-modifying CTE; everything else goes through SQLAlchemy.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -38,6 +46,9 @@ from directory.domain.errors import Unavailable
 T = TypeVar("T")
 SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)
 MAX_PLACEMENT_ATTEMPTS = 5
+#: How long a write waits for its turn on SQLite's one write lock (in this process)
+#: before the request is answered 503 ``overloaded``.
+SQLITE_WRITE_WAIT_S = 10.0
 
 _ROOM_TARGET = (
     select(
@@ -85,6 +96,28 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency
     _PG_DOWN_ERRORS = (OSError, ConnectionError, TimeoutError)
 
 
+def _open_stmt(room: str, instance: str, ticket_epoch: int, *, now: float,
+               open_id: str | None) -> Any:
+    """The one UPDATE of an open (docs/INTERNALS.md), RETURNING the grant's columns."""
+    again = and_(rooms.c.opened_epoch == rooms.c.epoch, rooms.c.opened_by == open_id) \
+        if open_id is not None else false()
+    new_epoch = case((again, rooms.c.epoch),
+                     (rooms.c.opened_epoch == rooms.c.epoch, rooms.c.epoch + 1),
+                     else_=rooms.c.epoch)
+    return (
+        update(rooms)
+        .where(rooms.c.room == room, rooms.c.instance == instance,
+               rooms.c.owner_epoch <= ticket_epoch, rooms.c.state == "active")
+        .values(epoch=new_epoch, opened_epoch=new_epoch, opened_by=open_id,
+                seq_base=case((again, rooms.c.seq_base),
+                              (rooms.c.opened_epoch.is_(None), 0),
+                              else_=new_epoch * SEQ_EPOCH_FACTOR),
+                updated_at=now)
+        .returning(rooms.c.room, rooms.c.instance, rooms.c.epoch, rooms.c.owner_epoch,
+                   rooms.c.seq_base, rooms.c.private, rooms.c.members)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a client of a room goes now."""
@@ -94,6 +127,13 @@ class Target:
     epoch: int
     internal_url: str
     public_base: str | None
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
 
 
 class NoInstance(Unavailable):
@@ -114,6 +154,7 @@ class Store:
             self._reader = engine
             self._insert = sqlite.insert
         self._writer = engine.execution_options(immediate=True)
+        self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None
         self._raw_target_sql: str | None = None
         if self.dialect == "postgresql":
             compiled = _ROOM_TARGET.compile(dialect=engine.dialect,
@@ -136,8 +177,23 @@ class Store:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._writer.begin() as conn:
-            yield conn
+        """One write transaction (never nested: on SQLite a second one would wait for the first)."""
+        turn = self._write_turn
+        if turn is None:
+            async with self._writer.begin() as conn:
+                yield conn
+            return
+        try:
+            async with asyncio.timeout(SQLITE_WRITE_WAIT_S):
+                await turn.acquire()
+        except TimeoutError:
+            raise Overloaded(f"the database is busy: no write turn within "
+                             f"{SQLITE_WRITE_WAIT_S:g} s") from None
+        try:
+            async with self._writer.begin() as conn:
+                yield conn
+        finally:
+            turn.release()
 
     async def ping(self) -> None:
         async with self.read() as conn:
@@ -259,33 +315,30 @@ class Store:
                       new_instance["public_base"])
 
     # -- shard -> directory ------------------------------------------------
-    async def open_room(self, room: str, instance: str, ticket_epoch: int,
-                        *, now: float, open_id: str | None = None) -> Mapping[str, Any] | None:
-        """INTERNALS "open": one atomic UPDATE; None when the caller may not open it.
-
-        A room opened before at its current epoch gets a new epoch (its earlier
-        copy is gone) -- unless this is a retry of that very open (same
-        ``open_id``): then the same grant again, nothing changes."""
-        again = and_(rooms.c.opened_epoch == rooms.c.epoch, rooms.c.opened_by == open_id) \
-            if open_id is not None else false()
-        new_epoch = case((again, rooms.c.epoch),
-                         (rooms.c.opened_epoch == rooms.c.epoch, rooms.c.epoch + 1),
-                         else_=rooms.c.epoch)
-        stmt = (
-            update(rooms)
-            .where(rooms.c.room == room, rooms.c.instance == instance,
-                   rooms.c.owner_epoch <= ticket_epoch, rooms.c.state == "active")
-            .values(epoch=new_epoch, opened_epoch=new_epoch, opened_by=open_id,
-                    seq_base=case((again, rooms.c.seq_base),
-                                  (rooms.c.opened_epoch.is_(None), 0),
-                                  else_=new_epoch * SEQ_EPOCH_FACTOR),
-                    updated_at=now)
-            .returning(rooms.c.room, rooms.c.instance, rooms.c.epoch, rooms.c.owner_epoch,
-                       rooms.c.seq_base, rooms.c.private, rooms.c.members)
-        )
+    async def open_rooms(self, instance: str, opens: Sequence[tuple[str, int, str | None]],
+                         *, now: float) -> list[Mapping[str, Any] | str]:
+        """INTERNALS "open", for each ``(room, ticket_epoch, open_id)``, all in ONE
+        write transaction (one commit and one SQLite write lock for a storm's first
+        joins): an atomic UPDATE per room. A room opened before at its current epoch
+        gets a new epoch (its earlier copy is gone) -- unless this is a retry of
+        that very open (same ``open_id``): then the same grant again, nothing
+        changes. Per room: the granted row, or the refusal's code (``moving``: the
+        caller owns it but it is mid-move; ``not_owner``: anything else)."""
+        out: list[Mapping[str, Any] | str] = []
         async with self.write() as conn:
-            row = (await conn.execute(stmt)).first()
-        return row._mapping if row is not None else None
+            for room, ticket_epoch, open_id in opens:
+                row = (await conn.execute(_open_stmt(room, instance, ticket_epoch, now=now,
+                                                     open_id=open_id))).first()
+                if row is not None:
+                    out.append(row._mapping)
+                    continue
+                current = (await conn.execute(
+                    select(rooms.c.instance, rooms.c.owner_epoch, rooms.c.state)
+                    .where(rooms.c.room == room))).first()
+                moving = (current is not None and current.instance == instance
+                          and ticket_epoch >= current.owner_epoch and current.state == "moving")
+                out.append("moving" if moving else "not_owner")
+        return out
 
     # -- rooms -------------------------------------------------------------
     async def rooms_owned(self, instance: str, epochs: Mapping[str, int]) -> list[str]:

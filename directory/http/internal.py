@@ -25,10 +25,12 @@ from directory.http.edge import (
 from directory.http.views import instance_view
 from directory.ops import drain as drains
 from roomshard.wire import internal
-from roomshard.wire.protocol import valid_room_id
+from roomshard.wire.errors import ErrorDetail
+from roomshard.wire.protocol import INVALID_ROOM_ID, valid_room_id
 
 OPEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CONFIRM = 100_000  # rooms one heartbeat may ask to confirm (a shard's max)
+MAX_OPEN_BATCH = 1_000  # rooms one ``opens`` call may open (a shard sends at most 500)
 
 
 async def heartbeat(request: Request, ctx: Directory) -> Response:
@@ -79,17 +81,63 @@ async def open_room(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), internal.OpenBody)
     instance = instance_param(body.instance)
     check_acting_for(subject, instance)
-    if body.open_id is not None and not OPEN_ID_RE.fullmatch(body.open_id):
-        raise BadRequest("invalid_open_id", f"open_id must match ^{OPEN_ID_RE.pattern}$")
-    row = await ctx.store.open_room(room, instance, body.ticket_epoch, now=now,
-                                    open_id=body.open_id)
-    if row is None:
-        current = await ctx.store.get_room(room)
-        if (current is not None and current["instance"] == instance
-                and body.ticket_epoch >= current["owner_epoch"] and current["state"] == "moving"):
-            raise Conflict("moving", f"room {room} is moving")
-        raise Conflict("not_owner", f"{instance} does not own room {room} at that epoch")
-    return json_response(internal.OpenGrant(
+    _check_open_id(body.open_id)
+    (outcome,) = await ctx.store.open_rooms(instance, [(room, body.ticket_epoch, body.open_id)],
+                                            now=now)
+    if isinstance(outcome, str):
+        raise Conflict(outcome, _REFUSED[outcome].format(room=room, instance=instance))
+    return json_response(_grant(outcome))
+
+
+async def open_rooms(request: Request, ctx: Directory) -> Response:
+    """Several opens in one call and one transaction; a room that may not be opened gets
+    its error in its result, the others their grants (docs/INTERNALS.md)."""
+    now = ctx.clock()
+    subject = cluster_caller(request)
+    body = decode(await read_body(request), internal.OpenBatchBody)
+    instance = instance_param(body.instance)
+    check_acting_for(subject, instance)
+    if len(body.rooms) > MAX_OPEN_BATCH:
+        raise BadRequest("too_many_rooms", f"at most {MAX_OPEN_BATCH} rooms per call")
+    results: list[internal.OpenResult | None] = []
+    valid: list[tuple[str, int, str | None]] = []
+    for item in body.rooms:
+        error = None
+        if not valid_room_id(item.room):
+            error = ErrorDetail(code="invalid_room", message=INVALID_ROOM_ID)
+        elif item.open_id is not None and not OPEN_ID_RE.fullmatch(item.open_id):
+            error = ErrorDetail(code="invalid_open_id", message=_OPEN_ID_MESSAGE)
+        if error is None:
+            valid.append((item.room, item.ticket_epoch, item.open_id))
+            results.append(None)
+        else:
+            results.append(internal.OpenResult(room=item.room, error=error))
+    outcomes = iter(await ctx.store.open_rooms(instance, valid, now=now) if valid else ())
+    for i, item in enumerate(body.rooms):
+        if results[i] is not None:
+            continue
+        outcome = next(outcomes)
+        if isinstance(outcome, str):
+            message = _REFUSED[outcome].format(room=item.room, instance=instance)
+            results[i] = internal.OpenResult(room=item.room,
+                                             error=ErrorDetail(code=outcome, message=message))
+        else:
+            results[i] = internal.OpenResult(room=item.room, grant=_grant(outcome))
+    return json_response(internal.OpenBatch(results=[r for r in results if r is not None]))
+
+
+_REFUSED = {"moving": "room {room} is moving",
+            "not_owner": "{instance} does not own room {room} at that epoch"}
+_OPEN_ID_MESSAGE = f"open_id must match ^{OPEN_ID_RE.pattern}$"
+
+
+def _check_open_id(open_id: str | None) -> None:
+    if open_id is not None and not OPEN_ID_RE.fullmatch(open_id):
+        raise BadRequest("invalid_open_id", _OPEN_ID_MESSAGE)
+
+
+def _grant(row: Any) -> internal.OpenGrant:
+    return internal.OpenGrant(
         room=row["room"],
         instance=row["instance"],
         epoch=row["epoch"],
@@ -98,7 +146,7 @@ async def open_room(request: Request, ctx: Directory) -> Response:
         lost=row["seq_base"] != 0,
         private=bool(row["private"]),
         members=list(row["members"]) if row["members"] is not None else None,
-    ))
+    )
 
 
 _I = "/v1/internal/instances/{instance:path}"
@@ -114,4 +162,8 @@ ROUTES = [
     ApiRoute("POST", "/v1/internal/rooms/{room:path}/open", "open_room", open_room,
              "A shard asks before it creates a room in memory", "internal", auth="cluster",
              body=internal.OpenBody, response=internal.OpenGrant, errors=(400, 401, 403, 409)),
+    ApiRoute("POST", "/v1/internal/opens", "open_rooms", open_rooms,
+             "A shard asks before it creates several rooms in memory (one transaction)",
+             "internal", auth="cluster", body=internal.OpenBatchBody,
+             response=internal.OpenBatch, errors=(400, 401, 403)),
 ]

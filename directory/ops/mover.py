@@ -54,7 +54,7 @@ from directory.domain.moves import (
     report,
 )
 from directory.metrics import Metrics
-from directory.ops.batching import Batcher
+from roomshard.batching import Batcher
 from directory.shards import Outcome, ShardClient
 from roomshard.wire.internal import HANDOFF_CALLS, HandoffCall
 

@@ -95,6 +95,38 @@ class OpenGrant(Body):
     members: list[str] | None = None  # a private room's members
 
 
+class OpenItem(Body, omit_defaults=True):
+    """One room of :class:`OpenBatchBody`: what :class:`OpenBody` says for one room."""
+
+    room: str
+    ticket_epoch: int
+    open_id: str | None = None
+
+
+class OpenBatchBody(Body):
+    """``POST /v1/internal/opens``: several opens in one call, each decided as ``open``
+    decides it, in one transaction (the first joins of a connect storm, the rooms of a
+    dead shard coming back)."""
+
+    instance: str
+    rooms: list[OpenItem]
+
+
+class OpenResult(Body, omit_defaults=True):
+    """One room's answer in :class:`OpenBatch`: its grant, or the error ``open`` would
+    have answered with (``not_owner``, ``moving``, ``invalid_room``, ``invalid_open_id``)."""
+
+    room: str
+    grant: OpenGrant | None = None
+    error: ErrorDetail | None = None
+
+
+class OpenBatch(Body):
+    """The answer to :class:`OpenBatchBody`: one result per room, in the request's order."""
+
+    results: list[OpenResult]
+
+
 class LeaveBody(Body):
     """``POST /v1/internal/instances/{id}/leave``: the shard stops (``drain``: move rooms first)."""
 

@@ -82,58 +82,88 @@ async def test_other_url_cannot_take_live_instance_with_rooms(h: Harness) -> Non
     assert r.status_code == 200 and r.json()["instance"]["internal_url"] == "http://10.0.0.2:9000"
 
 
+class Answer:
+    """A single open's answer, or one room's result of a batch as the single call answers it."""
+
+    def __init__(self, status_code: int, body: Any) -> None:
+        self.status_code, self.body, self.text = status_code, body, str(body)
+
+    def json(self) -> Any:
+        return self.body
+
+
 async def open_room(h: Harness, room: str, instance: str, epoch: int,
-                    open_id: str | None = None) -> Any:
+                    open_id: str | None = None, *, via: str = "single") -> Answer:
     body: dict[str, Any] = {"instance": instance, "ticket_epoch": epoch}
     if open_id is not None:
         body["open_id"] = open_id
-    return await h.client.post(f"/v1/internal/rooms/{room}/open", json=body,
-                               headers=cluster_headers(instance, h.clock.now))
+    if via == "single":
+        r = await h.client.post(f"/v1/internal/rooms/{room}/open", json=body,
+                                headers=cluster_headers(instance, h.clock.now))
+        return Answer(r.status_code, r.json())
+    item = {k: v for k, v in body.items() if k != "instance"}
+    r = await h.client.post("/v1/internal/opens",
+                            json={"instance": instance, "rooms": [{"room": room, **item}]},
+                            headers=cluster_headers(instance, h.clock.now))
+    assert r.status_code == 200, r.text
+    (result,) = msgspec.convert(r.json(), internal.OpenBatch).results
+    assert result.room == room
+    if result.grant is not None:
+        return Answer(200, msgspec.to_builtins(result.grant))
+    assert result.error is not None
+    status = 409 if result.error.code in ("moving", "not_owner") else 400
+    return Answer(status, {"error": msgspec.to_builtins(result.error)})
 
 
-async def test_a_retried_open_gets_the_same_grant_and_a_new_attempt_a_new_epoch(h: Harness) -> None:
+VIA = pytest.mark.parametrize("via", ["single", "batch"])
+
+
+@VIA
+async def test_a_retried_open_gets_the_same_grant_and_a_new_attempt_a_new_epoch(h: Harness, via: str) -> None:
     """The same open_id again (a lost answer, a late duplicate) changes nothing; a new id is a new copy."""
     await h.heartbeat("i1")
     await h.connect("r")
-    first = (await open_room(h, "r", "i1", 1, "attempt-a")).json()
+    first = (await open_room(h, "r", "i1", 1, "attempt-a", via=via)).json()
     assert (first["epoch"], first["seq_base"], first["lost"]) == (1, 0, False)
     for _ in range(2):
-        assert (await open_room(h, "r", "i1", 1, "attempt-a")).json() == first
+        assert (await open_room(h, "r", "i1", 1, "attempt-a", via=via)).json() == first
     assert (await h.connect("r")).json()["epoch"] == 1
-    reopened = (await open_room(h, "r", "i1", 1, "attempt-b")).json()
+    reopened = (await open_room(h, "r", "i1", 1, "attempt-b", via=via)).json()
     assert (reopened["epoch"], reopened["seq_base"], reopened["lost"]) == (2, 2 << 32, True)
-    late = (await open_room(h, "r", "i1", 1, "attempt-a")).json()  # not the open of epoch 2
+    late = (await open_room(h, "r", "i1", 1, "attempt-a", via=via)).json()  # not the open of epoch 2
     assert (late["epoch"], late["lost"]) == (3, True)
-    r = await open_room(h, "r", "i1", 3, "no spaces")
+    r = await open_room(h, "r", "i1", 3, "no spaces", via=via)
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_open_id")
 
 
-async def test_open_first_then_lost_state_bumps_epoch(h: Harness) -> None:
+@VIA
+async def test_open_first_then_lost_state_bumps_epoch(h: Harness, via: str) -> None:
     """First open: seq_base 0; opening the same epoch again means state was lost: epoch+1, seq_base epoch<<32."""
     await h.heartbeat("i1")
     await h.connect("r")
-    r = await open_room(h, "r", "i1", 1)
+    r = await open_room(h, "r", "i1", 1, via=via)
     assert r.status_code == 200, r.text
     body = msgspec.convert(r.json(), internal.OpenGrant)
     assert (body.epoch, body.owner_epoch, body.seq_base, body.lost) == (1, 1, 0, False)
-    again = (await open_room(h, "r", "i1", 1)).json()
+    again = (await open_room(h, "r", "i1", 1, via=via)).json()
     assert (again["epoch"], again["owner_epoch"], again["seq_base"], again["lost"]) == (2, 1, 2 << 32, True)
     assert (await h.connect("r")).json()["epoch"] == 2
 
 
-async def test_open_after_replacement_is_lost_with_new_base(h: Harness) -> None:
+@VIA
+async def test_open_after_replacement_is_lost_with_new_base(h: Harness, via: str) -> None:
     """A room re-placed after its owner went down opens at its new epoch with seq_base epoch<<32."""
     await h.heartbeat("i1")
     await h.connect("r")
-    assert (await open_room(h, "r", "i1", 1)).status_code == 200
+    assert (await open_room(h, "r", "i1", 1, via=via)).status_code == 200
     h.clock.advance(11)
     await h.heartbeat("i2")
     assert (await h.connect("r")).json()["epoch"] == 2
-    stale = await open_room(h, "r", "i1", 1)
+    stale = await open_room(h, "r", "i1", 1, via=via)
     assert (stale.status_code, stale.json()["error"]["code"]) == (409, "not_owner")
-    old_ticket = await open_room(h, "r", "i2", 1)
+    old_ticket = await open_room(h, "r", "i2", 1, via=via)
     assert (old_ticket.status_code, old_ticket.json()["error"]["code"]) == (409, "not_owner")
-    body = (await open_room(h, "r", "i2", 2)).json()
+    body = (await open_room(h, "r", "i2", 2, via=via)).json()
     assert (body["epoch"], body["seq_base"], body["lost"]) == (2, 2 << 32, True)
 
 
@@ -147,6 +177,44 @@ async def test_open_refuses_other_instance_token_and_unknown_room(h: Harness) ->
     r = await h.client.post("/v1/internal/rooms/r/open", json={"instance": "i1"},
                             headers=cluster_headers("i1", h.clock.now))
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_body")
+
+
+async def test_a_batch_of_opens_answers_each_room_in_order(h: Harness) -> None:
+    """One call: each room granted or refused on its own (not the owner, mid-move, a bad id),
+    in the order asked; the token must be the named instance's; at most 1,000 rooms."""
+    await h.heartbeat("i1")
+    for room in ("a", "b", "c"):
+        await h.connect(room)
+    await h.heartbeat("i2")
+    h.clock.advance(11)
+    await h.heartbeat("i2")
+    assert (await h.connect("c")).json()["instance"] == "i2"  # c was re-placed: i1 is down
+    await h.heartbeat("i1")
+    rooms = [{"room": "a", "ticket_epoch": 1, "open_id": "x1"}, {"room": "ghost", "ticket_epoch": 1},
+             {"room": "c", "ticket_epoch": 1}, {"room": "bad id", "ticket_epoch": 1},
+             {"room": "b", "ticket_epoch": 1, "open_id": "no spaces"}, {"room": "b", "ticket_epoch": 1}]
+    url = "/v1/internal/opens"
+    r = await h.client.post(url, json={"instance": "i1", "rooms": rooms},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.status_code == 200, r.text
+    results = msgspec.convert(r.json(), internal.OpenBatch).results
+    assert [x.room for x in results] == [x["room"] for x in rooms]
+    assert [(x.grant.epoch, x.grant.seq_base) if x.grant else x.error.code  # type: ignore[union-attr]
+            for x in results] == [(1, 0), "not_owner", "not_owner", "invalid_room",
+                                  "invalid_open_id", (1, 0)]
+    again = await h.client.post(url, json={"instance": "i1", "rooms": rooms[:1]},
+                                headers=cluster_headers("i1", h.clock.now))
+    assert again.json()["results"][0]["grant"]["epoch"] == 1  # same open_id: the same grant
+    r = await h.client.post(url, json={"instance": "i1", "rooms": rooms},
+                            headers=cluster_headers("i2", h.clock.now))
+    assert r.status_code == 403
+    many = [{"room": f"r{i}", "ticket_epoch": 1} for i in range(1_001)]
+    r = await h.client.post(url, json={"instance": "i1", "rooms": many},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "too_many_rooms")
+    r = await h.client.post(url, json={"instance": "i1", "rooms": []},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.json() == {"results": []}
 
 
 async def test_heartbeat_refuses_a_token_made_for_a_shard(h: Harness) -> None:

@@ -1,6 +1,6 @@
 """An in-process directory double for the shard's control calls (httpx MockTransport).
 
-It implements just heartbeat, open and leave with the semantics of
+It implements just heartbeat, open (single and batched) and leave with the semantics of
 docs/INTERNALS.md, and issues tickets like the directory does. The
 end-to-end tests use the real ``roomshard directory``; this double lets the
 in-process tests drive lease loss, ``moving`` and stale epochs directly.
@@ -43,7 +43,9 @@ class FakeDirectory:
     leaves: list[dict] = field(default_factory=list)
     opens: list[str] = field(default_factory=list)
     open_ids: list[str | None] = field(default_factory=list)
-    lose_open_answers: int = 0  # apply this many opens, then answer them with a timeout
+    lose_open_answers: int = 0  # apply this many open calls, then answer them with a timeout
+    batch_route: bool = True  # False: a directory from before ``POST /v1/internal/opens``
+    open_batches: list[list[str]] = field(default_factory=list)
     reachable: bool = True
 
     def transport(self) -> httpx.MockTransport:
@@ -76,6 +78,8 @@ class FakeDirectory:
             return httpx.Response(200, json={"moves": []})
         if parts[:3] == ["v1", "internal", "rooms"] and parts[4] == "open":
             return self._open(parts[3], body)
+        if parts == ["v1", "internal", "opens"] and self.batch_route:
+            return self._open_batch(body)
         return httpx.Response(404, json={"error": {"code": "not_found", "message": "no route"}})
 
     def _open(self, name: str, body: dict) -> httpx.Response:
@@ -84,6 +88,19 @@ class FakeDirectory:
             self.lose_open_answers -= 1
             raise httpx.ReadTimeout("the answer to this open was lost (test)")
         return response
+
+    def _open_batch(self, body: dict) -> httpx.Response:
+        self.open_batches.append([item["room"] for item in body["rooms"]])
+        results = []
+        for item in body["rooms"]:
+            one = self._grant(item["room"], {**item, "instance": body["instance"]})
+            answer = json.loads(one.content)
+            results.append({"room": item["room"],
+                            **({"grant": answer} if one.status_code == 200 else answer)})
+        if self.lose_open_answers > 0:
+            self.lose_open_answers -= 1
+            raise httpx.ReadTimeout("the answer to these opens was lost (test)")
+        return httpx.Response(200, json={"results": results})
 
     def _grant(self, name: str, body: dict) -> httpx.Response:
         self.opens.append(name)

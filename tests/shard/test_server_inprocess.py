@@ -128,6 +128,23 @@ async def test_concurrent_joiners_share_one_open(shard):
         await ws.close()
 
 
+@pytest.mark.parametrize("batch_route", [True, False])
+async def test_first_joins_of_many_rooms_share_open_calls(shard, batch_route):
+    """40 clients joining 40 cold rooms at once: the rooms open in a few batch calls (one
+    call per room with a directory from before the batch route), each exactly once."""
+    shard.fake.batch_route = batch_route
+    joined = await asyncio.gather(*(shard.join(f"many-{i}", f"u{i}") for i in range(40)))
+    assert {w["type"] for _, w in joined} == {"welcome"}
+    assert sorted(shard.fake.opens) == sorted(f"many-{i}" for i in range(40))
+    calls = shard.server.directory.open_calls
+    if batch_route:
+        assert calls == len(shard.fake.open_batches) and calls <= 5, shard.fake.open_batches
+    else:
+        assert calls == 40 + 1 and shard.fake.open_batches == []  # the first try was a 404
+    for ws, _ in joined:
+        await ws.close()
+
+
 @pytest.mark.parametrize("shard_overrides", [{"room_linger": 0.2}])
 async def test_idle_room_is_evicted_and_reopens_with_new_epoch(shard):
     """After the linger a room leaves memory; the next open gets a lost-state epoch."""

@@ -73,7 +73,7 @@ class Batcher(Generic[K, I]):
                     answers = await self._run(key, [i for i, _ in batch])
                     if len(answers) != len(batch):
                         raise RuntimeError(f"batch of {len(batch)} got {len(answers)} answers")
-                except Exception as exc:  # the whole batch failed: every caller hears why
+                except Exception as exc:  # noqa: BLE001 - the whole batch failed: every caller hears why
                     answers = [exc] * len(batch)
                 for (_, fut), answer in zip(batch, answers):
                     if not fut.done():

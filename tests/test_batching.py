@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from directory.ops.batching import Batcher
+from roomshard.batching import Batcher
 
 
 class Recorder:
