@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import capacity, report_extras, summary
 from bench.summary import IdleSummary, LadderSummary, Spread
-from bench.workloads import workloads_of
+from bench.workloads import CONNECT_CONCURRENCY, workloads_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -281,7 +281,7 @@ def capacity_block(doc: dict[str, Any]) -> str | None:
         f"| deliveries per shard CPU-second at the max sustained step (frames coalesce; not planned with) | {fmt(fan.per_cpu_second_at_max)} |",
         f"| max sustained deliveries/s, one shard on one core{' (≥: the load generator limited it)' if fan.loadgen_bound or fan.topped_out else ''} | {fmt(fan.max_deliveries_per_s)} |",
         f"| RSS per idle connection (shard + directory) | {fmt(idle.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} |",
-        f"| connects/s end to end (directory + shard on one core, 1 load generator, 50 at a time) | {fmt(idle.connects_per_s)} |",
+        f"| connects/s end to end (directory + shard on one core, 1 load generator, {CONNECT_CONCURRENCY} at a time) | {fmt(idle.connects_per_s)} |",
         (f"| directory CPU per connect, existing room / new room; PostgreSQL CPU per new room | "
         f"{inputs.directory.cpu_us_per_connect:g} / {inputs.directory.cpu_us_per_new_room:g} µs; "
         f"{inputs.directory.postgres_us_per_new_room:g} µs (from {dir_source}) |"),

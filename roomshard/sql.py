@@ -21,13 +21,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 #: SQLite's ``synchronous``: NORMAL keeps every commit through a crash of the process
 #: (WAL); FULL also through a crash of the machine (one fsync per commit).
 Synchronous = Literal["NORMAL", "FULL"]
+#: The directory's (its registry is re-derived from the shards after a machine crash).
+DEFAULT_SYNCHRONOUS: Synchronous = "NORMAL"
 
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, *, pool_size: int = 10, synchronous: Synchronous = "NORMAL",
+def make_engine(url: str, *, pool_size: int = 10, synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
                 pre_ping: bool = False) -> AsyncEngine:
     """An engine that heals after an outage and fails fast while the database is gone.
 

@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from directory.db.engine import instances, rooms
 from directory.domain import placement
 from directory.domain.errors import Unavailable
+from roomshard.sql import DEFAULT_SYNCHRONOUS, Synchronous
 
 T = TypeVar("T")
 SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)
@@ -144,8 +145,12 @@ class NoInstance(Unavailable):
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *,
+                 synchronous: Synchronous = DEFAULT_SYNCHRONOUS) -> None:
+        """``synchronous``: the SQLite setting ``engine`` was made with (its hot-path
+        writer commits the same way)."""
         self.engine = engine
+        self._synchronous = synchronous
         self.dialect = engine.dialect.name
         if self.dialect == "postgresql":
             self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -161,9 +166,9 @@ class Store:
                                             compile_kwargs={"render_postcompile": True})
             self._raw_target_sql = str(compiled).replace("%(room)s", "$1")
             assert "$1" in self._raw_target_sql
-        self._lite: LiteReader | None = None
+        self._lite: LiteHotPath | None = None
         if self.dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-            self._lite = LiteReader(engine.url.database,
+            self._lite = LiteHotPath(engine.url.database,
                                     str(_ROOM_TARGET.compile(dialect=engine.dialect)))
 
     def close(self) -> None:
@@ -178,10 +183,15 @@ class Store:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction (never nested: on SQLite a second one would wait for the first)."""
+        async with self._turn(), self._writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """This process's turn to write on SQLite (nothing on PostgreSQL)."""
         turn = self._write_turn
         if turn is None:
-            async with self._writer.begin() as conn:
-                yield conn
+            yield
             return
         try:
             async with asyncio.timeout(SQLITE_WRITE_WAIT_S):
@@ -190,8 +200,7 @@ class Store:
             raise Overloaded(f"the database is busy: no write turn within "
                              f"{SQLITE_WRITE_WAIT_S:g} s") from None
         try:
-            async with self._writer.begin() as conn:
-                yield conn
+            yield
         finally:
             turn.release()
 
@@ -247,6 +256,13 @@ class Store:
 
         return await self._raw(op)
 
+    async def _lite_place_new(self, room: str, *, now: float,
+                              down_after: float) -> Target | None | str:
+        assert self._lite is not None and self._write_turn is not None
+        async with self._turn():
+            return self._lite.place_new(room, now=now, down_after=down_after,
+                                        synchronous=self._synchronous)
+
     async def place(self, room: str, current: Mapping[str, Any] | None, *, now: float,
                     down_after: float, keep_after: float | None = None) -> tuple[Target, str]:
         """Give ``room`` a live instance: insert it, or CAS-move it off a dead one.
@@ -269,6 +285,14 @@ class Store:
                     return done, "new"
                 current = await self.room_target(room)
                 continue
+            if current is None and self._lite is not None:
+                placed = await self._lite_place_new(room, now=now, down_after=down_after)
+                if isinstance(placed, Target):
+                    return placed, "new"
+                if placed is None:  # placed meanwhile: take the winner's row
+                    current = await self.room_target(room)
+                    continue
+                # BUSY: another process writes; the general path below waits its turn
             async with self.write() as conn:
                 chosen = await self._choose(conn, now=now, down_after=down_after)
                 if current is None:
@@ -500,38 +524,95 @@ async def _instance(conn: AsyncConnection, instance: str) -> Mapping[str, Any] |
     return (await conn.execute(select(instances).where(instances.c.id == instance))).mappings().first()
 
 
-class LiteReader:
-    """SQLite hot path: the room lookup on a read-only stdlib connection, in the loop.
+class LiteHotPath:
+    """SQLite hot paths on stdlib connections, in the loop: the room lookup, a new room.
 
-    aiosqlite runs every statement on a helper thread; the two thread hops
-    cost ~1 ms of CPU, fifty times the primary-key lookup itself. In WAL mode
-    readers never wait for writers, so reading on the event loop's thread
-    blocks it for microseconds (bounded by a short busy_timeout). Only for
-    file databases (an in-memory one is private to its connection).
+    aiosqlite runs every statement on a helper thread, and SQLAlchemy's
+    execution layer sits on top: the thread hops alone cost ~1 ms of CPU, fifty
+    times the primary-key lookup itself, and a new room cost ~2.4 ms in all
+    (docs/benchmarks/connect.md). In WAL mode readers never wait for writers,
+    so reading on the event loop's thread blocks it for microseconds (bounded by
+    a short busy_timeout). A new room is one short write transaction (read the
+    instances, insert-if-absent, count it) on a second connection whose
+    busy_timeout is 0: the caller holds the process's write turn, so only
+    another process can hold SQLite's lock, and then :meth:`place_new` answers
+    :data:`BUSY` at once and the caller takes the general path, which waits
+    for the lock off the loop. Only for file databases (an in-memory one is
+    private to its connection).
     """
 
-    def __init__(self, path: str, sql: str) -> None:
-        self._path, self._sql = path, sql
-        self._conn: sqlite3.Connection | None = None
+    BUSY = "busy"
+
+    def __init__(self, path: str, target_sql: str) -> None:
+        self._path, self._target_sql = path, target_sql
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+
+    def _connect(self, busy_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+        return conn
 
     def room_target(self, room: str) -> Mapping[str, Any] | None:
         try:
-            if self._conn is None:
-                self._conn = sqlite3.connect(self._path, isolation_level=None,
-                                             check_same_thread=False)
-                self._conn.row_factory = sqlite3.Row
-                self._conn.execute("PRAGMA busy_timeout=200")
-                self._conn.execute("PRAGMA query_only=1")
-            rec = self._conn.execute(self._sql, (room,)).fetchone()
+            if self._reader is None:
+                self._reader = self._connect(200)
+                self._reader.execute("PRAGMA query_only=1")
+            rec = self._reader.execute(self._target_sql, (room,)).fetchone()
         except sqlite3.Error as exc:
             self.close()
-            raise sa_exc.OperationalError(self._sql, None, exc) from exc
+            raise sa_exc.OperationalError(self._target_sql, None, exc) from exc
         return None if rec is None else _target_row(rec)
 
+    def place_new(self, room: str, *, now: float, down_after: float,
+                  synchronous: str) -> Target | None | str:
+        """Insert ``room`` on the least loaded live instance and count it, atomically.
+
+        The new room's target; None when the room exists by now (another
+        request or replica placed it first); :data:`BUSY` when another process
+        holds SQLite's write lock. Raises :class:`NoInstance`."""
+        try:
+            if self._writer is None:
+                self._writer = self._connect(0)
+                self._writer.execute(f"PRAGMA synchronous={synchronous}")
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    return self.BUSY
+                raise
+            try:
+                rows = [dict(r) for r in conn.execute(_LITE_INSTANCES_SQL)]
+                inst = _pick(rows, now=now, down_after=down_after)
+                if conn.execute(_LITE_NEW_ROOM_SQL, (room, inst["id"], now, now)).fetchone() is None:
+                    conn.execute("ROLLBACK")
+                    return None
+                conn.execute(_LITE_COUNT_SQL, (inst["id"],))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self.close()
+            raise sa_exc.OperationalError("new room", None, exc) from exc
+        return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
+
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+        self._reader = self._writer = None
+
+
+_LITE_INSTANCES_SQL = _PG_INSTANCES_SQL
+_LITE_NEW_ROOM_SQL = (
+    "INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base, "
+    "created_at, updated_at) VALUES (?, ?, 1, 1, 'active', 0, 0, ?, ?) "
+    "ON CONFLICT (room) DO NOTHING RETURNING room")
+_LITE_COUNT_SQL = "UPDATE instances SET rooms_assigned = rooms_assigned + 1 WHERE id = ?"
 
 
 def _pick(rows: Sequence[Mapping[str, Any]], *, now: float, down_after: float) -> Mapping[str, Any]:
