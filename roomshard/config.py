@@ -163,6 +163,8 @@ class DirectoryConfig:
     room_create_rate: float = setting(60.0, help="new rooms one user may create per minute, per directory replica (0: no budget)")
     room_create_rate_per_address: float = setting(0.0, help="new rooms one client address may create per minute (0: no budget; for public open-mode deployments)")
     room_unused_ttl: float = setting(600.0, help="seconds after which a room no member ever joined is removed (0: never)")
+    connect_queue_wait: float = setting(2.0, help="a connect that waited longer than this (seconds) for its turn is answered 503 overloaded with Retry-After: the directory sheds load instead of answering late")
+    connects_in_flight: int = setting(1_000, help="connects served at once (waiting for the database included); past it, 503 overloaded with Retry-After")
     history_url: str = setting("memory", help="message store the history API reads (the shards' ROOMSHARD_HISTORY_URL) or memory (ask the owning shard)")
     history_retention: float = setting(DEFAULT_HISTORY_RETENTION_S, help="seconds a stored message is kept: the history API returns none older")
     api_keys: str | None = setting(None, help="comma-separated bearer keys of the server API (publish); the admin token works too", secret=True)
@@ -182,7 +184,7 @@ class DirectoryConfig:
         if not self.admin_token.strip():
             raise ConfigError("ROOMSHARD_ADMIN_TOKEN: empty")
         _check_positive(self, "ticket_ttl", "down_after", "default_capacity", "history_retention",
-                        *LINGER_SETTINGS)
+                        "connect_queue_wait", "connects_in_flight", *LINGER_SETTINGS)
         for name in ("room_create_rate", "room_create_rate_per_address", "room_unused_ttl"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}: must be 0 (off) or positive")

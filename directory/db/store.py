@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from directory.db.engine import instances, rooms
 from directory.domain import placement
-from directory.domain.errors import Unavailable
+from directory.domain.errors import Overloaded, Unavailable
 from roomshard.sql import DEFAULT_SYNCHRONOUS, Synchronous
 
 T = TypeVar("T")
@@ -128,13 +128,6 @@ class Target:
     epoch: int
     internal_url: str
     public_base: str | None
-
-
-class Overloaded(Unavailable):
-    code = "overloaded"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message=message)
 
 
 class NoInstance(Unavailable):

@@ -77,3 +77,12 @@ class Unavailable(ApiError):
                  retry_after: int = RETRY_AFTER_S) -> None:
         super().__init__(code, message, retry_after=retry_after)
 
+
+class Overloaded(Unavailable):
+    """503 ``overloaded``: the directory sheds load (a connect that waited too long for its
+    turn, too many connects at once, SQLite's one write lock busy for too long)."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)

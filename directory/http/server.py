@@ -45,6 +45,11 @@ HEAD_TIMEOUT_S = 10.0
 #: The directory's default bounds of a lingering close (``ROOMSHARD_CLOSE_LINGER_*``).
 DEFAULT_LINGER = LingerLimits(max=1_000)
 
+#: The scope key of a request's arrival (``loop.time()`` of its first byte), which lets a
+#: handler see how long the request waited for its turn (``directory.http.connect`` sheds
+#: a connect that waited too long).
+ARRIVED = "roomshard.arrived"
+
 #: On every directory response, errors and refusals included (uvicorn's default headers:
 #: no per-request cost). The chat page adds its Content-Security-Policy.
 SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
@@ -197,6 +202,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[ARRIVED] = self.loop.time()  # type: ignore[literal-required]
         self._head_started = True
         if not self._head_open:  # a new request on a kept-alive connection
             self._head_open = True

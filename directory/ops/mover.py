@@ -54,8 +54,8 @@ from directory.domain.moves import (
     report,
 )
 from directory.metrics import Metrics
-from roomshard.batching import Batcher
 from directory.shards import Outcome, ShardClient
+from roomshard.batching import Batcher
 from roomshard.wire.internal import HANDOFF_CALLS, HandoffCall
 
 log = logging.getLogger("roomshard.directory.moves")

@@ -4,14 +4,22 @@ control plane gets through, and overload is a 503 with Retry-After, never a fail
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import sqlite3
+import time
+from typing import Any
 
+import h11
 import httpx
 import pytest
+import websockets
 
 from directory.db import store as store_module
-from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
-from roomshard.testing.timing import t
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
+from roomshard.testing.timing import await_until, t
+from roomshard.wire.tickets import Signer
 from tests.directory.conftest import Harness
 from tests.directory.test_processes import register
 
@@ -89,3 +97,145 @@ async def test_a_room_placed_meanwhile_is_joined_not_placed_twice(h: Harness) ->
     assert (a.json()["instance"], a.json()["epoch"]) == (b.json()["instance"], b.json()["epoch"])
     listed = (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]
     assert sum(i["rooms_assigned"] for i in listed) == 1
+
+
+async def test_past_the_connects_in_flight_bound_a_connect_is_503_overloaded(
+        harness_factory: Any) -> None:
+    """With ``connects_in_flight`` connects being served (here one, waiting for the database),
+    the next is answered 503 ``overloaded`` with Retry-After before any database work; input
+    errors are still 400; once the first is done, connects are served again."""
+    async with harness_factory(connects_in_flight=1) as h:
+        store = h.app.state.ctx.store
+        if store.dialect != "sqlite":
+            pytest.skip("holds SQLite's write turn to keep a connect in flight")
+        await h.heartbeat("i1")
+        assert (await h.connect("known")).status_code == 200
+        async with store.write():  # the next new room waits for the write turn: in flight
+            first = asyncio.ensure_future(h.connect("fresh"))
+            await await_until(lambda: h.app.state.ctx.connects_in_flight == 1, t(5),
+                              "a connect in flight")
+            shed = await h.connect("known")
+            assert (shed.status_code, shed.json()["error"]["code"]) == (503, "overloaded")
+            assert int(shed.headers["retry-after"]) >= 1
+            assert (await h.connect("bad id!")).status_code == 400
+        assert (await asyncio.wait_for(first, t(10))).status_code == 200
+        assert (await h.connect("known")).status_code == 200
+        assert h.app.state.ctx.connects_in_flight == 0
+
+
+async def test_a_connect_that_waited_too_long_is_shed_and_the_control_plane_is_not(
+        procs: Procs) -> None:
+    """1,000 connects that reach the directory at once (written while its process is
+    paused) queue up past ``connect_queue_wait``: each is answered 200 or 503 ``overloaded``
+    with Retry-After, never anything else (with a bound of 1 ms, the time it takes to read
+    the others is enough to shed some); a shard's heartbeat written into the same burst is
+    served, and so is the next connect."""
+    d = procs.directory(env={"ROOMSHARD_DOWN_AFTER": "600", "ROOMSHARD_CONNECT_QUEUE_WAIT": "0.001"})
+    async with httpx.AsyncClient(timeout=t(30)) as client:
+        await register(client, d.url, "i1")
+        assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
+    host, port = d.url.removeprefix("http://").split(":")
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(1_001)]
+    token = Signer([TEST_CLUSTER_SECRET]).cluster_token("i1", to="directory", now=time.time())
+    os.kill(d.popen.pid, signal.SIGSTOP)
+    try:
+        for n, (_, writer) in enumerate(conns[:-1]):
+            writer.write(_post("/v1/rooms/hot/connect", {"user": f"u{n}"}))
+        conns[-1][1].write(_put("/v1/internal/instances/i1/heartbeat",
+                                {"internal_url": "http://127.0.0.1:9/i1", "boot_id": "b1"},
+                                token))
+        # Every request is in the paused process's socket buffers once its write drained.
+        await asyncio.gather(*(w.drain() for _, w in conns))
+    finally:
+        os.kill(d.popen.pid, signal.SIGCONT)
+    answers = await asyncio.gather(*(_answer(r) for r, _ in conns))
+    for _, writer in conns:
+        writer.close()
+    *replies, beat = answers
+    assert beat[0] == 200, beat
+    outcomes = {(status, body.get("error", {}).get("code")) for status, _, body in replies}
+    assert outcomes <= {(200, None), (503, "overloaded")}, outcomes
+    shed = [headers for status, headers, _ in replies if status == 503]
+    assert shed and all(int(h["retry-after"]) >= 1 for h in shed)
+    async with httpx.AsyncClient(timeout=t(30)) as client:
+        assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
+
+
+async def await_until_active(client: httpx.AsyncClient, base: str, iid: str) -> None:
+    async def active() -> bool:
+        listed = (await client.get(f"{base}/v1/admin/instances", headers=ADMIN)).json()
+        return any(i["id"] == iid and i["state"] == "active" for i in listed["instances"])
+
+    await await_until(active, t(30), f"{iid} active")
+
+
+def _post(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: d\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n\r\n").encode() + data
+
+
+def _put(path: str, body: dict[str, Any], token: str) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"PUT {path} HTTP/1.1\r\nHost: d\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {token}\r\ncontent-length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], Any]:
+    """One HTTP/1.1 response: status, headers (lower-case names), JSON body."""
+    parser = h11.Connection(h11.CLIENT)
+    parser.send(h11.Request(method="GET", target="/", headers=[("Host", "d")]))  # its state
+    status, headers, body = 0, {}, b""
+    while True:
+        event = parser.next_event()
+        if event is h11.NEED_DATA:
+            parser.receive_data(await asyncio.wait_for(reader.read(65536), t(30)))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, headers, json.loads(body)
+
+
+async def test_a_shards_opens_succeed_while_the_directory_serves_a_connect_storm(
+        procs: Procs) -> None:
+    """While 200 keep-alive connections send connects back to back, 40 clients join 40 new
+    rooms on a real shard: every one gets its welcome (the shard's opens to the directory
+    got through: no 1013), and the storm's connects are all answered 200 or 503."""
+    d = procs.directory(env={"ROOMSHARD_ROOM_CREATE_RATE": "0"})
+    procs.shard("i1", d.url)
+    async with httpx.AsyncClient(timeout=t(30)) as client:
+        await await_until_active(client, d.url, "i1")
+        assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
+    host, port = d.url.removeprefix("http://").split(":")
+    stop = asyncio.Event()
+    statuses: dict[int, int] = {}
+
+    async def storm(n: int) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while not stop.is_set():
+                writer.write(_post("/v1/rooms/hot/connect", {"user": f"s{n}"}))
+                status, _, _ = await _answer(reader)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    async def join(n: int) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=t(30)) as client:
+            r = await client.post(f"{d.url}/v1/rooms/new-{n}/connect", json={"user": f"j{n}"})
+            assert r.status_code == 200, r.text
+        async with websockets.connect(r.json()["url"], open_timeout=t(30)) as ws:
+            return dict(json.loads(await asyncio.wait_for(ws.recv(), t(30))))
+
+    storms = [asyncio.ensure_future(storm(n)) for n in range(200)]
+    try:
+        await await_until(lambda: sum(statuses.values()) >= 2_000, t(30), "the storm under way")
+        frames = await asyncio.gather(*(join(n) for n in range(40)))
+    finally:
+        stop.set()
+        await asyncio.gather(*storms)
+    assert [f["type"] for f in frames] == ["welcome"] * 40, frames
+    assert set(statuses) <= {200, 503} and statuses.get(200, 0) > 0, statuses
