@@ -73,7 +73,12 @@ from roomshard.wire.tickets import Signer, Ticket
 from shard import routes
 from shard.admission import Admission, Refused
 from shard.connection import Connection, ConnectionContext
-from shard.directory_client import DirectoryClient, DirectoryError, DirectoryRefused
+from shard.directory_client import (
+    DirectoryClient,
+    DirectoryError,
+    DirectoryRefused,
+    DirectoryUnavailable,
+)
 from shard.frames import server_frame
 from shard.handoff_routes import HandoffWiring
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, json_response
@@ -117,6 +122,10 @@ def _int_query(req: HttpRequest, name: str, low: int, high: int | None) -> int |
 
 TICK_S = 0.25
 SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
+#: A room's open that finds the directory unavailable is retried (50 ms doubling to 0.5 s,
+#: with jitter) for this long before its clients are told 1013: a directory busy with a
+#: connect storm, or restarting, costs them a wait, not a refusal and a reconnect.
+OPEN_RETRY_S = 2.0
 HEARTBEAT_RETRY_S = 0.25  # after a failed heartbeat, the next one within 0.25-0.375 s
 # lease + this <= the directory's down_after (default 6 + 2 <= 10): the margin for
 # clock rates, a heartbeat in flight and the close of every member.
@@ -319,7 +328,7 @@ class ShardServer:
         elif live is not None:  # another open finished meanwhile: no second one
             return live  # (it would call the state lost)
         try:
-            live = await self.live_rooms.open(name, epoch)
+            live = await self._open(name, epoch)
         except DirectoryRefused as exc:
             code = CloseCode.TRY_AGAIN_LATER if exc.code == "moving" else CloseCode.NOT_OWNER
             raise Refused(code, f"directory: {exc.code}") from None
@@ -329,6 +338,23 @@ class ShardServer:
         if not self.ready():
             raise Refused(CloseCode.TRY_AGAIN_LATER, "shard not ready")
         return live
+
+    async def _open(self, name: str, epoch: int) -> LiveRoom:
+        """``live_rooms.open``, retried within :data:`OPEN_RETRY_S` while the directory is
+        unavailable and this shard holds its lease (the retries keep the open's id)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OPEN_RETRY_S
+        pause = 0.05
+        while True:
+            try:
+                return await self.live_rooms.open(name, epoch)
+            except DirectoryUnavailable as exc:
+                wait = pause * (0.5 + random.random())
+                if not self.ready() or loop.time() + wait > deadline:
+                    raise
+                log.info("opening room %s: %s; retrying in %.2f s", name, exc, wait)
+            await asyncio.sleep(wait)
+            pause = min(pause * 2, 0.5)
 
     def _serving(self, live: LiveRoom, epoch: int) -> Refused | None:
         """Why a caller holding ``epoch`` may not use ``live`` now (None: it may)."""

@@ -7,7 +7,9 @@ shown: a stale route (4001/4003/4004) or a clean shard stop (1001) is
 retried at once, a move (4010) too but shows "moving", a shard that is not
 ready (1013) gets a short wait, a policy close (4008) or a lost connection
 gets the exponential backoff, and a frame-too-big close (1009) is the
-client's own bug, so it stops.
+client's own bug, so it stops. Every wait has jitter, so that the thousands
+of clients of one shard that stopped, or that a directory shed with the same
+``Retry-After``, spread out instead of coming back in one wave.
 
 Pure: no sockets, no clock, no randomness. The session feeds the close code
 in and acts on the returned :class:`Decision`.
@@ -91,7 +93,9 @@ class Backoff:
     base: float = 0.1
     factor: float = 2.0
     cap: float = 5.0
-    #: The first retry of a retryable close is immediate; jitter starts after.
+    #: The first retry of a retryable close comes within ``base`` (after the decision's
+    #: floor): a whole shard's clients that lose it together come back spread over
+    #: ``base`` instead of in one instant; the exponential schedule starts after.
     immediate_first: bool = True
 
     def ceiling(self, attempt: int) -> float:
@@ -102,5 +106,12 @@ class Backoff:
         if not decision.backoff:
             return decision.min_delay
         if attempt == 0 and self.immediate_first:
-            return decision.min_delay
+            return decision.min_delay + rand * self.base
         return min(self.cap, max(decision.min_delay, rand * self.ceiling(attempt)))
+
+
+def after_retry_after(retry_after: float, rand: float) -> float:
+    """The wait a ``Retry-After`` of ``retry_after`` seconds asks for, with jitter: uniform
+    in [retry_after, 2 x retry_after), so that the clients a directory shed together do not
+    all come back in the same instant."""
+    return retry_after * (1.0 + rand)

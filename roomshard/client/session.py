@@ -44,7 +44,7 @@ from roomshard.client.errors import (
 from roomshard.client.inbox import Gap, Inbox, Message, Presence
 from roomshard.client.messages import HistoryPage, history
 from roomshard.client.outbox import Outbox
-from roomshard.client.reconnect import Action, Backoff, Decision, decide
+from roomshard.client.reconnect import Action, Backoff, Decision, after_retry_after, decide
 
 log = logging.getLogger("roomshard.client")
 
@@ -279,7 +279,8 @@ class Session:
                     return
                 except DirectoryUnavailable as exc:
                     log.info("directory unavailable: %s", exc)
-                    decision, floor = _UNAVAILABLE, exc.retry_after or 0.0
+                    decision = _UNAVAILABLE
+                    floor = after_retry_after(exc.retry_after or 0.0, self._rand())
                 else:
                     before = self.connections
                     code = await self._connect_once(route.url)

@@ -9,29 +9,39 @@ from roomshard.client.directory_api import resolve, with_since
 from roomshard.client.errors import ConnectRefused, DirectoryUnavailable
 from roomshard.client.inbox import Gap, Inbox
 from roomshard.client.outbox import Outbox
-from roomshard.client.reconnect import POLICY_FLOOR_S, TRY_AGAIN_FLOOR_S, Action, Backoff, decide
+from roomshard.client.reconnect import (
+    POLICY_FLOOR_S,
+    TRY_AGAIN_FLOOR_S,
+    Action,
+    Backoff,
+    after_retry_after,
+    decide,
+)
 from roomshard.wire.errors import error_body
 from roomshard.wire.protocol import CloseCode
 
 
 @pytest.mark.parametrize("code", [4001, 4003, 4004, 4009, 1001])
 def test_stale_route_codes_retry_at_once(code: int) -> None:
-    """A refused ticket, stale route, slow consumer or shard stop asks the directory again at once."""
+    """A refused ticket, stale route, slow consumer or shard stop asks the directory again
+    at once, spread over the first 0.1 s (jitter)."""
     d = decide(code)
     assert d.action is Action.RETRY and d.min_delay == 0 and not d.moving
-    assert Backoff().delay(0, 0.99, d) == 0
+    assert Backoff().delay(0, 0.0, d) == 0
+    assert Backoff().delay(0, 0.99, d) == pytest.approx(0.099)
 
 
 def test_moved_room_retries_and_shows_moving() -> None:
     """4010 retries at once and the session shows "moving"."""
     d = decide(CloseCode.ROOM_MOVED)
-    assert d.action is Action.RETRY and d.moving and Backoff().delay(0, 0.5, d) == 0
+    assert d.action is Action.RETRY and d.moving and Backoff().delay(0, 0.5, d) == pytest.approx(0.05)
 
 
 def test_not_ready_waits_a_little() -> None:
     """1013 waits at least the short floor before asking again."""
     d = decide(CloseCode.TRY_AGAIN_LATER)
     assert Backoff().delay(0, 0.0, d) == TRY_AGAIN_FLOOR_S
+    assert Backoff().delay(0, 0.5, d) == pytest.approx(TRY_AGAIN_FLOOR_S + 0.05)
     assert Backoff().delay(3, 0.0, d) == TRY_AGAIN_FLOOR_S
 
 
@@ -40,6 +50,14 @@ def test_policy_close_backs_off() -> None:
     d = decide(CloseCode.POLICY)
     assert Backoff().delay(0, 0.0, d) == POLICY_FLOOR_S
     assert Backoff(cap=30).delay(8, 0.9, d) > POLICY_FLOOR_S
+
+
+def test_retry_after_is_waited_with_jitter() -> None:
+    """A 503's Retry-After is waited at least, and spread up to twice as long."""
+    assert after_retry_after(1.0, 0.0) == 1.0
+    assert after_retry_after(1.0, 0.5) == 1.5
+    assert after_retry_after(2.0, 0.999) < 4.0
+    assert after_retry_after(0.0, 0.7) == 0.0
 
 
 def test_frame_too_big_stops() -> None:

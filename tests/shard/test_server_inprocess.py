@@ -128,6 +128,23 @@ async def test_concurrent_joiners_share_one_open(shard):
         await ws.close()
 
 
+async def test_a_directory_unavailable_past_the_bound_is_1013(shard):
+    """Opens that keep failing are retried for OPEN_RETRY_S, then the client gets 1013;
+    a directory back within the bound costs a wait, not a refusal."""
+    from shard.server import OPEN_RETRY_S
+
+    loop = asyncio.get_running_loop()
+    shard.fake.lose_open_answers = 10_000  # every open's answer is lost
+    started = loop.time()
+    assert await close_code(await connect(shard.url("flaky", "alice"))) == 1013
+    assert OPEN_RETRY_S * 0.5 <= loop.time() - started < OPEN_RETRY_S + 5
+    assert len(shard.fake.open_ids) >= 3 and len(set(shard.fake.open_ids)) == 1  # one open, retried
+    shard.fake.lose_open_answers = 2
+    a, wa = await shard.join("flaky", "bob")  # two lost answers, then the grant: no 1013
+    assert wa["type"] == "welcome"
+    await a.close()
+
+
 @pytest.mark.parametrize("batch_route", [True, False])
 async def test_first_joins_of_many_rooms_share_open_calls(shard, batch_route):
     """40 clients joining 40 cold rooms at once: the rooms open in a few batch calls (one
@@ -160,9 +177,9 @@ async def test_idle_room_is_evicted_and_reopens_with_new_epoch(shard):
 
 @pytest.mark.parametrize("shard_overrides", [{"room_linger": 0.2}])
 async def test_an_open_whose_answer_was_lost_is_retried_under_the_same_id(shard):
-    """A timed-out open is retried with its open_id: the room opens once at epoch 1; a later reopen is new."""
+    """A timed-out open is retried with its open_id, within the client's connect (no 1013):
+    the room opens once at epoch 1; a later reopen is new."""
     shard.fake.lose_open_answers = 1
-    assert await close_code(await connect(shard.url("lost", "alice"))) == 1013
     a, wa = await shard.join("lost", "alice")
     assert (wa["epoch"], wa["seq"]) == (1, 0)
     first, retry = shard.fake.open_ids
