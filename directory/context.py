@@ -44,8 +44,6 @@ class Directory:
     # When this replica started serving, or last came back from a stalled
     # event loop (``directory.app.watch_stalls``): see :meth:`replace_after`.
     awake_since: float = 0.0
-    # Connects being served now (``directory.http.connect``: bounded by cfg.connects_in_flight).
-    connects_in_flight: int = 0
 
     def replace_after(self, now: float) -> float:
         """The ``down_after`` to use when re-placing rooms off an instance that seems down.

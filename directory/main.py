@@ -116,7 +116,7 @@ def run(cfg: DirectoryConfig) -> None:
     from directory.http.server import uvicorn_options
 
     config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on",
-                            **uvicorn_options(linger_limits(cfg)),
+                            **uvicorn_options(linger_limits(cfg), cfg.connects_in_flight),
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)

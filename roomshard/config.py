@@ -164,7 +164,7 @@ class DirectoryConfig:
     room_create_rate_per_address: float = setting(0.0, help="new rooms one client address may create per minute (0: no budget; for public open-mode deployments)")
     room_unused_ttl: float = setting(600.0, help="seconds after which a room no member ever joined is removed (0: never)")
     connect_queue_wait: float = setting(2.0, help="a connect that waited longer than this (seconds) for its turn is answered 503 overloaded with Retry-After: the directory sheds load instead of answering late")
-    connects_in_flight: int = setting(1_000, help="connects served at once (waiting for the database included); past it, 503 overloaded with Retry-After")
+    connects_in_flight: int = setting(1_000, help="connects read and not answered yet; past it, a connect is answered 503 overloaded with Retry-After before it is queued (the shards' calls never wait behind more)")
     history_url: str = setting("memory", help="message store the history API reads (the shards' ROOMSHARD_HISTORY_URL) or memory (ask the owning shard)")
     history_retention: float = setting(DEFAULT_HISTORY_RETENTION_S, help="seconds a stored message is kept: the history API returns none older")
     api_keys: str | None = setting(None, help="comma-separated bearer keys of the server API (publish); the admin token works too", secret=True)

@@ -97,9 +97,12 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency
     _PG_DOWN_ERRORS = (OSError, ConnectionError, TimeoutError)
 
 
-def _open_stmt(room: str, instance: str, ticket_epoch: int, *, now: float,
-               open_id: str | None) -> Any:
-    """The one UPDATE of an open (docs/INTERNALS.md), RETURNING the grant's columns."""
+def _open_stmt(room: Any, instance: Any, ticket_epoch: Any, *, now: Any,
+               open_id: Any) -> Any:
+    """The one UPDATE of an open (docs/INTERNALS.md), RETURNING the grant's columns.
+
+    Values or bind parameters (the SQLite hot path compiles it once with parameters:
+    ``opened_by = NULL`` is never true, so a NULL ``open_id`` is never a retry)."""
     again = and_(rooms.c.opened_epoch == rooms.c.epoch, rooms.c.opened_by == open_id) \
         if open_id is not None else false()
     new_epoch = case((again, rooms.c.epoch),
@@ -341,6 +344,13 @@ class Store:
         that very open (same ``open_id``): then the same grant again, nothing
         changes. Per room: the granted row, or the refusal's code (``moving``: the
         caller owns it but it is mid-move; ``not_owner``: anything else)."""
+        if self._lite is not None:
+            async with self._turn():
+                done = self._lite.open_rooms(instance, opens, now=now,
+                                             synchronous=self._synchronous)
+            if not isinstance(done, str):
+                return done
+            # BUSY: another process writes; the general path waits its turn off the loop
         out: list[Mapping[str, Any] | str] = []
         async with self.write() as conn:
             for room, ticket_epoch, open_id in opens:
@@ -351,10 +361,8 @@ class Store:
                     continue
                 current = (await conn.execute(
                     select(rooms.c.instance, rooms.c.owner_epoch, rooms.c.state)
-                    .where(rooms.c.room == room))).first()
-                moving = (current is not None and current.instance == instance
-                          and ticket_epoch >= current.owner_epoch and current.state == "moving")
-                out.append("moving" if moving else "not_owner")
+                    .where(rooms.c.room == room))).mappings().first()
+                out.append(_refusal(current, instance, ticket_epoch))
         return out
 
     # -- rooms -------------------------------------------------------------
@@ -565,6 +573,41 @@ class LiteHotPath:
         The new room's target; None when the room exists by now (another
         request or replica placed it first); :data:`BUSY` when another process
         holds SQLite's write lock. Raises :class:`NoInstance`."""
+        placed: list[Target] = []
+
+        def run(conn: sqlite3.Connection) -> None:
+            rows = [dict(r) for r in conn.execute(_LITE_INSTANCES_SQL)]
+            inst = _pick(rows, now=now, down_after=down_after)
+            if conn.execute(_LITE_NEW_ROOM_SQL, (room, inst["id"], now, now)).fetchone() is None:
+                return  # placed meanwhile: nothing to count
+            conn.execute(_LITE_COUNT_SQL, (inst["id"],))
+            placed.append(Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"]))
+
+        if not self._write(run, synchronous):
+            return self.BUSY
+        return placed[0] if placed else None
+
+    def open_rooms(self, instance: str, opens: Sequence[tuple[str, int, str | None]], *,
+                   now: float, synchronous: str) -> list[Mapping[str, Any] | str] | str:
+        """:meth:`Store.open_rooms` in one transaction on this connection, or :data:`BUSY`."""
+        out: list[Mapping[str, Any] | str] = []
+
+        def run(conn: sqlite3.Connection) -> None:
+            for room, ticket_epoch, open_id in opens:
+                rec = conn.execute(_LITE_OPEN_SQL, {
+                    **_LITE_OPEN_CONSTANTS, "room": room, "instance": instance,
+                    "ticket_epoch": ticket_epoch, "now": now, "open_id": open_id}).fetchone()
+                if rec is not None:
+                    out.append(_target_row(rec))
+                    continue
+                cur = conn.execute(_LITE_ROOM_STATE_SQL, (room,)).fetchone()
+                out.append(_refusal(cur, instance, ticket_epoch))
+
+        done = self._write(run, synchronous)
+        return out if done else self.BUSY
+
+    def _write(self, run: Callable[[sqlite3.Connection], None], synchronous: str) -> bool:
+        """``run`` in one write transaction (False: another process holds the lock)."""
         try:
             if self._writer is None:
                 self._writer = self._connect(0)
@@ -574,15 +617,10 @@ class LiteHotPath:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
-                    return self.BUSY
+                    return False
                 raise
             try:
-                rows = [dict(r) for r in conn.execute(_LITE_INSTANCES_SQL)]
-                inst = _pick(rows, now=now, down_after=down_after)
-                if conn.execute(_LITE_NEW_ROOM_SQL, (room, inst["id"], now, now)).fetchone() is None:
-                    conn.execute("ROLLBACK")
-                    return None
-                conn.execute(_LITE_COUNT_SQL, (inst["id"],))
+                run(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -590,8 +628,8 @@ class LiteHotPath:
                 raise
         except sqlite3.Error as exc:
             self.close()
-            raise sa_exc.OperationalError("new room", None, exc) from exc
-        return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
+            raise sa_exc.OperationalError("write", None, exc) from exc
+        return True
 
     def close(self) -> None:
         for conn in (self._reader, self._writer):
@@ -601,6 +639,14 @@ class LiteHotPath:
 
 
 _LITE_INSTANCES_SQL = _PG_INSTANCES_SQL
+_LITE_OPEN = _open_stmt(bindparam("room"), bindparam("instance"), bindparam("ticket_epoch"),
+                        now=bindparam("now"), open_id=bindparam("open_id")
+                        ).compile(dialect=sqlite.dialect(paramstyle="named"))
+_LITE_OPEN_SQL = str(_LITE_OPEN)
+# The statement's own constants (1, 0, 1 << 32, 'active'), which compile to parameters too.
+_LITE_OPEN_CONSTANTS = {k: v for k, v in _LITE_OPEN.params.items()
+                        if k not in ("room", "instance", "ticket_epoch", "now", "open_id")}
+_LITE_ROOM_STATE_SQL = "SELECT instance, owner_epoch, state FROM rooms WHERE room = ?"
 _LITE_NEW_ROOM_SQL = (
     "INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base, "
     "created_at, updated_at) VALUES (?, ?, 1, 1, 'active', 0, 0, ?, ?) "
@@ -620,6 +666,13 @@ def _pick(rows: Sequence[Mapping[str, Any]], *, now: float, down_after: float) -
     if chosen is None:
         raise NoInstance()
     return next(r for r in rows if r["id"] == chosen.id)
+
+
+def _refusal(current: Any, instance: str, ticket_epoch: int) -> str:
+    """Why an open was refused: ``moving`` (the caller owns the room, mid-move) or ``not_owner``."""
+    moving = (current is not None and current["instance"] == instance
+              and ticket_epoch >= current["owner_epoch"] and current["state"] == "moving")
+    return "moving" if moving else "not_owner"
 
 
 def _seen(row: Mapping[str, Any]) -> float:

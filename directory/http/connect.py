@@ -4,14 +4,16 @@ Checks run in the contract's order: credentials (401), input (400), access
 (403), the room-creation budget for a room that has no record yet (429,
 ``directory.domain.budget``), availability (503).
 
-Overload is answered, not failed (:func:`_admit`): a connect that waited
-longer than ``connect_queue_wait`` (2 s) between its first byte and its
-handler, or that arrives while ``connects_in_flight`` (1,000) are being
-served, is answered 503 ``overloaded`` with ``Retry-After`` at once, right
-after the input checks and before any database work: that is the work
-shedding saves, so the access check (403) of a private room comes after it.
-A client retries after ``Retry-After`` with jitter. The shards' control
-calls (``/v1/internal``) are never shed. For a room that already has a live owner this is
+Overload is answered, not failed. Past ``connects_in_flight`` (1,000) the
+HTTP edge answers a connect 503 ``overloaded`` before it becomes a task
+(``directory.http.server.ConnectAdmission``); here (:func:`_admit`), a
+connect that waited longer than ``connect_queue_wait`` (2 s) between its
+first byte and its handler (the database's pool, a slow loop) is answered
+503 ``overloaded`` with ``Retry-After`` at once, right after the input
+checks and before any database work: that is the work shedding saves, so
+the access check (403) of a private room comes after it. A client retries
+after ``Retry-After`` with jitter. The shards' control calls
+(``/v1/internal``) are never shed. For a room that already has a live owner this is
 one indexed query (room joined with its instance) plus a ticket signature.
 """
 
@@ -55,16 +57,13 @@ async def connect(request: Request, ctx: Directory) -> Response:
 
 
 def _admit(request: Request, ctx: Directory) -> None:
-    """Shed this connect (503 ``overloaded``) when it waited too long or too many are served."""
+    """Shed this connect (503 ``overloaded``) when it waited too long for its turn."""
     arrived = request.scope.get(ARRIVED)
     if arrived is not None:
         waited = asyncio.get_running_loop().time() - arrived
         if waited > ctx.cfg.connect_queue_wait:
             raise Overloaded(f"the directory is overloaded: this connect waited {waited:.1f} s "
                              "for its turn; retry after Retry-After, with jitter")
-    if ctx.connects_in_flight >= ctx.cfg.connects_in_flight:
-        raise Overloaded(f"the directory is overloaded: {ctx.connects_in_flight} connects "
-                         "in flight; retry after Retry-After, with jitter")
 
 
 async def _connect(request: Request, ctx: Directory) -> Response:
@@ -85,14 +84,6 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     if not valid_user_id(user):
         raise BadRequest("invalid_user", INVALID_USER_ID)
     _admit(request, ctx)
-    ctx.connects_in_flight += 1
-    try:
-        return await _serve(request, ctx, room, user, now)
-    finally:
-        ctx.connects_in_flight -= 1
-
-
-async def _serve(request: Request, ctx: Directory, room: str, user: str, now: float) -> Response:
     row = await ctx.store.room_target(room)
     if row is not None and row["private"] and user not in (row["members"] or ()):
         raise Forbidden("not_a_member", f"room {room} is private")

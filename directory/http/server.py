@@ -21,6 +21,17 @@ a TCP reset that destroys the response before the client reads it. uvicorn
 sees the transport through :class:`_Transport`, whose ``close`` lingers
 while a request is unfinished.
 
+Connects in flight are bounded here, before any work is queued for them
+(:class:`ConnectAdmission`): a ``POST /v1/rooms/{room}/connect`` whose head
+completes while ``ROOMSHARD_CONNECTS_IN_FLIGHT`` connects are read and not
+yet answered gets no ASGI task at all: it is answered 503 ``overloaded``
+with ``Retry-After`` and its connection closes (lingering). Every request
+that is read becomes a task that runs to its end on the one event loop, in
+arrival order: bounding the connects bounds how long a shard's heartbeat or
+open waits behind them (1,000 connects are ~0.2 s of work), however many
+clients retry at once; a shed connect costs its parse and a write. The
+shards' calls are never counted or shed.
+
 Accounting is per ``data_received`` chunk (at most one transport read, a
 few hundred KiB): the head is refused once more than ``MAX_HEAD_BYTES``
 arrived while it was incomplete, so the work spent on one head is bounded
@@ -31,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from directory.domain.errors import RETRY_AFTER_S
 from roomshard.linger import Linger, LingerLimits, LingerPool
 from roomshard.wire.errors import error_body
 
@@ -57,16 +70,33 @@ SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "
 log = logging.getLogger("roomshard.directory")
 
 
-def uvicorn_options(linger: LingerLimits = DEFAULT_LINGER) -> dict[str, Any]:
+class ConnectAdmission:
+    """The connects one server has read and not answered yet, bounded."""
+
+    __slots__ = ("in_flight", "limit", "shed")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.shed = 0  # connects answered 503 overloaded here
+
+    def full(self) -> bool:
+        return self.in_flight >= self.limit
+
+
+def uvicorn_options(linger: LingerLimits = DEFAULT_LINGER,
+                    connects_in_flight: int = sys.maxsize) -> dict[str, Any]:
     """The ``uvicorn.Config`` options of the directory's HTTP edge.
 
     httptools bounded in head size and time, closes that linger within
-    ``linger`` (one pool of lingering sockets per call: per server); no
-    WebSocket routes on the directory, so upgrade requests are plain HTTP
-    requests.
+    ``linger`` (one pool of lingering sockets per call: per server), at most
+    ``connects_in_flight`` connects at once (``ROOMSHARD_CONNECTS_IN_FLIGHT``; no bound
+    when not given); no WebSocket routes on the
+    directory, so upgrade requests are plain HTTP requests.
     """
     protocol = type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,),
-                    {"linger_pool": LingerPool(linger)})
+                    {"linger_pool": LingerPool(linger),
+                     "connects": ConnectAdmission(connects_in_flight)})
     return {"http": protocol, "ws": "none", "headers": SECURITY_HEADERS}
 
 
@@ -87,26 +117,35 @@ class _Transport:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 
 
-def refusal(status: int, code: str, message: str) -> bytes:
+def refusal(status: int, code: str, message: str,
+            headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response with the contract's JSON body."""
     body = error_body(code, message)
     return b"".join([
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
         b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(body),
-        *(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SECURITY_HEADERS),
+        *(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (*SECURITY_HEADERS, *headers)),
         b"connection: close\r\n\r\n",
         body,
     ])
+
+
+def _is_connect(method: bytes, url: bytes) -> bool:
+    """``POST /v1/rooms/{room}/connect`` (the query, if any, aside)."""
+    path = url.partition(b"?")[0]
+    return method == b"POST" and path.startswith(b"/v1/rooms/") and path.endswith(b"/connect")
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that refuses oversized (431) and slow (408) request heads."""
 
     linger_pool = LingerPool(DEFAULT_LINGER)  # replaced per server by uvicorn_options
+    connects = ConnectAdmission(sys.maxsize)  # likewise
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,6 +157,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = False  # a byte of the current head has arrived
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._shed = False  # the current request is a connect answered 503 overloaded
+        connects = self.connects
+
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await self._app(scope, receive, send)
+            finally:
+                connects.in_flight -= 1
+
+        self._app = self.app
+        self._counted_app = counted
 
     # -- timers ---------------------------------------------------------------
     def _arm_head_timer(self) -> None:
@@ -183,6 +233,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         was_open = self._head_open
         super().data_received(data)
+        if self._shed and not self._refused:
+            connects = self.connects
+            connects.shed += 1
+            self._refuse(503, "overloaded",
+                         f"the directory is overloaded: {connects.limit} connects in flight; "
+                         "retry after Retry-After, with jitter",
+                         headers=(("Retry-After", str(RETRY_AFTER_S)),), quiet=True)
+            return
         if self._refused or self.transport.is_closing():
             return
         if not self._head_open:
@@ -208,17 +266,44 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_open = True
             self._head_bytes = 0
 
+    def on_url(self, url: bytes) -> None:
+        if not self._shed:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._shed:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._head_started = False
         self._head_bytes = 0
         self._cancel_head_timer()
         self._body_open = True
-        super().on_headers_complete()
+        if self._shed:
+            return  # a request pipelined behind a shed connect: the connection is ending
+        if not _is_connect(self.parser.get_method(), self.url):
+            super().on_headers_complete()
+            return
+        connects = self.connects
+        if connects.full():
+            self._shed = True  # answered once this read is parsed (data_received)
+            return
+        connects.in_flight += 1
+        self.app = self._counted_app  # the task it starts counts itself out when it ends
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = self._app
+
+    def on_body(self, body: bytes) -> None:
+        if not self._shed:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._body_open = False
-        super().on_message_complete()
+        if not self._shed:
+            super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -229,14 +314,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._start_linger()
 
     # -- refusal --------------------------------------------------------------
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse(self, status: int, code: str, message: str,
+                headers: tuple[tuple[str, str], ...] = (), *, quiet: bool = False) -> None:
         self._refused = True
         self._cancel_head_timer()
         self._unset_keepalive_if_required()
-        log.warning("refused a request from %s: %s", self.client and self.client[0], message)
+        if not quiet:  # (shed connects are counted, not logged one by one)
+            log.warning("refused a request from %s: %s", self.client and self.client[0], message)
         transport = self.transport
         if self.cycle is None or self.cycle.response_complete:
-            transport.write(refusal(status, code, message))
+            transport.write(refusal(status, code, message, headers))
         else:  # a pipelined earlier response is still being written: just end it
             self.cycle.keep_alive = False
             self.cycle.disconnected = True

@@ -1,0 +1,112 @@
+"""Benchmark: a reconnect storm. N clients in R rooms on one shard of a 3-shard cluster;
+the shard is stopped (SIGKILL, or SIGTERM: a drain first); how long until each client
+has its next welcome, from the rooms' new owners.
+
+The clients are ``bench/loadgen/storm.js`` (Node, one process): they follow the
+contract's close codes as a production client does (ask the directory again; 1013 and
+503 + Retry-After waited out with jitter; full-jitter backoff for a lost connection)
+and resume with ``since``. The cluster is real processes on this machine
+(``roomshard.testing.procs``): a directory on SQLite and shard i1 first, so that every
+room is placed on i1; then i2 and i3 join; then i1 is stopped.
+
+    python -m bench.storm --signal kill              # 5,000 clients in 250 rooms
+    python -m bench.storm --signal term --clients 2000 --rooms 100
+    python -m bench.storm --signal kill --down-after 3 --json out.json
+
+Prints one JSON document: the storm client's result (time to the next welcome: p50,
+p90, p99, max; how many within 5/10/20 s; welcomes that said ``recovered: false``;
+which instances serve the clients now; what the directory answered meanwhile) with
+the run's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import cluster
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.timing import wait_until
+
+STORM_JS = Path(__file__).resolve().parent / "loadgen" / "storm.js"
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+
+
+def active(directory: str) -> set[str]:
+    try:
+        r = httpx.get(f"{directory}/v1/admin/instances", headers=ADMIN, timeout=5)
+    except httpx.HTTPError:
+        return set()
+    return {i["id"] for i in r.json().get("instances", []) if i["state"] == "active"}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rooms = args.rooms
+    members = max(1, args.clients // rooms)
+    env = {"ROOMSHARD_ROOM_CREATE_RATE": "0", "ROOMSHARD_LOG_LEVEL": "warning",
+           "ROOMSHARD_DOWN_AFTER": str(args.down_after)}
+    with Procs(base_env={**os.environ, **env}) as procs:
+        directory = procs.directory(env=env)
+        i1 = procs.shard("i1", directory.url, env=env)
+        wait_until(lambda: "i1" in active(directory.url), 30, "i1 active")
+        config = {"directory": directory.url, "rooms": rooms, "members": members,
+                  "roomPrefix": f"storm{int(time.time())}", "connectConcurrency": 200,
+                  "timeoutSeconds": args.timeout}
+        argv = [cluster.node(), str(STORM_JS), json.dumps(config)]
+        if args.loadgen_cpu:
+            argv = ["taskset", "-c", args.loadgen_cpu, *argv]
+        node = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=sys.stderr, text=True, cwd=cluster.ROOT)
+        try:
+            assert node.stdout is not None and node.stdin is not None
+            ready = json.loads(node.stdout.readline())
+            if ready.get("instances") != {"i1": rooms * members}:
+                raise RuntimeError(f"not every client is on i1: {ready}")
+            for instance in ("i2", "i3"):
+                procs.shard(instance, directory.url, env=env)
+            wait_until(lambda: {"i1", "i2", "i3"} <= active(directory.url), 30, "3 shards active")
+            stopped_at = time.time()
+            os.kill(i1.popen.pid, signal.SIGKILL if args.signal == "kill" else signal.SIGTERM)
+            node.stdin.write(f"{int(stopped_at * 1000)}\n")
+            node.stdin.flush()
+            line = node.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the storm client exited with {node.wait()}")
+            result = json.loads(line)
+        finally:
+            if node.poll() is None:
+                node.kill()
+            node.wait()
+    return {"signal": args.signal, "clients": rooms * members, "rooms": rooms,
+            "down_after_s": args.down_after, **result}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--signal", choices=("kill", "term"), default="kill")
+    p.add_argument("--clients", type=int, default=5_000)
+    p.add_argument("--rooms", type=int, default=250)
+    p.add_argument("--down-after", type=float, default=10.0,
+                   help="ROOMSHARD_DOWN_AFTER: seconds without a heartbeat before a shard is down")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds the clients get to come back")
+    p.add_argument("--loadgen-cpu", default="", help="taskset list for the storm client")
+    p.add_argument("--json", default="", help="also write the result to this file")
+    args = p.parse_args()
+    result = run(args)
+    text = json.dumps(result)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
