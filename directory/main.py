@@ -92,7 +92,16 @@ def _loop_setup() -> str:
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
+#: The interpreter's thread switch interval in the directory (the default is 5 ms). The
+#: event loop's thread is CPU-bound under load, and every statement that goes through
+#: aiosqlite's thread (heartbeats, moves, admin writes on SQLite) hands the GIL over and
+#: back several times: at 5 ms a handoff, a heartbeat's write took seconds behind a connect
+#: storm, long enough for the shards to lose their leases (docs/benchmarks/connect.md).
+SWITCH_INTERVAL_S = 0.0005
+
+
 def run(cfg: DirectoryConfig) -> None:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     if cfg.log_level.lower() not in LOG_LEVELS:
         _fail(f"ROOMSHARD_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS[:5])}, got {cfg.log_level!r}")
     level = cfg.log_level.upper()
