@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from bench import cluster
-from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
 from roomshard.testing.timing import wait_until
 
 STORM_JS = Path(__file__).resolve().parent / "loadgen" / "storm.js"
@@ -64,30 +64,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         argv = [cluster.node(), str(STORM_JS), json.dumps(config)]
         if args.loadgen_cpu:
             argv = ["taskset", "-c", args.loadgen_cpu, *argv]
-        node = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=sys.stderr, text=True, cwd=cluster.ROOT)
-        try:
-            assert node.stdout is not None and node.stdin is not None
-            ready = json.loads(node.stdout.readline())
-            if ready.get("instances") != {"i1": rooms * members}:
-                raise RuntimeError(f"not every client is on i1: {ready}")
-            for instance in ("i2", "i3"):
-                procs.shard(instance, directory.url, env=env)
-            wait_until(lambda: {"i1", "i2", "i3"} <= active(directory.url), 30, "3 shards active")
-            stopped_at = time.time()
-            os.kill(i1.popen.pid, signal.SIGKILL if args.signal == "kill" else signal.SIGTERM)
-            node.stdin.write(f"{int(stopped_at * 1000)}\n")
-            node.stdin.flush()
-            line = node.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the storm client exited with {node.wait()}")
-            result = json.loads(line)
-        finally:
-            if node.poll() is None:
-                node.kill()
-            node.wait()
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=sys.stderr, text=True, cwd=cluster.ROOT) as node:
+            result = _storm(args, procs, directory.url, i1, node, rooms * members)
     return {"signal": args.signal, "clients": rooms * members, "rooms": rooms,
             "down_after_s": args.down_after, **result}
+
+
+def _storm(args: argparse.Namespace, procs: Procs, directory: str, i1: Proc,
+           node: subprocess.Popen[str], clients: int) -> dict[str, Any]:
+    env = procs.base_env
+    try:
+        assert node.stdout is not None and node.stdin is not None
+        ready = json.loads(node.stdout.readline())
+        if ready.get("instances") != {"i1": clients}:
+            raise RuntimeError(f"not every client is on i1: {ready}")
+        for instance in ("i2", "i3"):
+            procs.shard(instance, directory, env=env)
+        wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
+        stopped_at = time.time()
+        os.kill(i1.popen.pid, signal.SIGKILL if args.signal == "kill" else signal.SIGTERM)
+        node.stdin.write(f"{int(stopped_at * 1000)}\n")
+        node.stdin.flush()
+        line = node.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the storm client exited with {node.wait()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+    finally:
+        if node.poll() is None:
+            node.kill()
 
 
 def main() -> None:
