@@ -122,10 +122,14 @@ def run(cfg: DirectoryConfig) -> None:
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-    from directory.http.server import uvicorn_options
+    from directory.http.server import ConnectAdmission, uvicorn_options
+
+    def shed() -> None:  # counted with the connects the handlers shed
+        app.state.metrics.connects.labels("overloaded").inc()
 
     config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on",
-                            **uvicorn_options(linger_limits(cfg), cfg.connects_in_flight),
+                            **uvicorn_options(linger_limits(cfg),
+                                             ConnectAdmission(cfg.connects_in_flight, shed)),
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)

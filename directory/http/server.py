@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -71,32 +72,34 @@ log = logging.getLogger("roomshard.directory")
 
 
 class ConnectAdmission:
-    """The connects one server has read and not answered yet, bounded."""
+    """The connects one server has read and not answered yet, bounded; ``on_shed`` is
+    called for each connect answered 503 ``overloaded`` here (the app's metrics)."""
 
-    __slots__ = ("in_flight", "limit", "shed")
+    __slots__ = ("in_flight", "limit", "on_shed", "shed")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_shed: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.in_flight = 0
-        self.shed = 0  # connects answered 503 overloaded here
+        self.shed = 0
+        self.on_shed = on_shed
 
     def full(self) -> bool:
         return self.in_flight >= self.limit
 
 
 def uvicorn_options(linger: LingerLimits = DEFAULT_LINGER,
-                    connects_in_flight: int = sys.maxsize) -> dict[str, Any]:
+                    connects: ConnectAdmission | None = None) -> dict[str, Any]:
     """The ``uvicorn.Config`` options of the directory's HTTP edge.
 
     httptools bounded in head size and time, closes that linger within
     ``linger`` (one pool of lingering sockets per call: per server), at most
-    ``connects_in_flight`` connects at once (``ROOMSHARD_CONNECTS_IN_FLIGHT``; no bound
+    ``connects.limit`` connects at once (``ROOMSHARD_CONNECTS_IN_FLIGHT``; no bound
     when not given); no WebSocket routes on the
     directory, so upgrade requests are plain HTTP requests.
     """
     protocol = type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,),
                     {"linger_pool": LingerPool(linger),
-                     "connects": ConnectAdmission(connects_in_flight)})
+                     "connects": connects or ConnectAdmission(sys.maxsize)})
     return {"http": protocol, "ws": "none", "headers": SECURITY_HEADERS}
 
 
@@ -236,6 +239,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._shed and not self._refused:
             connects = self.connects
             connects.shed += 1
+            if connects.on_shed is not None:
+                connects.on_shed()
             self._refuse(503, "overloaded",
                          f"the directory is overloaded: {connects.limit} connects in flight; "
                          "retry after Retry-After, with jitter",

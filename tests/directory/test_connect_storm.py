@@ -142,6 +142,9 @@ async def test_a_burst_past_the_bound_is_shed_and_the_control_plane_is_not(
         assert len(shed) < len(replies)  # the first 100 were taken
     async with httpx.AsyncClient(timeout=t(30)) as client:
         assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
+        metrics = (await client.get(f"{d.url}/metrics")).text
+    # Shed by the HTTP edge or by the handler, every one is counted.
+    assert f'roomshard_directory_connects_total{{result="overloaded"}} {float(len(shed))}' in metrics
 
 
 async def await_until_active(client: httpx.AsyncClient, base: str, iid: str) -> None:
