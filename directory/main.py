@@ -127,9 +127,11 @@ def run(cfg: DirectoryConfig) -> None:
     def shed() -> None:  # counted with the connects the handlers shed
         app.state.metrics.connects.labels("overloaded").inc()
 
+    admission = ConnectAdmission(cfg.connects_in_flight, shed)
+    app.state.metrics.connects_in_flight.set_function(lambda: admission.in_flight)
+
     config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on",
-                            **uvicorn_options(linger_limits(cfg),
-                                             ConnectAdmission(cfg.connects_in_flight, shed)),
+                            **uvicorn_options(linger_limits(cfg), admission),
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)

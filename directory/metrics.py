@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -18,6 +18,10 @@ class Metrics:
         self.connects = Counter("roomshard_directory_connects",
                                 "client connects by result (ok, or the error code)",
                                 ["result"], registry=self.registry)
+        # Read from the HTTP edge's ConnectAdmission (directory.main); 0 in-process.
+        self.connects_in_flight = Gauge("roomshard_directory_connects_in_flight",
+                                        "connects read and not answered yet (bounded by "
+                                        "ROOMSHARD_CONNECTS_IN_FLIGHT)", registry=self.registry)
         self.placements = Counter("roomshard_directory_placements",
                                   "room assignments made: new rooms and re-placements",
                                   ["kind"], registry=self.registry)

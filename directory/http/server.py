@@ -294,12 +294,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if connects.full():
             self._shed = True  # answered once this read is parsed (data_received)
             return
-        connects.in_flight += 1
-        self.app = self._counted_app  # the task it starts counts itself out when it ends
+        if self.cycle is not None and not self.cycle.response_complete:
+            # Pipelined behind an unanswered request: its task starts later, or never if
+            # the client goes away first; not counted (clients do not pipeline connects).
+            super().on_headers_complete()
+            return
+        tasks = len(self.tasks)
+        self.app = self._counted_app  # the task it starts now counts itself out when it ends
         try:
             super().on_headers_complete()
         finally:
             self.app = self._app
+        if len(self.tasks) > tasks:  # (uvicorn starts none for, e.g., an upgrade request)
+            connects.in_flight += 1
 
     def on_body(self, body: bytes) -> None:
         if not self._shed:

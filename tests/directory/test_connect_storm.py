@@ -143,8 +143,9 @@ async def test_a_burst_past_the_bound_is_shed_and_the_control_plane_is_not(
     async with httpx.AsyncClient(timeout=t(30)) as client:
         assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
         metrics = (await client.get(f"{d.url}/metrics")).text
-    # Shed by the HTTP edge or by the handler, every one is counted.
+    # Shed by the HTTP edge or by the handler, every one is counted; none is left in flight.
     assert f'roomshard_directory_connects_total{{result="overloaded"}} {float(len(shed))}' in metrics
+    assert "roomshard_directory_connects_in_flight 0.0" in metrics
 
 
 async def await_until_active(client: httpx.AsyncClient, base: str, iid: str) -> None:
