@@ -31,6 +31,7 @@ from directory.domain.budget import CreateBudget
 from directory.domain.errors import ApiError
 from directory.http import admin, connect, internal, messages, meta, openapi
 from directory.http.edge import ApiRoute, authenticate, endpoint, error_of, error_response
+from directory.http.server import CONNECT_PREFIX, CONNECT_SUFFIX, connect_room
 from directory.metrics import Metrics
 from directory.ops.mover import Mover
 from directory.shards import ShardClient
@@ -137,9 +138,6 @@ def all_routes() -> list[ApiRoute]:
     return [*connect.ROUTES, *messages.ROUTES, *admin.ROUTES, *internal.ROUTES, *meta.ROUTES]
 
 
-_CONNECT_PREFIX, _CONNECT_SUFFIX = "/v1/rooms/", "/connect"
-
-
 class DirectoryApp(Starlette):
     """Starlette, with the measured hot path dispatched straight to its endpoint.
 
@@ -147,19 +145,18 @@ class DirectoryApp(Starlette):
     checks, metrics and error bodies: the endpoint answers every outcome itself),
     without the middleware stack and the walk over the route table, a sixth of a
     connect's CPU in the directory (docs/benchmarks/connect.md). A path takes
-    this way exactly when the connect route's own pattern (``strict``: the room is
-    everything between the prefix and the last ``/connect``) would match it.
+    this way exactly when the connect route's own pattern would match it
+    (:func:`directory.http.server.connect_room`).
     """
 
     connect: Callable[[Request], Awaitable[Response]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and self.connect is not None:
-            path: str = scope["path"]
-            if (path.startswith(_CONNECT_PREFIX) and path.endswith(_CONNECT_SUFFIX)
-                    and len(path) >= len(_CONNECT_PREFIX) + len(_CONNECT_SUFFIX)):
+            room = connect_room(scope["path"])
+            if room is not None:
                 scope["app"] = self
-                scope["path_params"] = {"room": path[len(_CONNECT_PREFIX):-len(_CONNECT_SUFFIX)]}
+                scope["path_params"] = {"room": room}
                 response = await self.connect(Request(scope, receive, send))
                 await response(scope, receive, send)
                 return
@@ -246,7 +243,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
                        exception_handlers={HTTPException: http_error, Exception: server_error})
     (connect_spec,) = (s for s in specs if s.name == "connect")
     assert connect_spec.method == "POST" and connect_spec.path == (
-        _CONNECT_PREFIX + "{room:path}" + _CONNECT_SUFFIX)
+        CONNECT_PREFIX + "{room:path}" + CONNECT_SUFFIX)
     app.connect = endpoint(connect_spec)
     app.router.redirect_slashes = False
     app.state.openapi = meta.encode_openapi(

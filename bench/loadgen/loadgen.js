@@ -24,37 +24,9 @@ const path = require('path');
 const { createRequire } = require('module');
 const { performance, monitorEventLoopDelay } = require('perf_hooks');
 
-const http = require('http');
-
 const nodeRequire = createRequire(path.join(__dirname, '..', 'node', 'package.json'));
 const WebSocket = nodeRequire('ws');
-
-// The directory's connect call on Node's own HTTP client over kept-alive
-// sockets: a third of the CPU of `fetch` (undici) per request, which made the
-// load generator, not the server, the limit of the connect measurement.
-const AGENT = new http.Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 1024 });
-
-function postJson(url, body) {
-  return new Promise((resolve, reject) => {
-    const data = Buffer.from(JSON.stringify(body));
-    const req = http.request(url, {
-      method: 'POST',
-      agent: AGENT,
-      headers: { 'content-type': 'application/json', 'content-length': data.length },
-    }, (res) => {
-      const chunks = [];
-      res.on('data', (c) => chunks.push(c));
-      res.on('end', () => {
-        try {
-          resolve({ status: res.statusCode, headers: res.headers, body: JSON.parse(Buffer.concat(chunks).toString()) });
-        } catch (e) { reject(e); }
-      });
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end(data);
-  });
-}
+const { postConnect } = require('./directory');
 
 const PAD = 'hello from the roomshard benchmark';
 const HIST_BUCKETS = 100000; // 0.1 ms buckets up to 10 s
@@ -254,9 +226,9 @@ const PROTOCOLS = {
       }
     },
     async connectOnce(client, directory) {
-      const res = await postJson(`${directory}/v1/rooms/${client.room}/connect`, { user: client.user });
+      const res = await postConnect(directory, client.room, client.user);
       const body = res.body;
-      if (res.status !== 200) {
+      if (res.status !== 200 || body === null) {
         const err = new Error(`connect ${res.status} ${JSON.stringify(body)}`);
         err.retryable = res.status === 503;
         throw err;

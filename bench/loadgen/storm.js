@@ -19,15 +19,14 @@
 // served them, and what the directory and the shards answered on the way.
 'use strict';
 
-const http = require('http');
 const path = require('path');
 const readline = require('readline');
 const { createRequire } = require('module');
 
 const nodeRequire = createRequire(path.join(__dirname, '..', 'node', 'package.json'));
 const WebSocket = nodeRequire('ws');
+const { AGENT, postConnect } = require('./directory');
 
-const AGENT = new http.Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 1024 });
 const BACKOFF = { base: 100, factor: 2, cap: 5000 };
 const FLOOR = { 1013: 100, 4008: 1000 };
 
@@ -39,27 +38,6 @@ function delay(attempt, code) {
   if (attempt === 0) return floor + Math.random() * BACKOFF.base;
   const ceiling = Math.min(BACKOFF.cap, BACKOFF.base * BACKOFF.factor ** (attempt - 1));
   return Math.min(BACKOFF.cap, Math.max(floor, Math.random() * ceiling));
-}
-
-function postConnect(directory, room, user) {
-  return new Promise((resolve, reject) => {
-    const data = Buffer.from(JSON.stringify({ user }));
-    const req = http.request(`${directory}/v1/rooms/${room}/connect`, {
-      method: 'POST', agent: AGENT,
-      headers: { 'content-type': 'application/json', 'content-length': data.length },
-    }, (res) => {
-      const chunks = [];
-      res.on('data', (c) => chunks.push(c));
-      res.on('end', () => {
-        let body = null;
-        try { body = JSON.parse(Buffer.concat(chunks).toString()); } catch (e) { body = null; }
-        resolve({ status: res.statusCode, retryAfter: Number(res.headers['retry-after'] || 0), body });
-      });
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end(data);
-  });
 }
 
 class Stats {

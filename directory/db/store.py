@@ -68,7 +68,8 @@ _ROOM_TARGET = (
 )
 
 
-_PG_INSTANCES_SQL = (
+#: Placement's view of the instances (both dialects' hot paths).
+_INSTANCES_SQL = (
     "SELECT id, number, state, capacity, rooms_assigned, load_connections, last_heartbeat, "
     "registered_at, internal_url, public_base FROM instances"
 )
@@ -95,6 +96,15 @@ try:
         OSError, ConnectionError, TimeoutError)
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _PG_DOWN_ERRORS = (OSError, ConnectionError, TimeoutError)
+
+
+def _new_room_stmt(insert: Any, room: Any, instance: Any, now: Any) -> Any:
+    """Insert-if-absent of a new room at epoch 1, RETURNING it (nothing when it exists)."""
+    return (insert(rooms)
+            .values(room=room, instance=instance, epoch=1, owner_epoch=1, state="active",
+                    private=False, seq_base=0, created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["room"])
+            .returning(rooms.c.room))
 
 
 def _open_stmt(room: Any, instance: Any, ticket_epoch: Any, *, now: Any,
@@ -146,7 +156,6 @@ class Store:
         """``synchronous``: the SQLite setting ``engine`` was made with (its hot-path
         writer commits the same way)."""
         self.engine = engine
-        self._synchronous = synchronous
         self.dialect = engine.dialect.name
         if self.dialect == "postgresql":
             self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -165,7 +174,7 @@ class Store:
         self._lite: LiteHotPath | None = None
         if self.dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             self._lite = LiteHotPath(engine.url.database,
-                                    str(_ROOM_TARGET.compile(dialect=engine.dialect)))
+                                     str(_ROOM_TARGET.compile(dialect=engine.dialect)), synchronous)
 
     def close(self) -> None:
         if self._lite is not None:
@@ -244,7 +253,7 @@ class Store:
         (a data-modifying CTE, atomic in autocommit). None when another replica won."""
 
         async def op(c: Any) -> Target | None:
-            rows = [dict(r) for r in await c.fetch(_PG_INSTANCES_SQL)]
+            rows = [dict(r) for r in await c.fetch(_INSTANCES_SQL)]
             inst = _pick(rows, now=now, down_after=down_after)
             if await c.fetchrow(_PG_NEW_ROOM_SQL, room, inst["id"], now) is None:
                 return None
@@ -256,8 +265,7 @@ class Store:
                               down_after: float) -> Target | None | str:
         assert self._lite is not None and self._write_turn is not None
         async with self._turn():
-            return self._lite.place_new(room, now=now, down_after=down_after,
-                                        synchronous=self._synchronous)
+            return self._lite.place_new(room, now=now, down_after=down_after)
 
     async def place(self, room: str, current: Mapping[str, Any] | None, *, now: float,
                     down_after: float, keep_after: float | None = None) -> tuple[Target, str]:
@@ -311,14 +319,7 @@ class Store:
 
     async def _insert_room(self, conn: AsyncConnection, room: str, inst: Mapping[str, Any], *,
                            now: float) -> Target | None:
-        stmt = (
-            self._insert(rooms)
-            .values(room=room, instance=inst["id"], epoch=1, owner_epoch=1, state="active",
-                    private=False, seq_base=0, created_at=now, updated_at=now)
-            .on_conflict_do_nothing(index_elements=["room"])
-            .returning(rooms.c.room)
-        )
-        if (await conn.execute(stmt)).first() is None:
+        if (await conn.execute(_new_room_stmt(self._insert, room, inst["id"], now))).first() is None:
             return None
         await bump_rooms_assigned(conn, inst["id"], +1)
         return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
@@ -346,8 +347,7 @@ class Store:
         caller owns it but it is mid-move; ``not_owner``: anything else)."""
         if self._lite is not None:
             async with self._turn():
-                done = self._lite.open_rooms(instance, opens, now=now,
-                                             synchronous=self._synchronous)
+                done = self._lite.open_rooms(instance, opens, now=now)
             if not isinstance(done, str):
                 return done
             # BUSY: another process writes; the general path waits its turn off the loop
@@ -517,8 +517,12 @@ async def reassign(conn: AsyncConnection, room: str, *, old_epoch: int,
 async def bump_rooms_assigned(conn: AsyncConnection, instance: str, delta: int) -> None:
     """Keep ``instances.rooms_assigned`` in step: call in the transaction that moves a room
     (the handoff module's commit too). Start-up re-derives it from the rooms table anyway."""
-    await conn.execute(update(instances).where(instances.c.id == instance)
-                       .values(rooms_assigned=instances.c.rooms_assigned + delta))
+    await conn.execute(_bump_stmt(instance, delta))
+
+
+def _bump_stmt(instance: Any, delta: Any) -> Any:
+    return (update(instances).where(instances.c.id == instance)
+            .values(rooms_assigned=instances.c.rooms_assigned + delta))
 
 
 async def _instance(conn: AsyncConnection, instance: str) -> Mapping[str, Any] | None:
@@ -544,8 +548,8 @@ class LiteHotPath:
 
     BUSY = "busy"
 
-    def __init__(self, path: str, target_sql: str) -> None:
-        self._path, self._target_sql = path, target_sql
+    def __init__(self, path: str, target_sql: str, synchronous: str) -> None:
+        self._path, self._target_sql, self._synchronous = path, target_sql, synchronous
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
 
@@ -566,8 +570,7 @@ class LiteHotPath:
             raise sa_exc.OperationalError(self._target_sql, None, exc) from exc
         return None if rec is None else _target_row(rec)
 
-    def place_new(self, room: str, *, now: float, down_after: float,
-                  synchronous: str) -> Target | None | str:
+    def place_new(self, room: str, *, now: float, down_after: float) -> Target | None | str:
         """Insert ``room`` on the least loaded live instance and count it, atomically.
 
         The new room's target; None when the room exists by now (another
@@ -576,19 +579,21 @@ class LiteHotPath:
         placed: list[Target] = []
 
         def run(conn: sqlite3.Connection) -> None:
-            rows = [dict(r) for r in conn.execute(_LITE_INSTANCES_SQL)]
+            rows = [dict(r) for r in conn.execute(_INSTANCES_SQL)]
             inst = _pick(rows, now=now, down_after=down_after)
-            if conn.execute(_LITE_NEW_ROOM_SQL, (room, inst["id"], now, now)).fetchone() is None:
+            if conn.execute(_LITE_NEW_ROOM_SQL, {**_LITE_NEW_ROOM_CONSTANTS, "room": room,
+                                                 "instance": inst["id"], "now": now}
+                            ).fetchone() is None:
                 return  # placed meanwhile: nothing to count
-            conn.execute(_LITE_COUNT_SQL, (inst["id"],))
+            conn.execute(_LITE_COUNT_SQL, {**_LITE_COUNT_CONSTANTS, "instance": inst["id"]})
             placed.append(Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"]))
 
-        if not self._write(run, synchronous):
+        if not self._write(run):
             return self.BUSY
         return placed[0] if placed else None
 
     def open_rooms(self, instance: str, opens: Sequence[tuple[str, int, str | None]], *,
-                   now: float, synchronous: str) -> list[Mapping[str, Any] | str] | str:
+                   now: float) -> list[Mapping[str, Any] | str] | str:
         """:meth:`Store.open_rooms` in one transaction on this connection, or :data:`BUSY`."""
         out: list[Mapping[str, Any] | str] = []
 
@@ -603,20 +608,19 @@ class LiteHotPath:
                 cur = conn.execute(_LITE_ROOM_STATE_SQL, (room,)).fetchone()
                 out.append(_refusal(cur, instance, ticket_epoch))
 
-        done = self._write(run, synchronous)
-        return out if done else self.BUSY
+        return out if self._write(run) else self.BUSY
 
-    def _write(self, run: Callable[[sqlite3.Connection], None], synchronous: str) -> bool:
+    def _write(self, run: Callable[[sqlite3.Connection], None]) -> bool:
         """``run`` in one write transaction (False: another process holds the lock)."""
         try:
             if self._writer is None:
                 self._writer = self._connect(0)
-                self._writer.execute(f"PRAGMA synchronous={synchronous}")
+                self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
             conn = self._writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     return False
                 raise
             try:
@@ -638,20 +642,20 @@ class LiteHotPath:
         self._reader = self._writer = None
 
 
-_LITE_INSTANCES_SQL = _PG_INSTANCES_SQL
-_LITE_OPEN = _open_stmt(bindparam("room"), bindparam("instance"), bindparam("ticket_epoch"),
-                        now=bindparam("now"), open_id=bindparam("open_id")
-                        ).compile(dialect=sqlite.dialect(paramstyle="named"))
-_LITE_OPEN_SQL = str(_LITE_OPEN)
-# The statement's own constants (1, 0, 1 << 32, 'active'), which compile to parameters too.
-_LITE_OPEN_CONSTANTS = {k: v for k, v in _LITE_OPEN.params.items()
-                        if k not in ("room", "instance", "ticket_epoch", "now", "open_id")}
+def _lite(stmt: Any) -> tuple[str, dict[str, Any]]:
+    """A statement compiled once for the SQLite hot path: its SQL with named parameters,
+    and the values of the parameters its own constants compiled to (merged per call)."""
+    compiled = stmt.compile(dialect=sqlite.dialect(paramstyle="named"))
+    return str(compiled), {k: v for k, v in compiled.params.items() if v is not None}
+
+
+_LITE_OPEN_SQL, _LITE_OPEN_CONSTANTS = _lite(_open_stmt(
+    bindparam("room"), bindparam("instance"), bindparam("ticket_epoch"), now=bindparam("now"),
+    open_id=bindparam("open_id")))
+_LITE_NEW_ROOM_SQL, _LITE_NEW_ROOM_CONSTANTS = _lite(_new_room_stmt(
+    sqlite.insert, bindparam("room"), bindparam("instance"), bindparam("now")))
+_LITE_COUNT_SQL, _LITE_COUNT_CONSTANTS = _lite(_bump_stmt(bindparam("instance"), 1))
 _LITE_ROOM_STATE_SQL = "SELECT instance, owner_epoch, state FROM rooms WHERE room = ?"
-_LITE_NEW_ROOM_SQL = (
-    "INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base, "
-    "created_at, updated_at) VALUES (?, ?, 1, 1, 'active', 0, 0, ?, ?) "
-    "ON CONFLICT (room) DO NOTHING RETURNING room")
-_LITE_COUNT_SQL = "UPDATE instances SET rooms_assigned = rooms_assigned + 1 WHERE id = ?"
 
 
 def _pick(rows: Sequence[Mapping[str, Any]], *, now: float, down_after: float) -> Mapping[str, Any]:

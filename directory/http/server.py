@@ -45,6 +45,7 @@ import logging
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -75,12 +76,11 @@ class ConnectAdmission:
     """The connects one server has read and not answered yet, bounded; ``on_shed`` is
     called for each connect answered 503 ``overloaded`` here (the app's metrics)."""
 
-    __slots__ = ("in_flight", "limit", "on_shed", "shed")
+    __slots__ = ("in_flight", "limit", "on_shed")
 
     def __init__(self, limit: int, on_shed: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.in_flight = 0
-        self.shed = 0
         self.on_shed = on_shed
 
     def full(self) -> bool:
@@ -138,10 +138,25 @@ def refusal(status: int, code: str, message: str,
     ])
 
 
+CONNECT_PREFIX, CONNECT_SUFFIX = "/v1/rooms/", "/connect"
+
+
+def connect_room(path: str) -> str | None:
+    """The room of a ``/v1/rooms/{room}/connect`` path, as the connect route's pattern
+    (``directory.app.strict``: everything between the prefix and the last ``/connect``)
+    reads it; None for any other path."""
+    if (path.startswith(CONNECT_PREFIX) and path.endswith(CONNECT_SUFFIX)
+            and len(path) >= len(CONNECT_PREFIX) + len(CONNECT_SUFFIX)):
+        return path[len(CONNECT_PREFIX):-len(CONNECT_SUFFIX)]
+    return None
+
+
 def _is_connect(method: bytes, url: bytes) -> bool:
-    """``POST /v1/rooms/{room}/connect`` (the query, if any, aside)."""
-    path = url.partition(b"?")[0]
-    return method == b"POST" and path.startswith(b"/v1/rooms/") and path.endswith(b"/connect")
+    """``POST /v1/rooms/{room}/connect``: the request line's path, decoded as uvicorn does."""
+    if method != b"POST":
+        return False
+    path = url.partition(b"?")[0].decode("latin-1")
+    return connect_room(unquote(path) if "%" in path else path) is not None
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -238,7 +253,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._shed and not self._refused:
             connects = self.connects
-            connects.shed += 1
             if connects.on_shed is not None:
                 connects.on_shed()
             self._refuse(503, "overloaded",
@@ -270,14 +284,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_open:  # a new request on a kept-alive connection
             self._head_open = True
             self._head_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        if not self._shed:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._shed:
-            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._head_open = False

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import time
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 import httpx
@@ -17,6 +18,7 @@ import pytest
 import websockets
 
 from directory.db import store as store_module
+from directory.http.server import _is_connect, connect_room
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
 from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
@@ -31,7 +33,7 @@ N = 200
 async def test_two_hundred_concurrent_first_connects_on_sqlite_all_succeed(procs: Procs) -> None:
     """200 connects at once, each creating a room, on embedded SQLite: every one is placed
     (SQLite's write lock is waited for, never reported as database_unavailable)."""
-    d = procs.directory(env={"ROOMSHARD_DOWN_AFTER": "600", "ROOMSHARD_ROOM_CREATE_RATE": "0", "ROOMSHARD_LOG_LEVEL": "info"})
+    d = procs.directory(env={"ROOMSHARD_DOWN_AFTER": "600", "ROOMSHARD_ROOM_CREATE_RATE": "0"})
     limits = httpx.Limits(max_connections=N + 50)
     async with httpx.AsyncClient(timeout=t(30), limits=limits) as client:
         await register(client, d.url, "i1", "i2")
@@ -191,8 +193,8 @@ async def test_a_shards_opens_succeed_while_the_directory_serves_a_connect_storm
     """While 200 keep-alive connections send connects back to back, 40 clients join 40 new
     rooms on a real shard: every one gets its welcome (the shard's opens to the directory
     got through: no 1013), and the storm's connects are all answered 200 or 503."""
-    d = procs.directory(env={"ROOMSHARD_ROOM_CREATE_RATE": "0", "ROOMSHARD_LOG_LEVEL": "info"})
-    procs.shard("i1", d.url, env={"ROOMSHARD_LOG_LEVEL": "info"})
+    d = procs.directory(env={"ROOMSHARD_ROOM_CREATE_RATE": "0"})
+    procs.shard("i1", d.url)
     async with httpx.AsyncClient(timeout=t(30)) as client:
         await await_until_active(client, d.url, "i1")
         assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
@@ -226,3 +228,22 @@ async def test_a_shards_opens_succeed_while_the_directory_serves_a_connect_storm
         await asyncio.gather(*storms)
     assert [f["type"] for f in frames] == ["welcome"] * 40, frames
     assert set(statuses) <= {200, 503} and statuses.get(200, 0) > 0, statuses
+
+
+@pytest.mark.parametrize(("method", "url", "room"), [
+    (b"POST", b"/v1/rooms/r-1/connect", "r-1"),
+    (b"POST", b"/v1/rooms/r-1/connect?x=1", "r-1"),
+    (b"POST", b"/v1/rooms/a/connect/connect", "a/connect"),  # greedy, as the route's pattern
+    (b"POST", b"/v1/rooms//connect", ""),
+    (b"POST", b"/v1/rooms/r/%63onnect", "r"),  # decoded as uvicorn decodes it
+    (b"POST", b"/v1/rooms/connect", None),
+    (b"POST", b"/v1/rooms/r/messages", None),
+    (b"GET", b"/v1/rooms/r/connect", None),
+])
+def test_the_edge_and_the_app_see_the_same_connects(method: bytes, url: bytes,
+                                                     room: str | None) -> None:
+    """The HTTP edge counts exactly the requests the app dispatches to the connect route."""
+    path = unquote(url.partition(b"?")[0].decode())
+    assert _is_connect(method, url) is (room is not None)
+    if method == b"POST":
+        assert connect_room(path) == room
