@@ -99,31 +99,14 @@ async def open_rooms(request: Request, ctx: Directory) -> Response:
     check_acting_for(subject, instance)
     if len(body.rooms) > MAX_OPEN_BATCH:
         raise BadRequest("too_many_rooms", f"at most {MAX_OPEN_BATCH} rooms per call")
-    results: list[internal.OpenResult | None] = []
-    valid: list[tuple[str, int, str | None]] = []
-    for item in body.rooms:
-        error = None
-        if not valid_room_id(item.room):
-            error = ErrorDetail(code="invalid_room", message=INVALID_ROOM_ID)
-        elif item.open_id is not None and not OPEN_ID_RE.fullmatch(item.open_id):
-            error = ErrorDetail(code="invalid_open_id", message=_OPEN_ID_MESSAGE)
-        if error is None:
-            valid.append((item.room, item.ticket_epoch, item.open_id))
-            results.append(None)
-        else:
-            results.append(internal.OpenResult(room=item.room, error=error))
+    errors = [_input_error(item) for item in body.rooms]
+    valid = [(item.room, item.ticket_epoch, item.open_id)
+             for item, error in zip(body.rooms, errors) if error is None]
     outcomes = iter(await ctx.store.open_rooms(instance, valid, now=now) if valid else ())
-    for i, item in enumerate(body.rooms):
-        if results[i] is not None:
-            continue
-        outcome = next(outcomes)
-        if isinstance(outcome, str):
-            message = _REFUSED[outcome].format(room=item.room, instance=instance)
-            results[i] = internal.OpenResult(room=item.room,
-                                             error=ErrorDetail(code=outcome, message=message))
-        else:
-            results[i] = internal.OpenResult(room=item.room, grant=_grant(outcome))
-    return json_response(internal.OpenBatch(results=[r for r in results if r is not None]))
+    return json_response(internal.OpenBatch(results=[
+        internal.OpenResult(room=item.room, error=error) if error is not None
+        else _result(item.room, instance, next(outcomes))
+        for item, error in zip(body.rooms, errors)]))
 
 
 _REFUSED = {"moving": "room {room} is moving",
@@ -134,6 +117,23 @@ _OPEN_ID_MESSAGE = f"open_id must match ^{OPEN_ID_RE.pattern}$"
 def _check_open_id(open_id: str | None) -> None:
     if open_id is not None and not OPEN_ID_RE.fullmatch(open_id):
         raise BadRequest("invalid_open_id", _OPEN_ID_MESSAGE)
+
+
+def _input_error(item: internal.OpenItem) -> ErrorDetail | None:
+    """What a single open of ``item`` would answer 400 with, or None."""
+    if not valid_room_id(item.room):
+        return ErrorDetail(code="invalid_room", message=INVALID_ROOM_ID)
+    if item.open_id is not None and not OPEN_ID_RE.fullmatch(item.open_id):
+        return ErrorDetail(code="invalid_open_id", message=_OPEN_ID_MESSAGE)
+    return None
+
+
+def _result(room: str, instance: str, outcome: Any) -> internal.OpenResult:
+    """One room's batch result from ``Store.open_rooms``' outcome (a row or a refusal)."""
+    if isinstance(outcome, str):
+        message = _REFUSED[outcome].format(room=room, instance=instance)
+        return internal.OpenResult(room=room, error=ErrorDetail(code=outcome, message=message))
+    return internal.OpenResult(room=room, grant=_grant(outcome))
 
 
 def _grant(row: Any) -> internal.OpenGrant:
