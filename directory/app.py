@@ -151,6 +151,14 @@ class DirectoryApp(Starlette):
 
     connect: Callable[[Request], Awaitable[Response]] | None = None
 
+    def connect_now(self, room: str, authorization: str | None, body: bytes) -> bytes | None:
+        """A connect answered before it becomes a request task, where it can be
+        (:func:`directory.http.connect.connect_now`; the HTTP edge calls it)."""
+        ctx = getattr(self.state, "ctx", None)
+        if ctx is None or self.connect is None:
+            return None
+        return connect.connect_now(ctx, room, authorization, body)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and self.connect is not None:
             room = connect_room(scope["path"])

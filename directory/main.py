@@ -127,7 +127,7 @@ def run(cfg: DirectoryConfig) -> None:
     def shed() -> None:  # counted with the connects the handlers shed
         app.state.metrics.connects.labels("overloaded").inc()
 
-    admission = ConnectAdmission(cfg.connects_in_flight, shed)
+    admission = ConnectAdmission(cfg.connects_in_flight, shed, app.connect_now)
     app.state.metrics.connects_in_flight.set_function(lambda: admission.in_flight)
 
     config = uvicorn.Config(app, loop=_loop_setup(), lifespan="on",

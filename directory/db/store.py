@@ -224,6 +224,26 @@ class Store:
             row = (await conn.execute(_ROOM_TARGET, {"room": room})).first()
         return row._mapping if row is not None else None
 
+    @property
+    def looks_up_now(self) -> bool:
+        """Whether :meth:`room_target_now` can answer (SQLite: the loop's own connection)."""
+        return self._lite is not None and self._raw_target_sql is None
+
+    def room_target_now(self, room: str) -> Mapping[str, Any] | None:
+        """:meth:`room_target` without waiting; only where :attr:`looks_up_now`."""
+        assert self._lite is not None
+        return self._lite.room_target(room)
+
+    @staticmethod
+    def serving_target(room: str, row: Mapping[str, Any], *, now: float,
+                       keep_after: float) -> Target | None:
+        """The room's target when its current owner (``row``, from :meth:`room_target`)
+        still serves rooms (it is active or draining and heard from within ``keep_after``)."""
+        if row["i_state"] is not None and placement.serves_rooms(row["i_state"], _seen(row),
+                                                                 now=now, down_after=keep_after):
+            return _target(room, row)
+        return None
+
     async def _raw(self, op: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``op(asyncpg_connection)`` on a pooled connection, outside SQLAlchemy's
         execution layer (PostgreSQL hot paths: it costs more CPU than the query).
@@ -278,11 +298,11 @@ class Store:
         another replica won). Raises :class:`NoInstance`.
         """
         for _ in range(MAX_PLACEMENT_ATTEMPTS):
-            if current is not None and current["i_state"] is not None and placement.serves_rooms(
-                current["i_state"], _seen(current), now=now,
-                down_after=down_after if keep_after is None else keep_after
-            ):
-                return _target(room, current), "existing"
+            if current is not None:
+                serving = self.serving_target(
+                    room, current, now=now, keep_after=down_after if keep_after is None else keep_after)
+                if serving is not None:
+                    return serving, "existing"
             if current is None and self._raw_target_sql is not None:
                 done = await self._raw_place_new(room, now=now, down_after=down_after)
                 if done is not None:

@@ -20,7 +20,12 @@ one indexed query (room joined with its instance) plus a ticket signature.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
 
+import orjson
+from sqlalchemy.exc import OperationalError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -29,7 +34,7 @@ from directory.db.store import Target
 from directory.domain.budget import CreateBudget, retry_after
 from directory.domain.errors import ApiError, BadRequest, Forbidden, Overloaded, TooManyRequests
 from directory.domain.schemas import ConnectBody, ConnectResponse
-from directory.http.edge import ApiRoute, decode, json_response, read_body
+from directory.http.edge import NO_STORE, ApiRoute, decode, read_body
 from directory.http.server import ARRIVED
 from roomshard.wire.protocol import INVALID_ROOM_ID, INVALID_USER_ID, valid_room_id, valid_user_id
 
@@ -69,24 +74,12 @@ def _admit(request: Request, ctx: Directory) -> None:
 async def _connect(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
     room = request.path_params["room"]
-    jwt_mode = ctx.client_auth.mode == "jwt"
-    user: str | None = None
-    if jwt_mode:
-        user = ctx.client_auth.jwt_subject(request.headers.get("authorization"), now=now)
-    if not valid_room_id(room):
-        raise BadRequest("invalid_room", INVALID_ROOM_ID)
-    body = decode(await read_body(request), ConnectBody, empty_ok=jwt_mode)
-    if not jwt_mode:
-        user = body.user
-        if user is None:
-            raise BadRequest("missing_user", 'body must be {"user": "<id>"}')
-    assert user is not None
-    if not valid_user_id(user):
-        raise BadRequest("invalid_user", INVALID_USER_ID)
+    user = _credentials(ctx, room, request.headers.get("authorization"), now)
+    user = _user(ctx, await read_body(request), user)
     _admit(request, ctx)
     row = await ctx.store.room_target(room)
-    if row is not None and row["private"] and user not in (row["members"] or ()):
-        raise Forbidden("not_a_member", f"room {room} is private")
+    if row is not None:
+        _check_access(room, row, user)
     charged = _charge_creation(ctx, request, user, now) if row is None else ()
     try:
         target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after,
@@ -98,17 +91,85 @@ async def _connect(request: Request, ctx: Directory) -> Response:
         _refund(charged)  # another request created the room first: this one only joins it
     else:
         ctx.metrics.placements.labels(kind).inc()
+    return Response(_answer(ctx, target, user, now), media_type="application/json",
+                    headers=NO_STORE)
+
+
+def connect_now(ctx: Directory, room: str, authorization: str | None, body: bytes) -> bytes | None:
+    """The 200 body of a connect that can be answered without waiting, else None.
+
+    The HTTP edge calls this for a connect whose request arrived whole
+    (:class:`directory.http.server.BoundedHttpToolsProtocol`), before it
+    becomes a task: a room that has a serving owner, looked up where the store
+    answers at once (SQLite, in this process). Everything else (a new room, a
+    dead owner, any error, a store that must be awaited) answers None and the
+    request goes the general way (:func:`connect`), which does every check
+    again; nothing here has an effect before the answer is certain. Same
+    checks in the same order, same ticket, same metrics as the general way.
+    """
+    started = time.perf_counter()
+    store = ctx.store
+    if not store.looks_up_now:
+        return None
+    now = ctx.clock()
+    try:
+        user = _user(ctx, body, _credentials(ctx, room, authorization, now))
+        row = store.room_target_now(room)
+        if row is None:
+            return None
+        _check_access(room, row, user)
+    except (ApiError, OperationalError):
+        return None
+    target = store.serving_target(room, row, now=now, keep_after=ctx.replace_after(now))
+    if target is None:
+        return None
+    answer = _answer(ctx, target, user, now)
+    ctx.metrics.observe("connect", 200, time.perf_counter() - started)
+    return answer
+
+
+def _credentials(ctx: Directory, room: str, authorization: str | None, now: float) -> str | None:
+    """The JWT's user (401 without a valid one) in ``jwt`` mode; then the room id (400)."""
+    user = None
+    if ctx.client_auth.mode == "jwt":
+        user = ctx.client_auth.jwt_subject(authorization, now=now)
+    if not valid_room_id(room):
+        raise BadRequest("invalid_room", INVALID_ROOM_ID)
+    return user
+
+
+def _user(ctx: Directory, body: bytes, user: str | None) -> str:
+    """The connecting user: the JWT's, else the body's ``user`` (400 without a valid one)."""
+    jwt_mode = user is not None
+    decoded = decode(body, ConnectBody, empty_ok=jwt_mode)
+    if not jwt_mode:
+        user = decoded.user
+        if user is None:
+            raise BadRequest("missing_user", 'body must be {"user": "<id>"}')
+    assert user is not None
+    if not valid_user_id(user):
+        raise BadRequest("invalid_user", INVALID_USER_ID)
+    return user
+
+
+def _check_access(room: str, row: Mapping[str, Any], user: str) -> None:
+    if row["private"] and user not in (row["members"] or ()):
+        raise Forbidden("not_a_member", f"room {room} is private")
+
+
+def _answer(ctx: Directory, target: Target, user: str, now: float) -> bytes:
+    """The 200 body: the room's URL with a fresh single-use ticket."""
     ttl = ctx.cfg.ticket_ttl
-    ticket = ctx.signer.issue_ticket(room=room, instance=target.instance, epoch=target.epoch,
-                                     user=user, ttl=ttl, now=now)
+    ticket = ctx.signer.issue_ticket(room=target.room, instance=target.instance,
+                                     epoch=target.epoch, user=user, ttl=ttl, now=now)
     ctx.metrics.connect_ok.inc()
-    return json_response({
-        "room": room,
+    return orjson.dumps({
+        "room": target.room,
         "instance": target.instance,
         "epoch": target.epoch,
         "url": room_url(ctx, target, ctx.signer.encode_ticket(ticket)),
         "expires_in": ttl,
-    }, no_store=True)
+    })
 
 
 def _charge_creation(ctx: Directory, request: Request, user: str,

@@ -70,7 +70,7 @@ class ApiRoute:
     content_type: str = "application/json"
 
 
-_NO_STORE = {"Cache-Control": "no-store"}
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def error_response(status: int, code: str, message: str, *,
@@ -106,7 +106,7 @@ def json_response(data: Any, status: int = 200, *, no_store: bool = False) -> Re
     """``no_store`` for bodies carrying a credential (a ticket must not sit in a cache)."""
     return Response(orjson.dumps(data, default=msgspec.to_builtins), status_code=status,
                     media_type="application/json",
-                    headers=_NO_STORE if no_store else None)
+                    headers=NO_STORE if no_store else None)
 
 
 MAX_BODY_BYTES = 1 << 20

@@ -60,6 +60,9 @@ HEAD_TIMEOUT_S = 10.0
 #: The directory's default bounds of a lingering close (``ROOMSHARD_CLOSE_LINGER_*``).
 DEFAULT_LINGER = LingerLimits(max=1_000)
 
+#: Largest connect body answered without a task (a connect's is ~20 bytes).
+MAX_ANSWER_NOW_BODY = 4096
+
 #: The scope key of a request's arrival (``loop.time()`` of its first byte), which lets a
 #: handler see how long the request waited for its turn (``directory.http.connect`` sheds
 #: a connect that waited too long).
@@ -72,16 +75,25 @@ SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "
 log = logging.getLogger("roomshard.directory")
 
 
+#: ``answer(room, authorization, body)``: the 200 body of a connect answerable at once,
+#: else None (``directory.http.connect.connect_now``).
+AnswerNow = Callable[[str, "str | None", bytes], "bytes | None"]
+
+
 class ConnectAdmission:
     """The connects one server has read and not answered yet, bounded; ``on_shed`` is
-    called for each connect answered 503 ``overloaded`` here (the app's metrics)."""
+    called for each connect answered 503 ``overloaded`` here (the app's metrics);
+    ``answer`` answers a connect that arrived whole before it becomes a task, where it
+    can (see the module docstring)."""
 
-    __slots__ = ("in_flight", "limit", "on_shed")
+    __slots__ = ("answer", "in_flight", "limit", "on_shed")
 
-    def __init__(self, limit: int, on_shed: Callable[[], None] | None = None) -> None:
+    def __init__(self, limit: int, on_shed: Callable[[], None] | None = None,
+                 answer: AnswerNow | None = None) -> None:
         self.limit = limit
         self.in_flight = 0
         self.on_shed = on_shed
+        self.answer = answer
 
     def full(self) -> bool:
         return self.in_flight >= self.limit
@@ -151,12 +163,13 @@ def connect_room(path: str) -> str | None:
     return None
 
 
-def _is_connect(method: bytes, url: bytes) -> bool:
-    """``POST /v1/rooms/{room}/connect``: the request line's path, decoded as uvicorn does."""
+def _connect_of(method: bytes, url: bytes) -> str | None:
+    """The room of a ``POST /v1/rooms/{room}/connect`` (the request line's path, decoded
+    as uvicorn does); None for any other request."""
     if method != b"POST":
-        return False
+        return None
     path = url.partition(b"?")[0].decode("latin-1")
-    return connect_room(unquote(path) if "%" in path else path) is not None
+    return connect_room(unquote(path) if "%" in path else path)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -176,6 +189,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._shed = False  # the current request is a connect answered 503 overloaded
+        self._now: list[bytes] | None = None  # a connect held for an answer at once: its body
+        self._now_room = ""  # and its room
         connects = self.connects
 
         async def counted(scope: Any, receive: Any, send: Any) -> None:
@@ -251,6 +266,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         was_open = self._head_open
         super().data_received(data)
+        if self._now is not None:  # its body is still arriving: the general way bounds its time
+            if self._refused or self.transport.is_closing():
+                self._now = None
+            else:
+                self._go_general()
         if self._shed and not self._refused:
             connects = self.connects
             if connects.on_shed is not None:
@@ -279,6 +299,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._unset_keepalive_if_required()  # (armed by an answer earlier in this read)
         self.scope[ARRIVED] = self.loop.time()  # type: ignore[literal-required]
         self._head_started = True
         if not self._head_open:  # a new request on a kept-alive connection
@@ -293,7 +314,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._body_open = True
         if self._shed:
             return  # a request pipelined behind a shed connect: the connection is ending
-        if not _is_connect(self.parser.get_method(), self.url):
+        room = _connect_of(self.parser.get_method(), self.url)
+        if room is None:
             super().on_headers_complete()
             return
         connects = self.connects
@@ -305,6 +327,31 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # the client goes away first; not counted (clients do not pipeline connects).
             super().on_headers_complete()
             return
+        if connects.answer is not None and self._answerable():
+            self._now = []  # answered in on_message_complete if the whole request is here
+            self._now_room = room
+            return
+        self._start_counted()
+
+    def _answerable(self) -> bool:
+        """A plain kept-alive HTTP/1.1 request with a small declared body (no
+        ``Expect``, no upgrade, no chunks): the kind :meth:`_answer_now` may answer."""
+        if self.expect_100_continue or self.parser.should_upgrade():
+            return False
+        if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
+            return False
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return False
+                length = int(value)
+            elif name == b"transfer-encoding":
+                return False
+        return length is not None and length <= MAX_ANSWER_NOW_BODY
+
+    def _start_counted(self) -> None:
+        """uvicorn's start of the request (its ASGI task), counted in flight."""
         tasks = len(self.tasks)
         self.app = self._counted_app  # the task it starts now counts itself out when it ends
         try:
@@ -312,16 +359,53 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         finally:
             self.app = self._app
         if len(self.tasks) > tasks:  # (uvicorn starts none for, e.g., an upgrade request)
-            connects.in_flight += 1
+            self.connects.in_flight += 1
+
+    def _go_general(self) -> None:
+        """The connect held for :meth:`_answer_now` becomes an ordinary request."""
+        body, self._now = self._now, None
+        assert body is not None
+        self._start_counted()
+        for chunk in body:
+            super().on_body(chunk)
 
     def on_body(self, body: bytes) -> None:
-        if not self._shed:
+        if self._now is not None:
+            self._now.append(body)
+        elif not self._shed:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._body_open = False
+        if self._now is not None:
+            if self._answer_now():
+                return
+            self._go_general()
         if not self._shed:
             super().on_message_complete()
+
+    def _answer_now(self) -> bool:
+        """Answer the held connect if the app can at once (200); False: it cannot."""
+        assert self._now is not None and self.connects.answer is not None
+        authorization = None
+        for name, value in self.headers:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        body = self._now[0] if len(self._now) == 1 else b"".join(self._now)
+        answer = self.connects.answer(self._now_room, authorization, body)
+        if answer is None:
+            return False
+        self._now = None
+        self.transport.write(b"".join([
+            b"HTTP/1.1 200 OK\r\n",
+            *(b"%s: %s\r\n" % kv for kv in self.server_state.default_headers),
+            b"content-type: application/json\r\ncache-control: no-store\r\n"
+            b"content-length: %d\r\n\r\n" % len(answer),
+            answer,
+        ]))
+        self.on_response_complete()  # uvicorn's keep-alive timer, as after any response
+        return True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -18,7 +18,7 @@ import pytest
 import websockets
 
 from directory.db import store as store_module
-from directory.http.server import _is_connect, connect_room
+from directory.http.server import _connect_of, connect_room
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
 from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
@@ -109,7 +109,8 @@ async def test_a_room_placed_meanwhile_is_joined_not_placed_twice(h: Harness) ->
 ], ids=["in flight", "queue wait"])
 async def test_a_burst_past_the_bound_is_shed_and_the_control_plane_is_not(
         procs: Procs, bound: dict[str, str]) -> None:
-    """1,000 connects that reach the directory at once (written while its process is
+    """1,000 first connects (each a new room: work for the database, not answered at
+    once by the HTTP edge) that reach the directory at once (written while its process is
     paused) go past its bound: each is answered 200 or 503 ``overloaded`` with Retry-After,
     never anything else, and some of each; a shard's heartbeat written into the same burst
     is served, and so is the next connect."""
@@ -123,7 +124,7 @@ async def test_a_burst_past_the_bound_is_shed_and_the_control_plane_is_not(
     os.kill(d.popen.pid, signal.SIGSTOP)
     try:
         for n, (_, writer) in enumerate(conns[:-1]):
-            writer.write(_post("/v1/rooms/hot/connect", {"user": f"u{n}"}))
+            writer.write(_post(f"/v1/rooms/hot-{n}/connect", {"user": f"u{n}"}))
         conns[-1][1].write(_put("/v1/internal/instances/i1/heartbeat",
                                 {"internal_url": "http://127.0.0.1:9/i1", "boot_id": "b1"},
                                 token))
@@ -242,8 +243,9 @@ async def test_a_shards_opens_succeed_while_the_directory_serves_a_connect_storm
 ])
 def test_the_edge_and_the_app_see_the_same_connects(method: bytes, url: bytes,
                                                      room: str | None) -> None:
-    """The HTTP edge counts exactly the requests the app dispatches to the connect route."""
+    """The HTTP edge counts (and answers at once) exactly the requests the app dispatches
+    to the connect route, with the same room."""
     path = unquote(url.partition(b"?")[0].decode())
-    assert _is_connect(method, url) is (room is not None)
+    assert _connect_of(method, url) == room
     if method == b"POST":
         assert connect_room(path) == room
