@@ -57,6 +57,11 @@ STORE_REPLAY_ROWS = 500
 #: Presence frames kept for a connection whose replay is still being written;
 #: past this it is closed with 4009 (it does not read fast enough to catch up).
 MAX_DEFERRED_PRESENCE = 10_000
+#: A window's held presence goes out early at this many frames or bytes (bytes: at most a
+#: quarter of ``send_queue_bytes``): one write per member stays small, and so does
+#: the tail each connection that joined during the window gets.
+MAX_HELD_PRESENCE = 64
+MAX_HELD_PRESENCE_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +143,13 @@ class Replay:
     resumes again and hears of it).
     """
 
-    __slots__ = ("conn", "fetch", "fetched", "next_seq", "presence", "whole")
+    __slots__ = ("conn", "fetch", "fetched", "held", "next_seq", "presence", "whole")
 
     def __init__(self, conn: Connection, next_seq: int, whole: bool = False) -> None:
         self.conn = conn
         self.next_seq = next_seq
-        self.presence: list[bytes] = []
+        self.presence: list[bytes] = []  # written after the replay (a window's frames in one)
+        self.held = 0  # presence frames in ``presence``
         self.whole = whole
         self.fetch: asyncio.Task[None] | None = None
         self.fetched: deque[tuple[int, bytes]] = deque()
@@ -156,7 +162,11 @@ class Replay:
 
 class LiveRoom:
     __slots__ = (
+        "_held",
+        "_held_bytes",
+        "_held_from",
         "_last_count",
+        "_window",
         "conns",
         "ctx",
         "frozen",
@@ -190,6 +200,12 @@ class LiveRoom:
         self.messages = 0
         self.messages_per_s = 0.0
         self._last_count = 0
+        # Presence under churn (see presence): the frames held in the current window,
+        # where each connection that joined during it starts in them, the window's end.
+        self._held: list[bytes] = []
+        self._held_from: dict[int, int] = {}
+        self._held_bytes = 0
+        self._window: asyncio.TimerHandle | None = None
 
     def join(self, conn: Connection, conn_id: int, user: str, since: int | None,
              stored: StoredRun | None = None) -> None:
@@ -210,6 +226,8 @@ class LiveRoom:
         out = self.room.join(conn_id, user, ctx.clock(), since, stored)
         if out.presence is not None:
             self.presence(out.presence)
+        if self._window is not None:
+            self._held_from[conn_id] = len(self._held)  # its welcome has what came before
         conn.queue(out.welcome)
         if out.replay_from is not None or len(out.welcome) > cfg.send_queue_bytes // 4:
             conn.queue_limit = cfg.send_queue_bytes + len(out.welcome)
@@ -310,12 +328,81 @@ class LiveRoom:
         conn.close(CloseCode.SLOW_CONSUMER, "slow consumer: the resume fell behind the room")
 
     def presence(self, frame: bytes) -> None:
-        """A presence frame: to the fan-out now, to connections still replaying after it."""
-        self.broadcast(frame)
+        """A presence frame for the room's members, at once or at its window's end.
+
+        Under churn (a reconnect storm, a class joining at nine) every join
+        and leave would be one write to every member: O(n^2) system calls for
+        a room that fills. So a room gathers them (``presence_batch``, 0.25 s):
+        the first frame after a quiet spell goes out at once and opens a
+        window; the frames of the window go out together at its end (one
+        write per member), and the next window opens only if there were any.
+        Order is kept: a message flushes what is held before it goes out; a
+        connection that joined during a window gets only the frames after
+        its join (its welcome's member list has the rest).
+        """
+        batch = self.ctx.cfg.presence_batch
+        if self._window is not None:
+            held = self._held
+            held.append(frame)
+            self._held_bytes += len(frame)
+            if len(held) >= MAX_HELD_PRESENCE or self._held_bytes >= self._max_held_bytes():
+                self.flush_presence()  # a window's write stays small (and its joiners' tails)
+            return
+        self._send_presence(frame, 1)
+        if batch > 0:
+            self._window = asyncio.get_running_loop().call_later(batch, self._window_ends)
+
+    def _window_ends(self) -> None:
+        self._window = None
+        if self._held:
+            self.flush_presence()
+            self._window = asyncio.get_running_loop().call_later(
+                self.ctx.cfg.presence_batch, self._window_ends)
+
+    def flush_presence(self) -> None:
+        """Send the presence frames held in the current window now (the window goes on)."""
+        held, joined = self._held, self._held_from
+        if not held:
+            return
+        self._held, self._held_from, self._held_bytes = [], {}, 0
+        frame = held[0] if len(held) == 1 else b"".join(held)
+        if not joined:
+            self._send_presence(frame, len(held))
+            return
+        # Who joined during the window gets the frames after its join only.
+        self._send_presence(frame, len(held), skip=joined)
+        for cid, start in joined.items():
+            if start < len(held):
+                self._send_presence_to(cid, b"".join(held[start:]), len(held) - start)
+
+    def _max_held_bytes(self) -> int:
+        return min(MAX_HELD_PRESENCE_BYTES, self.ctx.cfg.send_queue_bytes // 4)
+
+    def _send_presence(self, frame: bytes, count: int, skip: dict[int, int] | None = None) -> None:
+        """``frame`` (``count`` presence frames) to the fan-out, and to the replays after them."""
+        ctx = self.ctx
+        conns = self.conns.values() if not skip else [
+            c for cid, c in self.conns.items() if cid not in skip]
+        ctx.stats.deliveries += ctx.writer.fan_out(conns, frame) * count
         for replay in list(self.replaying.values()):
-            replay.presence.append(frame)
-            if len(replay.presence) > MAX_DEFERRED_PRESENCE:
-                self._fell_behind(replay)
+            if not skip or replay.conn.conn_id not in skip:
+                self._hold_for_replay(replay, frame, count)
+
+    def _send_presence_to(self, cid: int, frame: bytes, count: int) -> None:
+        conn = self.conns.get(cid)
+        if conn is not None:
+            conn.queue(frame)
+            self.ctx.stats.deliveries += count
+            return
+        replay = self.replaying.get(cid)
+        if replay is not None:
+            self._hold_for_replay(replay, frame, count)
+
+    def _hold_for_replay(self, replay: Replay, frame: bytes, count: int) -> None:
+        replay.presence.append(frame)
+        replay.held += count
+        if replay.held > MAX_DEFERRED_PRESENCE:
+            self._fell_behind(replay)
 
     def members_conns(self) -> list[Connection]:
         """Every connection in the room, caught up or still replaying."""
@@ -334,6 +421,7 @@ class LiveRoom:
                 return
             replay.stop()
             conn.replaying = False
+        self._held_from.pop(cid, None)
         presence = self.room.leave(cid, self.ctx.clock())
         if presence is not None:
             self.presence(presence)
@@ -390,6 +478,8 @@ class LiveRoom:
         if out.broadcast is not None:
             self.messages += 1
             self.ctx.stats.messages_out += 1
+            if self._held:
+                self.flush_presence()  # what happened before the message arrives before it
             self.broadcast(out.broadcast)
             if self.replaying:
                 self._check_replays()
@@ -428,6 +518,8 @@ class LiveRoom:
         self.room.stored(seq, p.frame)
         self.messages += 1
         self.ctx.stats.messages_out += 1
+        if self._held:
+            self.flush_presence()
         self.broadcast(p.frame)
         if self.replaying:
             self._check_replays()
@@ -479,6 +571,7 @@ class LiveRoom:
     def close_all(self, code: int, reason: str) -> int:
         """Close every member with ``code``; returns how many were closed."""
         self._wake_settled()
+        self.flush_presence()  # before the close frames
         conns = self.members_conns()
         # Everyone goes at once: no presence leave for each to the rest (O(n^2)).
         self.conns.clear()
@@ -496,6 +589,7 @@ class LiveRoom:
     def freeze(self) -> None:
         """Stop reading members' frames (TCP holds them) and refuse joins with 1013."""
         self.frozen = True
+        self.flush_presence()  # a move's members have what happened before it
         for c in self.members_conns():
             if c.transport is not None and not c.closed:
                 c.transport.pause_reading()

@@ -14,8 +14,9 @@ from shard.stats import Stats
 from shard.writer import Writer
 
 NOW = 1_700_000_000.0
+# Presence at once unless a test batches it (test_presence_batch.py).
 CFG = ShardConfig(instance="i1", port=0, directory_url="http://directory.test",
-                  cluster_secret="s" * 32)
+                  cluster_secret="s" * 32, presence_batch=0)
 
 
 class Member:
@@ -66,21 +67,34 @@ class Member:
             self.room.leave(self)  # as the server's detach
 
     def messages(self) -> list[dict]:
-        return [orjson.loads(f[_header_len(f):]) for f in self.frames]
+        """Every frame written, decoded (a write may hold several: a presence window's)."""
+        out = []
+        for chunk in self.frames:
+            pos = 0
+            while pos < len(chunk):
+                start, size = _payload(chunk, pos)
+                out.append(orjson.loads(chunk[start:start + size]))
+                pos = start + size
+        return out
 
 
-def _header_len(frame: bytes) -> int:
-    n = frame[1] & 0x7F
-    return 2 if n < 126 else 4 if n == 126 else 10
+def _payload(data: bytes, pos: int) -> tuple[int, int]:
+    """Where the payload of the (unmasked) frame at ``pos`` starts, and its length."""
+    n = data[pos + 1] & 0x7F
+    if n < 126:
+        return pos + 2, n
+    if n == 126:
+        return pos + 4, int.from_bytes(data[pos + 2:pos + 4], "big")
+    return pos + 10, int.from_bytes(data[pos + 2:pos + 10], "big")
 
 
 class Fixture:
-    def __init__(self, **room_kw) -> None:
+    def __init__(self, cfg: ShardConfig = CFG, **room_kw) -> None:
         self.stats = Stats()
         self.writer = Writer()
         self.mono = 0.0  # the monotonic clock the rate limit reads
         self.room = Room(name="r", instance="i1", epoch=1, **room_kw)
-        self.live = LiveRoom(self.room, RoomContext(CFG, self.stats, self.writer,
+        self.live = LiveRoom(self.room, RoomContext(cfg, self.stats, self.writer,
                                                     lambda: NOW, lambda: self.mono))
         self.ids = 0
 
