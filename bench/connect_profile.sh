@@ -33,7 +33,7 @@ done
 if [ "${PROF:-0}" = 1 ]; then
   for who in directory:$DP shard:$SP; do
     name=${who%%:*}; pid=${who##*:}
-    "${PYSPY:-$(dirname "$PY")/py-spy}" record -r 200 -p "$pid" -o "$OUT/$name.txt" -f raw --nonblocking >"$OUT/py-spy-$name.log" 2>&1 & PIDS+=($!)
+    "${PYSPY:-$(dirname "$PY")/py-spy}" record -r ${RATE:-200} -p "$pid" -o "$OUT/$name.txt" -f raw --nonblocking >"$OUT/py-spy-$name.log" 2>&1 & PIDS+=($!)
   done
   sleep 1
 fi

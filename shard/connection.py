@@ -172,6 +172,7 @@ class Connection(asyncio.Protocol):
         "_deferred",
         "_eof_pending",
         "_fresh",
+        "_head",
         "_http_stalled",
         "_idle_timer",
         "_peer_eof",
@@ -207,6 +208,7 @@ class Connection(asyncio.Protocol):
         # h11, made on the first read that is not a whole ordinary handshake.
         self.http: h11.Connection | None = None
         self._fresh = True  # no byte read yet
+        self._head: bytes | None = None  # the 101 while it waits for the end of the turn
         self.reader: FrameReader | None = None  # set by the WebSocket upgrade
         self.conn_id = 0
         self.user = ""
@@ -489,7 +491,10 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         cfg = self.ctx.cfg
-        transport.write(response)
+        # The 101 goes out at the end of the turn, in one write with what follows it
+        # (the welcome, when the room is in memory; a refusal's close frame).
+        self._head = response
+        self._push(response)
         self.http = None  # h11's buffers are not kept for the connection's life
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -653,6 +658,7 @@ class Connection(asyncio.Protocol):
                     transport.write(data[sent:] if sent else data)
             pending.clear()
             self.pending_bytes = 0
+            self._head = None
         if self.replaying and not self.write_paused and not self.closing:
             room = self.room
             if room is not None:
@@ -667,6 +673,9 @@ class Connection(asyncio.Protocol):
                  self.room.name if self.room else "-")
         self.pending.clear()
         self.pending_bytes = 0
+        if self._head is not None and self.transport is not None:
+            self.transport.write(self._head)  # the 101 before the close frame, whatever else goes
+            self._head = None
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: send queue overflowed", now=True)
 
     def close(self, code: int, reason: str = "", *, now: bool = False) -> None:
