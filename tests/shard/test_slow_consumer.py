@@ -66,7 +66,7 @@ def p99(values: list[float]) -> float:
 
 
 async def test_stalled_client_is_closed_4009_and_room_keeps_its_latency(procs):
-    """One of 50 stops reading: it is closed 4009; the others' p99 stays within 2x of without it."""
+    """One of 50 stops reading: it is closed 4009; the others' p99 stays within 2x (or 15 ms) of without it."""
     d = procs.directory()
     s = procs.shard("i1", d.url, extra=["--rate", "10000", "--rate-burst", "10000",
                                          "--send-queue-bytes", str(128 * 1024)])
@@ -96,7 +96,10 @@ async def test_stalled_client_is_closed_4009_and_room_keeps_its_latency(procs):
           f"(close code, frames it got, first frame): {closes}")
     for code, count, first in closes:
         assert code == 4009 and first == "welcome" and count < MESSAGES
-    assert stall_p99 <= 2 * base_p99
+    # A few ms of p99 move by ~10 ms between rounds on a loaded 2-core machine (seen in CI:
+    # best of three 4.5 vs 10.6 ms); a stalled peer that held the room up would cost it
+    # far more (its 128 KiB queue, then 4009, at 50 msg/s: hundreds of ms).
+    assert stall_p99 <= max(2 * base_p99, base_p99 + 0.015)
 
 
 async def watch_slow_closes(http: httpx.AsyncClient, closes: int, stalled: RawClient | None = None
