@@ -33,6 +33,7 @@ from directory.http import admin, connect, internal, messages, meta, openapi
 from directory.http.edge import ApiRoute, authenticate, endpoint, error_of, error_response
 from directory.http.server import CONNECT_PREFIX, CONNECT_SUFFIX, connect_room
 from directory.metrics import Metrics
+from directory.ops.failover import Failover
 from directory.ops.mover import Mover
 from directory.shards import ShardClient
 from roomshard import urls
@@ -201,6 +202,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,
                                       admin_token=cfg.admin_token.encode(), mover=mover,
+                                      failover=Failover(store, shards, metrics, clock),
                                       api_keys=tuple(k.encode() for k in cfg.server_api_keys),
                                       messages=message_store,
                                       awake_since=clock(),

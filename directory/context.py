@@ -16,6 +16,7 @@ from directory.db.store import Store
 from directory.domain.auth import ClientAuth
 from directory.domain.budget import CreateBudget
 from directory.metrics import Metrics
+from directory.ops.failover import Failover
 from directory.ops.mover import Mover
 from directory.shards import ShardClient
 from roomshard.config import DirectoryConfig
@@ -34,6 +35,7 @@ class Directory:
     client_auth: ClientAuth
     admin_token: bytes
     mover: Mover
+    failover: Failover
     # The server API's bearer keys (ROOMSHARD_API_KEYS); the admin token works too.
     api_keys: tuple[bytes, ...] = ()
     # The message store the history API reads (None: ask the room's owner).

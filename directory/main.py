@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -27,7 +28,15 @@ from roomshard.config import ConfigError, DirectoryConfig, linger_limits
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises the signal after a graceful stop; we exit 0 instead."""
+    """uvicorn re-raises the signal after a graceful stop; we exit 0 instead. ``on_stop``
+    runs first when it stops (before uvicorn waits for the open requests to end)."""
+
+    on_stop: Any = None
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self.on_stop is not None:
+            self.on_stop()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -135,6 +144,13 @@ def run(cfg: DirectoryConfig) -> None:
                             log_level=cfg.log_level.lower(), access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, proxy_headers=False)
     server = _Server(config)
+
+    def end_channels() -> None:  # the shards' control channels end now, not after 5 s
+        ctx = getattr(app.state, "ctx", None)
+        if ctx is not None:
+            ctx.failover.stop()
+
+    server.on_stop = end_channels
 
     async def serve() -> None:
         async def announce() -> None:

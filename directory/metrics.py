@@ -47,6 +47,18 @@ class Metrics:
         self.published = Counter("roomshard_directory_published",
                                  "messages the server API delivered to their rooms",
                                  registry=self.registry)
+        self.channel_checks = Counter("roomshard_directory_channel_checks",
+                                      "closed shard control channels checked, by what the "
+                                      "check found (gone, alive, unknown)", ["found"],
+                                      registry=self.registry)
+        self.failovers = Counter("roomshard_directory_failovers",
+                                 "shard processes found dead and parked (their rooms are "
+                                 "re-placed on their next connect), by evidence", ["evidence"],
+                                 registry=self.registry)
+        self.failover_detect = Histogram("roomshard_directory_failover_detect_seconds",
+                                         "a dead shard's control channel closing to its "
+                                         "instance parked", buckets=LATENCY_BUCKETS,
+                                         registry=self.registry)
         self._req: dict[tuple[str, int], tuple[object, object]] = {}
         self.connect_ok = self.connects.labels("ok")
 

@@ -36,6 +36,8 @@ from roomshard.wire.internal import (
 from roomshard.wire.tickets import DIRECTORY, Signer
 
 SHARD_CALL_TIMEOUT_S = 1.0
+PROBE_TIMEOUT_S = 0.5  # a closed control channel's check (directory.ops.failover)
+GONE, ALIVE, UNKNOWN = "gone", "alive", "unknown"  # what a probe found
 HANDOFF_CALL_TIMEOUT_S = 3.0  # one handoff call; a SIGSTOPped shard costs this much per try
 HANDOFF_ITEM_S = 0.02  # more time per item of a batched handoff call
 _encode = msgspec.json.Encoder().encode
@@ -58,6 +60,30 @@ class ShardClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    async def probe(self, internal_url: str, boot_id: str,
+                    timeout: float = PROBE_TIMEOUT_S) -> str:
+        """Whether process ``boot_id`` still answers at ``internal_url``: ``GONE`` when
+        nothing listens there (connection refused) or another process answers
+        ``/healthz``; ``ALIVE`` when it answers; ``UNKNOWN`` when nothing is proven
+        (no answer within ``timeout``, an unreachable host, a shard without ``boot_id``)."""
+        url = httpx.URL(internal_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, port), timeout)
+        except ConnectionRefusedError:
+            return GONE
+        except (OSError, TimeoutError):
+            return UNKNOWN
+        writer.close()
+        try:
+            resp = await self.http.get(f"{internal_url}/healthz", timeout=timeout)
+            answered = resp.json().get("boot_id") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return UNKNOWN
+        if not isinstance(answered, str):
+            return UNKNOWN
+        return ALIVE if answered == boot_id else GONE
 
     def headers(self, instance: str) -> dict[str, str]:
         """A fresh cluster token for one call to ``instance`` (refused by every other one)."""

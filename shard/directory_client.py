@@ -34,6 +34,7 @@ import msgspec
 from roomshard.batching import Batcher
 from roomshard.wire.errors import ErrorBody
 from roomshard.wire.internal import (
+    CHANNEL_KEEPALIVE_S,
     HeartbeatBody,
     HeartbeatResponse,
     InstanceLoad,
@@ -167,6 +168,31 @@ class DirectoryClient:
 
         return list(await asyncio.gather(*(one(i) for i in items)))
 
+    async def hold_channel(self, boot_id: str) -> None:
+        """Hold the control channel (``GET .../channel``) open until it ends; raises
+        :class:`DirectoryRefused` for a refusal, :class:`DirectoryUnavailable` otherwise.
+
+        The directory writes a line every ``CHANNEL_KEEPALIVE_S``; a channel
+        silent for three of them is given up (a directory that is gone without a FIN).
+        """
+        token = self._signer.cluster_token(self.instance, to=DIRECTORY, now=self._clock())
+        path = f"/v1/internal/instances/{self.instance}/channel"
+        timeout = httpx.Timeout(REQUEST_TIMEOUT_S, read=3 * CHANNEL_KEEPALIVE_S)
+        try:
+            async with self._http.stream("GET", path, params={"boot_id": boot_id},
+                                         headers={"Authorization": f"Bearer {token}"},
+                                         timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    if resp.status_code in (404, 405):
+                        raise DirectoryRefused(resp.status_code, "not_found", "no channel route")
+                    _raise_for(resp, "GET", path)
+                async for _ in resp.aiter_raw():
+                    pass
+        except httpx.HTTPError as exc:
+            raise DirectoryUnavailable(f"GET {path}: {exc!r}") from exc
+        raise DirectoryUnavailable(f"GET {path}: the directory ended the channel")
+
     async def leave(self, *, drain: bool, timeout: float | None = None) -> dict[str, Any]:
         """Tell the directory this instance stops; raises :class:`DirectoryError`."""
         return await self._call("POST", f"/v1/internal/instances/{self.instance}/leave",
@@ -181,15 +207,8 @@ class DirectoryClient:
                                             headers={"Authorization": f"Bearer {token}"}, **extra)
         except httpx.HTTPError as exc:
             raise DirectoryUnavailable(f"{method} {path}: {exc!r}") from exc
-        if resp.status_code >= 500:
-            raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code}")
         if resp.status_code >= 400:
-            try:
-                err = msgspec.json.decode(resp.content, type=ErrorBody).error
-            except msgspec.DecodeError:  # not the directory's answer (a proxy in between)
-                raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code} "
-                                           "without the error body") from None
-            raise DirectoryRefused(resp.status_code, err.code, err.message)
+            _raise_for(resp, method, path)
         try:
             data = resp.json()
         except ValueError as exc:
@@ -197,3 +216,16 @@ class DirectoryClient:
         if not isinstance(data, dict):
             raise DirectoryUnavailable(f"{method} {path}: unexpected answer")
         return data
+
+
+def _raise_for(resp: httpx.Response, method: str, path: str) -> None:
+    """An error answer as :class:`DirectoryUnavailable` (5xx, not the directory's body)
+    or :class:`DirectoryRefused` (its 4xx error body)."""
+    if resp.status_code >= 500:
+        raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code}")
+    try:
+        err = msgspec.json.decode(resp.content, type=ErrorBody).error
+    except msgspec.DecodeError:  # not the directory's answer (a proxy in between)
+        raise DirectoryUnavailable(f"{method} {path}: HTTP {resp.status_code} "
+                                   "without the error body") from None
+    raise DirectoryRefused(resp.status_code, err.code, err.message)

@@ -52,7 +52,7 @@ class DirectoryAuth:
         return True
 
 
-def install(router: Router, *, instance: str, auth: DirectoryAuth,
+def install(router: Router, *, instance: str, boot_id: str, auth: DirectoryAuth,
             not_ready: Callable[[], str | None], render_metrics: Callable[[], bytes],
             live_rooms: LiveRooms,
             store_state: Callable[[], dict[str, object] | None] = lambda: None) -> None:
@@ -66,7 +66,8 @@ def install(router: Router, *, instance: str, auth: DirectoryAuth,
     """
 
     async def healthz(req: HttpRequest) -> HttpResponse:
-        return json_response({"status": "ok", "instance": instance})
+        # boot_id: which process answers (the directory's check of a closed control channel).
+        return json_response({"status": "ok", "instance": instance, "boot_id": boot_id})
 
     async def readyz(req: HttpRequest) -> HttpResponse:
         why = not_ready()

@@ -127,6 +127,7 @@ SLOW_TICKS = 8  # eviction, ticket purge and rates every 2 s
 #: connect storm, or restarting, costs them a wait, not a refusal and a reconnect.
 OPEN_RETRY_S = 2.0
 HEARTBEAT_RETRY_S = 0.25  # after a failed heartbeat, the next one within 0.25-0.375 s
+CHANNEL_RETRY_S, CHANNEL_RETRY_MAX_S = 0.1, 2.0  # the control channel's reopening backoff
 # lease + this <= the directory's down_after (default 6 + 2 <= 10): the margin for
 # clock rates, a heartbeat in flight and the close of every member.
 MIN_LEASE_MARGIN_S = 2.0
@@ -164,7 +165,9 @@ class ShardServer:
                                                    self.ws_conns, self.lingering, self.ready,
                                                    self.commit))
         self.router = Router()
-        routes.install(self.router, instance=cfg.instance, auth=auth, not_ready=self.not_ready,
+        self.boot_id = secrets.token_hex(8)
+        routes.install(self.router, instance=cfg.instance, boot_id=self.boot_id, auth=auth,
+                       not_ready=self.not_ready,
                        render_metrics=self.metrics.render, live_rooms=self.live_rooms,
                        store_state=self.store_state)
         self.handoff = HandoffWiring(cfg, self.live_rooms, directory, auth, clock)
@@ -173,7 +176,6 @@ class ShardServer:
         self.router.add("POST", "/internal/rooms/{room}/publish", self._publish_route)
         self.router.add("GET", "/internal/rooms/{room}/messages", self._history_route)
         self.started_at = clock()
-        self.boot_id = secrets.token_hex(8)
         self.url = ""
         self._next_conn_id = 0
         self.admission = Admission(cfg, self.signer, self.started_at)
@@ -517,6 +519,35 @@ class ShardServer:
         return InstanceLoad(rooms=len(self.live_rooms), connections=joined,
                             messages_per_s=round(self.messages_per_s, 2))
 
+    async def _channel_loop(self) -> None:
+        """Hold the control channel to the directory for this process's life.
+
+        The operating system closes it the moment this process ends (SIGKILL
+        included), so the directory learns of a crash at once instead of after
+        ``down_after`` (docs/HANDOFF.md, "A dead shard"). Reopened with backoff
+        (0.1 s doubling to 2 s, jittered) whenever it ends; a directory without
+        the route (404/405) is not asked again. The lease is untouched: the channel
+        only adds a signal, heartbeats still keep this shard serving.
+        """
+        delay = CHANNEL_RETRY_S
+        while not self.stopping:
+            opened = self.monotonic()
+            try:
+                await self.directory.hold_channel(self.boot_id)
+            except DirectoryRefused as exc:
+                if exc.status in (404, 405):
+                    log.info("the directory has no control channel: heartbeats only")
+                    return
+                log.warning("control channel refused by the directory: %s", exc)
+            except DirectoryError as exc:
+                log.info("control channel to the directory ended: %s", exc)
+            if self.stopping:
+                return
+            if self.monotonic() - opened > CHANNEL_RETRY_MAX_S:
+                delay = CHANNEL_RETRY_S  # it was up a while: this is a new outage
+            await asyncio.sleep(delay * (1 + random.random() / 2))
+            delay = min(delay * 2, CHANNEL_RETRY_MAX_S)
+
     async def _heartbeat_loop(self) -> None:
         """Heartbeat every ``heartbeat_interval``; after a failure, retry within ~0.25 s.
 
@@ -573,6 +604,7 @@ class ShardServer:
             if not self.registered:
                 self.registered = True
                 log.warning("registered with the directory at %s", cfg.directory_url)
+                self._spawn(self._channel_loop())
                 down_after = answer.down_after
                 if down_after - cfg.lease < MIN_LEASE_MARGIN_S:
                     # The contract's rule needs the shard to stop before the directory

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import and_, bindparam, case, delete, false, literal, select, update
+from sqlalchemy import and_, bindparam, case, delete, false, literal, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from directory.db.engine import instances, rooms
 from directory.domain import placement
 from directory.domain.errors import Overloaded, Unavailable
+from directory.domain.instances import REASON_SHUTDOWN, died_changes
 from roomshard.sql import DEFAULT_SYNCHRONOUS, Synchronous
 
 T = TypeVar("T")
@@ -462,6 +463,22 @@ class Store:
             out = await _instance(conn, instance)
         assert out is not None
         return out
+
+    async def park_dead(self, instance: str, boot_id: str) -> Mapping[str, Any] | None:
+        """Park ``instance`` as died if ``boot_id`` is still its registered process and it
+        serves rooms (active or draining, not parked by its own shutdown); the row after,
+        or None when nothing changed (another process took it over, it left first)."""
+        async with self.write() as conn:
+            done = await conn.execute(
+                update(instances)
+                .where(instances.c.id == instance, instances.c.boot_id == boot_id,
+                       instances.c.state.in_((placement.ACTIVE, placement.DRAINING)),
+                       or_(instances.c.state_reason.is_(None),
+                           instances.c.state_reason != REASON_SHUTDOWN))
+                .values(**died_changes()))
+            if done.rowcount != 1:
+                return None
+            return await _instance(conn, instance)
 
     async def delete_instance(self, instance: str) -> str:
         """``"deleted"``, ``"missing"`` or ``"has_rooms"``."""

@@ -15,6 +15,9 @@ tested without a database. Rules (``docs/INTERNALS.md``):
 * Admins set ``active``/``draining``/``disabled``; ``down`` is the directory's.
 * ``leave`` parks the instance with reason ``shutdown``: ``disabled`` at once
   without a drain, ``draining`` while a drain moves its rooms.
+* A process proven gone (its control channel closed and nothing of it answers)
+  parks the instance with reason ``died``: ``disabled``, reported ``down``; a new
+  process re-activates it as after a shutdown.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from roomshard.wire.internal import HeartbeatBody
 
 REASON_ADMIN = "admin"
 REASON_SHUTDOWN = "shutdown"
+#: Parked because its process was proven gone (``directory.ops.failover``); reported ``down``.
+REASON_DIED = "died"
+#: The reasons a new process of the instance (a new ``boot_id``) ends by re-activating it.
+_PROCESS_GONE = (REASON_SHUTDOWN, REASON_DIED)
 
 
 def check_internal_url(url: str) -> str:
@@ -61,6 +68,8 @@ def seen_at(row: Mapping[str, Any]) -> float:
 
 def state_of(row: Mapping[str, Any], *, now: float, down_after: float) -> str:
     """An instance row's effective state (``down`` once silent for ``down_after``)."""
+    if row["state_reason"] == REASON_DIED:
+        return placement.DOWN
     return placement.effective_state(row["state"], seen_at(row), now=now, down_after=down_after)
 
 
@@ -91,7 +100,7 @@ def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, insta
     new_process = hb.boot_id != row["boot_id"]
     if url != row["internal_url"] and row["rooms_assigned"] > 0 and new_process:
         alive = not placement.is_down(seen_at(row), now=now, down_after=down_after)
-        if alive and row["state_reason"] != REASON_SHUTDOWN:
+        if alive and row["state_reason"] not in _PROCESS_GONE:
             raise Conflict("instance_in_use",
                            f"{instance} is alive at {row['internal_url']} and still has rooms")
     changes: dict[str, Any] = {
@@ -104,7 +113,7 @@ def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, insta
         changes["public_base"] = public_base
     if hb.capacity is not None:
         changes["capacity"] = check_capacity(hb.capacity)
-    if new_process and row["state_reason"] == REASON_SHUTDOWN:
+    if new_process and row["state_reason"] in _PROCESS_GONE:
         changes["state"] = placement.ACTIVE
         changes["state_reason"] = None
     return changes
@@ -141,6 +150,13 @@ def admin_put_changes(row: Mapping[str, Any] | None, body: InstancePut, *, insta
             **changes,
         }
     return changes
+
+
+def died_changes() -> dict[str, Any]:
+    """The process that held the instance is proven gone: ``disabled`` (reported
+    ``down``) until a new process of it heartbeats; its rooms are re-placed on their
+    next connect (``directory.ops.failover``)."""
+    return {"state": placement.DISABLED, "state_reason": REASON_DIED}
 
 
 def leave_changes(*, drain: bool) -> dict[str, Any]:

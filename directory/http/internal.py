@@ -3,6 +3,7 @@ the cluster token; a shard acts only for the instance its token names."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -14,6 +15,7 @@ from directory.domain import instances, placement, schemas
 from directory.domain.auth import check_acting_for
 from directory.domain.errors import BadRequest, Conflict, NotFound
 from directory.http.edge import (
+    NO_STORE,
     ApiRoute,
     cluster_caller,
     decode,
@@ -149,12 +151,68 @@ def _grant(row: Any) -> internal.OpenGrant:
     )
 
 
+async def channel(request: Request, ctx: Directory) -> Response:
+    """The shard's control channel: held open for its process's life (directory.ops.failover)."""
+    subject = cluster_caller(request)
+    instance = instance_param(request.path_params["instance"])
+    check_acting_for(subject, instance)
+    boot_id = request.query_params.get("boot_id", "")
+    if not 0 < len(boot_id) <= 128:
+        raise BadRequest("invalid_boot_id", "boot_id: the process's boot id (1..128 characters)")
+    return ChannelResponse(ctx, instance, boot_id)
+
+
+class ChannelResponse(Response):
+    """A body that never ends on its own: a line every ``CHANNEL_KEEPALIVE_S`` until the
+    shard's side closes (then :meth:`Failover.channel_closed` checks it) or this
+    directory stops (then it ends, and the shard opens one to the next)."""
+
+    def __init__(self, ctx: Directory, instance: str, boot_id: str) -> None:
+        super().__init__(b"", media_type="text/plain", headers=NO_STORE)
+        del self.headers["content-length"]  # a stream: chunked
+        self.ctx, self.instance, self.boot_id = ctx, instance, boot_id
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        failover = self.ctx.failover
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b"open\n", "more_body": True})
+        stop = asyncio.get_running_loop().create_future()
+        failover.channels.add(stop)
+        recv: asyncio.Future[Any] = asyncio.ensure_future(receive())
+        peer_closed = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({recv, stop}, timeout=internal.CHANNEL_KEEPALIVE_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    break
+                if recv in done:
+                    if recv.result()["type"] == "http.disconnect":
+                        peer_closed = True
+                        break
+                    recv = asyncio.ensure_future(receive())  # the (empty) request body
+                    continue
+                await send({"type": "http.response.body", "body": b"\n", "more_body": True})
+        finally:
+            failover.channels.discard(stop)
+            recv.cancel()
+        if not peer_closed:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await failover.channel_closed(self.instance, self.boot_id)
+
+
 _I = "/v1/internal/instances/{instance:path}"
 ROUTES = [
     ApiRoute("PUT", _I + "/heartbeat", "heartbeat", heartbeat,
              "A shard registers itself and reports its load", "internal", auth="cluster",
              body=internal.HeartbeatBody, response=internal.HeartbeatResponse,
              errors=(400, 401, 403, 409)),
+    ApiRoute("GET", _I + "/channel", "channel", channel,
+             "A shard's control channel, held open for its process's life: its close is "
+             "checked at once (a dead process is found in milliseconds, not down_after)",
+             "internal", auth="cluster", errors=(400, 401, 403), content_type="text/plain",
+             query=(("boot_id", "string", "the shard process's boot id, as in its heartbeats"),)),
     ApiRoute("POST", _I + "/leave", "leave", leave,
              "A shard stops cleanly: no new placements, optionally drain", "internal",
              auth="cluster", body=internal.LeaveBody, response=schemas.DrainReport,

@@ -24,6 +24,12 @@ class Body(msgspec.Struct, kw_only=True):
 State = Literal["active", "draining", "down", "disabled"]
 
 
+#: The control channel (``GET /v1/internal/instances/{iN}/channel?boot_id=``, held open
+#: by each shard for its life): the directory writes a line this often; the shard gives
+#: a channel silent for three of them up and opens another.
+CHANNEL_KEEPALIVE_S = 5.0
+
+
 # -- shard -> directory ----------------------------------------------------------
 class InstanceLoad(Body):
     """What a shard holds, reported with every heartbeat."""

@@ -1,0 +1,108 @@
+"""A dead shard process is found at once (``directory.ops.failover``), and only a dead one.
+
+Real processes: a directory with ``down_after`` 600 s (so a lapsed heartbeat
+can never explain what these tests see) and shards that hold their control
+channels. A SIGKILLed shard is ``down`` within a second and its rooms are
+placed again at a higher epoch; a stopped (SIGSTOP) shard, whose sockets stay
+open, is not parked; a clean shutdown is not a death.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
+from roomshard.testing.timing import await_until, t
+
+pytestmark = pytest.mark.e2e
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+
+
+async def _instances(http: httpx.AsyncClient, base: str) -> dict[str, dict[str, Any]]:
+    listed = (await http.get(f"{base}/v1/admin/instances", headers=ADMIN)).json()["instances"]
+    return {i["id"]: i for i in listed}
+
+
+def _metric(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _cluster(procs: Procs) -> tuple[Proc, dict[str, Proc]]:
+    d = procs.directory(env={"ROOMSHARD_DOWN_AFTER": "600"})
+    shards = {i: procs.shard(i, d.url) for i in ("i1", "i2")}
+    async with httpx.AsyncClient(timeout=t(10)) as http:
+        async def both_active() -> bool:
+            found = await _instances(http, d.url)
+            return all(found.get(i, {}).get("state") == "active" for i in shards)
+        await await_until(both_active, t(30), "both shards active")
+    return d, shards
+
+
+async def test_a_killed_shard_is_down_at_once_and_its_rooms_placed_again(procs: Procs) -> None:
+    d, shards = await _cluster(procs)
+    async with httpx.AsyncClient(timeout=t(10)) as http:
+        first = (await http.post(f"{d.url}/v1/rooms/fo/connect", json={"user": "u"})).json()
+        victim, other = first["instance"], ({"i1", "i2"} - {first["instance"]}).pop()
+        killed = time.monotonic()
+        procs.kill(shards[victim])
+
+        async def down() -> bool:
+            return (await _instances(http, d.url))[victim]["state"] == "down"
+
+        await await_until(down, t(5), f"{victim} down")
+        took = time.monotonic() - killed
+        listed = (await _instances(http, d.url))[victim]
+        assert listed["state_reason"] == "died", listed
+        again = await http.post(f"{d.url}/v1/rooms/fo/connect", json={"user": "u"})
+        assert again.status_code == 200, again.text
+        assert (again.json()["instance"], again.json()["epoch"]) == (other, first["epoch"] + 1)
+        metrics = (await http.get(f"{d.url}/metrics")).text
+    assert took < t(2), f"found down after {took:.2f} s"
+    assert _metric(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 1.0
+    assert _metric(metrics, 'roomshard_directory_channel_checks_total{found="gone"}') == 1.0
+    assert f"{victim} is down: its process" in d.output()
+
+
+async def test_a_restarted_shard_takes_its_instance_back(procs: Procs) -> None:
+    d, shards = await _cluster(procs)
+    async with httpx.AsyncClient(timeout=t(10)) as http:
+        procs.kill(shards["i1"])
+
+        async def state(want: str) -> bool:
+            return (await _instances(http, d.url))["i1"]["state"] == want
+
+        await await_until(lambda: state("down"), t(5), "i1 down")
+        procs.shard("i1", d.url)  # a new process (new boot id): active again at its heartbeat
+        await await_until(lambda: state("active"), t(30), "i1 active again")
+        assert (await _instances(http, d.url))["i1"]["state_reason"] is None
+
+
+async def test_a_stopped_shard_is_not_parked_and_a_clean_stop_is_no_death(procs: Procs) -> None:
+    """SIGSTOP keeps its sockets open: nothing closes, nothing is parked (the lease and
+    down_after handle a silent shard). A SIGTERM leaves cleanly before the channel
+    closes: checked, found gone, not parked as died."""
+    d, shards = await _cluster(procs)
+    async with httpx.AsyncClient(timeout=t(10)) as http:
+        os.kill(shards["i1"].popen.pid, signal.SIGSTOP)
+        try:
+            procs.terminate(shards["i2"])  # clean: leave, then exit
+            async def checked() -> bool:
+                text = (await http.get(f"{d.url}/metrics")).text
+                return _metric(text, 'roomshard_directory_channel_checks_total{found="gone"}') == 1
+            await await_until(checked, t(10), "i2's closed channel checked")
+            found = await _instances(http, d.url)
+            metrics = (await http.get(f"{d.url}/metrics")).text
+        finally:
+            os.kill(shards["i1"].popen.pid, signal.SIGCONT)
+    assert (found["i2"]["state"], found["i2"]["state_reason"]) == ("disabled", "shutdown")
+    assert found["i1"]["state"] == "active", found["i1"]  # stopped, not closed: not parked
+    assert _metric(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 0
