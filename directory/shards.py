@@ -36,7 +36,9 @@ from roomshard.wire.internal import (
 from roomshard.wire.tickets import DIRECTORY, Signer
 
 SHARD_CALL_TIMEOUT_S = 1.0
-PROBE_TIMEOUT_S = 0.5  # a closed control channel's check (directory.ops.failover)
+#: A closed control channel's check (directory.ops.failover): generous, because a busy
+#: directory (the dead shard's clients all asking at once) is slow to see even a refusal.
+PROBE_TIMEOUT_S = 2.0
 GONE, ALIVE, UNKNOWN = "gone", "alive", "unknown"  # what a probe found
 HANDOFF_CALL_TIMEOUT_S = 3.0  # one handoff call; a SIGSTOPped shard costs this much per try
 HANDOFF_ITEM_S = 0.02  # more time per item of a batched handoff call

@@ -48,6 +48,9 @@ from roomshard.sql import DEFAULT_SYNCHRONOUS, Synchronous
 T = TypeVar("T")
 SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)
 MAX_PLACEMENT_ATTEMPTS = 5
+#: How long a finished re-placement of a room stays joinable by connects that read the
+#: room before it committed (``Store._replace``).
+REPLACED_MEMO_S = 2.0
 #: How long a write waits for its turn on SQLite's one write lock (in this process)
 #: before the request is answered 503 ``overloaded``.
 SQLITE_WRITE_WAIT_S = 10.0
@@ -173,6 +176,7 @@ class Store:
             self._raw_target_sql = str(compiled).replace("%(room)s", "$1")
             assert "$1" in self._raw_target_sql
         self._lite: LiteHotPath | None = None
+        self._replacing: dict[tuple[str, int], asyncio.Future[Target | None]] = {}  # _replace
         if self.dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             self._lite = LiteHotPath(engine.url.database,
                                      str(_ROOM_TARGET.compile(dialect=engine.dialect)), synchronous)
@@ -318,20 +322,56 @@ class Store:
                     current = await self.room_target(room)
                     continue
                 # BUSY: another process writes; the general path below waits its turn
-            async with self.write() as conn:
-                chosen = await self._choose(conn, now=now, down_after=down_after)
-                if current is None:
+            if current is None:
+                async with self.write() as conn:
+                    chosen = await self._choose(conn, now=now, down_after=down_after)
                     done = await self._insert_room(conn, room, chosen, now=now)
-                    kind = "new"
-                else:
-                    done = await self._reassign(conn, room, old_epoch=current["epoch"],
-                                                old_instance=current["instance"],
-                                                new_instance=chosen, now=now)
-                    kind = "replaced"
+                kind = "new"
+            else:
+                done, led = await self._replace(room, current, now=now, down_after=down_after)
+                kind = "replaced" if led else "existing"
             if done is not None:
                 return done, kind
             current = await self.room_target(room)  # lost a race: take the winner's row
         raise Unavailable("placement_contended", "room assignment kept changing; retry")
+
+    async def _replace(self, room: str, current: Mapping[str, Any], *, now: float,
+                       down_after: float) -> tuple[Target | None, bool]:
+        """Move ``room`` off its dead owner (``current``); the new target, or None when
+        another replica did first, and whether this call did it.
+
+        The connects that find a room's owner dead at once (all its clients
+        reconnect together after a crash) share one attempt per room and epoch
+        in this process: one write transaction, not one each (every other CAS
+        would fail anyway, after waiting its write turn). A finished attempt
+        stays joinable for ``REPLACED_MEMO_S``: a connect that read the row just
+        before the attempt committed joins it instead of trying again.
+        """
+        key = (room, int(current["epoch"]))
+        flight = self._replacing.get(key)
+        if flight is not None:
+            return await asyncio.shield(flight), False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Target | None] = loop.create_future()
+        fut.add_done_callback(_retrieved)
+        self._replacing[key] = fut
+        try:
+            async with self.write() as conn:
+                chosen = await self._choose(conn, now=now, down_after=down_after)
+                done = await self._reassign(conn, room, old_epoch=current["epoch"],
+                                            old_instance=current["instance"],
+                                            new_instance=chosen, now=now)
+        except Exception as exc:
+            del self._replacing[key]
+            fut.set_exception(exc)
+            raise
+        except BaseException:
+            del self._replacing[key]
+            fut.set_result(None)  # cancelled: the others look again themselves
+            raise
+        fut.set_result(done)
+        loop.call_later(REPLACED_MEMO_S, self._replacing.pop, key, None)
+        return done, True
 
     async def _choose(self, conn: AsyncConnection, *, now: float,
                       down_after: float) -> Mapping[str, Any]:
@@ -714,6 +754,12 @@ def _refusal(current: Any, instance: str, ticket_epoch: int) -> str:
     moving = (current is not None and current["instance"] == instance
               and ticket_epoch >= current["owner_epoch"] and current["state"] == "moving")
     return "moving" if moving else "not_owner"
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a shared attempt's error as seen (its callers got it; maybe none waited)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _seen(row: Mapping[str, Any]) -> float:

@@ -14,9 +14,9 @@ address at once (:meth:`ShardClient.probe`):
   heartbeat;
 - the same ``boot_id`` answers: it lives (the channel broke on the way, or
   the shard reopens it): nothing happens;
-- no answer within the probe's bound (a partition, a stopped process, a
-  machine gone without a FIN): nothing is proven, and the lease and
-  ``down_after`` decide as they always did.
+- no answer within the probe's bound, three times (a partition, a stopped
+  process, a machine gone without a FIN): nothing is proven, and the lease
+  and ``down_after`` decide as they always did.
 
 Why this never makes two owners: rooms leave an instance here only when the
 process that owned them cannot serve anything any more (it is not running),
@@ -35,9 +35,13 @@ from collections.abc import Callable
 
 from directory.db.store import Store
 from directory.metrics import Metrics
-from directory.shards import GONE, ShardClient
+from directory.shards import GONE, UNKNOWN, ShardClient
 
 log = logging.getLogger("roomshard.directory.failover")
+
+#: A check that proves nothing is tried again this often, this far apart (a moment of a
+#: loaded directory or network); what stays unproven is left to the lease and down_after.
+PROBE_TRIES, PROBE_PAUSE_S = 3, 0.5
 
 
 class Failover:
@@ -69,11 +73,18 @@ class Failover:
         row = await self.store.get_instance(instance)
         if row is None or row["boot_id"] != boot_id:
             return False  # another process registered meanwhile: its channel is its own
-        found = await self.shards.probe(row["internal_url"], boot_id)
+        found = UNKNOWN
+        for attempt in range(PROBE_TRIES):
+            if attempt:
+                await asyncio.sleep(PROBE_PAUSE_S)
+            found = await self.shards.probe(row["internal_url"], boot_id)
+            if found != UNKNOWN:
+                break
         self.metrics.channel_checks.labels(found).inc()
         if found != GONE:
-            log.info("%s's control channel closed; the check found it %s: nothing changes",
-                     instance, found)
+            (log.warning if found == UNKNOWN else log.info)(
+                "%s's control channel closed; the check found it %s: nothing changes (the "
+                "lease and down_after decide)", instance, found)
             return False
         parked = await self.store.park_dead(instance, boot_id)
         if parked is None:

@@ -90,6 +90,34 @@ async def test_room_on_down_instance_is_replaced_with_higher_epoch(h: Harness) -
     assert inst["i2"]["rooms_assigned"] == 1
 
 
+async def test_every_member_of_a_dead_owner_s_room_at_once_shares_one_replacement(
+        h: Harness) -> None:
+    """50 connects at once to a room whose owner is down (its clients after a crash):
+    one re-placement (one write, epoch + 1), every answer names it."""
+    await h.heartbeat("i1")
+    assert (await h.connect("crowd")).json()["instance"] == "i1"
+    h.clock.advance(5)
+    await h.heartbeat("i2")
+    h.clock.advance(6)
+    store = h.app.state.ctx.store
+    attempts = []
+    reassign = store._reassign
+
+    async def counted(*args, **kw):
+        attempts.append(kw["old_epoch"])
+        return await reassign(*args, **kw)
+
+    store._reassign = counted
+    answers = await asyncio.gather(*(h.connect("crowd", f"u{n}") for n in range(50)))
+    assert attempts == [1]  # one write for all of them (each would have failed its CAS)
+    assert {(r.status_code, r.json()["instance"], r.json()["epoch"]) for r in answers} == {
+        (200, "i2", 2)}
+    metrics = (await h.client.get("/metrics")).text
+    assert 'roomshard_directory_placements_total{kind="replaced"} 1.0' in metrics
+    room = (await h.client.get("/v1/admin/rooms/crowd", headers=ADMIN)).json()
+    assert (room["instance"], room["epoch"]) == ("i2", 2)
+
+
 async def test_disabled_instance_loses_rooms_draining_keeps_them(h: Harness) -> None:
     """A draining owner keeps its rooms (no new ones); a disabled owner's rooms are re-placed."""
     await h.heartbeat("i1")
