@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import and_, bindparam, case, delete, false, literal, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, false, literal, null, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -48,6 +48,8 @@ from roomshard.sql import DEFAULT_SYNCHRONOUS, Synchronous
 T = TypeVar("T")
 SEQ_EPOCH_FACTOR = 1 << 32  # protocol.SEQ_EPOCH_SHIFT as a product (portable SQL)
 MAX_PLACEMENT_ATTEMPTS = 5
+#: Rooms re-placed per write transaction when a whole instance's rooms are (replace_all).
+REPLACE_BATCH = 500
 #: How long a finished re-placement of a room stays joinable by connects that read the
 #: room before it committed (``Store._replace``).
 REPLACED_MEMO_S = 2.0
@@ -554,19 +556,37 @@ class Store:
         return len(gone)
 
     async def replace_all(self, instance: str, *, now: float, down_after: float) -> int:
-        """Re-place every room of ``instance`` (it is down: no snapshot to move)."""
+        """Re-place every room of ``instance`` (it is down: no snapshot to move); how many.
+
+        In transactions of ``REPLACE_BATCH`` rooms, each room by the same CAS as a
+        connect's re-placement (a room re-placed meanwhile is skipped), spread over the
+        live instances as one by one placements would (the least loaded first, counting
+        what this batch has given each).
+        """
         moved = 0
         async with self.read() as conn:
             rows = (await conn.execute(select(rooms.c.room, rooms.c.epoch)
                                        .where(rooms.c.instance == instance))).all()
-        for room, epoch in rows:
+        if not rows:
+            return 0
+        if self._lite is not None:
+            async with self._turn():
+                done = self._lite.replace_rooms(instance, [(r, e) for r, e in rows],
+                                                now=now, down_after=down_after)
+            if isinstance(done, int):
+                return done
+            # BUSY: another process writes; the general path below waits its turn
+        for start in range(0, len(rows), REPLACE_BATCH):
             async with self.write() as conn:
-                chosen = await self._choose(conn, now=now, down_after=down_after)
-                if chosen["id"] == instance:
-                    continue
-                if await reassign(conn, room, old_epoch=epoch, old_instance=instance,
-                                  new_instance=chosen["id"], now=now) is not None:
-                    moved += 1
+                candidates = [dict(r) for r in (await conn.execute(select(instances))).mappings()]
+                for room, epoch in rows[start:start + REPLACE_BATCH]:
+                    chosen = _pick(candidates, now=now, down_after=down_after)
+                    if chosen["id"] == instance:
+                        continue
+                    if await reassign(conn, room, old_epoch=epoch, old_instance=instance,
+                                      new_instance=chosen["id"], now=now) is not None:
+                        chosen["rooms_assigned"] += 1
+                        moved += 1
         return moved
 
 
@@ -576,19 +596,23 @@ async def reassign(conn: AsyncConnection, room: str, *, old_epoch: int,
 
     Public for the handoff module: a live move ends with the same CAS.
     """
-    row = (await conn.execute(
-        update(rooms)
-        .where(and_(rooms.c.room == room, rooms.c.epoch == old_epoch))
-        .values(instance=new_instance, epoch=rooms.c.epoch + 1, owner_epoch=rooms.c.epoch + 1,
-                state="active", move_to=None, updated_at=now)
-        .returning(rooms.c.epoch)
-    )).first()
+    row = (await conn.execute(_reassign_stmt(room, old_epoch, new_instance, now))).first()
     if row is None:
         return None
     if old_instance is not None:
         await bump_rooms_assigned(conn, old_instance, -1)
     await bump_rooms_assigned(conn, new_instance, +1)
     return int(row[0])
+
+
+def _reassign_stmt(room: Any, old_epoch: Any, new_instance: Any, now: Any) -> Any:
+    """The CAS that gives a room a new owner at the next epoch (returns the epoch)."""
+    return (update(rooms)
+            .where(and_(rooms.c.room == room, rooms.c.epoch == old_epoch))
+            .values(instance=new_instance, epoch=rooms.c.epoch + 1,
+                    owner_epoch=rooms.c.epoch + 1, state="active", move_to=null(),
+                    updated_at=now)
+            .returning(rooms.c.epoch))
 
 
 async def bump_rooms_assigned(conn: AsyncConnection, instance: str, delta: int) -> None:
@@ -687,6 +711,31 @@ class LiteHotPath:
 
         return out if self._write(run) else self.BUSY
 
+    def replace_rooms(self, instance: str, rows: Sequence[tuple[str, int]], *, now: float,
+                      down_after: float) -> int | str:
+        """:meth:`Store.replace_all`'s rooms in one transaction on this connection; how many
+        were re-placed, or :data:`BUSY`."""
+        moved: list[int] = [0]
+
+        def run(conn: sqlite3.Connection) -> None:
+            candidates = [dict(r) for r in conn.execute(_INSTANCES_SQL)]
+            for room, epoch in rows:
+                chosen = _pick(candidates, now=now, down_after=down_after)
+                if chosen["id"] == instance:
+                    continue
+                if conn.execute(_LITE_REASSIGN_SQL, {
+                        **_LITE_REASSIGN_CONSTANTS, "room": room, "old_epoch": epoch,
+                        "new_instance": chosen["id"], "now": now}).fetchone() is None:
+                    continue  # re-placed meanwhile (a connect's own)
+                conn.execute(_LITE_UNCOUNT_SQL, {**_LITE_UNCOUNT_CONSTANTS, "instance": instance})
+                conn.execute(_LITE_COUNT_SQL, {**_LITE_COUNT_CONSTANTS, "instance": chosen["id"]})
+                chosen["rooms_assigned"] += 1
+                moved[0] += 1
+
+        if not self._write(run):
+            return self.BUSY
+        return moved[0]
+
     def _write(self, run: Callable[[sqlite3.Connection], None]) -> bool:
         """``run`` in one write transaction (False: another process holds the lock)."""
         try:
@@ -732,6 +781,9 @@ _LITE_OPEN_SQL, _LITE_OPEN_CONSTANTS = _lite(_open_stmt(
 _LITE_NEW_ROOM_SQL, _LITE_NEW_ROOM_CONSTANTS = _lite(_new_room_stmt(
     sqlite.insert, bindparam("room"), bindparam("instance"), bindparam("now")))
 _LITE_COUNT_SQL, _LITE_COUNT_CONSTANTS = _lite(_bump_stmt(bindparam("instance"), 1))
+_LITE_UNCOUNT_SQL, _LITE_UNCOUNT_CONSTANTS = _lite(_bump_stmt(bindparam("instance"), -1))
+_LITE_REASSIGN_SQL, _LITE_REASSIGN_CONSTANTS = _lite(_reassign_stmt(
+    bindparam("room"), bindparam("old_epoch"), bindparam("new_instance"), bindparam("now")))
 _LITE_ROOM_STATE_SQL = "SELECT instance, owner_epoch, state FROM rooms WHERE room = ?"
 
 

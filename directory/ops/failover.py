@@ -9,9 +9,9 @@ address at once (:meth:`ShardClient.probe`):
   ``boot_id`` answers ``/healthz``: the process that held the channel is gone.
   The instance is parked (``disabled``, reason ``died``, reported ``down``),
   if that process is still the one registered and serves rooms; its rooms are
-  re-placed on their next connect, with a higher epoch, as for any dead
-  owner, and a new process of the instance re-activates it with its first
-  heartbeat;
+  re-placed at once, each with a higher epoch (a connect that comes first
+  re-places its room itself, as for any dead owner), and a new process of
+  the instance re-activates it with its first heartbeat;
 - the same ``boot_id`` answers: it lives (the channel broke on the way, or
   the shard reopens it): nothing happens;
 - no answer within the probe's bound, three times (a partition, a stopped
@@ -48,11 +48,12 @@ class Failover:
     """Checks closed control channels and parks the instances whose process is gone."""
 
     def __init__(self, store: Store, shards: ShardClient, metrics: Metrics,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, down_after: float) -> None:
         self.store = store
         self.shards = shards
         self.metrics = metrics
         self.clock = clock
+        self.down_after = down_after  # for choosing the rooms' new owners
         self.stopping = False  # this directory is shutting down: its own closes prove nothing
         # One future per open channel: resolved by stop() so that each ends its stream.
         self.channels: set[asyncio.Future[None]] = set()
@@ -94,8 +95,21 @@ class Failover:
         self.metrics.failover_detect.observe(took)
         seen = parked["last_heartbeat"]
         log.warning("%s is down: its process (boot %s) ended (control channel closed, nothing "
-                    "of it answers at %s); %d rooms are re-placed on their next connect; last "
-                    "heartbeat %.1f s ago; found in %.0f ms", instance, boot_id,
-                    row["internal_url"], parked["rooms_assigned"],
-                    self.clock() - seen if seen is not None else float("nan"), took * 1000)
+                    "of it answers at %s); last heartbeat %.1f s ago; found in %.0f ms; "
+                    "re-placing its %d rooms", instance, boot_id, row["internal_url"],
+                    self.clock() - seen if seen is not None else float("nan"), took * 1000,
+                    parked["rooms_assigned"])
+        # At once, not on each room's next connect: its clients, all reconnecting now,
+        # find serving owners (answered at once) instead of one re-placement each.
+        begun = time.perf_counter()
+        try:
+            moved = await self.store.replace_all(instance, now=self.clock(),
+                                                 down_after=self.down_after)
+        except Exception as exc:  # noqa: BLE001 - the connects re-place them one by one
+            log.warning("%s: re-placing its rooms failed (%r); each is re-placed by its next "
+                        "connect", instance, exc)
+            return True
+        self.metrics.placements.labels("replaced").inc(moved)
+        log.warning("%s: %d rooms re-placed in %.0f ms (the others by their own connects)",
+                    instance, moved, (time.perf_counter() - begun) * 1000)
         return True
