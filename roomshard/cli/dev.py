@@ -51,6 +51,9 @@ DEV_SHUTDOWN_TIMEOUT_S = "2"
 STOP_SHARDS_S = 5.0
 STOP_DIRECTORY_S = 3.0
 START_TIMEOUT_S = 60.0
+#: A dead shard is started again after 1 s, doubling to 30 s while it keeps dying, back
+#: to 1 s once it stayed up a minute (``Restarts``).
+RESTART_FIRST_S, RESTART_MAX_S, RESTART_STEADY_S = 1.0, 30.0, 60.0
 SECRETS_FILE = "secrets.json"
 
 
@@ -368,7 +371,7 @@ def _store(data_dir: Path, creds: dict[str, str]) -> None:
 
 
 def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, cluster: Cluster,
-         history: str | None = None) -> None:
+         history: str | None = None, restart: bool = True) -> None:
     plan = plan_ports(port, shards, router is not None)
     busy = [p for p in plan.fixed() if port_in_use(host, p)]
     if busy:
@@ -407,10 +410,75 @@ def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, 
                       admin_token=token, data_dir=data_dir, router_url=router_url,
                       cmd=roomshard_command(sys.executable, Path.cwd()),
                       history_url=cluster.env["ROOMSHARD_HISTORY_URL"]))
+    shard_argv = {c.name: list(c.popen.args) for c in shard_children}  # type: ignore[arg-type]
+    _supervise(cluster, shard_argv, restart=restart)
+
+
+class Restarts:
+    """When to start a dead shard again: 1 s, doubling to 30 s while it keeps dying;
+    back to 1 s once it has stayed up a minute (like systemd's ``Restart=on-failure``
+    with a growing ``RestartSec``)."""
+
+    def __init__(self, first: float = RESTART_FIRST_S, cap: float = RESTART_MAX_S,
+                 steady: float = RESTART_STEADY_S) -> None:
+        self.first, self.cap, self.steady = first, cap, steady
+        self._delay: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def started(self, name: str, now: float) -> None:
+        self._started[name] = now
+
+    def delay(self, name: str, now: float) -> float:
+        """The wait before restarting ``name``, which has just died."""
+        up = now - self._started.get(name, now)
+        delay = self.first if up >= self.steady else self._delay.get(name, self.first / 2) * 2
+        self._delay[name] = min(delay, self.cap)
+        return self._delay[name]
+
+
+def how_it_ended(code: int | None) -> str:
+    """``-9`` -> ``was killed by SIGKILL``; ``1`` -> ``exited with code 1``."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _supervise(cluster: Cluster, shard_argv: dict[str, list[str]], *, restart: bool) -> None:
+    """Until Ctrl-C: a shard that dies is said so and started again (with backoff), or,
+    with ``--no-restart``, left down (its rooms move to the others); the directory's
+    or nginx's death stops everything."""
+    restarts = Restarts()
+    now = time.monotonic()
+    for name in shard_argv:
+        restarts.started(name, now)
+    due: dict[str, float] = {}  # shard -> when to start it again
     while not cluster.stop_requested.is_set():
+        now = time.monotonic()
         if (c := cluster.dead()) is not None:
-            raise DevError(f"{c.name} exited with code {c.popen.returncode}; stopping everything. "
-                           f"Its log ({c.log}) ends with:\n{c.tail()}")
+            if c.name not in shard_argv:
+                raise DevError(f"{c.name} {how_it_ended(c.popen.returncode)}; stopping "
+                               f"everything. Its log ({c.log}) ends with:\n{c.tail()}")
+            cluster.children.remove(c)
+            if restart:
+                wait = restarts.delay(c.name, now)
+                due[c.name] = now + wait
+                click.echo(f"roomshard dev: {c.name} {how_it_ended(c.popen.returncode)}; "
+                           f"starting it again in {wait:g} s (its log: {c.log})")
+            else:
+                click.echo(f"roomshard dev: {c.name} {how_it_ended(c.popen.returncode)}; left "
+                           "down (--no-restart): its rooms move to the other shards")
+            continue
+        for name, at in list(due.items()):
+            if now >= at:
+                del due[name]
+                argv = shard_argv[name]
+                cut = argv.index("--ready-file") if "--ready-file" in argv else len(argv)
+                cluster.spawn(name, argv[:cut])
+                restarts.started(name, now)
+                click.echo(f"roomshard dev: {name} started again")
         cluster.stop_requested.wait(0.2)
 
 
@@ -433,8 +501,11 @@ def _answers(url: str) -> bool:
 @click.option("--history", default=None, metavar="URL|memory",
               help="message store: a SQLAlchemy URL, or memory for none [default: "
                    "ROOMSHARD_HISTORY_URL, else DATA_DIR/messages.db]")
+@click.option("--restart/--no-restart", default=True, show_default=True,
+              help="start a shard that dies again (with backoff); --no-restart leaves it "
+                   "down to watch its rooms move to the others")
 def dev(host: str, port: int, shards: int, data_dir: str, router: str | None,
-        history: str | None) -> None:
+        history: str | None, restart: bool) -> None:
     """Run the directory and N shards on this machine until Ctrl-C."""
     path = Path(data_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -443,7 +514,7 @@ def dev(host: str, port: int, shards: int, data_dir: str, router: str | None,
                 for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
-        _run(host, port, shards, path, router, cluster, history)
+        _run(host, port, shards, path, router, cluster, history, restart)
         click.echo("roomshard dev: stopping...")
     except KeyboardInterrupt:
         click.echo("roomshard dev: stopping...")

@@ -163,17 +163,51 @@ def test_dev_with_a_busy_port_says_so_and_exits_2(tmp_path: Path, run_dev: list[
     assert "Traceback" not in dev.output
 
 
-def test_dev_stops_everything_when_a_child_dies(tmp_path: Path, run_dev: list[DevRun]) -> None:
-    """If a shard dies, dev names it, stops the others and exits non-zero."""
+def _instance(children: list[psutil.Process], name: str) -> psutil.Process:
+    return next(p for p in children if "--instance" in p.cmdline() and name in p.cmdline())
+
+
+def test_dev_starts_a_shard_that_dies_again(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """A shard killed under dev is named with how it ended and started again; dev runs on."""
+    dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path)])
+    run_dev.append(dev)
+    dev.wait_up()
+    old = _instance(dev.descendants(), "i2")
+    old.kill()
+    wait_until(lambda: "roomshard dev: i2 started again" in dev.output, t(30), "i2 started again")
+    assert "roomshard dev: i2 was killed by SIGKILL; starting it again in 1 s" in dev.output
+    new = _instance(dev.descendants(), "i2")
+    assert new.pid != old.pid and dev.popen.poll() is None
+
+    def active() -> bool:  # the new process took its instance back
+        r = httpx.get(f"{dev.field('directory')}/v1/admin/instances",
+                      headers={"Authorization": f"Bearer {dev.field('admin token')}"}, timeout=5)
+        return any(i["id"] == "i2" and i["state"] == "active" for i in r.json()["instances"])
+
+    wait_until(active, t(30), "i2 active again")
+
+
+def test_dev_no_restart_leaves_a_dead_shard_down(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path), "--no-restart"])
+    run_dev.append(dev)
+    dev.wait_up()
+    _instance(dev.descendants(), "i2").kill()
+    wait_until(lambda: "i2 was killed by SIGKILL; left down (--no-restart)" in dev.output,
+               t(30), "dev to say i2 is left down")
+    assert dev.popen.poll() is None
+    assert not [p for p in dev.descendants() if "i2" in p.cmdline()]
+
+
+def test_dev_stops_everything_when_the_directory_dies(tmp_path: Path, run_dev: list[DevRun]) -> None:
+    """If the directory dies, dev names it, stops the others and exits non-zero."""
     dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path)])
     run_dev.append(dev)
     dev.wait_up()
     children = dev.descendants()
-    shard = next(p for p in children if "--instance" in p.cmdline() and "i2" in p.cmdline())
-    shard.kill()
+    next(p for p in children if "directory" in p.cmdline()).kill()
     assert dev.popen.wait(timeout=t(20)) == 1
     dev.stop()
-    assert "i2 exited with code" in dev.output
+    assert "directory was killed by SIGKILL; stopping everything" in dev.output
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
