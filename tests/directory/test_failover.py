@@ -36,8 +36,8 @@ def _metric(text: str, line_start: str) -> float:
     return 0.0
 
 
-async def _cluster(procs: Procs) -> tuple[Proc, dict[str, Proc]]:
-    d = procs.directory(env={"ROOMSHARD_DOWN_AFTER": "600"})
+async def _cluster(procs: Procs, database_url: str | None = None) -> tuple[Proc, dict[str, Proc]]:
+    d = procs.directory(env={"ROOMSHARD_DOWN_AFTER": "600"}, database_url=database_url)
     shards = {i: procs.shard(i, d.url) for i in ("i1", "i2")}
     async with httpx.AsyncClient(timeout=t(10)) as http:
         async def both_active() -> bool:
@@ -47,10 +47,19 @@ async def _cluster(procs: Procs) -> tuple[Proc, dict[str, Proc]]:
     return d, shards
 
 
-async def test_a_killed_shard_is_down_at_once_and_its_rooms_placed_again(procs: Procs) -> None:
-    d, shards = await _cluster(procs)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+async def test_a_killed_shard_is_down_at_once_and_its_rooms_placed_again(
+        procs: Procs, database_url: str | None) -> None:
+    d, shards = await _cluster(procs, database_url)
     async with httpx.AsyncClient(timeout=t(10)) as http:
-        first = (await http.post(f"{d.url}/v1/rooms/fo/connect", json={"user": "u"})).json()
+        rooms = [f"fo{n}" for n in range(20)]
+        placed = {r: (await http.post(f"{d.url}/v1/rooms/{r}/connect", json={"user": "u"})).json()
+                  for r in rooms}
+        first = placed["fo0"]
         victim, other = first["instance"], ({"i1", "i2"} - {first["instance"]}).pop()
         killed = time.monotonic()
         procs.kill(shards[victim])
@@ -62,7 +71,19 @@ async def test_a_killed_shard_is_down_at_once_and_its_rooms_placed_again(procs: 
         took = time.monotonic() - killed
         listed = (await _instances(http, d.url))[victim]
         assert listed["state_reason"] == "died", listed
-        again = await http.post(f"{d.url}/v1/rooms/fo/connect", json={"user": "u"})
+
+
+        async def emptied() -> bool:  # its rooms are re-placed at once, not by each connect
+            return (await _instances(http, d.url))[victim]["rooms_assigned"] == 0
+
+        await await_until(emptied, t(5), f"{victim}'s rooms re-placed")
+        for room, before in placed.items():
+            row = (await http.get(f"{d.url}/v1/admin/rooms/{room}", headers=ADMIN)).json()
+            if before["instance"] == victim:
+                assert (row["instance"], row["epoch"]) == (other, before["epoch"] + 1), row
+            else:
+                assert (row["instance"], row["epoch"]) == (other, before["epoch"]), row
+        again = await http.post(f"{d.url}/v1/rooms/fo0/connect", json={"user": "u"})
         assert again.status_code == 200, again.text
         assert (again.json()["instance"], again.json()["epoch"]) == (other, first["epoch"] + 1)
         metrics = (await http.get(f"{d.url}/metrics")).text
