@@ -105,8 +105,12 @@ def run(extra: Extra, tree: Path, prefix: list[str] | None = None) -> dict[str, 
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
         t0 = time.monotonic()
         with log.open("wb") as sink:
+            # A runner started as a background job has SIGINT ignored, and its children
+            # inherit that: the part's SIGINT on timeout would then do nothing.
+            restore = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
             proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True,
+                                    preexec_fn=_default_sigint if restore else None)  # noqa: PLW1509
             try:
                 proc.wait(timeout=extra.timeout_s)
             except subprocess.TimeoutExpired:
@@ -123,6 +127,10 @@ def run(extra: Extra, tree: Path, prefix: list[str] | None = None) -> dict[str, 
         elif "error" not in record:
             record["error"] = "no --json output"
     return record
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(proc: subprocess.Popen[bytes], grace: float = 60) -> None:
