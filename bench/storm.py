@@ -12,6 +12,7 @@ room is placed on i1; then i2 and i3 join; then i1 is stopped.
     python -m bench.storm --signal kill              # 5,000 clients in 250 rooms
     python -m bench.storm --signal term --clients 2000 --rooms 100
     python -m bench.storm --signal kill --down-after 3 --json out.json
+    python -m bench.storm --signal kill --postgres --directories 2
 
 Prints one JSON document: the storm client's result (time to the next welcome: p50,
 p90, p99, max; how many within 5/10/20 s; welcomes that said ``recovered: false``;
@@ -54,33 +55,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     members = max(1, args.clients // rooms)
     env = {"ROOMSHARD_ROOM_CREATE_RATE": "0", "ROOMSHARD_LOG_LEVEL": "warning",
            "ROOMSHARD_DOWN_AFTER": str(args.down_after)}
-    with Procs(base_env={**os.environ, **env}) as procs:
-        directory = procs.directory(env=env)
-        i1 = procs.shard("i1", directory.url, env=env)
-        wait_until(lambda: "i1" in active(directory.url), 30, "i1 active")
-        config = {"directory": directory.url, "rooms": rooms, "members": members,
-                  "roomPrefix": f"storm{int(time.time())}", "connectConcurrency": 200,
-                  "timeoutSeconds": args.timeout}
-        argv = [cluster.node(), str(STORM_JS), json.dumps(config)]
-        if args.loadgen_cpu:
-            argv = ["taskset", "-c", args.loadgen_cpu, *argv]
-        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=sys.stderr, text=True, cwd=cluster.ROOT) as node:
-            result = _storm(args, procs, directory.url, i1, node, rooms * members)
+    pg = None
+    database_url = None
+    if args.postgres:
+        from roomshard.testing.pg import PgServer
+
+        pg = PgServer(durable=True)
+        pg.start()
+        database_url = pg.create_database()
+    try:
+        with Procs(base_env={**os.environ, **env}) as procs:
+            dirs = [procs.directory(f"directory{n}", database_url=database_url, env=env)
+                    for n in range(args.directories)]
+            result = _run_storm(args, procs, [d.url for d in dirs], env, rooms, members)
+    finally:
+        if pg is not None:
+            pg.destroy()
     return {"signal": args.signal, "clients": rooms * members, "rooms": rooms,
-            "down_after_s": args.down_after, **result}
+            "database": "postgresql" if args.postgres else "sqlite",
+            "directories": args.directories, "down_after_s": args.down_after, **result}
 
 
-def _storm(args: argparse.Namespace, procs: Procs, directory: str, i1: Proc,
+def _run_storm(args: argparse.Namespace, procs: Procs, directories: list[str],
+               env: dict[str, str], rooms: int, members: int) -> dict[str, Any]:
+    """Shard i1 alone first (every room on it), then the storm; the shards are spread
+    over the directories (each shard's heartbeats and control channel go to one)."""
+    directory = directories[0]
+    i1 = procs.shard("i1", directory, env=env)
+    wait_until(lambda: "i1" in active(directory), 30, "i1 active")
+    config = {"directories": directories, "rooms": rooms, "members": members,
+              "roomPrefix": f"storm{int(time.time())}", "connectConcurrency": 200,
+              "timeoutSeconds": args.timeout}
+    argv = [cluster.node(), str(STORM_JS), json.dumps(config)]
+    if args.loadgen_cpu:
+        argv = ["taskset", "-c", args.loadgen_cpu, *argv]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=sys.stderr, text=True, cwd=cluster.ROOT) as node:
+        return _storm(args, procs, directories, i1, node, rooms * members)
+
+
+def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: Proc,
            node: subprocess.Popen[str], clients: int) -> dict[str, Any]:
     env = procs.base_env
+    directory = directories[0]
     try:
         assert node.stdout is not None and node.stdin is not None
         ready = json.loads(node.stdout.readline())
         if ready.get("instances") != {"i1": clients}:
             raise RuntimeError(f"not every client is on i1: {ready}")
-        for instance in ("i2", "i3"):
-            procs.shard(instance, directory, env=env)
+        for n, instance in enumerate(("i2", "i3"), start=1):
+            procs.shard(instance, directories[n % len(directories)], env=env)
         wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
         stopped_at = time.time()
         os.kill(i1.popen.pid, signal.SIGKILL if args.signal == "kill" else signal.SIGTERM)
@@ -105,8 +129,15 @@ def main() -> None:
                    help="ROOMSHARD_DOWN_AFTER: seconds without a heartbeat before a shard is down")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds the clients get to come back")
     p.add_argument("--loadgen-cpu", default="", help="taskset list for the storm client")
+    p.add_argument("--postgres", action="store_true",
+                   help="the directory on a throwaway PostgreSQL (else SQLite)")
+    p.add_argument("--directories", type=int, default=1,
+                   help="directory processes (the clients and shards spread over them; "
+                        "more than one needs --postgres)")
     p.add_argument("--json", default="", help="also write the result to this file")
     args = p.parse_args()
+    if args.directories > 1 and not args.postgres:
+        p.error("--directories > 1 needs --postgres (SQLite is one process's database)")
     result = run(args)
     text = json.dumps(result)
     print(text)

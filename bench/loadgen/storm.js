@@ -58,7 +58,7 @@ class Client {
     const stats = this.storm.stats;
     let res;
     try {
-      res = await postConnect(this.storm.cfg.directory, this.room, this.user);
+      res = await postConnect(this.storm.directoryFor(this), this.room, this.user);
     } catch (e) {
       stats.count(stats.directory, 'network error');
       throw { status: 0, retryAfter: 0 };
@@ -131,10 +131,14 @@ class Client {
 
 class Storm {
   constructor(cfg) {
+    // "directories": several replicas, the clients spread over them (else "directory").
+    this.directories = cfg.directories && cfg.directories.length ? cfg.directories : [cfg.directory];
     this.cfg = cfg; this.stats = new Stats(); this.clients = [];
     this.lostSet = new Set(); this.backSet = new Set(); this.failures = {}; this.failedCount = 0;
     this.expected = 0; this.stopAt = null; this.over = false; this.shuttingDown = false; this.done = null;
   }
+
+  directoryFor(client) { return this.directories[client.index % this.directories.length]; }
   lost(c) { this.lostSet.add(c); }
   back(c) { this.backSet.add(c); this.check(); }
   failed(c, why) { this.failures[why] = (this.failures[why] || 0) + 1; this.failedCount += 1; this.check(); }
