@@ -32,6 +32,14 @@ open waits behind them (1,000 connects are ~0.2 s of work), however many
 clients retry at once; a shed connect costs its parse and a write. The
 shards' calls are never counted or shed.
 
+A connect that arrived whole in one read (HTTP/1.1, kept alive, a declared body
+of at most :data:`MAX_ANSWER_NOW_BODY`, no ``Expect``, no chunks, not pipelined
+behind an unanswered request) is first offered to ``ConnectAdmission.answer``
+(``directory.http.connect.connect_now``) inside the read: a room with a serving
+owner the store can look up at once is answered there, with no ASGI task
+(docs/benchmarks/connect.md); anything else becomes an ordinary request, counted
+as above, which does every check again.
+
 Accounting is per ``data_received`` chunk (at most one transport read, a
 few hundred KiB): the head is refused once more than ``MAX_HEAD_BYTES``
 arrived while it was incomplete, so the work spent on one head is bounded
