@@ -358,6 +358,8 @@ class LiveRoom:
             self.flush_presence()
             self._window = asyncio.get_running_loop().call_later(
                 self.ctx.cfg.presence_batch, self._window_ends)
+        else:
+            self._held_from.clear()  # a quiet window: whoever joined in it is caught up
 
     def flush_presence(self) -> None:
         """Send the presence frames held in the current window now (the window goes on)."""
