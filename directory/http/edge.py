@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from directory.context import Directory
 from directory.domain.auth import check_admin, check_server_key, cluster_subject
-from directory.domain.errors import ApiError, BadRequest, Unavailable
+from directory.domain.errors import ApiError, BadRequest, Overloaded, Unavailable
 from roomshard.wire.errors import error_body
 from roomshard.wire.protocol import INVALID_ROOM_ID, instance_number, valid_room_id
 
@@ -192,6 +192,12 @@ def endpoint(route: ApiRoute) -> Callable[[Request], Awaitable[Response]]:
         except _BUG_ERRORS:
             log.exception("%s %s failed", request.method, request.url.path)
             response = error_response(500, "internal_error", "internal error")
+        except sa_exc.TimeoutError:
+            # The connection pool had no connection free in time: the database answers,
+            # this directory has more requests than connections (load, not an outage).
+            response = error_of(Overloaded("the directory is overloaded: no database "
+                                           "connection was free in time; retry after "
+                                           "Retry-After, with jitter"))
         except _DB_DOWN_ERRORS as exc:
             log.warning("database unavailable during %s %s: %s", request.method,
                         request.url.path, exc.__class__.__name__)

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import msgspec
+from sqlalchemy import exc as sa_exc
 
 from directory.domain.schemas import ConnectResponse
 from roomshard.testing.procs import TEST_CLUSTER_SECRET
@@ -116,6 +117,22 @@ async def test_every_member_of_a_dead_owner_s_room_at_once_shares_one_replacemen
     assert 'roomshard_directory_placements_total{kind="replaced"} 1.0' in metrics
     room = (await h.client.get("/v1/admin/rooms/crowd", headers=ADMIN)).json()
     assert (room["instance"], room["epoch"]) == ("i2", 2)
+
+
+async def test_a_full_connection_pool_is_overloaded_not_an_outage(h: Harness) -> None:
+    """The pool's timeout (no connection free: load) is 503 overloaded with Retry-After,
+    not database_unavailable (the database is there)."""
+    await h.heartbeat("i1")
+    store = h.app.state.ctx.store
+
+    async def pool_full(*args, **kw):
+        raise sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached")
+
+    store.room_target = pool_full
+    r = await h.connect("busy")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "overloaded"
+    assert int(r.headers["retry-after"]) >= 1
 
 
 async def test_disabled_instance_loses_rooms_draining_keeps_them(h: Harness) -> None:
