@@ -199,6 +199,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._shed = False  # the current request is a connect answered 503 overloaded
         self._now: list[bytes] | None = None  # a connect held for an answer at once: its body
         self._now_room = ""  # and its room
+        self._now_auth: str | None = None  # and its Authorization header
         connects = self.connects
 
         async def counted(scope: Any, receive: Any, send: Any) -> None:
@@ -349,6 +350,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
             return False
         length = None
+        self._now_auth = None
         for name, value in self.headers:
             if name == b"content-length":
                 if length is not None or not value.isdigit():
@@ -356,6 +358,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 length = int(value)
             elif name == b"transfer-encoding":
                 return False
+            elif name == b"authorization" and self._now_auth is None:
+                self._now_auth = value.decode("latin-1")
         return length is not None and length <= MAX_ANSWER_NOW_BODY
 
     def _start_counted(self) -> None:
@@ -395,13 +399,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _answer_now(self) -> bool:
         """Answer the held connect if the app can at once (200); False: it cannot."""
         assert self._now is not None and self.connects.answer is not None
-        authorization = None
-        for name, value in self.headers:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
         body = self._now[0] if len(self._now) == 1 else b"".join(self._now)
-        answer = self.connects.answer(self._now_room, authorization, body)
+        answer = self.connects.answer(self._now_room, self._now_auth, body)
         if answer is None:
             return False
         self._now = None

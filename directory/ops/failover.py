@@ -67,9 +67,18 @@ class Failover:
 
     async def channel_closed(self, instance: str, boot_id: str) -> bool:
         """The shard's side of ``instance``'s channel (held by ``boot_id``) closed; True
-        when its process was found gone and the instance parked."""
+        when its process was found gone and the instance parked. A database that fails
+        meanwhile proves nothing either: logged, and the lease and down_after decide."""
         if self.stopping:
             return False
+        try:
+            return await self._check(instance, boot_id)
+        except Exception as exc:  # noqa: BLE001 - the database: one line, no traceback
+            log.warning("%s's control channel closed; checking it failed (%r): the lease and "
+                        "down_after decide", instance, exc)
+            return False
+
+    async def _check(self, instance: str, boot_id: str) -> bool:
         started = time.perf_counter()
         row = await self.store.get_instance(instance)
         if row is None or row["boot_id"] != boot_id:

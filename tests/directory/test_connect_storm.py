@@ -19,7 +19,7 @@ import websockets
 
 from directory.db import store as store_module
 from directory.http.server import _connect_of, connect_room
-from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Procs
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET, Proc, Procs
 from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
 from tests.directory.conftest import Harness
@@ -118,24 +118,11 @@ async def test_a_burst_past_the_bound_is_shed_and_the_control_plane_is_not(
     async with httpx.AsyncClient(timeout=t(30)) as client:
         await register(client, d.url, "i1")
         assert (await client.post(f"{d.url}/v1/rooms/hot/connect", json={"user": "u"})).status_code == 200
-    host, port = d.url.removeprefix("http://").split(":")
-    conns = [await asyncio.open_connection(host, int(port)) for _ in range(1_001)]
     token = Signer([TEST_CLUSTER_SECRET]).cluster_token("i1", to="directory", now=time.time())
-    os.kill(d.popen.pid, signal.SIGSTOP)
-    try:
-        for n, (_, writer) in enumerate(conns[:-1]):
-            writer.write(_post(f"/v1/rooms/hot-{n}/connect", {"user": f"u{n}"}))
-        conns[-1][1].write(_put("/v1/internal/instances/i1/heartbeat",
-                                {"internal_url": "http://127.0.0.1:9/i1", "boot_id": "b1"},
-                                token))
-        # Every request is in the paused process's socket buffers once its write drained.
-        await asyncio.gather(*(w.drain() for _, w in conns))
-    finally:
-        os.kill(d.popen.pid, signal.SIGCONT)
-    answers = await asyncio.gather(*(_answer(r) for r, _ in conns))
-    for _, writer in conns:
-        writer.close()
-    *replies, beat = answers
+    *replies, beat = await paused_burst(d, [
+        *(_post(f"/v1/rooms/hot-{n}/connect", {"user": f"u{n}"}) for n in range(1_000)),
+        _put("/v1/internal/instances/i1/heartbeat",
+             {"internal_url": "http://127.0.0.1:9/i1", "boot_id": "b1"}, token)])
     assert beat[0] == 200, beat
     outcomes = {(status, body.get("error", {}).get("code")) for status, _, body in replies}
     assert outcomes <= {(200, None), (503, "overloaded")}, outcomes
@@ -157,6 +144,26 @@ async def await_until_active(client: httpx.AsyncClient, base: str, iid: str) -> 
         return any(i["id"] == iid and i["state"] == "active" for i in listed["instances"])
 
     await await_until(active, t(30), f"{iid} active")
+
+
+async def paused_burst(d: Proc, requests: list[bytes]) -> list[tuple[int, dict[str, str], Any]]:
+    """Each request on its own connection, all written while ``d`` is paused (SIGSTOP), so
+    that they reach it at once; the answers, in order."""
+    host, port = d.url.removeprefix("http://").split(":")
+    conns = [await asyncio.open_connection(host, int(port)) for _ in requests]
+    os.kill(d.popen.pid, signal.SIGSTOP)
+    try:
+        for request, (_, writer) in zip(requests, conns, strict=True):
+            writer.write(request)
+        # Every request is in the paused process's socket buffers once its write drained.
+        await asyncio.gather(*(w.drain() for _, w in conns))
+    finally:
+        os.kill(d.popen.pid, signal.SIGCONT)
+    try:
+        return await asyncio.gather(*(_answer(r) for r, _ in conns))
+    finally:
+        for _, writer in conns:
+            writer.close()
 
 
 def _post(path: str, body: dict[str, Any]) -> bytes:

@@ -16,9 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import exc as sa_exc
 
+from roomshard.testing.metrics import sample
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
 from roomshard.testing.timing import await_until, t
+from tests.directory.conftest import Harness
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
@@ -28,12 +31,6 @@ async def _instances(http: httpx.AsyncClient, base: str) -> dict[str, dict[str, 
     listed = (await http.get(f"{base}/v1/admin/instances", headers=ADMIN)).json()["instances"]
     return {i["id"]: i for i in listed}
 
-
-def _metric(text: str, line_start: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 async def _cluster(procs: Procs, database_url: str | None = None) -> tuple[Proc, dict[str, Proc]]:
@@ -88,8 +85,8 @@ async def test_a_killed_shard_is_down_at_once_and_its_rooms_placed_again(
         assert (again.json()["instance"], again.json()["epoch"]) == (other, first["epoch"] + 1)
         metrics = (await http.get(f"{d.url}/metrics")).text
     assert took < t(2), f"found down after {took:.2f} s"
-    assert _metric(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 1.0
-    assert _metric(metrics, 'roomshard_directory_channel_checks_total{found="gone"}') == 1.0
+    assert sample(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 1.0
+    assert sample(metrics, 'roomshard_directory_channel_checks_total{found="gone"}') == 1.0
     assert f"{victim} is down: its process" in d.output()
 
 
@@ -118,7 +115,7 @@ async def test_a_stopped_shard_is_not_parked_and_a_clean_stop_is_no_death(procs:
             procs.terminate(shards["i2"])  # clean: leave, then exit
             async def checked() -> bool:
                 text = (await http.get(f"{d.url}/metrics")).text
-                return _metric(text, 'roomshard_directory_channel_checks_total{found="gone"}') == 1
+                return sample(text, 'roomshard_directory_channel_checks_total{found="gone"}') == 1
             await await_until(checked, t(10), "i2's closed channel checked")
             found = await _instances(http, d.url)
             metrics = (await http.get(f"{d.url}/metrics")).text
@@ -126,4 +123,18 @@ async def test_a_stopped_shard_is_not_parked_and_a_clean_stop_is_no_death(procs:
             os.kill(shards["i1"].popen.pid, signal.SIGCONT)
     assert (found["i2"]["state"], found["i2"]["state_reason"]) == ("disabled", "shutdown")
     assert found["i1"]["state"] == "active", found["i1"]  # stopped, not closed: not parked
-    assert _metric(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 0
+    assert sample(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 0
+
+
+async def test_a_database_error_during_the_check_is_logged_not_raised(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """The check of a closed channel meets a failing database: nothing is parked, the
+    channel's handler ends quietly (one warning, no traceback), the lease decides."""
+    failover = h.app.state.ctx.failover
+
+    async def down(instance: str) -> None:
+        raise sa_exc.OperationalError("SELECT", None, OSError("connection refused"))
+
+    failover.store.get_instance = down
+    assert await failover.channel_closed("i1", "boot-1") is False
+    assert "checking it failed" in caplog.text and "Traceback" not in caplog.text

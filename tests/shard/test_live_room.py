@@ -68,14 +68,18 @@ class Member:
 
     def messages(self) -> list[dict]:
         """Every frame written, decoded (a write may hold several: a presence window's)."""
-        out = []
-        for chunk in self.frames:
-            pos = 0
-            while pos < len(chunk):
-                start, size = _payload(chunk, pos)
-                out.append(orjson.loads(chunk[start:start + size]))
-                pos = start + size
-        return out
+        return [m for chunk in self.frames for m in decode_frames(chunk)]
+
+
+def decode_frames(chunk: bytes) -> list[dict]:
+    """The (unmasked, JSON) frames one queued chunk holds, decoded."""
+    out = []
+    pos = 0
+    while pos < len(chunk):
+        start, size = _payload(chunk, pos)
+        out.append(orjson.loads(chunk[start:start + size]))
+        pos = start + size
+    return out
 
 
 def _payload(data: bytes, pos: int) -> tuple[int, int]:
