@@ -48,16 +48,22 @@ class Metrics:
                                  "messages the server API delivered to their rooms",
                                  registry=self.registry)
         self.channel_checks = Counter("roomshard_directory_channel_checks",
-                                      "closed shard control channels checked, by what the "
-                                      "check found (gone, alive, unknown)", ["found"],
-                                      registry=self.registry)
+                                      "shard processes checked (a closed control channel, a "
+                                      "client's hint), by what the check found (gone, alive, "
+                                      "unknown)", ["found"], registry=self.registry)
+        self.hints = Counter("roomshard_directory_suspect_connects",
+                             "connects for the rooms of a shard that may have died: checked "
+                             "(a client's unreachable hint started a check), joined (a hint "
+                             "while one ran), held (no hint, one ran), limited (a hint "
+                             "within 2 s of the last)", ["outcome"], registry=self.registry)
         self.failovers = Counter("roomshard_directory_failovers",
-                                 "shard processes found dead and parked (their rooms are "
-                                 "re-placed on their next connect), by evidence", ["evidence"],
+                                 "shard processes found dead and parked (their rooms "
+                                 "re-placed at once), by evidence (channel_closed, "
+                                 "client_hint)", ["evidence"],
                                  registry=self.registry)
         self.failover_detect = Histogram("roomshard_directory_failover_detect_seconds",
-                                         "a dead shard's control channel closing to its "
-                                         "instance parked", buckets=LATENCY_BUCKETS,
+                                         "a dead shard's check (its control channel closing, "
+                                         "a client's hint) to its instance parked", buckets=LATENCY_BUCKETS,
                                          registry=self.registry)
         self._req: dict[tuple[str, int], tuple[object, object]] = {}
         self.connect_ok = self.connects.labels("ok")

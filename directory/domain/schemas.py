@@ -19,7 +19,7 @@ These values reach generated load balancer configuration.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType, field
@@ -41,9 +41,17 @@ class Lenient(msgspec.Struct, kw_only=True):
 
 # -- clients -----------------------------------------------------------------
 class ConnectBody(Strict):
-    """``open`` auth: ``user`` is required. ``jwt`` auth: the body may be empty and ``user`` is ignored."""
+    """``open`` auth: ``user`` is required. ``jwt`` auth: the body may be empty and ``user`` is ignored.
+
+    ``unreachable`` (optional): the instance the client could not reach on its
+    last try (refused, no handshake, a connection that ended without a close
+    frame). A hint, never proof: when it names the room's current owner the
+    directory checks that shard's process at once (docs/HANDOFF.md) and
+    answers after the check.
+    """
 
     user: str | None = None
+    unreachable: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class ConnectResponse(Lenient):

@@ -32,10 +32,18 @@ from starlette.responses import Response
 from directory.context import Directory
 from directory.db.store import Target
 from directory.domain.budget import CreateBudget, retry_after
-from directory.domain.errors import ApiError, BadRequest, Forbidden, Overloaded, TooManyRequests
+from directory.domain.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    Overloaded,
+    TooManyRequests,
+    Unavailable,
+)
 from directory.domain.schemas import ConnectBody, ConnectResponse
 from directory.http.edge import NO_STORE, ApiRoute, decode, read_body
 from directory.http.server import ARRIVED
+from directory.ops.failover import SUSPECT_HOLD_S
 from roomshard.wire.protocol import INVALID_ROOM_ID, INVALID_USER_ID, valid_room_id, valid_user_id
 
 
@@ -75,11 +83,12 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
     room = request.path_params["room"]
     user = _credentials(ctx, room, request.headers.get("authorization"), now)
-    user = _user(ctx, await read_body(request), user)
+    user, unreachable = _user(ctx, await read_body(request), user)
     _admit(request, ctx)
     row = await ctx.store.room_target(room)
     if row is not None:
         _check_access(room, row, user)
+        row = await _after_suspicion(ctx, room, row, unreachable)
     charged = _charge_creation(ctx, request, user, now) if row is None else ()
     try:
         target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after,
@@ -113,13 +122,15 @@ def connect_now(ctx: Directory, room: str, authorization: str | None, body: byte
         return None
     now = ctx.clock()
     try:
-        user = _user(ctx, body, _credentials(ctx, room, authorization, now))
+        user, unreachable = _user(ctx, body, _credentials(ctx, room, authorization, now))
         row = store.room_target_now(room)
         if row is None:
             return None
         _check_access(room, row, user)
     except (ApiError, OperationalError):
         return None
+    if unreachable == row["instance"] or row["instance"] in ctx.failover.suspects:
+        return None  # the owner may have died: the general way waits for the check
     target = store.serving_target(room, row, now=now, keep_after=ctx.replace_after(now))
     if target is None:
         return None
@@ -138,8 +149,9 @@ def _credentials(ctx: Directory, room: str, authorization: str | None, now: floa
     return user
 
 
-def _user(ctx: Directory, body: bytes, user: str | None) -> str:
-    """The connecting user: the JWT's, else the body's ``user`` (400 without a valid one)."""
+def _user(ctx: Directory, body: bytes, user: str | None) -> tuple[str, str | None]:
+    """The connecting user: the JWT's, else the body's ``user`` (400 without a valid one);
+    and the instance the client says it could not reach (``unreachable``), if any."""
     jwt_mode = user is not None
     decoded = decode(body, ConnectBody, empty_ok=jwt_mode)
     if not jwt_mode:
@@ -149,7 +161,26 @@ def _user(ctx: Directory, body: bytes, user: str | None) -> str:
     assert user is not None
     if not valid_user_id(user):
         raise BadRequest("invalid_user", INVALID_USER_ID)
-    return user
+    return user, decoded.unreachable
+
+
+async def _after_suspicion(ctx: Directory, room: str, row: Mapping[str, Any],
+                           unreachable: str | None) -> Mapping[str, Any] | None:
+    """``row`` again after the check of its owner when the owner is suspect (its control
+    channel closed, or this client could not reach it): re-placed, or found alive. Past
+    ``SUSPECT_HOLD_S`` 503 with Retry-After: never the URL of a shard that may be dead."""
+    instance = row["instance"]
+    verdict = ctx.failover.verdict(instance, hinted=unreachable == instance)
+    if verdict is None:
+        return row
+    try:
+        await asyncio.wait_for(asyncio.shield(verdict), SUSPECT_HOLD_S)
+    except TimeoutError:
+        raise Unavailable("owner_suspected",
+                          f"room {room}'s instance {instance} may have died and is being "
+                          "checked; retry after Retry-After, with jitter",
+                          retry_after=1) from None
+    return await ctx.store.room_target(room)
 
 
 def _check_access(room: str, row: Mapping[str, Any], user: str) -> None:

@@ -18,6 +18,17 @@ address at once (:meth:`ShardClient.probe`):
   process, a machine gone without a FIN): nothing is proven, and the lease
   and ``down_after`` decide as they always did.
 
+A client that cannot reach its room's shard may say so on its next connect
+(``"unreachable": "iN"`` in the body): a hint, never proof. It starts the
+same check (one probe, at most once per instance every ``HINT_EVERY_S``),
+and nothing changes unless the probe proves the process gone.
+
+While a check is under way the instance is *suspect* in this process
+(:attr:`Failover.suspects`): a connect for one of its rooms waits for the
+verdict (up to ``SUSPECT_HOLD_S``) and then answers the room's owner after
+it, re-placed or not; past the hold it answers 503 with ``Retry-After``,
+never the URL of a shard that may be dead.
+
 Why this never makes two owners: rooms leave an instance here only when the
 process that owned them cannot serve anything any more (it is not running),
 and the parking is conditional on that very process (``boot_id``) still being
@@ -30,18 +41,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
 from directory.db.store import Store
+from directory.domain.placement import ACTIVE, DRAINING
 from directory.metrics import Metrics
 from directory.shards import GONE, UNKNOWN, ShardClient
 
 log = logging.getLogger("roomshard.directory.failover")
 
+SERVING = (ACTIVE, DRAINING)
+_SAID = {"channel_closed": "its control channel closed",
+         "client_hint": "a client could not reach it"}
+
 #: A check that proves nothing is tried again this often, this far apart (a moment of a
 #: loaded directory or network); what stays unproven is left to the lease and down_after.
 PROBE_TRIES, PROBE_PAUSE_S = 3, 0.5
+#: A client's hint starts at most one check per instance this often (a hint is cheap to
+#: send; a live shard is probed at most this often for it).
+HINT_EVERY_S = 2.0
+#: How long a connect for a suspect instance's room waits for the verdict before it is
+#: answered 503 with Retry-After (a dead process's check takes milliseconds).
+SUSPECT_HOLD_S = 1.0
 
 
 class Failover:
@@ -57,6 +80,10 @@ class Failover:
         self.stopping = False  # this directory is shutting down: its own closes prove nothing
         # One future per open channel: resolved by stop() so that each ends its stream.
         self.channels: set[asyncio.Future[None]] = set()
+        # The instances being checked, each with its verdict (True: parked, rooms re-placed).
+        self.suspects: dict[str, asyncio.Future[bool]] = {}
+        self._hinted: dict[str, float] = {}  # instance -> when a hint last started a check
+        self._checks: set[asyncio.Task[None]] = set()  # the checks under way, referenced
 
     def stop(self) -> None:
         """This directory stops: end every channel (the shards open new ones elsewhere)."""
@@ -71,20 +98,69 @@ class Failover:
         meanwhile proves nothing either: logged, and the lease and down_after decide."""
         if self.stopping:
             return False
-        try:
-            return await self._check(instance, boot_id)
-        except Exception as exc:  # noqa: BLE001 - the database: one line, no traceback
-            log.warning("%s's control channel closed; checking it failed (%r): the lease and "
-                        "down_after decide", instance, exc)
-            return False
+        return await asyncio.shield(self._start(instance, boot_id, "channel_closed", PROBE_TRIES))
 
-    async def _check(self, instance: str, boot_id: str) -> bool:
+    def verdict(self, instance: str, *, hinted: bool = False) -> asyncio.Future[bool] | None:
+        """The pending verdict on ``instance`` when it is suspect, else None.
+
+        ``hinted``: a client said it cannot reach ``instance``, its room's
+        current owner. That starts a check (one probe) unless one is under way
+        or a hint started one less than ``HINT_EVERY_S`` ago.
+        """
+        pending = self.suspects.get(instance)
+        if pending is not None:
+            self.metrics.hints.labels("joined" if hinted else "held").inc()
+            return pending
+        if not hinted:
+            return None
+        now = time.monotonic()
+        if self.stopping or now - self._hinted.get(instance, -math.inf) < HINT_EVERY_S:
+            self.metrics.hints.labels("limited").inc()
+            return None
+        self._hinted[instance] = now
+        if len(self._hinted) > 4096:  # instance ids come from the database; bound it anyway
+            self._hinted = {i: t for i, t in self._hinted.items() if now - t < HINT_EVERY_S}
+        self.metrics.hints.labels("checked").inc()
+        return self._start(instance, None, "client_hint", 1)
+
+    def _start(self, instance: str, boot_id: str | None, evidence: str,
+               tries: int) -> asyncio.Future[bool]:
+        """Check ``instance`` (one check at a time); it is suspect until the verdict."""
+        pending = self.suspects.get(instance)
+        if pending is not None:
+            return pending
+        loop = asyncio.get_running_loop()
+        verdict: asyncio.Future[bool] = loop.create_future()
+        self.suspects[instance] = verdict
+        task = loop.create_task(self._decide(instance, boot_id, evidence, tries, verdict))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+        return verdict
+
+    async def _decide(self, instance: str, boot_id: str | None, evidence: str, tries: int,
+                      verdict: asyncio.Future[bool]) -> None:
+        parked = False
+        try:
+            parked = await self._check(instance, boot_id, evidence, tries)
+        except Exception as exc:  # noqa: BLE001 - the database: one line, no traceback
+            log.warning("%s: checking it (%s) failed (%r): the lease and down_after decide",
+                        instance, _SAID[evidence], exc)
+        finally:
+            del self.suspects[instance]
+            verdict.set_result(parked)
+
+    async def _check(self, instance: str, boot_id: str | None, evidence: str,
+                     tries: int) -> bool:
         started = time.perf_counter()
         row = await self.store.get_instance(instance)
-        if row is None or row["boot_id"] != boot_id:
+        if row is None or (boot_id is not None and row["boot_id"] != boot_id):
             return False  # another process registered meanwhile: its channel is its own
+        if boot_id is None:  # a client's hint: the registered process is the one to check
+            boot_id = row["boot_id"]
+            if not boot_id or row["state"] not in SERVING:
+                return False
         found = UNKNOWN
-        for attempt in range(PROBE_TRIES):
+        for attempt in range(tries):
             if attempt:
                 await asyncio.sleep(PROBE_PAUSE_S)
             found = await self.shards.probe(row["internal_url"], boot_id)
@@ -93,19 +169,19 @@ class Failover:
         self.metrics.channel_checks.labels(found).inc()
         if found != GONE:
             (log.warning if found == UNKNOWN else log.info)(
-                "%s's control channel closed; the check found it %s: nothing changes (the "
-                "lease and down_after decide)", instance, found)
+                "%s: checked (%s), found %s: nothing changes (the lease and down_after "
+                "decide)", instance, _SAID[evidence], found)
             return False
         parked = await self.store.park_dead(instance, boot_id)
         if parked is None:
             return False  # it left cleanly, or a new process took over meanwhile
         took = time.perf_counter() - started
-        self.metrics.failovers.labels("channel_closed").inc()
+        self.metrics.failovers.labels(evidence).inc()
         self.metrics.failover_detect.observe(took)
         seen = parked["last_heartbeat"]
-        log.warning("%s is down: its process (boot %s) ended (control channel closed, nothing "
-                    "of it answers at %s); last heartbeat %.1f s ago; found in %.0f ms; "
-                    "re-placing its %d rooms", instance, boot_id, row["internal_url"],
+        log.warning("%s is down: its process (boot %s) ended (%s, nothing of it answers at "
+                    "%s); last heartbeat %.1f s ago; found in %.0f ms; re-placing its %d rooms",
+                    instance, boot_id, _SAID[evidence], row["internal_url"],
                     self.clock() - seen if seen is not None else float("nan"), took * 1000,
                     parked["rooms_assigned"])
         # At once, not on each room's next connect: its clients, all reconnecting now,

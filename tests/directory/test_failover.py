@@ -137,4 +137,4 @@ async def test_a_database_error_during_the_check_is_logged_not_raised(
 
     failover.store.get_instance = down
     assert await failover.channel_closed("i1", "boot-1") is False
-    assert "checking it failed" in caplog.text and "Traceback" not in caplog.text
+    assert "checking it (its control channel closed) failed" in caplog.text and "Traceback" not in caplog.text
