@@ -9,10 +9,11 @@ const http = require('http');
 
 const AGENT = new http.Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 1024 });
 
-// POST /v1/rooms/ROOM/connect {"user"}: resolves {status, retryAfter (s), body (JSON or null)}.
-function postConnect(directory, room, user) {
+// POST /v1/rooms/ROOM/connect {"user", "unreachable"?}: resolves {status, retryAfter (s),
+// body (JSON or null)}. `unreachable`: the instance the last try could not reach.
+function postConnect(directory, room, user, unreachable) {
   return new Promise((resolve, reject) => {
-    const data = Buffer.from(JSON.stringify({ user }));
+    const data = Buffer.from(JSON.stringify(unreachable ? { user, unreachable } : { user }));
     const req = http.request(`${directory}/v1/rooms/${room}/connect`, {
       method: 'POST',
       agent: AGENT,

@@ -50,6 +50,7 @@ class Client {
     Object.assign(this, { storm, index, room, user });
     this.seq = null; this.ws = null; this.lostAt = null; this.backAt = null;
     this.recovered = null; this.instance = null; this.attempt = 0;
+    this.unreachable = null;  // the instance the last try could not reach (a hint)
   }
 
   // One connect: resolves with the welcome, rejects with {code} (a close before it, or
@@ -58,13 +59,15 @@ class Client {
     const stats = this.storm.stats;
     let res;
     try {
-      res = await postConnect(this.storm.directoryFor(this), this.room, this.user);
+      res = await postConnect(this.storm.directoryFor(this), this.room, this.user,
+                              this.unreachable);
     } catch (e) {
       stats.count(stats.directory, 'network error');
       throw { status: 0, retryAfter: 0 };
     }
     stats.count(stats.directory, res.body && res.body.error ? `${res.status} ${res.body.error.code}` : res.status);
     if (res.status !== 200) throw { status: res.status, retryAfter: res.retryAfter };
+    const instance = res.body.instance;
     const url = this.seq === null ? res.body.url : `${res.body.url}&since=${this.seq}`;
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(url, { perMessageDeflate: false });
@@ -78,7 +81,11 @@ class Client {
       });
       ws.on('error', (e) => { stats.count(stats.errors, e.code || String(e.message)); });
       ws.on('close', (code) => {
-        if (!welcomed) { reject({ code: code || null }); return; }
+        if (!welcomed) {
+          this.unreachable = !code || code === 1006 ? instance : null;
+          reject({ code: code || null });
+          return;
+        }
         this.onLost(code);
       });
     });
@@ -91,7 +98,7 @@ class Client {
       let wait;
       try {
         const welcome = await this.connectOnce();
-        this.attempt = 0;
+        this.attempt = 0; this.unreachable = null;
         this.instance = welcome.instance;
         if (lost) {
           this.backAt = Date.now();
@@ -122,6 +129,7 @@ class Client {
     stats.count(stats.closes, code);
     this.ws = null;
     if (this.storm.shuttingDown) return;
+    this.unreachable = code === 1006 ? this.instance : null;
     this.lostAt = Date.now();
     this.storm.lost(this);
     const first = delay(0, code);

@@ -61,10 +61,15 @@ def with_since(url: str, since: int | None) -> str:
 
 
 async def resolve(http: httpx.AsyncClient, directory_url: str, room: str, user: str | None,
-                  token: str | None) -> Route:
-    """Ask the directory where ``room`` lives; raises ConnectRefused / DirectoryUnavailable."""
+                  token: str | None, unreachable: str | None = None) -> Route:
+    """Ask the directory where ``room`` lives; raises ConnectRefused / DirectoryUnavailable.
+
+    ``unreachable``: the instance this client could not reach on its last try
+    (a hint: the directory checks that shard before it answers, docs/API.md)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = {"user": user} if user is not None else {}
+    body: dict[str, str] = {"user": user} if user is not None else {}
+    if unreachable is not None:
+        body["unreachable"] = unreachable
     url = f"{directory_url.rstrip('/')}/v1/rooms/{quote(room, safe='')}/connect"
     try:
         resp = await http.post(url, json=body, headers=headers)

@@ -269,11 +269,13 @@ class Session:
 
     async def _run(self) -> None:
         attempt = 0
+        unreachable: str | None = None  # the instance the last try could not reach
         try:
             while not self._closing:
                 floor = 0.0
                 try:
-                    route = await resolve(self._http, self.directory_url, self.room, self.user, self.token)
+                    route = await resolve(self._http, self.directory_url, self.room, self.user,
+                                          self.token, unreachable)
                 except ConnectRefused as exc:
                     self._finish(exc)
                     return
@@ -286,6 +288,8 @@ class Session:
                     code = await self._connect_once(route.url)
                     if self._closing:
                         break
+                    # Refused, no handshake, or ended without a close frame: say so next time.
+                    unreachable = route.instance if code in (None, 1006) else None
                     decision = decide(code)
                     if self.connections != before:
                         attempt = 0  # it worked for a while: start the schedule over

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -208,3 +209,44 @@ async def test_an_unavailable_refusal_is_sent_again_later_with_the_same_id(peer:
         assert len(sent) == 2 and sent[0] == sent[1]
     finally:
         await s.close()
+
+
+async def test_a_try_that_could_not_reach_its_shard_is_named_on_the_next_connect(
+        peer: Peer) -> None:
+    """Refused, or ended without a close frame: the next connect says ``unreachable`` with
+    that instance (the directory checks it); a close with a code says nothing of the kind."""
+    with socket.socket() as s:  # a port nothing listens on: a dead shard's
+        s.bind(("127.0.0.1", 0))
+        dead = f"ws://127.0.0.1:{s.getsockname()[1]}/i7/room/r"
+
+    async def dropped(ws: ServerConnection, frames: list[dict]) -> None:
+        await ws.send(welcome(1, ["alice"]))
+        ws.transport.abort()  # no close frame: the client sees 1006
+
+    async def closed(ws: ServerConnection, frames: list[dict]) -> None:
+        await ws.send(welcome(1, ["alice"], recovered=True))
+        await ws.close(1001)
+
+    async def stays(ws: ServerConnection, frames: list[dict]) -> None:
+        await ws.send(welcome(1, ["alice"], recovered=True))
+        await ws.wait_closed()
+
+    peer.scripts = [dropped, closed, stays]
+    bodies: list[dict] = []
+
+    def directory(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        url, instance = (dead, "i7") if len(bodies) == 1 else (peer.url, "i1")
+        return httpx.Response(200, json={"room": "r", "instance": instance, "epoch": 1,
+                                         "url": f"{url}?ticket=t{len(bodies)}", "expires_in": 60})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(directory))
+    s = Session("http://directory.test", "r", "alice", http=http, rand=lambda: 0.0)
+    await s.start(timeout=t(10))
+    try:
+        await await_until(lambda: s.connections == 3 and s.state is State.OPEN, 10,
+                          "the third welcome")
+    finally:
+        await s.close()
+    assert bodies == [{"user": "alice"}, {"user": "alice", "unreachable": "i7"},
+                      {"user": "alice", "unreachable": "i1"}, {"user": "alice"}]

@@ -163,7 +163,7 @@ def test_dev_with_a_busy_port_says_so_and_exits_2(tmp_path: Path, run_dev: list[
     assert "Traceback" not in dev.output
 
 
-def _instance(children: list[psutil.Process], name: str) -> psutil.Process:
+def instance_process(children: list[psutil.Process], name: str) -> psutil.Process:
     return next(p for p in children if "--instance" in p.cmdline() and name in p.cmdline())
 
 
@@ -172,11 +172,11 @@ def test_dev_starts_a_shard_that_dies_again(tmp_path: Path, run_dev: list[DevRun
     dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path)])
     run_dev.append(dev)
     dev.wait_up()
-    old = _instance(dev.descendants(), "i2")
+    old = instance_process(dev.descendants(), "i2")
     old.kill()
     wait_until(lambda: "roomshard dev: i2 started again" in dev.output, t(30), "i2 started again")
     assert "roomshard dev: i2 was killed by SIGKILL; starting it again in 1 s" in dev.output
-    new = _instance(dev.descendants(), "i2")
+    new = instance_process(dev.descendants(), "i2")
     assert new.pid != old.pid and dev.popen.poll() is None
 
     def active() -> bool:  # the new process took its instance back
@@ -191,7 +191,7 @@ def test_dev_no_restart_leaves_a_dead_shard_down(tmp_path: Path, run_dev: list[D
     dev = DevRun(["--port", "0", "--shards", "2", "--data-dir", str(tmp_path), "--no-restart"])
     run_dev.append(dev)
     dev.wait_up()
-    _instance(dev.descendants(), "i2").kill()
+    instance_process(dev.descendants(), "i2").kill()
     wait_until(lambda: "i2 was killed by SIGKILL; left down (--no-restart)" in dev.output,
                t(30), "dev to say i2 is left down")
     assert dev.popen.poll() is None
