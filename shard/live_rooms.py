@@ -77,6 +77,8 @@ class RoomContext:
     commit: GroupCommit[Pending] | None = None
     # With a message store: a resume from before the history window replays from it.
     store: MessageStore | None = None
+    # Whether the shard still holds its lease (False fences it at once: see ShardServer).
+    holds_lease: Callable[[], bool] = lambda: True
 
 
 class Sender(Protocol):
@@ -438,6 +440,13 @@ class LiveRoom:
         text that is not UTF-8: the connection fails with 1007 (RFC 6455 8.1).
         """
         ctx = self.ctx
+        if not ctx.holds_lease():
+            # A loop that stalled past the lease (a stopped process, a frozen machine)
+            # reads what waited in its sockets before its timers run: sequencing it could
+            # make a second owner of a room the directory has re-placed meanwhile. The
+            # shard fences itself in that call (the members are closed with 1001 and
+            # resend it to the room's owner).
+            return
         stats = ctx.stats
         stats.messages_in += 1
         bucket = conn.bucket

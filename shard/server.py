@@ -157,7 +157,8 @@ class ShardServer:
                                       max_bytes=cfg.store_queue_bytes, max_age=cfg.store_wait,
                                       clock=monotonic, linger=cfg.store_linger)
         self.live_rooms = LiveRooms(RoomContext(cfg, self.stats, self.writer, clock, monotonic,
-                                                self.commit, store), directory, self.ready)
+                                                self.commit, store, self.holds_lease),
+                                    directory, self.ready)
         auth = routes.DirectoryAuth(self.signer, cfg.instance, clock)
         self._conn_ctx = ConnectionContext(cfg, self.stats, self.writer, self.lingering, self,
                                            monotonic, auth.trusted)
@@ -213,6 +214,15 @@ class ShardServer:
     def ready(self) -> bool:
         return self.registered and not self.fenced and not self.stopping \
             and self.monotonic() < self.lease_until
+
+    def holds_lease(self) -> bool:
+        """Whether the lease holds; past it, fence now rather than at the next tick (a
+        loop that stalled reads its sockets before it runs its timers)."""
+        if self.monotonic() < self.lease_until:
+            return True
+        if self.registered and not self.fenced and not self.stopping:
+            self._fence()
+        return False
 
     def store_state(self) -> dict[str, object] | None:
         """How the message store fares (``/readyz``); None without one."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class Chatter:
     closes: list[int | None] = field(default_factory=list)
     ack_conflicts: list[tuple[str, int, int]] = field(default_factory=list)
     unavailable: int = 0  # sends refused with unavailable (resent later)
+    # (time.monotonic(), instance, type) of every message and ack frame: who served what when
+    served: list[tuple[float, str, str]] = field(default_factory=list)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     open_timeout: float = 5.0  # a 1,000-member room's joins (O(n^2) presence) take longer
     # Shared by many chatters: bounds the directory calls in flight (httpcore's pool is
@@ -127,12 +130,15 @@ class Chatter:
                         self.opened.set()
                     elif kind == "message":
                         self.log.append(frame)
+                        self.served.append((time.monotonic(), self.welcomes[-1].instance, kind))
                     elif kind == "ack":
                         self._on_ack(frame["id"], frame["seq"])
+                        self.served.append((time.monotonic(), self.welcomes[-1].instance, kind))
                     elif kind == "error" and frame.get("code") == "unavailable":
                         self.unavailable += 1
                         asyncio.get_running_loop().call_later(
                             RESEND_S, self._resend, ws, frame.get("id"))
+                return ws.close_code  # a clean close (1000, 1001) ends the loop quietly
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
         except (TimeoutError, OSError, InvalidHandshake):

@@ -78,7 +78,7 @@ async def outage_under_traffic(rooms: dict[str, list[Chatter]],
                           "live traffic in every room")
         before = {id(c): len(c.acks) for c in everyone}
         await outage()
-        back = [c for r in hit() for c in rooms[r]]
+        back = [c for r in hit() for c in rooms[r] if id(c) in before]  # (not newcomers)
         await await_until(lambda: all(len(c.acks) >= before[id(c)] + 5 for c in back), 40,
                           "traffic after the outage")
     finally:

@@ -75,6 +75,29 @@ async def test_lease_loss_drops_a_room_the_directory_placed_elsewhere(shard):
     assert shard.server.live_rooms.get("moved") is None
 
 
+async def test_a_frame_read_past_the_lease_is_not_sequenced_and_fences_at_once(shard):
+    """A loop that stalled past its lease (a stopped process, a frozen machine) reads
+    what waited in its sockets before its timers run. A send read then is not
+    sequenced (the room may have another owner by now): the shard fences itself in
+    that call, the members get 1001, nobody gets an ack or the message."""
+    a, _ = await shard.join("r", "alice")
+    b, _ = await shard.join("r", "bob")
+    assert (await recv_json(a))["event"] == "join"
+    await a.send('{"type": "send", "id": "m1", "text": "before"}')
+    assert (await recv_until(a, "ack"))["seq"] == 1
+    server = shard.server
+    shard.fake.reachable = False  # no heartbeat renews it meanwhile
+    server._timers["tick"].cancel()  # the tick, which fences, has not run yet
+    server.lease_until = server.monotonic() - 0.01
+    await a.send('{"type": "send", "id": "m2", "text": "after the lease"}')
+    frames_a, code_a = await frames_until_close(a)
+    frames_b, code_b = await frames_until_close(b)
+    assert (code_a, code_b) == (1001, 1001)
+    assert [f for f in frames_a + frames_b if f.get("id") == "m2"] == []  # no ack, no message
+    assert server.fenced and server.live_rooms.unconfirmed() == {"r": 1}  # seq 1, kept
+    assert server.stats.messages_out == 1
+
+
 async def frames_until_close(ws) -> tuple[list[dict], int | None]:
     """Every frame received until the server closed, and its close code."""
     import orjson
