@@ -1,6 +1,7 @@
 """Benchmark: a reconnect storm. N clients in R rooms on one shard of a 3-shard cluster;
-the shard is stopped (SIGKILL, or SIGTERM: a drain first); how long until each client
-has its next welcome, from the rooms' new owners.
+the shard is stopped (SIGKILL; SIGTERM: a drain first; SIGSTOP: alive but silent, woken
+with SIGCONT after ``--stopped-for``); how long until each client has its next welcome,
+from the rooms' new owners.
 
 The clients are ``bench/loadgen/storm.js`` (Node, one process): they follow the
 contract's close codes as a production client does (ask the directory again; 1013 and
@@ -13,6 +14,7 @@ room is placed on i1; then i2 and i3 join; then i1 is stopped.
     python -m bench.storm --signal term --clients 2000 --rooms 100
     python -m bench.storm --signal kill --down-after 3 --json out.json
     python -m bench.storm --signal kill --postgres --directories 2
+    python -m bench.storm --signal stop --stopped-for 15   # clients drop a silent shard after 3 s
 
 Prints one JSON document: the storm client's result (time to the next welcome: p50,
 p90, p99, max; how many within 5/10/20 s; welcomes that said ``recovered: false``;
@@ -28,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
 from roomshard.testing.timing import wait_until
 
 STORM_JS = Path(__file__).resolve().parent / "loadgen" / "storm.js"
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 
 
@@ -85,7 +89,9 @@ def _run_storm(args: argparse.Namespace, procs: Procs, directories: list[str],
     wait_until(lambda: "i1" in active(directory), 30, "i1 active")
     config = {"directories": directories, "rooms": rooms, "members": members,
               "roomPrefix": f"storm{int(time.time())}", "connectConcurrency": 200,
-              "timeoutSeconds": args.timeout}
+              "timeoutSeconds": args.timeout,
+              "liveness": args.liveness if args.liveness is not None
+              else (3.0 if args.signal == "stop" else 0.0)}
     argv = [cluster.node(), str(STORM_JS), json.dumps(config)]
     if args.loadgen_cpu:
         argv = ["taskset", "-c", args.loadgen_cpu, *argv]
@@ -107,22 +113,37 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
             procs.shard(instance, directories[n % len(directories)], env=env)
         wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
         stopped_at = time.time()
-        os.kill(i1.popen.pid, signal.SIGKILL if args.signal == "kill" else signal.SIGTERM)
+        os.kill(i1.popen.pid, SIGNALS[args.signal])
         node.stdin.write(f"{int(stopped_at * 1000)}\n")
         node.stdin.flush()
+        woke = None
+        if args.signal == "stop":
+            woke = threading.Timer(args.stopped_for, os.kill, (i1.popen.pid, signal.SIGCONT))
+            woke.start()
         line = node.stdout.readline()
         if not line:
             raise RuntimeError(f"the storm client exited with {node.wait()}")
         result: dict[str, Any] = json.loads(line)
+        if woke is not None:
+            woke.join()
+            result["stopped_for_s"] = args.stopped_for
         return result
     finally:
+        if args.signal == "stop" and i1.popen.poll() is None:
+            os.kill(i1.popen.pid, signal.SIGCONT)  # never leave a stopped process behind
         if node.poll() is None:
             node.kill()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--signal", choices=("kill", "term"), default="kill")
+    p.add_argument("--signal", choices=tuple(SIGNALS), default="kill")
+    p.add_argument("--stopped-for", type=float, default=15.0,
+                   help="with --signal stop: seconds until SIGCONT (past --down-after: the "
+                        "rooms are re-placed while it is stopped)")
+    p.add_argument("--liveness", type=float, default=None,
+                   help="seconds without a pong before a client drops its connection "
+                        "(default 3 with --signal stop, else off)")
     p.add_argument("--clients", type=int, default=5_000)
     p.add_argument("--rooms", type=int, default=250)
     p.add_argument("--down-after", type=float, default=10.0,

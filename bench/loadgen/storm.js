@@ -49,7 +49,7 @@ class Client {
   constructor(storm, index, room, user) {
     Object.assign(this, { storm, index, room, user });
     this.seq = null; this.ws = null; this.lostAt = null; this.backAt = null;
-    this.recovered = null; this.instance = null; this.attempt = 0;
+    this.recovered = null; this.instance = null; this.attempt = 0; this.seenAt = 0;
     this.unreachable = null;  // the instance the last try could not reach (a hint)
   }
 
@@ -72,11 +72,13 @@ class Client {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(url, { perMessageDeflate: false });
       let welcomed = false;
+      ws.on('pong', () => { this.seenAt = Date.now(); });
       ws.on('message', (data) => {
+        this.seenAt = Date.now();
         const frame = JSON.parse(data.toString());
         if (typeof frame.seq === 'number') this.seq = frame.seq;
         if (frame.type === 'welcome' && !welcomed) {
-          welcomed = true; this.ws = ws; resolve(frame);
+          welcomed = true; this.ws = ws; this.seenAt = Date.now(); resolve(frame);
         }
       });
       ws.on('error', (e) => { stats.count(stats.errors, e.code || String(e.message)); });
@@ -147,6 +149,22 @@ class Storm {
   }
 
   directoryFor(client) { return this.directories[client.index % this.directories.length]; }
+  // "liveness" (s): a client pings its shard every second and drops a connection that
+  // answered nothing for that long (a stopped or unreachable shard sends no close), as a
+  // production client's keepalive does; then it reconnects like after any lost connection.
+  watchLiveness() {
+    const limit = (this.cfg.liveness || 0) * 1000;
+    if (!limit) return;
+    const timer = setInterval(() => {
+      const now = Date.now();
+      for (const cl of this.clients) {
+        if (!cl.ws) continue;
+        if (now - cl.seenAt > limit) { this.stats.count(this.stats.errors, 'liveness'); cl.ws.terminate(); }
+        else cl.ws.ping();
+      }
+    }, 1000);
+    timer.unref();
+  }
   lost(c) { this.lostSet.add(c); }
   back(c) { this.backSet.add(c); this.check(); }
   failed(c, why) { this.failures[why] = (this.failures[why] || 0) + 1; this.failedCount += 1; this.check(); }
@@ -183,6 +201,7 @@ class Storm {
   async run() {
     const connected = await this.connectAll();
     this.expected = connected;
+    this.watchLiveness();
     process.stdout.write(`${JSON.stringify({ ready: true, connected, instances: this.instances() })}\n`);
     const rl = readline.createInterface({ input: process.stdin });
     const line = await new Promise((resolve) => rl.once('line', resolve));

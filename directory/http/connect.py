@@ -88,7 +88,7 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     row = await ctx.store.room_target(room)
     if row is not None:
         _check_access(room, row, user)
-        row = await _after_suspicion(ctx, room, row, unreachable)
+        row = await _after_suspicion(ctx, room, row, unreachable, now)
     charged = _charge_creation(ctx, request, user, now) if row is None else ()
     try:
         target, kind = await ctx.store.place(room, row, now=now, down_after=ctx.cfg.down_after,
@@ -165,10 +165,14 @@ def _user(ctx: Directory, body: bytes, user: str | None) -> tuple[str, str | Non
 
 
 async def _after_suspicion(ctx: Directory, room: str, row: Mapping[str, Any],
-                           unreachable: str | None) -> Mapping[str, Any] | None:
+                           unreachable: str | None, now: float) -> Mapping[str, Any] | None:
     """``row`` again after the check of its owner when the owner is suspect (its control
     channel closed, or this client could not reach it): re-placed, or found alive. Past
-    ``SUSPECT_HOLD_S`` 503 with Retry-After: never the URL of a shard that may be dead."""
+    ``SUSPECT_HOLD_S`` 503 with Retry-After: never the URL of a shard that may be dead.
+    An owner that no longer serves by its heartbeats (past ``down_after``) needs no
+    check: the room is placed elsewhere right after this."""
+    if ctx.store.serving_target(room, row, now=now, keep_after=ctx.replace_after(now)) is None:
+        return row
     instance = row["instance"]
     verdict = ctx.failover.verdict(instance, hinted=unreachable == instance)
     if verdict is None:

@@ -16,6 +16,7 @@ its boot id (alive), one that accepts and never answers (stopped).
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -208,3 +209,23 @@ async def test_the_answer_at_once_never_answers_a_suspect_owner(procs: Procs) ->
         assert (await hinted).status_code == 503
         assert plain.status_code == 503, plain.text
         assert plain.json()["error"]["code"] == "owner_suspected"
+
+
+async def test_an_owner_past_down_after_is_replaced_at_once_even_while_checked(
+        h: Harness) -> None:
+    """A silent owner past ``down_after`` no longer serves by its heartbeats: its room is
+    placed elsewhere at once, whatever check of it is still running."""
+    async with stand_in(None) as url:
+        await _place_on_i1(h, url, ["s1"])
+        failover = h.app.state.ctx.failover
+        first = asyncio.ensure_future(
+            h.client.post("/v1/rooms/s1/connect", json=_connect_body("i1")))
+        await await_until(lambda: "i1" in failover.suspects, 5, "the hint's check under way")
+        h.clock.advance(h.cfg.down_after + 1)  # i1 silent past down_after; i2 heartbeats
+        assert (await h.heartbeat("i2", boot_id="b2", url=closed_port_url())).status_code == 200
+        h.app.state.ctx.awake_since = -math.inf  # this replica has long been up
+        started = time.monotonic()
+        r = await h.client.post("/v1/rooms/s1/connect", json=_connect_body("i1"))
+        assert time.monotonic() - started < SUSPECT_HOLD_S  # not held
+        assert (r.status_code, r.json()["instance"], r.json()["epoch"]) == (200, "i2", 2), r.text
+        assert (await first).status_code == 503  # it came while i1 still counted as serving
