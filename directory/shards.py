@@ -81,6 +81,8 @@ class ShardClient:
         try:
             resp = await self.http.get(f"{internal_url}/healthz", timeout=timeout)
             answered = resp.json().get("boot_id") if resp.status_code == 200 else None
+        except httpx.ConnectError as exc:  # refused now: the listener went away meanwhile
+            return GONE if _refused(exc) else UNKNOWN
         except (httpx.HTTPError, ValueError, AttributeError):
             return UNKNOWN
         if not isinstance(answered, str):
@@ -227,3 +229,15 @@ def _loaded(load: LiveLoad) -> dict[str, Any]:
     """A shard's report as the admin API's room load (``loaded``: it is in memory)."""
     return {"loaded": True, "connections": load.connections, "members": load.members,
             "seq": load.seq, "messages_per_s": load.messages_per_s}
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by a refused TCP connection (httpx wraps it twice)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -20,8 +20,8 @@ address at once (:meth:`ShardClient.probe`):
 
 A client that cannot reach its room's shard may say so on its next connect
 (``"unreachable": "iN"`` in the body): a hint, never proof. It starts the
-same check (one probe, at most once per instance every ``HINT_EVERY_S``),
-and nothing changes unless the probe proves the process gone.
+same check (at most one per instance every ``HINT_EVERY_S``), and nothing
+changes unless the probe proves the process gone.
 
 While a check is under way the instance is *suspect* in this process
 (:attr:`Failover.suspects`): a connect for one of its rooms waits for the
@@ -58,7 +58,7 @@ _SAID = {"channel_closed": "its control channel closed",
 
 #: A check that proves nothing is tried again this often, this far apart (a moment of a
 #: loaded directory or network); what stays unproven is left to the lease and down_after.
-PROBE_TRIES, PROBE_PAUSE_S = 3, 0.5
+PROBE_TRIES, PROBE_PAUSE_S = 3, 0.2
 #: A client's hint starts at most one check per instance this often (a hint is cheap to
 #: send; a live shard is probed at most this often for it).
 HINT_EVERY_S = 2.0
@@ -82,6 +82,7 @@ class Failover:
         self.channels: set[asyncio.Future[None]] = set()
         # The instances being checked, each with its verdict (True: parked, rooms re-placed).
         self.suspects: dict[str, asyncio.Future[bool]] = {}
+        self._evidence: dict[str, str] = {}  # instance -> what started its check
         self._hinted: dict[str, float] = {}  # instance -> when a hint last started a check
         self._checks: set[asyncio.Task[None]] = set()  # the checks under way, referenced
 
@@ -98,6 +99,13 @@ class Failover:
         meanwhile proves nothing either: logged, and the lease and down_after decide."""
         if self.stopping:
             return False
+        pending = self.suspects.get(instance)
+        if pending is not None and self._evidence.get(instance) == "client_hint":
+            # A hint's check began first (a client's reconnect can beat the channel's
+            # close to this process): the closed channel still gets its own if that one
+            # proves nothing (it may have probed a process that was still exiting).
+            if await asyncio.shield(pending):
+                return True
         return await asyncio.shield(self._start(instance, boot_id, "channel_closed", PROBE_TRIES))
 
     def verdict(self, instance: str, *, hinted: bool = False) -> asyncio.Future[bool] | None:
@@ -121,7 +129,7 @@ class Failover:
         if len(self._hinted) > 4096:  # instance ids come from the database; bound it anyway
             self._hinted = {i: t for i, t in self._hinted.items() if now - t < HINT_EVERY_S}
         self.metrics.hints.labels("checked").inc()
-        return self._start(instance, None, "client_hint", 1)
+        return self._start(instance, None, "client_hint", PROBE_TRIES)
 
     def _start(self, instance: str, boot_id: str | None, evidence: str,
                tries: int) -> asyncio.Future[bool]:
@@ -132,6 +140,7 @@ class Failover:
         loop = asyncio.get_running_loop()
         verdict: asyncio.Future[bool] = loop.create_future()
         self.suspects[instance] = verdict
+        self._evidence[instance] = evidence
         task = loop.create_task(self._decide(instance, boot_id, evidence, tries, verdict))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
@@ -146,7 +155,7 @@ class Failover:
             log.warning("%s: checking it (%s) failed (%r): the lease and down_after decide",
                         instance, _SAID[evidence], exc)
         finally:
-            del self.suspects[instance]
+            del self.suspects[instance], self._evidence[instance]
             verdict.set_result(parked)
 
     async def _check(self, instance: str, boot_id: str | None, evidence: str,

@@ -27,7 +27,8 @@ import httpx
 import orjson
 import pytest
 
-from directory.ops.failover import HINT_EVERY_S, SUSPECT_HOLD_S
+from directory.ops.failover import HINT_EVERY_S, PROBE_TRIES, SUSPECT_HOLD_S
+from directory.shards import GONE, UNKNOWN
 from roomshard.testing.metrics import sample
 from roomshard.testing.procs import Procs
 from roomshard.testing.timing import await_until, t
@@ -229,3 +230,35 @@ async def test_an_owner_past_down_after_is_replaced_at_once_even_while_checked(
         assert time.monotonic() - started < SUSPECT_HOLD_S  # not held
         assert (r.status_code, r.json()["instance"], r.json()["epoch"]) == (200, "i2", 2), r.text
         assert (await first).status_code == 503  # it came while i1 still counted as serving
+
+
+async def test_a_closed_channel_gets_its_own_check_when_a_hint_s_found_nothing(
+        h: Harness) -> None:
+    """A client's reconnect can beat the channel's close to the directory, and its hint's
+    check can probe a process that is still exiting (it proves nothing): the closed
+    channel then gets a check of its own, which finds the process gone."""
+    await _place_on_i1(h, closed_port_url(), ["s1"])
+    failover = h.app.state.ctx.failover
+    found: list[str] = []
+    release = asyncio.Event()
+
+    async def probe(url: str, boot_id: str) -> str:
+        if not found:
+            await release.wait()
+        found.append(UNKNOWN if len(found) < PROBE_TRIES else GONE)
+        return found[-1]
+
+    failover.shards.probe = probe
+    hinted = asyncio.ensure_future(
+        h.client.post("/v1/rooms/s1/connect", json=_connect_body("i1")))
+    await await_until(lambda: "i1" in failover.suspects, 5, "the hint's check under way")
+    closed = asyncio.ensure_future(failover.channel_closed("i1", "b1"))
+    await asyncio.sleep(0)  # (ordering only: the channel's check joins the hint's first)
+    release.set()
+    assert await closed is True
+    assert found == [UNKNOWN] * PROBE_TRIES + [GONE]
+    assert (await hinted).status_code in (200, 503)
+    metrics = await _metrics(h.client)
+    assert sample(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 1
+    r = await h.connect("s1")
+    assert (r.json()["instance"], r.json()["epoch"]) == ("i2", 2)
