@@ -262,3 +262,22 @@ async def test_a_closed_channel_gets_its_own_check_when_a_hint_s_found_nothing(
     assert sample(metrics, 'roomshard_directory_failovers_total{evidence="channel_closed"}') == 1
     r = await h.connect("s1")
     assert (r.json()["instance"], r.json()["epoch"]) == ("i2", 2)
+
+
+async def test_a_probe_that_finds_the_listener_gone_meanwhile_says_gone(h: Harness) -> None:
+    """A process that is exiting can still accept the probe's TCP check and be gone by
+    its ``/healthz`` request: a refusal then is proof too (the listener closed)."""
+    closing: list[asyncio.Server] = []
+
+    async def accept_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        closing[0].close()  # stop listening: the next connection is refused
+        writer.close()
+
+    server = await asyncio.start_server(accept_once, "127.0.0.1", 0)
+    closing.append(server)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    assert await h.app.state.ctx.shards.probe(url, "b1") == GONE
+    async with stand_in("b1") as alive, stand_in(None) as silent:
+        assert await h.app.state.ctx.shards.probe(alive, "b1") == "alive"
+        assert await h.app.state.ctx.shards.probe(alive, "other") == GONE
+        assert await h.app.state.ctx.shards.probe(silent, "b1", timeout=0.2) == UNKNOWN
