@@ -214,6 +214,9 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             loop = asyncio.get_running_loop()
             background = [loop.create_task(watch_stalls(app.state.ctx)),
                           loop.create_task(sweep_unused_rooms(app.state.ctx))]
+            if (listening := store.start()) is not None:
+                background.append(listening)
+                metrics.watch_cache(store.cache)
             yield
         finally:
             for task in background:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -22,6 +24,16 @@ class Metrics:
         self.connects_in_flight = Gauge("roomshard_directory_connects_in_flight",
                                         "connects read and not answered yet (bounded by "
                                         "ROOMSHARD_CONNECTS_IN_FLIGHT)", registry=self.registry)
+        self.answered_at_once = Counter("roomshard_directory_connects_answered_at_once",
+                                        "connects answered inside the HTTP read, from a "
+                                        "lookup that needed no wait (SQLite in-process; "
+                                        "PostgreSQL: the room cache)", registry=self.registry)
+        self.room_cache_live = Gauge("roomshard_directory_room_cache_live",
+                                     "1 while the PostgreSQL room cache listens for changes "
+                                     "(and is used)", registry=self.registry)
+        self.room_cache_rooms = Gauge("roomshard_directory_room_cache_rooms",
+                                      "rooms in the PostgreSQL room cache",
+                                      registry=self.registry)
         self.placements = Counter("roomshard_directory_placements",
                                   "room assignments made: new rooms and re-placements",
                                   ["kind"], registry=self.registry)
@@ -80,6 +92,11 @@ class Metrics:
     def batch(self, step: str, items: int) -> None:
         self.handoff_batches.labels(step).inc()
         self.handoff_batch_items.labels(step).inc(items)
+
+    def watch_cache(self, cache: Any) -> None:
+        """Report a room cache (``directory.db.room_cache.RoomCache``) when scraped."""
+        self.room_cache_live.set_function(lambda: float(cache.live))
+        self.room_cache_rooms.set_function(lambda: float(len(cache)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from directory.db.engine import instances, rooms
+from directory.db.room_cache import RoomCache
 from directory.domain import placement
 from directory.domain.errors import Overloaded, Unavailable
 from directory.domain.instances import REASON_SHUTDOWN, died_changes
@@ -177,11 +178,23 @@ class Store:
                                             compile_kwargs={"render_postcompile": True})
             self._raw_target_sql = str(compiled).replace("%(room)s", "$1")
             assert "$1" in self._raw_target_sql
+        # PostgreSQL: served rooms looked up without a round trip (directory.db.room_cache)
+        self.cache: RoomCache | None = None
+        if self.dialect == "postgresql":
+            self.cache = RoomCache(engine.url.set(drivername="postgresql")
+                                   .render_as_string(hide_password=False))
         self._lite: LiteHotPath | None = None
         self._replacing: dict[tuple[str, int], asyncio.Future[Target | None]] = {}  # _replace
         if self.dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             self._lite = LiteHotPath(engine.url.database,
                                      str(_ROOM_TARGET.compile(dialect=engine.dialect)), synchronous)
+
+    def start(self) -> asyncio.Task[None] | None:
+        """The background work the store needs while it serves (the room cache's
+        listener on PostgreSQL), or None; cancel the task to stop it."""
+        if self.cache is None:
+            return None
+        return asyncio.get_running_loop().create_task(self.cache.run())
 
     def close(self) -> None:
         if self._lite is not None:
@@ -222,9 +235,14 @@ class Store:
 
     # -- connect ---------------------------------------------------------
     async def room_target(self, room: str) -> Mapping[str, Any] | None:
-        """The room joined with its instance: one indexed query."""
+        """The room joined with its instance: one indexed query (kept in the room cache)."""
         if self._raw_target_sql is not None:
-            return await self._raw_room_target(room)
+            cache = self.cache
+            token = cache.token() if cache is not None else 0
+            row = await self._raw_room_target(room)
+            if cache is not None and row is not None:
+                cache.put(room, row, token, asyncio.get_running_loop().time())
+            return row
         if self._lite is not None:
             return self._lite.room_target(room)
         async with self.read() as conn:
@@ -233,13 +251,19 @@ class Store:
 
     @property
     def looks_up_now(self) -> bool:
-        """Whether :meth:`room_target_now` can answer (SQLite: the loop's own connection)."""
-        return self._lite is not None and self._raw_target_sql is None
+        """Whether :meth:`room_target_now` can answer (SQLite: the loop's own connection;
+        PostgreSQL: the room cache, while it listens)."""
+        if self._lite is not None:
+            return True
+        return self.cache is not None and self.cache.live
 
     def room_target_now(self, room: str) -> Mapping[str, Any] | None:
-        """:meth:`room_target` without waiting; only where :attr:`looks_up_now`."""
-        assert self._lite is not None
-        return self._lite.room_target(room)
+        """:meth:`room_target` without waiting; only where :attr:`looks_up_now`. None: no
+        such room (SQLite), or not known here (the cache): the general way finds out."""
+        if self._lite is not None:
+            return self._lite.room_target(room)
+        assert self.cache is not None
+        return self.cache.get(room, asyncio.get_running_loop().time())
 
     @staticmethod
     def serving_target(room: str, row: Mapping[str, Any], *, now: float,

@@ -135,6 +135,7 @@ def connect_now(ctx: Directory, room: str, authorization: str | None, body: byte
     if target is None:
         return None
     answer = _answer(ctx, target, user, now)
+    ctx.metrics.answered_at_once.inc()
     ctx.metrics.observe("connect", 200, time.perf_counter() - started)
     return answer
 
