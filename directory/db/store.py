@@ -600,17 +600,39 @@ class Store:
             if isinstance(done, int):
                 return done
             # BUSY: another process writes; the general path below waits its turn
+        rows = sorted(rows)  # the same lock order as any other batch
         for start in range(0, len(rows), REPLACE_BATCH):
-            async with self.write() as conn:
-                candidates = [dict(r) for r in (await conn.execute(select(instances))).mappings()]
-                for room, epoch in rows[start:start + REPLACE_BATCH]:
-                    chosen = _pick(candidates, now=now, down_after=down_after)
-                    if chosen["id"] == instance:
-                        continue
-                    if await reassign(conn, room, old_epoch=epoch, old_instance=instance,
-                                      new_instance=chosen["id"], now=now) is not None:
-                        chosen["rooms_assigned"] += 1
-                        moved += 1
+            for attempt in (1, 2):
+                try:
+                    moved += await self._replace_batch(instance, rows[start:start + REPLACE_BATCH],
+                                                       now=now, down_after=down_after)
+                    break
+                except sa_exc.DBAPIError as exc:
+                    if attempt == 2 or not _deadlocked(exc):
+                        raise
+        return moved
+
+    async def _replace_batch(self, instance: str, batch: list[Any], *, now: float,
+                             down_after: float) -> int:
+        """One transaction: each room by the CAS, then the rooms_assigned counts, once per
+        instance and in id order (the rooms first and the counts after, in a fixed order,
+        as every re-placement and move does: no deadlock with the connects and moves
+        re-placing rooms of this instance meanwhile)."""
+        gained: dict[str, int] = {}
+        async with self.write() as conn:
+            candidates = [dict(r) for r in (await conn.execute(select(instances))).mappings()]
+            for room, epoch in batch:
+                chosen = _pick(candidates, now=now, down_after=down_after)
+                if chosen["id"] == instance:
+                    continue
+                done = (await conn.execute(_reassign_stmt(room, epoch, chosen["id"], now))).first()
+                if done is not None:
+                    chosen["rooms_assigned"] += 1
+                    gained[chosen["id"]] = gained.get(chosen["id"], 0) + 1
+            moved = sum(gained.values())
+            if moved:
+                for iid, delta in sorted({**gained, instance: -moved}.items()):
+                    await bump_rooms_assigned(conn, iid, delta)
         return moved
 
 
@@ -623,10 +645,18 @@ async def reassign(conn: AsyncConnection, room: str, *, old_epoch: int,
     row = (await conn.execute(_reassign_stmt(room, old_epoch, new_instance, now))).first()
     if row is None:
         return None
-    if old_instance is not None:
-        await bump_rooms_assigned(conn, old_instance, -1)
-    await bump_rooms_assigned(conn, new_instance, +1)
+    # The counts in instance id order (as every transaction that moves rooms: no deadlock).
+    changes = {old_instance: -1} if old_instance is not None else {}
+    changes[new_instance] = changes.get(new_instance, 0) + 1
+    for iid, delta in sorted(changes.items()):
+        if delta:
+            await bump_rooms_assigned(conn, iid, delta)
     return int(row[0])
+
+
+def _deadlocked(exc: sa_exc.DBAPIError) -> bool:
+    """PostgreSQL aborted the transaction to break a deadlock (SQLSTATE 40P01)."""
+    return getattr(exc.orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(exc)
 
 
 def _reassign_stmt(room: Any, old_epoch: Any, new_instance: Any, now: Any) -> Any:

@@ -281,3 +281,45 @@ async def test_a_probe_that_finds_the_listener_gone_meanwhile_says_gone(h: Harne
         assert await h.app.state.ctx.shards.probe(alive, "b1") == "alive"
         assert await h.app.state.ctx.shards.probe(alive, "other") == GONE
         assert await h.app.state.ctx.shards.probe(silent, "b1", timeout=0.2) == UNKNOWN
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_re_placing_all_rooms_while_connects_re_place_them_never_deadlocks(
+        harness_factory: Any, db_url: str) -> None:
+    """A failover re-places every room of a dead instance in one transaction while other
+    replicas' connects re-place some of the same rooms one by one: the rooms first and
+    the counts after, in id order, in every such transaction (it deadlocked once on
+    PostgreSQL, leaving each room to its next connect). Every room ends on a live
+    instance once, and the counts match the rooms."""
+    async with harness_factory(room_create_rate=0) as h:
+        await _deadlock_free(h, db_url)
+
+
+async def _deadlock_free(h: Harness, db_url: str) -> None:
+    from directory.db.store import Store
+    from roomshard.sql import make_engine
+
+    rooms = [f"d{n:03d}" for n in range(120)]
+    await _place_on_i1(h, closed_port_url(), rooms)
+    assert (await h.heartbeat("i3", boot_id="b3", url=closed_port_url())).status_code == 200
+    ours = h.app.state.ctx.store
+    assert await ours.park_dead("i1", "b1") is not None
+    other = Store(make_engine(db_url))  # another replica's store
+    try:
+        now, down_after = h.clock(), h.cfg.down_after
+        rows = {r: await other.room_target(r) for r in rooms[::3]}
+        results = await asyncio.gather(
+            ours.replace_all("i1", now=now, down_after=down_after),
+            *(other._replace(r, row, now=now, down_after=down_after)
+              for r, row in rows.items()))
+    finally:
+        await other.engine.dispose()
+    by_connects = sum(1 for _, did in results[1:] if did)
+    assert results[0] + by_connects == len(rooms)
+    listed = (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]
+    counts = {i["id"]: i["rooms_assigned"] for i in listed}
+    assert counts["i1"] == 0 and counts["i2"] + counts["i3"] == len(rooms), counts
+    for room in rooms:
+        row = (await h.client.get(f"/v1/admin/rooms/{room}", headers=ADMIN)).json()
+        assert row["instance"] in ("i2", "i3") and row["epoch"] == 2, row
