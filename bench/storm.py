@@ -71,13 +71,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with Procs(base_env={**os.environ, **env}) as procs:
             dirs = [procs.directory(f"directory{n}", database_url=database_url, env=env)
                     for n in range(args.directories)]
-            result = _run_storm(args, procs, [d.url for d in dirs], env, rooms, members)
+            try:
+                result = _run_storm(args, procs, [d.url for d in dirs], env, rooms, members)
+            finally:
+                if getattr(args, "logs", ""):
+                    _keep_logs(procs, Path(args.logs))
     finally:
         if pg is not None:
             pg.destroy()
     return {"signal": args.signal, "clients": rooms * members, "rooms": rooms,
             "database": "postgresql" if args.postgres else "sqlite",
             "directories": args.directories, "down_after_s": args.down_after, **result}
+
+
+def _keep_logs(procs: Procs, into: Path) -> None:
+    """Every process's output, one file each (a run worth a second look)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for proc in procs.procs:
+        (into / f"{proc.name}.log").write_text(proc.output())
 
 
 def _run_storm(args: argparse.Namespace, procs: Procs, directories: list[str],
@@ -156,6 +167,7 @@ def main() -> None:
                    help="directory processes (the clients and shards spread over them; "
                         "more than one needs --postgres)")
     p.add_argument("--json", default="", help="also write the result to this file")
+    p.add_argument("--logs", default="", help="keep every process's output in this directory")
     args = p.parse_args()
     if args.directories > 1 and not args.postgres:
         p.error("--directories > 1 needs --postgres (SQLite is one process's database)")
