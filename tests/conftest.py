@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from roomshard.testing.devrun import DevRun
 from roomshard.testing.pg import PgServer
 from roomshard.testing.procs import Procs
 
@@ -42,3 +43,12 @@ def procs() -> Iterator[Procs]:
     """Real roomshard processes, all stopped at the end of the test."""
     with Procs() as p:
         yield p
+
+
+@pytest.fixture
+def run_dev() -> Iterator[list[DevRun]]:
+    """The `roomshard dev` runs a test appends here, stopped at its end."""
+    runs: list[DevRun] = []
+    yield runs
+    for r in runs:
+        r.stop()

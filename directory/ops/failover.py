@@ -99,13 +99,13 @@ class Failover:
         meanwhile proves nothing either: logged, and the lease and down_after decide."""
         if self.stopping:
             return False
+        # A hint's check may have begun first (a client's reconnect can beat the channel's
+        # close to this process): the closed channel still gets its own if that one
+        # proves nothing (it may have probed a process that was still exiting).
         pending = self.suspects.get(instance)
-        if pending is not None and self._evidence.get(instance) == "client_hint":
-            # A hint's check began first (a client's reconnect can beat the channel's
-            # close to this process): the closed channel still gets its own if that one
-            # proves nothing (it may have probed a process that was still exiting).
-            if await asyncio.shield(pending):
-                return True
+        if (pending is not None and self._evidence.get(instance) == "client_hint"
+                and await asyncio.shield(pending)):
+            return True
         return await asyncio.shield(self._start(instance, boot_id, "channel_closed", PROBE_TRIES))
 
     def verdict(self, instance: str, *, hinted: bool = False) -> asyncio.Future[bool] | None:

@@ -8,18 +8,19 @@ from typing import Any
 
 import pytest
 
+from roomshard.testing.devrun import DevRun, instance_process
 from roomshard.testing.timing import t, wait_until
 from tests.browser.conftest import wait_js
 from tests.browser.test_chat_page import join, say, shown
-from tests.dev.test_devcluster import DevRun, instance_process, run_dev  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 
-def on_instance(page: Any) -> str:
-    m = re.search(r"\bi\d+\b", page.inner_text("#state"))
-    assert m, page.inner_text("#state")
-    return m.group(0)
+def on_instance(page: Any) -> str | None:
+    """The shard the page is open on, from its state line (None: not open)."""
+    state = page.inner_text("#state")
+    m = re.search(r"\bi\d+\b", state)
+    return m.group(0) if m and "open" in state else None
 
 
 def test_a_chat_in_the_page_goes_on_after_its_shard_is_killed(
@@ -40,11 +41,12 @@ def test_a_chat_in_the_page_goes_on_after_its_shard_is_killed(
         for p in (a, b):
             wait_js(p, "document.querySelectorAll('#messages .msg[data-seq]').length === 1", 10)
         victim = on_instance(a)
+        assert victim is not None
         instance_process(dev.descendants(), victim).kill()
         survivor = ({"i1", "i2"} - {victim}).pop()
         for p in (a, b):
-            wait_until(lambda p=p: "open" in p.inner_text("#state")
-                       and on_instance(p) == survivor, t(20), f"the page open on {survivor}")
+            wait_until(lambda p=p: on_instance(p) == survivor, t(20),
+                       f"the page open on {survivor}")
         say(b, "after the crash")
         for p in (a, b):
             wait_js(p, "[...document.querySelectorAll('#messages .msg[data-seq]')]"

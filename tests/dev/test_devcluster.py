@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,69 +12,10 @@ import psutil
 import pytest
 
 from roomshard import client
+from roomshard.testing.devrun import DevRun, instance_process
 from roomshard.testing.timing import t, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-class DevRun:
-    """A running `roomshard dev`, its output collected by a thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.popen = subprocess.Popen([sys.executable, "-m", "roomshard", "dev", *args],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        with self.popen.stdout:
-            for raw in self.popen.stdout:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def field(self, label: str) -> str:
-        m = re.search(rf"^\s*{re.escape(label)}:\s+(\S+)", self.output, re.MULTILINE)
-        assert m, f"{label!r} not printed:\n{self.output}"
-        return m.group(1)
-
-    def wait_up(self) -> None:
-        def up() -> bool:
-            if self.popen.poll() is not None:
-                raise AssertionError(f"roomshard dev exited with {self.popen.returncode}:\n{self.output}")
-            return "Ctrl-C stops everything." in self.output
-        wait_until(up, 60, "roomshard dev to print its URLs")
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
-            try:
-                self.popen.wait(timeout=t(20))
-            except subprocess.TimeoutExpired:
-                for p in self.descendants():
-                    p.kill()
-                self.popen.kill()
-                self.popen.wait()
-        self._reader.join(timeout=t(5))
-
-
-@pytest.fixture
-def run_dev() -> Iterator[list[DevRun]]:
-    runs: list[DevRun] = []
-    yield runs
-    for r in runs:
-        r.stop()
 
 
 async def test_dev_serves_the_page_and_chat_then_stops_on_ctrl_c(tmp_path: Path, run_dev: list[DevRun]) -> None:
@@ -161,10 +97,6 @@ def test_dev_with_a_busy_port_says_so_and_exits_2(tmp_path: Path, run_dev: list[
     dev.stop()
     assert f"port {port} on 127.0.0.1 is already in use" in dev.output
     assert "Traceback" not in dev.output
-
-
-def instance_process(children: list[psutil.Process], name: str) -> psutil.Process:
-    return next(p for p in children if "--instance" in p.cmdline() and name in p.cmdline())
 
 
 def test_dev_starts_a_shard_that_dies_again(tmp_path: Path, run_dev: list[DevRun]) -> None:

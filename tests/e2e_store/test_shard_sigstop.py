@@ -14,7 +14,6 @@ acked twice, no regression, no acked message lost.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
