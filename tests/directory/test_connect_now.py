@@ -22,7 +22,7 @@ from roomshard.testing.metrics import sample
 from roomshard.testing.procs import TEST_CLUSTER_SECRET, Procs
 from roomshard.testing.timing import await_until, t
 from roomshard.wire.tickets import Signer
-from tests.directory.test_connect_storm import _answer, _post, paused_burst
+from tests.directory.test_connect_storm import _answers, _post, paused_burst
 from tests.directory.test_processes import register
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,7 @@ async def _ask(url: str, *requests: bytes, pieces: int = 1) -> list[tuple[int, d
                 await asyncio.sleep(0.05)  # the client is slow: the server reads a part
             writer.write(data[i:i + step])
             await writer.drain()
-        return [await _answer(reader) for _ in requests]
+        return await _answers(reader, len(requests))
     finally:
         writer.close()
 

@@ -180,20 +180,33 @@ def _put(path: str, body: dict[str, Any], token: str) -> bytes:
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], Any]:
     """One HTTP/1.1 response: status, headers (lower-case names), JSON body."""
+    return (await _answers(reader, 1))[0]
+
+
+async def _answers(reader: asyncio.StreamReader, n: int) -> list[tuple[int, dict[str, str], Any]]:
+    """``n`` pipelined HTTP/1.1 responses from one connection, in order. One parser for
+    all: one read may carry the end of an answer and the start of the next."""
     parser = h11.Connection(h11.CLIENT)
-    parser.send(h11.Request(method="GET", target="/", headers=[("Host", "d")]))  # its state
-    status, headers, body = 0, {}, b""
-    while True:
-        event = parser.next_event()
-        if event is h11.NEED_DATA:
-            parser.receive_data(await asyncio.wait_for(reader.read(65536), t(30)))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            headers = {k.decode(): v.decode() for k, v in event.headers}
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return status, headers, json.loads(body)
+    out: list[tuple[int, dict[str, str], Any]] = []
+    while len(out) < n:
+        if out:
+            parser.start_next_cycle()
+        parser.send(h11.Request(method="GET", target="/", headers=[("Host", "d")]))  # its state
+        parser.send(h11.EndOfMessage())
+        status, headers, body = 0, {}, b""
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                parser.receive_data(await asyncio.wait_for(reader.read(65536), t(30)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                out.append((status, headers, json.loads(body)))
+                break
+    return out
 
 
 async def test_a_shards_opens_succeed_while_the_directory_serves_a_connect_storm(
