@@ -16,6 +16,7 @@ its boot id (alive), one that accepts and never answers (stopped).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import socket
 import time
@@ -33,6 +34,9 @@ from roomshard.testing.metrics import sample
 from roomshard.testing.procs import Procs
 from roomshard.testing.timing import await_until, t
 from tests.directory.conftest import ADMIN, Harness, cluster_headers
+
+# The database plays no part in what these check (probes, holds, hints): one run, on SQLite.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 def closed_port_url() -> str:
@@ -108,6 +112,7 @@ async def test_a_hint_naming_a_dead_owner_re_places_its_rooms_at_once(h: Harness
     assert sample(metrics, 'roomshard_directory_channel_checks_total{found="gone"}') == 1
 
 
+@SQLITE_ONLY
 async def test_a_hint_naming_a_live_owner_changes_nothing_and_is_limited(h: Harness) -> None:
     async with stand_in("b1") as url:
         await _place_on_i1(h, url, ["s1"])
@@ -156,6 +161,7 @@ async def test_a_connect_waits_for_the_check_of_a_closed_channel(h: Harness) -> 
     assert (r.json()["instance"], r.json()["epoch"]) == ("i2", 2)
 
 
+@SQLITE_ONLY
 async def test_an_owner_that_does_not_answer_is_503_while_checked(h: Harness) -> None:
     """A stopped process accepts connections and answers nothing: while the check runs
     (up to the probe's bound), every connect for its rooms is 503 with Retry-After after
@@ -163,6 +169,8 @@ async def test_an_owner_that_does_not_answer_is_503_while_checked(h: Harness) ->
     async with stand_in(None) as url:
         await _place_on_i1(h, url, ["s1"])
         failover = h.app.state.ctx.failover
+        # Each probe waits 0.5 s for an answer: the check (3 tries) outlasts every hold.
+        failover.shards.probe = functools.partial(failover.shards.probe, timeout=0.5)
         started = time.monotonic()
         first = asyncio.ensure_future(
             h.client.post("/v1/rooms/s1/connect", json=_connect_body("i1")))
@@ -212,6 +220,7 @@ async def test_the_answer_at_once_never_answers_a_suspect_owner(procs: Procs) ->
         assert plain.json()["error"]["code"] == "owner_suspected"
 
 
+@SQLITE_ONLY
 async def test_an_owner_past_down_after_is_replaced_at_once_even_while_checked(
         h: Harness) -> None:
     """A silent owner past ``down_after`` no longer serves by its heartbeats: its room is
@@ -264,6 +273,7 @@ async def test_a_closed_channel_gets_its_own_check_when_a_hint_s_found_nothing(
     assert (r.json()["instance"], r.json()["epoch"]) == ("i2", 2)
 
 
+@SQLITE_ONLY
 async def test_a_probe_that_finds_the_listener_gone_meanwhile_says_gone(h: Harness) -> None:
     """A process that is exiting can still accept the probe's TCP check and be gone by
     its ``/healthz`` request: a refusal then is proof too (the listener closed)."""
