@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 result = _run_storm(args, procs, [d.url for d in dirs], env, rooms, members)
             finally:
-                if getattr(args, "logs", ""):
+                if args.logs:
                     _keep_logs(procs, Path(args.logs))
     finally:
         if pg is not None:

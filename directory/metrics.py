@@ -63,7 +63,7 @@ class Metrics:
                                       "shard processes checked (a closed control channel, a "
                                       "client's hint), by what the check found (gone, alive, "
                                       "unknown)", ["found"], registry=self.registry)
-        self.hints = Counter("roomshard_directory_suspect_connects",
+        self.suspect_connects = Counter("roomshard_directory_suspect_connects",
                              "connects for the rooms of a shard that may have died: checked "
                              "(a client's unreachable hint started a check), joined (a hint "
                              "while one ran), held (no hint, one ran), limited (a hint "

@@ -653,8 +653,7 @@ class ShardServer:
         if self.stopping:
             return
         self._timers["tick"] = loop.call_later(TICK_S, self._tick)
-        if self.registered and not self.fenced and self.monotonic() >= self.lease_until:
-            self._fence()
+        self.holds_lease()  # fences the shard once its lease has run out
         self._ticks += 1
         if self._ticks % SLOW_TICKS:
             return

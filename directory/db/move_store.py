@@ -184,10 +184,7 @@ async def commit_many(store: Store, batch: list[Move], now: float,
             bumps[move.source] -= 1
             bumps[move.target] += 1
             out.append(True)
-        # One counter update per instance, in id order: replicas lock instance rows alike.
-        for instance in sorted(bumps):
-            if bumps[instance]:
-                await bump_rooms_assigned(conn, instance, bumps[instance])
+        await bump_rooms_assigned(conn, bumps)  # after the rooms, in id order
     return out
 
 

@@ -68,7 +68,6 @@ class RoomCache:
         self._instances: dict[str, dict[str, Any]] = {}
         self._conn: asyncpg.Connection | None = None
         self._refresh = asyncio.Event()
-        self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -85,14 +84,11 @@ class RoomCache:
             return None
         entry = self._rooms.get(room)
         if entry is None or now - entry[0] > TTL_S:
-            self.misses += 1
             return None
         _, instance, epoch, private, members = entry
         inst = self._instances.get(instance)
         if inst is None:
-            self.misses += 1
             return None
-        self.hits += 1
         return {"instance": instance, "epoch": epoch, "private": private, "members": members,
                 "i_state": inst["state"], "internal_url": inst["internal_url"],
                 "public_base": inst["public_base"], "last_heartbeat": inst["last_heartbeat"],

@@ -408,7 +408,7 @@ class Store:
                            now: float) -> Target | None:
         if (await conn.execute(_new_room_stmt(self._insert, room, inst["id"], now))).first() is None:
             return None
-        await bump_rooms_assigned(conn, inst["id"], +1)
+        await bump_rooms_assigned(conn, {inst["id"]: +1})
         return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
 
     async def _reassign(self, conn: AsyncConnection, room: str, *, old_epoch: int,
@@ -575,8 +575,8 @@ class Store:
                 return 0
             gone = (await conn.execute(delete(rooms).where(rooms.c.room.in_(names), unused)
                                        .returning(rooms.c.instance))).all()
-            for instance, count in sorted(Counter(row.instance for row in gone).items()):
-                await bump_rooms_assigned(conn, instance, -count)
+            await bump_rooms_assigned(conn, {instance: -count for instance, count
+                                             in Counter(row.instance for row in gone).items()})
         return len(gone)
 
     async def replace_all(self, instance: str, *, now: float, down_after: float) -> int:
@@ -614,10 +614,8 @@ class Store:
 
     async def _replace_batch(self, instance: str, batch: list[Any], *, now: float,
                              down_after: float) -> int:
-        """One transaction: each room by the CAS, then the rooms_assigned counts, once per
-        instance and in id order (the rooms first and the counts after, in a fixed order,
-        as every re-placement and move does: no deadlock with the connects and moves
-        re-placing rooms of this instance meanwhile)."""
+        """One transaction: each room by the CAS, then the counts (``bump_rooms_assigned``:
+        no deadlock with the connects and moves re-placing rooms of this instance)."""
         gained: dict[str, int] = {}
         async with self.write() as conn:
             candidates = [dict(r) for r in (await conn.execute(select(instances))).mappings()]
@@ -630,9 +628,7 @@ class Store:
                     chosen["rooms_assigned"] += 1
                     gained[chosen["id"]] = gained.get(chosen["id"], 0) + 1
             moved = sum(gained.values())
-            if moved:
-                for iid, delta in sorted({**gained, instance: -moved}.items()):
-                    await bump_rooms_assigned(conn, iid, delta)
+            await bump_rooms_assigned(conn, {**gained, instance: -moved})
         return moved
 
 
@@ -645,18 +641,16 @@ async def reassign(conn: AsyncConnection, room: str, *, old_epoch: int,
     row = (await conn.execute(_reassign_stmt(room, old_epoch, new_instance, now))).first()
     if row is None:
         return None
-    # The counts in instance id order (as every transaction that moves rooms: no deadlock).
-    changes = {old_instance: -1} if old_instance is not None else {}
-    changes[new_instance] = changes.get(new_instance, 0) + 1
-    for iid, delta in sorted(changes.items()):
-        if delta:
-            await bump_rooms_assigned(conn, iid, delta)
+    changes = Counter({new_instance: +1})
+    if old_instance is not None:
+        changes[old_instance] -= 1
+    await bump_rooms_assigned(conn, changes)
     return int(row[0])
 
 
 def _deadlocked(exc: sa_exc.DBAPIError) -> bool:
     """PostgreSQL aborted the transaction to break a deadlock (SQLSTATE 40P01)."""
-    return getattr(exc.orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(exc)
+    return getattr(exc.orig, "sqlstate", None) == "40P01"
 
 
 def _reassign_stmt(room: Any, old_epoch: Any, new_instance: Any, now: Any) -> Any:
@@ -669,10 +663,14 @@ def _reassign_stmt(room: Any, old_epoch: Any, new_instance: Any, now: Any) -> An
             .returning(rooms.c.epoch))
 
 
-async def bump_rooms_assigned(conn: AsyncConnection, instance: str, delta: int) -> None:
-    """Keep ``instances.rooms_assigned`` in step: call in the transaction that moves a room
-    (the handoff module's commit too). Start-up re-derives it from the rooms table anyway."""
-    await conn.execute(_bump_stmt(instance, delta))
+async def bump_rooms_assigned(conn: AsyncConnection, changes: Mapping[str, int]) -> None:
+    """Keep ``instances.rooms_assigned`` in step: call in the transaction that moves rooms
+    (the handoff module's commit too), after its room updates. One update per instance,
+    in id order: every such transaction locks the rooms first and the instance rows
+    after, alike, so two of them never deadlock. Start-up re-derives the counts anyway."""
+    for instance in sorted(changes):
+        if changes[instance]:
+            await conn.execute(_bump_stmt(instance, changes[instance]))
 
 
 def _bump_stmt(instance: Any, delta: Any) -> Any:

@@ -179,7 +179,8 @@ async def _after_suspicion(ctx: Directory, room: str, row: Mapping[str, Any],
     if verdict is None:
         return row
     try:
-        await asyncio.wait_for(asyncio.shield(verdict), SUSPECT_HOLD_S)
+        async with asyncio.timeout(SUSPECT_HOLD_S):
+            await asyncio.shield(verdict)
     except TimeoutError:
         raise Unavailable("owner_suspected",
                           f"room {room}'s instance {instance} may have died and is being "

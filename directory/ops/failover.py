@@ -46,13 +46,11 @@ import time
 from collections.abc import Callable
 
 from directory.db.store import Store
-from directory.domain.placement import ACTIVE, DRAINING
 from directory.metrics import Metrics
 from directory.shards import GONE, UNKNOWN, ShardClient
 
 log = logging.getLogger("roomshard.directory.failover")
 
-SERVING = (ACTIVE, DRAINING)
 _SAID = {"channel_closed": "its control channel closed",
          "client_hint": "a client could not reach it"}
 
@@ -106,33 +104,32 @@ class Failover:
         if (pending is not None and self._evidence.get(instance) == "client_hint"
                 and await asyncio.shield(pending)):
             return True
-        return await asyncio.shield(self._start(instance, boot_id, "channel_closed", PROBE_TRIES))
+        return await asyncio.shield(self._start(instance, boot_id, "channel_closed"))
 
     def verdict(self, instance: str, *, hinted: bool = False) -> asyncio.Future[bool] | None:
         """The pending verdict on ``instance`` when it is suspect, else None.
 
         ``hinted``: a client said it cannot reach ``instance``, its room's
-        current owner. That starts a check (one probe) unless one is under way
-        or a hint started one less than ``HINT_EVERY_S`` ago.
+        current owner. That starts a check unless one is under way or a hint
+        started one less than ``HINT_EVERY_S`` ago.
         """
         pending = self.suspects.get(instance)
         if pending is not None:
-            self.metrics.hints.labels("joined" if hinted else "held").inc()
+            self.metrics.suspect_connects.labels("joined" if hinted else "held").inc()
             return pending
         if not hinted:
             return None
         now = time.monotonic()
         if self.stopping or now - self._hinted.get(instance, -math.inf) < HINT_EVERY_S:
-            self.metrics.hints.labels("limited").inc()
+            self.metrics.suspect_connects.labels("limited").inc()
             return None
         self._hinted[instance] = now
         if len(self._hinted) > 4096:  # instance ids come from the database; bound it anyway
             self._hinted = {i: t for i, t in self._hinted.items() if now - t < HINT_EVERY_S}
-        self.metrics.hints.labels("checked").inc()
-        return self._start(instance, None, "client_hint", PROBE_TRIES)
+        self.metrics.suspect_connects.labels("checked").inc()
+        return self._start(instance, None, "client_hint")
 
-    def _start(self, instance: str, boot_id: str | None, evidence: str,
-               tries: int) -> asyncio.Future[bool]:
+    def _start(self, instance: str, boot_id: str | None, evidence: str) -> asyncio.Future[bool]:
         """Check ``instance`` (one check at a time); it is suspect until the verdict."""
         pending = self.suspects.get(instance)
         if pending is not None:
@@ -141,16 +138,16 @@ class Failover:
         verdict: asyncio.Future[bool] = loop.create_future()
         self.suspects[instance] = verdict
         self._evidence[instance] = evidence
-        task = loop.create_task(self._decide(instance, boot_id, evidence, tries, verdict))
+        task = loop.create_task(self._decide(instance, boot_id, evidence, verdict))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
         return verdict
 
-    async def _decide(self, instance: str, boot_id: str | None, evidence: str, tries: int,
+    async def _decide(self, instance: str, boot_id: str | None, evidence: str,
                       verdict: asyncio.Future[bool]) -> None:
         parked = False
         try:
-            parked = await self._check(instance, boot_id, evidence, tries)
+            parked = await self._check(instance, boot_id, evidence)
         except Exception as exc:  # noqa: BLE001 - the database: one line, no traceback
             log.warning("%s: checking it (%s) failed (%r): the lease and down_after decide",
                         instance, _SAID[evidence], exc)
@@ -158,18 +155,17 @@ class Failover:
             del self.suspects[instance], self._evidence[instance]
             verdict.set_result(parked)
 
-    async def _check(self, instance: str, boot_id: str | None, evidence: str,
-                     tries: int) -> bool:
+    async def _check(self, instance: str, boot_id: str | None, evidence: str) -> bool:
         started = time.perf_counter()
         row = await self.store.get_instance(instance)
         if row is None or (boot_id is not None and row["boot_id"] != boot_id):
             return False  # another process registered meanwhile: its channel is its own
         if boot_id is None:  # a client's hint: the registered process is the one to check
             boot_id = row["boot_id"]
-            if not boot_id or row["state"] not in SERVING:
-                return False
+            if not boot_id:
+                return False  # it never said which process it is: nothing to compare
         found = UNKNOWN
-        for attempt in range(tries):
+        for attempt in range(PROBE_TRIES):
             if attempt:
                 await asyncio.sleep(PROBE_PAUSE_S)
             found = await self.shards.probe(row["internal_url"], boot_id)

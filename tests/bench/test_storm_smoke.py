@@ -20,7 +20,8 @@ pytestmark = [
 def _args(**kw: object) -> argparse.Namespace:
     return argparse.Namespace(**{"clients": 200, "rooms": 10, "down_after": 10.0, "timeout": 30.0,
                                  "loadgen_cpu": "", "json": "", "postgres": False,
-                                 "directories": 1, "liveness": None, "stopped_for": 0.0, **kw})
+                                 "directories": 1, "liveness": None, "stopped_for": 0.0, "logs": "",
+                                 **kw})
 
 
 def test_sigterm_storm_brings_every_client_back_recovered() -> None:
