@@ -95,15 +95,18 @@ def ladder_table(rows: list[LadderSummary], ref_deliveries: int,
 
 def idle_table(rows: list[IdleSummary], label: dict[str, str] | None = None) -> list[str]:
     label = label or LABELS
-    out = ["| server | connections | RSS per idle connection | connects/s (1 load gen) |",
-           "| --- | ---: | ---: | ---: |"]
+    out = [("| server | connections | RSS per idle connection | connects/s (1 load gen) "
+            "| connects per server CPU-s | server / load gen CPU while connecting |"),
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.rss_per_connection_bytes is None:
-            out.append(f"| {label[r.target]} | | not measured: {(r.errors or ['-'])[0][:120]} | |")
+            out.append(f"| {label[r.target]} | | not measured: {(r.errors or ['-'])[0][:120]} | | | |")
             continue
+        bound = " (load gen bound)" if r.loadgen_bound else ""
         out.append(f"| {label[r.target]} | {r.connections:,} "
                    f"| {fmt(r.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} "
-                   f"| {fmt(r.connects_per_s)} |")
+                   f"| {fmt(r.connects_per_s)}{bound} | {fmt(r.connects_per_server_cpu_second)} "
+                   f"| {fmt(r.server_cpu_util, 100, unit='%')} / {fmt(r.loadgen_cpu_util, 100, unit='%')} |")
     return out
 
 
@@ -203,7 +206,10 @@ def render(doc: dict[str, Any], plot_dir: Path | None = None, plot_prefix: str =
         w = wl["idle"]
         lines += [f"### Idle connections: {w.connections:,} in {w.rooms} rooms of {w.members}", "",
                   ("(server RSS with all connected − RSS before the first connection) / connections, "
-                  "summed over the target's processes (roomshard: directory + shard)."), "",
+                  "summed over the target's processes (roomshard: directory + shard). Connects/s: "
+                  f"end to end, {CONNECT_CONCURRENCY} at a time (roomshard: the directory's answer, "
+                  "the handshake, the welcome); the CPU columns are over the connects, summed over "
+                  "the target's processes: the server's cost per connect whichever core was the limit."), "",
                   *idle_table(idle_rows, labels_with_runs(doc, "idle")), ""]
     if any(t in fan for t in ("roomshard-1-sqlite", "roomshard-1-pg")):
         ref = (wl["fanout"].reference_rate or 0) * wl["fanout"].members
@@ -282,6 +288,7 @@ def capacity_block(doc: dict[str, Any]) -> str | None:
         f"| max sustained deliveries/s, one shard on one core{' (≥: the load generator limited it)' if fan.loadgen_bound or fan.topped_out else ''} | {fmt(fan.max_deliveries_per_s)} |",
         f"| RSS per idle connection (shard + directory) | {fmt(idle.rss_per_connection_bytes, 1 / 1024, 1, ' KiB')} |",
         f"| connects/s end to end (directory + shard on one core, 1 load generator, {CONNECT_CONCURRENCY} at a time) | {fmt(idle.connects_per_s)} |",
+        f"| connects per server CPU-second (directory + shard) | {fmt(idle.connects_per_server_cpu_second)} |",
         (f"| directory CPU per connect, existing room / new room; PostgreSQL CPU per new room | "
         f"{inputs.directory.cpu_us_per_connect:g} / {inputs.directory.cpu_us_per_new_room:g} µs; "
         f"{inputs.directory.postgres_us_per_new_room:g} µs (from {dir_source}) |"),

@@ -62,7 +62,16 @@ class IdleSummary:
     connections: int = 0
     rss_per_connection_bytes: Spread | None = None
     connects_per_s: Spread | None = None
+    # Over the connects only (results from before these were recorded have none).
+    connects_per_server_cpu_second: Spread | None = None
+    server_cpu_util: Spread | None = None
+    loadgen_cpu_util: Spread | None = None
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def loadgen_bound(self) -> bool:
+        """The load generator's core, not the server's, was the limit of the connect rate."""
+        return bool(self.loadgen_cpu_util and self.loadgen_cpu_util.median >= LOADGEN_BUSY)
 
 
 def _runs(doc: dict[str, Any], target: str, workload: str) -> list[dict[str, Any]]:
@@ -118,7 +127,7 @@ def ladder(doc: dict[str, Any], target: str, workload: str, reference_rate: int 
 
 def idle(doc: dict[str, Any], target: str, workload: str = "idle") -> IdleSummary:
     out = IdleSummary(target)
-    rss, rates = [], []
+    rss, rates, per_cpu, server_util, loadgen_util = [], [], [], [], []
     for run in _runs(doc, target, workload):
         if "error" in run:
             out.errors.append(run["error"].splitlines()[0])
@@ -130,8 +139,14 @@ def idle(doc: dict[str, Any], target: str, workload: str = "idle") -> IdleSummar
         out.connections = max(out.connections, res["connections"])
         rss.append(res["rss_per_connection_bytes"])
         rates.append(res["connect"]["per_s"])
+        per_cpu.append(res["connect"].get("per_server_cpu_second"))
+        server_util.append(res["connect"].get("server_cpu_util"))
+        loadgen_util.append(res["connect"].get("loadgen_cpu_util"))
     out.rss_per_connection_bytes = Spread.of(rss)
     out.connects_per_s = Spread.of(rates)
+    out.connects_per_server_cpu_second = Spread.of(per_cpu)
+    out.server_cpu_util = Spread.of(server_util)
+    out.loadgen_cpu_util = Spread.of(loadgen_util)
     return out
 
 
@@ -185,6 +200,22 @@ def goals(fan: dict[str, LadderSummary], idle_by: dict[str, IdleSummary]) -> lis
                         f"{mine_rss.median / 1024:.1f} KiB vs lowest peer {worst[0]} "
                         f"{worst[1].median / 1024:.1f} KiB",
                         mine_rss.median < worst[1].median))
+
+    sio_idle = idle_by.get("socketio-1")
+    for what, mine_s, peer_s in (
+            ("connects/s end to end", mine.connects_per_s if mine else None,
+             sio_idle.connects_per_s if sio_idle else None),
+            ("connects per server CPU-second", mine.connects_per_server_cpu_second if mine else None,
+             sio_idle.connects_per_server_cpu_second if sio_idle else None)):
+        r = _ratio(mine_s, peer_s)
+        text = f"roomshard >= Socket.IO (1 node) {what} (idle workload)"
+        if r is None or mine_s is None or peer_s is None:
+            out.append(Goal(text, "not measured", None))
+            continue
+        failed = bool(mine and any("connects failed" in e for e in mine.errors))
+        value = f"{r:.2f}x ({mine_s.median:,.0f} vs {peer_s.median:,.0f})"
+        out.append(Goal(text, value + (", with failed connects" if failed else ""),
+                        r >= 1.0 and not failed))
 
     r2 = fan.get("roomshard-2")
     two = _ratio(r2.max_deliveries_per_s if r2 else None, rs.max_deliveries_per_s if rs else None)

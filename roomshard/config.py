@@ -218,6 +218,7 @@ class ShardConfig:
     history_retention: float = setting(DEFAULT_HISTORY_RETENTION_S, help="seconds a stored message is kept (expired in bounded batches off the hot path)")
     store_linger: float = setting(0.010, help="seconds the store's writer lets a batch gather after a quiet spell (adds at most this to a message's latency)")
     presence_batch: float = setting(0.25, help="seconds a room gathers presence frames under churn: the first after a quiet spell goes at once, the window's others together at its end (0: each at once)")
+    presence_batch_max: float = setting(2.0, help="seconds a room's presence window grows to while the churn goes on (each busy window twice the last, from presence_batch)")
     room_linger: float = setting(protocol.DEFAULT_ROOM_LINGER_S, help="seconds a room stays in memory after its last member leaves")
     idempotency_window: float = setting(protocol.DEFAULT_IDEMPOTENCY_WINDOW_S, help="seconds a client message id is remembered")
     max_text: int = setting(protocol.DEFAULT_MAX_TEXT, help="max characters of a message text")
@@ -264,6 +265,8 @@ class ShardConfig:
             raise ConfigError("ROOMSHARD_MAX_CONNECTIONS_PER_ADDRESS: must be 0 (off) or positive")
         if self.presence_batch < 0:
             raise ConfigError("ROOMSHARD_PRESENCE_BATCH: must be 0 (each at once) or positive")
+        if self.presence_batch_max < self.presence_batch:
+            raise ConfigError("ROOMSHARD_PRESENCE_BATCH_MAX: must be at least ROOMSHARD_PRESENCE_BATCH")
         if self.store_linger < 0:
             raise ConfigError("ROOMSHARD_STORE_LINGER: must be 0 (write at once) or positive")
         if self.byte_burst < self.max_frame:

@@ -169,6 +169,7 @@ class LiveRoom:
         "_held_from",
         "_last_count",
         "_window",
+        "_window_len",
         "conns",
         "ctx",
         "frozen",
@@ -208,6 +209,7 @@ class LiveRoom:
         self._held_from: dict[int, int] = {}
         self._held_bytes = 0
         self._window: asyncio.TimerHandle | None = None
+        self._window_len = 0.0
 
     def join(self, conn: Connection, conn_id: int, user: str, since: int | None,
              stored: StoredRun | None = None) -> None:
@@ -338,9 +340,12 @@ class LiveRoom:
         the first frame after a quiet spell goes out at once and opens a
         window; the frames of the window go out together at its end (one
         write per member), and the next window opens only if there were any.
-        Order is kept: a message flushes what is held before it goes out; a
-        connection that joined during a window gets only the frames after
-        its join (its welcome's member list has the rest).
+        While the churn goes on each window is twice the last, up to
+        ``presence_batch_max`` (2 s): a storm that refills a room for seconds
+        costs a few writes per member, not one every 0.25 s; a quiet window
+        starts over. Order is kept: a message flushes what is held before it
+        goes out; a connection that joined during a window gets only the
+        frames after its join (its welcome's member list has the rest).
         """
         batch = self.ctx.cfg.presence_batch
         if self._window is not None:
@@ -352,14 +357,16 @@ class LiveRoom:
             return
         self._send_presence(frame, 1)
         if batch > 0:
+            self._window_len = batch
             self._window = asyncio.get_running_loop().call_later(batch, self._window_ends)
 
     def _window_ends(self) -> None:
         self._window = None
         if self._held:
             self.flush_presence()
-            self._window = asyncio.get_running_loop().call_later(
-                self.ctx.cfg.presence_batch, self._window_ends)
+            cfg = self.ctx.cfg
+            self._window_len = min(self._window_len * 2, cfg.presence_batch_max)
+            self._window = asyncio.get_running_loop().call_later(self._window_len, self._window_ends)
         else:
             self._held_from.clear()  # a quiet window: whoever joined in it is caught up
 

@@ -9,12 +9,28 @@ const http = require('http');
 
 const AGENT = new http.Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 1024 });
 
+// A directory's base URL parsed once (a URL string per request is parsed per request).
+const ORIGINS = new Map();
+function origin(directory) {
+  let o = ORIGINS.get(directory);
+  if (o === undefined) {
+    const u = new URL(directory);
+    o = { hostname: u.hostname, port: u.port || 80, base: u.pathname.replace(/\/$/, '') };
+    ORIGINS.set(directory, o);
+  }
+  return o;
+}
+
 // POST /v1/rooms/ROOM/connect {"user", "unreachable"?}: resolves {status, retryAfter (s),
 // body (JSON or null)}. `unreachable`: the instance the last try could not reach.
 function postConnect(directory, room, user, unreachable) {
   return new Promise((resolve, reject) => {
     const data = Buffer.from(JSON.stringify(unreachable ? { user, unreachable } : { user }));
-    const req = http.request(`${directory}/v1/rooms/${room}/connect`, {
+    const o = origin(directory);
+    const req = http.request({
+      hostname: o.hostname,
+      port: o.port,
+      path: `${o.base}/v1/rooms/${room}/connect`,
       method: 'POST',
       agent: AGENT,
       headers: { 'content-type': 'application/json', 'content-length': data.length },

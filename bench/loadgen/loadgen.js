@@ -29,6 +29,8 @@ const WebSocket = nodeRequire('ws');
 const { postConnect } = require('./directory');
 
 const PAD = 'hello from the roomshard benchmark';
+// How the shard encodes every presence frame (shard/room.py: type first, no spaces).
+const PRESENCE_PREFIX = '{"type":"presence"';
 const HIST_BUCKETS = 100000; // 0.1 ms buckets up to 10 s
 
 function log(...args) {
@@ -236,6 +238,8 @@ const PROTOCOLS = {
       client.instance = body.instance;
       return new Promise((resolve, reject) => {
         openSocket(body.url, client, () => {}, (s) => {
+          // Presence frames (a connect storm's most frequent) need no parse here.
+          if (s.startsWith(PRESENCE_PREFIX)) return false;
           const frame = JSON.parse(s);
           switch (frame.type) {
             case 'message': client.onText(frame.text); return false;
@@ -295,6 +299,10 @@ class LoadGen {
       }
     }
     const t0 = performance.now();
+    // The CPU both sides spent on the connects: which core bounds the rate, and the
+    // server's own cost per connect (the one figure independent of the load generator).
+    const cpu0 = process.cpuUsage();
+    const servers0 = sampleServers(c.pids || []);
     let next = 0;
     let failed = 0;
     const firstErrors = [];
@@ -312,9 +320,23 @@ class LoadGen {
     };
     await Promise.all(Array.from({ length: c.connectConcurrency || 100 }, worker));
     const seconds = (performance.now() - t0) / 1000;
+    const own = process.cpuUsage(cpu0);
+    const servers1 = sampleServers(c.pids || []);
+    let ticks = 0;
+    for (const pid of Object.keys(servers1)) ticks += servers1[pid].ticks - (servers0[pid] ? servers0[pid].ticks : 0);
+    const serverCpu = ticks / (c.clkTck || 100);
+    const loadgenCpu = (own.user + own.system) / 1e6;
     const ok = this.clients.filter((x) => x.ready).length;
-    log(`connected ${ok}/${this.clients.length} in ${seconds.toFixed(1)} s`);
-    return { ok, failed, seconds, per_s: ok / seconds, first_errors: firstErrors };
+    log(`connected ${ok}/${this.clients.length} in ${seconds.toFixed(1)} s: server cpu `
+      + `${(serverCpu / seconds * 100).toFixed(0)}% loadgen cpu ${(loadgenCpu / seconds * 100).toFixed(0)}%`);
+    return {
+      ok, failed, seconds, per_s: ok / seconds, first_errors: firstErrors,
+      server_cpu_seconds: serverCpu,
+      loadgen_cpu_seconds: loadgenCpu,
+      server_cpu_util: serverCpu / seconds,
+      loadgen_cpu_util: loadgenCpu / seconds,
+      per_server_cpu_second: serverCpu > 0 ? ok / serverCpu : null,
+    };
   }
 
   async settle(ms) {

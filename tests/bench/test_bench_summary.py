@@ -94,5 +94,49 @@ def test_goals_compare_roomshard_with_its_peers() -> None:
             "fanout", 10),
     }
     goals = summary.goals(fan, {})
-    assert [g.met for g in goals] == [True, False, None, None, None]
+    assert [g.met for g in goals] == [True, False, None, None, None, None, None]
     assert goals[0].value.startswith("3.00x at the common rung")
+
+
+def idle_run(target: str, per_s: float, per_cpu: float | None, loadgen_util: float = 0.5,
+             failed: int = 0) -> dict[str, Any]:
+    connect: dict[str, Any] = {"ok": 100 - failed, "failed": failed, "seconds": 1.0, "per_s": per_s,
+                               "first_errors": ["connect 503"] if failed else []}
+    if per_cpu is not None:  # results from before the CPU was recorded have none
+        connect.update(per_server_cpu_second=per_cpu, server_cpu_util=0.9,
+                       loadgen_cpu_util=loadgen_util)
+    return {"target": target, "workload": "idle", "repeat": 0,
+            "result": {"idle": {"connect": connect, "connections": 100,
+                                "rss_per_connection_bytes": 4096.0}}}
+
+
+def test_idle_summary_says_which_core_bound_the_connects() -> None:
+    """Connects per server CPU-second are the medians over repeats; a busy load generator is flagged."""
+    doc = {"runs": [idle_run("roomshard-1", 1500, 2400, loadgen_util=0.97),
+                    idle_run("roomshard-1", 1700, 2600, loadgen_util=0.95),
+                    idle_run("socketio-1", 1900, 1900, loadgen_util=0.6),
+                    idle_run("ws-node", 3000, None)]}
+    mine = summary.idle(doc, "roomshard-1")
+    assert mine.connects_per_server_cpu_second == summary.Spread(2500, 2400, 2600, 2)
+    assert mine.loadgen_bound is True
+    assert summary.idle(doc, "socketio-1").loadgen_bound is False
+    old = summary.idle(doc, "ws-node")
+    assert old.connects_per_server_cpu_second is None and old.loadgen_bound is False
+
+
+def _connect_goals(doc: dict[str, Any]) -> list[summary.Goal]:
+    idle_by = {t: summary.idle(doc, t) for t in ("roomshard-1", "socketio-1")}
+    return [g for g in summary.goals({}, idle_by) if "connects" in g.text]
+
+
+def test_connect_goals_compare_with_socketio_and_fail_on_failed_connects() -> None:
+    """Both connect goals are judged on medians; a failed connect fails the rate goal."""
+    rate, per_cpu = _connect_goals({"runs": [idle_run("roomshard-1", 1500, 2400),
+                                             idle_run("socketio-1", 1900, 1900)]})
+    assert (rate.met, per_cpu.met) == (False, True)
+    assert rate.value.startswith("0.79x") and per_cpu.value.startswith("1.26x")
+    rate, _ = _connect_goals({"runs": [idle_run("roomshard-1", 2000, 2400, failed=1),
+                                       idle_run("socketio-1", 1900, 1900)]})
+    assert rate.met is False and "failed connects" in rate.value
+    rate, per_cpu = _connect_goals({"runs": [idle_run("roomshard-1", 2000, None)]})
+    assert (rate.met, per_cpu.met) == (None, None)

@@ -13,24 +13,30 @@ import asyncio
 import dataclasses
 import random
 
+import pytest
+
+from roomshard.config import ConfigError
 from roomshard.testing.timing import await_until, t
 from shard.live_rooms import MAX_HELD_PRESENCE
 from tests.shard.test_live_room import CFG, Fixture, Member, decode_frames, turns
 
 WINDOW = 0.02
-BATCHED = dataclasses.replace(CFG, presence_batch=WINDOW)
+LONGEST = 4 * WINDOW
+BATCHED = dataclasses.replace(CFG, presence_batch=WINDOW, presence_batch_max=LONGEST)
 
 
 class Counted(Member):
-    """A member that counts its writes (one per flush that had something)."""
+    """A member that counts its writes (one per flush that had something), and when."""
 
     def __init__(self, writer) -> None:
         super().__init__(writer)
         self.writes = 0
+        self.written_at: list[float] = []
 
     def flush(self) -> None:
         if self.pending and self.reading:
             self.writes += 1
+            self.written_at.append(asyncio.get_running_loop().time())
         super().flush()
 
 
@@ -179,3 +185,45 @@ async def test_randomized_histories_every_member_sees_what_happened_in_order():
                     seen_seq.add(x["seq"])
                     assert sorted(view) == truth[x["seq"]], (seed, user, x["seq"])
             assert sorted(view) == sorted(live), (seed, user)
+
+
+async def test_windows_grow_while_the_churn_goes_on_and_start_over_after_a_quiet_one():
+    """Each busy window is twice the last, up to presence_batch_max; a quiet window
+    ends the growth: the next event goes at once and opens a window of presence_batch."""
+    f = Batched()
+    loop = asyncio.get_running_loop()
+    alice = f.join("alice")
+    await turns()
+    alice.written_at.clear()  # her welcome
+    members = [alice]
+    n = 0
+    start = loop.time()
+    while loop.time() - start < 10 * WINDOW:  # a join every turn: churn throughout
+        n += 1
+        members.append(f.join(f"u{n}"))
+        await asyncio.sleep(0.002)
+    await settled(f, *members)
+    gaps = [b - a for a, b in zip(alice.written_at, alice.written_at[1:])]
+    # The first join went at once; then windows of 0.02, 0.04, 0.08, 0.08, ... (a timer
+    # may fire up to a clock tick early, never a window early).
+    expected = [min(WINDOW * 2 ** i, LONGEST) for i in range(len(gaps))]
+    assert len(gaps) >= 4
+    assert all(gap >= want - 0.002 for gap, want in zip(gaps, expected)), (gaps, expected)
+    assert len(events(alice)) == n  # nothing lost by the longer windows
+
+    async def quiet() -> bool:
+        return f.live._window is None
+    await await_until(quiet, t(5), "the quiet window after the churn closes")
+    writes = alice.writes
+    members.append(f.join("late"))
+    await turns()
+    assert alice.writes == writes + 1 and events(alice)[-1] == ("join", "late")  # at once
+    assert f.live._window_len == WINDOW  # and the window it opened is the shortest again
+    await settled(f, *members)
+
+
+def test_a_window_may_not_grow_to_less_than_it_starts_at():
+    """ROOMSHARD_PRESENCE_BATCH_MAX below ROOMSHARD_PRESENCE_BATCH is refused at start."""
+    with pytest.raises(ConfigError, match="PRESENCE_BATCH_MAX"):
+        dataclasses.replace(CFG, presence_batch=1.0, presence_batch_max=0.5)
+    assert dataclasses.replace(CFG, presence_batch=0, presence_batch_max=0).presence_batch_max == 0
