@@ -42,13 +42,18 @@ class Running:
     name: str
     protocol: str  # raw | socketio | roomshard
     targets: list[str] = field(default_factory=list)  # ws:// bases (raw, socketio)
-    directory: str | None = None  # http:// base (roomshard)
+    directories: list[str] = field(default_factory=list)  # http:// bases (roomshard)
     pids: list[int] = field(default_factory=list)  # every server process, redis included
     # The message store's database server (roomshard with PostgreSQL): its CPU is reported
     # beside the servers', not in it (the comparison is the shard's work per delivery).
     database_pids: list[int] = field(default_factory=list)
     processes: dict[str, int] = field(default_factory=dict)  # role -> pid, for the report
     metrics_urls: dict[str, str] = field(default_factory=dict)  # role -> GET /metrics (roomshard)
+
+    @property
+    def directory(self) -> str | None:
+        """The first directory (roomshard): where shards register."""
+        return self.directories[0] if self.directories else None
 
     def scrape_metrics(self, keep: tuple[str, ...] = ("roomshard_",)) -> dict[str, list[str]]:
         """Counter lines of every roomshard process, to explain dropped clients afterwards."""
@@ -222,12 +227,9 @@ def roomshard_env(db: Path) -> dict[str, str]:
     }
 
 
-def start_store(launcher: Launcher, store: str, run: Running) -> str:
-    """The message store of a ``roomshard-1-<store>`` target: a SQLite file, or a throwaway
-    PostgreSQL as production runs it (synchronous commits, fsync on), pinned to the
-    servers' CPU; returns its URL."""
-    if store == "sqlite":
-        return f"sqlite+aiosqlite:///{launcher.dir / 'messages.db'}"
+def start_postgres(launcher: Launcher, run: Running) -> str:
+    """A throwaway PostgreSQL as production runs it (synchronous commits, fsync on), pinned
+    to the servers' CPU; returns a new database's URL."""
     from roomshard.testing.pg import PgServer
 
     pg = PgServer(durable=True, fsync=True)
@@ -241,18 +243,34 @@ def start_store(launcher: Launcher, store: str, run: Running) -> str:
     return pg.create_database()
 
 
-def start_roomshard(launcher: Launcher, shards: int, store: str | None = None) -> Running:
-    run = Running(f"roomshard-{shards}" + (f"-{store}" if store else ""), "roomshard")
+def start_store(launcher: Launcher, store: str, run: Running) -> str:
+    """The message store of a ``roomshard-1-<store>`` target: a SQLite file or PostgreSQL."""
+    if store == "sqlite":
+        return f"sqlite+aiosqlite:///{launcher.dir / 'messages.db'}"
+    return start_postgres(launcher, run)
+
+
+def start_roomshard(launcher: Launcher, shards: int, store: str | None = None,
+                    directories: int = 1) -> Running:
+    """``directories`` > 1: that many directory processes on one PostgreSQL database
+    (production's layout; the load generator spreads each room's members over them)."""
+    name = f"roomshard-{shards}" + (f"-{store}" if store else "")
+    run = Running(name if directories == 1 else f"{name}-{directories}dirs-pg", "roomshard")
     tree = launcher.roomshard_tree
     env = {**roomshard_env(launcher.dir / "directory.db"), "PYTHONPATH": str(tree)}
     if store is not None:
         env["ROOMSHARD_HISTORY_URL"] = start_store(launcher, store, run)
-    pid, url = launcher.spawn("directory", [sys.executable, "-m", "roomshard", "directory",
-                                            "--port", "0"], env=env, cwd=tree)
-    run.directory = url
-    run.pids.append(pid)
-    run.processes["directory"] = pid
-    run.metrics_urls["directory"] = f"{url}/metrics"
+    if directories > 1:
+        env["ROOMSHARD_DATABASE_URL"] = start_postgres(launcher, run)
+    for d in range(1, directories + 1):
+        role = "directory" if d == 1 else f"directory{d}"
+        pid, url = launcher.spawn(role, [sys.executable, "-m", "roomshard", "directory",
+                                         "--port", "0"], env=env, cwd=tree)
+        run.directories.append(url or "")
+        run.pids.append(pid)
+        run.processes[role] = pid
+        run.metrics_urls[role] = f"{url}/metrics"
+    url = run.directories[0]
     for n in range(1, shards + 1):
         spid, surl = launcher.spawn(f"i{n}", [sys.executable, "-m", "roomshard", "shard",
                                              "--instance", f"i{n}", "--port", "0",
@@ -297,4 +315,5 @@ STARTERS: dict[str, Callable[[Launcher], Running]] = {
     "roomshard-2": lambda la: start_roomshard(la, 2),
     "roomshard-1-sqlite": lambda la: start_roomshard(la, 1, "sqlite"),
     "roomshard-1-pg": lambda la: start_roomshard(la, 1, "pg"),
+    "roomshard-1-2dirs-pg": lambda la: start_roomshard(la, 1, directories=2),
 }

@@ -102,7 +102,7 @@ def run_one(target: str, workload: Workload, profile: Profile, repeat: int,
         rates = workloads.ladder_for_repeat(workload, previous_max) if workload.mode == "ladder" else []
         config = workloads.loadgen_config(
             workload, profile, running.protocol, targets=running.targets,
-            directory=running.directory, pids=running.pids, rates=rates,
+            directories=running.directories, pids=running.pids, rates=rates,
             database_pids=running.database_pids,
             room_prefix=f"{workload.name}{repeat}", clk_tck=os.sysconf("SC_CLK_TCK"))
         budget = 180 + len(rates) * (profile.step_seconds + profile.drain_seconds + 2)

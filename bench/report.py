@@ -37,6 +37,7 @@ LABELS = {
     "ws-node": "bare Node ws (load generator ceiling)",
     "roomshard-1-sqlite": "roomshard, 1 shard, every message stored in SQLite first",
     "roomshard-1-pg": "roomshard, 1 shard, every message stored in PostgreSQL first",
+    "roomshard-1-2dirs-pg": "roomshard, 2 directories on PostgreSQL + 1 shard",
 }
 ORDER = list(LABELS)
 

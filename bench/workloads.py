@@ -26,7 +26,12 @@ SINGLE = ("ws-node", "bare-websockets", "python-socketio", "socketio-1", "roomsh
 #: roomshard with a message store (every message stored before it is broadcast and acked):
 #: the fan-out workload only, next to roomshard-1 (memory).
 STORED = ("roomshard-1-sqlite", "roomshard-1-pg")
-ALL_TARGETS = (*SINGLE, "socketio-2-redis", "roomshard-2", *STORED)
+#: The fan-out workload's targets (its default).
+FANOUT = (*SINGLE, "socketio-2-redis", "roomshard-2", *STORED)
+#: roomshard as production deploys it: two directory processes on one PostgreSQL
+#: (the idle workload: connects answered by either replica).
+REPLICATED = ("roomshard-1-2dirs-pg",)
+ALL_TARGETS = (*FANOUT, *REPLICATED)
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class Workload:
     # The common rung: CPU per delivery and latency are compared at this same
     # offered load for every server (the goals use it).
     reference_rate: int | None = None
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: tuple[str, ...] = FANOUT
     # (target, repeats) for targets measured fewer times than the profile's
     # repeats: the time budget goes to the comparison the goals are about.
     repeats_by_target: tuple[tuple[str, int], ...] = ()
@@ -90,8 +95,8 @@ FULL = Profile(
                  reference_rate=20, targets=SINGLE, repeats_by_target=PEERS_TWICE),
         # 5,000 idle connections in 250 rooms of 20: RSS per connection (it
         # barely moves between repeats: two each).
-        Workload("idle", "idle", 250, 20, targets=SINGLE,
-                 repeats_by_target=tuple((t, 2) for t in SINGLE)),
+        Workload("idle", "idle", 250, 20, targets=(*SINGLE, *REPLICATED),
+                 repeats_by_target=tuple((t, 2) for t in (*SINGLE, *REPLICATED))),
         # 2,000 rooms x 1 member: each message is one delivery (to its sender), so the max
         # is the messages/s one shard can sequence and, with a store, store.
         Workload("store", "ladder", 2000, 1,
@@ -111,7 +116,7 @@ QUICK = Profile(
                  reference_rate=1000),
         Workload("bigroom", "ladder", 1, 1000, rates=(5, 10, 20, 40), reference_rate=20,
                  targets=SINGLE),
-        Workload("idle", "idle", 50, 20, targets=SINGLE),
+        Workload("idle", "idle", 50, 20, targets=(*SINGLE, *REPLICATED)),
         Workload("store", "ladder", 200, 1, rates=(500, 1000, 2000), reference_rate=1000,
                  targets=("roomshard-1", *STORED)),
     ),
@@ -168,7 +173,7 @@ def ladder_for_repeat(workload: Workload, previous_max: int | None, back: int = 
 
 
 def loadgen_config(workload: Workload, profile: Profile, protocol: str, *,
-                   targets: Sequence[str], directory: str | None, pids: Sequence[int],
+                   targets: Sequence[str], directories: Sequence[str], pids: Sequence[int],
                    rates: Sequence[int], room_prefix: str, clk_tck: int,
                    database_pids: Sequence[int] = ()) -> dict[str, Any]:
     """The JSON document ``bench/loadgen/loadgen.js`` takes."""
@@ -176,7 +181,7 @@ def loadgen_config(workload: Workload, profile: Profile, protocol: str, *,
         "protocol": protocol,
         "mode": workload.mode,
         "targets": list(targets),
-        "directory": directory,
+        "directories": list(directories),
         "rooms": workload.rooms,
         "members": workload.members,
         "roomPrefix": room_prefix,

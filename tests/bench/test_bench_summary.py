@@ -58,10 +58,22 @@ def test_peers_run_fewer_repeats_than_the_headline_comparison() -> None:
 def test_loadgen_config_carries_the_thresholds_and_pids() -> None:
     """The load generator judges steps with the same thresholds as the report."""
     w = Workload("fanout", "ladder", 2, 3, rates=(1, 2))
-    cfg = workloads.loadgen_config(w, FULL, "raw", targets=["ws://x"], directory=None, pids=[7],
+    cfg = workloads.loadgen_config(w, FULL, "raw", targets=["ws://x"], directories=[], pids=[7],
                                    rates=[1, 2], room_prefix="p", clk_tck=100)
     assert (cfg["minDelivered"], cfg["maxP99Ms"]) == (workloads.MIN_DELIVERED, workloads.MAX_P99_MS)
     assert cfg["pids"] == [7] and cfg["rooms"] == 2 and cfg["members"] == 3
+    replicated = workloads.loadgen_config(w, FULL, "roomshard", targets=[], pids=[7], rates=[],
+                                          directories=["http://a", "http://b"], room_prefix="p",
+                                          clk_tck=100)
+    assert replicated["directories"] == ["http://a", "http://b"]
+
+
+def test_the_replicated_directory_target_runs_the_idle_workload_only() -> None:
+    """Two directories on PostgreSQL: a connect measurement, not a fan-out one."""
+    by_name = {w.name: w for w in FULL.workloads}
+    assert "roomshard-1-2dirs-pg" in by_name["idle"].targets
+    assert all("roomshard-1-2dirs-pg" not in w.targets for w in FULL.workloads if w.name != "idle")
+    assert "roomshard-1-2dirs-pg" in workloads.ALL_TARGETS
 
 
 def doc_with(runs: list[tuple[str, str, list[dict[str, Any]]]]) -> dict[str, Any]:

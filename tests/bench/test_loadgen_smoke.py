@@ -91,3 +91,11 @@ def test_idle_mode_reports_server_rss_growth(bare_server: tuple[str, int]) -> No
     assert idle["rss_after_kb"] > idle["rss_before_kb"] > 0
     per_conn = (idle["rss_after_kb"] - idle["rss_before_kb"]) * 1024 / 200
     assert idle["rss_per_connection_bytes"] == pytest.approx(per_conn)
+    # The CPU both sides spent on the connects, and the server's per connect.
+    connect = idle["connect"]
+    assert connect["ok"] == 200 and connect["loadgen_cpu_seconds"] > 0
+    # The server's CPU is read in clock ticks (10 ms): 200 connects may take less than one.
+    assert connect["per_server_cpu_second"] == (
+        pytest.approx(200 / connect["server_cpu_seconds"]) if connect["server_cpu_seconds"] else None)
+    assert connect["server_cpu_util"] == pytest.approx(connect["server_cpu_seconds"] / connect["seconds"])
+    assert connect["database_cpu_seconds"] is None  # no database pids given
