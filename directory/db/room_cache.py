@@ -22,8 +22,10 @@ commit has. What can make it miss a notification is its listening
 connection failing, so the cache is used only while that connection is up
 and has answered its last keepalive (once a second): on any error it is
 emptied and unused until a new connection is listening. A lookup that read
-the database while a notification arrived is not kept (it may predate the
-change), and entries expire after ``TTL_S`` anyway. Liveness (the owner's
+the database while a notification for its room arrived is not kept (it may
+predate the change; a notification for another room does not void it: a
+storm that places hundreds of rooms would otherwise keep every fill out),
+and entries expire after ``TTL_S`` anyway. Liveness (the owner's
 last heartbeat, not notified: it changes every few seconds) comes from a read
 of the instances every ``REFRESH_S``: older than the database by at most that
 much, so an owner can only look *less* alive than it is, and its rooms then
@@ -50,6 +52,9 @@ REFRESH_S = 1.0
 TTL_S = 30.0
 #: Rooms kept at most (then the cache starts over: a cheap bound, not an LRU).
 MAX_ROOMS = 200_000
+#: Rooms whose last notification is remembered for the fill race at most (then every
+#: lookup still out is not kept: the same bound, on what a burst of changes leaves).
+MAX_NOTIFIED = 10_000
 RETRY_S = 1.0
 
 _INSTANCES_SQL = ("SELECT id, state, internal_url, public_base, last_heartbeat, registered_at "
@@ -63,6 +68,10 @@ class RoomCache:
         self.dsn = dsn
         self.live = False
         self.version = 0  # bumped by every room notification and every reset
+        # The version of each room's last notification, and the oldest token still good
+        # (a reset, or forgetting those versions, voids every lookup still out).
+        self._notified: dict[str, int] = {}
+        self._floor = 0
         self._instances_version = 0  # bumped by every instance notification
         self._rooms: dict[str, tuple[float, str, int, bool, Any]] = {}
         self._instances: dict[str, dict[str, Any]] = {}
@@ -95,9 +104,10 @@ class RoomCache:
                 "registered_at": inst["registered_at"]}
 
     def put(self, room: str, row: Mapping[str, Any], token: int, now: float) -> None:
-        """Keep ``row`` (read after :meth:`token` gave ``token``) unless something was
-        notified meanwhile, or the room is not placed."""
-        if not self.live or token != self.version or row["instance"] is None:
+        """Keep ``row`` (read after :meth:`token` gave ``token``) unless its room was
+        notified meanwhile, or the cache started over, or the room is not placed."""
+        if (not self.live or token < self._floor or self._notified.get(room, -1) > token
+                or row["instance"] is None):
             return
         if len(self._rooms) >= MAX_ROOMS:
             self._rooms.clear()
@@ -109,6 +119,10 @@ class RoomCache:
     def _room_changed(self, _conn: Any, _pid: int, _channel: str, room: str) -> None:
         self.version += 1
         self._rooms.pop(room, None)
+        if len(self._notified) >= MAX_NOTIFIED:
+            self._notified.clear()
+            self._floor = self.version
+        self._notified[room] = self.version
 
     def _instance_changed(self, _conn: Any, _pid: int, _channel: str, instance: str) -> None:
         self._instances_version += 1
@@ -122,6 +136,8 @@ class RoomCache:
     def _reset(self) -> None:
         self.live = False
         self.version += 1
+        self._floor = self.version
+        self._notified.clear()
         self._rooms.clear()
         self._instances.clear()
 

@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from directory.db.room_cache import TTL_S, RoomCache
+from directory.db.room_cache import MAX_NOTIFIED, TTL_S, RoomCache
 from roomshard.testing.metrics import sample
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 from roomshard.testing.timing import await_until, t
@@ -151,3 +151,35 @@ def test_a_lookup_read_while_a_change_was_notified_is_not_kept() -> None:
     assert cache.get("r", now=0.0) is None  # its owner is being re-read
     cache._lost(None)
     assert not cache.live and len(cache) == 0
+
+
+def test_a_change_to_one_room_does_not_void_the_lookups_of_others() -> None:
+    """Only a notification for the room read (or a start-over) keeps its row out: a storm
+    that places hundreds of rooms still fills the cache with each."""
+    cache = RoomCache("postgresql://unused")
+    cache.live = True
+    cache._instances["i1"] = {"state": "active", "internal_url": "http://s", "public_base": None,
+                              "last_heartbeat": 1.0, "registered_at": 0.0}
+    row = {"instance": "i1", "epoch": 1, "private": False, "members": None}
+    token = cache.token()
+    cache._room_changed(None, 0, "roomshard_rooms", "other")
+    cache.put("r", row, token, now=0.0)
+    assert cache.get("r", now=0.0)["epoch"] == 1
+    cache.put("other", row, token, now=0.0)  # its own change arrived after the read began
+    assert cache.get("other", now=0.0) is None
+    # Too many rooms changed to remember each: every lookup still out is not kept.
+    token = cache.token()
+    for n in range(MAX_NOTIFIED):
+        cache._room_changed(None, 0, "roomshard_rooms", f"busy{n}")
+    cache.put("quiet", row, token, now=0.0)
+    assert cache.get("quiet", now=0.0) is None
+    cache.put("quiet", row, cache.token(), now=0.0)
+    assert cache.get("quiet", now=0.0) is not None
+    # A start-over voids what was read before it.
+    token = cache.token()
+    cache._lost(None)
+    cache.live = True
+    cache._instances["i1"] = {"state": "active", "internal_url": "http://s", "public_base": None,
+                              "last_heartbeat": 1.0, "registered_at": 0.0}
+    cache.put("late", row, token, now=0.0)
+    assert cache.get("late", now=0.0) is None
