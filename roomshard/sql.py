@@ -44,8 +44,13 @@ def make_engine(url: str, *, pool_size: int = 10, synchronous: Synchronous = DEF
         return engine
     return create_async_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=2 * pool_size,
+        # Every connection opened stays pooled (no overflow): a connect storm needs
+        # many at once, and an overflow connection, closed as soon as it is returned,
+        # is a new PostgreSQL connection (TLS attempt, authentication, a backend
+        # process) for each burst: a third of a directory's CPU in such a storm.
+        # Opened lazily: a quiet process holds few.
+        pool_size=3 * pool_size,
+        max_overflow=0,
         # No pre-ping by default: it costs a round trip per checkout on the hot path.
         # Healing instead: a connection that fails with a disconnect error is
         # invalidated with every older pooled connection (SQLAlchemy's
