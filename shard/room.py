@@ -487,7 +487,9 @@ class Room:
             private=snap["private"],
             allowed=frozenset(snap["allowed"]) if snap["allowed"] is not None else None,
         )
-        room.seq = snap["seq"]
+        # Every seq given is stored before a move takes its snapshot: the next goes after
+        # ``seq`` (a room recovered from the store has a seq below its seq_base).
+        room.seq = room.assigned = snap["seq"]
         for message in snap["history"]:
             frame = text_frame(orjson.dumps(message))
             room.history.append(frame)

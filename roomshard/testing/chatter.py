@@ -58,6 +58,8 @@ class Chatter:
     # Shared by many chatters: bounds the directory calls in flight (httpcore's pool is
     # O(queued^2) with thousands of waiting requests).
     gate: asyncio.Semaphore | None = None
+    # Other directory replicas, asked in turn once the current one does not answer.
+    replicas: list[str] = field(default_factory=list)
     _ws: Any = None
     _task: asyncio.Task[None] | None = None
     _stop: bool = False
@@ -96,6 +98,9 @@ class Chatter:
                 r = await self.http.post(f"{self.directory_url}/v1/rooms/{self.room}/connect",
                                          json={"user": self.user})
         except httpx.HTTPError:
+            if self.replicas:  # the next replica, this one last
+                self.replicas.append(self.directory_url)
+                self.directory_url = self.replicas.pop(0)
             return None
         if r.status_code != 200:
             return None

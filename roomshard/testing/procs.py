@@ -69,7 +69,8 @@ class Procs:
         log = self.dir / f"{name}.log"
         argv = [sys.executable, "-m", "roomshard", *args, "--ready-file", str(ready)]
         full_env = {**self.base_env, **(env or {})}
-        with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        # Appended to: a restarted process's output follows its earlier life's.
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
             popen = subprocess.Popen(argv, env=full_env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         proc = Proc(name, popen, "", log, ready, argv, full_env)

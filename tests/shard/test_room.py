@@ -7,6 +7,7 @@ import gc
 import orjson
 import pytest
 
+from shard.frames import text_frame
 from shard.room import MAX_IDEMPOTENCY_ENTRIES, HistoryBudget, JoinOutcome, Room, StoredRun
 
 NOW = 1_700_000_000.0
@@ -303,6 +304,22 @@ def test_recover_takes_seq_history_and_ids_from_the_store():
     assert nxt == 10 and [orjson.loads(f[2:])["seq"] for f in frames] == [7, 8, 9]
     seq, _ = room.sequence("u", "m10", "t", 101.0)
     assert seq == 10
+
+
+def test_a_room_recovered_from_the_store_keeps_its_seqs_after_a_move():
+    """A room re-placed after a crash (granted seq_base epoch x 2^32) continues after the
+    store's last seq; moved on, it must go on from there, not from that seq_base (the
+    randomized fault test found 2^33 + 1 after 285: a gap nothing had been lost in)."""
+    payload = lambda seq: orjson.dumps({"type": "message", "seq": seq, "id": f"m{seq}",
+                                        "user": "u", "text": "t", "ts": 1.0})
+    recovered = Room(name="r", instance="i1", epoch=2, seq_base=2 << 32, lost=True,
+                     history_limit=10)
+    recovered.recover([(s, payload(s)) for s in range(1, 6)], [])
+    assert recovered.sequence("u", "m6", "t", 1.0)[0] == 6
+    recovered.stored(6, text_frame(payload(6)))
+    moved = Room.from_snapshot(recovered.snapshot(), instance="i2", epoch=3, owner_epoch=3)
+    seq, _ = moved.sequence("u", "m7", "t", 2.0)
+    assert seq == 7 and not moved.lost
 
 
 def test_recover_with_an_empty_store_keeps_the_directory_s_grant():
