@@ -25,6 +25,7 @@ the run's settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -123,6 +124,8 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
         for n, instance in enumerate(("i2", "i3"), start=1):
             procs.shard(instance, directories[n % len(directories)], env=env)
         wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
+        servers = [p.popen.pid for p in procs.procs if p is not i1]
+        busy0, cpu0 = _machine_busy(), _cpu_seconds(servers)
         stopped_at = time.time()
         os.kill(i1.popen.pid, SIGNALS[args.signal])
         node.stdin.write(f"{int(stopped_at * 1000)}\n")
@@ -135,6 +138,11 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
         if not line:
             raise RuntimeError(f"the storm client exited with {node.wait()}")
         result: dict[str, Any] = json.loads(line)
+        # The other processes' CPU (directories, new owners) and the machine's over the storm
+        # (to its end: the storm client waits for its last welcome before it answers).
+        busy1, cpu1 = _machine_busy(), _cpu_seconds(servers)
+        result["servers_cpu_s"] = round(cpu1 - cpu0, 2)
+        result["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
         if woke is not None:
             woke.join()
             result["stopped_for_s"] = args.stopped_for
@@ -143,7 +151,29 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
         if args.signal == "stop" and i1.popen.poll() is None:
             os.kill(i1.popen.pid, signal.SIGCONT)  # never leave a stopped process behind
         if node.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=5)  # it exits once it has answered (and wrote a profile)
+        if node.poll() is None:
             node.kill()
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of ``pids`` so far (a process gone counts nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of every core so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def main() -> None:

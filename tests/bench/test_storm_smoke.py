@@ -40,6 +40,10 @@ def test_sigkill_storm_brings_every_client_back_before_down_after() -> None:
     result = storm.run(_args(signal="kill"))
     assert result["lost"] == 200 and result["welcomed_again"] == 200, result
     assert result["within_5_s"] == 200, result
+    assert result["within_2_s"] <= result["within_5_s"], result
+    # What the storm cost, to tell a slow service from a saturated machine.
+    assert result["client_cpu_s"] > 0 and result["servers_cpu_s"] > 0, result
+    assert 0 < result["machine_busy"] <= 1, result
     assert set(result["instances_after"]) <= {"i2", "i3"}, result
     assert result["failures"] == {}, result
 
