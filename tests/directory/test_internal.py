@@ -205,6 +205,23 @@ async def test_a_batch_of_opens_answers_each_room_in_order(h: Harness) -> None:
     again = await h.client.post(url, json={"instance": "i1", "rooms": rooms[:1]},
                                 headers=cluster_headers("i1", h.clock.now))
     assert again.json()["results"][0]["grant"]["epoch"] == 1  # same open_id: the same grant
+    # Every open with its id (what shards send; on PostgreSQL one statement for the batch):
+    # a retry, a refusal and a new copy of a room opened before, each answered as alone.
+    ided = [{"room": "a", "ticket_epoch": 1, "open_id": "x1"},
+            {"room": "c", "ticket_epoch": 1, "open_id": "x2"},
+            {"room": "b", "ticket_epoch": 1, "open_id": "x3"},
+            {"room": "ghost", "ticket_epoch": 1, "open_id": "x4"}]
+    r = await h.client.post(url, json={"instance": "i1", "rooms": ided},
+                            headers=cluster_headers("i1", h.clock.now))
+    results = msgspec.convert(r.json(), internal.OpenBatch).results
+    assert [x.room for x in results] == ["a", "c", "b", "ghost"]
+    assert [(x.grant.epoch, x.grant.seq_base, x.grant.lost) if x.grant
+            else x.error.code for x in results] == [  # type: ignore[union-attr]
+        (1, 0, False), "not_owner", (2, 2 << 32, True), "not_owner"]
+    assert (await h.connect("b")).json()["epoch"] == 2
+    r = await h.client.post(url, json={"instance": "i1", "rooms": ided[2:3]},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.json()["results"][0]["grant"]["epoch"] == 2  # x3 again: the same grant
     r = await h.client.post(url, json={"instance": "i1", "rooms": rooms},
                             headers=cluster_headers("i2", h.clock.now))
     assert r.status_code == 403

@@ -183,3 +183,4 @@ def test_a_change_to_one_room_does_not_void_the_lookups_of_others() -> None:
                               "last_heartbeat": 1.0, "registered_at": 0.0}
     cache.put("late", row, token, now=0.0)
     assert cache.get("late", now=0.0) is None
+
