@@ -131,15 +131,22 @@ class _pg:
         await self.conn.close()
 
 
+ROW = {"instance": "i1", "epoch": 1, "private": False, "members": None}
+
+
+def _live(cache: RoomCache) -> RoomCache:
+    """``cache`` listening, with instance i1 known (as after its first re-read)."""
+    cache.live = True
+    cache._instances["i1"] = {"state": "active", "internal_url": "http://s", "public_base": None,
+                              "last_heartbeat": 1.0, "registered_at": 0.0}
+    return cache
+
+
 def test_a_lookup_read_while_a_change_was_notified_is_not_kept() -> None:
     """The fill race: a row read before a change commits, kept after its notification
     arrived, would stay stale. The token taken before the read says a notification
     came meanwhile, and the row is not kept."""
-    cache = RoomCache("postgresql://unused")
-    cache.live = True
-    cache._instances["i1"] = {"state": "active", "internal_url": "http://s", "public_base": None,
-                              "last_heartbeat": 1.0, "registered_at": 0.0}
-    row = {"instance": "i1", "epoch": 1, "private": False, "members": None}
+    cache, row = _live(RoomCache("postgresql://unused")), ROW
     token = cache.token()
     cache._room_changed(None, 0, "roomshard_rooms", "r")  # arrives while the read is out
     cache.put("r", row, token, now=0.0)
@@ -156,11 +163,7 @@ def test_a_lookup_read_while_a_change_was_notified_is_not_kept() -> None:
 def test_a_change_to_one_room_does_not_void_the_lookups_of_others() -> None:
     """Only a notification for the room read (or a start-over) keeps its row out: a storm
     that places hundreds of rooms still fills the cache with each."""
-    cache = RoomCache("postgresql://unused")
-    cache.live = True
-    cache._instances["i1"] = {"state": "active", "internal_url": "http://s", "public_base": None,
-                              "last_heartbeat": 1.0, "registered_at": 0.0}
-    row = {"instance": "i1", "epoch": 1, "private": False, "members": None}
+    cache, row = _live(RoomCache("postgresql://unused")), ROW
     token = cache.token()
     cache._room_changed(None, 0, "roomshard_rooms", "other")
     cache.put("r", row, token, now=0.0)
@@ -178,9 +181,7 @@ def test_a_change_to_one_room_does_not_void_the_lookups_of_others() -> None:
     # A start-over voids what was read before it.
     token = cache.token()
     cache._lost(None)
-    cache.live = True
-    cache._instances["i1"] = {"state": "active", "internal_url": "http://s", "public_base": None,
-                              "last_heartbeat": 1.0, "registered_at": 0.0}
+    _live(cache)
     cache.put("late", row, token, now=0.0)
     assert cache.get("late", now=0.0) is None
 

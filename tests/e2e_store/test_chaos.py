@@ -101,12 +101,17 @@ class Chaos:
         assert r.status_code == 200, r.text
         return f"drain {victim} ({report['moved']} rooms), enabled again"
 
+    async def _kill_and_restart(self, proc: Proc, *, same_port: bool) -> tuple[Proc, float]:
+        """SIGKILL ``proc``, wait the schedule's random pause, start it again."""
+        pause = self.rng.uniform(0, 1)
+        self.procs.kill(proc)
+        await asyncio.sleep(pause)  # the schedule's delay before the restart
+        return await asyncio.to_thread(self.procs.restart, proc, same_port=same_port), pause
+
     async def kill_shard(self) -> str:
         victim = self.rng.choice(sorted(self.shards))
-        pause = self.rng.uniform(0, 1)
-        self.procs.kill(self.shards[victim])
-        await asyncio.sleep(pause)  # the schedule's delay before the restart
-        self.shards[victim] = await asyncio.to_thread(self.procs.restart, self.shards[victim])
+        self.shards[victim], pause = await self._kill_and_restart(self.shards[victim],
+                                                                  same_port=False)
         return f"SIGKILL {victim}, started again after {pause:.2f} s"
 
     async def stop_shard(self) -> str:
@@ -123,11 +128,9 @@ class Chaos:
 
     async def kill_directory(self) -> str:
         n = self.rng.randrange(len(self.directories))
-        pause = self.rng.uniform(0, 1)
-        self.procs.kill(self.directories[n])
-        await asyncio.sleep(pause)  # the schedule's delay before the restart
-        self.directories[n] = await asyncio.to_thread(self.procs.restart, self.directories[n],
-                                                      same_port=True)
+        # On its address: the shards that report to it, and its members, know that one.
+        self.directories[n], pause = await self._kill_and_restart(self.directories[n],
+                                                                  same_port=True)
         return f"SIGKILL directory {n + 1}, started again after {pause:.2f} s"
 
     async def stop_directory(self) -> str:
