@@ -8,7 +8,7 @@ decoding error on the reading side.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -17,6 +17,12 @@ from roomshard.wire.errors import ErrorDetail
 
 class Body(msgspec.Struct, kw_only=True):
     """Base of the internal bodies (unknown fields are ignored when decoding)."""
+
+
+# A shard's numbers the directory stores or binds fit its columns (BIGINT epochs, INTEGER
+# counts): out of range is the body's error (400 invalid_body), not the database's.
+Epoch = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
 
 
 #: An instance's state as the directory reports it (``down``: no heartbeat for
@@ -34,8 +40,8 @@ CHANNEL_KEEPALIVE_S = 5.0
 class InstanceLoad(Body):
     """What a shard holds, reported with every heartbeat."""
 
-    rooms: int = 0
-    connections: int = 0
+    rooms: Count = 0
+    connections: Count = 0
     messages_per_s: float = 0.0
 
 
@@ -49,10 +55,10 @@ class HeartbeatBody(Body):
     internal_url: str
     boot_id: str  # new on every process start: the directory tells a restart from a renewal
     public_base: str | None = None
-    capacity: int | None = None
+    capacity: int | None = None  # checked by the directory (invalid_capacity)
     load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
     # Rooms the shard kept in memory through a lost lease -> their epochs.
-    confirm: dict[str, int] | None = None
+    confirm: dict[str, Epoch] | None = None
 
 
 class InstanceView(Body):
@@ -83,7 +89,7 @@ class OpenBody(Body, omit_defaults=True):
     ``open_id`` is left out when None (directories before it ignore it anyway)."""
 
     instance: str
-    ticket_epoch: int  # the epoch of the ticket that brought the first member
+    ticket_epoch: Epoch  # the epoch of the ticket that brought the first member
     # Same id on a retry of an open whose answer was lost: the same grant, no new epoch.
     open_id: str | None = None
 
@@ -105,7 +111,7 @@ class OpenItem(Body, omit_defaults=True):
     """One room of :class:`OpenBatchBody`: what :class:`OpenBody` says for one room."""
 
     room: str
-    ticket_epoch: int
+    ticket_epoch: Epoch
     open_id: str | None = None
 
 

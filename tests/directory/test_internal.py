@@ -179,6 +179,27 @@ async def test_open_refuses_other_instance_token_and_unknown_room(h: Harness) ->
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_body")
 
 
+async def test_a_shard_s_numbers_out_of_the_database_s_range_are_a_bad_body(h: Harness) -> None:
+    """An epoch past BIGINT or a count past INTEGER (or below 0) is 400 invalid_body on
+    every database: neither a 500 nor PostgreSQL's refusal reported as database_unavailable."""
+    await h.heartbeat("i1")
+    await h.connect("r")
+    headers = cluster_headers("i1", h.clock.now)
+    for open_id in (None, "x1"):  # the batch's one statement on PostgreSQL, and the other
+        item = {"ticket_epoch": 1 << 63, **({"open_id": open_id} if open_id else {})}
+        for r in (await h.client.post("/v1/internal/rooms/r/open", headers=headers,
+                                      json={"instance": "i1", **item}),
+                  await h.client.post("/v1/internal/opens", headers=headers,
+                                      json={"instance": "i1", "rooms": [{"room": "r", **item}]})):
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_body"), r.text
+    for extra in ({"load": {"rooms": 1 << 31}}, {"load": {"connections": -1}},
+                  {"confirm": {"r": 1 << 63}}):
+        r = await h.heartbeat("i1", **extra)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_body"), (extra, r.text)
+    assert (await h.heartbeat("i1", load={"rooms": (1 << 31) - 1})).status_code == 200
+    assert (await open_room(h, "r", "i1", 1, "x2", via="batch")).status_code == 200
+
+
 async def test_a_batch_of_opens_answers_each_room_in_order(h: Harness) -> None:
     """One call: each room granted or refused on its own (not the owner, mid-move, a bad id),
     in the order asked; the token must be the named instance's; at most 1,000 rooms."""
