@@ -80,6 +80,12 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of ``pid`` in clock ticks (``os.sysconf("SC_CLK_TCK")`` a second)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def nice_prefix(nice: int) -> list[str]:
     """``nice -n N`` (only root may raise priority; others run at their own)."""
     if nice == 0 or (nice < 0 and os.geteuid() != 0):

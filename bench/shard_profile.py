@@ -41,12 +41,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PEERS = ("bare-websockets", "socketio-1", "ws-node")
 
 
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime, stime) of ``pid`` in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]), int(fields[12])
-
-
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -90,8 +84,8 @@ def drive(entry: str, running: cluster.Running, shard_pid: int, dir_pid: int | N
             assert proc.stderr is not None
             for line in proc.stderr:
                 if line.startswith(("[loadgen] connected", "[loadgen] step ")):
-                    samples.append((line.strip(), cpu_ticks(shard_pid),
-                                    cpu_ticks(dir_pid) if dir_pid else None))
+                    samples.append((line.strip(), cluster.cpu_ticks(shard_pid),
+                                    cluster.cpu_ticks(dir_pid) if dir_pid else None))
                     if "connected" in line and entry not in PEERS and not side:
                         side.extend(start_profilers(args, shard_pid, tag))
                 sys.stderr.write(f"  [{entry}] {line}")

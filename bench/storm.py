@@ -161,11 +161,8 @@ def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of ``pids`` so far (a process gone counts nothing)."""
     total = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
+        with contextlib.suppress(OSError):
+            total += sum(cluster.cpu_ticks(pid))
     return total / os.sysconf("SC_CLK_TCK")
 
 
