@@ -190,7 +190,7 @@ def goals(fan: dict[str, LadderSummary], idle_by: dict[str, IdleSummary]) -> lis
     mine = idle_by.get("roomshard-1")
     mine_rss = mine.rss_per_connection_bytes if mine else None
     peers = {k: v.rss_per_connection_bytes for k, v in idle_by.items()
-             if k not in ("roomshard-1", "ws-node") and v.rss_per_connection_bytes}
+             if not k.startswith("roomshard") and k != "ws-node" and v.rss_per_connection_bytes}
     if mine_rss is None or not peers:
         out.append(Goal("idle memory per connection below every peer but bare Node ws",
                         "not measured", None))

@@ -152,3 +152,14 @@ def test_connect_goals_compare_with_socketio_and_fail_on_failed_connects() -> No
     assert rate.met is False and "failed connects" in rate.value
     rate, per_cpu = _connect_goals({"runs": [idle_run("roomshard-1", 2000, None)]})
     assert (rate.met, per_cpu.met) == (None, None)
+
+
+def test_the_memory_goal_compares_with_peers_not_with_roomshard_s_other_targets() -> None:
+    """The two-directory target is roomshard too: never the "lowest peer"."""
+    doc = {"runs": [idle_run("roomshard-1", 2000, 2400), idle_run("socketio-1", 1900, 1900),
+                    idle_run("roomshard-1-2dirs-pg", 1500, 2000)]}
+    doc["runs"][0]["result"]["idle"]["rss_per_connection_bytes"] = 3000.0
+    doc["runs"][2]["result"]["idle"]["rss_per_connection_bytes"] = 3500.0
+    idle_by = {t: summary.idle(doc, t) for t in ("roomshard-1", "socketio-1", "roomshard-1-2dirs-pg")}
+    (memory,) = [g for g in summary.goals({}, idle_by) if "idle memory" in g.text]
+    assert "lowest peer socketio-1 4.0 KiB" in memory.value and memory.met is True
