@@ -54,8 +54,19 @@ instances = Table(
     Column("load_connections", Integer, nullable=False, server_default="0"),
     Column("load_messages_per_s", Double, nullable=False, server_default="0"),
     # Rooms assigned here, kept in the same transaction as every assignment
-    # change so placement never counts the rooms table.
+    # change so placement never counts the rooms table; plus this instance's
+    # ``room_counts`` slots (read it through ``store.ROOMS_ASSIGNED``).
     Column("rooms_assigned", Integer, nullable=False, server_default="0"),
+)
+
+# New rooms placed by PostgreSQL's one-statement placement, counted in a slot per
+# placing backend (migration 0006: placements on one instance commit together).
+room_counts = Table(
+    "room_counts",
+    metadata,
+    Column("instance", String(8), primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("rooms", Integer, nullable=False, server_default="0"),
 )
 
 rooms = Table(
@@ -110,13 +121,22 @@ async def migrate(engine: AsyncEngine) -> None:
 
 
 async def _recount(conn: AsyncConnection) -> None:
-    """Re-derive ``rooms_assigned`` from the rooms table (heals any drift at start-up)."""
-    from sqlalchemy import func, select, update
+    """Re-derive ``rooms_assigned`` from the rooms table and empty ``room_counts`` (heals
+    any drift at start-up).
 
+    Another replica may be placing rooms meanwhile: on PostgreSQL the slots are
+    locked against writes first, so a placement either committed before the
+    count (and its slot is emptied here) or waits and counts itself after it.
+    """
+    from sqlalchemy import delete, func, select, update
+
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("LOCK TABLE room_counts IN SHARE ROW EXCLUSIVE MODE"))
     count = (
         select(func.count())
         .select_from(rooms)
         .where(rooms.c.instance == instances.c.id)
         .scalar_subquery()
     )
+    await conn.execute(delete(room_counts))
     await conn.execute(update(instances).values(rooms_assigned=count))

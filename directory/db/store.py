@@ -7,7 +7,9 @@ Assignment changes are atomic in the database, never read-then-write:
   from any number of replicas agree on one instance and epoch;
 * re-placing a room whose instance is down or disabled is a compare-and-set
   ``UPDATE ... WHERE epoch = :old`` that bumps ``epoch`` and ``owner_epoch``;
-* ``rooms_assigned`` counters move in the same transaction as the rows.
+* ``rooms_assigned`` counters move in the same transaction as the rows (an
+  instance's count is its row's plus its ``room_counts`` slots, where
+  PostgreSQL's new rooms are counted: :data:`ROOMS_ASSIGNED`).
 
 Reads run in autocommit on PostgreSQL (one round trip, no BEGIN/ROLLBACK);
 writes on SQLite begin IMMEDIATE (see ``roomshard.sql``) and, within one
@@ -34,12 +36,24 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import and_, bindparam, case, delete, false, literal, null, or_, select, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    delete,
+    false,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from directory.db.engine import instances, rooms
+from directory.db.engine import instances, room_counts, rooms
 from directory.db.room_cache import RoomCache
 from directory.domain import placement
 from directory.domain.errors import Overloaded, Unavailable
@@ -75,14 +89,30 @@ _ROOM_TARGET = (
 )
 
 
+#: An instance's rooms: its row's count plus its ``room_counts`` slots (migration 0006).
+ROOMS_ASSIGNED = (
+    instances.c.rooms_assigned
+    + func.coalesce(select(func.sum(room_counts.c.rooms))
+                    .where(room_counts.c.instance == instances.c.id)
+                    .scalar_subquery(), 0)
+).label("rooms_assigned")
+#: The instances' columns as every reader sees them (``rooms_assigned`` complete).
+INSTANCE_COLUMNS = (*(c for c in instances.c if c.name != "rooms_assigned"), ROOMS_ASSIGNED)
+
 #: Placement's view of the instances (both dialects' hot paths).
 _INSTANCES_SQL = (
-    "SELECT id, number, state, capacity, rooms_assigned, load_connections, last_heartbeat, "
-    "registered_at, internal_url, public_base FROM instances"
+    "SELECT id, number, state, capacity, rooms_assigned + COALESCE((SELECT sum(rooms) "
+    "FROM room_counts WHERE room_counts.instance = instances.id), 0) AS rooms_assigned, "
+    "load_connections, last_heartbeat, registered_at, internal_url, public_base FROM instances"
 )
-# Insert-if-absent and count it, atomically: the UPDATE only sees the row the
-# INSERT really created (none when another replica won the race).
-_PG_NEW_ROOM_SQL = """
+#: Slots per instance in ``room_counts`` (by placing backend: concurrent placements
+#: rarely share one, and a reader sums at most this many rows per instance).
+ROOM_COUNT_SLOTS = 16
+# Insert-if-absent and count it, atomically: the count only sees the row the
+# INSERT really created (none when another replica won the race). The count goes
+# to the placing backend's slot, not to the instance's row: a row lock held
+# through each commit would place one room per WAL flush (migration 0006).
+_PG_NEW_ROOM_SQL = f"""
 WITH ins AS (
     INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
                        created_at, updated_at)
@@ -90,9 +120,10 @@ WITH ins AS (
     ON CONFLICT (room) DO NOTHING
     RETURNING instance
 )
-UPDATE instances SET rooms_assigned = instances.rooms_assigned + 1
-FROM ins WHERE instances.id = ins.instance
-RETURNING instances.id
+INSERT INTO room_counts (instance, slot, rooms)
+SELECT instance, pg_backend_pid() % {ROOM_COUNT_SLOTS}, 1 FROM ins
+ON CONFLICT (instance, slot) DO UPDATE SET rooms = room_counts.rooms + 1
+RETURNING instance
 """
 try:
     import asyncpg
@@ -422,7 +453,7 @@ class Store:
 
     async def _choose(self, conn: AsyncConnection, *, now: float,
                       down_after: float) -> Mapping[str, Any]:
-        rows = (await conn.execute(select(instances))).mappings().all()
+        rows = (await conn.execute(select(*INSTANCE_COLUMNS))).mappings().all()
         return _pick(rows, now=now, down_after=down_after)
 
     async def _insert_room(self, conn: AsyncConnection, room: str, inst: Mapping[str, Any], *,
@@ -547,7 +578,8 @@ class Store:
     # -- instances ---------------------------------------------------------
     async def list_instances(self) -> Sequence[Mapping[str, Any]]:
         async with self.read() as conn:
-            return (await conn.execute(select(instances).order_by(instances.c.number))).mappings().all()
+            return (await conn.execute(select(*INSTANCE_COLUMNS).order_by(instances.c.number))
+                    ).mappings().all()
 
     async def get_instance(self, instance: str) -> Mapping[str, Any] | None:
         async with self.read() as conn:
@@ -560,9 +592,9 @@ class Store:
         the database on SQLite) so two heartbeats cannot interleave.
         """
         async with self.write() as conn:
-            stmt = select(instances).where(instances.c.id == instance)
+            stmt = select(*INSTANCE_COLUMNS).where(instances.c.id == instance)
             if self.dialect == "postgresql":
-                stmt = stmt.with_for_update()
+                stmt = stmt.with_for_update(of=instances)
             row = (await conn.execute(stmt)).mappings().first()
             changes = decide(row)
             if row is None:
@@ -602,6 +634,8 @@ class Store:
             if has_rooms is not None:
                 return "has_rooms"
             res = await conn.execute(delete(instances).where(instances.c.id == instance))
+            # Its slots sum to 0 with the row's count; a later instance of this id starts at 0.
+            await conn.execute(delete(room_counts).where(room_counts.c.instance == instance))
             return "deleted" if res.rowcount else "missing"
 
     async def remove_unused_rooms(self, created_before: float, limit: int) -> int:
@@ -666,7 +700,7 @@ class Store:
         no deadlock with the connects and moves re-placing rooms of this instance)."""
         gained: dict[str, int] = {}
         async with self.write() as conn:
-            candidates = [dict(r) for r in (await conn.execute(select(instances))).mappings()]
+            candidates = [dict(r) for r in (await conn.execute(select(*INSTANCE_COLUMNS))).mappings()]
             for room, epoch in batch:
                 chosen = _pick(candidates, now=now, down_after=down_after)
                 if chosen["id"] == instance:
@@ -727,7 +761,8 @@ def _bump_stmt(instance: Any, delta: Any) -> Any:
 
 
 async def _instance(conn: AsyncConnection, instance: str) -> Mapping[str, Any] | None:
-    return (await conn.execute(select(instances).where(instances.c.id == instance))).mappings().first()
+    return (await conn.execute(select(*INSTANCE_COLUMNS).where(instances.c.id == instance))
+            ).mappings().first()
 
 
 class LiteHotPath:

@@ -56,6 +56,67 @@ async def test_sixty_concurrent_first_connects_across_two_replicas(procs: Procs,
         assert {r["epoch"] for r in rooms} == {1}
 
 
+async def _counts(client: httpx.AsyncClient, base: str) -> dict[str, int]:
+    listed = (await client.get(f"{base}/v1/admin/instances", headers=ADMIN)).json()["instances"]
+    return {i["id"]: i["rooms_assigned"] for i in listed}
+
+
+async def _owners(client: httpx.AsyncClient, base: str) -> dict[str, int]:
+    rooms = (await client.get(f"{base}/v1/admin/rooms?limit=1000", headers=ADMIN)).json()["rooms"]
+    return {iid: sum(1 for r in rooms if r["instance"] == iid) for iid in {r["instance"] for r in rooms}}
+
+
+@pytest.mark.postgres
+async def test_room_counts_stay_exact_under_concurrent_new_rooms_and_restarts(
+        procs: Procs, pg_url: str) -> None:
+    """PostgreSQL counts new rooms in per-backend slots (migration 0006): 200 new rooms at
+    once over two replicas are each counted once, a restart's recount folds the slots in
+    without counting twice, removals count down, and a deleted instance's slots go with it."""
+    env = {"ROOMSHARD_DOWN_AFTER": "600", "ROOMSHARD_ROOM_CREATE_RATE": "0"}
+    a = procs.directory("dir-a", database_url=pg_url, env=env)
+    b = procs.directory("dir-b", database_url=pg_url, env=env)
+    async with httpx.AsyncClient(timeout=t(30), limits=httpx.Limits(max_connections=250)) as client:
+        await register(client, a.url, "i1", "i2")
+        replies = await asyncio.gather(*(
+            client.post(f"{(a, b)[n % 2].url}/v1/rooms/count-{n}/connect", json={"user": f"u{n}"})
+            for n in range(200)))
+        assert {r.status_code for r in replies} == {200}, [r.text for r in replies][:3]
+        owners = await _owners(client, a.url)
+        assert sum(owners.values()) == 200 and owners.keys() == {"i1", "i2"}
+        assert await _counts(client, a.url) == owners == await _counts(client, b.url)
+
+        procs.terminate(b)  # its start-up recount folds the slots into the instances' rows
+        b = procs.restart(b)
+        assert await _counts(client, b.url) == owners
+        # ... and placements after the fold count on top of it.
+        assert (await client.post(f"{a.url}/v1/rooms/count-200/connect",
+                                  json={"user": "u"})).status_code == 200
+        assert sum((await _counts(client, b.url)).values()) == 201
+
+        # i3 gets new rooms (slots), loses them to the unused-room sweep (its row's count),
+        # is deleted, and comes back: at 0, not at its old slots' sum.
+        c = procs.directory("dir-c", database_url=pg_url,
+                            env={**env, "ROOMSHARD_ROOM_UNUSED_TTL": "1"})
+        for iid in ("i1", "i2"):
+            r = await client.put(f"{c.url}/v1/admin/instances/{iid}", headers=ADMIN,
+                                 json={"state": "disabled"})
+            assert r.status_code == 200, r.text
+        await register(client, c.url, "i3")
+        for n in range(5):
+            r = await client.post(f"{a.url}/v1/rooms/gone-{n}/connect", json={"user": "u"})
+            assert r.json()["instance"] == "i3", r.text
+        assert (await _counts(client, c.url))["i3"] == 5
+
+        async def swept() -> bool:
+            return (await _counts(client, c.url)) == {"i1": 0, "i2": 0, "i3": 0}
+
+        await await_until(swept, 10, "the sweep removes every room nobody joined")
+        r = await client.delete(f"{c.url}/v1/admin/instances/i3", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        await register(client, c.url, "i3")
+        assert (await _counts(client, b.url))["i3"] == 0
+
+
 @pytest.mark.postgres
 async def test_database_outage_is_503_and_heals_without_restart(procs: Procs, pg_server: PgServer,
                                                                 pg_url: str) -> None:
