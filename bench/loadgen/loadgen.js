@@ -228,7 +228,10 @@ const PROTOCOLS = {
       }
     },
     async connectOnce(client, directory) {
+      const t0 = performance.now();
       const res = await postConnect(directory, client.room, client.user);
+      const t1 = performance.now();
+      client.gen.phases.directory.add(t1 - t0);
       const body = res.body;
       if (res.status !== 200 || body === null) {
         const err = new Error(`connect ${res.status} ${JSON.stringify(body)}`);
@@ -244,7 +247,7 @@ const PROTOCOLS = {
           switch (frame.type) {
             case 'message': client.onText(frame.text); return false;
             case 'ack': client.gen.acks++; return false;
-            case 'welcome': return true;
+            case 'welcome': client.gen.phases.socket.add(performance.now() - t1); return true;
             case 'error': client.gen.errors.push(`error frame ${frame.code}`); return false;
             default: return false; // presence
           }
@@ -270,6 +273,10 @@ class LoadGen {
     this.closeCodes = {};
     this.acks = 0;
     this.connectRetries = 0;
+    // Where a connect's time goes: the whole connect (every try), and for roomshard
+    // the directory's answer and the socket until the welcome (the last try).
+    this.phases = { connect: new LatencyHistogram(), directory: new LatencyHistogram(),
+      socket: new LatencyHistogram() };
     this.step = -1;
     this.stepDelivered = 0;
     this.late = 0;
@@ -316,7 +323,9 @@ class LoadGen {
         const client = this.clients[next++];
         const member = Math.floor(client.index / c.rooms);
         try {
+          const started = performance.now();
           await this.proto.connect(client, this.targetFor(member));
+          this.phases.connect.add(performance.now() - started);
         } catch (e) {
           failed++;
           if (firstErrors.length < 5) firstErrors.push(String(e.message || e));
@@ -344,6 +353,10 @@ class LoadGen {
       server_cpu_util: serverCpu / seconds,
       loadgen_cpu_util: loadgenCpu / seconds,
       per_server_cpu_second: serverCpu > 0 ? ok / serverCpu : null,
+      latency_ms: Object.fromEntries(Object.entries(this.phases)
+        .filter(([, h]) => h.count > 0)
+        .map(([name, h]) => [name, { p50: h.percentile(50), p90: h.percentile(90),
+          p99: h.percentile(99), max: h.max }])),
     };
   }
 

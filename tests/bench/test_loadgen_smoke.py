@@ -99,3 +99,34 @@ def test_idle_mode_reports_server_rss_growth(bare_server: tuple[str, int]) -> No
         pytest.approx(200 / connect["server_cpu_seconds"]) if connect["server_cpu_seconds"] else None)
     assert connect["server_cpu_util"] == pytest.approx(connect["server_cpu_seconds"] / connect["seconds"])
     assert connect["database_cpu_seconds"] is None  # no database pids given
+
+
+def test_roomshard_idle_connects_report_where_the_time_went(tmp_path: Path) -> None:
+    """The roomshard protocol against a real directory and shard: every client is
+    welcomed, and each connect's time is split into the directory's answer and the
+    socket until the welcome (neither phase longer than the whole connect)."""
+    from roomshard.testing.procs import Procs
+
+    with Procs() as procs:
+        directory = procs.directory()
+        procs.shard("i1", directory.url)
+
+        def registered() -> bool:
+            import httpx
+            r = httpx.post(f"{directory.url}/v1/rooms/probe/connect", json={"user": "p"})
+            return r.status_code == 200
+
+        wait_until(registered, 20, "the shard to register")
+        result = run_loadgen({
+            "protocol": "roomshard", "mode": "idle", "directory": directory.url,
+            "rooms": 2, "members": 20, "roomPrefix": "phases", "settleSeconds": 0.2,
+            "pids": [], "clkTck": os.sysconf("SC_CLK_TCK"),
+        })
+    connect = result["idle"]["connect"]  # type: ignore[index]
+    assert connect["ok"] == 40 and connect["failed"] == 0, connect
+    latency = connect["latency_ms"]
+    assert set(latency) == {"connect", "directory", "socket"}, latency
+    for phase in latency.values():
+        assert 0 < phase["p50"] <= phase["p90"] <= phase["p99"] <= phase["max"] + 0.1, latency
+    assert latency["directory"]["max"] <= latency["connect"]["max"], latency
+    assert latency["socket"]["max"] <= latency["connect"]["max"], latency
