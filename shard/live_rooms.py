@@ -50,8 +50,16 @@ from shard.writer import Writer
 log = logging.getLogger("roomshard.shard.rooms")
 
 #: A resume's replay is written in chunks of about this many bytes, the next
-#: one once the client has read the last (the kernel took it all).
+#: one once the client has read the last (the kernel took it all); never more
+#: than half the send queue (:func:`replay_chunk_bytes`).
 REPLAY_CHUNK_BYTES = 256 * 1024
+
+
+def replay_chunk_bytes(send_queue_bytes: int) -> int:
+    """A replay chunk's size under a send queue bound: half of it at most, so the chunk and
+    the one frame that may cross the chunk's size fit in the queue (a chunk past the
+    bound closed every resume with 4009, over and over, with a small ``send_queue_bytes``)."""
+    return max(1, min(REPLAY_CHUNK_BYTES, send_queue_bytes // 2))
 #: A resume from before the history window reads the store this many messages at a time.
 STORE_REPLAY_ROWS = 500
 #: Presence frames kept for a connection whose replay is still being written;
@@ -261,7 +269,8 @@ class LiveRoom:
         if replay.fetched:
             self._write_fetched(replay)
             return
-        chunk = self.room.replay(replay.next_seq, REPLAY_CHUNK_BYTES)
+        chunk = self.room.replay(replay.next_seq,
+                                 replay_chunk_bytes(self.ctx.cfg.send_queue_bytes))
         if chunk is None:
             if self.ctx.store is None:
                 self._fell_behind(replay)
@@ -318,7 +327,8 @@ class LiveRoom:
         """Write about a chunk of what the store gave a replay."""
         conn, fetched = replay.conn, replay.fetched
         size = 0
-        while fetched and size < REPLAY_CHUNK_BYTES:
+        limit = replay_chunk_bytes(self.ctx.cfg.send_queue_bytes)
+        while fetched and size < limit:
             seq, frame = fetched.popleft()
             conn.queue(frame)
             size += len(frame)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import orjson
 
@@ -152,6 +153,24 @@ async def test_a_resume_is_written_in_chunks_as_the_member_reads_then_joins_the_
     await turns()
     assert bob.messages()[-1]["id"] == "after"
     assert carol.closed is None and alice.closed is None
+
+
+async def test_a_replay_chunk_fits_a_small_send_queue():
+    """With a send queue smaller than a chunk's default size, each chunk is at most half the
+    queue (plus one message): the replay never overflows the queue it is written to (it did:
+    every resume closed with 4009, and every retry again)."""
+    queue = 64 * 1024
+    f = Fixture(dataclasses.replace(CFG, send_queue_bytes=queue))
+    alice = f.join("alice")
+    for i in range(100):  # about 400 KB of history
+        f.live.send(alice, f"m{i}", "x" * 4000)  # type: ignore[arg-type]
+    await turns()
+    bob = f.join("bob", since=0)
+    await turns(100)
+    got = bob.messages()
+    assert [m["seq"] for m in got if m["type"] == "message"] == list(range(1, 101))
+    assert bob.largest_write <= queue // 2 + 4100, bob.largest_write
+    assert not bob.replaying and bob.closed is None
 
 
 async def test_a_replay_the_history_window_overtakes_is_closed_4009():
