@@ -90,8 +90,10 @@ export interface ConnectOptions {
   /** The user id, in the directory's `open` auth mode. */
   readonly user?: string;
   /**
-   * The Bearer JWT, in `jwt` mode: called before every directory call; with
-   * `refresh: true` after the directory answered 401 (then once more at once).
+   * The Bearer JWT, in `jwt` mode: called once for the first directory call, and with
+   * `refresh: true` whenever the directory answers 401 (the session then tries again at
+   * once with the new token; a second 401 in a row ends it). The session keeps the
+   * token it was given until then.
    */
   readonly getToken?: (context: { refresh: boolean }) => string | Promise<string>;
   /** Resume after this seq (a message the application already has). */
@@ -227,6 +229,8 @@ export class Session implements AsyncIterable<Message | Gap> {
   private paceUntil = 0;
   private lastWrite = 0;
   private writeTimer: ReturnType<typeof setTimeout> | null = null;
+  /** The token getToken gave last (jwt auth): kept until the directory answers 401. */
+  private tokenNow: string | undefined = undefined;
   private readonly unpark = (): void => this.wakeSleep?.();
   private readonly done: Promise<void>;
 
@@ -323,7 +327,7 @@ export class Session implements AsyncIterable<Message | Gap> {
 
   /** The room's messages before `before` (default: the latest), oldest first. */
   async history(options: HistoryOptions = {}): Promise<HistoryPage> {
-    const token = this.getToken ? await this.getToken({ refresh: false }) : undefined;
+    const token = await this.token(false);
     return history(this.fetchFn, this.directoryUrl, this.room, { user: this.user, token }, options);
   }
 
@@ -442,8 +446,11 @@ export class Session implements AsyncIterable<Message | Gap> {
     });
   }
 
+  /** The token for the next directory call: the one kept, else a new one from getToken. */
   private async token(refresh: boolean): Promise<string | undefined> {
-    return this.getToken ? await this.getToken({ refresh }) : undefined;
+    if (!this.getToken) return undefined;
+    if (refresh || this.tokenNow === undefined) this.tokenNow = await this.getToken({ refresh });
+    return this.tokenNow;
   }
 
   private async run(): Promise<void> {
@@ -469,7 +476,7 @@ export class Session implements AsyncIterable<Message | Gap> {
           if (err instanceof ConnectRefused) {
             if (err.status === 401 && this.getToken && !refreshed) {
               refreshed = true;
-              await this.token(true); // the application's getToken refreshes and caches it
+              await this.token(true);
               continue;
             }
             this.finish(err);

@@ -1,6 +1,7 @@
 // A real `roomshard dev` cluster on loopback for the end-to-end tests: started by the
 // test, stopped by it (its whole process group), its URLs read from what it prints.
 import { spawn } from 'node:child_process';
+import * as fsSync from 'node:fs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -73,4 +74,26 @@ export async function startCluster({ shards = 2, env = {}, args = [] } = {}) {
     throw err;
   }
   return cluster;
+}
+
+/** The pid of shard `instance` of `cluster` (a descendant of its `roomshard dev`), from /proc. */
+export function shardPid(cluster, instance) {
+  const { readdirSync, readFileSync } = fsSync;
+  const parent = (pid) => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+    } catch { return 0; }
+  };
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    let args;
+    try { args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0'); } catch { continue; }
+    const at = args.indexOf('--instance');
+    if (!args.includes('shard') || at < 0 || args[at + 1] !== instance) continue;
+    for (let pid = Number(entry), hops = 0; pid > 1 && hops < 5; pid = parent(pid), hops++) {
+      if (pid === cluster.proc.pid) return Number(entry);
+    }
+  }
+  throw new Error(`no process of shard ${instance} under roomshard dev ${cluster.proc.pid}`);
 }

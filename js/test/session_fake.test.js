@@ -131,13 +131,19 @@ test('a shard that could not be reached is named on the next connect (a hint to 
 
 test('jwt: a 401 asks getToken for a fresh token and tries again at once; a second 401 ends it', async () => {
   let fresh = 0;
-  const getToken = ({ refresh }) => (refresh ? `fresh-${++fresh}` : fresh ? `fresh-${fresh}` : 'expired');
+  const asked = [];
+  const getToken = ({ refresh }) => { asked.push(refresh); return refresh ? `fresh-${++fresh}` : 'expired'; };
   const dir = fakeDirectory((call) => (call.authorization === 'Bearer expired' ? { status: 401 } : {}));
   const s = session(dir, { user: undefined, getToken });
   const ws = await opened(1);
   ws.welcome();
   await s.ready();
   assert.deepEqual(dir.calls.map((c) => c.authorization), ['Bearer expired', 'Bearer fresh-1']);
+  assert.deepEqual(asked, [false, true]);
+  ws.serverClose(4010); // a reconnect keeps the token it has
+  (await opened(2)).welcome();
+  assert.equal(dir.calls[2].authorization, 'Bearer fresh-1');
+  assert.deepEqual(asked, [false, true]);
   assert.equal(dir.calls[1].body.user, undefined, 'no user in the body in jwt mode');
   await s.close();
 
