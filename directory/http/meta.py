@@ -14,10 +14,15 @@ from starlette.responses import HTMLResponse, Response
 
 from directory.context import Directory
 from directory.domain import schemas
-from directory.domain.errors import Unavailable
+from directory.domain.errors import BadRequest, NotFound, Unavailable
 from directory.http.edge import ApiRoute, json_response
 
 STATIC_DIR = Path(__file__).with_name("static")
+#: The JavaScript client's modules (js/src built by ``npm run build:page`` in js/): the
+#: chat page imports them; ``tests/js`` checks they are what the sources build to.
+CLIENT_DIR = STATIC_DIR / "roomshard"
+_MODULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\.js")
+_client_modules: dict[str, bytes] | None = None
 NOT_INSTALLED_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>roomshard</title></head>
 <body><h1>roomshard directory</h1>
@@ -54,12 +59,13 @@ async def openapi(request: Request, ctx: Directory) -> Response:
     return Response(doc, media_type="application/json")
 
 
-_INLINE = {"script": re.compile(r"<script>(.*?)</script>", re.DOTALL),
+_INLINE = {"script": re.compile(r'<script(?: type="module")?>(.*?)</script>', re.DOTALL),
            "style": re.compile(r"<style>(.*?)</style>", re.DOTALL)}
 
 
 def content_security_policy(page: str) -> str:
-    """The chat page's policy: only its own inline script and style (by hash) run.
+    """The chat page's policy: only its own inline script and style (by hash) run, and the
+    client's modules the directory serves (``'self'``, /static/roomshard/).
 
     It fetches the directory (``'self'``) and opens WebSockets to whatever shard
     URL the directory returns (a public_base, ROOMSHARD_PUBLIC_URL or a shard's
@@ -70,7 +76,7 @@ def content_security_policy(page: str) -> str:
         return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
                         for m in _INLINE[kind].findall(page)) or "'none'"
 
-    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+    return (f"default-src 'none'; script-src 'self' {hashes('script')}; style-src {hashes('style')}; "
             "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; "
             "form-action 'self'; frame-ancestors 'none'")
 
@@ -84,6 +90,26 @@ async def index(request: Request, ctx: Directory) -> Response:
                                        "X-Frame-Options": "DENY"})
 
 
+def client_modules() -> dict[str, bytes]:
+    """Every module of the JavaScript client by file name, read once."""
+    global _client_modules
+    if _client_modules is None:
+        _client_modules = {p.name: p.read_bytes() for p in CLIENT_DIR.glob("*.js")}
+    return _client_modules
+
+
+async def client_module(request: Request, ctx: Directory) -> Response:
+    name = request.path_params["module"]
+    if not _MODULE_NAME.fullmatch(name):
+        raise BadRequest("invalid_module", "a module name is lower-case letters, digits and _, "
+                                           "then .js")
+    body = client_modules().get(name)
+    if body is None:
+        raise NotFound("not_found", f"no module {name} in the JavaScript client")
+    return Response(body, media_type="text/javascript; charset=utf-8",
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
 ROUTES = [
     ApiRoute("GET", "/healthz", "healthz", healthz, "The process is alive", "everyone",
              response=schemas.Status, errors=()),
@@ -95,6 +121,9 @@ ROUTES = [
              errors=()),
     ApiRoute("GET", "/", "index", index, "The chat page", "everyone", errors=(),
              content_type="text/html"),
+    ApiRoute("GET", "/static/roomshard/{module:path}", "client_module", client_module,
+             "A module of the JavaScript client (the chat page imports index.js)", "everyone",
+             errors=(400, 404), content_type="text/javascript"),
 ]
 
 

@@ -20,7 +20,7 @@ def wait_count(page: Any, n: int) -> None:
     try:
         wait_js(page, f"document.querySelectorAll('#messages .msg[data-seq]').length === {n}", 20)
     except Exception as exc:  # say what the page shows instead of a bare timeout
-        state = page.evaluate("(s => [s.state, s.instance, s.lastSeq, s.connections, s.outbox.size])"
+        state = page.evaluate("(s => [s.state, s.instance, s.lastSeq, s.connections, s.pending])"
                               "(window.roomshard.session)")
         notes = page.eval_on_selector_all("#messages .note", "ns => ns.map(n => n.textContent)")
         raise AssertionError(f"expected {n} messages; page shows {shown(page)}; "

@@ -96,8 +96,32 @@ async def test_chat_page_has_a_csp_that_allows_only_its_own_inline_code(h: Harne
     assert csp["connect-src"].split() == ["'self'", "ws:", "wss:"]
     assert "unsafe-inline" not in r.headers["content-security-policy"]
     for kind in ("script", "style"):
-        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", r.text, re.DOTALL)
+        blocks = re.findall(rf"<{kind}(?: type=\"module\")?>(.*?)</{kind}>", r.text, re.DOTALL)
         assert blocks
         for block in blocks:
             digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
             assert f"'sha256-{digest}'" in csp[f"{kind}-src"].split()
+    # Scripts: that one inline module, and the client's modules the directory serves.
+    assert csp["script-src"].split()[0] == "'self'" and len(csp["script-src"].split()) == 2
+    assert 'from "/static/roomshard/index.js"' in r.text
+
+
+async def test_the_client_modules_the_page_imports_are_served(h: Harness) -> None:
+    """GET /static/roomshard/index.js and every module it imports, as JavaScript; anything
+    else is the contract's 404 body."""
+    import re
+
+    r = await h.client.get("/static/roomshard/index.js")
+    assert r.status_code == 200 and r.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "export" in r.text and "connect" in r.text
+    imported = set(re.findall(r"from '\./([a-z]+\.js)'", r.text))
+    assert {"session.js", "reconnect.js", "errors.js"} <= imported
+    for name in imported:
+        m = await h.client.get(f"/static/roomshard/{name}")
+        assert m.status_code == 200, name
+    missing = await h.client.get("/static/roomshard/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    for bad in ("index.d.ts", "%2e%2e/meta.py", "index.js/x", "Index.js", "x" * 70 + ".js"):
+        m = await h.client.get(f"/static/roomshard/{bad}")
+        assert m.status_code == 400 and m.json()["error"]["code"] == "invalid_module", bad

@@ -105,3 +105,18 @@ def test_npm_pack_makes_a_package_an_app_installs_and_imports(tmp_path: Path) ->
         cwd=app, capture_output=True, text=True, timeout=t(60), check=False)
     assert check.returncode == 0, check.stderr
     assert check.stdout.split() == ["function", "function", "4010", "true"], check.stdout
+
+
+def test_the_chat_page_serves_the_package_as_built_from_its_sources(tmp_path: Path) -> None:
+    """The modules the directory serves to the chat page (directory/http/static/roomshard/)
+    are exactly what ``npm run build:page`` makes of js/src: the page and the package never
+    drift. After editing js/src, run ``npm run build:page`` in js/ and commit the result."""
+    _node_ready()
+    done = _run(["npx", "tsc", "-p", "tsconfig.page.json", "--outDir", str(tmp_path)], timeout=t(120))
+    assert done.returncode == 0, done.stdout[-4000:]
+    served = JS.parent / "directory" / "http" / "static" / "roomshard"
+    built = {p.name: p.read_bytes() for p in tmp_path.glob("*.js")}
+    committed = {p.name: p.read_bytes() for p in served.glob("*.js")}
+    assert sorted(committed) == sorted(built), "run npm run build:page in js/"
+    stale = [name for name in built if built[name] != committed[name]]
+    assert not stale, f"directory/http/static/roomshard/ is stale ({stale}): run npm run build:page in js/"

@@ -1,0 +1,617 @@
+/**
+ * A chat session: one room, one user, reconnecting on its own.
+ *
+ * The session runs one loop: ask the directory for the room's URL, open the
+ * WebSocket (with `since` = the last seq seen), read frames until the
+ * connection ends, then let `decide` (the contract's close-code table) and the
+ * `Backoff` say how long to wait before asking again. Unacked sends stay in the
+ * `Outbox` and are written again, same id, after every welcome (the shard acks
+ * a resent id with its original seq and broadcasts nothing twice); received
+ * messages pass through the `Inbox`, so the application sees each message once,
+ * in seq order, and a `gap` event when the server could not recover some.
+ *
+ * In a browser the session does not retry while the page is offline (or
+ * hidden, unless `pauseWhenHidden: false`): it waits for `online` /
+ * `visibilitychange` and comes back at once. A connection that is open stays
+ * open while the page is hidden.
+ *
+ * Events reach callbacks (`on`) and async iterators (`events()`, or the
+ * session itself for messages and gaps). An iterator sees the events from its
+ * creation on and buffers them without a bound until it is read: create it
+ * before awaiting anything else, and keep reading it.
+ */
+import { history, resolve, withSince } from './directory.js';
+import { ConnectRefused, DirectoryUnavailable, RoomshardError, SendRefused, SessionClosed } from './errors.js';
+import { Inbox } from './inbox.js';
+import { Outbox } from './outbox.js';
+import { afterRetryAfter, Backoff, CloseCode, decide } from './reconnect.js';
+/** After a `rate_limited` refusal: hold every write this long, then space writes
+ * PACED_INTERVAL_S apart for PACED_FOR_S (16/s, under the default 20/s). */
+export const RATE_LIMITED_RETRY_S = 0.25;
+export const PACED_INTERVAL_S = 0.06;
+export const PACED_FOR_S = 3.0;
+/** After an `unavailable` refusal (the shard's message store is down): write it again after this. */
+export const UNAVAILABLE_RETRY_S = 1.0;
+const UNAVAILABLE = { action: 'retry', minDelay: 0, backoff: true, moving: false, reason: 'directory unavailable' };
+const NO_TOKEN = { action: 'retry', minDelay: 0, backoff: true, moving: false, reason: 'getToken failed' };
+/** A random message id (no secure context needed: `getRandomValues` works everywhere). */
+export function newId() {
+    const bytes = new Uint8Array(16);
+    globalThis.crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+const now = () => performance.now() / 1000;
+/** One iterator's queue of events. */
+class Channel {
+    detach;
+    queue = [];
+    waiting = null;
+    failWaiting = null;
+    ended = false;
+    error = null;
+    constructor(detach) {
+        this.detach = detach;
+    }
+    push(item) {
+        if (this.ended)
+            return;
+        if (this.waiting) {
+            const w = this.waiting;
+            this.waiting = this.failWaiting = null;
+            w({ value: item, done: false });
+        }
+        else {
+            this.queue.push(item);
+        }
+    }
+    end(error) {
+        if (this.ended)
+            return;
+        this.ended = true;
+        this.error = error;
+        if (this.waiting) {
+            const [w, f] = [this.waiting, this.failWaiting];
+            this.waiting = this.failWaiting = null;
+            if (error !== null && f)
+                f(error);
+            else
+                w({ value: undefined, done: true });
+        }
+    }
+    next() {
+        if (this.queue.length > 0)
+            return Promise.resolve({ value: this.queue.shift(), done: false });
+        if (this.ended) {
+            const error = this.error;
+            this.error = null; // thrown once; later calls just end
+            return error !== null ? Promise.reject(error) : Promise.resolve({ value: undefined, done: true });
+        }
+        return new Promise((resolveNext, rejectNext) => {
+            this.waiting = resolveNext;
+            this.failWaiting = rejectNext;
+        });
+    }
+    return() {
+        this.ended = true;
+        this.queue.length = 0;
+        this.detach(this);
+        return Promise.resolve({ value: undefined, done: true });
+    }
+    [Symbol.asyncIterator]() {
+        return this;
+    }
+}
+export class Session {
+    directoryUrl;
+    room;
+    user;
+    /** The instance and epoch of the latest welcome. */
+    instance = null;
+    epoch = null;
+    /** Why the session ended, when it ended with an error. */
+    error = null;
+    /** How many connections reached their welcome. */
+    connections = 0;
+    outbox = new Outbox();
+    inbox;
+    backoff;
+    random;
+    fetchFn;
+    getToken;
+    openTimeout;
+    pauseWhenHidden;
+    socketClass;
+    stateNow = 'connecting';
+    listeners = new Map();
+    channels = new Set();
+    acks = new Map();
+    waiters = new Set();
+    ws = null;
+    /** The socket that had its welcome: writes go there only. */
+    live = null;
+    closing = false;
+    wakeSleep = null;
+    holdUntil = 0;
+    paceUntil = 0;
+    lastWrite = 0;
+    writeTimer = null;
+    /** The token getToken gave last (jwt auth): kept until the directory answers 401. */
+    tokenNow = undefined;
+    unpark = () => this.wakeSleep?.();
+    done;
+    constructor(options) {
+        if (!options.directoryUrl || !options.room)
+            throw new TypeError('connect: directoryUrl and room are required');
+        if (options.user === undefined && options.getToken === undefined) {
+            throw new TypeError('connect: a user (open auth) or getToken (jwt auth) is required');
+        }
+        this.directoryUrl = options.directoryUrl;
+        this.room = options.room;
+        this.user = options.user;
+        this.inbox = new Inbox(options.since ?? null);
+        this.backoff = new Backoff(options.backoff);
+        this.random = options.random ?? Math.random;
+        const fetchFn = options.fetch ?? globalThis.fetch?.bind(globalThis);
+        if (!fetchFn)
+            throw new TypeError('connect: no fetch in this runtime; pass options.fetch');
+        this.fetchFn = fetchFn;
+        this.getToken = options.getToken;
+        this.openTimeout = options.openTimeout ?? 10;
+        this.pauseWhenHidden = options.pauseWhenHidden ?? true;
+        this.socketClass = options.WebSocket;
+        const g = globalThis;
+        if (typeof g.addEventListener === 'function')
+            g.addEventListener('online', this.unpark);
+        if (g.document && typeof g.document.addEventListener === 'function') {
+            g.document.addEventListener('visibilitychange', this.unpark);
+        }
+        // Start on a later tick: callbacks and iterators made right after connect() see everything.
+        this.done = Promise.resolve().then(() => this.run());
+    }
+    // -- what the application reads ---------------------------------------
+    get state() {
+        return this.stateNow;
+    }
+    /** The room's members now (each once, this user included). */
+    get members() {
+        return [...this.inbox.members];
+    }
+    /** The last seq handed to the application: resume after it with `since`. */
+    get lastSeq() {
+        return this.inbox.lastSeq;
+    }
+    /** Sends not acked yet. */
+    get pending() {
+        return this.outbox.size;
+    }
+    /** Resolves once the session is open (again); rejects if it ends first, or after `timeout` s. */
+    ready(timeout) {
+        if (this.stateNow === 'open')
+            return Promise.resolve(this);
+        if (this.stateNow === 'closed')
+            return Promise.reject(this.error ?? new SessionClosed('session closed'));
+        return new Promise((resolveReady, rejectReady) => {
+            let timer = null;
+            const waiter = {
+                resolve: () => { if (timer)
+                    clearTimeout(timer); resolveReady(this); },
+                reject: (e) => { if (timer)
+                    clearTimeout(timer); rejectReady(e); },
+            };
+            if (timeout !== undefined) {
+                timer = setTimeout(() => {
+                    this.waiters.delete(waiter);
+                    rejectReady(new RoomshardError(`not open within ${timeout} s (${this.stateNow})`));
+                }, timeout * 1000);
+            }
+            this.waiters.add(waiter);
+        });
+    }
+    /** Call `listener` for every event of `type`; returns the function that stops it. */
+    on(type, listener) {
+        let set = this.listeners.get(type);
+        if (!set)
+            this.listeners.set(type, (set = new Set()));
+        set.add(listener);
+        return () => { set?.delete(listener); };
+    }
+    /** Every event from now on, in arrival order, until the session ends (then its error, if any). */
+    events() {
+        const channel = new Channel((c) => this.channels.delete(c));
+        if (this.stateNow === 'closed')
+            channel.end(this.error);
+        else
+            this.channels.add(channel);
+        return channel;
+    }
+    /** Messages and gaps from now on. */
+    async *[Symbol.asyncIterator]() {
+        for await (const event of this.events()) {
+            if (event.type === 'message' || event.type === 'gap')
+                yield event;
+        }
+    }
+    /** The room's messages before `before` (default: the latest), oldest first. */
+    async history(options = {}) {
+        const token = await this.token(false);
+        return history(this.fetchFn, this.directoryUrl, this.room, { user: this.user, token }, options);
+    }
+    // -- sending -----------------------------------------------------------
+    /**
+     * Send `text`; resolves with its seq once the shard acked it (stored, with a message
+     * store). Kept and written again, same id, across reconnects and moves until then.
+     * Rejects with `SendRefused` if the shard refuses it for good (too long), with
+     * `SessionClosed` if the session ends first.
+     */
+    send(text, options = {}) {
+        if (this.stateNow === 'closed')
+            return Promise.reject(this.error ?? new SessionClosed('session closed'));
+        const id = options.id ?? newId();
+        try {
+            this.outbox.add(id, text);
+        }
+        catch (err) {
+            return Promise.reject(err);
+        }
+        const acked = new Promise((resolveAck, rejectAck) => {
+            this.acks.set(id, { resolve: resolveAck, reject: rejectAck });
+        });
+        // Fire and forget is fine: a send nobody awaits is no unhandled rejection when the
+        // session ends; whoever awaits it still gets the error.
+        acked.catch(() => undefined);
+        this.writeDue();
+        return acked;
+    }
+    /** Resolves once every send so far is acked or refused. */
+    async flush() {
+        await Promise.allSettled([...this.acks.keys()].map((id) => new Promise((done) => {
+            const entry = this.acks.get(id);
+            if (!entry)
+                return done();
+            const { resolve: r, reject: j } = entry;
+            entry.resolve = (ack) => { r(ack); done(); };
+            entry.reject = (e) => { j(e); done(); };
+        })));
+    }
+    /** Close the connection (1000) and end the session; pending sends reject with SessionClosed. */
+    async close() {
+        if (this.stateNow === 'closed')
+            return;
+        this.closing = true;
+        this.wakeSleep?.();
+        try {
+            this.ws?.close(CloseCode.NORMAL);
+        }
+        catch {
+            // already closing
+        }
+        let timer;
+        await Promise.race([this.done, new Promise((r) => { timer = setTimeout(r, 5000); })]);
+        clearTimeout(timer);
+        this.finish(null);
+    }
+    // -- the connection loop -------------------------------------------------
+    emit(event) {
+        for (const listener of this.listeners.get(event.type) ?? []) {
+            try {
+                listener(event);
+            }
+            catch (err) {
+                // An application's callback must not end the session.
+                queueMicrotask(() => { throw err; });
+            }
+        }
+        for (const channel of this.channels)
+            channel.push(event);
+    }
+    setState(state, reason) {
+        if (state === this.stateNow)
+            return;
+        this.stateNow = state;
+        this.emit({ type: 'state', state, reason, instance: this.instance, epoch: this.epoch });
+    }
+    finish(error) {
+        if (this.stateNow === 'closed')
+            return;
+        if (error !== null && this.error === null)
+            this.error = error;
+        this.setState('closed', this.error ? this.error.message : 'closed');
+        const failure = this.error ?? new SessionClosed('session closed before the ack');
+        for (const { reject } of this.acks.values())
+            reject(failure);
+        this.acks.clear();
+        this.outbox.clear();
+        for (const w of this.waiters)
+            w.reject(this.error ?? new SessionClosed('session closed'));
+        this.waiters.clear();
+        for (const channel of this.channels)
+            channel.end(this.error);
+        this.channels.clear();
+        if (this.writeTimer)
+            clearTimeout(this.writeTimer);
+        this.writeTimer = null;
+        const g = globalThis;
+        if (typeof g.removeEventListener === 'function')
+            g.removeEventListener('online', this.unpark);
+        if (g.document && typeof g.document.removeEventListener === 'function') {
+            g.document.removeEventListener('visibilitychange', this.unpark);
+        }
+    }
+    /** Why the session should not try now (a browser offline, or hidden), or null. */
+    parked() {
+        const g = globalThis;
+        if (g.navigator && g.navigator.onLine === false)
+            return 'offline';
+        if (this.pauseWhenHidden && g.document && g.document.visibilityState === 'hidden')
+            return 'page hidden';
+        return null;
+    }
+    /** Wait `seconds` (forever: until woken), or until close/online/visible wakes it. */
+    sleep(seconds) {
+        return new Promise((done) => {
+            const timer = Number.isFinite(seconds) ? setTimeout(() => wake(), seconds * 1000) : null;
+            const wake = () => {
+                if (timer)
+                    clearTimeout(timer);
+                if (this.wakeSleep === wake)
+                    this.wakeSleep = null;
+                done();
+            };
+            this.wakeSleep = wake;
+        });
+    }
+    /** The token for the next directory call: the one kept, else a new one from getToken. */
+    async token(refresh) {
+        if (!this.getToken)
+            return undefined;
+        if (refresh || this.tokenNow === undefined)
+            this.tokenNow = await this.getToken({ refresh });
+        return this.tokenNow;
+    }
+    async run() {
+        let attempt = 0;
+        let unreachable = null; // the instance the last try could not reach
+        let refreshed = false;
+        try {
+            while (!this.closing) {
+                const parked = this.parked();
+                if (parked !== null) {
+                    this.setState(this.stateNow === 'moving' ? 'moving' : 'connecting', parked);
+                    await this.sleep(Infinity);
+                    attempt = 0;
+                    continue;
+                }
+                let decision = null;
+                let floor = 0;
+                let route = null;
+                try {
+                    const token = await this.token(false);
+                    route = await resolve(this.fetchFn, this.directoryUrl, this.room, { user: this.user, token }, unreachable);
+                }
+                catch (err) {
+                    if (err instanceof ConnectRefused) {
+                        if (err.status === 401 && this.getToken && !refreshed) {
+                            refreshed = true;
+                            await this.token(true);
+                            continue;
+                        }
+                        this.finish(err);
+                        return;
+                    }
+                    if (err instanceof DirectoryUnavailable) {
+                        decision = UNAVAILABLE;
+                        floor = afterRetryAfter(err.retryAfter ?? 0, this.random());
+                    }
+                    else {
+                        decision = NO_TOKEN; // the application's getToken failed: try again later
+                    }
+                }
+                if (route !== null) {
+                    refreshed = false;
+                    const before = this.connections;
+                    const code = await this.connectOnce(route.url);
+                    if (this.closing)
+                        break;
+                    // Refused, no handshake, or ended without a close frame: say so next time.
+                    unreachable = code === null || code === CloseCode.ABNORMAL ? route.instance : null;
+                    decision = decide(code);
+                    if (this.connections !== before)
+                        attempt = 0; // it worked for a while: start over
+                    if (decision.action === 'stop') {
+                        this.finish(new SessionClosed(`closed by the server: ${code} ${decision.reason}`));
+                        return;
+                    }
+                }
+                if (decision === null)
+                    throw new Error('no decision after a try');
+                const moving = decision.moving || this.stateNow === 'moving';
+                this.setState(moving ? 'moving' : 'connecting', decision.reason);
+                const delay = Math.max(floor, this.backoff.delay(attempt, this.random(), decision));
+                attempt += 1;
+                if (delay > 0)
+                    await this.sleep(delay);
+            }
+        }
+        catch (err) {
+            // A bug must end the session visibly, not hang it.
+            this.finish(new SessionClosed(`internal error: ${String(err)}`));
+        }
+        finally {
+            this.finish(null);
+        }
+    }
+    async openSocket(url) {
+        let Ctor = this.socketClass ?? globalThis.WebSocket;
+        if (!Ctor) {
+            // Node 20 has no WebSocket of its own: the optional `ws` peer dependency.
+            const name = 'ws';
+            const mod = await import(/* webpackIgnore: true */ /* @vite-ignore */ name);
+            Ctor = (mod.WebSocket ?? mod.default);
+        }
+        return new Ctor(url);
+    }
+    /** One connection; resolves with its close code (null: it never opened). */
+    async connectOnce(url) {
+        const since = this.inbox.since();
+        let ws;
+        try {
+            ws = await this.openSocket(withSince(url, since));
+        }
+        catch {
+            return null;
+        }
+        if (this.closing) {
+            ws.close(CloseCode.NORMAL);
+            return null;
+        }
+        this.ws = ws;
+        return new Promise((settle) => {
+            let opened = false;
+            let settled = false;
+            const end = (code) => {
+                if (settled)
+                    return;
+                settled = true;
+                clearTimeout(timer);
+                ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+                if (this.ws === ws)
+                    this.ws = null;
+                if (this.live === ws)
+                    this.live = null;
+                if (this.writeTimer)
+                    clearTimeout(this.writeTimer);
+                this.writeTimer = null;
+                settle(code);
+            };
+            const timer = setTimeout(() => {
+                if (opened)
+                    return;
+                try {
+                    ws.close();
+                }
+                catch { /* never opened */ }
+                end(null);
+            }, this.openTimeout * 1000);
+            ws.onopen = () => { opened = true; clearTimeout(timer); };
+            ws.onerror = () => { };
+            ws.onclose = (event) => end(opened ? (event.code ?? CloseCode.ABNORMAL) : null);
+            ws.onmessage = (event) => {
+                if (typeof event.data !== 'string')
+                    return; // the protocol is text frames
+                let frame;
+                try {
+                    frame = JSON.parse(event.data);
+                }
+                catch {
+                    return;
+                }
+                if (frame['type'] === 'welcome')
+                    this.onWelcome(ws, frame, since);
+                else
+                    this.onFrame(frame);
+            };
+        });
+    }
+    onWelcome(ws, frame, since) {
+        const { welcome, gap } = this.inbox.onWelcome(frame, since);
+        this.instance = welcome.instance;
+        this.epoch = welcome.epoch;
+        this.outbox.newConnection();
+        this.connections += 1;
+        this.live = ws;
+        this.setState('open', `welcome from ${welcome.instance}`);
+        if (gap !== null)
+            this.emit(gap);
+        this.emit({ type: 'members', members: welcome.members });
+        for (const w of this.waiters)
+            w.resolve();
+        this.waiters.clear();
+        this.writeDue();
+    }
+    onFrame(frame) {
+        switch (frame['type']) {
+            case 'message': {
+                const msg = this.inbox.onMessage(frame);
+                if (msg !== null)
+                    this.emit(msg);
+                return;
+            }
+            case 'ack': {
+                const id = String(frame['id']);
+                if (this.outbox.ack(id) !== undefined) {
+                    const entry = this.acks.get(id);
+                    this.acks.delete(id);
+                    entry?.resolve({ id, seq: Number(frame['seq']) });
+                }
+                return;
+            }
+            case 'presence': {
+                const presence = this.inbox.onPresence(frame);
+                if (presence !== null) {
+                    this.emit(presence);
+                    this.emit({ type: 'members', members: [...this.inbox.members] });
+                }
+                return;
+            }
+            case 'error':
+                this.onError(frame);
+                return;
+            default:
+            // a frame type this client does not know yet: servers may add some
+        }
+    }
+    onError(frame) {
+        const id = frame['id'] === undefined || frame['id'] === null ? null : String(frame['id']);
+        const code = String(frame['code'] ?? '');
+        const message = String(frame['message'] ?? '');
+        if (id !== null && this.outbox.has(id)) {
+            if (code === 'rate_limited' || code === 'unavailable') {
+                // Still ours to deliver: hold every write a little, then write it again (going
+                // on at full speed would get the connection closed with 4008; a store that is
+                // down needs a moment to come back).
+                this.outbox.markUnsent(id);
+                const t = now();
+                this.holdUntil = t + (code === 'rate_limited' ? RATE_LIMITED_RETRY_S : UNAVAILABLE_RETRY_S);
+                this.paceUntil = t + PACED_FOR_S;
+                this.writeDue();
+                return;
+            }
+            this.outbox.refuse(id);
+            const entry = this.acks.get(id);
+            this.acks.delete(id);
+            entry?.reject(new SendRefused(code, message));
+            return;
+        }
+        this.emit({ type: 'error', code, message, id });
+    }
+    /** Write every due outbox entry in order, now or, while held or paced, on a timer. */
+    writeDue() {
+        const ws = this.live;
+        if (ws === null || this.writeTimer !== null)
+            return;
+        for (const entry of this.outbox.due()) {
+            const t = now();
+            const paced = t < this.paceUntil ? this.lastWrite + PACED_INTERVAL_S - t : 0;
+            const wait = Math.max(this.holdUntil - t, paced);
+            if (wait > 0) {
+                this.writeTimer = setTimeout(() => {
+                    this.writeTimer = null;
+                    this.writeDue();
+                }, wait * 1000);
+                return;
+            }
+            try {
+                ws.send(JSON.stringify({ type: 'send', id: entry.id, text: entry.text }));
+            }
+            catch {
+                return; // closing: the close event follows and the next welcome writes it again
+            }
+            this.outbox.markSent(entry.id);
+            this.lastWrite = t;
+        }
+    }
+}
+/** Start a session: it connects, and reconnects, on its own until `close()`. */
+export function connect(options) {
+    return new Session(options);
+}
