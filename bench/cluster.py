@@ -120,9 +120,9 @@ class Launcher:
         full = [*nice_prefix(self.nice), "taskset", "-c", self.server_cpus, *argv]
         if ready:
             full += ["--ready-file", str(ready_file)]
-        popen = subprocess.Popen(full, env={**os.environ, **(env or {})}, cwd=cwd,
-                                 stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        with log.open("wb") as out:  # the child keeps its own descriptor
+            popen = subprocess.Popen(full, env={**os.environ, **(env or {})}, cwd=cwd,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.popens.append(popen)
         if not ready:
             return popen.pid, None

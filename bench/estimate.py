@@ -49,6 +49,8 @@ GUESSES: dict[str, tuple[float, str]] = {
         15, "timed: 11.6 s, 2026-12-06"),
     "python bench/publish.py --store postgres --duration 10 --concurrency 16": (
         16, "timed: 13.8 s, 2026-12-06"),
+    "python bench/js_client.py --rates 2500,3000,4000,5000 --seconds 10": (
+        55, "timed: 42 s for three rates, 2026-12-07 (a start-up of ~8 s, 11 s per rate)"),
 }
 
 

@@ -14,7 +14,9 @@ file. ``report_extras.py`` turns them into tables.
 - ``pause``: ``bench/handoff.py pause``, pause per move by room size;
 - ``store-pause``: the same for a 100-member room whose messages are stored in
   PostgreSQL;
-- ``publish``: ``bench/publish.py``, the server API's publishes/s with a store.
+- ``publish``: ``bench/publish.py``, the server API's publishes/s with a store;
+- ``js-client``: ``bench/js_client.py``, deliveries/s to 2,000 sessions of the
+  JavaScript client in one Node process.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ FULL_EXTRAS = (
                           "--history", "1000", "--store", "postgres"), timeout_s=300),
     Extra("publish", ("bench/publish.py", "--store", "postgres", "--duration", "10",
                       "--concurrency", "16"), timeout_s=180),
+    Extra("js-client", ("bench/js_client.py", "--rates", "2500,3000,4000,5000", "--seconds", "10"),
+          timeout_s=300),
 )
 
 #: The same code paths at toy sizes (seconds each), for ``bench/compare --quick``.
@@ -72,6 +76,8 @@ QUICK_EXTRAS = (
                           "--history", "50", "--store", "postgres"), timeout_s=180),
     Extra("publish", ("bench/publish.py", "--store", "postgres", "--duration", "2",
                       "--concurrency", "8", "--rooms", "20"), timeout_s=120),
+    Extra("js-client", ("bench/js_client.py", "--rooms", "10", "--members", "10", "--rates", "200",
+                        "--seconds", "2"), timeout_s=180),
 )
 
 EXTRAS = {"full": FULL_EXTRAS, "quick": QUICK_EXTRAS}

@@ -12,6 +12,7 @@ import statistics
 from typing import Any
 
 from bench.summary import Goal
+from bench.workloads import MAX_P99_MS, MIN_DELIVERED
 
 #: The goals these parts are held to (docs/benchmarks/directory.md, docs/HANDOFF.md).
 DIRECTORY_GOAL_PER_S = 2000
@@ -19,6 +20,8 @@ DIRECTORY_GOAL_P99_MS = 20.0
 PAUSE_GOAL_MEMBERS = 100
 PAUSE_GOAL_P99_MS = 100.0
 DRAIN_GOAL_ROOMS_PER_S = 100.0
+JS_CLIENT_GOAL_SESSIONS = 2_000
+JS_CLIENT_GOAL_PER_S = 50_000
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -68,10 +71,30 @@ def drain_goal(res: dict[str, Any] | None) -> Goal | None:
                 d["rooms_per_s"] >= DRAIN_GOAL_ROOMS_PER_S)
 
 
+def js_client_sustained(step: dict[str, Any]) -> bool:
+    """A rate the client kept up with, as ``bench/compare`` judges a rung: at least 99 % of
+    the deliveries, p99 within 200 ms, and no send failed."""
+    return (step["delivered_ratio"] >= MIN_DELIVERED and (step["p99_ms"] or 0) <= MAX_P99_MS
+            and step["send_failures"] == 0)
+
+
+def js_client_goal(res: dict[str, Any] | None) -> Goal | None:
+    """The best deliveries/s of a rate the client kept up with."""
+    steps = (res or {}).get("steps") or []
+    if not steps or res is None:
+        return None
+    best = max((s["deliveries_per_s"] for s in steps if js_client_sustained(s)), default=0.0)
+    return Goal(f"one Node process with the JavaScript client: {JS_CLIENT_GOAL_SESSIONS:,} sessions "
+                f"get >= {JS_CLIENT_GOAL_PER_S:,} messages/s",
+                f"{res['sessions']:,} sessions, {best:,.0f} deliveries/s sustained (>= 99 % "
+                f"delivered, p99 <= {MAX_P99_MS:g} ms)",
+                res["sessions"] >= JS_CLIENT_GOAL_SESSIONS and best >= JS_CLIENT_GOAL_PER_S)
+
+
 def goals(doc: dict[str, Any]) -> list[Goal]:
     """The goals of the parts the results file has (for the report's goals table)."""
     found = (directory_goal(_result(doc, "directory")), pause_goal(_result(doc, "pause")),
-             drain_goal(_result(doc, "drain")))
+             drain_goal(_result(doc, "drain")), js_client_goal(_result(doc, "js-client")))
     return [g for g in found if g is not None]
 
 
@@ -202,9 +225,31 @@ def planner_table(rec: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def js_client_table(rec: dict[str, Any]) -> list[str]:
+    res = rec.get("result")
+    lines = _head("The JavaScript client: deliveries/s in one Node process", rec, (
+        "`js/bench/deliveries.mjs`: rooms x members sessions of the package's `connect()` in one "
+        "Node process pinned to one core (the servers, a directory and one shard, on the other); "
+        "per rate, messages sent through `session.send` round-robin over the rooms, and every "
+        "`message` event counted. Latency from the send to the event."))
+    if not res:
+        return lines
+    lines += [(f"{res['sessions']:,} sessions ({res['rooms']} rooms x {res['members']}), "
+               f"{res['seconds']:g} s per rate."), "",
+              ("| messages/s sent | deliveries/s | delivered | p50 ms | p99 ms | client CPU "
+               "| event loop delay p99 ms | sustained |"),
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for st in res["steps"]:
+        lines.append(f"| {st['sent_per_s']:,.0f} | {st['deliveries_per_s']:,.0f} "
+                     f"| {st['delivered_ratio'] * 100:.2f} % | {st['p50_ms']:g} | {st['p99_ms']:g} "
+                     f"| {st['client_cpu_util'] * 100:.0f} % | {st['event_loop_delay_p99_ms']:.0f} "
+                     f"| {'yes' if js_client_sustained(st) else 'no'} |")
+    return [*lines, *_goal_line(js_client_goal(res)), ""]
+
+
 RENDERERS = (("directory", directory_table), ("pause", pause_table),
              ("store-pause", store_pause_table), ("publish", publish_table),
-             ("drain", drain_table), ("planner", planner_table))
+             ("drain", drain_table), ("planner", planner_table), ("js-client", js_client_table))
 
 
 def render(doc: dict[str, Any]) -> list[str]:

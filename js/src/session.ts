@@ -122,10 +122,13 @@ export const UNAVAILABLE_RETRY_S = 1.0;
 const UNAVAILABLE: Decision = { action: 'retry', minDelay: 0, backoff: true, moving: false, reason: 'directory unavailable' };
 const NO_TOKEN: Decision = { action: 'retry', minDelay: 0, backoff: true, moving: false, reason: 'getToken failed' };
 
-/** A random message id (no secure context needed: `getRandomValues` works everywhere). */
+/** A random message id: `randomUUID` where there is one (Node; browsers in secure contexts),
+ * else `getRandomValues` (every browser context); 32 hex digits either way. */
 export function newId(): string {
+  const c = globalThis.crypto;
+  if (typeof c.randomUUID === 'function') return c.randomUUID().replace(/-/g, '');
   const bytes = new Uint8Array(16);
-  globalThis.crypto.getRandomValues(bytes);
+  c.getRandomValues(bytes);
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 

@@ -90,3 +90,10 @@ test('inbox: the seen-ids window is bounded', () => {
   assert.equal(inbox.onMessage({ seq: 6, id: 'm5', user: 'u', text: '' }), null);
   assert.equal(inbox.onMessage({ seq: 7, id: 'm1', user: 'u', text: '' }).seq, 7);
 });
+
+test('message ids: 32 hex digits, a new one every time', async () => {
+  const { newId } = await import('../dist/index.js');
+  const ids = new Set(Array.from({ length: 1000 }, () => newId()));
+  assert.equal(ids.size, 1000);
+  for (const id of ids) assert.match(id, /^[0-9a-f]{32}$/);
+});
