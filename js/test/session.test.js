@@ -98,6 +98,21 @@ test('a resume the room cannot serve is announced as a gap', async () => {
   await Promise.all([alice.close(), ahead.close()]);
 });
 
+test('history pages back through the room, oldest first', async () => {
+  const alice = open('js-history', 'alice');
+  await alice.ready(10);
+  const seqs = [];
+  for (let i = 0; i < 7; i++) seqs.push((await alice.send(`h${i}`)).seq);
+  const latest = await alice.history({ limit: 3 });
+  assert.deepEqual(latest.messages.map((m) => m.text), ['h4', 'h5', 'h6']);
+  assert.equal(latest.more, true);
+  const older = await alice.history({ before: latest.messages[0].seq, limit: 10 });
+  assert.deepEqual(older.messages.map((m) => m.seq), seqs.slice(0, 4));
+  assert.equal(older.more, false);
+  assert.ok(older.messages.every((m) => m.type === 'message' && m.user === 'alice'));
+  await alice.close();
+});
+
 test('refusals: a bad room id ends the session, a too long message is refused alone', async () => {
   const bad = open('not a room id!', 'alice');
   await assert.rejects(bad.ready(10), (err) => err instanceof ConnectRefused && err.status === 400);

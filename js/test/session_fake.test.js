@@ -203,3 +203,38 @@ test('a browser that is offline waits for online before it asks the directory', 
     globalThis.removeEventListener = saved.removeEventListener;
   }
 });
+
+test('a hidden page waits to be visible before it reconnects (pauseWhenHidden)', async () => {
+  const doc = new EventTarget();
+  doc.visibilityState = 'hidden';
+  globalThis.document = doc;
+  try {
+    const dir = fakeDirectory();
+    const s = session(dir);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(dir.calls.length, 0, 'no directory call while hidden');
+    doc.visibilityState = 'visible';
+    doc.dispatchEvent(new Event('visibilitychange'));
+    const ws = await opened(1);
+    ws.welcome();
+    await s.ready();
+    // An open connection stays open while hidden; only reconnects wait.
+    doc.visibilityState = 'hidden';
+    assert.equal(s.state, 'open');
+    ws.serverClose(1001);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(dir.calls.length, 1, 'the reconnect waits for the page');
+    doc.visibilityState = 'visible';
+    doc.dispatchEvent(new Event('visibilitychange'));
+    (await opened(2)).welcome();
+    await s.ready();
+    await s.close();
+    // pauseWhenHidden: false reconnects hidden or not.
+    doc.visibilityState = 'hidden';
+    const eager = fakeDirectory();
+    session(eager, { pauseWhenHidden: false });
+    await until(() => eager.calls.length === 1, 'a call while hidden');
+  } finally {
+    delete globalThis.document;
+  }
+});
