@@ -1,6 +1,6 @@
 """``roomshard rules``: generate load balancer rules, or bring a live ALB in line.
 
-    roomshard rules --format terraform|cloudformation|nginx \\
+    roomshard rules --format terraform|cloudformation|nginx|kubernetes \\
         (--from-directory URL | --from-file FILE) [--out DIR] [--listen ADDR:PORT] ...
     roomshard rules plan  --listener-arn [GROUP=]ARN (--from-directory URL | --from-file FILE)
     roomshard rules apply --listener-arn [GROUP=]ARN ... [--dry-run]
@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import click
 
-from router_rules import model
+from router_rules import kubernetes, model
 from router_rules.cloudformation import render_cloudformation
 from router_rules.nginx import DEFAULT_LISTEN, render_nginx
 from router_rules.nginx import FILE_NAME as NGINX_FILE
@@ -89,7 +89,11 @@ def _write(out: str | None, files: dict[str, str]) -> None:
 
 def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: str,
              name_prefix: str, directory_upstream: str | None, ping_interval: float,
-             limits: dict[str, int], tls: dict[str, str | None] | None = None) -> None:
+             limits: dict[str, int], tls: dict[str, str | None] | None = None,
+             k8s: dict[str, Any] | None = None) -> None:
+    if fmt == "kubernetes":
+        _write(out, {kubernetes.FILE_NAME: kubernetes.render_kubernetes(instances, **(k8s or {}))})
+        return
     if fmt == "nginx":
         _write(out, {NGINX_FILE: render_nginx(instances, listen=listen,
                                               directory_url=directory_upstream,
@@ -115,7 +119,8 @@ def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: st
 
 
 @click.group("rules", invoke_without_command=True)
-@click.option("--format", "fmt", type=click.Choice(["terraform", "cloudformation", "nginx"]),
+@click.option("--format", "fmt",
+              type=click.Choice(["terraform", "cloudformation", "nginx", "kubernetes"]),
               help="what to generate")
 @_source_options
 @click.option("--out", metavar="DIR", help="write files here instead of standard output")
@@ -128,25 +133,43 @@ def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: st
 @click.option("--ssl-certificate-key", metavar="PATH", help="nginx: ... and this key")
 @click.option("--ping-interval", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
               help="the shards' ping interval; proxy timeouts are >= 3 of them")
+@click.option("--namespace", default=kubernetes.DEFAULT_NAMESPACE, show_default=True,
+              help="kubernetes: the namespace of the Services and HTTPRoutes")
+@click.option("--gateway", default=kubernetes.DEFAULT_GATEWAY, show_default=True,
+              metavar="[NAMESPACE/]NAME", help="kubernetes: the Gateway the HTTPRoutes attach to")
+@click.option("--statefulset", default=kubernetes.DEFAULT_STATEFULSET, show_default=True,
+              help="kubernetes: the shards' StatefulSet (pod NAME-N is instance iN)")
+@click.option("--service-prefix", default=kubernetes.DEFAULT_SERVICE_PREFIX, show_default=True,
+              help="kubernetes: Services are PREFIX-iN, HTTPRoutes PREFIX-shards-K")
+@click.option("--hostname", "hostnames", multiple=True,
+              help="kubernetes: a host name the HTTPRoutes match (repeatable; none: the "
+                   "Gateway listener's)")
 @_common_options
 @click.pass_context
 def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
           from_file: str | None, out: str | None, listen: str,
           directory_upstream: str | None, server_name: str | None, ssl_certificate: str | None,
-          ssl_certificate_key: str | None, ping_interval: float, name_prefix: str,
+          ssl_certificate_key: str | None, ping_interval: float, namespace: str, gateway: str,
+          statefulset: str, service_prefix: str, hostnames: tuple[str, ...], name_prefix: str,
           **limits: int) -> None:
     """Load balancer rules for the registered instances (ALB via Terraform or
-    CloudFormation, or nginx), or `plan`/`apply` them on a live ALB listener."""
+    CloudFormation, nginx, or Kubernetes Services and Gateway API HTTPRoutes), or
+    `plan`/`apply` them on a live ALB listener."""
     if ctx.invoked_subcommand is not None:
         return
     if fmt is None:
-        _fail("--format terraform|cloudformation|nginx is required (or use `rules plan|apply`)")
+        _fail("--format terraform|cloudformation|nginx|kubernetes is required "
+              "(or use `rules plan|apply`)")
+    gateway_namespace, _, gateway_name = gateway.rpartition("/")
     try:
         generate(fmt, _load(from_directory, from_file), out=out, listen=listen,
                  name_prefix=name_prefix, directory_upstream=directory_upstream,
                  ping_interval=ping_interval, limits=limits,
                  tls={"server_name": server_name, "ssl_certificate": ssl_certificate,
-                      "ssl_certificate_key": ssl_certificate_key})
+                      "ssl_certificate_key": ssl_certificate_key},
+                 k8s={"namespace": namespace, "gateway": gateway_name,
+                      "gateway_namespace": gateway_namespace or None, "statefulset": statefulset,
+                      "prefix": service_prefix, "hostnames": list(hostnames)})
     except RegistryError as exc:
         _fail(str(exc))
 
