@@ -29,6 +29,8 @@ REGEN = os.environ.get("ROOMSHARD_REGEN_GOLDEN") == "1"
 GATEWAY_API = HERE / "schemas" / "gateway-api"
 K8S_VERSION = "1.31"  # the Gateway API's standard channel and ordinals.start are GA there
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+#: Kinds the Gateway API defines (their CRD's schema), not Kubernetes itself.
+GATEWAY_KINDS = {"HTTPRoute": "httproutes.yaml", "Gateway": "gateways.yaml"}
 
 
 @cache
@@ -41,11 +43,11 @@ def crd_schema(kind_file: str) -> dict[str, Any]:
 
 def validate(obj: dict[str, Any]) -> None:
     """Raise unless ``obj`` is valid: a core kind for kubernetes-validate (strict: no unknown
-    field), an HTTPRoute for the Gateway API CRD's schema, and a DNS-label name."""
+    field), a Gateway API kind for its CRD's schema, and a DNS-label name."""
     name = obj["metadata"]["name"]
     assert len(name) <= 63 and _NAME.fullmatch(name), name
-    if obj["kind"] == "HTTPRoute":
-        jsonschema.Draft202012Validator(crd_schema("httproutes.yaml")).validate(obj)
+    if obj["kind"] in GATEWAY_KINDS:
+        jsonschema.Draft202012Validator(crd_schema(GATEWAY_KINDS[obj["kind"]])).validate(obj)
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
