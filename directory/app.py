@@ -35,6 +35,7 @@ from directory.http.server import CONNECT_PREFIX, CONNECT_SUFFIX, connect_room
 from directory.metrics import Metrics
 from directory.ops.failover import Failover
 from directory.ops.mover import Mover
+from directory.ops.route_check import RouteChecker
 from directory.shards import ShardClient
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
@@ -214,6 +215,10 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
             loop = asyncio.get_running_loop()
             background = [loop.create_task(watch_stalls(app.state.ctx)),
                           loop.create_task(sweep_unused_rooms(app.state.ctx))]
+            if cfg.route_check:
+                checker = RouteChecker(store, metrics, public_url=cfg.public_url, clock=clock,
+                                       down_after=cfg.down_after)
+                background.append(loop.create_task(checker.run()))
             if (listening := store.start()) is not None:
                 background.append(listening)
                 metrics.watch_cache(store.cache)

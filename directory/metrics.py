@@ -34,6 +34,10 @@ class Metrics:
         self.room_cache_rooms = Gauge("roomshard_directory_room_cache_rooms",
                                       "rooms in the PostgreSQL room cache",
                                       registry=self.registry)
+        self.route_checks = Counter("roomshard_directory_route_checks",
+                                    "checks of pending instances' routes through the load "
+                                    "balancer, by result (active, not_routed, no_address)",
+                                    ["result"], registry=self.registry)
         self.placements = Counter("roomshard_directory_placements",
                                   "room assignments made: new rooms and re-placements",
                                   ["kind"], registry=self.registry)

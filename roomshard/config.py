@@ -148,6 +148,7 @@ class DirectoryConfig:
     port: int = setting(8080, help="port to bind (0 picks a free one)")
     database_url: str = setting(DEFAULT_DATABASE_URL, help="SQLAlchemy URL")
     public_url: str | None = setting(None, help="load balancer address, e.g. wss://chat.example.com")
+    route_check: bool = setting(False, help="a shard's new process is 'pending' (no rooms) until GET <its public_base, else the public URL>/iN/room/~probe answers from that very process through the load balancer; off: active at once")
     admin_token: str = setting(help="bearer token of the admin API", secret=True)
     auth: str = setting(help="client auth mode: open or jwt")
     jwt_secret: str | None = setting(None, help="HS256 key of application JWTs", secret=True)

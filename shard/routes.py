@@ -80,6 +80,11 @@ def install(router: Router, *, instance: str, boot_id: str, auth: DirectoryAuth,
         return error_response(503, "not_ready", f"shard {instance} not ready: {why}",
                               [("retry-after", "1")])
 
+    async def route_probe(req: HttpRequest) -> HttpResponse:
+        # The directory's check that the load balancer routes /iN/room/ to this very process
+        # (directory.ops.route_check): "~" is never in a room id, so no room is shadowed.
+        return json_response({"instance": instance, "boot_id": boot_id})
+
     async def metrics(req: HttpRequest) -> HttpResponse:
         return HttpResponse(200, render_metrics(), CONTENT_TYPE)
 
@@ -113,6 +118,8 @@ def install(router: Router, *, instance: str, boot_id: str, auth: DirectoryAuth,
     router.add("GET", "/healthz", healthz)
     router.add("GET", "/readyz", readyz)
     router.add("GET", "/metrics", metrics)
+    # Any iN: a load balancer that sends iN's path to this shard learns whose it reached.
+    router.add("GET", "/{probed}/room/~probe", route_probe)
     router.add("GET", "/internal/rooms", list_rooms)
     router.add("GET", "/internal/rooms/{room}", get_room)
     router.add("POST", "/internal/rooms/{room}/access", set_access)

@@ -610,6 +610,17 @@ class Store:
         assert out is not None
         return out
 
+    async def confirm_route(self, instance: str, boot_id: str) -> bool:
+        """Make ``instance`` active if it is still pending under process ``boot_id`` (its
+        route answered, ``directory.ops.route_check``); whether this call did."""
+        async with self.write() as conn:
+            done = await conn.execute(
+                update(instances)
+                .where(instances.c.id == instance, instances.c.boot_id == boot_id,
+                       instances.c.state == placement.PENDING)
+                .values(state=placement.ACTIVE, state_reason=None))
+            return bool(done.rowcount == 1)
+
     async def park_dead(self, instance: str, boot_id: str) -> Mapping[str, Any] | None:
         """Park ``instance`` as died if ``boot_id`` is still its registered process and it
         serves rooms (active or draining, not parked by its own shutdown); the row after,

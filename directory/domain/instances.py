@@ -12,7 +12,14 @@ tested without a database. Rules (``docs/INTERNALS.md``):
   rooms *and* is alive under another process: that is two machines claiming
   one id (409 ``instance_in_use``). A restarted shard on a new port (its old
   process down or shut down) takes its instance back.
-* Admins set ``active``/``draining``/``disabled``; ``down`` is the directory's.
+* With the route check on (``ROOMSHARD_ROUTE_CHECK``), an instance a new process
+  registers (a new instance, or a new ``boot_id`` of one that was active or
+  parked by its own stop or death) is ``pending``: no room goes there until the
+  directory reached that very process through the load balancer
+  (``directory.ops.route_check``), then it is ``active``. A pending instance is
+  ``down`` like any other once its heartbeats stop, never for its route.
+* Admins set ``active``/``draining``/``disabled``; ``down`` is the directory's
+  (an admin may set a ``pending`` instance ``active``: the check is skipped).
 * ``leave`` parks the instance with reason ``shutdown``: ``disabled`` at once
   without a drain, ``draining`` while a drain moves its rooms.
 * A process proven gone (its control channel closed and nothing of it answers)
@@ -36,6 +43,8 @@ REASON_ADMIN = "admin"
 REASON_SHUTDOWN = "shutdown"
 #: Parked because its process was proven gone (``directory.ops.failover``); reported ``down``.
 REASON_DIED = "died"
+#: Pending: its route through the load balancer is not proven yet.
+REASON_ROUTE = "route_check"
 #: The reasons a new process of the instance (a new ``boot_id``) ends by re-activating it.
 _PROCESS_GONE = (REASON_SHUTDOWN, REASON_DIED)
 
@@ -74,8 +83,13 @@ def state_of(row: Mapping[str, Any], *, now: float, down_after: float) -> str:
 
 
 def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, instance: str,
-                      now: float, down_after: float, default_capacity: int) -> dict[str, Any]:
-    """Column values to write for a heartbeat; raises Conflict/BadRequest."""
+                      now: float, down_after: float, default_capacity: int,
+                      route_check: bool = False) -> dict[str, Any]:
+    """Column values to write for a heartbeat; raises Conflict/BadRequest.
+
+    ``route_check``: a new process starts ``pending`` instead of ``active``."""
+    arriving = ({"state": placement.PENDING, "state_reason": REASON_ROUTE} if route_check
+                else {"state": placement.ACTIVE, "state_reason": None})
     url = check_internal_url(hb.internal_url)
     public_base = check_public_base(hb.public_base)
     load = {
@@ -90,8 +104,7 @@ def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, insta
             "internal_url": url,
             "public_base": public_base,
             "capacity": check_capacity(hb.capacity or default_capacity),
-            "state": placement.ACTIVE,
-            "state_reason": None,
+            **arriving,
             "boot_id": hb.boot_id,
             "registered_at": now,
             "last_heartbeat": now,
@@ -113,9 +126,9 @@ def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, insta
         changes["public_base"] = public_base
     if hb.capacity is not None:
         changes["capacity"] = check_capacity(hb.capacity)
-    if new_process and row["state_reason"] in _PROCESS_GONE:
-        changes["state"] = placement.ACTIVE
-        changes["state_reason"] = None
+    if new_process and (row["state_reason"] in _PROCESS_GONE or (
+            route_check and row["state"] == placement.ACTIVE)):
+        changes.update(arriving)  # its route is the new process's to prove
     return changes
 
 

@@ -2,7 +2,8 @@
 
 Load is (assigned rooms + live connections) / capacity, the contract's
 default. A new room goes to the least loaded instance that is ``active`` and
-alive; ``draining``, ``disabled`` and ``down`` instances never get a room.
+alive; ``draining``, ``disabled``, ``down`` and ``pending`` (registered, its
+route through the load balancer not proven yet) instances never get a room.
 Ties break on the instance number (i1 before i2), so every replica given the
 same data makes the same choice.
 """
@@ -16,6 +17,7 @@ ACTIVE = "active"
 DRAINING = "draining"
 DISABLED = "disabled"
 DOWN = "down"
+PENDING = "pending"
 ADMIN_STATES = (ACTIVE, DRAINING, DISABLED)
 
 
@@ -25,7 +27,7 @@ class Candidate:
 
     id: str
     number: int
-    state: str  # stored state: active | draining | disabled
+    state: str  # stored state: active | draining | disabled | pending
     capacity: int
     rooms_assigned: int
     connections: int

@@ -46,7 +46,8 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
     def decide(row: Any) -> dict[str, Any]:
         return instances.heartbeat_changes(row, body, instance=instance, now=now,
                                           down_after=ctx.cfg.down_after,
-                                          default_capacity=ctx.cfg.default_capacity)
+                                          default_capacity=ctx.cfg.default_capacity,
+                                          route_check=ctx.cfg.route_check)
 
     row = await ctx.store.upsert_instance(instance, decide)
     answer: dict[str, Any] = {"instance": instance_view(row, now=now, down_after=ctx.cfg.down_after),

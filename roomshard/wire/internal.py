@@ -27,7 +27,9 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
 
 #: An instance's state as the directory reports it (``down``: no heartbeat for
 #: ``down_after``; the others are set by operators and shutdowns).
-State = Literal["active", "draining", "down", "disabled"]
+#: ``pending``: registered, not given rooms until its route through the load balancer
+#: answers (the directory's ``ROOMSHARD_ROUTE_CHECK``; an extension of the contract's states).
+State = Literal["active", "draining", "down", "disabled", "pending"]
 
 
 #: The control channel (``GET /v1/internal/instances/{iN}/channel?boot_id=``, held open

@@ -31,7 +31,10 @@ async def test_dev_serves_the_page_and_chat_then_stops_on_ctrl_c(tmp_path: Path,
         assert (tmp_path / "data" / private).stat().st_mode & 0o777 == 0o600, private
 
     page = httpx.get(page_url, timeout=t(10))
-    assert page.status_code == 200 and "roomshard" in page.text and "<script>" in page.text
+    assert page.status_code == 200 and "roomshard" in page.text
+    assert 'import { connect, ConnectRefused, newId } from "/static/roomshard/index.js"' in page.text
+    module = httpx.get(dev.field("directory") + "/static/roomshard/index.js", timeout=t(10))
+    assert module.status_code == 200 and "export" in module.text
     inst = httpx.get(page_url + "v1/admin/instances", headers={"Authorization": f"Bearer {token}"},
                      timeout=t(10)).json()["instances"]
     assert sorted((i["id"], i["state"]) for i in inst) == [("i1", "active"), ("i2", "active")]
@@ -157,7 +160,9 @@ async def test_dev_behind_nginx_answers_on_one_port(tmp_path: Path, run_dev: lis
     dev.wait_up()
     router = dev.field("router")
     assert dev.field("chat page") == router + "/"
-    assert "<script>" in httpx.get(router + "/", timeout=t(10)).text
+    assert 'from "/static/roomshard/index.js"' in httpx.get(router + "/", timeout=t(10)).text
+    # The page's client modules come through the same port.
+    assert httpx.get(router + "/static/roomshard/session.js", timeout=t(10)).status_code == 200
     route = httpx.post(router + "/v1/rooms/edge/connect", json={"user": "alice"}, timeout=t(10)).json()
     assert route["url"].startswith(router.replace("http://", "ws://") + "/" + route["instance"] + "/room/edge?")
     async with client.connect(router, "edge", "alice") as a, client.connect(router, "edge", "bob") as b:
