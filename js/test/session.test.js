@@ -129,6 +129,17 @@ test('refusals: a bad room id ends the session, a too long message is refused al
   await assert.rejects(alice.send('after close'), /closed/);
 });
 
+test('a frame over the shard\'s limit is closed with 1009 and the session ends (the client\'s bug)', async () => {
+  const s = open('js-too-big', 'alice');
+  await s.ready(10);
+  const states = [];
+  s.on('state', (e) => states.push(e.state));
+  await assert.rejects(s.send('x'.repeat(1100000)), /1009/);
+  assert.equal(s.state, 'closed');
+  assert.match(String(s.error), /closed by the server: 1009 frame too big/);
+  assert.deepEqual(states, ['closed'], 'no reconnect: the table says fix the client');
+});
+
 /** Alice sends `count` messages, one every few ms, while `during` runs; returns the acks. */
 async function conversation(room, count, during) {
   const alice = open(room, 'alice');
