@@ -14,15 +14,13 @@ from starlette.responses import HTMLResponse, Response
 
 from directory.context import Directory
 from directory.domain import schemas
-from directory.domain.errors import BadRequest, NotFound, Unavailable
+from directory.domain.errors import Unavailable
 from directory.http.edge import ApiRoute, json_response
 
 STATIC_DIR = Path(__file__).with_name("static")
-#: The JavaScript client's modules (js/src built by ``npm run build:page`` in js/): the
-#: chat page imports them; ``tests/js`` checks they are what the sources build to.
-CLIENT_DIR = STATIC_DIR / "roomshard"
-_MODULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\.js")
-_client_modules: dict[str, bytes] | None = None
+# Under it, roomshard/: the JavaScript client's modules (js/src built by ``npm run
+# build:page``), served by the directory's /static mount; the chat page imports them and
+# ``tests/js`` checks they are what the sources build to.
 NOT_INSTALLED_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>roomshard</title></head>
 <body><h1>roomshard directory</h1>
@@ -90,26 +88,6 @@ async def index(request: Request, ctx: Directory) -> Response:
                                        "X-Frame-Options": "DENY"})
 
 
-def client_modules() -> dict[str, bytes]:
-    """Every module of the JavaScript client by file name, read once."""
-    global _client_modules
-    if _client_modules is None:
-        _client_modules = {p.name: p.read_bytes() for p in CLIENT_DIR.glob("*.js")}
-    return _client_modules
-
-
-async def client_module(request: Request, ctx: Directory) -> Response:
-    name = request.path_params["module"]
-    if not _MODULE_NAME.fullmatch(name):
-        raise BadRequest("invalid_module", "a module name is lower-case letters, digits and _, "
-                                           "then .js")
-    body = client_modules().get(name)
-    if body is None:
-        raise NotFound("not_found", f"no module {name} in the JavaScript client")
-    return Response(body, media_type="text/javascript; charset=utf-8",
-                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
-
-
 ROUTES = [
     ApiRoute("GET", "/healthz", "healthz", healthz, "The process is alive", "everyone",
              response=schemas.Status, errors=()),
@@ -121,9 +99,6 @@ ROUTES = [
              errors=()),
     ApiRoute("GET", "/", "index", index, "The chat page", "everyone", errors=(),
              content_type="text/html"),
-    ApiRoute("GET", "/static/roomshard/{module:path}", "client_module", client_module,
-             "A module of the JavaScript client (the chat page imports index.js)", "everyone",
-             errors=(400, 404), content_type="text/javascript"),
 ]
 
 

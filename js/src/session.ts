@@ -221,7 +221,10 @@ export class Session implements AsyncIterable<Message | Gap> {
   private stateNow: State = 'connecting';
   private readonly listeners = new Map<string, Set<(event: any) => void>>();
   private readonly channels = new Set<Channel<SessionEvent>>();
-  private readonly acks = new Map<string, { resolve: (ack: Ack) => void; reject: (e: unknown) => void }>();
+  /** Per pending send: its promise and how to settle it. */
+  private readonly acks = new Map<string, {
+    promise: Promise<Ack>; resolve: (ack: Ack) => void; reject: (e: unknown) => void;
+  }>();
   private readonly waiters = new Set<Waiter>();
   private ws: SocketLike | null = null;
   /** The socket that had its welcome: writes go there only. */
@@ -350,9 +353,9 @@ export class Session implements AsyncIterable<Message | Gap> {
     } catch (err) {
       return Promise.reject(err);
     }
-    const acked = new Promise<Ack>((resolveAck, rejectAck) => {
-      this.acks.set(id, { resolve: resolveAck, reject: rejectAck });
-    });
+    let settle!: { resolve: (ack: Ack) => void; reject: (e: unknown) => void };
+    const acked = new Promise<Ack>((resolve, reject) => { settle = { resolve, reject }; });
+    this.acks.set(id, { promise: acked, ...settle });
     // Fire and forget is fine: a send nobody awaits is no unhandled rejection when the
     // session ends; whoever awaits it still gets the error.
     acked.catch(() => undefined);
@@ -362,13 +365,7 @@ export class Session implements AsyncIterable<Message | Gap> {
 
   /** Resolves once every send so far is acked or refused. */
   async flush(): Promise<void> {
-    await Promise.allSettled([...this.acks.keys()].map((id) => new Promise<void>((done) => {
-      const entry = this.acks.get(id);
-      if (!entry) return done();
-      const { resolve: r, reject: j } = entry;
-      entry.resolve = (ack) => { r(ack); done(); };
-      entry.reject = (e) => { j(e); done(); };
-    })));
+    await Promise.allSettled([...this.acks.values()].map((entry) => entry.promise));
   }
 
   /** Close the connection (1000) and end the session; pending sends reject with SessionClosed. */

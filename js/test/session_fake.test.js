@@ -239,3 +239,20 @@ test('a hidden page waits to be visible before it reconnects (pauseWhenHidden)',
     delete globalThis.document;
   }
 });
+
+test('flush resolves once every send so far is acked or refused', async () => {
+  const s = session(fakeDirectory());
+  const ws = await opened(1);
+  ws.welcome();
+  s.send('one', { id: 'a' });
+  const refused = s.send('two', { id: 'b' });
+  let flushed = false;
+  const flushing = s.flush().then(() => { flushed = true; });
+  ws.frame({ type: 'ack', id: 'a', seq: 1 });
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(flushed, false, 'b is still pending');
+  ws.frame({ type: 'error', id: 'b', code: 'too_long', message: 'too long' });
+  await flushing;
+  await assert.rejects(refused, /too_long/);
+  assert.equal(s.pending, 0);
+});

@@ -19,9 +19,9 @@ from tests.directory.conftest import ADMIN, Harness, cluster_headers
 from tests.directory.test_bad_input import assert_error
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
-VALID = {"room": "lobby", "instance": "i1", "module": "index.js"}
+VALID = {"room": "lobby", "instance": "i1"}
 BAD_IDS = ["a%0Ab", "a%0A", "%0A", "a%0Db", "a%00b", "a%09b", "lobby%0A%0A", "i1%0A"]
-CODES = {"room": "invalid_room", "instance": "invalid_instance", "module": "invalid_module"}
+CODES = {"room": "invalid_room", "instance": "invalid_instance"}
 
 
 @pytest.fixture

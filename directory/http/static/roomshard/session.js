@@ -128,6 +128,7 @@ export class Session {
     stateNow = 'connecting';
     listeners = new Map();
     channels = new Set();
+    /** Per pending send: its promise and how to settle it. */
     acks = new Map();
     waiters = new Set();
     ws = null;
@@ -257,9 +258,9 @@ export class Session {
         catch (err) {
             return Promise.reject(err);
         }
-        const acked = new Promise((resolveAck, rejectAck) => {
-            this.acks.set(id, { resolve: resolveAck, reject: rejectAck });
-        });
+        let settle;
+        const acked = new Promise((resolve, reject) => { settle = { resolve, reject }; });
+        this.acks.set(id, { promise: acked, ...settle });
         // Fire and forget is fine: a send nobody awaits is no unhandled rejection when the
         // session ends; whoever awaits it still gets the error.
         acked.catch(() => undefined);
@@ -268,14 +269,7 @@ export class Session {
     }
     /** Resolves once every send so far is acked or refused. */
     async flush() {
-        await Promise.allSettled([...this.acks.keys()].map((id) => new Promise((done) => {
-            const entry = this.acks.get(id);
-            if (!entry)
-                return done();
-            const { resolve: r, reject: j } = entry;
-            entry.resolve = (ack) => { r(ack); done(); };
-            entry.reject = (e) => { j(e); done(); };
-        })));
+        await Promise.allSettled([...this.acks.values()].map((entry) => entry.promise));
     }
     /** Close the connection (1000) and end the session; pending sends reject with SessionClosed. */
     async close() {
