@@ -2,6 +2,8 @@
 
     roomshard rules --format terraform|cloudformation|nginx|kubernetes \\
         (--from-directory URL | --from-file FILE) [--out DIR] [--listen ADDR:PORT] ...
+    roomshard rules --format nginx|kubernetes --from-directory URL --watch \\
+        --out FILE [--check-cmd CMD] [--reload-cmd CMD] [--metrics-listen ADDR:PORT]
     roomshard rules plan  --listener-arn [GROUP=]ARN (--from-directory URL | --from-file FILE)
     roomshard rules apply --listener-arn [GROUP=]ARN ... [--dry-run]
 
@@ -13,16 +15,21 @@ standard error and exit code 2.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from router_rules import kubernetes, model
+from router_rules import kubernetes, model, watch
 from router_rules.cloudformation import render_cloudformation
 from router_rules.nginx import DEFAULT_LISTEN, render_nginx
 from router_rules.nginx import FILE_NAME as NGINX_FILE
@@ -87,17 +94,39 @@ def _write(out: str | None, files: dict[str, str]) -> None:
         click.echo(f"wrote {target / name}", err=True)
 
 
+#: The formats that are one file, and their default file names: ``--out`` may name the
+#: file itself (``--out /etc/nginx/conf.d/roomshard.conf``) instead of its directory.
+SINGLE_FILE = {"nginx": (NGINX_FILE, (".conf",)),
+               "kubernetes": (kubernetes.FILE_NAME, (".yaml", ".yml"))}
+
+
+def single_file_path(fmt: str, out: str) -> Path:
+    name, suffixes = SINGLE_FILE[fmt]
+    return Path(out) if out.endswith(suffixes) else Path(out) / name
+
+
+def single_file_renderer(fmt: str, *, listen: str, directory_upstream: str | None,
+                         ping_interval: float, tls: dict[str, str | None] | None = None,
+                         k8s: dict[str, Any] | None = None) -> Callable[[Any], str]:
+    if fmt == "kubernetes":
+        return lambda instances: kubernetes.render_kubernetes(instances, **(k8s or {}))
+    return lambda instances: render_nginx(instances, listen=listen,
+                                          directory_url=directory_upstream,
+                                          ping_interval=ping_interval, **(tls or {}))
+
+
 def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: str,
              name_prefix: str, directory_upstream: str | None, ping_interval: float,
              limits: dict[str, int], tls: dict[str, str | None] | None = None,
              k8s: dict[str, Any] | None = None) -> None:
-    if fmt == "kubernetes":
-        _write(out, {kubernetes.FILE_NAME: kubernetes.render_kubernetes(instances, **(k8s or {}))})
-        return
-    if fmt == "nginx":
-        _write(out, {NGINX_FILE: render_nginx(instances, listen=listen,
-                                              directory_url=directory_upstream,
-                                              ping_interval=ping_interval, **(tls or {}))})
+    if fmt in SINGLE_FILE:
+        text = single_file_renderer(fmt, listen=listen, directory_upstream=directory_upstream,
+                                    ping_interval=ping_interval, tls=tls, k8s=k8s)(instances)
+        if out is None:
+            _write(None, {SINGLE_FILE[fmt][0]: text})
+        else:
+            path = single_file_path(fmt, out)
+            _write(str(path.parent), {path.name: text})
         return
     rules = model.build(instances, name_prefix=name_prefix, ping_interval=ping_interval, **limits)
     summary = json.dumps(model.groups_summary(rules), indent=2) + "\n"
@@ -118,12 +147,108 @@ def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: st
     _write(out, files)
 
 
+@dataclass(frozen=True)
+class WatchOptions:
+    watch: bool
+    interval: float
+    max_backoff: float
+    resync: float
+    reload_cmd: str | None
+    check_cmd: str | None
+    metrics_listen: str | None
+    ready_file: str | None
+
+
+def _watch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--watch", is_flag=True,
+                     help="keep following the directory and apply every change (Ctrl-C or "
+                          "SIGTERM stops)"),
+        click.option("--interval", type=click.FloatRange(min=0.1), default=watch.DEFAULT_INTERVAL_S,
+                     show_default=True, help="--watch: seconds between reads of the registry"),
+        click.option("--max-backoff", type=click.FloatRange(min=0.1),
+                     default=watch.DEFAULT_MAX_BACKOFF_S, show_default=True,
+                     help="--watch: the longest wait between retries after failures"),
+        click.option("--resync", type=click.FloatRange(min=1), default=watch.DEFAULT_RESYNC_S,
+                     show_default=True,
+                     help="--watch: apply even without a registry change this often (repairs "
+                          "changes made by hand)"),
+        click.option("--reload-cmd", metavar="CMD",
+                     help="--watch: run after the file changed, e.g. 'nginx -s reload' "
+                          "(split like a shell would, not run by one)"),
+        click.option("--check-cmd", metavar="CMD",
+                     help="--watch: run after writing the file, e.g. 'nginx -t'; when it "
+                          "fails the old file is put back and nothing is reloaded"),
+        click.option("--metrics-listen", metavar="[ADDR:]PORT",
+                     help="--watch: serve Prometheus metrics at http://ADDR:PORT/metrics"),
+        click.option("--ready-file", metavar="FILE",
+                     help="--watch: write {\"url\": <metrics URL>} here after the first sync"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+
+    @functools.wraps(fn)  # keeps the options click collected on fn
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        kw["watch_opts"] = WatchOptions(**{f: kw.pop(f) for f in WatchOptions.__dataclass_fields__})
+        return fn(*args, **kw)
+
+    return wrapper
+
+
+def _metrics_server(listen: str, metrics: watch.WatchMetrics) -> str:
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        _fail(f"--metrics-listen {listen!r}: expected [ADDR:]PORT")
+    try:
+        server, _ = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                                      registry=metrics.registry)
+    except OSError as exc:
+        _fail(f"--metrics-listen {listen}: {exc.strerror or exc}")
+    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+    host_part = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return f"http://{host_part}:{bound_port}/metrics"
+
+
+def run_watch(target: watch.Target, from_directory: str, opts: WatchOptions,
+              load: Callable[[], list[Instance]] | None = None) -> None:
+    """Follow the directory until SIGTERM/SIGINT; exit 0 then."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s roomshard rules: %(message)s")
+    token = os.environ.get("ROOMSHARD_ADMIN_TOKEN")
+    if not token:
+        _fail("ROOMSHARD_ADMIN_TOKEN is not set (the admin API needs it)")
+    metrics = watch.WatchMetrics(target.name)
+    metrics_url = _metrics_server(opts.metrics_listen, metrics) if opts.metrics_listen else ""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    reconciler = watch.Reconciler(load or (lambda: load_directory(from_directory, token)),
+                                  target, metrics, interval=opts.interval,
+                                  max_backoff=opts.max_backoff, resync=opts.resync)
+
+    def ready() -> None:
+        if opts.ready_file:
+            path = Path(opts.ready_file)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"url": metrics_url}))
+            os.replace(tmp, path)
+
+    watch.log.warning("%s: following %s every %.1fs%s", target.name, from_directory,
+                      opts.interval, f"; metrics at {metrics_url}" if metrics_url else "")
+    reconciler.run(stop, on_first_sync=ready)
+    watch.log.warning("%s: stopped", target.name)
+
+
 @click.group("rules", invoke_without_command=True)
 @click.option("--format", "fmt",
               type=click.Choice(["terraform", "cloudformation", "nginx", "kubernetes"]),
               help="what to generate")
 @_source_options
-@click.option("--out", metavar="DIR", help="write files here instead of standard output")
+@click.option("--out", metavar="DIR|FILE",
+              help="write files here instead of standard output (nginx, kubernetes: a DIR, "
+                   "or the FILE itself when it ends in .conf / .yaml)")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="ADDR:PORT",
               help="nginx: the server's listen address")
 @click.option("--directory-upstream", metavar="URL",
@@ -144,6 +269,7 @@ def generate(fmt: str, instances: list[Instance], *, out: str | None, listen: st
 @click.option("--hostname", "hostnames", multiple=True,
               help="kubernetes: a host name the HTTPRoutes match (repeatable; none: the "
                    "Gateway listener's)")
+@_watch_options
 @_common_options
 @click.pass_context
 def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
@@ -151,25 +277,43 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
           directory_upstream: str | None, server_name: str | None, ssl_certificate: str | None,
           ssl_certificate_key: str | None, ping_interval: float, namespace: str, gateway: str,
           statefulset: str, service_prefix: str, hostnames: tuple[str, ...], name_prefix: str,
-          **limits: int) -> None:
+          watch_opts: WatchOptions, **limits: int) -> None:
     """Load balancer rules for the registered instances (ALB via Terraform or
     CloudFormation, nginx, or Kubernetes Services and Gateway API HTTPRoutes), or
-    `plan`/`apply` them on a live ALB listener."""
+    `plan`/`apply` them on a live ALB listener. With --watch (nginx, kubernetes): keep
+    the file equal to the registry and run --reload-cmd after each change."""
     if ctx.invoked_subcommand is not None:
         return
     if fmt is None:
         _fail("--format terraform|cloudformation|nginx|kubernetes is required "
               "(or use `rules plan|apply`)")
     gateway_namespace, _, gateway_name = gateway.rpartition("/")
+    tls: dict[str, str | None] = {"server_name": server_name, "ssl_certificate": ssl_certificate,
+                                  "ssl_certificate_key": ssl_certificate_key}
+    k8s = {"namespace": namespace, "gateway": gateway_name,
+           "gateway_namespace": gateway_namespace or None, "statefulset": statefulset,
+           "prefix": service_prefix, "hostnames": list(hostnames)}
     try:
+        if watch_opts.watch:
+            if fmt not in SINGLE_FILE:
+                _fail(f"--watch works with --format nginx or kubernetes (for an ALB: "
+                      f"`rules apply --watch`), not {fmt}")
+            if from_directory is None or from_file is not None:
+                _fail("--watch follows a directory: give --from-directory URL")
+            if out is None:
+                _fail("--watch needs --out FILE (the file nginx or kubectl reads)")
+            render = single_file_renderer(fmt, listen=listen, directory_upstream=directory_upstream,
+                                          ping_interval=ping_interval, tls=tls, k8s=k8s)
+            render([])  # the options are checked once, before the loop
+            target = watch.RenderedFile(
+                single_file_path(fmt, out), render, name=fmt,
+                reload_cmd=watch.parse_command(watch_opts.reload_cmd, "--reload-cmd"),
+                check_cmd=watch.parse_command(watch_opts.check_cmd, "--check-cmd"))
+            run_watch(target, from_directory, watch_opts)
+            return
         generate(fmt, _load(from_directory, from_file), out=out, listen=listen,
                  name_prefix=name_prefix, directory_upstream=directory_upstream,
-                 ping_interval=ping_interval, limits=limits,
-                 tls={"server_name": server_name, "ssl_certificate": ssl_certificate,
-                      "ssl_certificate_key": ssl_certificate_key},
-                 k8s={"namespace": namespace, "gateway": gateway_name,
-                      "gateway_namespace": gateway_namespace or None, "statefulset": statefulset,
-                      "prefix": service_prefix, "hostnames": list(hostnames)})
+                 ping_interval=ping_interval, limits=limits, tls=tls, k8s=k8s)
     except RegistryError as exc:
         _fail(str(exc))
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from roomshard.testing.timing import await_until
 
@@ -51,6 +51,7 @@ class Chatter:
     closes: list[int | None] = field(default_factory=list)
     ack_conflicts: list[tuple[str, int, int]] = field(default_factory=list)
     unavailable: int = 0  # sends refused with unavailable (resent later)
+    refused: list[int] = field(default_factory=list)  # HTTP statuses of refused handshakes
     # (time.monotonic(), instance, type) of every message and ack frame: who served what when
     served: list[tuple[float, str, str]] = field(default_factory=list)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
@@ -146,6 +147,9 @@ class Chatter:
                 return ws.close_code  # a clean close (1000, 1001) ends the loop quietly
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
+        except InvalidStatus as exc:
+            self.refused.append(exc.response.status_code)
+            return None
         except (TimeoutError, OSError, InvalidHandshake):
             return None
         finally:

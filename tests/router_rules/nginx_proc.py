@@ -8,6 +8,7 @@ paths; ``daemon off`` so the test owns the process and stops it. As root,
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -62,6 +63,10 @@ class Nginx:
     def _argv(self, conf: Path, *extra: str) -> list[str]:
         return [self.binary, "-p", str(self.prefix), "-e", str(self.prefix / "error.log"),
                 "-c", str(conf), *extra]
+
+    def command(self, include: Path, *extra: str) -> str:
+        """The shell words of ``nginx ... -c CONF EXTRA`` (``-t``, ``-s reload``) for this prefix."""
+        return shlex.join(self._argv(self.main_conf(include), *extra))
 
     def check(self, include: Path) -> subprocess.CompletedProcess[str]:
         """``nginx -t`` on the main config that includes ``include``."""

@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 import yaml
 
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
-from roomshard.testing.timing import t
+from roomshard.testing.timing import t, wait_until
 from roomshard.wire.protocol import DEFAULT_PING_INTERVAL_S
 from router_rules.model import RULE_PRIORITY_BASE
 from tests.router_rules.nginx_proc import Nginx
@@ -171,8 +173,9 @@ def test_shard_unit_stops_gracefully_within_the_drain_budget():
 
 @pytest.mark.nginx
 @pytest.mark.e2e
-def test_nginx_update_script_writes_checks_and_keeps_the_previous_file(procs: Procs, tmp_path: Path):
-    """update-rules.sh: writes and reloads on change, does nothing when unchanged, keeps the old file if nginx -t fails."""
+def test_nginx_watch_script_writes_checks_and_keeps_the_previous_file(procs: Procs, tmp_path: Path):
+    """rules-watch.sh (the systemd service's command): writes and reloads on a change, and
+    when the real `nginx -t` refuses a new file, puts the old one back and says so."""
     directory = procs.directory()
     admin = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
     httpx.put(f"{directory.url}/v1/admin/instances/i1", headers=admin, timeout=t(10),
@@ -180,32 +183,44 @@ def test_nginx_update_script_writes_checks_and_keeps_the_previous_file(procs: Pr
     rules_dir = tmp_path / "rules"
     nginx = Nginx(tmp_path / "nginx")
     (tmp_path / "nginx").mkdir()
-    conf = nginx.main_conf(rules_dir / "roomshard.conf")
-    marker = tmp_path / "reloaded"
+    marker = tmp_path / "reloads"
+    ready = tmp_path / "ready.json"
     env = {**os.environ, "ROOMSHARD_DIRECTORY_URL": directory.url,
            "ROOMSHARD_ADMIN_TOKEN": TEST_ADMIN_TOKEN, "ROOMSHARD_NGINX_DIR": str(rules_dir),
-           "ROOMSHARD_NGINX_LISTEN": "127.0.0.1:18443",
-           "NGINX_TEST": f"{nginx.binary} -q -t -p {nginx.prefix} -e {nginx.prefix}/error.log -c {conf}",
-           "NGINX_RELOAD": f"touch {marker}"}
-    script = str(INFRA / "nginx" / "update-rules.sh")
+           "ROOMSHARD_NGINX_LISTEN": "127.0.0.1:18443", "ROOMSHARD_RULES_METRICS": "127.0.0.1:0",
+           "ROOMSHARD_BIN": str(Path(sys.executable).parent / "roomshard"),
+           "NGINX_TEST": nginx.command(rules_dir / "roomshard.conf", "-q", "-t"),
+           "NGINX_RELOAD": f"sh -c 'echo reload >> {marker}'"}
+    log = tmp_path / "watch.log"
+    with log.open("wb") as out:
+        watcher = subprocess.Popen([str(INFRA / "nginx" / "rules-watch.sh"), "--interval", "0.2",
+                                    "--max-backoff", "1", "--ready-file", str(ready)], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: ready.exists() and marker.exists(), 30, "the first sync and reload")
+        assert "location /i1/room/" in (rules_dir / "roomshard.conf").read_text()
+        metrics_url = json.loads(ready.read_text())["url"]
 
-    def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([script], env=env, check=False, capture_output=True, text=True, timeout=t(60))
+        # A new shard whose host nginx cannot resolve: nginx -t refuses, the old file stays.
+        before = (rules_dir / "roomshard.conf").read_text()
+        httpx.put(f"{directory.url}/v1/admin/instances/i2", headers=admin, timeout=t(10),
+                  json={"internal_url": "http://no-such-host.invalid:8081"}).raise_for_status()
+        wait_until(lambda: 'stage="check"' in httpx.get(metrics_url, timeout=t(5)).text, 20,
+                   "the refused check to be counted")
+        assert "nginx: check failed (1 in a row)" in log.read_text()
+        assert (rules_dir / "roomshard.conf").read_text() == before
+        assert marker.read_text() == "reload\n"  # nothing reloaded since the first sync
 
-    res = run()
-    assert res.returncode == 0, res.stderr
-    assert marker.exists() and "location /i1/room/" in (rules_dir / "roomshard.conf").read_text()
-    marker.unlink()
-    res = run()
-    assert res.returncode == 0 and "unchanged" in res.stdout and not marker.exists()
-
-    # A new shard whose host nginx cannot resolve: nginx -t refuses, the old file stays.
-    httpx.put(f"{directory.url}/v1/admin/instances/i2", headers=admin, timeout=t(10),
-              json={"internal_url": "http://no-such-host.invalid:8081"}).raise_for_status()
-    before = (rules_dir / "roomshard.conf").read_text()
-    res = run()
-    assert res.returncode == 1 and "kept the previous file" in res.stderr
-    assert (rules_dir / "roomshard.conf").read_text() == before and not marker.exists()
+        # Fixed in the registry: the next attempt goes through.
+        httpx.put(f"{directory.url}/v1/admin/instances/i2", headers=admin, timeout=t(10),
+                  json={"internal_url": "http://127.0.0.1:10"}).raise_for_status()
+        wait_until(lambda: marker.read_text() == "reload\nreload\n", 40, "the reload after the fix")
+        assert "location /i2/room/" in (rules_dir / "roomshard.conf").read_text()
+        assert "nginx: in sync again after" in log.read_text()
+    finally:
+        os.killpg(watcher.pid, signal.SIGTERM)
+        assert watcher.wait(timeout=t(10)) == 0, log.read_text()
+    assert log.read_text().rstrip().endswith("nginx: stopped")
 
 
 def test_nginx_example_main_config_passes_nginx_t(tmp_path: Path):

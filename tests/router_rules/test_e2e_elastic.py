@@ -1,0 +1,169 @@
+"""Elastic shards end to end behind a real nginx kept in step by the reconciler
+(``roomshard rules --format nginx --watch``): a shard added under live traffic stays
+``pending`` until nginx routes it, becomes ``active`` by itself, and no client ever gets a
+404 from nginx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
+
+from roomshard.testing.chatter import Chatter, check_logs, start_chatting
+from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
+from roomshard.testing.timing import await_until, t
+from router_rules.nginx import render_nginx
+from tests.router_rules.nginx_proc import Nginx, free_port
+
+pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
+
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+
+
+class Edge:
+    """A directory with the route check, nginx in front of everything, and the reconciler."""
+
+    def __init__(self, procs: Procs, tmp_path: Path) -> None:
+        self.procs = procs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # The prober makes a new room every few milliseconds: no room-creation budget.
+        self.directory = procs.directory(env={"ROOMSHARD_ROUTE_CHECK": "1",
+                                              "ROOMSHARD_ROOM_CREATE_RATE": "0",
+                                              "ROOMSHARD_PUBLIC_URL": f"ws://127.0.0.1:{self.port}"})
+        self.nginx = Nginx(tmp_path / "nginx")
+        self.include = tmp_path / "nginx" / "roomshard.conf"
+        self.include.parent.mkdir(parents=True)
+        listen = f"127.0.0.1:{self.port}"
+        self.include.write_text(render_nginx([], listen=listen, directory_url=self.directory.url))
+        self.nginx.start(self.include, self.port)
+        self.watcher: Proc = procs.start("rules", [
+            "rules", "--format", "nginx", "--from-directory", self.directory.url, "--watch",
+            "--out", str(self.include), "--listen", listen,
+            "--directory-upstream", self.directory.url,
+            "--check-cmd", self.nginx.command(self.include, "-t"),
+            "--reload-cmd", self.nginx.command(self.include, "-s", "reload"),
+            "--interval", "0.2", "--metrics-listen", "127.0.0.1:0"])
+
+    async def states(self, admin: httpx.AsyncClient) -> dict[str, str]:
+        doc = (await admin.get(f"{self.directory.url}/v1/admin/instances", headers=ADMIN)).json()
+        return {i["id"]: i["state"] for i in doc["instances"]}
+
+    def stop(self) -> None:
+        self.nginx.stop()
+
+
+class Prober:
+    """Connects to fresh rooms through nginx, one after another, and keeps every outcome."""
+
+    def __init__(self, edge: str) -> None:
+        self.edge = edge
+        self.welcomed_by: list[str] = []
+        self.refused: list[tuple[str, int]] = []  # (url, HTTP status) of refused handshakes
+        self.directory_errors: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self, http: httpx.AsyncClient) -> None:
+        for n in itertools.count():
+            r = await http.post(f"{self.edge}/v1/rooms/probe-{n}/connect", json={"user": "p"})
+            if r.status_code != 200:
+                self.directory_errors.append(r.status_code)
+                await asyncio.sleep(0.05)
+                continue
+            url = r.json()["url"]
+            try:
+                async with ws_connect(url, open_timeout=t(5), close_timeout=1) as ws:
+                    welcome = await asyncio.wait_for(ws.recv(), t(5))
+                    assert '"welcome"' in welcome, welcome
+                    self.welcomed_by.append(r.json()["instance"])
+            except InvalidStatus as exc:
+                self.refused.append((url, exc.response.status_code))
+
+    def start(self, http: httpx.AsyncClient) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(http))
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()  # an assertion inside fails the test here
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def _talk(chatters: list[Chatter], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for c in chatters:
+            await c.send()
+        await asyncio.sleep(0.05)
+
+
+async def test_a_shard_added_under_traffic_is_routed_before_it_gets_rooms(
+        procs: Procs, tmp_path: Path) -> None:
+    edge = Edge(procs, tmp_path)
+    try:
+        async with httpx.AsyncClient(timeout=t(10)) as http:
+            for name in ("i1", "i2"):
+                procs.shard(name, edge.directory.url)
+            await await_until(lambda: _all_active(edge, http, {"i1", "i2"}), 30,
+                              "i1 and i2 active through nginx")
+            chatters = [Chatter(edge.url, f"room-{r}", f"u{r}-{k}", http)
+                        for r in range(4) for k in range(2)]
+            await start_chatting(chatters)
+            prober = Prober(edge.url)
+            prober.start(http)
+            stop_talking = asyncio.Event()
+            talk = asyncio.get_running_loop().create_task(_talk(chatters, stop_talking))
+
+            procs.shard("i3", edge.directory.url)
+            seen: list[str] = []
+
+            async def i3_active() -> bool:
+                state = (await edge.states(http)).get("i3")
+                if state is not None and (not seen or seen[-1] != state):
+                    seen.append(state)
+                    if state == "active":  # nginx routed it first: the probe came through
+                        assert "location /i3/room/ {" in edge.include.read_text()
+                return state == "active"
+
+            await await_until(i3_active, 30, "i3 to become active by itself")
+            assert seen[0] == "pending", seen
+            assert "i3 is active: its route answers through the load balancer" in edge.directory.output()
+            # The least loaded instance gets the new rooms: i3, reached through nginx.
+            await await_until(lambda: "i3" in prober.welcomed_by, 20, "a new room welcomed by i3")
+            stop_talking.set()
+            await talk
+            await prober.stop()
+            await await_until(lambda: all(not c.unacked for c in chatters), 20, "every send acked")
+            rooms = [chatters[k:k + 2] for k in range(0, len(chatters), 2)]
+            await await_until(lambda: all(_caught_up(room) for room in rooms), 20,
+                              "every acked message delivered to its room")
+            assert [p for room in rooms for p in check_logs(room)] == []
+            assert prober.refused == [] and prober.directory_errors == []
+            assert not [c.refused for c in chatters if c.refused]
+            assert len(prober.welcomed_by) >= 10
+
+            metrics = (await http.get(edge.watcher.url)).text
+            assert 'roomshard_rules_route_changes_total{kind="added",target="nginx"} 3.0' in metrics
+            assert 'roomshard_rules_pending_changes{target="nginx"} 0.0' in metrics
+            assert "routes +i3 (3 instances)" in edge.watcher.output()
+            for c in chatters:
+                await c.stop()
+    finally:
+        edge.stop()
+
+
+def _caught_up(room: list[Chatter]) -> bool:
+    top = max(seq for c in room for seq in c.acks.values())
+    return all(c.last_seq is not None and c.last_seq >= top for c in room)
+
+
+async def _all_active(edge: Edge, http: httpx.AsyncClient, ids: set[str]) -> bool:
+    states = await edge.states(http)
+    return {i for i, s in states.items() if s == "active"} == ids
