@@ -8,11 +8,14 @@ the tests use it to check the listener's state between calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from router_rules import model
 from router_rules import plan as p
-from router_rules.registry import RegistryError
+from router_rules.registry import Instance, RegistryError
+from router_rules.watch import SyncError
 
 TAGS = [{"Key": "roomshard:managed-by", "Value": "roomshard rules"}]
 
@@ -152,3 +155,50 @@ def execute(client: Any, the_plan: p.Plan, *, listener_arn: str, vpc_id: str,
             raise TypeError(f"unknown plan action {action!r}")
         if on_step is not None:
             on_step(action)
+
+
+@dataclass
+class AlbListeners:
+    """The ALB listener(s) kept equal to the registry: ``rules apply --watch``'s target.
+
+    Each apply reads every listener and the region's ``<prefix>-iN`` target
+    groups, plans and performs the plan in its safe order (create, modify,
+    then delete: see :mod:`router_rules.plan`); a listener already equal to
+    the registry costs only the describe calls. ``listener_arns`` are the
+    ``[GROUP=]ARN`` options.
+    """
+
+    client: Any
+    listener_arns: tuple[str, ...]
+    name_prefix: str = model.DEFAULT_NAME_PREFIX
+    limits: dict[str, int] = field(default_factory=dict)
+    target_overrides: dict[str, str] = field(default_factory=dict)
+    target_type: str = "ip"
+    say: Callable[[str], None] = lambda _line: None
+    name: str = "alb"
+
+    def apply(self, instances: Sequence[Instance]) -> None:
+        try:
+            rules = model.build(instances, name_prefix=self.name_prefix, **self.limits)
+            listeners = model.listener_map(self.listener_arns, rules)
+        except RegistryError as exc:
+            raise SyncError("render", str(exc)) from exc
+        registered = {tg.name for g in rules.groups for tg in g.target_groups}
+        try:
+            for g, arn in listeners.items():
+                live = read_live(self.client, arn, self.name_prefix)
+                the_plan = p.plan(g, live, name_prefix=self.name_prefix,
+                                  target_overrides=self.target_overrides, registered=registered)
+                if not the_plan.actions:
+                    continue
+                _, vpc = describe_listener(self.client, arn)
+
+                def said(action: p.Action, ident: str = g.ident) -> None:
+                    self.say(f"{self.name} {ident}: {action.describe()}")
+
+                execute(self.client, the_plan, listener_arn=arn, vpc_id=vpc,
+                        target_type=self.target_type, on_step=said)
+        except p.PlanError as exc:
+            raise SyncError("plan", str(exc)) from exc
+        except RegistryError as exc:
+            raise SyncError("aws", str(exc)) from exc

@@ -159,7 +159,7 @@ class WatchOptions:
     ready_file: str | None
 
 
-def _watch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _watch_options(fn: Callable[..., Any], *, commands: bool = True) -> Callable[..., Any]:
     opts = [
         click.option("--watch", is_flag=True,
                      help="keep following the directory and apply every change (Ctrl-C or "
@@ -173,12 +173,13 @@ def _watch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True,
                      help="--watch: apply even without a registry change this often (repairs "
                           "changes made by hand)"),
-        click.option("--reload-cmd", metavar="CMD",
-                     help="--watch: run after the file changed, e.g. 'nginx -s reload' "
-                          "(split like a shell would, not run by one)"),
-        click.option("--check-cmd", metavar="CMD",
-                     help="--watch: run after writing the file, e.g. 'nginx -t'; when it "
-                          "fails the old file is put back and nothing is reloaded"),
+        *([click.option("--reload-cmd", metavar="CMD",
+                        help="--watch: run after the file changed, e.g. 'nginx -s reload' "
+                             "(split like a shell would, not run by one)"),
+           click.option("--check-cmd", metavar="CMD",
+                        help="--watch: run after writing the file, e.g. 'nginx -t'; when it "
+                             "fails the old file is put back and nothing is reloaded")]
+          if commands else []),
         click.option("--metrics-listen", metavar="[ADDR:]PORT",
                      help="--watch: serve Prometheus metrics at http://ADDR:PORT/metrics"),
         click.option("--ready-file", metavar="FILE",
@@ -189,7 +190,8 @@ def _watch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)  # keeps the options click collected on fn
     def wrapper(*args: Any, **kw: Any) -> Any:
-        kw["watch_opts"] = WatchOptions(**{f: kw.pop(f) for f in WatchOptions.__dataclass_fields__})
+        kw["watch_opts"] = WatchOptions(**{f: kw.pop(f, None)
+                                           for f in WatchOptions.__dataclass_fields__})
         return fn(*args, **kw)
 
     return wrapper
@@ -318,34 +320,10 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
         _fail(str(exc))
 
 
-def _listener_map(values: tuple[str, ...], rules: model.RuleSet) -> dict[model.AlbGroup, str]:
-    """``[GROUP=]ARN`` options -> ALB group -> listener ARN.
-
-    A group name or public host the registry no longer has gets an empty
-    group: applying it removes the rules of instances that left the registry.
-    """
-    groups = {g.ident: g for g in rules.groups}
-    groups.update({g.public_host: g for g in rules.groups if g.public_host})
-    out: dict[model.AlbGroup, str] = {}
-    for value in values:
-        key, sep, arn = value.rpartition("=")
-        if not sep:
-            if len(rules.groups) == 1:
-                key = rules.groups[0].ident
-            elif len(rules.groups) > 1 and model.DEFAULT_GROUP not in groups:
-                _fail(f"--listener-arn {arn}: several ALB groups, write GROUP=ARN")
-            else:
-                key = model.DEFAULT_GROUP
-        group = groups.get(key) or model.empty_group(model.group_ident(key)
-                                                     if key != model.DEFAULT_GROUP else key)
-        out[group] = arn
-    return out
-
-
 def _run_plan(apply: bool, from_directory: str | None, from_file: str | None,
               listener_arn: tuple[str, ...], target: tuple[str, ...], target_type: str,
               region: str | None, endpoint_url: str | None, name_prefix: str,
-              **limits: int) -> None:
+              watch_opts: WatchOptions | None = None, **limits: int) -> None:
     import boto3
     from botocore.exceptions import BotoCoreError
 
@@ -353,12 +331,21 @@ def _run_plan(apply: bool, from_directory: str | None, from_file: str | None,
     from router_rules.plan import plan
 
     try:
-        rules = model.build(_load(from_directory, from_file), name_prefix=name_prefix, **limits)
         overrides = dict(t.split("=", 1) for t in target if "=" in t)
         if len(overrides) != len(target):
             _fail("--target expects iN=ID")
-        listeners = _listener_map(listener_arn, rules)
+        model.validate_prefix(name_prefix)
         client = boto3.client("elbv2", region_name=region, endpoint_url=endpoint_url)
+        if watch_opts is not None and watch_opts.watch:
+            if from_directory is None or from_file is not None:
+                _fail("--watch follows a directory: give --from-directory URL")
+            target_alb = aws.AlbListeners(client, listener_arn, name_prefix=name_prefix,
+                                          limits=limits, target_overrides=overrides,
+                                          target_type=target_type, say=watch.log.warning)
+            run_watch(target_alb, from_directory, watch_opts)
+            return
+        rules = model.build(_load(from_directory, from_file), name_prefix=name_prefix, **limits)
+        listeners = model.listener_map(listener_arn, rules)
         registered = {tg.name for g in rules.groups for tg in g.target_groups}
         for g in rules.groups:
             if g not in listeners:
@@ -406,6 +393,10 @@ def plan_cmd(**kw: Any) -> None:
 @rules.command("apply")
 @_aws_options
 @click.option("--dry-run", is_flag=True, help="only print the plan (same as `plan`)")
-def apply_cmd(dry_run: bool, **kw: Any) -> None:
-    """Create target groups and rules first, modify, delete last: no room is ever unroutable."""
-    _run_plan(not dry_run, **kw)
+@functools.partial(_watch_options, commands=False)
+def apply_cmd(dry_run: bool, watch_opts: WatchOptions, **kw: Any) -> None:
+    """Create target groups and rules first, modify, delete last: no room is ever unroutable.
+    With --watch: keep following the directory and apply every change."""
+    if dry_run and watch_opts.watch:
+        _fail("--dry-run and --watch do not go together (use `rules plan`)")
+    _run_plan(not dry_run, watch_opts=watch_opts, **kw)

@@ -255,3 +255,26 @@ def groups_summary(rules: RuleSet) -> dict[str, object]:
          "target_groups": len(g.target_groups),
          "instances": [i.id for i in g.instances]}
         for g in rules.groups]}
+
+
+def listener_map(values: Sequence[str], rules: RuleSet) -> dict[AlbGroup, str]:
+    """``[GROUP=]ARN`` options -> ALB group -> listener ARN; raises ModelError.
+
+    A group name or public host the registry no longer has gets an empty
+    group: applying it removes the rules of instances that left the registry.
+    """
+    groups = {g.ident: g for g in rules.groups}
+    groups.update({g.public_host: g for g in rules.groups if g.public_host})
+    out: dict[AlbGroup, str] = {}
+    for value in values:
+        key, sep, arn = value.rpartition("=")
+        if not sep:
+            if len(rules.groups) == 1:
+                key = rules.groups[0].ident
+            elif len(rules.groups) > 1 and DEFAULT_GROUP not in groups:
+                raise ModelError(f"--listener-arn {arn}: several ALB groups, write GROUP=ARN")
+            else:
+                key = DEFAULT_GROUP
+        group = groups.get(key) or empty_group(group_ident(key) if key != DEFAULT_GROUP else key)
+        out[group] = arn
+    return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from roomshard.wire.internal import AccessBody, AccessResult, LiveRoomAnswer, LiveRoomsAnswer
+from roomshard.wire.probe import PROBE_SUFFIX
 from roomshard.wire.protocol import INVALID_ROOM_ID, CloseCode, valid_room_id, valid_user_id
 from roomshard.wire.tickets import DIRECTORY, Signer, TicketError
 from shard.http import HttpError, HttpRequest, HttpResponse, Router, error_response, json_response
@@ -119,7 +120,7 @@ def install(router: Router, *, instance: str, boot_id: str, auth: DirectoryAuth,
     router.add("GET", "/readyz", readyz)
     router.add("GET", "/metrics", metrics)
     # Any iN: a load balancer that sends iN's path to this shard learns whose it reached.
-    router.add("GET", "/{probed}/room/~probe", route_probe)
+    router.add("GET", "/{probed}" + PROBE_SUFFIX, route_probe)
     router.add("GET", "/internal/rooms", list_rooms)
     router.add("GET", "/internal/rooms/{room}", get_room)
     router.add("POST", "/internal/rooms/{room}/access", set_access)

@@ -181,6 +181,7 @@ class ShardServer:
         self._next_conn_id = 0
         self.admission = Admission(cfg, self.signer, self.started_at)
         self.registered = False
+        self.retired = False  # an admin removed this instance: this process may not register
         self.lease_until = 0.0
         self.fenced = False
         self.stopping = False
@@ -213,7 +214,7 @@ class ShardServer:
 
     def ready(self) -> bool:
         return self.registered and not self.fenced and not self.stopping \
-            and self.monotonic() < self.lease_until
+            and not self.retired and self.monotonic() < self.lease_until
 
     def holds_lease(self) -> bool:
         """Whether the lease holds; past it, fence now rather than at the next tick (a
@@ -237,13 +238,15 @@ class ShardServer:
         """Why the shard is not ready (``/readyz``); None when it is."""
         if self.ready():
             return None
-        return ("stopping" if self.stopping else "lease lost" if self.fenced
+        return ("stopping" if self.stopping
+                else "removed from the registry (retired): stop this process" if self.retired
+                else "lease lost" if self.fenced
                 else "not registered with the directory" if not self.registered
                 else "lease expired")
 
     async def shutdown(self) -> None:
         """Stop accepting, close clients with 1001, leave the directory; bounded by shutdown_timeout."""
-        if self.registered:  # rooms move away first, live
+        if self.registered and not self.retired:  # rooms move away first, live
             await self.handoff.leave_with_drain(self.cfg.shutdown_timeout / 2)
         self.stopping = True
         deadline = self.monotonic() + self.cfg.shutdown_timeout
@@ -257,7 +260,9 @@ class ShardServer:
             conn.close(CloseCode.GOING_AWAY, "shard shutting down")
         log.warning("shutting down: closed %d clients", closed)
         try:
-            await self.directory.leave(drain=False, timeout=max(0.5, self.cfg.shutdown_timeout / 3))
+            if not self.retired:  # a retired instance is no longer in the registry
+                await self.directory.leave(drain=False,
+                                           timeout=max(0.5, self.cfg.shutdown_timeout / 3))
         except DirectoryError as exc:
             log.warning("could not tell the directory we leave: %s", exc)
         while self.ws_conns and self.monotonic() < deadline:
@@ -581,6 +586,14 @@ class ShardServer:
                     # comes before the lease would run out anyway.
                     timeout=max(0.5, cfg.lease - cfg.heartbeat_interval))
             except DirectoryRefused as exc:
+                if exc.code == "instance_retired":
+                    # Removed by an admin (`roomshard admin retire`): registering again would
+                    # put this process back into the load balancer. Nothing is left to do
+                    # but to be stopped; /readyz says so.
+                    self.retired = True
+                    log.error("%s was removed from the registry: this process no longer "
+                              "heartbeats and will not serve; stop it (%s)", cfg.instance, exc)
+                    return
                 if confirm:
                     # A directory that cannot confirm (e.g. an older version): the kept
                     # rooms cannot be proven ours, so they go, as before this rule existed.

@@ -69,6 +69,16 @@ room_counts = Table(
     Column("rooms", Integer, nullable=False, server_default="0"),
 )
 
+# Processes of instances an admin removed: their heartbeats may not register the
+# instance again (migration 0007).
+retired_processes = Table(
+    "retired_processes",
+    metadata,
+    Column("boot_id", String(128), primary_key=True),
+    Column("instance", String(8), nullable=False),
+    Column("retired_at", Double, nullable=False),
+)
+
 rooms = Table(
     "rooms",
     metadata,

@@ -53,10 +53,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from directory.db.engine import instances, room_counts, rooms
+from directory.db.engine import instances, retired_processes, room_counts, rooms
 from directory.db.room_cache import RoomCache
 from directory.domain import placement
-from directory.domain.errors import Overloaded, Unavailable
+from directory.domain.errors import Conflict, Overloaded, Unavailable
 from directory.domain.instances import REASON_SHUTDOWN, died_changes
 from roomshard.sql import DEFAULT_SYNCHRONOUS, Synchronous
 
@@ -71,6 +71,9 @@ REPLACED_MEMO_S = 2.0
 #: How long a write waits for its turn on SQLite's one write lock (in this process)
 #: before the request is answered 503 ``overloaded``.
 SQLITE_WRITE_WAIT_S = 10.0
+#: How long a removed instance's process stays refused; a process running this long after
+#: its instance was removed is kept out by its own 409s long before (it stops heartbeating).
+RETIRED_KEEP_S = 7 * 86400
 
 _ROOM_TARGET = (
     select(
@@ -585,17 +588,27 @@ class Store:
         async with self.read() as conn:
             return await _instance(conn, instance)
 
-    async def upsert_instance(self, instance: str, decide: Any) -> Mapping[str, Any]:
+    async def upsert_instance(self, instance: str, decide: Any, *,
+                              process: str | None = None) -> Mapping[str, Any]:
         """Read the row, let ``decide(row_or_None)`` return changes, write them, read back.
 
         Runs in one write transaction (the row is locked on PostgreSQL,
         the database on SQLite) so two heartbeats cannot interleave.
+        ``process``: the boot id of the shard process asking (a heartbeat); it may
+        not register an instance an admin removed while it ran (409 ``instance_retired``).
         """
         async with self.write() as conn:
             stmt = select(*INSTANCE_COLUMNS).where(instances.c.id == instance)
             if self.dialect == "postgresql":
                 stmt = stmt.with_for_update(of=instances)
             row = (await conn.execute(stmt)).mappings().first()
+            if row is None and process is not None and (await conn.execute(
+                    select(retired_processes.c.instance)
+                    .where(retired_processes.c.boot_id == process))).first() is not None:
+                raise Conflict("instance_retired",
+                               f"{instance} was removed from the registry while this process "
+                               f"(boot id {process}) ran; it may not register again: stop it "
+                               "(a new process registers anew)")
             changes = decide(row)
             if row is None:
                 await conn.execute(
@@ -637,17 +650,31 @@ class Store:
                 return None
             return await _instance(conn, instance)
 
-    async def delete_instance(self, instance: str) -> str:
-        """``"deleted"``, ``"missing"`` or ``"has_rooms"``."""
+    async def delete_instance(self, instance: str, *, now: float) -> str:
+        """``"deleted"``, ``"missing"`` or ``"has_rooms"``.
+
+        The process the instance ran as is recorded as retired: its heartbeats
+        cannot register the instance again (``upsert_instance(process=)``).
+        Records older than :data:`RETIRED_KEEP_S` are dropped here.
+        """
         async with self.write() as conn:
             has_rooms = (await conn.execute(
                 select(rooms.c.room).where(rooms.c.instance == instance).limit(1))).first()
             if has_rooms is not None:
                 return "has_rooms"
-            res = await conn.execute(delete(instances).where(instances.c.id == instance))
+            gone = (await conn.execute(delete(instances).where(instances.c.id == instance)
+                                       .returning(instances.c.boot_id))).first()
             # Its slots sum to 0 with the row's count; a later instance of this id starts at 0.
             await conn.execute(delete(room_counts).where(room_counts.c.instance == instance))
-            return "deleted" if res.rowcount else "missing"
+            if gone is None:
+                return "missing"
+            await conn.execute(delete(retired_processes)
+                               .where(retired_processes.c.retired_at < now - RETIRED_KEEP_S))
+            if gone.boot_id:
+                await conn.execute(self._insert(retired_processes).values(
+                    boot_id=gone.boot_id, instance=instance, retired_at=now)
+                    .on_conflict_do_nothing(index_elements=["boot_id"]))
+            return "deleted"
 
     async def remove_unused_rooms(self, created_before: float, limit: int) -> int:
         """Delete up to ``limit`` rooms nobody joined, created before ``created_before``.

@@ -48,11 +48,14 @@ def _state(ctx: Directory, row: Any, now: float) -> str:
 
 
 # -- instances ---------------------------------------------------------------
+def _view(ctx: Directory, row: Any, now: float) -> dict[str, Any]:
+    return instance_view(row, now=now, down_after=ctx.cfg.down_after, public_url=ctx.cfg.public_url)
+
+
 async def list_instances(request: Request, ctx: Directory) -> Response:
     now = ctx.clock()
     rows = await ctx.store.list_instances()
-    return json_response({"instances": [instance_view(r, now=now, down_after=ctx.cfg.down_after)
-                                        for r in rows]})
+    return json_response({"instances": [_view(ctx, r, now) for r in rows]})
 
 
 async def put_instance(request: Request, ctx: Directory) -> Response:
@@ -65,7 +68,7 @@ async def put_instance(request: Request, ctx: Directory) -> Response:
                                           default_capacity=ctx.cfg.default_capacity)
 
     row = await ctx.store.upsert_instance(instance, decide)
-    return json_response(instance_view(row, now=now, down_after=ctx.cfg.down_after))
+    return json_response(_view(ctx, row, now))
 
 
 async def get_instance(request: Request, ctx: Directory) -> Response:
@@ -73,12 +76,12 @@ async def get_instance(request: Request, ctx: Directory) -> Response:
     row = await ctx.store.get_instance(instance)
     if row is None:
         raise NotFound("instance_not_found", f"no instance {instance}")
-    return json_response(instance_view(row, now=ctx.clock(), down_after=ctx.cfg.down_after))
+    return json_response(_view(ctx, row, ctx.clock()))
 
 
 async def delete_instance(request: Request, ctx: Directory) -> Response:
     instance = instance_param(request.path_params["instance"])
-    outcome = await ctx.store.delete_instance(instance)
+    outcome = await ctx.store.delete_instance(instance, now=ctx.clock())
     if outcome == "missing":
         raise NotFound("instance_not_found", f"no instance {instance}")
     if outcome == "has_rooms":

@@ -49,8 +49,9 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
                                           default_capacity=ctx.cfg.default_capacity,
                                           route_check=ctx.cfg.route_check)
 
-    row = await ctx.store.upsert_instance(instance, decide)
-    answer: dict[str, Any] = {"instance": instance_view(row, now=now, down_after=ctx.cfg.down_after),
+    row = await ctx.store.upsert_instance(instance, decide, process=body.boot_id)
+    view = instance_view(row, now=now, down_after=ctx.cfg.down_after, public_url=ctx.cfg.public_url)
+    answer: dict[str, Any] = {"instance": view,
                               "down_after": ctx.cfg.down_after}
     if body.confirm is not None:
         if len(body.confirm) > MAX_CONFIRM or not all(map(valid_room_id, body.confirm)):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from directory.domain.instances import state_of
+from roomshard.wire.probe import route_url
 
 
 def iso(ts: float | None) -> str | None:
@@ -16,7 +17,9 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def instance_view(row: Mapping[str, Any], *, now: float, down_after: float) -> dict[str, Any]:
+def instance_view(row: Mapping[str, Any], *, now: float, down_after: float,
+                  public_url: str | None) -> dict[str, Any]:
+    base = row["public_base"] or public_url
     return {
         "id": row["id"],
         "state": state_of(row, now=now, down_after=down_after),
@@ -32,6 +35,7 @@ def instance_view(row: Mapping[str, Any], *, now: float, down_after: float) -> d
             "connections": row["load_connections"],
             "messages_per_s": row["load_messages_per_s"],
         },
+        "route_url": None if base is None else route_url(base, row["id"]),
     }
 
 

@@ -36,35 +36,13 @@ from directory.db.store import Store
 from directory.domain import placement
 from directory.domain.instances import state_of
 from directory.metrics import Metrics
+from roomshard.wire.probe import probe_url, verdict
 
 log = logging.getLogger("roomshard.directory.route_check")
 
 #: How often a replica checks its pending instances, and the bound of one check.
 CHECK_EVERY_S = 1.0
 CHECK_TIMEOUT_S = 2.0
-#: The path a shard answers with its instance and boot id (not a room id: ``~``).
-PROBE_SUFFIX = "/room/~probe"
-
-
-def probe_url(base: str, instance: str) -> str:
-    """The probe's URL under a public ws(s):// or http(s):// base."""
-    if base.startswith("ws"):
-        base = "http" + base[2:]
-    return f"{base.rstrip('/')}/{instance}{PROBE_SUFFIX}"
-
-
-def verdict(status: int, body: Any, *, instance: str, boot_id: str | None) -> str | None:
-    """None when the answer comes from the registered process of ``instance``, else why not."""
-    if status != 200:
-        return f"the load balancer answered {status}"
-    if not isinstance(body, dict) or body.get("instance") != instance:
-        who = body.get("instance") if isinstance(body, dict) else None
-        return f"another process answered (instance {who!r})"
-    if body.get("boot_id") != boot_id:
-        return "an earlier process of it answered"
-    return None
-
-
 class RouteChecker:
     """Checks the pending instances' routes, every :data:`CHECK_EVERY_S`."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
@@ -19,6 +20,8 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from roomshard.wire.probe import route_probe_url, verdict
 
 #: A drain or rebalance moves rooms one by one; give it time.
 LONG_CALL_TIMEOUT_S = 600.0
@@ -296,14 +299,14 @@ def _room_count(api: Api, instance_id: str) -> int | None:
         return None
 
 
-@admin.command()
-@click.argument("instance_id", metavar="iN")
-@click.option("--parallelism", type=click.IntRange(1, 256), default=None,
-              help="Moves in flight at once (directory default 32): more drains faster, "
-                   "each room pauses a little longer.")
-@click.pass_obj
-def drain(api: Api, instance_id: str, parallelism: int | None) -> None:
-    """Live-move every room off iN, then disable it (progress shown while rooms leave)."""
+_PARALLELISM = click.option(
+    "--parallelism", type=click.IntRange(1, 256), default=None,
+    help="Moves in flight at once (directory default 32): more drains faster, each room "
+         "pauses a little longer.")
+
+
+def _drain(api: Api, instance_id: str, parallelism: int | None) -> None:
+    """Drain with a progress bar, print the report; exit 1 when rooms failed to move."""
     try:
         total = len(api.call("GET", "/v1/admin/rooms", params={"instance": instance_id}).get("rooms", []))
     except AdminError as exc:
@@ -342,6 +345,75 @@ def drain(api: Api, instance_id: str, parallelism: int | None) -> None:
     else:
         _report(f"drained {instance_id}", doc)
     _exit_on_failures(f"drain of {instance_id}", doc)
+
+
+@admin.command()
+@click.argument("instance_id", metavar="iN")
+@_PARALLELISM
+@click.pass_obj
+def drain(api: Api, instance_id: str, parallelism: int | None) -> None:
+    """Live-move every room off iN, then disable it (progress shown while rooms leave)."""
+    _drain(api, instance_id, parallelism)
+
+
+def _probe(http: httpx.Client, url: str) -> tuple[int | None, Any]:
+    try:
+        resp = http.get(url)
+    except httpx.HTTPError:
+        return None, None
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        return resp.status_code, None
+
+
+@admin.command()
+@click.argument("instance_id", metavar="iN")
+@_PARALLELISM
+@click.option("--route-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="seconds to wait for the load balancer to drop iN's route (0: do not wait)")
+@click.pass_obj
+def retire(api: Api, instance_id: str, parallelism: int | None, route_timeout: float) -> None:
+    """Take iN out for good: drain it, remove it from the registry, and wait until the load
+    balancer no longer routes it (the reconciler drops the route of a removed instance).
+    Then its process or machine can be stopped; its heartbeats cannot register it again."""
+    try:
+        view = api.call("GET", f"/v1/admin/instances/{instance_id}")
+    except AdminError as exc:
+        _fail(exc)
+    route = view.get("route_url") if isinstance(view, dict) else None
+    probe = None if route is None else route_probe_url(route)
+    with httpx.Client(timeout=5.0, follow_redirects=False) as http:
+        # Which process the route reaches now: once another one (or none) answers, it is gone.
+        status, body = (None, None) if probe is None else _probe(http, probe)
+        boot_id = body.get("boot_id") if status == 200 and isinstance(body, dict) \
+            and body.get("instance") == instance_id else None
+        _drain(api, instance_id, parallelism)
+        try:
+            api.call("DELETE", f"/v1/admin/instances/{instance_id}")
+        except AdminError as exc:
+            _fail(exc)
+        click.echo(f"removed {instance_id} from the registry")
+        if probe is None:
+            click.echo(f"{instance_id} has no route_url (no public_base, no ROOMSHARD_PUBLIC_URL "
+                       "on the directory): not waiting for a load balancer")
+        elif route_timeout > 0:
+            click.echo(f"waiting for the load balancer to drop {route} (GET {probe})")
+            deadline = time.monotonic() + route_timeout
+            while True:
+                status, body = _probe(http, probe)
+                if status == 404 or (status == 200 and verdict(status, body, instance=instance_id,
+                                                               boot_id=boot_id) is not None):
+                    click.echo(f"the load balancer no longer routes {route} to it "
+                               f"(it answered {status})")
+                    break
+                if time.monotonic() > deadline:
+                    _fail(AdminError(
+                        f"the load balancer still routes {route} after {route_timeout:.0f}s "
+                        f"(it answered {status or 'nothing'}): is the rules reconciler "
+                        "(`roomshard rules ... --watch`) running?"))
+                time.sleep(0.5)
+    click.echo(f"retired {instance_id}: no room and no route left; stop its process")
 
 
 def _exit_on_failures(what: str, doc: dict[str, Any]) -> None:

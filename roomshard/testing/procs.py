@@ -63,7 +63,9 @@ class Procs:
         self.stop_all()
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              timeout: float = 30) -> Proc:
+              timeout: float = 30, *, wait_ready: bool = True) -> Proc:
+        """Start ``roomshard ARGS --ready-file F``; unless ``wait_ready`` is False, wait
+        until it wrote ``F`` and take its URL from there."""
         ready = self.dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log = self.dir / f"{name}.log"
@@ -81,6 +83,8 @@ class Procs:
                 raise AssertionError(f"{name} exited with {popen.returncode}:\n{proc.output()}")
             return ready.exists() and ready.stat().st_size > 0
 
+        if not wait_ready:
+            return proc
         wait_until(ready_or_dead, timeout, f"{name} to be ready")
         proc.url = json.loads(ready.read_text())["url"]
         return proc

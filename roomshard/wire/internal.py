@@ -76,6 +76,9 @@ class InstanceView(Body):
     registered_at: str
     rooms_assigned: int
     load: InstanceLoad
+    # Where the load balancer routes its rooms: {public_base, else ROOMSHARD_PUBLIC_URL}/iN/room/
+    # (null: neither is set). Newer than the contract's fields: absent from older directories.
+    route_url: str | None = None
 
 
 class HeartbeatResponse(Body):

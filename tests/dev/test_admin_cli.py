@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from roomshard import client
 from roomshard.cli import main
+from roomshard.testing.pg import free_port
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 from roomshard.testing.timing import t
 
@@ -142,6 +143,35 @@ def test_drain_empties_the_instance_and_disables_it(procs: Procs) -> None:
     assert _rooms_on(d.url, "i1") == [] and sorted(_rooms_on(d.url, "i2")) == ["d1", "d2", "d3"]
     row = next(line for line in admin(d.url, "instances").stdout.splitlines() if "│ i1 " in line)
     assert "disabled" in row
+
+
+def test_retire_drains_removes_and_says_when_the_route_does_not_go(procs: Procs) -> None:
+    """retire: rooms moved, instance removed; with no load balancer in front (the route is
+    the shard's own address, so it answers for as long as it runs) it waits no longer than
+    --route-timeout and exits 1 saying why; without any public address it does not wait."""
+    res = admin(procs.directory(name="d0").url, "retire", "i9")
+    assert res.returncode == 1 and "instance_not_found: " in one_error_line(res)
+
+    d = procs.directory()
+    port = free_port()
+    procs.shard("i1", d.url, extra=["--port", str(port), "--public-base", f"ws://127.0.0.1:{port}"])
+    _make_rooms(d.url, ["r1", "r2"])
+    procs.shard("i2", d.url)
+    res = admin(d.url, "retire", "i1", "--route-timeout", "1")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "drained i1: 2 room(s) moved" in res.stdout and "removed i1 from the registry" in res.stdout
+    assert (f"the load balancer still routes ws://127.0.0.1:{port}/i1/room/ after 1s (it answered "
+            "200)") in one_error_line(res)
+    assert sorted(_rooms_on(d.url, "i2")) == ["r1", "r2"]
+    assert "│ i1 " not in admin(d.url, "instances").stdout
+
+    res = admin(d.url, "retire", "i2")  # the last shard with rooms: nowhere to move them
+    assert res.returncode == 1 and "no_target: " in one_error_line(res)
+    procs.shard("i3", d.url)
+    res = admin(d.url, "retire", "i2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "drained i2: 2 room(s) moved" in res.stdout and "i2 has no route_url" in res.stdout
+    assert res.stdout.rstrip().endswith("retired i2: no room and no route left; stop its process")
 
 
 def test_rebalance_shows_the_plan_and_asks_before_moving(procs: Procs) -> None:

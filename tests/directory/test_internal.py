@@ -56,6 +56,42 @@ async def test_new_boot_reactivates_after_shutdown_but_not_after_admin(h: Harnes
     assert await state_of(h, "i1") == ("disabled", "admin")
 
 
+async def test_a_removed_instances_process_may_not_register_it_again(h: Harness) -> None:
+    """DELETE retires the process the instance ran as: its heartbeats get 409
+    instance_retired and the registry stays without it; a new process registers anew."""
+    assert (await h.heartbeat("i1", boot_id="old")).status_code == 200
+    assert (await h.heartbeat("i2", boot_id="other")).status_code == 200
+    r = await h.client.delete("/v1/admin/instances/i1", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    for _ in range(2):
+        r = await h.heartbeat("i1", boot_id="old")
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "instance_retired"), r.text
+        assert "stop it" in r.json()["error"]["message"]
+    listed = (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]
+    assert [i["id"] for i in listed] == ["i2"]
+    # Only that process: another instance's, and a new process of i1, register as before.
+    assert (await h.heartbeat("i2", boot_id="other")).status_code == 200
+    r = await h.heartbeat("i1", boot_id="new")
+    assert r.status_code == 200 and r.json()["instance"]["state"] == "active", r.text
+    # A week later the record is dropped (at the next removal): the table does not grow.
+    h.clock.now += 8 * 86400
+    assert (await h.heartbeat("i2", boot_id="other")).status_code == 200
+    assert (await h.client.delete("/v1/admin/instances/i2", headers=ADMIN)).status_code == 200
+    async with h.app.state.ctx.store.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from directory.db.engine import retired_processes
+        rows = (await conn.execute(select(retired_processes.c.boot_id))).scalars().all()
+    assert rows == ["other"]
+
+
+async def test_the_instance_view_says_where_its_route_is(h: Harness) -> None:
+    r = await h.heartbeat("i4", public_base="wss://x.example.com")
+    assert r.json()["instance"]["route_url"] == "wss://x.example.com/i4/room/"
+    r = await h.heartbeat("i5")  # no public_base, no ROOMSHARD_PUBLIC_URL in this harness
+    assert r.json()["instance"]["route_url"] is None
+
+
 @pytest.mark.parametrize("drain", [False, True])
 async def test_after_leave_no_client_is_sent_there(h: Harness, drain: bool) -> None:
     """After a clean leave (with or without drain; here no shard answers a move) its rooms and new rooms go elsewhere."""

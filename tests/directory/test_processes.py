@@ -23,13 +23,13 @@ ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 pytestmark = pytest.mark.e2e
 
 
-async def register(client: httpx.AsyncClient, base: str, *ids: str) -> None:
+async def register(client: httpx.AsyncClient, base: str, *ids: str, boot_id: str = "b1") -> None:
     """Register instances as shards do (one heartbeat each): only those get rooms."""
     for iid in ids:
         token = Signer([TEST_CLUSTER_SECRET]).cluster_token(iid, to="directory", now=time.time())
         r = await client.put(f"{base}/v1/internal/instances/{iid}/heartbeat",
                              headers={"Authorization": f"Bearer {token}"},
-                             json={"internal_url": f"http://127.0.0.1:9/{iid}", "boot_id": "b1"})
+                             json={"internal_url": f"http://127.0.0.1:9/{iid}", "boot_id": boot_id})
         assert r.status_code == 200, r.text
 
 
@@ -113,7 +113,7 @@ async def test_room_counts_stay_exact_under_concurrent_new_rooms_and_restarts(
         await await_until(swept, 10, "the sweep removes every room nobody joined")
         r = await client.delete(f"{c.url}/v1/admin/instances/i3", headers=ADMIN)
         assert r.status_code == 200, r.text
-        await register(client, c.url, "i3")
+        await register(client, c.url, "i3", boot_id="b2")  # a new process: b1 was retired
         assert (await _counts(client, b.url))["i3"] == 0
 
 

@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from directory.domain import instances, placement
-from directory.ops.route_check import probe_url, verdict
 from roomshard.testing.pg import free_port
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 from roomshard.testing.timing import t, wait_until
 from roomshard.wire.internal import HeartbeatBody
+from roomshard.wire.probe import probe_url, route_url, verdict
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 
@@ -64,6 +64,7 @@ def test_placement_never_chooses_a_pending_instance_and_it_goes_down_only_when_s
 def test_only_the_registered_process_answering_counts() -> None:
     assert probe_url("wss://chat.example.com/", "i3") == "https://chat.example.com/i3/room/~probe"
     assert probe_url("http://127.0.0.1:81", "i3") == "http://127.0.0.1:81/i3/room/~probe"
+    assert route_url("wss://chat.example.com/", "i3") == "wss://chat.example.com/i3/room/"
     ok = {"instance": "i3", "boot_id": "b"}
     assert verdict(200, ok, instance="i3", boot_id="b") is None
     assert "404" in (verdict(404, None, instance="i3", boot_id="b") or "")

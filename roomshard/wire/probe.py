@@ -1,0 +1,44 @@
+"""The route probe: is ``/iN/room/`` routed, through the load balancer, to that very process?
+
+A shard answers ``GET /iN/room/~probe`` (``~`` is never in a room id, so no
+room is shadowed) with its instance id and boot id. The directory probes a
+``pending`` instance's route before it makes it ``active``
+(``directory.ops.route_check``); ``roomshard admin retire`` probes a removed
+instance's route until the load balancer no longer has it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The path under ``/iN`` a shard answers with ``{"instance", "boot_id"}``.
+PROBE_SUFFIX = "/room/~probe"
+
+
+def route_url(base: str, instance: str) -> str:
+    """The prefix of ``instance``'s room URLs under a public base: ``wss://host/i3/room/``."""
+    return f"{base.rstrip('/')}/{instance}/room/"
+
+
+def probe_url(base: str, instance: str) -> str:
+    """The probe's URL under a public ws(s):// or http(s):// base."""
+    return route_probe_url(route_url(base, instance))
+
+
+def route_probe_url(route: str) -> str:
+    """The probe's URL of a route (``wss://host/i3/room/`` -> ``https://host/i3/room/~probe``)."""
+    if route.startswith("ws"):
+        route = "http" + route[2:]
+    return route.rstrip("/") + "/" + PROBE_SUFFIX.rsplit("/", 1)[1]
+
+
+def verdict(status: int, body: Any, *, instance: str, boot_id: str | None) -> str | None:
+    """None when the answer comes from the registered process of ``instance``, else why not."""
+    if status != 200:
+        return f"the load balancer answered {status}"
+    if not isinstance(body, dict) or body.get("instance") != instance:
+        who = body.get("instance") if isinstance(body, dict) else None
+        return f"another process answered (instance {who!r})"
+    if body.get("boot_id") != boot_id:
+        return "an earlier process of it answered"
+    return None
