@@ -200,9 +200,13 @@ class DirectoryConfig:
     def server_api_keys(self) -> list[str]:
         return parse_secrets(self.api_keys or "")
 
+#: ``--instance auto``: the directory numbers the shard (``POST /v1/internal/instances``).
+AUTO_INSTANCE = "auto"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShardConfig:
-    instance: str = setting(help="instance id iN")
+    instance: str = setting(AUTO_INSTANCE, help="instance id iN, or auto: the directory gives this process a number at start-up (the one a gone process at this address had, else the lowest free), and it leaves the registry when it stops")
     host: str = setting("127.0.0.1", help="address to bind")
     port: int = setting(8081, help="port to bind (0 picks a free one)")
     directory_url: str = setting(help="the directory's internal http(s) URL")
@@ -247,17 +251,21 @@ class ShardConfig:
     shutdown_timeout: float = setting(10.0, help="seconds to drain on SIGTERM before closing")
     ready_file: str | None = setting(None, help="write {\"url\": ...} here once serving")
     log_level: str = setting("info", help="debug, info, warning, error")
+    remove_on_stop: bool | None = setting(None, help="on a clean stop, after its rooms moved away, leave the registry (its number and route go); default: on for --instance auto, off otherwise (on for a Kubernetes StatefulSet that scales in)")
+    asg_lifecycle_hook: str | None = setting(None, help="name of the Auto Scaling group's termination lifecycle hook: when the group terminates this machine the shard stops as on SIGTERM (rooms move away first), then completes the hook")
+    imds_url: str = setting("http://169.254.169.254", help="the EC2 instance metadata service (ROOMSHARD_ASG_LIFECYCLE_HOOK)")
+    lifecycle_poll: float = setting(5.0, help="seconds between reads of the machine's lifecycle state (ROOMSHARD_ASG_LIFECYCLE_HOOK)")
 
     def __post_init__(self) -> None:
-        if protocol.instance_number(self.instance) is None:
-            raise ConfigError(f"--instance: expected i1..i9999, got {self.instance!r}")
+        if self.instance != AUTO_INSTANCE and protocol.instance_number(self.instance) is None:
+            raise ConfigError(f"--instance: expected i1..i9999 or auto, got {self.instance!r}")
         if not self.directory_url.startswith(("http://", "https://")):
             raise ConfigError("ROOMSHARD_DIRECTORY_URL: must be an http:// or https:// URL")
         if not parse_secrets(self.cluster_secret):
             raise ConfigError("ROOMSHARD_CLUSTER_SECRET: empty")
         if self.history_url != "memory":
             object.__setattr__(self, "history_url", normalize_database_url(self.history_url, "ROOMSHARD_HISTORY_URL"))
-        _check_positive(self, "history", "history_bytes", "history_bytes_total", "store_queue_bytes", "store_wait", "history_retention", "max_text", "max_frame", "rate", "rate_burst",
+        _check_positive(self, "lifecycle_poll", "history", "history_bytes", "history_bytes_total", "store_queue_bytes", "store_wait", "history_retention", "max_text", "max_frame", "rate", "rate_burst",
                         "max_connections", "send_queue_bytes", "ping_interval",
                         "ping_timeout", "heartbeat_interval", "lease", "frame_rate",
                         "frame_burst", "byte_rate", "byte_burst", "max_fragments",

@@ -107,6 +107,20 @@ class DirectoryClient:
         except msgspec.ValidationError as exc:
             raise DirectoryUnavailable(f"malformed heartbeat answer: {exc}") from exc
 
+    async def claim(self, *, internal_url: str, public_base: str | None, capacity: int | None,
+                    boot_id: str, load: InstanceLoad) -> HeartbeatResponse:
+        """Get an instance number (this client was made for ``UNNUMBERED``), and act as that
+        instance from then on; raises :class:`DirectoryError`."""
+        body = HeartbeatBody(internal_url=internal_url, public_base=public_base,
+                             capacity=capacity, boot_id=boot_id, load=load)
+        data = await self._call("POST", "/v1/internal/instances", msgspec.to_builtins(body))
+        try:
+            answer = msgspec.convert(data, HeartbeatResponse)
+        except msgspec.ValidationError as exc:
+            raise DirectoryUnavailable(f"malformed claim answer: {exc}") from exc
+        self.instance = answer.instance.id
+        return answer
+
     async def open_room(self, room: str, ticket_epoch: int, *,
                         open_id: str | None = None) -> OpenGrant:
         """Ask to create ``room`` in memory; raises :class:`DirectoryError`.
@@ -193,10 +207,13 @@ class DirectoryClient:
             raise DirectoryUnavailable(f"GET {path}: {exc!r}") from exc
         raise DirectoryUnavailable(f"GET {path}: the directory ended the channel")
 
-    async def leave(self, *, drain: bool, timeout: float | None = None) -> dict[str, Any]:
-        """Tell the directory this instance stops; raises :class:`DirectoryError`."""
+    async def leave(self, *, drain: bool, remove: bool = False,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """Tell the directory this instance stops (``remove``: and leaves the registry);
+        raises :class:`DirectoryError`."""
         return await self._call("POST", f"/v1/internal/instances/{self.instance}/leave",
-                                msgspec.to_builtins(LeaveBody(drain=drain)), timeout)
+                                msgspec.to_builtins(LeaveBody(drain=drain, remove=remove)),
+                                timeout)
 
     async def _call(self, method: str, path: str, body: dict[str, Any],
                     timeout: float | None = None) -> dict[str, Any]:

@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
+import itertools
 import logging
+import random
+import secrets
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from roomshard.config import ShardConfig
+from roomshard.config import AUTO_INSTANCE, ShardConfig
 from roomshard.store.messages import MessageStore
-from shard.directory_client import DirectoryClient
+from roomshard.wire.internal import UNNUMBERED, InstanceLoad
+from shard.directory_client import DirectoryClient, DirectoryError, DirectoryRefused
+from shard.lifecycle import AsgLifecycle, LifecycleError
 from shard.server import ShardServer
 
 log = logging.getLogger("roomshard.shard")
@@ -80,19 +87,90 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+#: Retries of the claim of an instance number while the directory cannot answer.
+CLAIM_RETRY_S, CLAIM_RETRY_MAX_S = 0.25, 5.0
+
+
+async def claim_number(cfg: ShardConfig, directory: DirectoryClient, sock: socket.socket,
+                       boot_id: str, stop: asyncio.Event) -> str | None:
+    """``--instance auto``: ask the directory for a number until it answers (None: stopped).
+
+    The claim carries the address the directory will reach this process at (the bound
+    socket's, or ``--advertise-url``): a process restarted at the same address takes back
+    the number its predecessor had, once that one is gone."""
+    host, port = sock.getsockname()[:2]
+    internal_url = cfg.advertise_url or f"http://{host}:{port}"
+    delay = CLAIM_RETRY_S
+    for attempt in itertools.count(1):
+        try:
+            answer = await directory.claim(internal_url=internal_url, public_base=cfg.public_base,
+                                           capacity=cfg.capacity, boot_id=boot_id,
+                                           load=InstanceLoad())
+        except DirectoryRefused:
+            raise
+        except DirectoryError as exc:
+            if attempt in (1, 5) or attempt % 30 == 0:
+                log.warning("cannot claim an instance number yet (%d tries): %s", attempt, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay * (1 + random.random() / 2))
+            if stop.is_set():
+                return None
+            delay = min(delay * 2, CLAIM_RETRY_MAX_S)
+            continue
+        log.warning("the directory numbered this shard %s (at %s)", answer.instance.id,
+                    internal_url)
+        return answer.instance.id
+    raise AssertionError("unreachable")
+
+
 async def serve(cfg: ShardConfig) -> None:
     from roomshard.wire.tickets import Signer
 
-    directory = DirectoryClient(cfg.directory_url, cfg.instance, Signer(cfg.cluster_secrets))
-    store = None if cfg.history_url == "memory" else MessageStore(cfg.history_url)
-    server = ShardServer(cfg, directory, store=store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    auto = cfg.instance == AUTO_INSTANCE
+    directory = DirectoryClient(cfg.directory_url, UNNUMBERED if auto else cfg.instance,
+                                Signer(cfg.cluster_secrets))
+    sock, boot_id = None, secrets.token_hex(8)
+    if auto:
+        sock = socket.create_server((cfg.host, cfg.port), backlog=4096)
+        try:
+            number = await claim_number(cfg, directory, sock, boot_id, stop)
+        except DirectoryRefused as exc:
+            sock.close()
+            await directory.aclose()
+            raise SystemExit(f"roomshard: the directory refused to number this shard: {exc}")
+        if number is None:
+            sock.close()
+            await directory.aclose()
+            return
+        cfg = dataclasses.replace(cfg, instance=number)
+    store = None if cfg.history_url == "memory" else MessageStore(cfg.history_url)
+    remove = auto if cfg.remove_on_stop is None else cfg.remove_on_stop
+    server = ShardServer(cfg, directory, store=store, boot_id=boot_id, remove_on_leave=remove)
+    await server.start(sock)
+    lifecycle = watcher = None
+    if cfg.asg_lifecycle_hook:
+        lifecycle = AsgLifecycle(cfg.asg_lifecycle_hook, imds_url=cfg.imds_url,
+                                 poll=cfg.lifecycle_poll)
+        watcher = loop.create_task(lifecycle.watch(stop))
     await stop.wait()
-    log.warning("signal received: stopping shard %s", cfg.instance)
+    if lifecycle is None or not lifecycle.terminating:
+        log.warning("signal received: stopping shard %s", cfg.instance)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(server.shutdown(), cfg.shutdown_timeout + 1)
+    if lifecycle is not None and watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        try:
+            if lifecycle.terminating:  # every room has moved: the machine may go
+                await lifecycle.complete()
+        except LifecycleError as exc:
+            # The group terminates the machine anyway when the hook's timeout runs out.
+            log.error("could not complete the lifecycle hook: %s", exc)
+        finally:
+            await lifecycle.aclose()
 

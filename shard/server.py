@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,8 +139,12 @@ class ShardServer:
     def __init__(self, cfg: ShardConfig, directory: DirectoryClient, *,
                  store: MessageStore | None = None,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 boot_id: str | None = None, remove_on_leave: bool = False) -> None:
         self.cfg = cfg
+        # A numbered-by-the-directory shard (--instance auto) leaves the registry when it
+        # stops: its number, and its route, are free for the next machine.
+        self.remove_on_leave = remove_on_leave
         self.clock = clock
         self.monotonic = monotonic
         self.signer = Signer(cfg.cluster_secrets)
@@ -166,7 +171,7 @@ class ShardServer:
                                                    self.ws_conns, self.lingering, self.ready,
                                                    self.commit))
         self.router = Router()
-        self.boot_id = secrets.token_hex(8)
+        self.boot_id = boot_id or secrets.token_hex(8)
         routes.install(self.router, instance=cfg.instance, boot_id=self.boot_id, auth=auth,
                        not_ready=self.not_ready,
                        render_metrics=self.metrics.render, live_rooms=self.live_rooms,
@@ -197,12 +202,18 @@ class ShardServer:
         self.conns_per_address: dict[str, int] = {}  # WebSockets per peer address (when capped)
 
     # -- lifecycle ----------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on ``sock`` (bound already: ``--instance auto`` needed its address to claim
+        a number) or on the configured host and port."""
         loop = asyncio.get_running_loop()
         if self.store is not None:
             await self.store.open()
-        self._server = await loop.create_server(lambda: Connection(self._conn_ctx), self.cfg.host,
-                                                self.cfg.port, backlog=4096)
+        if sock is not None:
+            self._server = await loop.create_server(lambda: Connection(self._conn_ctx),
+                                                    sock=sock, backlog=4096)
+        else:
+            self._server = await loop.create_server(lambda: Connection(self._conn_ctx),
+                                                    self.cfg.host, self.cfg.port, backlog=4096)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
         log.warning("roomshard shard %s listening on %s", self.cfg.instance, self.url)
@@ -261,7 +272,7 @@ class ShardServer:
         log.warning("shutting down: closed %d clients", closed)
         try:
             if not self.retired:  # a retired instance is no longer in the registry
-                await self.directory.leave(drain=False,
+                await self.directory.leave(drain=False, remove=self.remove_on_leave,
                                            timeout=max(0.5, self.cfg.shutdown_timeout / 3))
         except DirectoryError as exc:
             log.warning("could not tell the directory we leave: %s", exc)

@@ -31,7 +31,7 @@ SHARD_LAYERS: tuple[tuple[str, ...], ...] = (
     # the parts that hold the shard's state, given what they need
     ("shard.live_rooms", "shard.metrics", "shard.routes", "shard.handoff_routes"),
     # I/O: sockets, the write scheduler, the directory client
-    ("shard.connection", "shard.writer", "shard.directory_client"),
+    ("shard.connection", "shard.writer", "shard.directory_client", "shard.lifecycle"),
     # pure: never awaits, never reads the clock, never touches a socket
     ("shard.room", "shard.frames", "shard.ratelimit", "shard.handoff", "shard.stats",
      "shard.http", "shard.handshake", "shard.admission", "shard.reader"),

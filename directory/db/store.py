@@ -55,6 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from directory.db.engine import instances, retired_processes, room_counts, rooms
 from directory.db.room_cache import RoomCache
+from directory.domain import instances as instances_domain
 from directory.domain import placement
 from directory.domain.errors import Conflict, Overloaded, Unavailable
 from directory.domain.instances import REASON_SHUTDOWN, died_changes
@@ -71,6 +72,8 @@ REPLACED_MEMO_S = 2.0
 #: How long a write waits for its turn on SQLite's one write lock (in this process)
 #: before the request is answered 503 ``overloaded``.
 SQLITE_WRITE_WAIT_S = 10.0
+#: Claims of a new instance number that may collide with other replicas' before a 503.
+MAX_CLAIM_ATTEMPTS = 20
 #: How long a removed instance's process stays refused; a process running this long after
 #: its instance was removed is kept out by its own 409s long before (it stops heartbeating).
 RETIRED_KEEP_S = 7 * 86400
@@ -622,6 +625,60 @@ class Store:
             out = await _instance(conn, instance)
         assert out is not None
         return out
+
+    async def claim_instance(self, process: str,
+                             reclaim: Callable[[Mapping[str, Any]], bool],
+                             decide: Callable[[str, Mapping[str, Any] | None], dict[str, Any]]
+                             ) -> Mapping[str, Any]:
+        """Give the shard process ``process`` (a boot id) an instance number, once.
+
+        The same process asking again gets the same instance (a retried claim).
+        Else the instance ``reclaim(row)`` accepts (the same address, its process
+        gone), else the lowest free number. ``decide(instance, row_or_None)`` returns
+        the row's values, as a heartbeat's. Atomic across replicas: the new row is
+        an insert that another replica's insert of the same number turns into a
+        retry with the next free number; a reclaim is a conditional update on the
+        previous process's boot id. Raises 409 ``instance_retired`` for a process an
+        admin removed, 503 when no number is free (or the claims keep colliding).
+        """
+        for _attempt in range(MAX_CLAIM_ATTEMPTS):
+            async with self.write() as conn:
+                if (await conn.execute(select(retired_processes.c.instance).where(
+                        retired_processes.c.boot_id == process))).first() is not None:
+                    raise Conflict("instance_retired",
+                                   f"this process (boot id {process}) was removed from the "
+                                   "registry: stop it (a new process registers anew)")
+                rows = (await conn.execute(select(*INSTANCE_COLUMNS)
+                                           .order_by(instances.c.number))).mappings().all()
+                mine = next((r for r in rows if r["boot_id"] == process), None)
+                if mine is not None:
+                    return mine
+                old = next((r for r in rows if reclaim(r)), None)
+                if old is not None:
+                    done = await conn.execute(
+                        update(instances).where(instances.c.id == old["id"],
+                                                instances.c.boot_id == old["boot_id"])
+                        .values(**decide(old["id"], dict(old))))
+                    if done.rowcount:
+                        out = await _instance(conn, old["id"])
+                        assert out is not None
+                        return out
+                    continue
+                number = instances_domain.lowest_free_number({r["number"] for r in rows})
+                if number is None:
+                    raise Unavailable("no_free_instance",
+                                      f"all {instances_domain.MAX_NUMBER} instance numbers "
+                                      "are taken: retire instances that are gone")
+                instance = f"i{number}"
+                done = await conn.execute(self._insert(instances)
+                                          .values(**decide(instance, None))
+                                          .on_conflict_do_nothing(index_elements=["id"]))
+                if done.rowcount:
+                    out = await _instance(conn, instance)
+                    assert out is not None
+                    return out
+        raise Unavailable("claim_contention", "instance numbers are being claimed by many "
+                                              "shards at once: retry")
 
     async def confirm_route(self, instance: str, boot_id: str) -> bool:
         """Make ``instance`` active if it is still pending under process ``boot_id`` (its

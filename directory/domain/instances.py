@@ -132,6 +132,25 @@ def heartbeat_changes(row: Mapping[str, Any] | None, hb: HeartbeatBody, *, insta
     return changes
 
 
+#: The highest instance number the directory hands out (``i1`` .. ``i9999``).
+MAX_NUMBER = 9999
+
+
+def lowest_free_number(taken: set[int]) -> int | None:
+    """The lowest instance number not in ``taken`` (None: all 9,999 are)."""
+    return next((n for n in range(1, MAX_NUMBER + 1) if n not in taken), None)
+
+
+def reclaimable(row: Mapping[str, Any], *, internal_url: str, now: float,
+                down_after: float) -> bool:
+    """Whether a shard process starting at ``internal_url`` without a number may take
+    ``row``'s: the same address, and that instance's process is gone (it left, died or
+    went silent). A restarted shard keeps its number, its route and its rooms' owner."""
+    return row["internal_url"] == internal_url and (
+        row["state_reason"] in _PROCESS_GONE
+        or placement.is_down(seen_at(row), now=now, down_after=down_after))
+
+
 def admin_put_changes(row: Mapping[str, Any] | None, body: InstancePut, *, instance: str,
                       now: float, default_capacity: int) -> dict[str, Any]:
     """Column values to write for an admin PUT; raises BadRequest."""

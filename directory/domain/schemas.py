@@ -186,6 +186,7 @@ class DrainReport(Lenient):
     state: str
     moves: list[dict[str, Any]]
     replaced: int = 0  # rooms re-placed without a live move (the instance was down)
+    removed: bool | None = None  # a leave with remove: whether the instance left the registry
 
 
 # -- shard -> directory (internal) --------------------------------------------

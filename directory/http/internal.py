@@ -13,7 +13,7 @@ from starlette.responses import Response
 from directory.context import Directory
 from directory.domain import instances, placement, schemas
 from directory.domain.auth import check_acting_for
-from directory.domain.errors import BadRequest, Conflict, NotFound
+from directory.domain.errors import BadRequest, Conflict, Forbidden, NotFound
 from directory.http.edge import (
     NO_STORE,
     ApiRoute,
@@ -60,6 +60,31 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
     return json_response(answer)
 
 
+async def claim(request: Request, ctx: Directory) -> Response:
+    """A shard started without an instance number gets one: the number a process of its
+    at this address had (gone now), else the lowest free; answered like a heartbeat."""
+    now = ctx.clock()
+    subject = cluster_caller(request)
+    if subject != internal.UNNUMBERED:
+        raise Forbidden("wrong_instance", f"token of {subject} cannot claim an instance "
+                                          f"(the subject is {internal.UNNUMBERED!r})")
+    body = decode(await read_body(request), internal.HeartbeatBody)
+    schemas.check_urls(body.internal_url, body.public_base)
+    url = instances.check_internal_url(body.internal_url)
+
+    def decide(instance: str, row: Any) -> dict[str, Any]:
+        return instances.heartbeat_changes(row, body, instance=instance, now=now,
+                                          down_after=ctx.cfg.down_after,
+                                          default_capacity=ctx.cfg.default_capacity,
+                                          route_check=ctx.cfg.route_check)
+
+    row = await ctx.store.claim_instance(
+        body.boot_id, lambda r: instances.reclaimable(r, internal_url=url, now=now,
+                                                      down_after=ctx.cfg.down_after), decide)
+    view = instance_view(row, now=now, down_after=ctx.cfg.down_after, public_url=ctx.cfg.public_url)
+    return json_response({"instance": view, "down_after": ctx.cfg.down_after})
+
+
 async def leave(request: Request, ctx: Directory) -> Response:
     subject = cluster_caller(request)
     instance = instance_param(request.path_params["instance"])
@@ -70,12 +95,20 @@ async def leave(request: Request, ctx: Directory) -> Response:
     # From this moment on no new room goes there (see instances.leave_changes).
     await ctx.store.upsert_instance(instance, lambda _row: instances.leave_changes(drain=body.drain))
     if body.drain:
-        return json_response(await drains.drain_instance(ctx.mover, instance=instance,
-                                                         reason=instances.REASON_SHUTDOWN))
-    # No drain asked: the rooms are re-placed on their next connect (their
-    # welcome says recovered: false).
-    state = placement.DISABLED
-    return json_response({"instance": instance, "state": state, "moves": [], "replaced": 0})
+        report = await drains.drain_instance(ctx.mover, instance=instance,
+                                             reason=instances.REASON_SHUTDOWN)
+    else:
+        # No drain asked: the rooms are re-placed on their next connect (their
+        # welcome says recovered: false).
+        report = {"instance": instance, "state": placement.DISABLED, "moves": [], "replaced": 0}
+    if body.remove:
+        # What a drain left (or no drain moved) is re-placed now: nothing may point at a
+        # removed instance. The process is retired with it (its heartbeats are refused).
+        now = ctx.clock()
+        report["replaced"] = report.get("replaced", 0) + await ctx.store.replace_all(
+            instance, now=now, down_after=ctx.cfg.down_after)
+        report["removed"] = await ctx.store.delete_instance(instance, now=now) == "deleted"
+    return json_response(report)
 
 
 async def open_room(request: Request, ctx: Directory) -> Response:
@@ -215,6 +248,10 @@ ROUTES = [
              "checked at once (a dead process is found in milliseconds, not down_after)",
              "internal", auth="cluster", errors=(400, 401, 403), content_type="text/plain",
              query=(("boot_id", "string", "the shard process's boot id, as in its heartbeats"),)),
+    ApiRoute("POST", "/v1/internal/instances", "claim_instance", claim,
+             "A shard started without an instance number claims one (the heartbeat's body)",
+             "internal", auth="cluster", body=internal.HeartbeatBody,
+             response=internal.HeartbeatResponse, errors=(400, 401, 403, 409, 503)),
     ApiRoute("POST", _I + "/leave", "leave", leave,
              "A shard stops cleanly: no new placements, optionally drain", "internal",
              auth="cluster", body=internal.LeaveBody, response=schemas.DrainReport,

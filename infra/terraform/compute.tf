@@ -47,6 +47,7 @@ locals {
   units = {
     directory = file("${path.module}/../systemd/roomshard-directory.service")
     shard     = file("${path.module}/../systemd/roomshard-shard@.service")
+    alb_rules = file("${path.module}/../systemd/roomshard-alb-rules.service")
   }
 }
 
@@ -56,15 +57,21 @@ resource "aws_instance" "directory" {
   instance_type          = var.directory_instance_type
   subnet_id              = var.private_subnet_ids[count.index % length(var.private_subnet_ids)]
   vpc_security_group_ids = [aws_security_group.instances.id]
-  iam_instance_profile   = aws_iam_instance_profile.instances.name
+  iam_instance_profile   = aws_iam_instance_profile.directory.name
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    role         = "directory"
-    instance     = ""
-    pip_spec     = var.roomshard_pip_spec
-    ssm_prefix   = var.secrets_ssm_prefix
-    region       = data.aws_region.current.name
-    unit_files   = local.units
-    env_lines    = ["ROOMSHARD_HOST=0.0.0.0", "ROOMSHARD_PORT=${var.directory_port}", "ROOMSHARD_AUTH=jwt", "ROOMSHARD_PUBLIC_URL=${var.public_url}"]
+    role           = "directory"
+    instance       = ""
+    advertise_port = ""
+    directory_port = var.directory_port
+    # The reconciler runs on the first directory machine only: one per load balancer.
+    rules_listener = count.index == 0 ? aws_lb_listener.https.arn : ""
+    pip_spec       = var.roomshard_pip_spec
+    ssm_prefix     = var.secrets_ssm_prefix
+    region         = data.aws_region.current.name
+    unit_files     = local.units
+    env_lines = ["ROOMSHARD_HOST=0.0.0.0", "ROOMSHARD_PORT=${var.directory_port}", "ROOMSHARD_AUTH=jwt", "ROOMSHARD_PUBLIC_URL=${var.public_url}",
+      # A new shard gets rooms only once its rule (the reconciler's) answers through the ALB.
+    "ROOMSHARD_ROUTE_CHECK=on"]
     secret_names = ["database_url", "admin_token", "cluster_secret", "jwt_secret"]
   })
   tags = { Name = "${var.name}-directory-${count.index + 1}", "roomshard:role" = "directory" }
@@ -79,13 +86,16 @@ resource "aws_instance" "shard" {
   vpc_security_group_ids = [aws_security_group.instances.id]
   iam_instance_profile   = aws_iam_instance_profile.instances.name
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    role         = "shard"
-    instance     = "i${each.key}"
-    pip_spec     = var.roomshard_pip_spec
-    ssm_prefix   = var.secrets_ssm_prefix
-    region       = data.aws_region.current.name
-    unit_files   = local.units
-    secret_names = ["cluster_secret"]
+    role           = "shard"
+    instance       = "i${each.key}"
+    advertise_port = ""
+    directory_port = var.directory_port
+    rules_listener = ""
+    pip_spec       = var.roomshard_pip_spec
+    ssm_prefix     = var.secrets_ssm_prefix
+    region         = data.aws_region.current.name
+    unit_files     = local.units
+    secret_names   = ["cluster_secret"]
     env_lines = concat([
       "ROOMSHARD_HOST=0.0.0.0",
       "ROOMSHARD_PORT=${var.shard_port}",

@@ -119,3 +119,25 @@ variable "ingress_cidrs" {
   type        = list(string)
   default     = ["0.0.0.0/0"]
 }
+
+variable "shard_group" {
+  description = "An Auto Scaling group of shards the directory numbers (autoscaling.tf); null: none. Scale it by any policy; scale-in drains each machine first."
+  type = object({
+    min_size         = number
+    max_size         = number
+    desired_capacity = number
+  })
+  default = null
+}
+
+variable "shard_group_shutdown_timeout" {
+  description = "ROOMSHARD_SHUTDOWN_TIMEOUT of the group's shards, seconds; the lifecycle hook waits 3x as long."
+  type        = number
+  default     = 60
+}
+
+variable "rules_name_prefix" {
+  description = "Target group name prefix of the reconciler (`roomshard rules apply --name-prefix`)."
+  type        = string
+  default     = "rs"
+}

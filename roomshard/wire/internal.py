@@ -145,9 +145,16 @@ class OpenBatch(Body):
 
 
 class LeaveBody(Body):
-    """``POST /v1/internal/instances/{id}/leave``: the shard stops (``drain``: move rooms first)."""
+    """``POST /v1/internal/instances/{id}/leave``: the shard stops (``drain``: move rooms first;
+    ``remove``: then take the instance out of the registry, freeing its number and route)."""
 
     drain: bool = False
+    remove: bool = False
+
+
+#: The cluster-token subject of a shard process that has no instance number yet: it may
+#: only claim one (``POST /v1/internal/instances``, the heartbeat's body).
+UNNUMBERED = "unnumbered"
 
 
 # -- directory -> shard: the live handoff (docs/HANDOFF.md) ------------------------

@@ -85,6 +85,66 @@ async def test_a_removed_instances_process_may_not_register_it_again(h: Harness)
     assert rows == ["other"]
 
 
+async def _claim(h: Harness, boot_id: str, url: str, subject: str = internal.UNNUMBERED) -> Any:
+    return await h.client.post("/v1/internal/instances", headers=cluster_headers(subject, h.clock.now),
+                               json={"internal_url": url, "boot_id": boot_id})
+
+
+async def test_a_shard_without_a_number_gets_the_lowest_free_one_once(h: Harness) -> None:
+    await h.heartbeat("i2", boot_id="fixed")
+    r = await _claim(h, "a", "http://10.0.0.1:8081")
+    assert r.status_code == 200 and r.json()["instance"]["id"] == "i1", r.text
+    assert r.json()["instance"]["state"] == "active" and r.json()["down_after"] == 10.0
+    again = await _claim(h, "a", "http://10.0.0.1:8081")  # a retried claim: the same number
+    assert again.json()["instance"]["id"] == "i1"
+    assert (await _claim(h, "b", "http://10.0.0.3:8081")).json()["instance"]["id"] == "i3"
+    # The claimed number is the process's: it heartbeats as i1 with its own token.
+    assert (await h.heartbeat("i1", boot_id="a", url="http://10.0.0.1:8081")).status_code == 200
+    # Only an unnumbered token may claim; an unnumbered token may not act as an instance.
+    r = await _claim(h, "c", "http://10.0.0.4:8081", subject="i1")
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "wrong_instance")
+    r = await h.client.put("/v1/internal/instances/i4/heartbeat",
+                           headers=cluster_headers(internal.UNNUMBERED, h.clock.now),
+                           json={"internal_url": "http://10.0.0.4:8081", "boot_id": "c"})
+    assert r.status_code == 403
+    assert (await _claim(h, "d", "not a url")).status_code == 400
+
+
+async def test_a_restarted_shard_takes_back_its_number_once_its_predecessor_is_gone(
+        h: Harness) -> None:
+    assert (await _claim(h, "first", "http://10.0.0.1:8081")).json()["instance"]["id"] == "i1"
+    # The predecessor is alive: a second process at that address gets a number of its own.
+    assert (await _claim(h, "rival", "http://10.0.0.1:8081")).json()["instance"]["id"] == "i2"
+    h.clock.now += 11  # i1 and i2 are down now (no heartbeat for down_after)
+    assert (await h.heartbeat("i2", boot_id="rival", url="http://10.0.0.1:8081")).status_code == 200
+    r = await _claim(h, "second", "http://10.0.0.1:8081")
+    assert r.json()["instance"]["id"] == "i1" and r.json()["instance"]["state"] == "active"
+    # A process that left (shutdown) frees its number for the next one at its address.
+    r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": False},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.status_code == 200
+    assert (await _claim(h, "third", "http://10.0.0.1:8081")).json()["instance"]["id"] == "i1"
+
+
+async def test_a_leave_with_remove_frees_the_number_and_retires_the_process(h: Harness) -> None:
+    assert (await _claim(h, "p1", "http://10.0.0.1:8081")).json()["instance"]["id"] == "i1"
+    assert (await _claim(h, "p2", "http://10.0.0.2:8081")).json()["instance"]["id"] == "i2"
+    assert (await h.connect("left-room")).status_code == 200
+    r = await h.client.post("/v1/internal/instances/i1/leave", json={"drain": False, "remove": True},
+                            headers=cluster_headers("i1", h.clock.now))
+    assert r.status_code == 200 and r.json()["removed"] is True, r.text
+    listed = (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]
+    assert [i["id"] for i in listed] == ["i2"]
+    # The room (if it was i1's) points at a live instance now, never at a removed one.
+    room = (await h.client.get("/v1/admin/rooms/left-room", headers=ADMIN)).json()
+    assert room["instance"] in (None, "i2")
+    r = await h.heartbeat("i1", boot_id="p1", url="http://10.0.0.1:8081")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "instance_retired")
+    r = await _claim(h, "p1", "http://10.0.0.1:8081")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "instance_retired")
+    assert (await _claim(h, "p3", "http://10.0.0.3:8081")).json()["instance"]["id"] == "i1"
+
+
 async def test_the_instance_view_says_where_its_route_is(h: Harness) -> None:
     r = await h.heartbeat("i4", public_base="wss://x.example.com")
     assert r.json()["instance"]["route_url"] == "wss://x.example.com/i4/room/"

@@ -39,9 +39,11 @@ def test_generated_templates_pass_cfn_lint(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_infra_base_template_passes_cfn_lint():
-    """infra/cloudformation/base.yaml lints clean."""
-    res = cfn_lint(INFRA_TEMPLATE)
+def test_infra_templates_pass_cfn_lint():
+    """infra/cloudformation/*.yaml (base, shard, shard-group) lint clean."""
+    templates = sorted(INFRA_TEMPLATE.parent.glob("*.yaml"))
+    assert {t.name for t in templates} >= {"base.yaml", "shard.yaml", "shard-group.yaml"}
+    res = cfn_lint(*templates)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

@@ -125,6 +125,7 @@ def test_cloudformation_base_alb_facts():
 @pytest.mark.parametrize("template, path, unit", [
     ("base.yaml", ("DirectoryLaunchTemplate", "LaunchTemplateData"), "roomshard-directory.service"),
     ("shard.yaml", ("Shard",), "roomshard-shard@.service"),
+    ("shard-group.yaml", ("ShardLaunchTemplate", "LaunchTemplateData"), "roomshard-shard@.service"),
 ])
 def test_templates_embed_the_systemd_units_verbatim(template, path, unit):
     """The units inside CloudFormation user data are exact copies of infra/systemd."""
@@ -139,12 +140,14 @@ def test_templates_embed_the_systemd_units_verbatim(template, path, unit):
 
 def _verify_units(tmp_path: Path, extra: str = "") -> str:
     roomshard = shutil.which("roomshard") or "/bin/true"
-    for unit in ("roomshard-directory.service", "roomshard-shard@.service"):
+    for unit in ("roomshard-directory.service", "roomshard-shard@.service",
+                 "roomshard-alb-rules.service"):
         text = (SYSTEMD / unit).read_text().replace("/opt/roomshard/venv/bin/roomshard", roomshard)
         (tmp_path / unit).write_text(text + extra)
     (tmp_path / "roomshard-shard@i1.service").write_text((tmp_path / "roomshard-shard@.service").read_text())
     res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "roomshard-directory.service"),
-                          str(tmp_path / "roomshard-shard@i1.service")],
+                          str(tmp_path / "roomshard-shard@i1.service"),
+                          str(tmp_path / "roomshard-alb-rules.service")],
                          capture_output=True, text=True, check=False, timeout=t(60))
     return (res.stdout + res.stderr).strip()
 
@@ -169,6 +172,40 @@ def test_shard_unit_stops_gracefully_within_the_drain_budget():
     assert "EnvironmentFile=/etc/roomshard/shard-%i.env" in unit
     assert f"ROOMSHARD_SHUTDOWN_TIMEOUT={shutdown}" in (CFN / "shard.yaml").read_text()
     assert f"ROOMSHARD_SHUTDOWN_TIMEOUT={shutdown}" in (TF / "compute.tf").read_text()
+
+
+def test_the_shard_group_waits_for_its_shards_to_leave():
+    """Terraform and CloudFormation: the termination hook's name is the one the shards are
+    given, it waits longer than a shard's whole stop, the machines run `--instance auto`
+    with IMDSv2, and the reconciler runs on one directory machine with its permissions."""
+    text = _tf_text()
+    group = (TF / "autoscaling.tf").read_text()
+    assert 'name                 = "${var.name}-shard-drain"' in group
+    assert '"ROOMSHARD_ASG_LIFECYCLE_HOOK=${var.name}-shard-drain"' in group
+    assert 'lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"' in group
+    assert "shard_group_hook_timeout = 3 * var.shard_group_shutdown_timeout" in group
+    assert 'instance       = "auto"' in group and 'http_tokens   = "required"' in group
+    assert 'rules_listener = count.index == 0 ? aws_lb_listener.https.arn : ""' in text
+    assert '"autoscaling:CompleteLifecycleAction"' in group
+    assert '"elasticloadbalancing:CreateRule"' in (TF / "reconciler.tf").read_text()
+
+    doc = _load("shard-group.yaml")
+    params, res = doc["Parameters"], doc["Resources"]
+    assert params["HookTimeout"]["Default"] >= 3 * params["ShutdownTimeout"]["Default"]
+    (hook,) = res["ShardGroup"]["Properties"]["LifecycleHookSpecificationList"]
+    assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    assert hook["LifecycleHookName"] == {"Fn::Sub": "${AWS::StackName}-shard-drain"}
+    script = res["ShardLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"][
+        "Fn::Base64"]["Fn::Sub"][0]
+    assert "ROOMSHARD_ASG_LIFECYCLE_HOOK=${AWS::StackName}-shard-drain" in script
+    assert "roomshard-shard@auto.service" in script
+    actions = {a for st in res["ShardRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+               for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert "autoscaling:CompleteLifecycleAction" in actions
+    # The shard's stop must fit: the unit's stop timeout is above ROOMSHARD_SHUTDOWN_TIMEOUT.
+    unit_stop = int(re.search(r"TimeoutStopSec=(\d+)s", (SYSTEMD / "roomshard-shard@.service")
+                              .read_text()).group(1))
+    assert unit_stop > params["ShutdownTimeout"]["Default"]
 
 
 @pytest.mark.nginx

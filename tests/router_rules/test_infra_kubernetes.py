@@ -47,7 +47,8 @@ def test_every_file_is_in_the_kustomization_and_every_object_is_valid(
     assert listed == {p.name for p in INFRA.glob("*.yaml")} - {"kustomization.yaml"}
     kinds = sorted({k for k, _ in objs})
     assert kinds == ["ConfigMap", "Deployment", "Gateway", "HTTPRoute", "Namespace", "NetworkPolicy",
-                     "PodDisruptionBudget", "Secret", "Service", "StatefulSet"]
+                     "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service",
+                     "ServiceAccount", "StatefulSet"]
     for obj in objs.values():
         validate(obj)
 
@@ -111,7 +112,8 @@ def test_selectors_secrets_and_routes_line_up(objs: dict[tuple[str, str], dict[s
     and the generated shards' routes attach to the same Gateway, and the directory's
     Service port is the one the shards are told."""
     secret_keys = set(objs[("Secret", "roomshard")]["stringData"])
-    for kind, name in [("Deployment", "roomshard-directory"), ("StatefulSet", DEFAULT_STATEFULSET)]:
+    for kind, name in [("Deployment", "roomshard-directory"), ("StatefulSet", DEFAULT_STATEFULSET),
+                       ("Deployment", "roomshard-rules")]:
         obj = objs[(kind, name)]
         labels = obj["spec"]["template"]["metadata"]["labels"]
         assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -142,3 +144,33 @@ def test_only_the_gateway_and_roomshard_itself_reach_the_pods(
         assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
         assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"roomshard.io/gateway": "true"}}},
                                 {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "roomshard"}}}]
+
+
+def test_the_reconciler_applies_what_it_generates_and_may_touch_nothing_else(
+        objs: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """rules.yaml: the reconciler follows the directory's Service, writes the objects of
+    `roomshard rules --format kubernetes` for the same Gateway and StatefulSet, prunes only
+    what it labels, and its Role grants exactly the kinds it writes; the directory gates
+    new shards on their route."""
+    deploy = objs[("Deployment", "roomshard-rules")]
+    args = _containers(deploy)["args"]
+    directory_port = objs[("Service", "roomshard-directory")]["spec"]["ports"][0]["port"]
+    assert args[:4] == ["rules", "--format=kubernetes",
+                        f"--from-directory=http://roomshard-directory:{directory_port}", "--watch"]
+    assert f"--gateway={DEFAULT_GATEWAY}" in args and f"--statefulset={DEFAULT_STATEFULSET}" in args
+    reload = next(a for a in args if a.startswith("--reload-cmd="))
+    generated = build_objects(registry([1]))
+    label = "app.kubernetes.io/managed-by=roomshard-rules"
+    assert f"-l {label}" in reload and "--prune " in reload
+    assert {f"{k}={v}" for o in generated for k, v in o["metadata"]["labels"].items()} >= {label}
+    kinds = {o["kind"] for o in generated}
+    assert kinds == {"Service", "HTTPRoute"}
+    assert "--prune-allowlist=core/v1/Service" in reload
+    assert "--prune-allowlist=gateway.networking.k8s.io/v1/HTTPRoute" in reload
+    role = objs[("Role", "roomshard-rules")]
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {("", "services"), ("gateway.networking.k8s.io", "httproutes")}
+    binding = objs[("RoleBinding", "roomshard-rules")]
+    assert binding["subjects"][0]["name"] == deploy["spec"]["template"]["spec"]["serviceAccountName"]
+    assert deploy["spec"]["replicas"] == 1
+    assert objs[("ConfigMap", "roomshard")]["data"]["ROOMSHARD_ROUTE_CHECK"] == "on"

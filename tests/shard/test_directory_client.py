@@ -152,4 +152,4 @@ async def test_heartbeat_and_leave_bodies():
     assert msgspec.json.decode(calls[0][2]) == {
         "internal_url": "http://h:1", "boot_id": "b", "public_base": None, "capacity": 5,
         "load": {"rooms": 1, "connections": 2, "messages_per_s": 0.5}, "confirm": {"r": 4}}
-    assert calls[2] == ("POST", "/v1/internal/instances/i3/leave", b'{"drain":false}')
+    assert calls[2] == ("POST", "/v1/internal/instances/i3/leave", b'{"drain":false,"remove":false}')

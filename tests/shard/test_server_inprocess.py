@@ -328,7 +328,7 @@ async def test_unreachable_directory_at_start_keeps_retrying_and_not_ready():
     finally:
         await server.shutdown()
     # As every shard: ask for a live drain of its rooms first, then leave.
-    assert fake.leaves == [{"drain": True}, {"drain": False}]
+    assert fake.leaves == [{"drain": True, "remove": False}, {"drain": False, "remove": False}]
 
 
 async def test_join_gate_can_refuse_before_the_room_is_opened(shard, monkeypatch):
