@@ -271,6 +271,15 @@ def run_watch(target: watch.Target, from_directory: str, opts: WatchOptions,
 @click.option("--hostname", "hostnames", multiple=True,
               help="kubernetes: a host name the HTTPRoutes match (repeatable; none: the "
                    "Gateway listener's)")
+@click.option("--routes", "k8s_routes", type=click.Choice(kubernetes.ROUTES), default="gateway",
+              show_default=True,
+              help="kubernetes: Gateway API HTTPRoutes, or an Ingress per shard for the AWS "
+                   "Load Balancer Controller")
+@click.option("--ingress-group", default=kubernetes.DEFAULT_INGRESS_GROUP, show_default=True,
+              help="kubernetes --routes ingress: the IngressGroup (one ALB; other public_base "
+                   "hosts get GROUP-HOST)")
+@click.option("--ingress-class", default=kubernetes.DEFAULT_INGRESS_CLASS, show_default=True,
+              help="kubernetes --routes ingress: the IngressClass of the controller")
 @_watch_options
 @_common_options
 @click.pass_context
@@ -278,7 +287,8 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
           from_file: str | None, out: str | None, listen: str,
           directory_upstream: str | None, server_name: str | None, ssl_certificate: str | None,
           ssl_certificate_key: str | None, ping_interval: float, namespace: str, gateway: str,
-          statefulset: str, service_prefix: str, hostnames: tuple[str, ...], name_prefix: str,
+          statefulset: str, service_prefix: str, hostnames: tuple[str, ...], k8s_routes: str,
+          ingress_group: str, ingress_class: str, name_prefix: str,
           watch_opts: WatchOptions, **limits: int) -> None:
     """Load balancer rules for the registered instances (ALB via Terraform or
     CloudFormation, nginx, or Kubernetes Services and Gateway API HTTPRoutes), or
@@ -294,7 +304,9 @@ def rules(ctx: click.Context, fmt: str | None, from_directory: str | None,
                                   "ssl_certificate_key": ssl_certificate_key}
     k8s = {"namespace": namespace, "gateway": gateway_name,
            "gateway_namespace": gateway_namespace or None, "statefulset": statefulset,
-           "prefix": service_prefix, "hostnames": list(hostnames)}
+           "prefix": service_prefix, "hostnames": list(hostnames), "routes": k8s_routes,
+           "ingress_group": ingress_group, "ingress_class": ingress_class, "limits": limits,
+           "ping_interval": ping_interval}
     try:
         if watch_opts.watch:
             if fmt not in SINGLE_FILE:

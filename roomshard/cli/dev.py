@@ -123,6 +123,8 @@ def child_env(base: dict[str, str], *, data_dir: Path, creds: dict[str, str],
     env.setdefault("ROOMSHARD_SHUTDOWN_TIMEOUT", DEV_SHUTDOWN_TIMEOUT_S)
     if public_url:
         env["ROOMSHARD_PUBLIC_URL"] = public_url
+        # Behind nginx a shard gets rooms once nginx routes it (the reconciler's work).
+        env.setdefault("ROOMSHARD_ROUTE_CHECK", "on")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -147,7 +149,8 @@ def banner(*, page_url: str, directory_url: str, shard_urls: dict[str, str], adm
         *(f"  {'shard ' + name + ':':<13}{url}" for name, url in shard_urls.items()),
     ]
     if router_url:
-        lines.append(f"  router:      {router_url} (nginx; room URLs go through it)")
+        lines.append(f"  router:      {router_url} (nginx; room URLs go through it, and a shard you "
+                     "add is routed by itself)")
     lines += [
         f"  chat page:   {page_url}",
         f"  admin token: {admin_token}",
@@ -338,6 +341,10 @@ def render_router_rules(instances_doc: dict, listen: str, directory_url: str) ->
 
 
 def start_router(cluster: Cluster, binary: str, listen: str, directory_url: str, token: str) -> Child:
+    """nginx with the rules of the registry as it is, then the reconciler that keeps them
+    in step (``roomshard rules --format nginx --watch``): a shard registered later, by the
+    dev cluster or by hand, is routed within a second (and, with the route check the dev
+    directory runs behind nginx, gets rooms only then)."""
     prefix = (cluster.data_dir / "nginx").resolve()
     for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / k).mkdir(parents=True, exist_ok=True)
@@ -346,11 +353,19 @@ def start_router(cluster: Cluster, binary: str, listen: str, directory_url: str,
     rules.write_text(render_router_rules(r.json(), listen, directory_url))
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_main_conf(rules, prefix))
-    check = subprocess.run([binary, "-t", "-q", "-p", str(prefix), "-c", str(conf)],
-                           capture_output=True, text=True)
+    nginx = [binary, "-p", str(prefix), "-c", str(conf)]
+    check = subprocess.run([*nginx, "-t", "-q"], capture_output=True, text=True, check=False)
     if check.returncode != 0:
         raise DevError(f"nginx refused the generated config: {check.stderr.strip()}")
-    return cluster.spawn("nginx", [binary, "-p", str(prefix), "-c", str(conf)], ready=False)
+    router = cluster.spawn("nginx", nginx, ready=False)
+    watcher = cluster.spawn("rules", [
+        sys.executable, "-m", "roomshard", "rules", "--format", "nginx", "--watch",
+        "--from-directory", directory_url, "--out", str(rules), "--listen", listen,
+        "--directory-upstream", directory_url, "--interval", "0.5",
+        "--check-cmd", shlex.join([*nginx, "-t", "-q"]),
+        "--reload-cmd", shlex.join([*nginx, "-s", "reload"])])
+    cluster.wait_ready(watcher)
+    return router
 
 
 # -- the command ---------------------------------------------------------------
@@ -394,18 +409,19 @@ def _run(host: str, port: int, shards: int, data_dir: Path, router: str | None, 
     click.echo(f"roomshard dev: starting the directory and {shards} shard(s); logs in {data_dir / 'logs'}")
     d = cluster.spawn("directory", [*me, "directory", "--host", host, "--port", str(plan.directory)])
     directory_url = cluster.wait_ready(d)
+    token = creds["ROOMSHARD_ADMIN_TOKEN"]
+    page_url = directory_url + "/"
+    if binary is not None and router_port:
+        # nginx and its reconciler first: the shards become active once nginx routes them.
+        start_router(cluster, binary, f"{host}:{router_port}", directory_url, token)
+        cluster.wait_for("nginx to listen", lambda: _answers(f"{router_url}/healthz"), START_TIMEOUT_S)
+        page_url = f"{router_url}/"
     shard_children = [cluster.spawn(name, [*me, "shard", "--instance", name, "--host", host,
                                            "--port", str(p), "--directory-url", directory_url])
                       for name, p in plan.shards.items()]
     shard_urls = {c.name: cluster.wait_ready(c) for c in shard_children}
-    token = creds["ROOMSHARD_ADMIN_TOKEN"]
     cluster.wait_for("every shard to be active in the directory",
                      lambda: instances_active(directory_url, token, list(plan.shards)), START_TIMEOUT_S)
-    page_url = directory_url + "/"
-    if binary is not None and router_port:
-        start_router(cluster, binary, f"{host}:{router_port}", directory_url, token)
-        cluster.wait_for("nginx to listen", lambda: _answers(f"{router_url}/healthz"), START_TIMEOUT_S)
-        page_url = f"{router_url}/"
     click.echo(banner(page_url=page_url, directory_url=directory_url, shard_urls=shard_urls,
                       admin_token=token, data_dir=data_dir, router_url=router_url,
                       cmd=roomshard_command(sys.executable, Path.cwd()),

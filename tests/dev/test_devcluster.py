@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -170,6 +173,36 @@ async def test_dev_behind_nginx_answers_on_one_port(tmp_path: Path, run_dev: lis
         async for m in b:
             assert isinstance(m, client.Message) and (m.seq, m.text) == (seq, "through nginx")
             break
+
+    # A shard started by hand (numbered by the directory) is routed by the dev cluster's
+    # reconciler and gets rooms once nginx reaches it.
+    secrets = json.loads((tmp_path / "secrets.json").read_text())
+    directory = dev.field("directory")
+    extra = subprocess.Popen(
+        [sys.executable, "-m", "roomshard", "shard", "--port", "0", "--directory-url", directory],
+        env={**os.environ, **secrets}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        admin = {"Authorization": f"Bearer {secrets['ROOMSHARD_ADMIN_TOKEN']}"}
+
+        def third_active() -> bool:
+            listed = httpx.get(f"{directory}/v1/admin/instances", headers=admin, timeout=t(5))
+            return {"i3": "active"}.items() <= {i["id"]: i["state"]
+                                                for i in listed.json()["instances"]}.items()
+
+        wait_until(third_active, 30, "the hand-started shard to be routed and active")
+        assert "location /i3/room/ {" in (tmp_path / "nginx" / "roomshard.conf").read_text()
+        # New rooms go to the least loaded shards: i3 (and any other still empty) first.
+        placed = {}
+        for n in range(3):
+            r = httpx.post(f"{router}/v1/rooms/new-{n}/connect", json={"user": "carol"}, timeout=t(10))
+            placed[r.json()["instance"]] = f"new-{n}"
+        assert "i3" in placed, placed
+        async with client.connect(router, placed["i3"], "carol") as c:
+            assert await c.send("routed by itself") >= 1
+    finally:
+        os.killpg(extra.pid, signal.SIGTERM)
+        extra.wait(timeout=t(20))
     children = dev.descendants()
     assert any("nginx" in p.name() for p in children)
     dev.popen.send_signal(signal.SIGINT)

@@ -26,7 +26,9 @@ def fake_aws() -> Iterator[FakeAws]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    fake = FakeAws(f"http://{host}:{port}")
     try:
-        yield FakeAws(f"http://{host}:{port}")
+        yield fake
     finally:
+        fake.close()
         server.stop()

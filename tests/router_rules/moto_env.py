@@ -7,7 +7,7 @@ names, odd path patterns) and ignores some properties (CloudFormation
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -18,10 +18,20 @@ REGION = "us-east-1"
 @dataclass
 class FakeAws:
     endpoint: str
+    clients: list[Any] = field(default_factory=list)
 
     def client(self, service: str) -> Any:
-        return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint,
+        """A boto3 client of the fake; closed by :meth:`close` (an open one's pooled socket
+        would be reported, unclosed, in whichever later test the collector runs)."""
+        made = boto3.client(service, region_name=REGION, endpoint_url=self.endpoint,
                             aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.clients.append(made)
+        return made
+
+    def close(self) -> None:
+        for made in self.clients:
+            made.close()
+        self.clients.clear()
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from roomshard.testing.chatter import Chatter, check_logs, start_chatting
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Proc, Procs
@@ -26,6 +26,8 @@ from tests.router_rules.nginx_proc import Nginx, free_port
 pytestmark = [pytest.mark.nginx, pytest.mark.e2e]
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+#: Closes after which the contract tells a client to ask the directory again and reconnect.
+RETRY_CODES = {1001, 1013, 4004, 4010}
 
 
 class Edge:
@@ -96,6 +98,13 @@ class Prober:
                         self.failures.append(f"{url}: {welcome[:200]}")
             except InvalidStatus as exc:
                 self.refused.append((url, exc.response.status_code))
+            except ConnectionClosed as exc:
+                # A room placed on the shard being retired just before its drain closes with
+                # 1013 (moving) or 4010 (moved): the contract's "ask the directory again".
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if code not in RETRY_CODES:
+                    self.failures.append(f"{url}: {exc!r}")
+                self.retried += 1
             except (OSError, TimeoutError, WebSocketException) as exc:
                 self.failures.append(f"{url}: {exc!r}")
 

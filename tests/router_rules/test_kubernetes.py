@@ -177,3 +177,81 @@ def test_cli_writes_the_stream_and_refuses_with_one_line(tmp_path: Path) -> None
     bad = runner.invoke(rules, ["--format", "kubernetes", "--from-file", str(src), "--namespace", "Bad_NS"])
     assert bad.exit_code == 2
     assert bad.stderr.strip().count("\n") == 0 and "--namespace 'Bad_NS'" in bad.stderr
+
+
+def _ingress_objects(numbers: list[int], **options: Any) -> list[dict[str, Any]]:
+    return build_objects(registry(numbers), routes="ingress", **options)
+
+
+def test_the_ingress_variant_is_golden_and_valid() -> None:
+    """--routes ingress: one Ingress per shard for the AWS Load Balancer Controller, an
+    IngressGroup per public host, target-type ip, the WebSocket-safe idle timeout."""
+    text = render_kubernetes(_fixture("multi.json"), routes="ingress")
+    path = GOLDEN / "multi.ingress.kubernetes.yaml"
+    if REGEN:
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path.name}: run with ROOMSHARD_REGEN_GOLDEN=1"
+    assert text == path.read_text(), f"{path.name} differs from its golden file"
+    objs = objects(text)
+    for obj in objs:
+        validate(obj)
+    ingresses = [o for o in objs if o["kind"] == "Ingress"]
+    assert len(ingresses) == len([o for o in objs if o["kind"] == "Service"])
+    first = ingresses[0]
+    notes = first["metadata"]["annotations"]
+    assert notes["alb.ingress.kubernetes.io/target-type"] == "ip"
+    assert notes["alb.ingress.kubernetes.io/group.name"] == "roomshard"
+    assert notes["alb.ingress.kubernetes.io/load-balancer-attributes"] == \
+        "idle_timeout.timeout_seconds=60"
+    (rule,) = first["spec"]["rules"]
+    (path_rule,) = rule["http"]["paths"]
+    assert (path_rule["path"], path_rule["pathType"]) == ("/i1/room/", "Prefix")
+    assert path_rule["backend"]["service"]["name"] == "roomshard-i1"
+    groups = {o["metadata"]["annotations"]["alb.ingress.kubernetes.io/group.name"]: o
+              for o in ingresses}
+    assert set(groups) == {"roomshard", "roomshard-chat-b-example-com",
+                           "roomshard-chat-c-example-com-8443"}
+    assert groups["roomshard-chat-c-example-com-8443"]["spec"]["rules"][0]["host"] == \
+        "chat-c.example.com"
+
+
+@pytest.mark.parametrize("added", [3, 40])
+def test_one_more_shard_adds_one_service_and_one_ingress(added: int) -> None:
+    before_numbers = [n for n in range(1, 41) if n != added]
+    before = _by_name(_ingress_objects(before_numbers))
+    after = _by_name(_ingress_objects([*before_numbers, added]))
+    assert set(after) - set(before) == {("Service", f"roomshard-i{added}"),
+                                        ("Ingress", f"roomshard-i{added}")}
+    assert [k for k in before if before[k] != after[k]] == []
+
+
+def test_the_ingress_variant_keeps_to_the_alb_limits() -> None:
+    """Rules count once per host name; the default ALB keeps the directory's rules; an
+    IngressGroup cannot order past 1,000; no ALB takes more than 100 target groups."""
+    assert len(_ingress_objects(list(range(1, 99)))) == 2 * 98
+    with pytest.raises(RegistryError, match="exceed the ALB's 100 rules"):
+        _ingress_objects(list(range(1, 51)), hostnames=["a.example.com", "b.example.com"])
+    assert _ingress_objects(list(range(1, 50)), hostnames=["a.example.com", "b.example.com"])
+    with pytest.raises(RegistryError, match="group.order"):
+        _ingress_objects([1001])
+    with pytest.raises(RegistryError):
+        _ingress_objects(list(range(1, 101)))
+    with pytest.raises(RegistryError, match="--routes"):
+        build_objects(registry([1]), routes="mesh")
+
+
+def test_cli_writes_ingresses(tmp_path: Path) -> None:
+    doc = tmp_path / "instances.json"
+    doc.write_text(json.dumps({"instances": [
+        {"id": "i1", "state": "active", "internal_url": "http://10.0.0.1:8081"}]}))
+    result = CliRunner().invoke(rules, ["--format", "kubernetes", "--from-file", str(doc),
+                                        "--routes", "ingress", "--ingress-group", "chat",
+                                        "--ingress-class", "alb-internal"])
+    assert result.exit_code == 0, result.output
+    (ingress,) = [o for o in objects(result.output) if o["kind"] == "Ingress"]
+    assert ingress["spec"]["ingressClassName"] == "alb-internal"
+    assert ingress["metadata"]["annotations"]["alb.ingress.kubernetes.io/group.name"] == "chat"
+    bad = CliRunner().invoke(rules, ["--format", "kubernetes", "--from-file", str(doc),
+                                     "--routes", "ingress", "--ingress-group", "Not Valid"])
+    assert bad.exit_code == 2 and "--ingress-group" in bad.output
+

@@ -45,34 +45,36 @@ def test_the_reconciler_keeps_an_alb_listener_equal_to_the_registry(procs: Procs
     watcher = procs.start("rules-alb", [
         "rules", "apply", "--watch", "--from-directory", d.url, "--listener-arn", listener,
         "--endpoint-url", fake_aws.endpoint, "--region", REGION, "--interval", "0.2",
-        "--resync", "1", "--max-backoff", "1", "--metrics-listen", "127.0.0.1:0"],
+        "--resync", "1", "--max-backoff", "1", "--metrics-listen", "127.0.0.1:0",
+        # moto keeps one state per process: other modules' target groups are there too.
+        "--name-prefix", "watch"],
         env=fake_aws.env())
     metrics = watcher.url
-    assert (served(1), served(2), served(3)) == ("rs-i1", "rs-i2", DEFAULT_404)
+    assert (served(1), served(2), served(3)) == ("watch-i1", "watch-i2", DEFAULT_404)
 
     put(3)  # scale out: its rule and target group appear
-    wait_until(lambda: served(3) == "rs-i3", 20, "i3's rule")
+    wait_until(lambda: served(3) == "watch-i3", 20, "i3's rule")
     wait_until(lambda: "alb: routes +i3 (3 instances)" in watcher.output(), 10, "the change's log line")
-    assert "alb default: + rule 1003 /i3/room/* -> rs-i3" in watcher.output()
+    assert "alb default: + rule 1003 /i3/room/* -> watch-i3" in watcher.output()
 
     # Draining or disabled keeps the route: clients of a draining shard must still reach it.
     put(2, state="disabled")
     synced = _metric(metrics, "roomshard_rules_last_sync_timestamp_seconds")
     wait_until(lambda: _metric(metrics, "roomshard_rules_last_sync_timestamp_seconds") > synced + 1,
                20, "two more syncs")
-    assert served(2) == "rs-i2"
+    assert served(2) == "watch-i2"
 
     # Removed from the registry: only now do its rule and target group go.
     assert http.delete("/v1/admin/instances/i2").status_code == 200
     wait_until(lambda: served(2) == DEFAULT_404, 20, "i2's rule to go")
     names = {tg["TargetGroupName"] for tg in elb.describe_target_groups()["TargetGroups"]}
-    assert {"rs-i1", "rs-i3"} <= names and "rs-i2" not in names
-    assert (served(1), served(3)) == ("rs-i1", "rs-i3")
+    assert {"watch-i1", "watch-i3"} <= names and "watch-i2" not in names
+    assert (served(1), served(3)) == ("watch-i1", "watch-i3")
 
     # A rule deleted by hand is put back by the next resync.
     rule = next(r for r in elb.describe_rules(ListenerArn=listener)["Rules"] if r["Priority"] == "1001")
     elb.delete_rule(RuleArn=rule["RuleArn"])
-    wait_until(lambda: served(1) == "rs-i1", 20, "the resync to restore i1's rule")
+    wait_until(lambda: served(1) == "watch-i1", 20, "the resync to restore i1's rule")
 
     assert _metric(metrics, "roomshard_rules_route_changes_total", 'kind="added"') == 1.0
     assert _metric(metrics, "roomshard_rules_route_changes_total", 'kind="removed"') == 1.0

@@ -54,9 +54,11 @@ def fake_aws() -> Iterator[FakeAws]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    fake = FakeAws(f"http://{host}:{port}")
     try:
-        yield FakeAws(f"http://{host}:{port}")
+        yield fake
     finally:
+        fake.close()
         server.stop()
         del responses.AutoScalingResponse.complete_lifecycle_action
 
@@ -115,14 +117,20 @@ def _group_with_hook(aws: FakeAws) -> str:
     asg.put_lifecycle_hook(LifecycleHookName=HOOK, AutoScalingGroupName="roomshard-shards",
                            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
                            HeartbeatTimeout=300, DefaultResult="ABANDON")
-    machines = asg.describe_auto_scaling_instances()["AutoScalingInstances"]
-    assert len(machines) == 1
-    return str(machines[0]["InstanceId"])
+    return str(_machines(aws)[0])
+
+
+def _machines(aws: FakeAws) -> list[str]:
+    """The group's machines (moto's state is the process's: other modules' groups too)."""
+    (group,) = aws.client("autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=["roomshard-shards"])["AutoScalingGroups"]
+    return [m["InstanceId"] for m in group["Instances"]]
 
 
 async def test_a_terminating_machine_hands_its_rooms_over_then_completes_the_hook(
         procs: Procs, fake_aws: FakeAws) -> None:
     machine = _group_with_hook(fake_aws)
+    assert _machines(fake_aws) == [machine]
     imds = Imds(machine)
     try:
         d = procs.directory()
@@ -172,7 +180,6 @@ async def test_a_terminating_machine_hands_its_rooms_over_then_completes_the_hoo
         assert out.index("drained before stopping") < out.index(f"completed lifecycle hook {HOOK}")
         assert COMPLETED == [{"group": "roomshard-shards", "hook": HOOK, "instance": machine,
                               "result": "CONTINUE"}]
-        left = fake_aws.client("autoscaling").describe_auto_scaling_instances()
-        assert left["AutoScalingInstances"] == []
+        assert _machines(fake_aws) == []
     finally:
         imds.close()
