@@ -15,6 +15,7 @@ room is placed on i1; then i2 and i3 join; then i1 is stopped.
     python -m bench.storm --signal kill --down-after 3 --json out.json
     python -m bench.storm --signal kill --postgres --directories 2
     python -m bench.storm --signal stop --stopped-for 15   # clients drop a silent shard after 3 s
+    python -m bench.storm --signal kill --spread     # rooms on 3 shards; the busiest is killed
 
 Prints one JSON document: the storm client's result (time to the next welcome: p50,
 p90, p99, max; how many within 5/10/20 s; welcomes that said ``recovered: false``;
@@ -94,11 +95,18 @@ def _keep_logs(procs: Procs, into: Path) -> None:
 
 def _run_storm(args: argparse.Namespace, procs: Procs, directories: list[str],
                env: dict[str, str], rooms: int, members: int) -> dict[str, Any]:
-    """Shard i1 alone first (every room on it), then the storm; the shards are spread
-    over the directories (each shard's heartbeats and control channel go to one)."""
+    """Shard i1 alone first (every room on it), then the storm; or, with ``--spread``, the
+    three shards first (the rooms spread over them by the directory's placement) and the
+    busiest stopped. The shards are spread over the directories (each shard's heartbeats
+    and control channel go to one)."""
     directory = directories[0]
     i1 = procs.shard("i1", directory, env=env)
-    wait_until(lambda: "i1" in active(directory), 30, "i1 active")
+    if args.spread:
+        for n, instance in enumerate(("i2", "i3"), start=1):
+            procs.shard(instance, directories[n % len(directories)], env=env)
+        wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
+    else:
+        wait_until(lambda: "i1" in active(directory), 30, "i1 active")
     config = {"directories": directories, "rooms": rooms, "members": members,
               "roomPrefix": f"storm{int(time.time())}", "connectConcurrency": 200,
               "timeoutSeconds": args.timeout,
@@ -119,16 +127,23 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
     try:
         assert node.stdout is not None and node.stdin is not None
         ready = json.loads(node.stdout.readline())
-        if ready.get("instances") != {"i1": clients}:
-            raise RuntimeError(f"not every client is on i1: {ready}")
-        for n, instance in enumerate(("i2", "i3"), start=1):
-            procs.shard(instance, directories[n % len(directories)], env=env)
-        wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
+        placed: dict[str, int] = ready.get("instances") or {}
+        if args.spread:
+            if sum(placed.values()) != clients:
+                raise RuntimeError(f"not every client is connected: {ready}")
+            victim = max(sorted(placed), key=lambda i: placed[i])
+            i1 = next(p for p in procs.procs if p.name == victim)
+        else:
+            if placed != {"i1": clients}:
+                raise RuntimeError(f"not every client is on i1: {ready}")
+            for n, instance in enumerate(("i2", "i3"), start=1):
+                procs.shard(instance, directories[n % len(directories)], env=env)
+            wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
         servers = [p.popen.pid for p in procs.procs if p is not i1]
         busy0, cpu0 = _machine_busy(), _cpu_seconds(servers)
         stopped_at = time.time()
         os.kill(i1.popen.pid, SIGNALS[args.signal])
-        node.stdin.write(f"{int(stopped_at * 1000)}\n")
+        node.stdin.write(f"{int(stopped_at * 1000)} {i1.name}\n")
         node.stdin.flush()
         woke = None
         if args.signal == "stop":
@@ -138,6 +153,8 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
         if not line:
             raise RuntimeError(f"the storm client exited with {node.wait()}")
         result: dict[str, Any] = json.loads(line)
+        result["stopped"] = i1.name
+        result["clients_before"] = placed
         # The other processes' CPU (directories, new owners) and the machine's over the storm
         # (to its end: the storm client waits for its last welcome before it answers).
         busy1, cpu1 = _machine_busy(), _cpu_seconds(servers)
@@ -182,6 +199,9 @@ def main() -> None:
     p.add_argument("--liveness", type=float, default=None,
                    help="seconds without a pong before a client drops its connection "
                         "(default 3 with --signal stop, else off)")
+    p.add_argument("--spread", action="store_true",
+                   help="the rooms spread over the 3 shards before the stop, and the busiest "
+                        "is stopped (by default every room is on the stopped shard)")
     p.add_argument("--clients", type=int, default=5_000)
     p.add_argument("--rooms", type=int, default=250)
     p.add_argument("--down-after", type=float, default=10.0,

@@ -7,7 +7,8 @@
 //
 // It connects every client (POST /v1/rooms/ROOM/connect, then the room URL), then
 // prints {"ready": true, "instances": {...}} on stdout and waits for one line on stdin:
-// the wall-clock time (ms since the epoch) at which the orchestrator stopped the shard.
+// the wall-clock time (ms since the epoch) at which the orchestrator stopped the shard,
+// optionally followed by that shard's instance id (then only its clients are waited for).
 // From then on, every client whose connection ends reconnects as a production client
 // does: it asks the directory again; a 503 is waited out after its Retry-After with
 // jitter (uniform in [RA, 2 RA)); 1013 waits 100 ms; 1001/4001/4004/4010 retry at
@@ -210,7 +211,11 @@ class Storm {
     const rl = readline.createInterface({ input: process.stdin });
     const line = await new Promise((resolve) => rl.once('line', resolve));
     rl.close();
-    this.stopAt = Number(line.trim());
+    // "<ms since the epoch> [instance]": with the stopped instance, only its clients are
+    // waited for (the others keep their connections); without, every client.
+    const [at, stopped] = line.trim().split(/\s+/);
+    this.stopAt = Number(at);
+    if (stopped) this.expected = this.clients.filter((x) => x.ws && x.instance === stopped).length;
     const cpu0 = process.cpuUsage();
     this.stats = new Stats(); // what the directory and the shards answered after the stop
     const timeoutMs = (this.cfg.timeoutSeconds || 60) * 1000;

@@ -21,7 +21,7 @@ def _args(**kw: object) -> argparse.Namespace:
     return argparse.Namespace(**{"clients": 200, "rooms": 10, "down_after": 10.0, "timeout": 30.0,
                                  "loadgen_cpu": "", "json": "", "postgres": False,
                                  "directories": 1, "liveness": None, "stopped_for": 0.0, "logs": "",
-                                 **kw})
+                                 "spread": False, **kw})
 
 
 def test_sigterm_storm_brings_every_client_back_recovered() -> None:
@@ -59,3 +59,17 @@ def test_sigstop_storm_brings_every_client_back_after_down_after() -> None:
     assert result["socket_errors"].get("liveness", 0) == 200, result
     assert 3.0 <= result["p50_s"] and result["max_s"] < 15, result
     assert result["failures"] == {}, result
+
+
+def test_spread_storm_kills_the_busiest_shard_and_only_its_clients_come_back() -> None:
+    """--spread: the rooms on all three shards, the busiest killed; exactly its clients
+    lose their connection and each has its next welcome from another shard."""
+    result = storm.run(_args(signal="kill", spread=True))
+    before = result["clients_before"]
+    assert sum(before.values()) == 200 and len(before) == 3, result
+    victim = result["stopped"]
+    assert before[victim] == max(before.values()), result
+    assert result["lost"] == before[victim] == result["welcomed_again"], result
+    assert victim not in result["instances_after"], result
+    assert result["failures"] == {}, result
+
