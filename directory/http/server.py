@@ -16,7 +16,9 @@ answer given before the request's body was read (``413`` from
 ``directory.http.edge.read_body``, a ``401`` that never looks at the body), the
 connection is half-closed, the response goes out with a FIN, and whatever
 the client still sends is read and dropped until its FIN or a bound
-(``ROOMSHARD_CLOSE_LINGER_*``). Closing at once with unread input would send
+(``ROOMSHARD_CLOSE_LINGER_*``). A declared body of at most
+:data:`DROP_BODY_MAX_BYTES` answered before it arrived is read and dropped
+and the connection goes on (its answer said keep-alive). Closing at once with unread input would send
 a TCP reset that destroys the response before the client reads it. uvicorn
 sees the transport through :class:`_Transport`, whose ``close`` lingers
 while a request is unfinished.
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +73,10 @@ DEFAULT_LINGER = LingerLimits(max=1_000)
 
 #: Largest connect body answered without a task (a connect's is ~20 bytes).
 MAX_ANSWER_NOW_BODY = 4096
+#: A request answered before its body was read keeps its connection if the body it
+#: declared is at most this long (the rest is read and dropped); a longer or chunked one
+#: ends the connection with a lingering close.
+DROP_BODY_MAX_BYTES = 64 * 1024
 
 #: The scope key of a request's arrival (``loop.time()`` of its first byte), which lets a
 #: handler see how long the request waited for its turn (``directory.http.connect`` sheds
@@ -171,6 +178,20 @@ def connect_room(path: str) -> str | None:
     return None
 
 
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> float:
+    """The request body's declared length; infinite when chunked, repeated or malformed."""
+    length: float = 0
+    seen = False
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return math.inf
+        if name == b"content-length":
+            if seen or not value.isdigit():
+                return math.inf
+            seen, length = True, int(value)
+    return length
+
+
 def _connect_of(method: bytes, url: bytes) -> str | None:
     """The room of a ``POST /v1/rooms/{room}/connect`` (the request line's path, decoded
     as uvicorn does); None for any other request."""
@@ -191,6 +212,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._raw: asyncio.Transport | None = None
         self._linger: Linger | None = None
         self._body_open = False  # the latest request's head is in, its body still arriving
+        # ... and its declared length is small: answered before it is read, the rest is read
+        # and dropped and the connection stays open (its answer said keep-alive).
+        self._small_body = False
         self._head_open = True  # the next bytes belong to a request head
         self._head_bytes = 0
         self._head_started = False  # a byte of the current head has arrived
@@ -321,6 +345,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._cancel_head_timer()
         self._body_open = True
+        self._small_body = _declared_length(self.headers) <= DROP_BODY_MAX_BYTES
         if self._shed:
             return  # a request pipelined behind a shed connect: the connection is ending
         room = _connect_of(self.parser.get_method(), self.url)
@@ -417,9 +442,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if (self._body_open and self.cycle is not None and self.cycle.response_complete
-                and not self._refused and self._linger is None):
+                and not self._refused and self._linger is None and not self._small_body):
             # Answered before the request's body was read (413, 401, ...): the
-            # rest of it is dropped and the connection ends, lingering.
+            # rest of it is dropped and the connection ends, lingering. A small
+            # declared body is read and dropped instead (uvicorn ignores a body that
+            # arrives after its answer), and the connection goes on: the answer said
+            # keep-alive, and a client's next request on it must find it open.
             self._start_linger()
 
     # -- refusal --------------------------------------------------------------

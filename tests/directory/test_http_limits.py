@@ -213,6 +213,35 @@ def test_keep_alive_requests_after_a_big_body_are_still_served(served: _Served) 
     sock.close()
 
 
+def test_a_small_body_arriving_after_its_answer_keeps_the_connection(served: _Served) -> None:
+    """A route that never reads its body (GET /healthz) answers with keep-alive before the
+    body arrives: the body is read and dropped and the next request on the connection is
+    served (it used to end the connection after an answer that said keep-alive)."""
+    body = b'{"user": "a"}'
+    sock = served.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
+    reader = sock.makefile("rb")
+    status, headers, _ = _read_response(sock, t(10), reader)
+    assert status == 200 and headers.get("connection") != "close"
+    sock.sendall(body + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, answer = _read_response(sock, t(10), reader)
+    assert status == 200 and json.loads(answer) == {"status": "ok"}
+    sock.close()
+
+
+def test_a_large_unread_body_still_ends_the_connection_lingering(served: _Served) -> None:
+    """Past DROP_BODY_MAX_BYTES the unread body is not waited for: the connection ends once
+    the answer is out (a lingering close, so the answer is read, not reset)."""
+    sock = served.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % (http_server.DROP_BODY_MAX_BYTES + 1))
+    reader = sock.makefile("rb")
+    status, _, _ = _read_response(sock, t(10), reader)
+    assert status == 200
+    sock.shutdown(socket.SHUT_WR)
+    assert reader.read() == b""  # the server's FIN after the answer: nothing more
+    sock.close()
+
+
 def test_trickled_body_is_408(served: _Served, monkeypatch: pytest.MonkeyPatch) -> None:
     from directory.http import edge
 
