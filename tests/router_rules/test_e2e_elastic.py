@@ -134,6 +134,9 @@ async def _talk(chatters: list[Chatter], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.05)
 
 
+# Every step below has its own bound (the sum of them is past the suite's 120 s); a run that
+# fails prints each process's last lines.
+@pytest.mark.timeout(240)
 async def test_scale_out_and_in_under_traffic_behind_nginx(procs: Procs, tmp_path: Path) -> None:
     edge = Edge(procs, tmp_path)
     try:
@@ -150,7 +153,8 @@ async def test_scale_out_and_in_under_traffic_behind_nginx(procs: Procs, tmp_pat
             stop_talking = asyncio.Event()
             talk = asyncio.get_running_loop().create_task(_talk(chatters, stop_talking))
 
-            procs.shard("i3", edge.directory.url)
+            # Started off the event loop: the chatters and the prober keep going meanwhile.
+            await asyncio.to_thread(procs.shard, "i3", edge.directory.url)
             seen: list[str] = []
 
             async def i3_active() -> bool:
@@ -197,8 +201,8 @@ async def test_scale_out_and_in_under_traffic_behind_nginx(procs: Procs, tmp_pat
             assert "i1" not in await edge.states(http)
 
             stop_talking.set()
-            await talk
-            await prober.stop()
+            await asyncio.wait_for(talk, t(15))
+            await asyncio.wait_for(prober.stop(), t(15))
             await await_until(lambda: all(not c.unacked for c in chatters), 20, "every send acked")
             rooms = [chatters[k:k + 2] for k in range(0, len(chatters), 2)]
             await await_until(lambda: all(_caught_up(room) for room in rooms), 20,
@@ -215,7 +219,14 @@ async def test_scale_out_and_in_under_traffic_behind_nginx(procs: Procs, tmp_pat
             assert 'roomshard_rules_pending_changes{target="nginx"} 0.0' in (
                 await http.get(edge.watcher.url)).text
             for c in chatters:
-                await c.stop()
+                await asyncio.wait_for(c.stop(), t(10))
+    except BaseException:
+        # What each process said, in the failure's report (a step that hangs or fails).
+        for proc in procs.procs:
+            print(f"--- {proc.name} (last lines)\n" + "\n".join(proc.output().splitlines()[-25:]))
+        print("--- nginx error log (last lines)\n"
+              + "\n".join(edge.nginx.error_log().splitlines()[-25:]))
+        raise
     finally:
         edge.stop()
 
