@@ -74,9 +74,12 @@ class Prober:
         self.failures: list[str] = []  # anything else that kept a connect from its welcome
         self.retried = 0  # directory calls sent again after a closed keep-alive connection
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def _run(self, http: httpx.AsyncClient) -> None:
         for n in itertools.count():
+            if self._stopping:
+                return
             try:
                 r = await http.post(f"{self.edge}/v1/rooms/probe-{n}/connect", json={"user": "p"})
             except httpx.TransportError:
@@ -119,12 +122,18 @@ class Prober:
         self._task = asyncio.get_running_loop().create_task(self._run(http))
 
     async def stop(self) -> None:
+        """Ask the loop to end after its current connect; cancel it only if it does not
+        (on Python 3.11 a ``wait_for`` whose inner await finishes as it is cancelled can
+        swallow the cancellation, and a loop that only relied on it would run on)."""
         assert self._task is not None
         if self._task.done():
             self._task.result()  # an assertion inside fails the test here
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stopping = True
+        done, _ = await asyncio.wait({self._task}, timeout=t(15))
+        if not done:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def _talk(chatters: list[Chatter], stop: asyncio.Event) -> None:
