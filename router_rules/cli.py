@@ -213,8 +213,7 @@ def _metrics_server(listen: str, metrics: watch.WatchMetrics) -> str:
     return f"http://{host_part}:{bound_port}/metrics"
 
 
-def run_watch(target: watch.Target, from_directory: str, opts: WatchOptions,
-              load: Callable[[], list[Instance]] | None = None) -> None:
+def run_watch(target: watch.Target, from_directory: str, opts: WatchOptions) -> None:
     """Follow the directory until SIGTERM/SIGINT; exit 0 then."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s roomshard rules: %(message)s")
@@ -226,7 +225,7 @@ def run_watch(target: watch.Target, from_directory: str, opts: WatchOptions,
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    reconciler = watch.Reconciler(load or (lambda: load_directory(from_directory, token)),
+    reconciler = watch.Reconciler(lambda: load_directory(from_directory, token),
                                   target, metrics, interval=opts.interval,
                                   max_backoff=opts.max_backoff, resync=opts.resync)
 

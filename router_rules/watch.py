@@ -130,7 +130,6 @@ class WatchMetrics:
         self.errors = Counter("roomshard_rules_sync_errors",
                               "failed sync attempts, by stage (registry, render, write, "
                               "check, reload, aws)", ["target", "stage"], registry=self.registry)
-        self.target = target
         for g in (self.last_sync, self.last_change, self.pending, self.routes):
             g.labels(target).set(0)
         for kind in ("added", "removed", "changed"):

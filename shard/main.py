@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import itertools
 import logging
 import random
 import secrets
@@ -100,8 +99,9 @@ async def claim_number(cfg: ShardConfig, directory: DirectoryClient, sock: socke
     the number its predecessor had, once that one is gone."""
     host, port = sock.getsockname()[:2]
     internal_url = cfg.advertise_url or f"http://{host}:{port}"
-    delay = CLAIM_RETRY_S
-    for attempt in itertools.count(1):
+    delay, attempt = CLAIM_RETRY_S, 0
+    while True:
+        attempt += 1
         try:
             answer = await directory.claim(internal_url=internal_url, public_base=cfg.public_base,
                                            capacity=cfg.capacity, boot_id=boot_id,
@@ -120,7 +120,6 @@ async def claim_number(cfg: ShardConfig, directory: DirectoryClient, sock: socke
         log.warning("the directory numbered this shard %s (at %s)", answer.instance.id,
                     internal_url)
         return answer.instance.id
-    raise AssertionError("unreachable")
 
 
 async def serve(cfg: ShardConfig) -> None:

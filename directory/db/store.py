@@ -605,13 +605,8 @@ class Store:
             if self.dialect == "postgresql":
                 stmt = stmt.with_for_update(of=instances)
             row = (await conn.execute(stmt)).mappings().first()
-            if row is None and process is not None and (await conn.execute(
-                    select(retired_processes.c.instance)
-                    .where(retired_processes.c.boot_id == process))).first() is not None:
-                raise Conflict("instance_retired",
-                               f"{instance} was removed from the registry while this process "
-                               f"(boot id {process}) ran; it may not register again: stop it "
-                               "(a new process registers anew)")
+            if row is None and process is not None:
+                await _refuse_retired(conn, process)
             changes = decide(row)
             if row is None:
                 await conn.execute(
@@ -643,11 +638,7 @@ class Store:
         """
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
             async with self.write() as conn:
-                if (await conn.execute(select(retired_processes.c.instance).where(
-                        retired_processes.c.boot_id == process))).first() is not None:
-                    raise Conflict("instance_retired",
-                                   f"this process (boot id {process}) was removed from the "
-                                   "registry: stop it (a new process registers anew)")
+                await _refuse_retired(conn, process)
                 rows = (await conn.execute(select(*INSTANCE_COLUMNS)
                                            .order_by(instances.c.number))).mappings().all()
                 mine = next((r for r in rows if r["boot_id"] == process), None)
@@ -853,6 +844,18 @@ async def bump_rooms_assigned(conn: AsyncConnection, changes: Mapping[str, int])
 def _bump_stmt(instance: Any, delta: Any) -> Any:
     return (update(instances).where(instances.c.id == instance)
             .values(rooms_assigned=instances.c.rooms_assigned + delta))
+
+
+async def _refuse_retired(conn: AsyncConnection, process: str) -> None:
+    """409 ``instance_retired`` for a shard process whose instance an admin removed while it
+    ran (``Store.delete_instance``): it may not register, and so be routed, again."""
+    retired = (await conn.execute(select(retired_processes.c.instance)
+                                  .where(retired_processes.c.boot_id == process))).first()
+    if retired is not None:
+        raise Conflict("instance_retired",
+                       f"{retired.instance} was removed from the registry while this process "
+                       f"(boot id {process}) ran; it may not register again: stop it (a new "
+                       "process registers anew)")
 
 
 async def _instance(conn: AsyncConnection, instance: str) -> Mapping[str, Any] | None:

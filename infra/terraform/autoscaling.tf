@@ -80,13 +80,10 @@ resource "aws_launch_template" "shard" {
     region         = data.aws_region.current.name
     unit_files     = local.units
     secret_names   = ["cluster_secret"]
-    env_lines = [
-      "ROOMSHARD_HOST=0.0.0.0",
-      "ROOMSHARD_PORT=${var.shard_port}",
-      "ROOMSHARD_DIRECTORY_URL=${local.directory_internal_url}",
+    env_lines = concat(local.shard_env, [
       "ROOMSHARD_SHUTDOWN_TIMEOUT=${var.shard_group_shutdown_timeout}",
       "ROOMSHARD_ASG_LIFECYCLE_HOOK=${var.name}-shard-drain",
-    ]
+    ])
   }))
   tag_specifications {
     resource_type = "instance"

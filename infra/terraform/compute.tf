@@ -44,6 +44,12 @@ resource "aws_iam_instance_profile" "instances" {
 
 locals {
   directory_internal_url = "http://${aws_lb.internal.dns_name}:${var.directory_port}"
+  # What every shard machine is told, fixed-number or in the Auto Scaling group.
+  shard_env = [
+    "ROOMSHARD_HOST=0.0.0.0",
+    "ROOMSHARD_PORT=${var.shard_port}",
+    "ROOMSHARD_DIRECTORY_URL=${local.directory_internal_url}",
+  ]
   units = {
     directory = file("${path.module}/../systemd/roomshard-directory.service")
     shard     = file("${path.module}/../systemd/roomshard-shard@.service")
@@ -96,10 +102,7 @@ resource "aws_instance" "shard" {
     region         = data.aws_region.current.name
     unit_files     = local.units
     secret_names   = ["cluster_secret"]
-    env_lines = concat([
-      "ROOMSHARD_HOST=0.0.0.0",
-      "ROOMSHARD_PORT=${var.shard_port}",
-      "ROOMSHARD_DIRECTORY_URL=${local.directory_internal_url}",
+    env_lines = concat(local.shard_env, [
       "ROOMSHARD_ADVERTISE_URL=http://${each.value.private_ip}:${var.shard_port}",
       # Long enough to hand every room over to the directory on SIGTERM;
       # the unit's TimeoutStopSec is longer still.

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from roomshard.wire.probe import route_probe_url, verdict
+from roomshard.wire.probe import route_gone, route_probe_url
 
 #: A drain or rebalance moves rooms one by one; give it time.
 LONG_CALL_TIMEOUT_S = 600.0
@@ -402,8 +402,7 @@ def retire(api: Api, instance_id: str, parallelism: int | None, route_timeout: f
             deadline = time.monotonic() + route_timeout
             while True:
                 status, body = _probe(http, probe)
-                if status == 404 or (status == 200 and verdict(status, body, instance=instance_id,
-                                                               boot_id=boot_id) is not None):
+                if route_gone(status, body, instance=instance_id, boot_id=boot_id):
                     click.echo(f"the load balancer no longer routes {route} to it "
                                f"(it answered {status})")
                     break

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The last path segment of a probe (never a room id: ``~``).
+PROBE_ROOM = "~probe"
 #: The path under ``/iN`` a shard answers with ``{"instance", "boot_id"}``.
-PROBE_SUFFIX = "/room/~probe"
+PROBE_SUFFIX = "/room/" + PROBE_ROOM
 
 
 def route_url(base: str, instance: str) -> str:
@@ -29,7 +31,7 @@ def route_probe_url(route: str) -> str:
     """The probe's URL of a route (``wss://host/i3/room/`` -> ``https://host/i3/room/~probe``)."""
     if route.startswith("ws"):
         route = "http" + route[2:]
-    return route.rstrip("/") + "/" + PROBE_SUFFIX.rsplit("/", 1)[1]
+    return route.rstrip("/") + "/" + PROBE_ROOM
 
 
 def verdict(status: int, body: Any, *, instance: str, boot_id: str | None) -> str | None:
@@ -42,3 +44,18 @@ def verdict(status: int, body: Any, *, instance: str, boot_id: str | None) -> st
     if body.get("boot_id") != boot_id:
         return "an earlier process of it answered"
     return None
+
+
+def route_gone(status: int | None, body: Any, *, instance: str, boot_id: str | None) -> bool:
+    """Whether the load balancer no longer routes ``instance`` to the process ``boot_id``
+    (None: which one is not known): it answers 404 for the path, another instance answers,
+    or another process of it (a new one, routed anew). No answer, a 5xx or that very
+    process (any of it, when ``boot_id`` is unknown) means the route may still be there."""
+    if status == 404:
+        return True
+    if status != 200 or not isinstance(body, dict):
+        return False
+    if body.get("instance") != instance:
+        return True
+    return boot_id is not None and body.get("boot_id") != boot_id
+

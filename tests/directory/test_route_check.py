@@ -14,7 +14,7 @@ from roomshard.testing.pg import free_port
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 from roomshard.testing.timing import t, wait_until
 from roomshard.wire.internal import HeartbeatBody
-from roomshard.wire.probe import probe_url, route_url, verdict
+from roomshard.wire.probe import probe_url, route_gone, route_url, verdict
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 
@@ -71,6 +71,19 @@ def test_only_the_registered_process_answering_counts() -> None:
     assert "another process" in (verdict(200, {**ok, "instance": "i4"}, instance="i3", boot_id="b") or "")
     assert "earlier process" in (verdict(200, ok, instance="i3", boot_id="new") or "")
     assert verdict(200, "<html>", instance="i3", boot_id="b") is not None
+
+
+def test_a_route_is_gone_only_when_the_load_balancer_says_so() -> None:
+    """`roomshard admin retire` waits for this: 404, another instance, or another process of
+    it; never a 502, no answer, or the process itself (any of it when its boot id is not
+    known, as when the first probe reached nothing)."""
+    me = {"instance": "i3", "boot_id": "b"}
+    assert route_gone(404, None, instance="i3", boot_id="b")
+    assert route_gone(200, {**me, "instance": "i4"}, instance="i3", boot_id=None)
+    assert route_gone(200, {**me, "boot_id": "new"}, instance="i3", boot_id="b")
+    for status, body in ((200, me), (502, None), (None, None), (200, "<html>")):
+        assert not route_gone(status, body, instance="i3", boot_id="b")
+    assert not route_gone(200, {**me, "boot_id": "other"}, instance="i3", boot_id=None)
 
 
 def _states(client: httpx.Client, url: str) -> dict[str, tuple[str, str | None]]:

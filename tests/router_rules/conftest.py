@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from router_rules.registry import Instance, parse_instances
-from tests.router_rules.moto_env import FakeAws
+from tests.router_rules.moto_env import FakeAws, moto_server
 
 
 def registry(numbers: list[int], public_base: dict[int, str] | None = None) -> list[Instance]:
@@ -21,14 +21,5 @@ def registry(numbers: list[int], public_base: dict[int, str] | None = None) -> l
 @pytest.fixture(scope="module")
 def fake_aws() -> Iterator[FakeAws]:
     """moto in server mode on 127.0.0.1 with a free port, stopped after the module."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    fake = FakeAws(f"http://{host}:{port}")
-    try:
+    with moto_server() as fake:
         yield fake
-    finally:
-        fake.close()
-        server.stop()

@@ -7,6 +7,8 @@ names, odd path patterns) and ignores some properties (CloudFormation
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,3 +52,20 @@ class FakeAws:
             DefaultActions=[{"Type": "fixed-response",
                              "FixedResponseConfig": {"StatusCode": "404"}}])["Listeners"][0]
         return vpc, listener["ListenerArn"]
+
+
+@contextmanager
+def moto_server() -> Iterator[FakeAws]:
+    """moto in server mode on 127.0.0.1 with a free port; its clients closed, then stopped."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    fake = FakeAws(f"http://{host}:{port}")
+    try:
+        yield fake
+    finally:
+        fake.close()
+        server.stop()
+

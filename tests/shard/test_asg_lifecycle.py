@@ -22,7 +22,7 @@ import pytest
 from roomshard.testing.chatter import Chatter, check_logs, start_chatting
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, Procs
 from roomshard.testing.timing import await_until, t
-from tests.router_rules.moto_env import REGION, FakeAws
+from tests.router_rules.moto_env import REGION, FakeAws, moto_server
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,6 @@ COMPLETED: list[dict[str, Any]] = []
 @pytest.fixture(scope="module")
 def fake_aws() -> Iterator[FakeAws]:
     from moto.autoscaling import responses
-    from moto.server import ThreadedMotoServer
 
     def complete_lifecycle_action(self: Any) -> Any:
         group = self._get_param("AutoScalingGroupName")
@@ -51,15 +50,10 @@ def fake_aws() -> Iterator[FakeAws]:
     assert not hasattr(responses.AutoScalingResponse, "complete_lifecycle_action"), \
         "moto implements CompleteLifecycleAction now: drop this stand-in"
     responses.AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    fake = FakeAws(f"http://{host}:{port}")
     try:
-        yield fake
+        with moto_server() as fake:
+            yield fake
     finally:
-        fake.close()
-        server.stop()
         del responses.AutoScalingResponse.complete_lifecycle_action
 
 
