@@ -40,7 +40,7 @@ fi
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 d0=$(ticks $DP); s0=$(ticks $SP)
 CFG="{\"protocol\":\"roomshard\",\"mode\":\"idle\",\"targets\":[],\"directory\":\"http://127.0.0.1:$DIR_PORT\",\"rooms\":$ROOMS,\"members\":$MEMBERS,\"roomPrefix\":\"p$RANDOM\",\"rates\":[],\"stepSeconds\":1,\"drainSeconds\":1,\"minDelivered\":0.99,\"maxP99Ms\":200,\"maxConsecutiveFailures\":2,\"pids\":[$DP,$SP],\"databasePids\":[],\"clkTck\":100,\"connectConcurrency\":$CONC,\"settleSeconds\":1}"
-taskset -c 1 node bench/loadgen/loadgen.js "$CFG" > "$OUT/loadgen.json" 2> "$OUT/loadgen.err"
+taskset -c 1 node ${NODE_OPTS:-} bench/loadgen/loadgen.js "$CFG" > "$OUT/loadgen.json" 2> "$OUT/loadgen.err"
 d1=$(ticks $DP); s1=$(ticks $SP)
 N=$((ROOMS * MEMBERS))
 "$PY" - "$OUT/loadgen.json" "$N" "$((d1 - d0))" "$((s1 - s0))" "$(getconf CLK_TCK)" <<'PYEOF'

@@ -26,7 +26,7 @@ const { performance, monitorEventLoopDelay } = require('perf_hooks');
 
 const nodeRequire = createRequire(path.join(__dirname, '..', 'node', 'package.json'));
 const WebSocket = nodeRequire('ws');
-const { postConnect } = require('./directory');
+const { closeAll: closeDirectories, postConnect } = require('./directory');
 
 const PAD = 'hello from the roomshard benchmark';
 // How the shard encodes every presence frame (shard/room.py: type first, no spaces).
@@ -504,6 +504,7 @@ class LoadGen {
   closeAll() {
     this.shuttingDown = true;
     for (const cl of this.clients) if (cl.ws) cl.ws.terminate();
+    closeDirectories();
   }
 }
 

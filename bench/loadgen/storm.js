@@ -26,7 +26,7 @@ const { createRequire } = require('module');
 
 const nodeRequire = createRequire(path.join(__dirname, '..', 'node', 'package.json'));
 const WebSocket = nodeRequire('ws');
-const { AGENT, postConnect } = require('./directory');
+const { closeAll: closeDirectories, postConnect } = require('./directory');
 
 const BACKOFF = { base: 100, factor: 2, cap: 5000 };
 // How the shard encodes every presence frame (shard/room.py: type first, no spaces).
@@ -251,7 +251,7 @@ class Storm {
     };
     process.stdout.write(`${JSON.stringify(result)}\n`);
     for (const cl of this.clients) if (cl.ws) cl.ws.terminate();
-    AGENT.destroy();
+    closeDirectories();
     process.exit(0);
   }
 }
