@@ -57,15 +57,19 @@ MAX_ROOMS = 200_000
 MAX_NOTIFIED = 10_000
 RETRY_S = 1.0
 
-_INSTANCES_SQL = ("SELECT id, state, internal_url, public_base, last_heartbeat, registered_at "
-                  "FROM instances")
+#: The listening connection's name in ``pg_stat_activity``.
+APPLICATION_NAME = "roomshard-room-cache"
 
 
 class RoomCache:
     """Rooms looked up and every instance, usable while :attr:`live`."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, instances_sql: str) -> None:
         self.dsn = dsn
+        # Every instance as placement reads it (``Store``'s one query for that): the
+        # rows lookups join, and new rooms' placement on this replica
+        # (:meth:`placement_view`).
+        self._instances_sql = instances_sql
         self.live = False
         self.version = 0  # bumped by every room notification and every reset
         # The version of each room's last notification, and the oldest token still good
@@ -77,6 +81,13 @@ class RoomCache:
         self._instances: dict[str, dict[str, Any]] = {}
         self._conn: asyncpg.Connection | None = None
         self._refresh = asyncio.Event()
+        # New rooms this replica placed per instance (ever), as many as there were when
+        # the last read of the instances began (that read counts them already), and the
+        # placements chosen but not done yet (counted from their choice on, so that
+        # placements at the same moment spread).
+        self._placed: dict[str, int] = {}
+        self._placed_read: dict[str, int] = {}
+        self._placing: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -113,6 +124,52 @@ class RoomCache:
             self._rooms.clear()
         self._rooms[room] = (now, row["instance"], int(row["epoch"]), bool(row["private"]),
                              row["members"])
+
+    def placement_view(self) -> list[dict[str, Any]] | None:
+        """Every instance as placement reads it, its ``rooms_assigned`` with the rooms
+        this replica placed since the last read and is placing now; None when the cache
+        cannot say (not listening, or an instance changed and is being read again).
+
+        Placement stays atomic without it (the room's insert-if-absent decides which
+        replica's choice wins); the view only decides where a new room goes. It is at
+        most ``REFRESH_S`` older than the database, so an instance can only look *less*
+        alive than it is; an instance's change of state or address is notified and
+        voids the view until the instances are read again. Other replicas' placements
+        of the last ``REFRESH_S`` are not in it: each replica spreads its own, so a
+        storm of new rooms still spreads over the instances (a count may be high for
+        up to ``REFRESH_S``, never low)."""
+        if not self.live or self._refresh.is_set() or not self._instances:
+            return None
+        placed, read, placing = self._placed, self._placed_read, self._placing
+        return [{**row, "rooms_assigned": row["rooms_assigned"] + placed.get(iid, 0)
+                 - read.get(iid, 0) + placing.get(iid, 0)}
+                for iid, row in self._instances.items()]
+
+    def placing(self, instance: str) -> None:
+        """A new room is being placed on ``instance`` (chosen from :meth:`placement_view`);
+        :meth:`placement_done` follows, whatever the outcome."""
+        self._placing[instance] = self._placing.get(instance, 0) + 1
+
+    def placement_done(self, instance: str, placed: bool) -> None:
+        """The end of :meth:`placing`: the room was placed there, or not (another replica
+        won, or the statement failed)."""
+        left = self._placing.get(instance, 0) - 1
+        if left > 0:
+            self._placing[instance] = left
+        else:
+            self._placing.pop(instance, None)
+        if placed:
+            self.count_placed(instance)
+
+    def count_placed(self, instance: str) -> None:
+        """This replica placed a new room on ``instance``."""
+        self._placed[instance] = self._placed.get(instance, 0) + 1
+
+    def keep_new_room(self, room: str, instance: str, token: int, now: float) -> None:
+        """This replica placed ``room`` on ``instance`` (new, at epoch 1): keep its lookup
+        (unless it was notified after ``token``, taken before the placement)."""
+        self.put(room, {"instance": instance, "epoch": 1, "private": False, "members": None},
+                 token, now)
 
     # -- notifications --------------------------------------------------------
 
@@ -160,18 +217,21 @@ class RoomCache:
             await asyncio.sleep(RETRY_S)
 
     async def _listen(self) -> None:
-        conn = self._conn = await asyncpg.connect(self.dsn, timeout=5)
+        conn = self._conn = await asyncpg.connect(
+            self.dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME})
         await conn.add_listener(ROOMS_CHANNEL, self._room_changed)
         await conn.add_listener(INSTANCES_CHANNEL, self._instance_changed)
         conn.add_termination_listener(self._lost)
         while True:
             seen = self._instances_version
-            rows = await conn.fetch(_INSTANCES_SQL, timeout=REFRESH_S)
+            placed = dict(self._placed)
+            rows = await conn.fetch(self._instances_sql, timeout=REFRESH_S)
             if seen != self._instances_version:
                 continue  # an instance changed while it was read: read again
             if conn.is_closed():
                 raise ConnectionError("the listening connection closed")
             self._instances = {r["id"]: dict(r) for r in rows}
+            self._placed_read = placed
             if not self.live:
                 self.live = True
                 log.info("room cache on: listening for changes")

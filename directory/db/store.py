@@ -31,7 +31,7 @@ import asyncio
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -240,7 +240,7 @@ class Store:
         self.cache: RoomCache | None = None
         if self.dialect == "postgresql":
             self.cache = RoomCache(engine.url.set(drivername="postgresql")
-                                   .render_as_string(hide_password=False))
+                                   .render_as_string(hide_password=False), _INSTANCES_SQL)
         self._lite: LiteHotPath | None = None
         self._replacing: dict[tuple[str, int], asyncio.Future[Target | None]] = {}  # _replace
         if self.dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
@@ -359,16 +359,43 @@ class Store:
 
     async def _raw_place_new(self, room: str, *, now: float, down_after: float) -> Target | None:
         """PostgreSQL: pick an instance, then insert the room and count it in ONE statement
-        (a data-modifying CTE, atomic in autocommit). None when another replica won."""
+        (a data-modifying CTE, atomic in autocommit). None when another replica won.
+
+        The pick reads the room cache's view of the instances while it has one
+        (``RoomCache.placement_view``: one round trip per new room instead of two),
+        else the database; the new room's lookup is kept in the cache."""
+        cache = self.cache
+        token = cache.token() if cache is not None else 0
+        view = cache.placement_view() if cache is not None else None
+        inst: Mapping[str, Any] | None = None
+        if view is not None:
+            with suppress(NoInstance):  # maybe only not seen yet: ask the database
+                inst = _pick(view, now=now, down_after=down_after)
 
         async def op(c: Any) -> Target | None:
-            rows = [dict(r) for r in await c.fetch(_INSTANCES_SQL)]
-            inst = _pick(rows, now=now, down_after=down_after)
-            if await c.fetchrow(_PG_NEW_ROOM_SQL, room, inst["id"], now) is None:
+            chosen = inst
+            if chosen is None:
+                chosen = _pick([dict(r) for r in await c.fetch(_INSTANCES_SQL)],
+                               now=now, down_after=down_after)
+            if await c.fetchrow(_PG_NEW_ROOM_SQL, room, chosen["id"], now) is None:
                 return None
-            return Target(room, inst["id"], 1, inst["internal_url"], inst["public_base"])
+            return Target(room, chosen["id"], 1, chosen["internal_url"], chosen["public_base"])
 
-        return await self._raw(op)
+        if cache is None:
+            return await self._raw(op)
+        if inst is not None:
+            cache.placing(inst["id"])
+        placed = None
+        try:
+            placed = await self._raw(op)
+        finally:
+            if inst is not None:
+                cache.placement_done(inst["id"], placed is not None)
+        if placed is not None:
+            if inst is None:
+                cache.count_placed(placed.instance)  # the database's choice
+            cache.keep_new_room(room, placed.instance, token, asyncio.get_running_loop().time())
+        return placed
 
     async def _lite_place_new(self, room: str, *, now: float,
                               down_after: float) -> Target | None | str:
