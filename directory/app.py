@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -39,7 +40,7 @@ from directory.ops.route_check import RouteChecker
 from directory.shards import ShardClient
 from roomshard import urls
 from roomshard.config import ConfigError, DirectoryConfig
-from roomshard.sql import make_engine
+from roomshard.sql import make_engine, pool_limit, warm_pool
 from roomshard.store.messages import MessageStore
 from roomshard.wire.protocol import INVALID_ROOM_ID
 from roomshard.wire.tickets import Signer
@@ -104,6 +105,23 @@ async def sweep_unused_rooms(ctx: Directory) -> None:
                 await asyncio.sleep(0)  # other requests between full batches
         except Exception as exc:  # noqa: BLE001 - a database outage: try again later
             log.warning("could not remove unused rooms: %s", exc)
+
+
+async def _warm(engine: AsyncEngine, connections: int) -> None:
+    """Open the database pool's connections before serving (``ROOMSHARD_DATABASE_POOL_WARM``);
+    a failure is logged, not fatal: the pool opens them as needed."""
+    wanted = min(connections, pool_limit(engine))
+    try:
+        async with asyncio.timeout(10):
+            opened = await warm_pool(engine, wanted)
+    except TimeoutError:
+        log.warning("the database pool's connections took over 10 s to open; "
+                    "they open as needed")
+        return
+    if opened < wanted and engine.dialect.name != "sqlite":
+        log.warning("opened %d of the database pool's %d connections at start (is "
+                    "PostgreSQL's max_connections big enough?); the rest open as needed",
+                    opened, wanted)
 
 
 def strict(route: Route | Mount) -> Route | Mount:
@@ -188,7 +206,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = make_engine(cfg.database_url)
+        engine = make_engine(cfg.database_url, name="roomshard-directory")
         shards = ShardClient(signer, clock, shard_transport)
         store: Store | None = None
         mover: Mover | None = None
@@ -196,6 +214,7 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
         background: list[asyncio.Task[None]] = []
         try:
             await migrate(engine)
+            await _warm(engine, cfg.database_pool_warm)
             if message_store is not None:
                 await message_store.open()
             store = Store(engine)

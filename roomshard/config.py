@@ -147,6 +147,7 @@ class DirectoryConfig:
     host: str = setting("127.0.0.1", help="address to bind")
     port: int = setting(8080, help="port to bind (0 picks a free one)")
     database_url: str = setting(DEFAULT_DATABASE_URL, help="SQLAlchemy URL")
+    database_pool_warm: int = setting(30, help="PostgreSQL connections opened at start (at most the pool's 30, which a connect storm fills anyway): the first storm finds them ready; 0 opens them as needed")
     public_url: str | None = setting(None, help="load balancer address, e.g. wss://chat.example.com")
     route_check: bool = setting(False, help="a shard's new process is 'pending' (no rooms) until GET <its public_base, else the public URL>/iN/room/~probe answers from that very process through the load balancer; off: active at once")
     admin_token: str = setting(help="bearer token of the admin API", secret=True)
@@ -186,7 +187,8 @@ class DirectoryConfig:
             raise ConfigError("ROOMSHARD_ADMIN_TOKEN: empty")
         _check_positive(self, "ticket_ttl", "down_after", "default_capacity", "history_retention",
                         "connect_queue_wait", "connects_in_flight", *LINGER_SETTINGS)
-        for name in ("room_create_rate", "room_create_rate_per_address", "room_unused_ttl"):
+        for name in ("room_create_rate", "room_create_rate_per_address", "room_unused_ttl",
+                     "database_pool_warm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)}: must be 0 (off) or positive")
         if not 0 <= self.port <= 65535:

@@ -8,6 +8,7 @@ busy timeout, write transactions that take the lock at ``BEGIN``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
@@ -30,12 +31,13 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(url: str, *, pool_size: int = 10, synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
-                pre_ping: bool = False) -> AsyncEngine:
+                pre_ping: bool = False, name: str | None = None) -> AsyncEngine:
     """An engine that heals after an outage and fails fast while the database is gone.
 
     ``pre_ping``: test a pooled PostgreSQL connection before each use (one round trip):
     for a caller that checks out once per batch, so a connection the server closed
-    (a restart) is replaced instead of failing every retry.
+    (a restart) is replaced instead of failing every retry. ``name``: PostgreSQL's
+    ``application_name`` of its connections (``pg_stat_activity`` says whose they are).
     """
     if is_sqlite(url):
         _create_private(url)
@@ -61,8 +63,36 @@ def make_engine(url: str, *, pool_size: int = 10, synchronous: Synchronous = DEF
         pool_recycle=1800,
         # asyncpg: bound the connect and every statement so an unreachable
         # server turns into a 503 quickly instead of hanging requests.
-        connect_args={"timeout": 3, "command_timeout": 10},
+        connect_args={"timeout": 3, "command_timeout": 10,
+                      **({"server_settings": {"application_name": name}} if name else {})},
     )
+
+
+def pool_limit(engine: AsyncEngine) -> int:
+    """The most connections ``engine``'s pool holds (PostgreSQL: every one it opens stays)."""
+    size = getattr(engine.pool, "size", None)
+    return int(size()) if callable(size) else 1
+
+
+async def warm_pool(engine: AsyncEngine, connections: int) -> int:
+    """Open up to ``connections`` pooled connections at once and put them back: PostgreSQL
+    only (SQLite's are local files). Returns how many were opened.
+
+    A new PostgreSQL connection costs a backend process, authentication and the
+    driver's type setup: milliseconds of both machines' CPU. Opened at start, the
+    first storm (a deploy, a failover) finds them ready instead of paying for them
+    while it is served."""
+    if is_sqlite(str(engine.url)) or connections <= 0:
+        return 0
+    async with contextlib.AsyncExitStack() as held:
+        results = await asyncio.gather(
+            *(held.enter_async_context(engine.connect())
+              for _ in range(min(connections, pool_limit(engine)))),
+            return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r  # cancelled: the stack puts back what was opened
+        return sum(1 for r in results if not isinstance(r, BaseException))
 
 
 def _create_private(url: str) -> None:
