@@ -202,47 +202,57 @@ async def _drain(rooms: int, database_url: str | None, idle: bool,
                 await _drain_idle(d.url, http, rooms, out)
                 return
             gate = asyncio.Semaphore(64)
-            members = [Chatter(d.url, f"d{n}", "m", http, gate=gate) for n in range(rooms)]
-            for c in members:
-                c.start()
-            await wait(lambda: all(c.opened.is_set() for c in members), 180, "members in")
-            for c in members:
-                await c.send()
-            await wait(lambda: all(not c.unacked for c in members), 60, "first messages")
-            counts: dict[str, int] = {}
-            for c in members:
-                counts[c.welcomes[0].instance] = counts.get(c.welcomes[0].instance, 0) + 1
-            victim = max(counts, key=lambda i: counts[i])
-            t0 = time.monotonic()
-            meter = CpuMeter(groups)
-            spy = None
-            if os.environ.get("BENCH_PROFILE"):  # py-spy (collapsed stacks) of the directory
-                spy = subprocess.Popen(["py-spy", "record", "-p", str(d.popen.pid), "-r", "250",
-                                        "-f", "raw", "-o", os.environ["BENCH_PROFILE"]],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            r = await http.post(f"{d.url}/v1/admin/instances/{victim}/drain", headers=ADMIN,
-                                timeout=600)
-            wall = time.monotonic() - t0
-            rep = r.json()
-            cpu_line = meter.report(rep["moved"])
-            print(cpu_line, flush=True)
-            if spy is not None:
-                spy.send_signal(2)
-                spy.wait(30)
-            pauses = [m["pause_ms"] for m in rep["moves"]]
-            print(f"drained {victim}: {rep['moved']}/{rep['total']} rooms in {wall:.2f}s "
-                  f"({rep['moved'] / wall:.0f} rooms/s; report {rep['rooms_per_s']} rooms/s), "
-                  f"failed {len(rep['failed'])}, state {rep['state']}, pause_ms p50 "
-                  f"{pct(pauses, .5):.1f} p99 {pct(pauses, .99):.1f}", flush=True)
-            hit = [c for c in members if c.welcomes[0].instance == victim]
-            await wait(lambda: all(len(c.welcomes) > 1 for c in hit), 120, "members to follow")
-            bad = [c for c in hit if c.welcomes[1].recovered is not True]
-            print(f"members of drained rooms back: {len(hit)}, not recovered: {len(bad)}")
-            if out is not None:  # --json: the same numbers, machine-readable
-                out.update(_drain_record(rep, wall, rooms, database_url, idle=False),
-                           cpu=cpu_line, members_back=len(hit), not_recovered=len(bad))
-            for c in members:
-                await c.stop()
+            # One user per room: the room-creation budget counts new rooms per user.
+            members = [Chatter(d.url, f"d{n}", f"m{n}", http, gate=gate) for n in range(rooms)]
+            try:
+                await _drain_live(d.url, http, members, groups, rooms, database_url, out)
+            finally:
+                for c in members:  # before the client closes, whatever happened
+                    await c.stop()
+
+
+async def _drain_live(url: str, http: httpx.AsyncClient, members: list[Chatter],
+                      groups: dict[str, list[int]], rooms: int, database_url: str | None,
+                      out: dict[str, object] | None) -> None:
+    """Each of ``members`` in its own room, one message each; drain the busiest shard."""
+    for c in members:
+        c.start()
+    await wait(lambda: all(c.opened.is_set() for c in members), 180, "members in")
+    for c in members:
+        await c.send()
+    await wait(lambda: all(not c.unacked for c in members), 60, "first messages")
+    counts: dict[str, int] = {}
+    for c in members:
+        counts[c.welcomes[0].instance] = counts.get(c.welcomes[0].instance, 0) + 1
+    victim = max(counts, key=lambda i: counts[i])
+    t0 = time.monotonic()
+    meter = CpuMeter(groups)
+    spy = None
+    if os.environ.get("BENCH_PROFILE"):  # py-spy (collapsed stacks) of the directory
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(groups["directory"][0]), "-r", "250",
+                                "-f", "raw", "-o", os.environ["BENCH_PROFILE"]],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = await http.post(f"{url}/v1/admin/instances/{victim}/drain", headers=ADMIN,
+                        timeout=600)
+    wall = time.monotonic() - t0
+    rep = r.json()
+    cpu_line = meter.report(rep["moved"])
+    print(cpu_line, flush=True)
+    if spy is not None:
+        spy.send_signal(2)
+        spy.wait(30)
+    pauses = [m["pause_ms"] for m in rep["moves"]]
+    print(f"drained {victim}: {rep['moved']}/{rep['total']} rooms in {wall:.2f}s "
+          f"({rep['moved'] / wall:.0f} rooms/s; report {rep['rooms_per_s']} rooms/s), "
+          f"failed {len(rep['failed'])}, state {rep['state']}, pause_ms p50 "
+          f"{pct(pauses, .5):.1f} p99 {pct(pauses, .99):.1f}", flush=True)
+    hit = [c for c in members if c.welcomes[0].instance == victim]
+    await wait(lambda: all(len(c.welcomes) > 1 for c in hit), 120, "members to follow")
+    bad = [c for c in hit if c.welcomes[1].recovered is not True]
+    print(f"members of drained rooms back: {len(hit)}, not recovered: {len(bad)}")
+    if out is not None:  # --json: the same numbers, machine-readable
+        out.update(_drain_record(rep, wall, rooms, database_url, idle=False),
+                   cpu=cpu_line, members_back=len(hit), not_recovered=len(bad))
 
 
 def _drain_record(rep: dict, wall: float, rooms: int, database_url: str | None,  # type: ignore[type-arg]
