@@ -7,6 +7,7 @@
 #
 #   bench/connect_profile.sh                 # 5,000 connections in 250 rooms, 200 in flight
 #   PROF=1 bench/connect_profile.sh 200 250 20
+#   NODE_OPTS="--cpu-prof --cpu-prof-dir=/tmp/nprof" bench/connect_profile.sh   # the load generator's CPU profile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONC=${1:-200}; ROOMS=${2:-250}; MEMBERS=${3:-20}
