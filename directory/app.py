@@ -110,6 +110,8 @@ async def sweep_unused_rooms(ctx: Directory) -> None:
 async def _warm(engine: AsyncEngine, connections: int) -> None:
     """Open the database pool's connections before serving (``ROOMSHARD_DATABASE_POOL_WARM``);
     a failure is logged, not fatal: the pool opens them as needed."""
+    if engine.dialect.name == "sqlite":
+        return  # local files: nothing to open ahead
     wanted = min(connections, pool_limit(engine))
     try:
         async with asyncio.timeout(10):
@@ -118,7 +120,7 @@ async def _warm(engine: AsyncEngine, connections: int) -> None:
         log.warning("the database pool's connections took over 10 s to open; "
                     "they open as needed")
         return
-    if opened < wanted and engine.dialect.name != "sqlite":
+    if opened < wanted:
         log.warning("opened %d of the database pool's %d connections at start (is "
                     "PostgreSQL's max_connections big enough?); the rest open as needed",
                     opened, wanted)

@@ -82,7 +82,7 @@ async def warm_pool(engine: AsyncEngine, connections: int) -> int:
     driver's type setup: milliseconds of both machines' CPU. Opened at start, the
     first storm (a deploy, a failover) finds them ready instead of paying for them
     while it is served."""
-    if is_sqlite(str(engine.url)) or connections <= 0:
+    if is_sqlite(str(engine.url)):
         return 0
     async with contextlib.AsyncExitStack() as held:
         results = await asyncio.gather(

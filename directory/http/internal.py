@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -42,17 +43,10 @@ async def heartbeat(request: Request, ctx: Directory) -> Response:
     check_acting_for(subject, instance)
     body = decode(await read_body(request), internal.HeartbeatBody)
     schemas.check_urls(body.internal_url, body.public_base)
-
-    def decide(row: Any) -> dict[str, Any]:
-        return instances.heartbeat_changes(row, body, instance=instance, now=now,
-                                          down_after=ctx.cfg.down_after,
-                                          default_capacity=ctx.cfg.default_capacity,
-                                          route_check=ctx.cfg.route_check)
-
-    row = await ctx.store.upsert_instance(instance, decide, process=body.boot_id)
-    view = instance_view(row, now=now, down_after=ctx.cfg.down_after, public_url=ctx.cfg.public_url)
-    answer: dict[str, Any] = {"instance": view,
-                              "down_after": ctx.cfg.down_after}
+    changes = _heartbeat_changes(ctx, body, now)
+    row = await ctx.store.upsert_instance(instance, lambda row: changes(instance, row),
+                                          process=body.boot_id)
+    answer = _heartbeat_answer(ctx, row, now)
     if body.confirm is not None:
         if len(body.confirm) > MAX_CONFIRM or not all(map(valid_room_id, body.confirm)):
             raise BadRequest("invalid_confirm", f"confirm: at most {MAX_CONFIRM} valid room ids")
@@ -71,18 +65,30 @@ async def claim(request: Request, ctx: Directory) -> Response:
     body = decode(await read_body(request), internal.HeartbeatBody)
     schemas.check_urls(body.internal_url, body.public_base)
     url = instances.check_internal_url(body.internal_url)
+    row = await ctx.store.claim_instance(
+        body.boot_id, lambda r: instances.reclaimable(r, internal_url=url, now=now,
+                                                      down_after=ctx.cfg.down_after),
+        _heartbeat_changes(ctx, body, now))
+    return json_response(_heartbeat_answer(ctx, row, now))
 
-    def decide(instance: str, row: Any) -> dict[str, Any]:
+
+def _heartbeat_changes(ctx: Directory, body: internal.HeartbeatBody,
+                       now: float) -> Callable[[str, Any], dict[str, Any]]:
+    """``(instance, row_or_None) -> column values`` of a heartbeat (or a claim) as ``body``
+    says, for the store's write."""
+    def changes(instance: str, row: Any) -> dict[str, Any]:
         return instances.heartbeat_changes(row, body, instance=instance, now=now,
                                           down_after=ctx.cfg.down_after,
                                           default_capacity=ctx.cfg.default_capacity,
                                           route_check=ctx.cfg.route_check)
+    return changes
 
-    row = await ctx.store.claim_instance(
-        body.boot_id, lambda r: instances.reclaimable(r, internal_url=url, now=now,
-                                                      down_after=ctx.cfg.down_after), decide)
-    view = instance_view(row, now=now, down_after=ctx.cfg.down_after, public_url=ctx.cfg.public_url)
-    return json_response({"instance": view, "down_after": ctx.cfg.down_after})
+
+def _heartbeat_answer(ctx: Directory, row: Any, now: float) -> dict[str, Any]:
+    """The body of a heartbeat's (or a claim's) answer: the instance as the registry has it."""
+    return {"instance": instance_view(row, now=now, down_after=ctx.cfg.down_after,
+                                      public_url=ctx.cfg.public_url),
+            "down_after": ctx.cfg.down_after}
 
 
 async def leave(request: Request, ctx: Directory) -> Response:

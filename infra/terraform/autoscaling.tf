@@ -69,22 +69,14 @@ resource "aws_launch_template" "shard" {
     http_tokens   = "required" # IMDSv2: the shard reads its lifecycle state through it
     http_endpoint = "enabled"
   }
-  user_data = base64encode(templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    role           = "shard"
+  user_data = base64encode(templatefile("${path.module}/templates/user_data.sh.tftpl", merge(local.shard_user_data, {
     instance       = "auto"
     advertise_port = var.shard_port
-    directory_port = var.directory_port
-    rules_listener = ""
-    pip_spec       = var.roomshard_pip_spec
-    ssm_prefix     = var.secrets_ssm_prefix
-    region         = data.aws_region.current.name
-    unit_files     = local.units
-    secret_names   = ["cluster_secret"]
     env_lines = concat(local.shard_env, [
       "ROOMSHARD_SHUTDOWN_TIMEOUT=${var.shard_group_shutdown_timeout}",
       "ROOMSHARD_ASG_LIFECYCLE_HOOK=${var.name}-shard-drain",
     ])
-  }))
+  })))
   tag_specifications {
     resource_type = "instance"
     tags          = { Name = "${var.name}-shard", "roomshard:role" = "shard" }

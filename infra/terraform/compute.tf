@@ -55,6 +55,18 @@ locals {
     shard     = file("${path.module}/../systemd/roomshard-shard@.service")
     alb_rules = file("${path.module}/../systemd/roomshard-alb-rules.service")
   }
+  # What every machine's user data (templates/user_data.sh.tftpl) shares; each adds its own.
+  user_data_base = {
+    instance       = ""
+    advertise_port = ""
+    rules_listener = ""
+    directory_port = var.directory_port
+    pip_spec       = var.roomshard_pip_spec
+    ssm_prefix     = var.secrets_ssm_prefix
+    region         = data.aws_region.current.name
+    unit_files     = local.units
+  }
+  shard_user_data = merge(local.user_data_base, { role = "shard", secret_names = ["cluster_secret"] })
 }
 
 resource "aws_instance" "directory" {
@@ -64,22 +76,15 @@ resource "aws_instance" "directory" {
   subnet_id              = var.private_subnet_ids[count.index % length(var.private_subnet_ids)]
   vpc_security_group_ids = [aws_security_group.instances.id]
   iam_instance_profile   = aws_iam_instance_profile.directory.name
-  user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    role           = "directory"
-    instance       = ""
-    advertise_port = ""
-    directory_port = var.directory_port
+  user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", merge(local.user_data_base, {
+    role = "directory"
     # The reconciler runs on the first directory machine only: one per load balancer.
     rules_listener = count.index == 0 ? aws_lb_listener.https.arn : ""
-    pip_spec       = var.roomshard_pip_spec
-    ssm_prefix     = var.secrets_ssm_prefix
-    region         = data.aws_region.current.name
-    unit_files     = local.units
     env_lines = ["ROOMSHARD_HOST=0.0.0.0", "ROOMSHARD_PORT=${var.directory_port}", "ROOMSHARD_AUTH=jwt", "ROOMSHARD_PUBLIC_URL=${var.public_url}",
       # A new shard gets rooms only once its rule (the reconciler's) answers through the ALB.
     "ROOMSHARD_ROUTE_CHECK=on"]
     secret_names = ["database_url", "admin_token", "cluster_secret", "jwt_secret"]
-  })
+  }))
   tags = { Name = "${var.name}-directory-${count.index + 1}", "roomshard:role" = "directory" }
 }
 
@@ -91,17 +96,8 @@ resource "aws_instance" "shard" {
   private_ip             = each.value.private_ip
   vpc_security_group_ids = [aws_security_group.instances.id]
   iam_instance_profile   = aws_iam_instance_profile.instances.name
-  user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    role           = "shard"
-    instance       = "i${each.key}"
-    advertise_port = ""
-    directory_port = var.directory_port
-    rules_listener = ""
-    pip_spec       = var.roomshard_pip_spec
-    ssm_prefix     = var.secrets_ssm_prefix
-    region         = data.aws_region.current.name
-    unit_files     = local.units
-    secret_names   = ["cluster_secret"]
+  user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", merge(local.shard_user_data, {
+    instance = "i${each.key}"
     env_lines = concat(local.shard_env, [
       "ROOMSHARD_ADVERTISE_URL=http://${each.value.private_ip}:${var.shard_port}",
       # Long enough to hand every room over to the directory on SIGTERM;
@@ -110,7 +106,7 @@ resource "aws_instance" "shard" {
       ],
       each.value.public_base == null ? [] : ["ROOMSHARD_PUBLIC_BASE=${each.value.public_base}"],
     each.value.capacity == null ? [] : ["ROOMSHARD_CAPACITY=${each.value.capacity}"])
-  })
+  }))
   # Replacing a shard's machine must go through drain (docs/OPERATIONS.md).
   lifecycle {
     ignore_changes = [user_data, ami]

@@ -87,8 +87,21 @@ def test_terraform_references_are_declared():
     loop_vars = set(re.findall(r"%\{ for (\w+) in", template))
     used_in_template = (set(re.findall(r"\$\{([a-z_]+)", template)) | set(
         re.findall(r"%\{ (?:if|for \w+ in) ([a-z_]+)", template))) - loop_vars
-    for block in re.findall(r"templatefile\([^{]+\{(.*?)\n  \}\)", text, flags=re.DOTALL):
-        given = set(re.findall(r"^\s+([a-z_]+)\s+=", block, flags=re.MULTILINE))
+    # Each call is merge(local.BASE, {...}); a local may merge another one in turn.
+    def keys(block: str) -> set[str]:
+        return set(re.findall(r"^\s+([a-z_]+)\s+=", block, flags=re.MULTILINE))
+
+    base = re.search(r"^  user_data_base = \{(.*?)\n  \}", text, re.MULTILINE | re.DOTALL)
+    assert base is not None
+    locals_ = {"user_data_base": keys(base.group(1))}
+    for name, parent, block in re.findall(
+            r"^  (\w+) += merge\(local\.(\w+), \{(.*?)\}\)$", text, re.MULTILINE):
+        locals_[name] = locals_[parent] | set(re.findall(r"(\w+) =", block))
+    calls = re.findall(r"templatefile\([^,]+, merge\(local\.(\w+), \{(.*?)\n  \}\)\)",
+                       text, flags=re.DOTALL)
+    assert len(calls) == 3  # the directories, the fixed shards, the Auto Scaling group's
+    for parent, block in calls:
+        given = locals_[parent] | keys(block)
         assert used_in_template <= given, used_in_template - given
 
 
