@@ -21,7 +21,8 @@ locked". A write that cannot start within :data:`SQLITE_WRITE_WAIT_S` is
 refused with 503 ``overloaded`` and ``Retry-After``, not
 ``database_unavailable``: the database is there, only busy. On PostgreSQL the two
 statements of the measured connect path (room lookup; new room) run on the
-pooled asyncpg connection directly (``Store._raw``), the new room as one
+pooled asyncpg connection directly (``Store._raw``, on a connection kept at
+hand between statements: ``directory.db.reserve``), the new room as one
 data-modifying CTE; everything else goes through SQLAlchemy.
 """
 
@@ -52,8 +53,10 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from directory.db.engine import instances, retired_processes, room_counts, rooms
+from directory.db.reserve import ConnectionReserve
 from directory.db.room_cache import RoomCache
 from directory.domain import instances as instances_domain
 from directory.domain import placement
@@ -134,12 +137,19 @@ RETURNING instance
 try:
     import asyncpg
 
+    # InternalClientError: a statement on a connection that has just been told it is
+    # being closed ("terminating connection due to administrator command" read while
+    # idle, the socket's end not yet): the connection is gone, like the others'.
     _PG_DOWN_ERRORS: tuple[type[BaseException], ...] = (
         asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
         asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
-        OSError, ConnectionError, TimeoutError)
+        asyncpg.InternalClientError, OSError, ConnectionError, TimeoutError)
+    #: What else a checkout that opens a connection raises when the server refuses it
+    #: (too many connections, starting up, a wrong password): "no database", 503.
+    _PG_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError,)
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _PG_DOWN_ERRORS = (OSError, ConnectionError, TimeoutError)
+    _PG_ERRORS = ()
 
 
 def _new_room_stmt(insert: Any, room: Any, instance: Any, now: Any) -> Any:
@@ -236,6 +246,15 @@ class Store:
                                             compile_kwargs={"render_postcompile": True})
             self._raw_target_sql = str(compiled).replace("%(room)s", "$1")
             assert "$1" in self._raw_target_sql
+        # Store._raw: idle connections at hand (a third of the pool), and what a checkout
+        # raises when there is no database
+        self._reserve: ConnectionReserve | None = None
+        if self.dialect == "postgresql":
+            pool = engine.pool
+            self._reserve = ConnectionReserve(
+                pool, pool.size() // 3 if isinstance(pool, QueuePool) else 0)
+        self._checkout_errors: tuple[type[BaseException], ...] = (
+            *_PG_DOWN_ERRORS, *_PG_ERRORS, engine.dialect.loaded_dbapi.Error)
         # PostgreSQL: served rooms looked up without a round trip (directory.db.room_cache)
         self.cache: RoomCache | None = None
         if self.dialect == "postgresql":
@@ -257,6 +276,8 @@ class Store:
     def close(self) -> None:
         if self._lite is not None:
             self._lite.close()
+        if self._reserve is not None:
+            self._reserve.flush()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -337,20 +358,32 @@ class Store:
         """Run ``op(asyncpg_connection)`` on a pooled connection, outside SQLAlchemy's
         execution layer (PostgreSQL hot paths: it costs more CPU than the query).
 
-        The pool, its limits and its invalidation stay SQLAlchemy's: a dead
-        connection is invalidated with every older pooled one (as SQLAlchemy's
-        own disconnect handling does) and ``op`` retried once on a fresh one,
-        so ``op`` must be idempotent. Raises ``OperationalError`` (-> 503).
+        The connection comes from the reserve (``directory.db.reserve``) or the
+        pool; the pool, its limits and its invalidation stay SQLAlchemy's: a dead
+        connection is invalidated with every older one (as SQLAlchemy's own
+        disconnect handling does) and ``op`` retried once on a fresh one, so ``op``
+        must be idempotent. Raises ``OperationalError`` (-> 503) when the database
+        is not there, as ``engine.connect()`` would.
         """
+        reserve = self._reserve
+        assert reserve is not None
         for attempt in (1, 2):
-            async with self.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                try:
-                    return await op(raw.driver_connection)
-                except _PG_DOWN_ERRORS as exc:
-                    self.engine.pool._invalidate(raw, exc)
-                    if attempt == 2:
-                        raise sa_exc.OperationalError("raw statement", None, exc) from exc
+            try:
+                fairy = await reserve.acquire()
+            except self._checkout_errors as exc:
+                raise sa_exc.OperationalError("pool checkout", None, exc) from exc
+            try:
+                result = await op(fairy.driver_connection)
+            except _PG_DOWN_ERRORS as exc:
+                await reserve.invalidate(fairy, exc)
+                if attempt == 2:
+                    raise sa_exc.OperationalError("raw statement", None, exc) from exc
+                continue
+            except BaseException:
+                fairy.close()  # an unfinished statement (cancelled): not kept at hand
+                raise
+            reserve.release(fairy)
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _raw_room_target(self, room: str) -> Mapping[str, Any] | None:
