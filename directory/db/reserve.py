@@ -34,6 +34,7 @@ class ConnectionReserve:
         self.keep = keep
         self.idle_s = idle_s
         self._idle: list[tuple[Any, float]] = []  # (fairy, since): the last one kept on top
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -53,7 +54,7 @@ class ConnectionReserve:
 
     def release(self, fairy: Any) -> None:
         """Keep ``fairy`` here for the next :meth:`acquire`, or give it back to the pool."""
-        if len(self._idle) < self.keep:
+        if len(self._idle) < self.keep and not self._closed:
             self._idle.append((fairy, time.monotonic()))
         else:
             fairy.close()  # no I/O: the hot path leaves no SQLAlchemy transaction to reset
@@ -69,3 +70,9 @@ class ConnectionReserve:
         idle, self._idle = self._idle, []
         for fairy, _ in idle:
             fairy.close()
+
+    def close(self) -> None:
+        """Give every kept connection back and keep none from now on (before the pool is
+        disposed: a statement still running gives its connection straight back)."""
+        self._closed = True
+        self.flush()

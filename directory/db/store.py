@@ -134,6 +134,32 @@ SELECT instance, pg_backend_pid() % {ROOM_COUNT_SLOTS}, 1 FROM ins
 ON CONFLICT (instance, slot) DO UPDATE SET rooms = room_counts.rooms + 1
 RETURNING instance
 """
+
+def _pg_find_or_new_room_sql(target_sql: str) -> str:
+    """The room's lookup (``target_sql``, the room as ``$1``) and, when there is no such
+    room, its insert at epoch 1 on instance ``$2`` and its count, in one statement; one
+    row: ``placed`` (1: inserted) and the lookup's columns (all NULL: no row seen, when
+    the insert is the one that placed it or another replica's insert won meanwhile)."""
+    return f"""
+WITH found AS ({target_sql}),
+ins AS (
+    INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
+                       created_at, updated_at)
+    SELECT $1::varchar, $2::varchar, 1, 1, 'active', false, 0, $3::float8, $3::float8
+    WHERE NOT EXISTS (SELECT 1 FROM found)
+    ON CONFLICT (room) DO NOTHING
+    RETURNING instance
+), counted AS (
+    INSERT INTO room_counts (instance, slot, rooms)
+    SELECT instance, pg_backend_pid() % {ROOM_COUNT_SLOTS}, 1 FROM ins
+    ON CONFLICT (instance, slot) DO UPDATE SET rooms = room_counts.rooms + 1
+    RETURNING instance
+)
+SELECT (SELECT count(*) FROM counted) AS placed, found.* FROM (SELECT 1) AS one
+LEFT JOIN found ON true
+"""
+
+
 try:
     import asyncpg
 
@@ -241,11 +267,13 @@ class Store:
         self._writer = engine.execution_options(immediate=True)
         self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None
         self._raw_target_sql: str | None = None
+        self._raw_find_or_new_sql = ""
         if self.dialect == "postgresql":
             compiled = _ROOM_TARGET.compile(dialect=engine.dialect,
                                             compile_kwargs={"render_postcompile": True})
             self._raw_target_sql = str(compiled).replace("%(room)s", "$1")
             assert "$1" in self._raw_target_sql
+            self._raw_find_or_new_sql = _pg_find_or_new_room_sql(self._raw_target_sql)
         # Store._raw: idle connections at hand (a third of the pool), and what a checkout
         # raises when there is no database
         self._reserve: ConnectionReserve | None = None
@@ -277,7 +305,7 @@ class Store:
         if self._lite is not None:
             self._lite.close()
         if self._reserve is not None:
-            self._reserve.flush()
+            self._reserve.close()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -327,6 +355,50 @@ class Store:
         async with self.read() as conn:
             row = (await conn.execute(_ROOM_TARGET, {"room": room})).first()
         return row._mapping if row is not None else None
+
+    @property
+    def finds_or_places(self) -> bool:
+        """Whether :meth:`room_target_or_new` can look a room up and place it in one go."""
+        return self._raw_target_sql is not None and self.cache is not None
+
+    async def room_target_or_new(self, room: str, *, now: float,
+                                 down_after: float) -> tuple[Mapping[str, Any] | None, Target | None]:
+        """:meth:`room_target`, and the room placed when there is none, in ONE statement
+        (PostgreSQL: a new room's first connect costs one round trip, not two).
+
+        Returns ``(None, target)`` when this call placed the room (on the instance
+        :meth:`place` would pick from the room cache's view), else ``(row, None)``
+        with the lookup's row, None when there is no such room: the caller places
+        it the general way (the cache's view has no instance to offer). Only where
+        :attr:`finds_or_places`; the caller has charged the creation (it refunds
+        it unless a room was placed)."""
+        cache = self.cache
+        assert cache is not None and self._raw_target_sql is not None
+        view = cache.placement_view()
+        inst: Mapping[str, Any] | None = None
+        if view is not None:
+            with suppress(NoInstance):
+                inst = _pick(view, now=now, down_after=down_after)
+        if inst is None:
+            return await self.room_target(room), None
+        token = cache.token()
+        chosen = inst["id"]
+        cache.placing(chosen)
+        placed = False
+        try:
+            rec = await self._raw(lambda c: c.fetchrow(self._raw_find_or_new_sql, room, chosen, now))
+            placed = rec["placed"] == 1
+        finally:
+            cache.placement_done(chosen, placed)
+        if placed:
+            cache.keep_new_room(room, chosen, token, asyncio.get_running_loop().time())
+            return None, Target(room, chosen, 1, inst["internal_url"], inst["public_base"])
+        if rec["epoch"] is None:  # another replica placed it since this statement's snapshot
+            return await self.room_target(room), None
+        row = _target_row(rec)
+        del row["placed"]
+        cache.put(room, row, token, asyncio.get_running_loop().time())
+        return row, None
 
     @property
     def looks_up_now(self) -> bool:

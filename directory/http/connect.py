@@ -85,7 +85,26 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     user = _credentials(ctx, room, request.headers.get("authorization"), now)
     user, unreachable = _user(ctx, await read_body(request), user)
     _admit(request, ctx)
-    row = await ctx.store.room_target(room)
+    store = ctx.store
+    row: Mapping[str, Any] | None
+    # Within the budget, a room this replica does not know is looked up and placed in one
+    # go (PostgreSQL): charged ahead, refunded unless it was new.
+    charged, over = _take_creation(ctx, request, user, now) if store.finds_or_places \
+        else ((), None)
+    if store.finds_or_places and over is None:
+        try:
+            row, created = await store.room_target_or_new(room, now=now,
+                                                          down_after=ctx.cfg.down_after)
+        except BaseException:
+            _refund(charged)
+            raise
+        if created is not None:
+            ctx.metrics.placements.labels("new").inc()
+            return Response(_answer(ctx, created, user, now), media_type="application/json",
+                            headers=NO_STORE)
+        _refund(charged)
+    else:
+        row = await store.room_target(room)
     if row is not None:
         _check_access(room, row, user)
         row = await _after_suspicion(ctx, room, row, unreachable, now)
@@ -209,12 +228,29 @@ def _answer(ctx: Directory, target: Target, user: str, now: float) -> bytes:
     })
 
 
-def _charge_creation(ctx: Directory, request: Request, user: str,
-                     now: float) -> tuple[tuple[CreateBudget, str], ...]:
+Charged = tuple[tuple[CreateBudget, str], ...]
+
+
+def _charge_creation(ctx: Directory, request: Request, user: str, now: float) -> Charged:
     """Charge a room creation to the user's budget (and the address's); 429 when over.
 
     Returns what was charged, for a refund when no room gets created.
     """
+    charged, over = _take_creation(ctx, request, user, now)
+    if over is not None:
+        budget, name, wait = over
+        ctx.metrics.creates_refused.labels(name).inc()
+        raise TooManyRequests(
+            message=f"over the budget of {budget.per_minute:g} new rooms per minute "
+                    f"per {name}; joining existing rooms is not limited",
+            retry_after=retry_after(wait))
+    return charged
+
+
+def _take_creation(ctx: Directory, request: Request, user: str,
+                   now: float) -> tuple[Charged, tuple[CreateBudget, str, float] | None]:
+    """What a room creation charged, or nothing and the budget it is over (its name,
+    the wait): a charge ahead of the lookup refuses nothing (the room may exist)."""
     charged: list[tuple[CreateBudget, str]] = []
     checks = [(ctx.create_budget, user, "user")]
     if ctx.create_budget_by_address.per_minute > 0 and request.client is not None:
@@ -223,16 +259,12 @@ def _charge_creation(ctx: Directory, request: Request, user: str,
         wait = budget.take(key, now)
         if wait > 0:
             _refund(tuple(charged))
-            ctx.metrics.creates_refused.labels(name).inc()
-            raise TooManyRequests(
-                message=f"over the budget of {budget.per_minute:g} new rooms per minute "
-                        f"per {name}; joining existing rooms is not limited",
-                retry_after=retry_after(wait))
+            return (), (budget, name, wait)
         charged.append((budget, key))
-    return tuple(charged)
+    return tuple(charged), None
 
 
-def _refund(charged: tuple[tuple[CreateBudget, str], ...]) -> None:
+def _refund(charged: Charged) -> None:
     for budget, key in charged:
         budget.give_back(key)
 

@@ -139,3 +139,19 @@ async def test_a_failed_statement_gives_its_connection_back(store: Store) -> Non
         await store._raw(lambda c: c.fetchrow("SELEC 1"))
     assert _kept(store) == 0  # back to the pool, not kept
     await _lookups(store, 1)
+
+
+async def test_a_closed_store_keeps_no_connection(store: Store) -> None:
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def running_at_close(c: Any) -> Any:
+        started.set()
+        await go.wait()
+        return await c.fetchval("SELECT 1")
+
+    running = asyncio.ensure_future(store._raw(running_at_close))
+    await started.wait()
+    store.close()
+    go.set()
+    assert await running == 1
+    assert store.engine.pool.checkedout() == 0

@@ -324,6 +324,7 @@ async def _deadlock_free(h: Harness, db_url: str) -> None:
             *(other._replace(r, row, now=now, down_after=down_after)
               for r, row in rows.items()))
     finally:
+        other.close()
         await other.engine.dispose()
     by_connects = sum(1 for target, _ in results[1:] if target is not None)  # CAS won
     assert results[0] + by_connects == len(rooms)
