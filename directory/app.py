@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -107,15 +108,16 @@ async def sweep_unused_rooms(ctx: Directory) -> None:
             log.warning("could not remove unused rooms: %s", exc)
 
 
-async def _warm(engine: AsyncEngine, connections: int) -> None:
-    """Open the database pool's connections before serving (``ROOMSHARD_DATABASE_POOL_WARM``);
-    a failure is logged, not fatal: the pool opens them as needed."""
+async def _warm(engine: AsyncEngine, connections: int,
+                prime: Callable[[Any], Awaitable[None]]) -> None:
+    """Open the database pool's connections before serving (``ROOMSHARD_DATABASE_POOL_WARM``),
+    each readied by ``prime``; a failure is logged, not fatal: the pool opens them as needed."""
     if engine.dialect.name == "sqlite":
         return  # local files: nothing to open ahead
     wanted = min(connections, pool_limit(engine))
     try:
         async with asyncio.timeout(10):
-            opened = await warm_pool(engine, wanted)
+            opened = await warm_pool(engine, wanted, prime)
     except TimeoutError:
         log.warning("the database pool's connections took over 10 s to open; "
                     "they open as needed")
@@ -216,10 +218,10 @@ def create_app(cfg: DirectoryConfig, *, clock: Callable[[], float] = time.time,
         background: list[asyncio.Task[None]] = []
         try:
             await migrate(engine)
-            await _warm(engine, cfg.database_pool_warm)
+            store = Store(engine)
+            await _warm(engine, cfg.database_pool_warm, store.prime)
             if message_store is not None:
                 await message_store.open()
-            store = Store(engine)
             mover = Mover(store, shards, metrics, clock, down_after=cfg.down_after)
             app.state.ctx = Directory(cfg=cfg, clock=clock, store=store, signer=signer,
                                       shards=shards, metrics=metrics, client_auth=client_auth,

@@ -74,20 +74,28 @@ def pool_limit(engine: AsyncEngine) -> int:
     return int(size()) if callable(size) else 1
 
 
-async def warm_pool(engine: AsyncEngine, connections: int) -> int:
+async def warm_pool(engine: AsyncEngine, connections: int,
+                    prime: Callable[[Any], Awaitable[None]] | None = None) -> int:
     """Open up to ``connections`` pooled connections at once and put them back: PostgreSQL
     only (SQLite's are local files). Returns how many were opened.
 
     A new PostgreSQL connection costs a backend process, authentication and the
     driver's type setup: milliseconds of both machines' CPU. Opened at start, the
     first storm (a deploy, a failover) finds them ready instead of paying for them
-    while it is served."""
+    while it is served. ``prime(driver_connection)`` runs on each one opened (the
+    caller's first statements: a new backend reads the tables' catalog entries
+    the first time it touches them)."""
     if is_sqlite(str(engine.url)):
         return 0
+
+    async def open_one(held: contextlib.AsyncExitStack) -> None:
+        conn = await held.enter_async_context(engine.connect())
+        if prime is not None:
+            await prime((await conn.get_raw_connection()).driver_connection)
+
     async with contextlib.AsyncExitStack() as held:
         results = await asyncio.gather(
-            *(held.enter_async_context(engine.connect())
-              for _ in range(min(connections, pool_limit(engine)))),
+            *(open_one(held) for _ in range(min(connections, pool_limit(engine)))),
             return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy.pool import Pool
+from sqlalchemy.engine import Engine
 from sqlalchemy.util import greenlet_spawn
 
 #: How long a connection waits here, unused, before it goes back to the pool.
@@ -29,8 +29,8 @@ IDLE_S = 5.0
 
 
 class ConnectionReserve:
-    def __init__(self, pool: Pool, keep: int, *, idle_s: float = IDLE_S) -> None:
-        self.pool = pool
+    def __init__(self, engine: Engine, keep: int, *, idle_s: float = IDLE_S) -> None:
+        self.engine = engine  # its pool now: ``dispose()`` replaces it
         self.keep = keep
         self.idle_s = idle_s
         self._idle: list[tuple[Any, float]] = []  # (fairy, since): the last one kept on top
@@ -50,7 +50,7 @@ class ConnectionReserve:
                 return fairy
             fairy.close()  # the newest one waited too long: every one did
             self.flush()
-        return await greenlet_spawn(self.pool.connect)
+        return await greenlet_spawn(self.engine.pool.connect)
 
     def release(self, fairy: Any) -> None:
         """Keep ``fairy`` here for the next :meth:`acquire`, or give it back to the pool."""
@@ -62,7 +62,7 @@ class ConnectionReserve:
     async def invalidate(self, fairy: Any, exc: BaseException) -> None:
         """``fairy``'s connection is dead: close it and every connection opened before it
         (the pool's own disconnect handling), the kept ones included."""
-        await greenlet_spawn(self.pool._invalidate, fairy, exc)  # checks it in
+        await greenlet_spawn(self.engine.pool._invalidate, fairy, exc)  # checks it in
         self.flush()
 
     def flush(self) -> None:

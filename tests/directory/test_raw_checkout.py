@@ -17,12 +17,12 @@ from typing import Any
 import asyncpg
 import pytest
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from directory.db import reserve as reserve_module
 from directory.db.engine import instances, migrate, rooms
 from directory.db.store import Store
-from roomshard.sql import make_engine
+from roomshard.sql import make_engine, warm_pool
 
 pytestmark = pytest.mark.postgres
 
@@ -155,3 +155,20 @@ async def test_a_closed_store_keeps_no_connection(store: Store) -> None:
     go.set()
     assert await running == 1
     assert store.engine.pool.checkedout() == 0
+
+
+async def test_warm_connections_are_primed_and_nothing_is_written(store: Store) -> None:
+    primed: list[Any] = []
+
+    async def prime(c: Any) -> None:
+        await store.prime(c)
+        assert not c.is_in_transaction()
+        primed.append(c)
+
+    await store.engine.dispose()  # the fixture's connections: open them again, primed
+    assert await warm_pool(store.engine, 4, prime) == 4
+    assert len(primed) == 4 and all(isinstance(c, asyncpg.Connection) for c in primed)
+    async with store.read() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM rooms"))).scalar() == 1
+        assert (await conn.execute(text("SELECT count(*) FROM room_counts"))).scalar() == 0
+    await _lookups(store, 4)
