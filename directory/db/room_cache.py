@@ -30,6 +30,18 @@ last heartbeat, not notified: it changes every few seconds) comes from a read
 of the instances every ``REFRESH_S``: older than the database by at most that
 much, so an owner can only look *less* alive than it is, and its rooms then
 take the general way.
+
+Rooms are also *told*: a shard's open of its rooms (their first joins) notifies
+the public rooms it opened, with their owner and epoch, from the open's own
+statement (``roomshard_opened``), so every replica knows a room its shard
+made ready before a client asks it (the second member of a new room,
+arriving at another replica, is answered at once instead of reading the
+database). Delivered in commit order with the changes above, such a notice
+can only be followed, never overtaken, by a later change to its room; within
+the open's own transaction an epoch change is notified after it and drops
+the room again (it is looked up, at the new epoch). One notice per batch of
+opens, not per room: PostgreSQL serializes the commits of notifying
+transactions.
 """
 
 from __future__ import annotations
@@ -46,6 +58,9 @@ log = logging.getLogger("roomshard.directory.room_cache")
 
 ROOMS_CHANNEL = "roomshard_rooms"
 INSTANCES_CHANNEL = "roomshard_instances"
+#: Public rooms a shard opened (first joins): "room instance epoch" lines, from the open's
+#: own statement (``Store._raw_open_rooms``), so a replica knows them before it is asked.
+OPENED_CHANNEL = "roomshard_opened"
 #: Instances re-read (and the listening connection proven alive) this often.
 REFRESH_S = 1.0
 #: A cached room is looked up again after this long, whatever it was told.
@@ -181,6 +196,15 @@ class RoomCache:
             self._floor = self.version
         self._notified[room] = self.version
 
+    def _rooms_opened(self, _conn: Any, _pid: int, _channel: str, lines: str) -> None:
+        """Keep the rooms an open made ready: delivered in commit order, so a later change
+        to one of them (a move, a new epoch) is notified after this and drops it again."""
+        token, now = self.version, asyncio.get_running_loop().time()
+        for line in lines.split("\n"):
+            room, instance, epoch = line.split(" ")
+            self.put(room, {"instance": instance, "epoch": int(epoch), "private": False,
+                            "members": None}, token, now)
+
     def _instance_changed(self, _conn: Any, _pid: int, _channel: str, instance: str) -> None:
         self._instances_version += 1
         self._instances.pop(instance, None)  # its rooms miss until the re-read
@@ -221,6 +245,7 @@ class RoomCache:
             self.dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME})
         await conn.add_listener(ROOMS_CHANNEL, self._room_changed)
         await conn.add_listener(INSTANCES_CHANNEL, self._instance_changed)
+        await conn.add_listener(OPENED_CHANNEL, self._rooms_opened)
         conn.add_termination_listener(self._lost)
         while True:
             seen = self._instances_version

@@ -57,7 +57,7 @@ from sqlalchemy.pool import QueuePool
 
 from directory.db.engine import instances, retired_processes, room_counts, rooms
 from directory.db.reserve import ConnectionReserve
-from directory.db.room_cache import RoomCache
+from directory.db.room_cache import OPENED_CHANNEL, RoomCache
 from directory.domain import instances as instances_domain
 from directory.domain import placement
 from directory.domain.errors import Conflict, Overloaded, Unavailable
@@ -218,16 +218,27 @@ def _open_stmt(room: Any, instance: Any, ticket_epoch: Any, *, now: Any,
 _PG_AGAIN = "(r.opened_epoch = r.epoch AND r.opened_by = v.open_id)"
 _PG_NEW_EPOCH = (f"CASE WHEN {_PG_AGAIN} THEN r.epoch WHEN r.opened_epoch = r.epoch "
                  "THEN r.epoch + 1 ELSE r.epoch END")
+# The opens, and the public rooms opened told to every replica's room cache in the same
+# transaction (``roomshard_opened``: "room instance epoch" lines; delivered in commit order
+# with the triggers' notifications; a batch past the payload's 8000 bytes is not told).
 _PG_OPEN_ROOMS_SQL = f"""
-UPDATE rooms AS r SET epoch = {_PG_NEW_EPOCH}, opened_epoch = {_PG_NEW_EPOCH},
-    opened_by = v.open_id,
-    seq_base = CASE WHEN {_PG_AGAIN} THEN r.seq_base WHEN r.opened_epoch IS NULL THEN 0
-                    ELSE ({_PG_NEW_EPOCH}) * {SEQ_EPOCH_FACTOR}::bigint END,
-    updated_at = $5
-FROM unnest($1::varchar[], $2::bigint[], $3::varchar[]) AS v(room, ticket_epoch, open_id)
-WHERE r.room = v.room AND r.instance = $4 AND r.owner_epoch <= v.ticket_epoch
-  AND r.state = 'active'
-RETURNING r.room, r.instance, r.epoch, r.owner_epoch, r.seq_base, r.private, r.members
+WITH opened AS (
+    UPDATE rooms AS r SET epoch = {_PG_NEW_EPOCH}, opened_epoch = {_PG_NEW_EPOCH},
+        opened_by = v.open_id,
+        seq_base = CASE WHEN {_PG_AGAIN} THEN r.seq_base WHEN r.opened_epoch IS NULL THEN 0
+                        ELSE ({_PG_NEW_EPOCH}) * {SEQ_EPOCH_FACTOR}::bigint END,
+        updated_at = $5
+    FROM unnest($1::varchar[], $2::bigint[], $3::varchar[]) AS v(room, ticket_epoch, open_id)
+    WHERE r.room = v.room AND r.instance = $4 AND r.owner_epoch <= v.ticket_epoch
+      AND r.state = 'active'
+    RETURNING r.room, r.instance, r.epoch, r.owner_epoch, r.seq_base, r.private, r.members
+), told AS (
+    SELECT pg_notify('{OPENED_CHANNEL}', lines) FROM (
+        SELECT string_agg(room || ' ' || instance || ' ' || epoch, E'\\n') AS lines
+        FROM opened WHERE NOT private) AS batch
+    WHERE octet_length(lines) < 8000
+)
+SELECT opened.* FROM opened LEFT JOIN told ON true
 """
 _PG_OPEN_REFUSED_SQL = ("SELECT room, instance, owner_epoch, state FROM rooms "
                         "WHERE room = ANY($1::varchar[])")

@@ -1,4 +1,5 @@
-"""A room the replica does not know, on PostgreSQL: looked up and placed in ONE statement.
+"""A room the replica does not know, on PostgreSQL: looked up and placed in ONE statement;
+a room a shard opened: told to every replica.
 
 ``Store.room_target_or_new`` (one round trip for a new room's first connect,
 not two) on a real server, through two in-process replicas of one database:
@@ -16,11 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+import orjson
 import pytest
 
 from directory.db.store import Store
+from roomshard.testing.metrics import sample
 from roomshard.testing.timing import await_until
-from tests.directory.conftest import ADMIN, Harness
+from tests.directory.conftest import ADMIN, Harness, cluster_headers
 
 pytestmark = pytest.mark.postgres
 
@@ -127,3 +130,78 @@ async def test_the_budget_refuses_only_new_rooms(replicas: list[Harness]) -> Non
     assert missing == 404
     metrics = (await a.client.get("/metrics")).text
     assert 'roomshard_directory_room_creates_refused_total{budget="user"} 1.0' in metrics
+
+
+async def _open(h: Harness, instance: str, rooms: dict[str, str]) -> dict[str, Any]:
+    """The shard's batch open of ``rooms`` (room -> open id) at epoch 1; room -> grant."""
+    r = await h.client.post("/v1/internal/opens", headers=cluster_headers(instance, h.clock.now),
+                            json={"instance": instance, "rooms": [
+                                {"room": room, "ticket_epoch": 1, "open_id": open_id}
+                                for room, open_id in rooms.items()]})
+    assert r.status_code == 200, r.text
+    return {x["room"]: x["grant"] for x in r.json()["results"]}
+
+
+def _known(h: Harness, room: str) -> Any:
+    return _store(h).cache.get(room, asyncio.get_running_loop().time())  # type: ignore[union-attr]
+
+
+async def test_rooms_opened_through_one_replica_are_known_to_every_replica(
+        replicas: list[Harness]) -> None:
+    """A shard's open (its rooms' first joins) tells every replica's cache, in the open's
+    own transaction: the other replica answers those rooms at once, never asking the
+    database; a private room is not told (its members stay out of notifications)."""
+    a, b = replicas
+    by_room = {room: (await a.connect(room, user="ann")).json()
+               for room in ("pub1", "pub2", "club")}
+    r = await a.client.put("/v1/admin/rooms/club/access", headers=ADMIN,
+                           json={"private": True, "members": ["ann"]})
+    assert r.status_code == 200, r.text
+    for room in ("pub1", "pub2", "club"):
+        assert _known(b, room) is None
+    # each shard opens its own; the private room's first: told before the others, if at all
+    for instance in sorted({x["instance"] for x in by_room.values()},
+                           key=lambda i: i != by_room["club"]["instance"]):
+        mine = {room: f"o-{room}" for room, x in by_room.items() if x["instance"] == instance}
+        grants = await _open(a, instance, mine)
+        assert all(grants[room] is not None for room in mine)
+
+    await await_until(lambda: _known(b, "pub1") is not None and _known(b, "pub2") is not None,
+                      10, "B told of the opens")
+    for room in ("pub1", "pub2"):
+        known = _known(b, room)
+        assert (known["instance"], known["epoch"]) == (by_room[room]["instance"], 1)
+    assert _known(b, "club") is None, "a private room was told"
+    instance = by_room["pub1"]["instance"]
+    before = sample((await b.client.get("/metrics")).text,
+                    "roomshard_directory_connects_answered_at_once_total") or 0
+    # the at-once answer is the HTTP edge's: ask the way it does, then check its count
+    answer = b.app.connect_now("pub1", None, b'{"user": "bob"}')
+    assert answer is not None and orjson.loads(answer)["instance"] == instance
+    after = sample((await b.client.get("/metrics")).text,
+                   "roomshard_directory_connects_answered_at_once_total")
+    assert after == before + 1
+
+
+async def test_an_open_at_a_new_epoch_never_leaves_the_old_one_known(
+        replicas: list[Harness]) -> None:
+    """Opening a room again (its state was lost) moves it to a new epoch: no replica
+    answers the old epoch from its cache after that commits (the open's own notice comes
+    before its epoch change's within the transaction: the room is dropped, looked up
+    again), and the other replica's next connect gets the new epoch."""
+    a, b = replicas
+    instance = (await a.connect("again", user="ann")).json()["instance"]
+    await _open(a, instance, {"again": "first"})
+    await await_until(lambda: _known(b, "again") is not None, 10, "B told of the first open")
+    assert _known(b, "again")["epoch"] == 1
+    grant = (await _open(a, instance, {"again": "second"}))["again"]
+    assert grant["epoch"] == 2
+
+    def not_at_epoch_1() -> bool:
+        known = _known(b, "again")
+        return known is None or known["epoch"] != 1
+
+    await await_until(not_at_epoch_1, 10, "B to drop the room's old epoch")
+    joined = (await b.connect("again", user="bob")).json()
+    assert (joined["instance"], joined["epoch"]) == (instance, 2)
+    assert _known(b, "again")["epoch"] == 2
