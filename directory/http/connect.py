@@ -88,10 +88,11 @@ async def _connect(request: Request, ctx: Directory) -> Response:
     store = ctx.store
     row: Mapping[str, Any] | None
     # Within the budget, a room this replica does not know is looked up and placed in one
-    # go (PostgreSQL): charged ahead, refunded unless it was new.
-    charged, over = _take_creation(ctx, request, user, now) if store.finds_or_places \
-        else ((), None)
-    if store.finds_or_places and over is None:
+    # go (PostgreSQL): charged ahead, refunded unless it was new. Not for a client that
+    # says which owner it lost (a reconnect: the room exists, a plain lookup is cheaper).
+    one_go = store.finds_or_places and unreachable is None
+    charged, over = _take_creation(ctx, request, user, now) if one_go else ((), None)
+    if one_go and over is None:
         try:
             row, created = await store.room_target_or_new(room, now=now,
                                                           down_after=ctx.cfg.down_after)

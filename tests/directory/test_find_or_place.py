@@ -205,3 +205,23 @@ async def test_an_open_at_a_new_epoch_never_leaves_the_old_one_known(
     joined = (await b.connect("again", user="bob")).json()
     assert (joined["instance"], joined["epoch"]) == (instance, 2)
     assert _known(b, "again")["epoch"] == 2
+
+
+async def test_a_reconnect_that_names_a_lost_owner_is_a_plain_lookup(
+        replicas: list[Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that says which owner it could not reach had a room that exists: the
+    replica reads it with the plain lookup, not the one-go statement (a storm's
+    reconnects are thousands of them)."""
+    a, b = replicas
+    placed = (await a.connect("lost", user="ann")).json()
+
+    async def not_this_way(*_: Any, **__: Any) -> Any:
+        raise AssertionError("a reconnect went the one-go way")
+
+    monkeypatch.setattr(_store(b), "room_target_or_new", not_this_way)
+    r = await b.client.post("/v1/rooms/lost/connect", json={"user": "bob", "unreachable": "i9"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["instance"], r.json()["epoch"]) == (placed["instance"], 1)
+    r = await b.client.post("/v1/rooms/brand-new/connect",
+                            json={"user": "bob", "unreachable": "i9"})
+    assert r.status_code == 200 and r.json()["epoch"] == 1  # a new room still gets placed
