@@ -385,11 +385,7 @@ class Store:
         it unless a room was placed)."""
         cache = self.cache
         assert cache is not None and self._raw_target_sql is not None
-        view = cache.placement_view()
-        inst: Mapping[str, Any] | None = None
-        if view is not None:
-            with suppress(NoInstance):
-                inst = _pick(view, now=now, down_after=down_after)
+        inst = self._view_choice(now=now, down_after=down_after)
         if inst is None:
             return await self.room_target(room), None
         token = cache.token()
@@ -488,6 +484,16 @@ class Store:
         rec = await self._raw(lambda c: c.fetchrow(self._raw_target_sql, room))
         return None if rec is None else _target_row(rec)
 
+    def _view_choice(self, *, now: float, down_after: float) -> Mapping[str, Any] | None:
+        """The instance a new room goes to by the room cache's view of the instances;
+        None without a view or with no eligible instance in it (maybe one only not seen
+        yet: the database decides then)."""
+        view = self.cache.placement_view() if self.cache is not None else None
+        if view is not None:
+            with suppress(NoInstance):
+                return _pick(view, now=now, down_after=down_after)
+        return None
+
     async def _raw_place_new(self, room: str, *, now: float, down_after: float) -> Target | None:
         """PostgreSQL: pick an instance, then insert the room and count it in ONE statement
         (a data-modifying CTE, atomic in autocommit). None when another replica won.
@@ -497,11 +503,7 @@ class Store:
         else the database; the new room's lookup is kept in the cache."""
         cache = self.cache
         token = cache.token() if cache is not None else 0
-        view = cache.placement_view() if cache is not None else None
-        inst: Mapping[str, Any] | None = None
-        if view is not None:
-            with suppress(NoInstance):  # maybe only not seen yet: ask the database
-                inst = _pick(view, now=now, down_after=down_after)
+        inst = self._view_choice(now=now, down_after=down_after)
 
         async def op(c: Any) -> Target | None:
             chosen = inst
