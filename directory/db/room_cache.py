@@ -176,6 +176,12 @@ class RoomCache:
         if placed:
             self.count_placed(instance)
 
+    def view_refused(self) -> None:
+        """The database refused a new room on an instance :meth:`placement_view` offered
+        (a change whose notice is still on its way): no view until the instances are
+        read again."""
+        self._refresh.set()
+
     def count_placed(self, instance: str) -> None:
         """This replica placed a new room on ``instance``."""
         self._placed[instance] = self._placed.get(instance, 0) + 1

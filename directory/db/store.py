@@ -117,15 +117,26 @@ _INSTANCES_SQL = (
 #: Slots per instance in ``room_counts`` (by placing backend: concurrent placements
 #: rarely share one, and a reader sums at most this many rows per instance).
 ROOM_COUNT_SLOTS = 16
+# The chosen instance ($2) can take a new room by the database at the statement's
+# start: active, heard from within $4 seconds of $3 (``placement.eligible``). The
+# choice may come from the room cache's view, which learns of a drain, a disable or a
+# new address by notification, a moment after its commit: the statement, not the
+# view, has the last word.
+_PG_CAN_TAKE = (
+    f"SELECT 1 FROM instances WHERE id = $2::varchar AND state = '{placement.ACTIVE}' "
+    "AND last_heartbeat >= $3::float8 - $4::float8"
+)
 # Insert-if-absent and count it, atomically: the count only sees the row the
-# INSERT really created (none when another replica won the race). The count goes
+# INSERT really created (none when another replica won the race, or when the
+# instance cannot take the room). The count goes
 # to the placing backend's slot, not to the instance's row: a row lock held
 # through each commit would place one room per WAL flush (migration 0006).
 _PG_NEW_ROOM_SQL = f"""
 WITH ins AS (
     INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
                        created_at, updated_at)
-    VALUES ($1, $2, 1, 1, 'active', false, 0, $3, $3)
+    SELECT $1::varchar, $2::varchar, 1, 1, 'active', false, 0, $3::float8, $3::float8
+    WHERE EXISTS ({_PG_CAN_TAKE})
     ON CONFLICT (room) DO NOTHING
     RETURNING instance
 )
@@ -137,16 +148,19 @@ RETURNING instance
 
 def _pg_find_or_new_room_sql(target_sql: str) -> str:
     """The room's lookup (``target_sql``, the room as ``$1``) and, when there is no such
-    room, its insert at epoch 1 on instance ``$2`` and its count, in one statement; one
-    row: ``placed`` (1: inserted) and the lookup's columns (all NULL: no row seen, when
-    the insert is the one that placed it or another replica's insert won meanwhile)."""
+    room and instance ``$2`` can take it (``_PG_CAN_TAKE``), its insert at epoch 1 there
+    and its count, in one statement; one row: ``placed`` (1: inserted), ``can_take``
+    (0: the instance could not take a room) and the lookup's columns (all NULL: no row
+    seen, when the insert is the one that placed it or another replica's insert won
+    meanwhile)."""
     return f"""
 WITH found AS ({target_sql}),
+can_take AS ({_PG_CAN_TAKE}),
 ins AS (
     INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
                        created_at, updated_at)
     SELECT $1::varchar, $2::varchar, 1, 1, 'active', false, 0, $3::float8, $3::float8
-    WHERE NOT EXISTS (SELECT 1 FROM found)
+    WHERE NOT EXISTS (SELECT 1 FROM found) AND EXISTS (SELECT 1 FROM can_take)
     ON CONFLICT (room) DO NOTHING
     RETURNING instance
 ), counted AS (
@@ -155,7 +169,8 @@ ins AS (
     ON CONFLICT (instance, slot) DO UPDATE SET rooms = room_counts.rooms + 1
     RETURNING instance
 )
-SELECT (SELECT count(*) FROM counted) AS placed, found.* FROM (SELECT 1) AS one
+SELECT (SELECT count(*) FROM counted) AS placed, (SELECT count(*) FROM can_take) AS can_take,
+       found.* FROM (SELECT 1) AS one
 LEFT JOIN found ON true
 """
 
@@ -393,17 +408,24 @@ class Store:
         cache.placing(chosen)
         placed = False
         try:
-            rec = await self._raw(lambda c: c.fetchrow(self._raw_find_or_new_sql, room, chosen, now))
+            rec = await self._raw(lambda c: c.fetchrow(self._raw_find_or_new_sql, room, chosen,
+                                                       now, down_after))
             placed = rec["placed"] == 1
         finally:
             cache.placement_done(chosen, placed)
         if placed:
             cache.keep_new_room(room, chosen, token, asyncio.get_running_loop().time())
             return None, Target(room, chosen, 1, inst["internal_url"], inst["public_base"])
-        if rec["epoch"] is None:  # another replica placed it since this statement's snapshot
+        if not rec["can_take"]:
+            # The view offered an instance the database says takes no new room (its
+            # change is committed, its notice not here yet): read the instances again.
+            cache.view_refused()
+        if rec["epoch"] is None:
+            # Another replica placed it since this statement's snapshot, or the view's
+            # instance could not take it: the caller places it the general way.
             return await self.room_target(room), None
         row = _target_row(rec)
-        del row["placed"]
+        del row["placed"], row["can_take"]
         cache.put(room, row, token, asyncio.get_running_loop().time())
         return row, None
 
@@ -500,19 +522,28 @@ class Store:
 
         The pick reads the room cache's view of the instances while it has one
         (``RoomCache.placement_view``: one round trip per new room instead of two),
-        else the database; the new room's lookup is kept in the cache."""
+        else the database; the statement places the room only where the database says
+        the instance can take it, and a view's choice it refuses is made again from the
+        database. The new room's lookup is kept in the cache."""
         cache = self.cache
         token = cache.token() if cache is not None else 0
         inst = self._view_choice(now=now, down_after=down_after)
 
-        async def op(c: Any) -> Target | None:
-            chosen = inst
-            if chosen is None:
-                chosen = _pick([dict(r) for r in await c.fetch(_INSTANCES_SQL)],
-                               now=now, down_after=down_after)
-            if await c.fetchrow(_PG_NEW_ROOM_SQL, room, chosen["id"], now) is None:
+        async def insert(c: Any, chosen: Mapping[str, Any]) -> Target | None:
+            if await c.fetchrow(_PG_NEW_ROOM_SQL, room, chosen["id"], now, down_after) is None:
                 return None
             return Target(room, chosen["id"], 1, chosen["internal_url"], chosen["public_base"])
+
+        async def op(c: Any) -> Target | None:
+            if inst is not None:
+                done = await insert(c, inst)
+                if done is not None:
+                    return done
+                # Another replica placed the room, or the view's instance cannot take
+                # rooms any more (drained, disabled, down a moment ago): the database's
+                # pick (its insert does nothing in the first case).
+            return await insert(c, _pick([dict(r) for r in await c.fetch(_INSTANCES_SQL)],
+                                         now=now, down_after=down_after))
 
         if cache is None:
             return await self._raw(op)
@@ -523,9 +554,9 @@ class Store:
             placed = await self._raw(op)
         finally:
             if inst is not None:
-                cache.placement_done(inst["id"], placed is not None)
+                cache.placement_done(inst["id"], placed is not None and placed.instance == inst["id"])
         if placed is not None:
-            if inst is None:
+            if inst is None or placed.instance != inst["id"]:
                 cache.count_placed(placed.instance)  # the database's choice
             cache.keep_new_room(room, placed.instance, token, asyncio.get_running_loop().time())
         return placed

@@ -225,3 +225,40 @@ async def test_a_reconnect_that_names_a_lost_owner_is_a_plain_lookup(
     r = await b.client.post("/v1/rooms/brand-new/connect",
                             json={"user": "bob", "unreachable": "i9"})
     assert r.status_code == 200 and r.json()["epoch"] == 1  # a new room still gets placed
+
+
+async def test_a_view_that_has_not_heard_of_a_drain_places_nothing_there(
+        replicas: list[Harness]) -> None:
+    """A's placement view still shows i1 and i2 active after B drained them (their
+    notices held back): new rooms through A go to i3 alone, on both placement paths,
+    and with every instance drained a new room is 503, not placed."""
+    from directory.db.room_cache import INSTANCES_CHANNEL
+
+    a, b = replicas
+    cache = _store(a).cache
+    assert cache is not None and cache._conn is not None
+    await cache._conn.remove_listener(INSTANCES_CHANNEL, cache._instance_changed)
+    for iid in ("i1", "i2"):
+        await b.put_instance(iid, state="draining")
+    assert {i["id"] for i in cache.placement_view() or ()} == {"i1", "i2", "i3"}
+
+    def states() -> dict[str, str] | None:
+        view = cache.placement_view()
+        return None if view is None else {i["id"]: i["state"] for i in view}
+
+    drained = {"i1": "draining", "i2": "draining", "i3": "active"}
+    placed = [(await a.connect("after0", user="v0")).json()["instance"]]
+    # The refused choice voided A's view at once: no view, or one read again since.
+    assert states() in (None, drained)
+    placed += [(await a.connect(f"after{n}", user=f"v{n}")).json()["instance"]
+               for n in range(1, 6)]
+    assert placed == ["i3"] * 6
+    done = await _store(a).place("general", None, now=a.clock(), down_after=a.cfg.down_after)
+    assert (done[0].instance, done[1]) == ("i3", "new")
+    await await_until(lambda: states() == drained, 10, "A's view read again, without the notices")
+
+    await b.put_instance("i3", state="draining")
+    lonely = await a.connect("lonely", user="w")
+    assert lonely.status_code == 503 and lonely.json()["error"]["code"] == "no_instance_available"
+    assert (await a.client.get("/v1/admin/rooms/lonely", headers=ADMIN)).status_code == 404
+    assert await _assigned(a) == {"i1": 0, "i2": 0, "i3": 7}
