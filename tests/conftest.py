@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +40,73 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> str:
     """A fresh, empty PostgreSQL database for one test."""
     return pg_server.create_database()
+
+
+@pytest.fixture(scope="session")
+def directory_pg_template(pg_server: PgServer) -> str:
+    """A PostgreSQL database with the directory's schema migrated to head (once a
+    session, from nothing: the migrations run on PostgreSQL in every run), the
+    template of :func:`directory_pg_url`."""
+    from directory.db.engine import migrate
+    from roomshard.sql import make_engine
+
+    name = "rs_directory_template"
+    pg_server.sql(f'CREATE DATABASE "{name}"')
+
+    async def build() -> None:
+        engine = make_engine(pg_server.url(name))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()  # a template is copied only while nobody is connected
+
+    _run_aside(build)
+    return name
+
+
+@pytest.fixture(scope="session")
+def directory_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite file with the directory's schema migrated to head, once a session."""
+    from directory.db.engine import migrate
+    from roomshard.sql import make_engine
+
+    path = tmp_path_factory.mktemp("directory-template") / "directory.db"
+
+    async def build() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    _run_aside(build)
+    return path
+
+
+def _run_aside(build: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``asyncio.run(build())`` in a thread of its own: a session fixture may be set up
+    while a test's event loop runs."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(build())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the fixture's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+
+
+@pytest.fixture
+def directory_pg_url(pg_server: PgServer, directory_pg_template: str) -> str:
+    """A fresh PostgreSQL database for one test, the directory's schema already at head
+    (a copy of :func:`directory_pg_template`: the directory's start-up finds nothing to
+    migrate)."""
+    return pg_server.create_database(template=directory_pg_template)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,15 +36,24 @@ class Clock:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh empty database: an SQLite file, or a PostgreSQL database."""
+    """A fresh database with the directory's schema at head (a copy of a template
+    migrated once a session: the directory's start-up finds nothing to migrate;
+    ``test_migrations`` runs the migrations on empty databases): an SQLite file, or a
+    PostgreSQL database."""
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'directory.db'}"
-    return str(request.getfixturevalue("pg_url"))
+        path = tmp_path / "directory.db"
+        shutil.copyfile(request.getfixturevalue("directory_sqlite_template"), path)
+        return f"sqlite+aiosqlite:///{path}"
+    return str(request.getfixturevalue("directory_pg_url"))
 
 
 def make_cfg(db_url: str, **overrides: Any) -> DirectoryConfig:
+    # Two warmed (and primed) PostgreSQL connections, not the production 30: the
+    # warm-up and its priming still run in every test, at a fifth of the start-up time
+    # (test_pool_warm starts processes with the setting as shipped).
     base = {"database_url": db_url, "admin_token": TEST_ADMIN_TOKEN, "auth": "open",
-                "cluster_secret": TEST_CLUSTER_SECRET, "down_after": 10.0}
+            "cluster_secret": TEST_CLUSTER_SECRET, "down_after": 10.0,
+            "database_pool_warm": 2}
     base.update(overrides)
     return DirectoryConfig(**base)
 
