@@ -85,7 +85,8 @@ def test_fast_reader_matches_websockets_on_random_streams_split_anywhere():
     Frame(Opcode.TEXT, b"a").serialize(mask=False),
     client_frame(Opcode.TEXT, b"a" * 70_000),  # 64-bit length
     client_frame(Opcode.TEXT, b"a" * 101),  # over max_size 100
-])
+], ids=["ping", "close", "unfinished", "continuation", "rsv1", "unmasked", "64-bit-length",
+        "over-max-size"])  # stable ids: the masks are random
 def test_other_frames_are_left_to_websockets_at_their_boundary(frame):
     """Control, fragmented, malformed and oversized frames stop the fast reader where they start."""
     head = client_frame(Opcode.TEXT, b"ok")
