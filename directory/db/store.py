@@ -117,13 +117,14 @@ _INSTANCES_SQL = (
 #: Slots per instance in ``room_counts`` (by placing backend: concurrent placements
 #: rarely share one, and a reader sums at most this many rows per instance).
 ROOM_COUNT_SLOTS = 16
-# The chosen instance ($2) can take a new room by the database at the statement's
-# start: active, heard from within $4 seconds of $3 (``placement.eligible``). The
-# choice may come from the room cache's view, which learns of a drain, a disable or a
-# new address by notification, a moment after its commit: the statement, not the
-# view, has the last word.
-_PG_CAN_TAKE = (
-    f"SELECT 1 FROM instances WHERE id = $2::varchar AND state = '{placement.ACTIVE}' "
+# The room's row, selected from the chosen instance's ($2) row only while that instance
+# can take a new room by the database at the statement's start: active, heard from
+# within $4 seconds of $3 (``placement.eligible``). The choice may come from the room
+# cache's view, which learns of a drain, a disable or a new address by notification,
+# a moment after its commit: the statement, not the view, has the last word.
+_PG_NEW_ROOM_ROW = (
+    "SELECT $1::varchar, id, 1, 1, 'active', false, 0, $3::float8, $3::float8 "
+    f"FROM instances WHERE id = $2::varchar AND state = '{placement.ACTIVE}' "
     "AND last_heartbeat >= $3::float8 - $4::float8"
 )
 # Insert-if-absent and count it, atomically: the count only sees the row the
@@ -135,8 +136,7 @@ _PG_NEW_ROOM_SQL = f"""
 WITH ins AS (
     INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
                        created_at, updated_at)
-    SELECT $1::varchar, $2::varchar, 1, 1, 'active', false, 0, $3::float8, $3::float8
-    WHERE EXISTS ({_PG_CAN_TAKE})
+    {_PG_NEW_ROOM_ROW}
     ON CONFLICT (room) DO NOTHING
     RETURNING instance
 )
@@ -148,19 +148,16 @@ RETURNING instance
 
 def _pg_find_or_new_room_sql(target_sql: str) -> str:
     """The room's lookup (``target_sql``, the room as ``$1``) and, when there is no such
-    room and instance ``$2`` can take it (``_PG_CAN_TAKE``), its insert at epoch 1 there
-    and its count, in one statement; one row: ``placed`` (1: inserted), ``can_take``
-    (0: the instance could not take a room) and the lookup's columns (all NULL: no row
-    seen, when the insert is the one that placed it or another replica's insert won
-    meanwhile)."""
+    room and instance ``$2`` can take it (``_PG_NEW_ROOM_ROW``), its insert at epoch 1
+    there and its count, in one statement; one row: ``placed`` (1: inserted) and the
+    lookup's columns (all NULL: no row seen, when the insert is the one that placed it,
+    or the instance could not take it, or another replica's insert won meanwhile)."""
     return f"""
 WITH found AS ({target_sql}),
-can_take AS ({_PG_CAN_TAKE}),
 ins AS (
     INSERT INTO rooms (room, instance, epoch, owner_epoch, state, private, seq_base,
                        created_at, updated_at)
-    SELECT $1::varchar, $2::varchar, 1, 1, 'active', false, 0, $3::float8, $3::float8
-    WHERE NOT EXISTS (SELECT 1 FROM found) AND EXISTS (SELECT 1 FROM can_take)
+    {_PG_NEW_ROOM_ROW} AND NOT EXISTS (SELECT 1 FROM found)
     ON CONFLICT (room) DO NOTHING
     RETURNING instance
 ), counted AS (
@@ -169,8 +166,7 @@ ins AS (
     ON CONFLICT (instance, slot) DO UPDATE SET rooms = room_counts.rooms + 1
     RETURNING instance
 )
-SELECT (SELECT count(*) FROM counted) AS placed, (SELECT count(*) FROM can_take) AS can_take,
-       found.* FROM (SELECT 1) AS one
+SELECT (SELECT count(*) FROM counted) AS placed, found.* FROM (SELECT 1) AS one
 LEFT JOIN found ON true
 """
 
@@ -416,16 +412,15 @@ class Store:
         if placed:
             cache.keep_new_room(room, chosen, token, asyncio.get_running_loop().time())
             return None, Target(room, chosen, 1, inst["internal_url"], inst["public_base"])
-        if not rec["can_take"]:
-            # The view offered an instance the database says takes no new room (its
-            # change is committed, its notice not here yet): read the instances again.
-            cache.view_refused()
         if rec["epoch"] is None:
-            # Another replica placed it since this statement's snapshot, or the view's
-            # instance could not take it: the caller places it the general way.
+            # The view offered an instance the database says takes no new room (its
+            # change is committed, its notice not here yet: read the instances again),
+            # or another replica placed the room since this statement's snapshot (rare:
+            # the view is read again for nothing). The caller places it the general way.
+            cache.view_refused()
             return await self.room_target(room), None
         row = _target_row(rec)
-        del row["placed"], row["can_take"]
+        del row["placed"]
         cache.put(room, row, token, asyncio.get_running_loop().time())
         return row, None
 
