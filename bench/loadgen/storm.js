@@ -227,14 +227,23 @@ class Storm {
     this.over = true;
     this.shuttingDown = true;
     const cpu = process.cpuUsage(cpu0);
-    const times = [...this.backSet].map((c) => (c.backAt - this.stopAt) / 1000).sort((a, b) => a - b);
-    const q = (p) => (times.length ? times[Math.min(times.length - 1, Math.ceil(p * times.length) - 1)] : null);
+    const sorted = (xs) => xs.sort((a, b) => a - b);
+    const quantile = (xs, p) => (xs.length ? xs[Math.min(xs.length - 1, Math.ceil(p * xs.length) - 1)] : null);
+    const times = sorted([...this.backSet].map((c) => (c.backAt - this.stopAt) / 1000));
+    const q = (p) => quantile(times, p);
+    // When each client lost its connection (a drain closes a room's clients as its move
+    // commits), and how long it took from there to its welcome.
+    const lostTimes = sorted([...this.lostSet].map((c) => (c.lostAt - this.stopAt) / 1000));
+    const rejoin = sorted([...this.backSet].map((c) => (c.backAt - c.lostAt) / 1000));
     const result = {
       clients: this.clients.length,
       lost: this.lostSet.size,
       welcomed_again: this.backSet.size,
       not_back: this.expected - this.backSet.size,
       p50_s: q(0.5), p90_s: q(0.9), p99_s: q(0.99), max_s: times.length ? times[times.length - 1] : null,
+      lost_p50_s: quantile(lostTimes, 0.5), lost_max_s: quantile(lostTimes, 1),
+      rejoin_p50_s: quantile(rejoin, 0.5), rejoin_p99_s: quantile(rejoin, 0.99),
+      rejoin_max_s: quantile(rejoin, 1),
       within_2_s: times.filter((x) => x <= 2).length,
       within_5_s: times.filter((x) => x <= 5).length,
       within_10_s: times.filter((x) => x <= 10).length,

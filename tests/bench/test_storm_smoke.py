@@ -31,6 +31,11 @@ def test_sigterm_storm_brings_every_client_back_recovered() -> None:
     assert result["lost"] == 200 and result["welcomed_again"] == 200, result
     assert result["within_5_s"] == 200 and result["recovered_false"] == 0, result
     assert set(result["instances_after"]) <= {"i2", "i3"}, result
+    # Each client was lost when its room's move committed, then came back: the two parts
+    # of its time (a client lost after its welcome again would not be back).
+    assert 0 < result["lost_p50_s"] <= result["lost_max_s"] <= result["max_s"], result
+    assert 0 < result["rejoin_p50_s"] <= result["rejoin_p99_s"] <= result["rejoin_max_s"], result
+    assert result["rejoin_max_s"] <= result["max_s"], result
     assert result["failures"] == {}, result
 
 
