@@ -856,13 +856,12 @@ class Store:
                     done = await conn.execute(self._insert(instances)
                                               .values(**decide(instance, None))
                                               .on_conflict_do_nothing(index_elements=["id"]))
-                    if done.rowcount:
-                        out = await _instance(conn, instance)
-                        assert out is not None
-                        return out
-                    # Another replica's claim took it since the read: the next free
-                    # number, in this transaction (24 claims at once on two replicas
-                    # made the last ones re-read up to 23 times, past the bound).
+                    out = await _instance(conn, instance)
+                    if out is not None and (done.rowcount or out["boot_id"] == process):
+                        return out  # ours, or this process's own claim sent again
+                    # Another claim took it since the read: the next free number, in
+                    # this transaction (24 claims at once on two replicas made the last
+                    # ones re-read up to 23 times, past the bound).
                     taken.add(number)
         raise Unavailable("claim_contention", "instance numbers are being claimed by many "
                                               "shards at once: retry")
