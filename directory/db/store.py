@@ -534,9 +534,12 @@ class Store:
                 done = await insert(c, inst)
                 if done is not None:
                     return done
-                # Another replica placed the room, or the view's instance cannot take
-                # rooms any more (drained, disabled, down a moment ago): the database's
-                # pick (its insert does nothing in the first case).
+                # The view's instance cannot take rooms any more (drained, disabled,
+                # down a moment ago), or another replica placed the room: the view is
+                # read again, as after the one-go statement, and the database picks
+                # (its insert does nothing in the second case).
+                assert cache is not None
+                cache.view_refused()
             return await insert(c, _pick([dict(r) for r in await c.fetch(_INSTANCES_SQL)],
                                          now=now, down_after=down_after))
 
