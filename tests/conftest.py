@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -47,58 +46,36 @@ def directory_pg_template(pg_server: PgServer) -> str:
     """A PostgreSQL database with the directory's schema migrated to head (once a
     session, from nothing: the migrations run on PostgreSQL in every run), the
     template of :func:`directory_pg_url`."""
-    from directory.db.engine import migrate
-    from roomshard.sql import make_engine
-
     name = "rs_directory_template"
     pg_server.sql(f'CREATE DATABASE "{name}"')
-
-    async def build() -> None:
-        engine = make_engine(pg_server.url(name))
-        try:
-            await migrate(engine)
-        finally:
-            await engine.dispose()  # a template is copied only while nobody is connected
-
-    _run_aside(build)
+    _migrate(pg_server.url(name))
     return name
 
 
 @pytest.fixture(scope="session")
 def directory_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SQLite file with the directory's schema migrated to head, once a session."""
+    path = tmp_path_factory.mktemp("directory-template") / "directory.db"
+    _migrate(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+def _migrate(url: str) -> None:
+    """The directory's migrations on ``url``, every connection closed after them (a
+    template is copied only while nobody is connected); in a thread of its own, as a
+    session fixture may be set up while a test's event loop runs."""
     from directory.db.engine import migrate
     from roomshard.sql import make_engine
 
-    path = tmp_path_factory.mktemp("directory-template") / "directory.db"
-
     async def build() -> None:
-        engine = make_engine(f"sqlite+aiosqlite:///{path}")
+        engine = make_engine(url)
         try:
             await migrate(engine)
         finally:
             await engine.dispose()
 
-    _run_aside(build)
-    return path
-
-
-def _run_aside(build: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """``asyncio.run(build())`` in a thread of its own: a session fixture may be set up
-    while a test's event loop runs."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(build())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the fixture's thread
-            failed.append(exc)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    if failed:
-        raise failed[0]
+    with ThreadPoolExecutor(1) as aside:
+        aside.submit(asyncio.run, build()).result()
 
 
 @pytest.fixture
