@@ -15,6 +15,7 @@ import pytest
 from directory.app import create_app
 from roomshard.config import DirectoryConfig
 from roomshard.testing.procs import TEST_ADMIN_TOKEN, TEST_CLUSTER_SECRET
+from roomshard.testing.timing import await_until
 from roomshard.wire.tickets import Signer
 
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
@@ -84,6 +85,22 @@ class Harness:
         body = {"internal_url": url or f"http://shard-{iid}.test", "boot_id": boot_id, **extra}
         return await self.client.put(f"/v1/internal/instances/{iid}/heartbeat", json=body,
                                      headers=cluster_headers(iid, self.clock.now))
+
+    async def placement_sees(self, *active: str) -> None:
+        """Wait until this replica's placement would choose among exactly ``active``
+        (PostgreSQL: its room cache's view hears of a new instance by notification, a
+        moment after the heartbeat's answer, and places on the instances it knows
+        meanwhile: valid, but not the spread a test of the spread expects)."""
+        cache = self.app.state.ctx.store.cache
+        if cache is None:
+            return
+
+        def seen() -> bool:
+            view = cache.placement_view()
+            return view is not None and sorted(
+                i["id"] for i in view if i["state"] == "active") == sorted(active)
+
+        await await_until(seen, 10, f"the placement view to show {active}")
 
     async def connect(self, room: str, user: str = "alice", **kw: Any) -> httpx.Response:
         return await self.client.post(f"/v1/rooms/{room}/connect", json={"user": user}, **kw)

@@ -103,6 +103,7 @@ async def test_room_views_carry_live_load_or_null(harness_factory: Any) -> None:
     async with harness_factory(shard_transport=fake.transport()) as h:
         await h.heartbeat("i1")
         await h.heartbeat("i2")
+        await h.placement_sees("i1", "i2")
         for room in ("a", "b", "c"):
             await h.connect(room)
         fake.rooms["a"] = {"connections": 3, "members": 2, "seq": 40, "messages_per_s": 0.5}

@@ -57,6 +57,7 @@ async def test_new_rooms_spread_to_least_loaded(h: Harness) -> None:
     """New rooms go to the least (rooms + connections)/capacity active instance."""
     await h.heartbeat("i1", capacity=100)
     await h.heartbeat("i2", capacity=300)
+    await h.placement_sees("i1", "i2")
     placed = [(await h.connect(f"room{n}")).json()["instance"] for n in range(8)]
     assert placed.count("i2") == 6 and placed.count("i1") == 2
     inst = {i["id"]: i for i in (await h.client.get("/v1/admin/instances", headers=ADMIN)).json()["instances"]}
