@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
+import threading
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +22,7 @@ from typing import Any, Literal
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only as await_
 
 #: SQLite's ``synchronous``: NORMAL keeps every commit through a crash of the process
 #: (WAL); FULL also through a crash of the machine (one fsync per commit).
@@ -131,8 +136,8 @@ def _sqlite_pragmas(engine: AsyncEngine, synchronous: Synchronous) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=5000")
+        _wal(cur)
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
 
@@ -140,6 +145,50 @@ def _sqlite_pragmas(engine: AsyncEngine, synchronous: Synchronous) -> None:
     def _on_begin(conn: Any) -> None:
         immediate = conn.get_execution_options().get("immediate", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+#: How long a connection tries to turn a new database file to WAL while others do the same.
+_WAL_SWITCH_S = 5.0
+
+
+def _wal(cur: Any) -> None:
+    """Put the database in WAL mode (it stays so: later connections find it done).
+
+    Only a new file needs the switch, and the switch needs the file to itself:
+    connections that open a new file at once (processes started together, or a
+    store and a directory sharing it) each hold a read lock while wanting the
+    write lock, and SQLite answers all but one "database is locked" at once,
+    without its busy timeout (a deadlock otherwise). The losers try again
+    within a bound; by then the winner has switched the file.
+    """
+    deadline = time.monotonic() + _WAL_SWITCH_S
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await_(asyncio.sleep(0.01))
+
+
+#: Alembic's ``context`` and ``op`` are module-level proxies, set for one run at a time:
+#: two upgrades in one process (a store sharing a directory's database, two stores, a
+#: test's template databases in two threads) must not interleave, or one run's steps
+#: find the other's proxies (or none). Across processes the database's lock orders them.
+#: A run holds the thread lock; a loop's own tasks first take their loop's lock, as a task
+#: that met the thread lock held by its own loop's task would stop the loop that task needs.
+_ALEMBIC_RUN = threading.Lock()
+_LOOP_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary())
+_LOOP_TURNS_GUARD = threading.Lock()
+
+
+def _alembic_turn() -> asyncio.Lock:
+    """This event loop's turn at Alembic."""
+    loop = asyncio.get_running_loop()
+    with _LOOP_TURNS_GUARD:
+        return _LOOP_TURNS.setdefault(loop, asyncio.Lock())
 
 
 async def upgrade_schema(engine: AsyncEngine, migrations: Path, *, lock_key: int,
@@ -167,9 +216,10 @@ async def upgrade_schema(engine: AsyncEngine, migrations: Path, *, lock_key: int
     ScriptDirectory.from_config(config()).get_current_head()
 
     def upgrade(sync_conn: Any) -> None:
-        command.upgrade(config(sync_conn), "head")
+        with _ALEMBIC_RUN:  # other threads' runs; this loop's are ordered by its turn, below
+            command.upgrade(config(sync_conn), "head")
 
-    async with engine.connect() as conn:
+    async with _alembic_turn(), engine.connect() as conn:
         conn = await conn.execution_options(immediate=True)
         async with conn.begin():
             if engine.dialect.name == "postgresql":
