@@ -10,8 +10,8 @@ no extension bits); anything else goes to the full ``websockets`` parser.
 
 Incoming data frames are validated once, at the edge, by
 :func:`parse_client_frame`: a ``send`` is ``{"type": "send", "id": str 1..64,
-"text": str}`` (other fields are ignored, so clients may add
-their own); anything else is a :class:`FrameRejected` carrying the
+"text": str}``, optionally with ``"ordered": true`` (:mod:`shard.ratelimit`'s order
+hold; other fields are ignored, so clients may add their own); anything else is a :class:`FrameRejected` carrying the
 contract's error code (and the client's ``id`` when it could be read), but
 a text message that is not UTF-8 is :class:`InvalidUtf8` (close 1007).
 """
@@ -123,6 +123,9 @@ def read_client_frames(buf: bytes, max_size: int, max_frames: int
 class SendFrame:
     id: str
     text: str
+    #: Sequence it only after every earlier ordered send of the connection that was
+    #: refused for now (``"ordered": true``).
+    ordered: bool = False
 
 
 class InvalidUtf8(Exception):
@@ -173,4 +176,4 @@ def parse_client_frame(payload: bytes, *, is_text: bool, max_text: int) -> SendF
         raise FrameRejected(ErrorCode.BAD_REQUEST, "text must be a string", msg_id)
     if len(text) > max_text:
         raise FrameRejected(ErrorCode.TOO_LONG, f"text is over {max_text} characters", msg_id)
-    return SendFrame(msg_id, text)
+    return SendFrame(msg_id, text, obj.get("ordered") is True)

@@ -455,6 +455,8 @@ class LiveRoom:
         refusals, net of what drains) the 4008 close; a frame that is
         not a valid ``send``: its error frame (``bad_request`` / ``too_long``);
         text that is not UTF-8: the connection fails with 1007 (RFC 6455 8.1).
+        An ``ordered`` send behind one refused for now waits for it
+        (:mod:`shard.ratelimit`): refused with its code, a strike, no token.
         """
         ctx = self.ctx
         if not ctx.holds_lease():
@@ -468,6 +470,8 @@ class LiveRoom:
         stats.messages_in += 1
         bucket = conn.bucket
         assert bucket is not None  # set at join
+        if bucket.held is not None and self._held_back(conn, bucket, payload, is_text):
+            return
         verdict = bucket.take(ctx.monotonic())
         if verdict is not Verdict.OK:
             stats.rate_limited += 1
@@ -476,12 +480,16 @@ class LiveRoom:
                 return
             msg_id: str | None
             try:
-                msg_id = parse_client_frame(payload, is_text=is_text, max_text=1 << 30).id
+                refused = parse_client_frame(payload, is_text=is_text, max_text=1 << 30)
             except FrameRejected as exc:
                 msg_id = exc.msg_id
             except InvalidUtf8 as exc:
                 conn.fail(WsCloseCode.INVALID_DATA, str(exc))
                 return
+            else:
+                msg_id = refused.id
+                if refused.ordered:
+                    bucket.hold(msg_id, ErrorCode.RATE_LIMITED)
             conn.queue(error_frame(ErrorCode.RATE_LIMITED,
                                    f"over {ctx.cfg.rate:g} messages/s", msg_id))
             return
@@ -495,13 +503,44 @@ class LiveRoom:
             stats.rejected += 1
             conn.fail(WsCloseCode.INVALID_DATA, str(exc))
             return
-        self.send(conn, send.id, send.text)
+        code = self.send(conn, send.id, send.text)
+        if code is None:
+            bucket.release(send.id)
+        elif send.ordered:
+            bucket.hold(send.id, code)
 
-    def send(self, conn: Sender, msg_id: str, text: str) -> None:
-        """Sequence a member's (or the server API's) message, fan it out, ack the sender."""
+    def _held_back(self, conn: Connection, bucket: TokenBucket, payload: bytes,
+                   is_text: bool) -> bool:
+        """Refuse an ordered send other than the held one; False: not held back (the
+        held send itself, a send without ``ordered``, a frame the normal path refuses)."""
+        assert bucket.held is not None
+        held_id, code = bucket.held
+        try:
+            send = parse_client_frame(payload, is_text=is_text, max_text=1 << 30)
+        except (FrameRejected, InvalidUtf8):
+            return False
+        if not send.ordered or send.id == held_id:
+            return False
+        ctx = self.ctx
+        if code == ErrorCode.RATE_LIMITED:
+            ctx.stats.rate_limited += 1
+        else:
+            ctx.stats.store_refused += 1
+        if bucket.strike(ctx.monotonic()) is Verdict.CLOSE:
+            conn.close(CloseCode.POLICY, "rate limit exceeded")
+            return True
+        conn.queue(error_frame(code, f"refused with {held_id!r}, sent before it: "
+                                     "send that one again first", send.id))
+        return True
+
+    def send(self, conn: Sender, msg_id: str, text: str) -> str | None:
+        """Sequence a member's (or the server API's) message, fan it out, ack the sender.
+
+        Returns None, or the error code it was refused with for now (``unavailable``:
+        the message store cannot take it; the sender was told).
+        """
         if self.ctx.commit is not None:
-            self._send_to_store(conn, msg_id, text, self.ctx.commit)
-            return
+            return self._send_to_store(conn, msg_id, text, self.ctx.commit)
         out = self.room.send(conn.user, msg_id, text, self.ctx.clock())
         if out.broadcast is not None:
             self.messages += 1
@@ -512,9 +551,10 @@ class LiveRoom:
             if self.replaying:
                 self._check_replays()
         conn.queue(out.ack)
+        return None
 
     def _send_to_store(self, conn: Sender, msg_id: str, text: str,
-                       commit: GroupCommit[Pending]) -> None:
+                       commit: GroupCommit[Pending]) -> str | None:
         """With a store: sequence the message and hand it to the group commit; it is
         broadcast and acked once stored (:meth:`stored`). A resend of a stored id is acked
         at once, of one still being stored once it is; past the commit's bounds the send is
@@ -526,18 +566,19 @@ class LiveRoom:
                 conn.queue(ack_frame(msg_id, seq))
             else:
                 self.waiting.setdefault(seq, []).append((conn, msg_id))
-            return
+            return None
         if not commit.admit(len(text) + STORE_OVERHEAD_BYTES):
             self.ctx.stats.store_refused += 1
             conn.queue(error_frame(ErrorCode.UNAVAILABLE,
                                    "the message store is unavailable: send it again later",
                                    msg_id))
-            return
+            return ErrorCode.UNAVAILABLE
         seq, payload = room.sequence(conn.user, msg_id, text, now)
         frame = text_frame(payload)
         commit.submit(Pending(self, conn, frame, StoredMessage(
             room=self.name, seq=seq, id=msg_id, user=conn.user, ts=round(now, 3),
             payload=payload.decode())), len(frame) + STORE_OVERHEAD_BYTES)
+        return None
 
     def stored(self, p: Pending) -> None:
         """``p`` is stored: the room's latest message now; broadcast it, ack its sender

@@ -223,3 +223,57 @@ async def test_over_the_rate_a_message_gets_rate_limited_and_a_flood_the_4008_cl
     bob = f.join("bob")
     f.live.receive(bob, b'{"type":"send","id":"b1","text":"t"}', True)  # type: ignore[arg-type]
     assert f.room.seq == CFG.rate_burst + 1
+
+
+def _ordered(msg_id: str) -> bytes:
+    return orjson.dumps({"type": "send", "id": msg_id, "text": msg_id, "ordered": True})
+
+
+async def test_an_ordered_send_behind_a_refused_one_waits_until_that_one_is_accepted():
+    """The order hold: sends written before the client heard of a refusal cannot overtake
+    the refused send once the bucket has refilled; they are refused with its code, take no
+    token, and go once it has been written again and accepted."""
+    f = Fixture()
+    alice = f.join("alice")
+    for i in range(CFG.rate_burst + 1):  # the burst, then o40 refused
+        f.live.receive(alice, _ordered(f"o{i}"), True)  # type: ignore[arg-type]
+    f.mono += 1.0  # the bucket refills: 20 tokens
+    for msg_id in ("o41", "o42"):  # written before the client heard of o40's refusal
+        f.live.receive(alice, _ordered(msg_id), True)  # type: ignore[arg-type]
+    await turns()
+    errors = [m for m in alice.messages() if m["type"] == "error"]
+    assert [(e["code"], e["id"]) for e in errors] == [("rate_limited", f"o{CFG.rate_burst}"),
+                                                      ("rate_limited", "o41"),
+                                                      ("rate_limited", "o42")]
+    assert "'o40'" in errors[1]["message"]
+    assert f.room.seq == CFG.rate_burst  # nothing overtook o40
+    assert f.stats.rate_limited == 3
+    # A send without "ordered" is not held back (a client that drops refused sends).
+    f.live.receive(alice, b'{"type":"send","id":"plain","text":"t"}', True)  # type: ignore[arg-type]
+    assert f.room.seq == CFG.rate_burst + 1
+    for msg_id in ("o40", "o41", "o42"):  # written again, in order: all accepted
+        f.live.receive(alice, _ordered(msg_id), True)  # type: ignore[arg-type]
+    await turns()
+    sent = [m["id"] for m in alice.messages() if m["type"] == "message"]
+    assert sent[CFG.rate_burst:] == ["plain", "o40", "o41", "o42"]
+    assert alice.bucket.held is None  # type: ignore[attr-defined]
+
+
+async def test_the_held_send_refused_again_keeps_the_hold_and_hammering_behind_it_closes():
+    f = Fixture()
+    alice = f.join("alice")
+    for i in range(CFG.rate_burst + 1):
+        f.live.receive(alice, _ordered(f"o{i}"), True)  # type: ignore[arg-type]
+    f.live.receive(alice, _ordered("o40"), True)  # type: ignore[arg-type]  # refused again
+    f.mono += 0.2  # 4 tokens: o41 behind the hold is refused without taking one
+    f.live.receive(alice, _ordered("o41"), True)  # type: ignore[arg-type]
+    assert f.room.seq == CFG.rate_burst
+    f.live.receive(alice, _ordered("o40"), True)  # type: ignore[arg-type]
+    f.live.receive(alice, _ordered("o41"), True)  # type: ignore[arg-type]
+    assert f.room.seq == CFG.rate_burst + 2
+    for i in range(CFG.rate_burst + 1):  # 2 tokens left: p2 is refused and held ...
+        f.live.receive(alice, _ordered(f"p{i}"), True)  # type: ignore[arg-type]
+    for _ in range(3 * CFG.rate_burst):  # ... and hammering behind it is a flood: 4008
+        f.live.receive(alice, _ordered("behind"), True)  # type: ignore[arg-type]
+    assert alice.closed == CloseCode.POLICY
+    assert f.room.seq == CFG.rate_burst + 4  # o40, o41, p0, p1

@@ -421,3 +421,41 @@ async def test_retention_deletes_old_messages_in_batches_and_from_memory(
         assert await h.server.expire_once() == 0
     finally:
         await h.server.shutdown()
+
+
+async def test_an_ordered_send_waits_behind_one_the_store_refused(tmp_path: Path) -> None:
+    """The order hold with a store: a send refused ``unavailable`` holds the ordered sends
+    written after it, even once the store takes writes again, until it is sent again."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    store = GatedStore(url)
+    fake = FakeDirectory()
+    h = Harness(await start_shard(fake, store=store, store_wait=0.3), fake)
+    commit = h.server.commit
+    assert commit is not None
+
+    async def ordered(msg_id: str) -> None:
+        await alice.send(orjson.dumps(
+            {"type": "send", "id": msg_id, "text": msg_id, "ordered": True}).decode())
+
+    try:
+        alice, _ = await h.join("r", "alice")
+        store.gate.clear()
+        await ordered("stuck")
+        await await_until(lambda: commit.oldest_age() >= 0.3, 10, "the store_wait bound")
+        await ordered("first")
+        error = await recv_until(alice, "error")
+        assert (error["code"], error["id"]) == ("unavailable", "first")
+        store.gate.set()
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "stuck", "seq": 1}
+        await ordered("second")  # the store takes it now, but "first" has not come again
+        error = await recv_until(alice, "error")
+        assert (error["code"], error["id"]) == ("unavailable", "second")
+        assert "'first'" in error["message"]
+        await ordered("first")
+        await ordered("second")
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "first", "seq": 2}
+        assert await recv_until(alice, "ack") == {"type": "ack", "id": "second", "seq": 3}
+        assert [m[1] for m in await stored_rows(url, "r")] == ["stuck", "first", "second"]
+    finally:
+        store.gate.set()
+        await h.server.shutdown()
