@@ -59,10 +59,19 @@ class Outbox:
             entry.sent_on = self.generation
 
     def mark_unsent(self, msg_id: str) -> None:
-        """Write it again on this connection (after a ``rate_limited`` refusal)."""
-        entry = self._entries.get(msg_id)
-        if entry is not None:
-            entry.sent_on = -1
+        """Write it again on this connection (after a ``rate_limited`` or ``unavailable``
+        refusal), and every entry written after it too: the shard holds the ordered
+        sends behind a refused one (docs/PROTOCOL.md, "Ordered sends"), so they are
+        refused as well, and writing them again in order keeps the order they were
+        sent in. One of them the shard took meanwhile (a shard without the hold) is
+        acked again, not sequenced twice."""
+        if msg_id not in self._entries:
+            return
+        behind = False
+        for entry in self._entries.values():
+            behind = behind or entry.id == msg_id
+            if behind:
+                entry.sent_on = -1
 
     def ack(self, msg_id: str) -> Pending | None:
         """Remove an acked entry; None for an ack we do not wait for (a duplicate)."""

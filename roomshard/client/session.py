@@ -380,7 +380,8 @@ class Session:
             if code in ("rate_limited", "unavailable"):
                 # Still ours to deliver: hold every write a little, then write it again
                 # (going on at full speed would get the connection closed with 4008; a
-                # store that is down needs a moment to come back).
+                # store that is down needs a moment to come back), with every send written
+                # after it (the shard holds them behind it: the order is kept).
                 self.outbox.mark_unsent(msg_id)
                 now = asyncio.get_running_loop().time()
                 self._hold_until = now + (RATE_LIMITED_RETRY_S if code == "rate_limited"
@@ -417,7 +418,8 @@ class Session:
                     if entry.id not in self.outbox or entry.sent_on == self.outbox.generation:
                         continue  # acked or rewritten meanwhile
                     try:
-                        await ws.send(orjson.dumps({"type": "send", "id": entry.id, "text": entry.text}).decode())
+                        await ws.send(orjson.dumps({"type": "send", "id": entry.id, "text": entry.text,
+                                                    "ordered": True}).decode())
                     except ConnectionClosed:
                         return  # the reader sees the close and the loop reconnects
                     self.outbox.mark_sent(entry.id)

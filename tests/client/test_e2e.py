@@ -106,7 +106,8 @@ async def test_acked_messages_survive_a_shard_restart(procs: Procs) -> None:
 
 async def test_a_burst_over_the_rate_limit_is_delivered_in_full(procs: Procs) -> None:
     """120 sends at once exceed the shard's burst; refused ones are paced and resent until all are
-    acked, each reaches the receiver once in seq order, and the sender is never closed (4008)."""
+    acked, each reaches the receiver once, in the order they were sent (the shard holds the
+    ordered sends behind a refused one), and the sender is never closed (4008)."""
     d = procs.directory()
     procs.shard("i1", d.url)
     async with client.connect(d.url, "burst", "alice") as a, client.connect(d.url, "burst", "bob") as b:
@@ -116,8 +117,37 @@ async def test_a_burst_over_the_rate_limit_is_delivered_in_full(procs: Procs) ->
         await await_until(lambda: len(got) == 120, 20, "bob to get all 120")
         reader.cancel()
         assert [m.seq for m in _messages(got)] == sorted(seqs)
-        assert sorted(m.text for m in _messages(got)) == sorted(f"m{i}" for i in range(120))
+        assert [m.text for m in _messages(got)] == [f"m{i}" for i in range(120)]
         assert a.connections == 1 and len(a.outbox) == 0
+
+
+async def test_sends_that_cross_their_refusals_keep_their_order(
+        procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client far from its shard hears of a refusal late (its error frames reach it 200 ms
+    after they are read here) and writes on meanwhile, faster than the rate limit: what it
+    wrote after a refused send is held by the shard until that one comes again, so the
+    messages are sequenced in the order they were sent (without the hold, sends written
+    after the refusal are taken once the bucket refills and overtake it)."""
+    heard = Session._on_error
+
+    def heard_late(self: Session, frame: dict) -> None:
+        asyncio.get_running_loop().call_later(0.2, heard, self, frame)
+
+    monkeypatch.setattr(Session, "_on_error", heard_late)
+    d = procs.directory()
+    procs.shard("i1", d.url)
+    async with client.connect(d.url, "far", "alice") as a, client.connect(d.url, "far", "bob") as b:
+        got: list[Message | Gap] = []
+        reader = asyncio.create_task(_collect(b, got))
+        sends = []
+        for i in range(100):  # typed at 200/s, 10x the rate: the burst, then refusals
+            sends.append(asyncio.ensure_future(a.send(f"m{i}")))
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(*sends), t(60))
+        await await_until(lambda: len(got) == 100, 20, "bob to get all 100")
+        reader.cancel()
+        assert [m.text for m in _messages(got)] == [f"m{i}" for i in range(100)]
+        assert a.connections == 1
 
 
 async def test_clean_shard_stop_sends_clients_to_another_shard(procs: Procs) -> None:

@@ -116,6 +116,22 @@ def test_outbox_rate_limited_entry_is_written_again() -> None:
     assert [e.id for e in ob.due()] == ["a"]
 
 
+def test_outbox_a_refused_entry_and_every_one_written_after_it_are_written_again() -> None:
+    """The shard holds the ordered sends written after a refused one: they are due again
+    with it, in order; those before it are not, and an unknown id changes nothing."""
+    ob = Outbox()
+    for msg_id in "abcde":
+        ob.add(msg_id, msg_id)
+    for msg_id in "abcd":
+        ob.mark_sent(msg_id)
+    ob.mark_unsent("b")
+    assert [e.id for e in ob.due()] == ["b", "c", "d", "e"]
+    for msg_id in "bcde":
+        ob.mark_sent(msg_id)
+    ob.mark_unsent("gone")  # acked meanwhile
+    assert ob.due() == []
+
+
 def _msg(seq: int, id: str = "", user: str = "u") -> dict:
     return {"type": "message", "seq": seq, "id": id or f"id{seq}", "user": user, "text": f"t{seq}"}
 
