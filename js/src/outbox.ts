@@ -56,10 +56,18 @@ export class Outbox {
     if (e !== undefined) e.sentOn = this.generation;
   }
 
-  /** Write it again on this connection (after a `rate_limited` or `unavailable` refusal). */
+  /** Write it again on this connection (after a `rate_limited` or `unavailable` refusal),
+   * and every entry written after it too: the shard holds the ordered sends behind a
+   * refused one (docs/PROTOCOL.md, "Ordered sends"), so they are refused as well, and
+   * writing them again in order keeps the order they were sent in. One the shard took
+   * meanwhile (a shard without the hold) is acked again, not sequenced twice. */
   markUnsent(id: string): void {
-    const e = this.entries.get(id);
-    if (e !== undefined) e.sentOn = -1;
+    if (!this.entries.has(id)) return;
+    let behind = false;
+    for (const e of this.entries.values()) {
+      behind = behind || e.id === id;
+      if (behind) e.sentOn = -1;
+    }
   }
 
   /** Remove an acked entry; undefined for an ack nobody waits for (a duplicate). */

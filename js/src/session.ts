@@ -634,7 +634,8 @@ export class Session implements AsyncIterable<Message | Gap> {
       if (code === 'rate_limited' || code === 'unavailable') {
         // Still ours to deliver: hold every write a little, then write it again (going
         // on at full speed would get the connection closed with 4008; a store that is
-        // down needs a moment to come back).
+        // down needs a moment to come back), with every send written after it (the
+        // shard holds them behind it: the order is kept).
         this.outbox.markUnsent(id);
         const t = now();
         this.holdUntil = t + (code === 'rate_limited' ? RATE_LIMITED_RETRY_S : UNAVAILABLE_RETRY_S);
@@ -667,7 +668,7 @@ export class Session implements AsyncIterable<Message | Gap> {
         return;
       }
       try {
-        ws.send(JSON.stringify({ type: 'send', id: entry.id, text: entry.text }));
+        ws.send(JSON.stringify({ type: 'send', id: entry.id, text: entry.text, ordered: true }));
       } catch {
         return; // closing: the close event follows and the next welcome writes it again
       }

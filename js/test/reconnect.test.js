@@ -59,6 +59,17 @@ test('outbox: due once per connection, in order, until acked; resent after a rec
   assert.equal(o.size, 0);
 });
 
+test('outbox: a refused entry is due again with every entry written after it, in order', () => {
+  const o = new Outbox();
+  for (const id of ['a', 'b', 'c', 'd', 'e']) o.add(id, id);
+  for (const id of ['a', 'b', 'c', 'd']) o.markSent(id);
+  o.markUnsent('b'); // the shard holds c and d behind b: all three are written again
+  assert.deepEqual(o.due().map((e) => e.id), ['b', 'c', 'd', 'e']);
+  for (const id of ['b', 'c', 'd', 'e']) o.markSent(id);
+  o.markUnsent('gone'); // acked meanwhile: nothing changes
+  assert.deepEqual(o.due(), []);
+});
+
 test('inbox: each message once, in order; a gap is announced; presence keeps the members', () => {
   const inbox = new Inbox();
   const first = inbox.onWelcome({ type: 'welcome', room: 'r', instance: 'i1', epoch: 1, user: 'a', seq: 5,

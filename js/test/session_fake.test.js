@@ -30,13 +30,13 @@ test('an unacked send is written again, same id, after every welcome, and once p
   const ws1 = await opened(1);
   ws1.welcome({ seq: 7 });
   const ack = s.send('hello', { id: 'm1' });
-  assert.deepEqual(ws1.sent, [{ type: 'send', id: 'm1', text: 'hello' }]);
+  assert.deepEqual(ws1.sent, [{ type: 'send', id: 'm1', text: 'hello', ordered: true }]);
   ws1.serverClose(1001); // the shard stops before acking
   const ws2 = await opened(2);
   assert.equal(ws2.since, 7, 'the reconnect resumes after the last seq seen');
   assert.deepEqual(ws2.sent, [], 'nothing is written before the welcome');
   ws2.welcome({ seq: 7, recovered: true });
-  assert.deepEqual(ws2.sent, [{ type: 'send', id: 'm1', text: 'hello' }]);
+  assert.deepEqual(ws2.sent, [{ type: 'send', id: 'm1', text: 'hello', ordered: true }]);
   s.send('second', { id: 'm2' });
   assert.deepEqual(ws2.sent.map((f) => f.id), ['m1', 'm2'], 'm1 not written twice on one connection');
   ws2.frame({ type: 'ack', id: 'm1', seq: 8 });
@@ -176,6 +176,26 @@ test('rate_limited: the message is held, written again, and later writes are pac
   s.on('error', (e) => errors.push(e.code));
   ws.frame({ type: 'error', code: 'bad_request', message: 'what?' });
   assert.deepEqual(errors, ['bad_request']);
+  await s.close();
+});
+
+test('ordered: a refusal writes the refused send again with every send written after it', async () => {
+  const dir = fakeDirectory();
+  const s = session(dir);
+  const ws = await opened(1);
+  ws.welcome();
+  const acks = ['a', 'b', 'c'].map((id) => s.send(id, { id }));
+  await until(() => ws.sent.length === 3, 'a, b and c written');
+  assert.ok(ws.sent.every((f) => f.ordered === true), 'every send asks the shard to keep its order');
+  // a was refused; b and c, written before the client heard of it, are held behind it.
+  ws.frame({ type: 'error', id: 'a', code: 'rate_limited', message: 'slow down' });
+  await until(() => ws.sent.length === 6, 'a, b and c written again');
+  ws.frame({ type: 'error', id: 'b', code: 'rate_limited', message: "behind 'a'" });
+  ws.frame({ type: 'error', id: 'c', code: 'rate_limited', message: "behind 'a'" });
+  ['a', 'b', 'c'].forEach((id, i) => ws.frame({ type: 'ack', id, seq: i + 1 }));
+  assert.deepEqual((await Promise.all(acks)).map((a) => a.seq), [1, 2, 3]);
+  const ids = ws.sent.map((f) => f.id);
+  assert.deepEqual(ids.slice(0, 6), ['a', 'b', 'c', 'a', 'b', 'c']);
   await s.close();
 });
 
