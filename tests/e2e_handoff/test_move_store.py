@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from directory.db import move_store
 from directory.db.engine import instances, migrate, rooms
 from directory.db.store import Store
 from directory.domain.errors import Conflict
-from directory.domain.moves import begin
+from directory.domain.moves import State, begin
 from roomshard.sql import make_engine
 
 NOW = 1_000_000.0
@@ -86,3 +87,45 @@ async def test_lease_is_claimed_by_one_replica_only(store: Store) -> None:
                                                           lease_s=15) for o in ("x", "y")))
     assert sorted(len(g) for g in got) == [0, 1]
     assert next(g for g in got if g)[0].state.value == "reserved"
+
+
+async def test_a_batch_of_records_is_written_where_its_rows_allow_and_only_there(
+        store: Store) -> None:
+    """persist_many writes each record whose row is in one of its expected states and leased
+    to the writer, in one transaction, and says which."""
+    async with store.write() as conn:
+        for n in range(6):
+            await conn.execute(insert(rooms).values(room=f"b{n}", instance="i1", epoch=4,
+                                                    owner_epoch=4, opened_epoch=4,
+                                                    created_at=NOW, updated_at=NOW))
+
+    def make(n: int):  # type: ignore[no-untyped-def]
+        return lambda e: begin(move_id=f"b{n}-{e}", room=f"b{n}", source="i1", target="i2",
+                               from_epoch=e, now=NOW)
+
+    reserved = []
+    for n in range(6):
+        owner = "other" if n == 2 else "a"
+        reserved.append((await move_store.reserve_many(
+            store, [move_store.Reservation(f"b{n}", "i1", "i2", make(n))], owner=owner,
+            now=NOW, lease_s=15))[0][0])
+    for n in (3, 4):
+        assert await move_store.commit(store, reserved[n], NOW)
+    frozen = [dataclasses.replace(m, state=State.FROZEN) for m in reserved]
+    released = [dataclasses.replace(m, state=State.RELEASED) for m in reserved]
+    undecided = move_store.expected_before(State.FROZEN)
+    committed = move_store.expected_before(State.RELEASED)
+    records = [(frozen[0], undecided), (frozen[1], undecided),
+               (frozen[2], undecided),  # another replica's lease
+               (released[3], committed),
+               (frozen[4], undecided),  # decided meanwhile: never overwritten
+               (released[5], committed)]  # not committed
+    written = await move_store.persist_many(store, records, owner="a", now=NOW + 1, lease_s=15)
+    assert written == [True, True, False, True, False, False]
+    states = [(await move_store.get(store, m.move_id))["state"]  # type: ignore[index]
+              for m in reserved]
+    assert states == ["frozen", "frozen", "reserved", "released", "committed", "reserved"]
+    # A second write of the same records at a later time: the rows have moved on.
+    again = await move_store.persist_many(store, records[:2], owner="a", now=NOW + 2,
+                                          lease_s=15)
+    assert again == [True, True]  # frozen is still undecided: a record may be written again
