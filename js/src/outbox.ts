@@ -60,12 +60,17 @@ export class Outbox {
    * and every entry written after it too: the shard holds the ordered sends behind a
    * refused one (docs/PROTOCOL.md, "Ordered sends"), so they are refused as well, and
    * writing them again in order keeps the order they were sent in. One the shard took
-   * meanwhile (a shard without the hold) is acked again, not sequenced twice. */
+   * meanwhile (a shard without the hold) is acked again, not sequenced twice.
+   *
+   * An entry due already was marked with its whole tail (the refusals of a burst arrive
+   * one per entry: each costs nothing after the first); what was written after that mark
+   * is behind the held send and gets its own refusal. */
   markUnsent(id: string): void {
-    if (!this.entries.has(id)) return;
+    const entry = this.entries.get(id);
+    if (entry === undefined || entry.sentOn !== this.generation) return;
     let behind = false;
     for (const e of this.entries.values()) {
-      behind = behind || e.id === id;
+      behind = behind || e === entry;
       if (behind) e.sentOn = -1;
     }
   }

@@ -70,6 +70,18 @@ test('outbox: a refused entry is due again with every entry written after it, in
   assert.deepEqual(o.due(), []);
 });
 
+test('outbox: the refusals of a burst mark its tail once', () => {
+  const o = new Outbox();
+  for (const id of ['a', 'b', 'c', 'd', 'e', 'f']) o.add(id, id);
+  for (const id of ['a', 'b', 'c', 'd', 'e']) o.markSent(id);
+  o.markUnsent('b');
+  o.markSent('f'); // written while b's refusal was being read
+  o.markUnsent('c'); // c's refusal: due already, nothing changes
+  assert.deepEqual(o.due().map((e) => e.id), ['b', 'c', 'd', 'e']);
+  o.markUnsent('f'); // f's own refusal
+  assert.deepEqual(o.due().map((e) => e.id), ['b', 'c', 'd', 'e', 'f']);
+});
+
 test('inbox: each message once, in order; a gap is announced; presence keeps the members', () => {
   const inbox = new Inbox();
   const first = inbox.onWelcome({ type: 'welcome', room: 'r', instance: 'i1', epoch: 1, user: 'a', seq: 5,

@@ -64,14 +64,19 @@ class Outbox:
         sends behind a refused one (docs/PROTOCOL.md, "Ordered sends"), so they are
         refused as well, and writing them again in order keeps the order they were
         sent in. One of them the shard took meanwhile (a shard without the hold) is
-        acked again, not sequenced twice."""
-        if msg_id not in self._entries:
+        acked again, not sequenced twice.
+
+        An entry due already was marked with its whole tail (the refusals of a burst
+        arrive one per entry: each costs nothing after the first); what the writer
+        wrote after that mark is behind the held send and gets its own refusal.
+        """
+        entry = self._entries.get(msg_id)
+        if entry is None or entry.sent_on != self.generation:
             return
-        behind = False
-        for entry in self._entries.values():
-            behind = behind or entry.id == msg_id
-            if behind:
-                entry.sent_on = -1
+        for e in reversed(self._entries.values()):  # the tail, back to the refused entry
+            e.sent_on = -1
+            if e is entry:
+                break
 
     def ack(self, msg_id: str) -> Pending | None:
         """Remove an acked entry; None for an ack we do not wait for (a duplicate)."""
