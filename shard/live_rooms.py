@@ -529,7 +529,7 @@ class LiveRoom:
         if bucket.strike(ctx.monotonic()) is Verdict.CLOSE:
             conn.close(CloseCode.POLICY, "rate limit exceeded")
             return True
-        conn.queue(error_frame(code, f"refused with {held_id!r}, sent before it: "
+        conn.queue(error_frame(code, f"ordered after {held_id!r}, which was refused: "
                                      "send that one again first", send.id))
         return True
 
