@@ -10,10 +10,11 @@ no extension bits); anything else goes to the full ``websockets`` parser.
 
 Incoming data frames are validated once, at the edge, by
 :func:`parse_client_frame`: a ``send`` is ``{"type": "send", "id": str 1..64,
-"text": str}``, optionally with ``"ordered": true`` (:mod:`shard.ratelimit`'s order
-hold; other fields are ignored, so clients may add their own); anything else is a :class:`FrameRejected` carrying the
-contract's error code (and the client's ``id`` when it could be read), but
-a text message that is not UTF-8 is :class:`InvalidUtf8` (close 1007).
+"text": str}``, optionally with ``"ordered": true`` (:mod:`shard.ratelimit`'s
+order hold; other fields are ignored, so clients may add their own); anything
+else is a :class:`FrameRejected` carrying the contract's error code (and the
+client's ``id`` when it could be read), but a text message that is not UTF-8
+is :class:`InvalidUtf8` (close 1007).
 """
 
 from __future__ import annotations
