@@ -140,6 +140,7 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
                 procs.shard(instance, directories[n % len(directories)], env=env)
             wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
         servers = [p.popen.pid for p in procs.procs if p is not i1]
+        watch = _CpuWatch(procs.procs)
         busy0, cpu0 = _machine_busy(), _cpu_seconds(servers)
         stopped_at = time.time()
         os.kill(i1.popen.pid, SIGNALS[args.signal])
@@ -159,6 +160,8 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
         # (to its end: the storm client waits for its last welcome before it answers).
         busy1, cpu1 = _machine_busy(), _cpu_seconds(servers)
         result["servers_cpu_s"] = round(cpu1 - cpu0, 2)
+        # Each process's share (the stopped one's until it exited): where the CPU went.
+        result["cpu_s"] = watch.stop()
         result["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
         if woke is not None:
             woke.join()
@@ -172,6 +175,44 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
                 node.wait(timeout=5)  # it exits once it has answered (and wrote a profile)
         if node.poll() is None:
             node.kill()
+
+
+class _CpuWatch:
+    """Each process's CPU seconds from now on, read from ``/proc`` every 20 ms, so a process
+    that exits (the stopped shard, after its drain) counts what it used until its end."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        self.pids = {p.name: p.popen.pid for p in procs}
+        self.start = {name: _cpu_of(pid) for name, pid in self.pids.items()}
+        self.last = dict(self.start)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self._sample()
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            seconds = _cpu_of(pid)
+            if seconds is not None:
+                self.last[name] = seconds
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self._thread.join()
+        self._sample()
+        return {name: round(end - start, 2) for name, end in self.last.items()
+                if end is not None and (start := self.start[name]) is not None}
+
+
+def _cpu_of(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far; None once it is gone."""
+    try:
+        return sum(cluster.cpu_ticks(pid)) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
 
 
 def _cpu_seconds(pids: list[int]) -> float:
