@@ -124,6 +124,7 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
            node: subprocess.Popen[str], clients: int) -> dict[str, Any]:
     env = procs.base_env
     directory = directories[0]
+    watch: _CpuWatch | None = None
     try:
         assert node.stdout is not None and node.stdin is not None
         ready = json.loads(node.stdout.readline())
@@ -139,9 +140,8 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
             for n, instance in enumerate(("i2", "i3"), start=1):
                 procs.shard(instance, directories[n % len(directories)], env=env)
             wait_until(lambda: {"i1", "i2", "i3"} <= active(directory), 30, "3 shards active")
-        servers = [p.popen.pid for p in procs.procs if p is not i1]
         watch = _CpuWatch(procs.procs)
-        busy0, cpu0 = _machine_busy(), _cpu_seconds(servers)
+        busy0 = _machine_busy()
         stopped_at = time.time()
         os.kill(i1.popen.pid, SIGNALS[args.signal])
         node.stdin.write(f"{int(stopped_at * 1000)} {i1.name}\n")
@@ -158,16 +158,18 @@ def _storm(args: argparse.Namespace, procs: Procs, directories: list[str], i1: P
         result["clients_before"] = placed
         # The other processes' CPU (directories, new owners) and the machine's over the storm
         # (to its end: the storm client waits for its last welcome before it answers).
-        busy1, cpu1 = _machine_busy(), _cpu_seconds(servers)
-        result["servers_cpu_s"] = round(cpu1 - cpu0, 2)
+        busy1 = _machine_busy()
         # Each process's share (the stopped one's until it exited): where the CPU went.
-        result["cpu_s"] = watch.stop()
+        cpu = result["cpu_s"] = watch.stop()
+        result["servers_cpu_s"] = round(sum(v for name, v in cpu.items() if name != i1.name), 2)
         result["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
         if woke is not None:
             woke.join()
             result["stopped_for_s"] = args.stopped_for
         return result
     finally:
+        if watch is not None:
+            watch.stop()  # its thread ends (a second stop only samples once more)
         if args.signal == "stop" and i1.popen.poll() is None:
             os.kill(i1.popen.pid, signal.SIGCONT)  # never leave a stopped process behind
         if node.poll() is None:
@@ -213,15 +215,6 @@ def _cpu_of(pid: int) -> float | None:
         return sum(cluster.cpu_ticks(pid)) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return None
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of ``pids`` so far (a process gone counts nothing)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += sum(cluster.cpu_ticks(pid))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy() -> tuple[int, int]:

@@ -36,11 +36,9 @@ def test_sigterm_storm_brings_every_client_back_recovered() -> None:
     assert 0 < result["lost_p50_s"] <= result["lost_max_s"] <= result["max_s"], result
     assert 0 < result["rejoin_p50_s"] <= result["rejoin_p99_s"] <= result["rejoin_max_s"], result
     assert result["rejoin_max_s"] <= result["max_s"], result
-    # Each process's CPU, the stopped shard's until it exited (its drain is work): the
-    # servers' total is the others' part.
+    # Each process's CPU, the stopped shard's until it exited (its drain is work).
     cpu = result["cpu_s"]
     assert set(cpu) == {"directory0", "i1", "i2", "i3"} and cpu["i1"] > 0, result
-    assert abs(sum(v for k, v in cpu.items() if k != "i1") - result["servers_cpu_s"]) < 0.1, result
     assert result["failures"] == {}, result
 
 
