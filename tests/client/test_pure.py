@@ -116,14 +116,20 @@ def test_outbox_rate_limited_entry_is_written_again() -> None:
     assert [e.id for e in ob.due()] == ["a"]
 
 
+def _written(pending: str, written: str) -> Outbox:
+    """An outbox holding ``pending`` (one-letter ids), of which ``written`` are written."""
+    ob = Outbox()
+    for msg_id in pending:
+        ob.add(msg_id, msg_id)
+    for msg_id in written:
+        ob.mark_sent(msg_id)
+    return ob
+
+
 def test_outbox_a_refused_entry_and_every_one_written_after_it_are_written_again() -> None:
     """The shard holds the ordered sends written after a refused one: they are due again
     with it, in order; those before it are not, and an unknown id changes nothing."""
-    ob = Outbox()
-    for msg_id in "abcde":
-        ob.add(msg_id, msg_id)
-    for msg_id in "abcd":
-        ob.mark_sent(msg_id)
+    ob = _written("abcde", "abcd")
     ob.mark_unsent("b")
     assert [e.id for e in ob.due()] == ["b", "c", "d", "e"]
     for msg_id in "bcde":
@@ -137,11 +143,7 @@ def test_outbox_the_refusals_of_a_burst_mark_its_tail_once() -> None:
     their entries due already and change nothing (2,960 refusals over 10,000 pending took
     1.9 s of the client's loop when each walked the outbox; 2 ms now). A send written
     after the mark is behind the held one and gets its own refusal."""
-    ob = Outbox()
-    for msg_id in "abcdef":
-        ob.add(msg_id, msg_id)
-    for msg_id in "abcde":
-        ob.mark_sent(msg_id)
+    ob = _written("abcdef", "abcde")
     ob.mark_unsent("b")
     ob.mark_sent("f")  # written while b's refusal was being read
     ob.mark_unsent("c")  # c's refusal: due already
